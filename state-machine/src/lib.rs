@@ -1,0 +1,14 @@
+//! Blyan's deterministic core.
+//!
+//! Everything the chain decides, as a replayable state machine: the ledger
+//! (accounts, nonces, EIP-1559 fees, staking and slashing), the Proof-of-Learning
+//! DAG with its acceptance rule, and the reward policy. Given the same genesis and
+//! the same blocks it produces the same state root on every machine.
+//!
+//! What this crate deliberately does **not** do: IO, clocks, OS randomness,
+//! threads, floating point, or iteration in hash order. Time enters only as a
+//! field of a block header chosen by consensus; randomness only as bytes in a
+//! block. Those rules are what make replay and simulation possible.
+#![forbid(unsafe_code)]
+
+pub mod crypto;
