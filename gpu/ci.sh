@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# CI for blyan-gpu, called by .ci/run from the repo root.
+#  1. a project-local venv .venv with PyPI torch 2.11.0 (CUDA 13 wheel, ~4.6 GB),
+#     transformers, safetensors, numpy;
+#  2. the parity fixtures (tiny random checkpoints and transformers' outputs);
+#  3. cargo test -p blyan-gpu with LIBTORCH_USE_PYTORCH=1.
+# Any cargo command that builds blyan-gpu needs the venv active and
+# LIBTORCH_USE_PYTORCH=1 (changing either rebuilds torch-sys).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+stage_start=$SECONDS
+stage() {
+    local now=$SECONDS
+    echo "gpu/ci.sh: $1 took $((now - stage_start)) s" >&2
+    stage_start=$now
+}
+
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+# shellcheck disable=SC1091
+. .venv/bin/activate
+if ! python -c 'import torch, transformers, safetensors, numpy; assert torch.__version__.startswith("2.11.0")' 2>/dev/null; then
+    python -m pip install --quiet --upgrade pip
+    python -m pip install --quiet torch==2.11.0 transformers safetensors numpy
+fi
+stage "venv (torch $(python -c 'import torch; print(torch.__version__)'))"
+
+export LIBTORCH_USE_PYTORCH=1
+export BLYAN_PARITY_DIR="${BLYAN_PARITY_DIR:-$PWD/target/blyan-parity}"
+rm -rf "$BLYAN_PARITY_DIR"
+python gpu/parity/make_fixtures.py --out "$BLYAN_PARITY_DIR"
+stage "parity fixtures"
+
+cargo build -p blyan-gpu --all-targets
+stage "cargo build"
+cargo test -p blyan-gpu
+stage "cargo test"

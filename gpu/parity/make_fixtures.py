@@ -1,0 +1,136 @@
+#!/usr/bin/env python3
+"""Tiny random checkpoints made with transformers, and transformers' outputs.
+
+Writes, under OUT (default: target/blyan-parity at the repo root):
+  qwen3_single/   Qwen3, config.json as transformers 5.x writes it
+                  (rope_parameters), one model.safetensors, untied head.
+  qwen3_sharded/  Qwen3 with tied embeddings and attention biases, config.json
+                  rewritten in transformers 4.x form (rope_theta, rope_scaling,
+                  torch_dtype), sharded safetensors with model.safetensors.index.json.
+  qwen3_moe/      Qwen3-MoE (8 experts, top-2, renormalised; layer 1 dense).
+  manifest.json   for each model: input ids, transformers' f32 and bf16
+                  logits for them, and a greedy generation (f32).
+The Rust tests (gpu/tests/it/parity.rs) compare blyan-gpu against these.
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+import transformers
+from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+INPUT_IDS = [1, 5, 9, 42, 7, 100, 3, 250, 17, 299]
+PROMPT = [3, 14, 15, 92, 65]
+NEW_TOKENS = 24
+
+
+def randomise(model, seed):
+    """O(1) logits with clear maxima (transformers' std 0.02 init gives
+    near-ties that make greedy comparisons meaningless)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            elif name.endswith(".bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            elif "embed_tokens" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+
+
+def make(out, name, seed, tie, bias, shard, v4_config, moe=False):
+    config_cls, model_cls = (Qwen3MoeConfig, Qwen3MoeForCausalLM) if moe else (Qwen3Config, Qwen3ForCausalLM)
+    extra = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
+                 decoder_sparse_step=1, mlp_only_layers=[1]) if moe else {}
+    cfg = config_cls(
+        **extra,
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=tie,
+        attention_bias=bias,
+        eos_token_id=None,
+        bos_token_id=None,
+        pad_token_id=None,
+    )
+    # rope_theta: the 4.x and 5.x constructors spell it differently.
+    try:
+        cfg.rope_parameters = {"rope_type": "default", "rope_theta": 1000000.0}
+    except Exception:
+        pass
+    cfg.rope_theta = 1000000.0
+    torch.manual_seed(seed)
+    model = model_cls(cfg).eval()
+    randomise(model, seed)
+    path = os.path.join(out, name)
+    model.save_pretrained(path, max_shard_size="100KB" if shard else "10GB", safe_serialization=True)
+    with open(os.path.join(path, "config.json")) as f:
+        c = json.load(f)
+    if not v4_config:
+        # Pure 5.x form: the theta lives only in rope_parameters.
+        assert "rope_parameters" in c, "transformers did not write rope_parameters"
+        c.pop("rope_theta", None)
+    else:
+        rp = c.pop("rope_parameters", None) or {}
+        c["rope_theta"] = rp.get("rope_theta", 1000000.0)
+        c["rope_scaling"] = None
+        c["torch_dtype"] = c.pop("dtype", "float32")
+        c["transformers_version"] = "4.51.0"
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(c, f, indent=2)
+    ids = torch.tensor([INPUT_IDS])
+    with torch.no_grad():
+        logits_f32 = model(ids).logits[0].float()
+        bf16 = model_cls.from_pretrained(path, dtype=torch.bfloat16).eval()
+        logits_bf16 = bf16(ids).logits[0].float()
+        # Greedy, one forward per token over the whole prefix (no cache): the
+        # plainest statement of greedy decoding.
+        seq = list(PROMPT)
+        for _ in range(NEW_TOKENS):
+            nxt = int(model(torch.tensor([seq])).logits[0, -1].argmax())
+            seq.append(nxt)
+        gen = model.generate(torch.tensor([PROMPT]), max_new_tokens=NEW_TOKENS, do_sample=False,
+                             min_new_tokens=NEW_TOKENS, pad_token_id=0)[0].tolist()
+    assert gen == seq, f"transformers generate {gen} disagrees with the greedy loop {seq}"
+    return {
+        "dir": name,
+        "input_ids": INPUT_IDS,
+        "logits_f32": logits_f32.tolist(),
+        "logits_bf16": logits_bf16.tolist(),
+        "prompt": PROMPT,
+        "greedy": seq[len(PROMPT):],
+    }
+
+
+def main():
+    root = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.path.join(root, "target", "blyan-parity"))
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    torch.set_num_threads(1)
+    models = [
+        make(args.out, "qwen3_single", 1, tie=False, bias=False, shard=False, v4_config=False),
+        make(args.out, "qwen3_sharded", 2, tie=True, bias=True, shard=True, v4_config=True),
+        make(args.out, "qwen3_moe", 3, tie=False, bias=False, shard=False, v4_config=False, moe=True),
+    ]
+    manifest = {"torch": torch.__version__, "transformers": transformers.__version__, "models": models}
+    tmp = os.path.join(args.out, "manifest.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(manifest, f)
+    os.replace(tmp, os.path.join(args.out, "manifest.json"))
+    print(f"wrote {len(models)} models to {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

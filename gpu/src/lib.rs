@@ -1,0 +1,119 @@
+//! Blyan's inference engine: Qwen3 from Hugging Face checkpoints on
+//! tch/libtorch, CPU and CUDA, f32 and bf16, checked against transformers.
+//!
+//! What it does:
+//! - loads `config.json` (transformers 4.x and 5.x forms), safetensors
+//!   (single file or sharded with an index) and `tokenizer.json`
+//!   ([`config`], [`weights`], [`tokenizer`]);
+//! - runs the reference forward pass with a KV cache, any layer range
+//!   ([`model`]), and generation with seeded sampling and stop strings
+//!   ([`generate`], [`sample`]);
+//! - on CUDA, a static-cache decode step over many sequences at once
+//!   (continuous batching), replayed as a CUDA graph ([`engine`]);
+//! - an embedded default model with random weights ([`default_model`]).
+//!
+//! - splits a checkpoint into content-addressed blocks (SHA3-256, CIDv1)
+//!   and loads them memory-mapped ([`blocks`]).
+//!
+//! What it does not do (yet): Qwen3-MoE and GPT-OSS (the config loader
+//! rejects them with `UnsupportedArchitecture`).
+//!
+//! `unsafe` lives only in `sys` (mmap and the CUDA-graph FFI).
+
+pub mod blocks;
+pub mod config;
+pub mod default_model;
+pub mod engine;
+pub mod error;
+pub mod generate;
+pub mod model;
+pub mod rng;
+pub mod sample;
+pub mod stage;
+mod sys;
+pub mod tokenizer;
+pub mod weights;
+
+use std::path::Path;
+
+use tch::{Device, Kind};
+
+pub use crate::error::{GpuError, Result};
+pub use crate::sys::{CUDA_GRAPH_AVAILABLE, cuda_synchronize};
+
+/// A model and its tokenizer, ready to run.
+pub struct LoadedModel {
+    pub model: model::Qwen3,
+    pub tokenizer: Option<tokenizer::Tokenizer>,
+}
+
+/// Parses `cpu`, `cuda` or `cuda:N`, checking that CUDA is there.
+pub fn parse_device(s: &str) -> Result<Device> {
+    let device = match s {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::Cuda(0),
+        other => match other.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+            Some(n) => Device::Cuda(n),
+            None => return Err(GpuError::Invalid(format!("unknown device {other:?}"))),
+        },
+    };
+    if device != Device::Cpu && !tch::Cuda::is_available() {
+        return Err(GpuError::CudaUnavailable);
+    }
+    Ok(device)
+}
+
+/// Parses `f32` or `bf16`.
+pub fn parse_dtype(s: &str) -> Result<Kind> {
+    match s {
+        "f32" | "float32" => Ok(Kind::Float),
+        "bf16" | "bfloat16" => Ok(Kind::BFloat16),
+        other => Err(GpuError::Invalid(format!(
+            "unknown dtype {other:?} (f32, bf16)"
+        ))),
+    }
+}
+
+impl LoadedModel {
+    /// Loads a Hugging Face directory, or the embedded default model if `dir` is `None`.
+    pub fn load(dir: Option<&Path>, device: Device, kind: Kind) -> Result<Self> {
+        match dir {
+            Some(dir) if dir.join("manifest.json").is_file() => {
+                let mut store = blocks::BlockStore::open(dir)?;
+                store.load_all()?;
+                let cfg = store.model_config()?;
+                let range = model::LayerRange::full(&cfg);
+                let model = model::Qwen3::load(&cfg, &store, range, device, kind)?;
+                let tokenizer = if dir.join("tokenizer.json").is_file() {
+                    Some(tokenizer::Tokenizer::from_dir(dir)?)
+                } else {
+                    None
+                };
+                Ok(LoadedModel { model, tokenizer })
+            }
+            Some(dir) => {
+                let cfg = config::ModelConfig::from_dir(dir)?;
+                let src = weights::SafetensorsDir::open(dir)?;
+                let range = model::LayerRange::full(&cfg);
+                let model = model::Qwen3::load(&cfg, &src, range, device, kind)?;
+                let tokenizer = if dir.join("tokenizer.json").is_file() {
+                    Some(tokenizer::Tokenizer::from_dir(dir)?)
+                } else {
+                    None
+                };
+                Ok(LoadedModel { model, tokenizer })
+            }
+            None => {
+                let cfg = default_model::default_config();
+                let src = default_model::random_weights(&cfg, default_model::DEFAULT_SEED);
+                let range = model::LayerRange::full(&cfg);
+                let model = model::Qwen3::load(&cfg, &src, range, device, kind)?;
+                let tok = tokenizer::byte_level_tokenizer_json(default_model::EOS_ID);
+                Ok(LoadedModel {
+                    model,
+                    tokenizer: Some(tokenizer::Tokenizer::from_json(&tok)?),
+                })
+            }
+        }
+    }
+}

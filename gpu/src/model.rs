@@ -1,0 +1,521 @@
+//! Qwen3 (dense) as transformers' `Qwen3ForCausalLM` computes it: the
+//! reference forward pass, any sequence length, with a growing KV cache.
+//! Used for `logits`, prefill and CPU generation; the CUDA decode path in
+//! `engine.rs` is checked against it.
+
+use tch::{Device, Kind, Tensor};
+
+use crate::config::ModelConfig;
+use crate::error::{GpuError, Result};
+use crate::weights::TensorSource;
+
+/// One decoder layer's weights (transformers' names in comments).
+pub struct Layer {
+    /// `input_layernorm.weight`
+    pub ln1: Tensor,
+    /// `self_attn.{q,k,v,o}_proj.weight`
+    pub wq: Tensor,
+    pub wk: Tensor,
+    pub wv: Tensor,
+    pub wo: Tensor,
+    /// `self_attn.{q,k,v,o}_proj.bias` (only with `attention_bias`)
+    pub bq: Option<Tensor>,
+    pub bk: Option<Tensor>,
+    pub bv: Option<Tensor>,
+    pub bo: Option<Tensor>,
+    /// `self_attn.{q,k}_norm.weight` (RMSNorm per head, before RoPE)
+    pub q_norm: Tensor,
+    pub k_norm: Tensor,
+    /// `post_attention_layernorm.weight`
+    pub ln2: Tensor,
+    pub mlp: Mlp,
+}
+
+/// One SwiGLU MLP: `down(silu(gate(x)) * up(x))`.
+pub struct Expert {
+    pub gate: Tensor,
+    pub up: Tensor,
+    pub down: Tensor,
+}
+
+impl Expert {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        (x.linear(&self.gate, None::<Tensor>).silu() * x.linear(&self.up, None::<Tensor>))
+            .linear(&self.down, None::<Tensor>)
+    }
+}
+
+/// A layer's feed-forward part.
+pub enum Mlp {
+    /// `mlp.{gate,up,down}_proj.weight`
+    Dense(Expert),
+    /// Qwen3-MoE: router `mlp.gate.weight` `[experts, hidden]` and experts
+    /// `mlp.experts.{e}.{gate,up,down}_proj.weight`; `None` for experts this
+    /// instance does not hold.
+    Moe {
+        router: Tensor,
+        experts: Vec<Option<Expert>>,
+        top_k: i64,
+        norm_topk_prob: bool,
+    },
+}
+
+/// Which part of the network a model instance holds (pipeline stages).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LayerRange {
+    pub start: i64,
+    pub end: i64,
+    /// Holds `embed_tokens` (takes token ids rather than hidden states).
+    pub embed: bool,
+    /// Holds the final norm and `lm_head` (returns logits).
+    pub head: bool,
+}
+
+impl LayerRange {
+    /// The whole model.
+    pub fn full(cfg: &ModelConfig) -> Self {
+        LayerRange {
+            start: 0,
+            end: cfg.num_hidden_layers,
+            embed: true,
+            head: true,
+        }
+    }
+}
+
+/// A Qwen3 model (or a contiguous slice of it) on one device, in one dtype.
+pub struct Qwen3 {
+    pub cfg: ModelConfig,
+    pub device: Device,
+    pub kind: Kind,
+    pub range: LayerRange,
+    pub embed: Option<Tensor>,
+    pub layers: Vec<Layer>,
+    pub norm: Option<Tensor>,
+    pub lm_head: Option<Tensor>,
+    inv_freq: Tensor,
+}
+
+/// Per-sequence attention cache of the reference path: `[batch, kv_heads, len, head_dim]` per layer.
+#[derive(Default)]
+pub struct KvCache {
+    k: Vec<Option<Tensor>>,
+    v: Vec<Option<Tensor>>,
+    /// Number of positions already cached.
+    pub len: i64,
+}
+
+impl KvCache {
+    /// An empty cache.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// The cached keys and values of layer `i` (relative to the model's range).
+    pub fn layer(&self, i: usize) -> Option<(&Tensor, &Tensor)> {
+        match (self.k.get(i), self.v.get(i)) {
+            (Some(Some(k)), Some(Some(v))) => Some((k, v)),
+            _ => None,
+        }
+    }
+}
+
+fn load(
+    src: &dyn TensorSource,
+    name: &str,
+    shape: &[i64],
+    device: Device,
+    kind: Kind,
+) -> Result<Tensor> {
+    let t = src.tensor(name)?;
+    if t.size() != shape {
+        return Err(GpuError::ShapeMismatch {
+            name: name.into(),
+            actual: t.size(),
+            expected: shape.to_vec(),
+        });
+    }
+    Ok(t.f_to_kind(kind)?.f_to_device(device)?)
+}
+
+/// transformers' `Qwen3RMSNorm`: normalise in f32, cast back, then scale.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
+    let kind = x.kind();
+    let xf = x.to_kind(Kind::Float);
+    let var = xf.square().mean_dim(-1, true, Kind::Float);
+    let normed = xf * (var + eps).rsqrt();
+    weight * normed.to_kind(kind)
+}
+
+/// `rotate_half` RoPE: `x * cos + rotate_half(x) * sin`, with `cos`/`sin`
+/// broadcastable to `x` (`[.., seq, head_dim]`).
+pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    let half = x.size().last().copied().unwrap_or(0) / 2;
+    let x1 = x.narrow(-1, 0, half);
+    let x2 = x.narrow(-1, half, half);
+    let rotated = Tensor::cat(&[x2.neg(), x1], -1);
+    x * cos + rotated * sin
+}
+
+impl Qwen3 {
+    /// Loads the layers in `range` from `src`, converting to `kind` on `device`.
+    pub fn load(
+        cfg: &ModelConfig,
+        src: &dyn TensorSource,
+        range: LayerRange,
+        device: Device,
+        kind: Kind,
+    ) -> Result<Self> {
+        Self::load_experts(cfg, src, range, None, device, kind)
+    }
+
+    /// As `load`, holding only the listed experts of each MoE layer (all if
+    /// `None`). Routing to an expert not held is an `ExpertNotHeld` error;
+    /// `moe_partial` runs a subset explicitly.
+    pub fn load_experts(
+        cfg: &ModelConfig,
+        src: &dyn TensorSource,
+        range: LayerRange,
+        experts: Option<&[i64]>,
+        device: Device,
+        kind: Kind,
+    ) -> Result<Self> {
+        if !(0 <= range.start && range.start <= range.end && range.end <= cfg.num_hidden_layers) {
+            return Err(GpuError::Invalid(format!(
+                "layer range {}..{} outside 0..{}",
+                range.start, range.end, cfg.num_hidden_layers
+            )));
+        }
+        let (h, hd, nh, nkv, inter, vocab) = (
+            cfg.hidden_size,
+            cfg.head_dim,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.intermediate_size,
+            cfg.vocab_size,
+        );
+        let ld = |name: &str, shape: &[i64]| load(src, name, shape, device, kind);
+        let embed = if range.embed || (range.head && cfg.tie_word_embeddings) {
+            Some(ld("model.embed_tokens.weight", &[vocab, h])?)
+        } else {
+            None
+        };
+        let mut layers = Vec::new();
+        for i in range.start..range.end {
+            let p = format!("model.layers.{i}.");
+            let a = format!("{p}self_attn.");
+            let bias = |name: &str, n: i64| -> Result<Option<Tensor>> {
+                if cfg.attention_bias {
+                    Ok(Some(ld(&format!("{a}{name}.bias"), &[n])?))
+                } else {
+                    Ok(None)
+                }
+            };
+            layers.push(Layer {
+                ln1: ld(&format!("{p}input_layernorm.weight"), &[h])?,
+                wq: ld(&format!("{a}q_proj.weight"), &[nh * hd, h])?,
+                wk: ld(&format!("{a}k_proj.weight"), &[nkv * hd, h])?,
+                wv: ld(&format!("{a}v_proj.weight"), &[nkv * hd, h])?,
+                wo: ld(&format!("{a}o_proj.weight"), &[h, nh * hd])?,
+                bq: bias("q_proj", nh * hd)?,
+                bk: bias("k_proj", nkv * hd)?,
+                bv: bias("v_proj", nkv * hd)?,
+                bo: bias("o_proj", h)?,
+                q_norm: ld(&format!("{a}q_norm.weight"), &[hd])?,
+                k_norm: ld(&format!("{a}k_norm.weight"), &[hd])?,
+                ln2: ld(&format!("{p}post_attention_layernorm.weight"), &[h])?,
+                mlp: match &cfg.moe {
+                    Some(moe) if cfg.is_moe_layer(i) => {
+                        let mi = moe.moe_intermediate_size;
+                        let mut list = Vec::with_capacity(moe.num_experts as usize);
+                        for e in 0..moe.num_experts {
+                            if experts.is_some_and(|keep| !keep.contains(&e)) {
+                                list.push(None);
+                                continue;
+                            }
+                            let q = format!("{p}mlp.experts.{e}.");
+                            list.push(Some(Expert {
+                                gate: ld(&format!("{q}gate_proj.weight"), &[mi, h])?,
+                                up: ld(&format!("{q}up_proj.weight"), &[mi, h])?,
+                                down: ld(&format!("{q}down_proj.weight"), &[h, mi])?,
+                            }));
+                        }
+                        Mlp::Moe {
+                            router: ld(&format!("{p}mlp.gate.weight"), &[moe.num_experts, h])?,
+                            experts: list,
+                            top_k: moe.num_experts_per_tok,
+                            norm_topk_prob: moe.norm_topk_prob,
+                        }
+                    }
+                    _ => Mlp::Dense(Expert {
+                        gate: ld(&format!("{p}mlp.gate_proj.weight"), &[inter, h])?,
+                        up: ld(&format!("{p}mlp.up_proj.weight"), &[inter, h])?,
+                        down: ld(&format!("{p}mlp.down_proj.weight"), &[h, inter])?,
+                    }),
+                },
+            });
+        }
+        let (norm, lm_head) = if range.head {
+            let norm = ld("model.norm.weight", &[h])?;
+            let head = if cfg.tie_word_embeddings && !src.contains("lm_head.weight") {
+                embed
+                    .as_ref()
+                    .map(Tensor::shallow_clone)
+                    .expect("embed loaded when tied")
+            } else {
+                ld("lm_head.weight", &[vocab, h])?
+            };
+            (Some(norm), Some(head))
+        } else {
+            (None, None)
+        };
+        let embed = if range.embed { embed } else { None };
+        let inv_freq: Vec<f32> = (0..hd / 2)
+            .map(|i| (1.0 / cfg.rope_theta.powf((2 * i) as f64 / hd as f64)) as f32)
+            .collect();
+        Ok(Qwen3 {
+            cfg: cfg.clone(),
+            device,
+            kind,
+            range,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            inv_freq: Tensor::from_slice(&inv_freq).to_device(device),
+        })
+    }
+
+    /// `cos`, `sin` tables `[len, head_dim]` (f32, then the model's dtype, as
+    /// transformers does) for positions `start..start+len`.
+    pub fn rope_tables(&self, start: i64, len: i64) -> (Tensor, Tensor) {
+        let pos = Tensor::arange_start(start, start + len, (Kind::Float, self.device));
+        let freqs = pos.unsqueeze(1) * self.inv_freq.unsqueeze(0);
+        let emb = Tensor::cat(&[&freqs, &freqs], -1);
+        (emb.cos().to_kind(self.kind), emb.sin().to_kind(self.kind))
+    }
+
+    /// Checks token ids against the vocabulary.
+    pub fn check_ids(&self, ids: &[i64]) -> Result<()> {
+        for &id in ids {
+            if !(0..self.cfg.vocab_size).contains(&id) {
+                return Err(GpuError::TokenOutOfRange {
+                    id,
+                    vocab_size: self.cfg.vocab_size,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Embeds `ids` (`[batch, seq]`, int64 on any device).
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let embed = self
+            .embed
+            .as_ref()
+            .ok_or_else(|| GpuError::Invalid("this stage holds no embedding".into()))?;
+        Ok(Tensor::embedding(
+            embed,
+            &ids.to_device(self.device),
+            -1,
+            false,
+            false,
+        ))
+    }
+
+    /// Runs this model's layers on hidden states `[batch, seq, hidden]`,
+    /// appending to `cache`. Positions are `cache.len..cache.len+seq`.
+    pub fn forward_layers(&self, x: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (_, s, _) = x.size3().expect("hidden states are [batch, seq, hidden]");
+        let past = cache.len;
+        let (cos, sin) = self.rope_tables(past, s);
+        let mut x = x.shallow_clone();
+        if cache.k.len() < self.layers.len() {
+            cache.k.resize_with(self.layers.len(), || None);
+            cache.v.resize_with(self.layers.len(), || None);
+        }
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = self.layer_forward(
+                layer,
+                i,
+                &x,
+                &cos,
+                &sin,
+                past,
+                &mut cache.k[i],
+                &mut cache.v[i],
+            )?;
+        }
+        cache.len += s;
+        Ok(x)
+    }
+
+    /// Routing of a MoE layer for hidden rows `h` (`[tokens, hidden]`):
+    /// transformers' order: softmax over all experts in f32, top-k, then
+    /// (if `norm_topk_prob`) renormalise; weights cast to the model dtype.
+    /// Returns (expert ids `[tokens, k]`, weights `[tokens, k]`).
+    pub fn route(&self, router: &Tensor, h: &Tensor, top_k: i64, norm: bool) -> (Tensor, Tensor) {
+        let probs = h.linear(router, None::<Tensor>).softmax(-1, Kind::Float);
+        let (mut w, ids) = probs.topk(top_k, -1, true, true);
+        if norm {
+            w = &w / w.sum_dim_intlist(-1, true, Kind::Float);
+        }
+        (ids, w.to_kind(self.kind))
+    }
+
+    /// The MoE output of the experts in `only` (all held ones if `None`) for
+    /// hidden rows `h` (`[tokens, hidden]`, already normalised): partial sums
+    /// from disjoint expert sets add up to the full layer output.
+    pub fn moe_partial(
+        &self,
+        local_layer: usize,
+        h: &Tensor,
+        only: Option<&[i64]>,
+    ) -> Result<Tensor> {
+        let layer = self
+            .layers
+            .get(local_layer)
+            .ok_or_else(|| GpuError::Invalid(format!("no layer {local_layer} in this stage")))?;
+        let Mlp::Moe {
+            router,
+            experts,
+            top_k,
+            norm_topk_prob,
+        } = &layer.mlp
+        else {
+            return Err(GpuError::Invalid(format!(
+                "layer {local_layer} is not a MoE layer"
+            )));
+        };
+        let (ids, weights) = self.route(router, h, *top_k, *norm_topk_prob);
+        let ids_host = Vec::<i64>::try_from(&ids.flatten(0, -1).to_device(Device::Cpu))?;
+        let k = *top_k as usize;
+        let mut out = h.zeros_like();
+        let mut per_expert: std::collections::BTreeMap<i64, (Vec<i64>, Vec<i64>)> =
+            Default::default();
+        for (n, &e) in ids_host.iter().enumerate() {
+            if only.is_some_and(|o| !o.contains(&e)) {
+                continue;
+            }
+            let entry = per_expert.entry(e).or_default();
+            entry.0.push((n / k) as i64);
+            entry.1.push((n % k) as i64);
+        }
+        for (e, (tokens, slots)) in per_expert {
+            let expert = experts.get(e as usize).and_then(Option::as_ref).ok_or(
+                GpuError::ExpertNotHeld {
+                    layer: self.range.start + local_layer as i64,
+                    expert: e,
+                },
+            )?;
+            let tok = Tensor::from_slice(&tokens).to_device(self.device);
+            let slot = Tensor::from_slice(&slots).to_device(self.device);
+            let w = weights
+                .index_select(0, &tok)
+                .gather(1, &slot.unsqueeze(1), false);
+            let y = expert.forward(&h.index_select(0, &tok)) * w;
+            let _ = out.index_add_(0, &tok, &y);
+        }
+        Ok(out)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn layer_forward(
+        &self,
+        l: &Layer,
+        local: usize,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        past: i64,
+        k_cache: &mut Option<Tensor>,
+        v_cache: &mut Option<Tensor>,
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (b, s, _) = x.size3().expect("hidden states are [batch, seq, hidden]");
+        let (nh, nkv, hd) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let eps = cfg.rms_norm_eps;
+        let h = rms_norm(x, &l.ln1, eps);
+        let q = h.linear(&l.wq, l.bq.as_ref()).view([b, s, nh, hd]);
+        let k = h.linear(&l.wk, l.bk.as_ref()).view([b, s, nkv, hd]);
+        let v = h
+            .linear(&l.wv, l.bv.as_ref())
+            .view([b, s, nkv, hd])
+            .transpose(1, 2);
+        let q = apply_rope(&rms_norm(&q, &l.q_norm, eps).transpose(1, 2), cos, sin);
+        let k = apply_rope(&rms_norm(&k, &l.k_norm, eps).transpose(1, 2), cos, sin);
+        let (k, v) = match (k_cache.as_ref(), v_cache.as_ref()) {
+            (Some(kc), Some(vc)) => (Tensor::cat(&[kc, &k], 2), Tensor::cat(&[vc, &v], 2)),
+            _ => (k, v),
+        };
+        *k_cache = Some(k.shallow_clone());
+        *v_cache = Some(v.shallow_clone());
+        let groups = nh / nkv;
+        let k = k.repeat_interleave_self_int(groups, 1, None::<i64>);
+        let v = v.repeat_interleave_self_int(groups, 1, None::<i64>);
+        let total = past + s;
+        let attn = if s == 1 {
+            Tensor::scaled_dot_product_attention(
+                &q,
+                &k,
+                &v,
+                None::<Tensor>,
+                0.0,
+                false,
+                None,
+                false,
+            )
+        } else if past == 0 {
+            Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, None, false)
+        } else {
+            // Query i (absolute position past+i) sees keys 0..=past+i.
+            let qi = Tensor::arange_start(past, total, (Kind::Int64, self.device)).unsqueeze(1);
+            let kj = Tensor::arange(total, (Kind::Int64, self.device)).unsqueeze(0);
+            let mask = kj.le_tensor(&qi);
+            Tensor::scaled_dot_product_attention(&q, &k, &v, Some(mask), 0.0, false, None, false)
+        };
+        let attn = attn.transpose(1, 2).reshape([b, s, nh * hd]);
+        let x = x + attn.linear(&l.wo, l.bo.as_ref());
+        let h = rms_norm(&x, &l.ln2, eps);
+        let mlp = match &l.mlp {
+            Mlp::Dense(e) => e.forward(&h),
+            Mlp::Moe { .. } => {
+                let flat = h.view([b * s, cfg.hidden_size]);
+                self.moe_partial(local, &flat, None)?
+                    .view([b, s, cfg.hidden_size])
+            }
+        };
+        Ok(x + mlp)
+    }
+
+    /// Final norm and `lm_head`: hidden `[batch, seq, hidden]` to f32 logits.
+    pub fn head(&self, x: &Tensor) -> Result<Tensor> {
+        let (Some(norm), Some(lm_head)) = (&self.norm, &self.lm_head) else {
+            return Err(GpuError::Invalid("this stage holds no head".into()));
+        };
+        let h = rms_norm(x, norm, self.cfg.rms_norm_eps);
+        Ok(h.linear(lm_head, None::<Tensor>).to_kind(Kind::Float))
+    }
+
+    /// Full model: token ids `[batch, seq]` to f32 logits `[batch, seq, vocab]`.
+    pub fn forward(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let x = self.embed(ids)?;
+        let x = self.forward_layers(&x, cache)?;
+        self.head(&x)
+    }
+
+    /// Logits for exactly `ids` (one sequence, no start token): `[seq, vocab]`.
+    pub fn logits(&self, ids: &[i64]) -> Result<Tensor> {
+        if ids.is_empty() {
+            return Err(GpuError::Invalid("no input ids".into()));
+        }
+        self.check_ids(ids)?;
+        let t = Tensor::from_slice(ids).unsqueeze(0);
+        let _guard = tch::no_grad_guard();
+        let logits = self.forward(&t, &mut KvCache::new())?;
+        Ok(logits.squeeze_dim(0))
+    }
+}

@@ -1,0 +1,113 @@
+//! Pipeline stages: a model instance holding a contiguous layer range runs
+//! its part of a request, taking and returning hidden states as bytes with
+//! their shape and dtype, so that one model can span several nodes.
+
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{GpuError, Result};
+use crate::model::{KvCache, Qwen3};
+
+/// Hidden states on the wire: little-endian elements, row-major.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HiddenStates {
+    /// `[batch, seq, hidden]`
+    pub shape: Vec<i64>,
+    /// `"f32"` or `"bf16"`
+    pub dtype: String,
+    pub bytes: Vec<u8>,
+}
+
+fn dtype_name(kind: Kind) -> Result<&'static str> {
+    match kind {
+        Kind::Float => Ok("f32"),
+        Kind::BFloat16 => Ok("bf16"),
+        other => Err(GpuError::Invalid(format!(
+            "hidden states of dtype {other:?}"
+        ))),
+    }
+}
+
+impl HiddenStates {
+    /// Copies a tensor out to bytes.
+    pub fn from_tensor(t: &Tensor) -> Result<Self> {
+        let dtype = dtype_name(t.kind())?.to_owned();
+        let t = t.to_device(Device::Cpu).contiguous();
+        let numel = t.numel();
+        let mut bytes = vec![0u8; numel * t.kind().elt_size_in_bytes()];
+        t.f_copy_data_u8(&mut bytes, numel)?;
+        Ok(HiddenStates {
+            shape: t.size(),
+            dtype,
+            bytes,
+        })
+    }
+
+    /// The tensor on `device`, after checking that the bytes match the shape.
+    pub fn to_tensor(&self, device: Device) -> Result<Tensor> {
+        let kind = crate::parse_dtype(&self.dtype)?;
+        let numel: i64 = self.shape.iter().product();
+        if self.shape.len() != 3 || self.bytes.len() != numel as usize * kind.elt_size_in_bytes() {
+            return Err(GpuError::Invalid(format!(
+                "{} bytes do not hold {:?} of {}",
+                self.bytes.len(),
+                self.shape,
+                self.dtype
+            )));
+        }
+        Ok(Tensor::f_from_data_size(&self.bytes, &self.shape, kind)?.to_device(device))
+    }
+}
+
+/// What a stage receives.
+pub enum StageInput {
+    /// Token ids `[batch][seq]` (the stage must hold the embedding).
+    Ids(Vec<Vec<i64>>),
+    Hidden(HiddenStates),
+}
+
+/// What a stage returns.
+pub enum StageOutput {
+    Hidden(HiddenStates),
+    /// f32 logits `[batch, seq, vocab]` (the stage holds the head).
+    Logits(Tensor),
+}
+
+impl Qwen3 {
+    /// Runs this stage on `input`, extending `cache` (one per request).
+    pub fn run_stage(&self, input: &StageInput, cache: &mut KvCache) -> Result<StageOutput> {
+        let _guard = tch::no_grad_guard();
+        let x = match input {
+            StageInput::Ids(rows) => {
+                let width = rows.first().map_or(0, Vec::len);
+                if width == 0 || rows.iter().any(|r| r.len() != width) {
+                    return Err(GpuError::Invalid(
+                        "token rows must be non-empty and of equal length".into(),
+                    ));
+                }
+                rows.iter().try_for_each(|r| self.check_ids(r))?;
+                let flat: Vec<i64> = rows.concat();
+                self.embed(&Tensor::from_slice(&flat).view([rows.len() as i64, width as i64]))?
+            }
+            StageInput::Hidden(h) => {
+                if self.range.embed {
+                    return Err(GpuError::Invalid("this stage takes token ids".into()));
+                }
+                let t = h.to_tensor(self.device)?;
+                if t.size()[2] != self.cfg.hidden_size {
+                    return Err(GpuError::Invalid(format!(
+                        "hidden size {} != {}",
+                        t.size()[2],
+                        self.cfg.hidden_size
+                    )));
+                }
+                t.to_kind(self.kind)
+            }
+        };
+        let x = self.forward_layers(&x, cache)?;
+        if self.range.head {
+            Ok(StageOutput::Logits(self.head(&x)?))
+        } else {
+            Ok(StageOutput::Hidden(HiddenStates::from_tensor(&x)?))
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! The crate's only `unsafe` code, kept here so it can be audited at once.
+//!
+//! Two things need it, and neither has a safe API in the crates we use:
+//! - memory-mapping a weights file (`memmap2::Mmap::map` is `unsafe` because
+//!   another process could truncate or rewrite the file while it is mapped;
+//!   we map read-only files we own and copy out of them before returning);
+//! - the CUDA-graph shim (`csrc/graph_shim.cpp`), reached through a small C
+//!   ABI: tch has no CUDA-graph API, libtorch's `at::cuda::CUDAGraph` does.
+//!
+//! Every function here is safe to call: the shim catches C++ exceptions and
+//! reports them as an error code plus message.
+#![allow(unsafe_code)]
+
+use std::fs::File;
+use std::path::Path;
+
+use crate::error::{GpuError, Result};
+
+/// Maps a file read-only.
+pub(crate) fn mmap_file(path: &Path) -> Result<memmap2::Mmap> {
+    let file = File::open(path).map_err(|e| GpuError::io(path, e))?;
+    // SAFETY: the mapping is read-only and the engine never writes to weight
+    // files; a concurrent external truncation is the documented risk of mmap
+    // and is outside what this program controls.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| GpuError::io(path, e))?;
+    Ok(map)
+}
+
+/// Whether the CUDA-graph shim was compiled in (it needs the CUDA headers
+/// shipped in PyPI's torch wheel at build time).
+pub const CUDA_GRAPH_AVAILABLE: bool = cfg!(blyan_cuda_graph);
+
+#[cfg(blyan_cuda_graph)]
+mod ffi {
+    use std::os::raw::{c_char, c_int, c_void};
+    unsafe extern "C" {
+        pub fn blyan_graph_new() -> *mut c_void;
+        pub fn blyan_graph_free(g: *mut c_void);
+        pub fn blyan_side_stream_enter(err: *mut c_char, len: usize) -> c_int;
+        pub fn blyan_side_stream_exit(err: *mut c_char, len: usize) -> c_int;
+        pub fn blyan_graph_capture_begin(g: *mut c_void, err: *mut c_char, len: usize) -> c_int;
+        pub fn blyan_graph_capture_end(g: *mut c_void, err: *mut c_char, len: usize) -> c_int;
+        pub fn blyan_graph_replay(g: *mut c_void, err: *mut c_char, len: usize) -> c_int;
+        pub fn blyan_cuda_synchronize(err: *mut c_char, len: usize) -> c_int;
+    }
+}
+
+#[cfg(blyan_cuda_graph)]
+fn check(f: impl FnOnce(*mut std::os::raw::c_char, usize) -> std::os::raw::c_int) -> Result<()> {
+    let mut buf = [0u8; 512];
+    let rc = f(buf.as_mut_ptr().cast(), buf.len());
+    if rc == 0 {
+        return Ok(());
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    Err(GpuError::Graph(
+        String::from_utf8_lossy(&buf[..end]).into_owned(),
+    ))
+}
+
+/// A captured CUDA graph (`at::cuda::CUDAGraph`).
+#[cfg(blyan_cuda_graph)]
+pub struct CudaGraph {
+    ptr: *mut std::os::raw::c_void,
+}
+
+#[cfg(blyan_cuda_graph)]
+impl CudaGraph {
+    /// A new, empty graph.
+    pub fn new() -> Result<Self> {
+        // SAFETY: returns a fresh heap object or null.
+        let ptr = unsafe { ffi::blyan_graph_new() };
+        if ptr.is_null() {
+            return Err(GpuError::Graph("cannot allocate a CUDA graph".into()));
+        }
+        Ok(CudaGraph { ptr })
+    }
+
+    /// Makes a side stream from libtorch's pool the current stream (capture
+    /// must not happen on the default stream); warm up on it before capture.
+    pub fn enter_side_stream() -> Result<()> {
+        // SAFETY: writes at most `len` bytes into the buffer.
+        check(|e, l| unsafe { ffi::blyan_side_stream_enter(e, l) })
+    }
+
+    /// Restores the stream that was current before `enter_side_stream`.
+    pub fn exit_side_stream() -> Result<()> {
+        // SAFETY: as above.
+        check(|e, l| unsafe { ffi::blyan_side_stream_exit(e, l) })
+    }
+
+    /// Starts capturing the work queued on the current stream.
+    pub fn capture_begin(&mut self) -> Result<()> {
+        // SAFETY: `self.ptr` is a live graph.
+        check(|e, l| unsafe { ffi::blyan_graph_capture_begin(self.ptr, e, l) })
+    }
+
+    /// Ends the capture.
+    pub fn capture_end(&mut self) -> Result<()> {
+        // SAFETY: `self.ptr` is a live graph.
+        check(|e, l| unsafe { ffi::blyan_graph_capture_end(self.ptr, e, l) })
+    }
+
+    /// Replays the captured work on the current stream.
+    pub fn replay(&self) -> Result<()> {
+        // SAFETY: `self.ptr` is a live, captured graph.
+        check(|e, l| unsafe { ffi::blyan_graph_replay(self.ptr, e, l) })
+    }
+}
+
+#[cfg(blyan_cuda_graph)]
+impl Drop for CudaGraph {
+    fn drop(&mut self) {
+        // SAFETY: `self.ptr` came from `blyan_graph_new` and is freed once.
+        unsafe { ffi::blyan_graph_free(self.ptr) }
+    }
+}
+
+/// Waits for all queued CUDA work (no-op without the shim).
+pub fn cuda_synchronize() -> Result<()> {
+    #[cfg(blyan_cuda_graph)]
+    {
+        // SAFETY: writes at most `len` bytes into the buffer.
+        check(|e, l| unsafe { ffi::blyan_cuda_synchronize(e, l) })
+    }
+    #[cfg(not(blyan_cuda_graph))]
+    {
+        Ok(())
+    }
+}
+
+/// A tensor viewing `data` without copying it (falls back to a copy if the
+/// bytes are not aligned for `kind`).
+///
+/// The view borrows `data` without a lifetime: callers (only
+/// `blocks::BlockStore::with_block_tensors`) must drop it before `data`,
+/// and must not write through it (the mapping is read-only).
+pub(crate) fn tensor_view(data: &[u8], shape: &[i64], kind: tch::Kind) -> Result<tch::Tensor> {
+    let elt = kind.elt_size_in_bytes();
+    let numel: i64 = shape.iter().product();
+    if data.len() != numel as usize * elt {
+        return Err(GpuError::Invalid(format!(
+            "{} bytes for {numel} elements of {kind:?}",
+            data.len()
+        )));
+    }
+    if !(data.as_ptr() as usize).is_multiple_of(elt) || data.is_empty() {
+        return Ok(tch::Tensor::f_from_data_size(data, shape, kind)?);
+    }
+    let mut strides = vec![1i64; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        strides[i] = strides[i + 1] * shape[i + 1];
+    }
+    // SAFETY: `data` holds exactly `numel` aligned elements of `kind` and
+    // outlives the view by the caller's contract above.
+    let t = unsafe {
+        tch::Tensor::f_from_blob(data.as_ptr(), shape, &strides, kind, tch::Device::Cpu)?
+    };
+    Ok(t)
+}

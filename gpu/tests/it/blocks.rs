@@ -1,0 +1,78 @@
+//! Content-addressed blocks: split, reload, verify.
+
+use blyan_gpu::blocks::{BlockStore, cid_v1_raw, sha3_hex, split};
+use blyan_gpu::{GpuError, LoadedModel};
+use tch::{Device, Kind};
+
+use crate::common::{ids, model, model_dir, temp_dir};
+
+#[test]
+fn split_and_reload_gives_the_same_logits() {
+    let name = "qwen3_sharded";
+    let out = temp_dir("split");
+    let blocks = split(&model_dir(name), &out).expect("split");
+    let names: Vec<&str> = blocks.iter().map(|b| b.name.as_str()).collect();
+    assert_eq!(names, ["embed", "head", "layer.0", "layer.1", "layer.2"]);
+    for b in &blocks {
+        let bytes = std::fs::read(out.join(&b.file)).expect("block file");
+        assert_eq!(sha3_hex(&bytes), b.sha3_256);
+        assert_eq!(cid_v1_raw(&bytes), b.cid);
+        assert!(b.cid.starts_with("bafkrei"), "{}", b.cid);
+        assert_eq!(b.file, format!("{}.safetensors", b.sha3_256));
+    }
+    let input = ids(&model(name)["input_ids"]);
+    let a = LoadedModel::load(Some(&model_dir(name)), Device::Cpu, Kind::Float).expect("load");
+    let b = LoadedModel::load(Some(&out), Device::Cpu, Kind::Float).expect("load blocks");
+    let la = a.model.logits(&input).expect("logits");
+    let lb = b.model.logits(&input).expect("logits");
+    assert!(la.equal(&lb), "block-loaded model differs");
+    // Splitting again gives the same addresses.
+    let again = split(&model_dir(name), &temp_dir("split2")).expect("split");
+    assert_eq!(blocks, again);
+}
+
+#[test]
+fn block_with_wrong_hash_is_rejected() {
+    let out = temp_dir("tamper");
+    let blocks = split(&model_dir("qwen3_single"), &out).expect("split");
+    let layer = blocks
+        .iter()
+        .find(|b| b.name == "layer.1")
+        .expect("layer.1");
+    let path = out.join(&layer.file);
+    let mut bytes = std::fs::read(&path).expect("read");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&path, &bytes).expect("write");
+    let mut store = BlockStore::open(&out).expect("manifest");
+    store.load_block("layer.0").expect("untouched block loads");
+    let err = store.load_block("layer.1").expect_err("must fail");
+    assert!(
+        matches!(err, GpuError::HashMismatch { ref name, .. } if name == "layer.1"),
+        "{err}"
+    );
+    let err = LoadedModel::load(Some(&out), Device::Cpu, Kind::Float)
+        .err()
+        .expect("must fail");
+    assert!(matches!(err, GpuError::HashMismatch { .. }), "{err}");
+}
+
+#[test]
+fn block_tensors_are_views_of_the_mapping() {
+    let out = temp_dir("views");
+    split(&model_dir("qwen3_single"), &out).expect("split");
+    let mut store = BlockStore::open(&out).expect("manifest");
+    store.load_block("layer.0").expect("load");
+    let sizes = store
+        .with_block_tensors("layer.0", |name, t| {
+            Ok((name.to_owned(), t.size(), t.kind()))
+        })
+        .expect("views");
+    assert_eq!(sizes.len(), 11);
+    assert!(sizes.iter().all(|(_, _, k)| *k == Kind::Float));
+    let q = sizes
+        .iter()
+        .find(|(n, _, _)| n.ends_with("q_proj.weight"))
+        .expect("q");
+    assert_eq!(q.1, vec![64, 64]);
+}
