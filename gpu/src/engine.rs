@@ -518,7 +518,11 @@ impl DecodeEngine {
             return Err(GpuError::Graph("capture needs a CUDA device".into()));
         }
         let _guard = tch::no_grad_guard();
+        // The side stream does not wait for work queued on the current one
+        // (prefill's cache writes, position fills): drain it first.
+        sync(self.device);
         let saved_pos = self.pos.copy();
+        sync(self.device);
         let saved_tokens = self.tokens.copy();
         CudaGraph::enter_side_stream()?;
         let captured = (|| -> Result<(CudaGraph, StepOutput)> {
