@@ -31,15 +31,23 @@ PY
 stamp "engine (graph) vs reference"
 "$B/blyan-gpu" check --device cuda --dtype f32
 "$B/blyan-gpu" check --device cuda --dtype bf16
+"$B/blyan-gpu" check --device cuda --dtype bf16 --attn bmm
 stamp "generate on cuda"
 "$B/blyan-gpu" generate --prompt "Hello" --max-tokens 16 --device cuda --dtype bf16 --temperature 0.7 --seed 1 | od -c | head -3
+Q="$B/blyan-gpu bench --qwen3-8b --device cuda"
 stamp "our bench: Qwen3-8B-shaped bf16"
-"$B/blyan-gpu" bench --qwen3-8b --device cuda --prompt-len 2048 --decode-tokens 128 --batch 1,16 | tee "$OUT/ours.jsonl"
-stamp "our bench without graphs (batch 1)"
-"$B/blyan-gpu" bench --qwen3-8b --device cuda --prompt-len 128 --decode-tokens 32 --batch 1 --no-graph | tee "$OUT/ours_nograph.jsonl"
+$Q --prompt-len 2048 --decode-tokens 128 --batch 1,16 | tee "$OUT/ours.jsonl"
+stamp "variants (prefill 128 only)"
+{
+$Q --prompt-len 128 --decode-tokens 128 --batch 1,16 --attn bmm
+$Q --decode-tokens 128 --batch 1,16 --matmuls-only
+$Q --decode-tokens 128 --batch 1 --matmuls-only --blas cublaslt
+$Q --prompt-len 128 --decode-tokens 128 --batch 1,16 --blas cublaslt
+$Q --prompt-len 128 --decode-tokens 32 --batch 1 --no-graph
+} | tee "$OUT/variants.jsonl"
 stamp "transformers bench + copy bandwidth"
 timeout 240 python3 "$B/hf_bench.py" 32 | tee "$OUT/hf.jsonl"
 stamp "tiny model on cpu"
-"$B/blyan-gpu" bench --device cpu --batch 1,16 | tee "$OUT/tiny_cpu.jsonl"
+"$B/blyan-gpu" bench --device cpu --batch 1,16,1 | tee "$OUT/tiny_cpu.jsonl"
 stamp done
 } 2>&1 | tee "$OUT/log.txt"

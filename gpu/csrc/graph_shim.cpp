@@ -1,6 +1,7 @@
 // CUDA-graph shim for blyan-gpu: a C ABI over libtorch's at::cuda::CUDAGraph,
 // which tch does not expose. Every entry point catches C++ exceptions and
 // returns 0 on success, or 1 with a message written into `err`.
+#include <ATen/Context.h>
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAFunctions.h>
@@ -72,6 +73,16 @@ int blyan_graph_capture_end(void* g, char* err, size_t len) {
 
 int blyan_graph_replay(void* g, char* err, size_t len) {
   return guarded([g] { static_cast<at::cuda::CUDAGraph*>(g)->replay(); }, err, len);
+}
+
+// 0: libtorch's default choice, 1: cuBLAS, 2: cuBLASLt.
+int blyan_set_blas_backend(int which, char* err, size_t len) {
+  return guarded([which] {
+    at::BlasBackend b = which == 1   ? at::BlasBackend::Cublas
+                        : which == 2 ? at::BlasBackend::Cublaslt
+                                     : at::BlasBackend::Default;
+    at::globalContext().setBlasPreferredBackend(b);
+  }, err, len);
 }
 
 int blyan_cuda_synchronize(char* err, size_t len) {

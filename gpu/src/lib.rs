@@ -39,7 +39,7 @@ use std::path::Path;
 use tch::{Device, Kind};
 
 pub use crate::error::{GpuError, Result};
-pub use crate::sys::{CUDA_GRAPH_AVAILABLE, cuda_synchronize};
+pub use crate::sys::{CUDA_GRAPH_AVAILABLE, cuda_synchronize, set_blas_backend};
 
 /// A model and its tokenizer, ready to run.
 pub struct LoadedModel {

@@ -18,8 +18,10 @@ const USAGE: &str = "usage:
                      [--top-p P] [--top-k K] [--seed S] [--stop STR]... [--device cpu|cuda] [--dtype f32|bf16]
   blyan-gpu logits [--model DIR] --input-ids 1,2,3 [--dtype f32|bf16] [--device cpu|cuda]
   blyan-gpu bench [--model DIR] [--device cpu|cuda] [--dtype f32|bf16] [--qwen3-8b]
-                  [--prompt-len N] [--decode-tokens N] [--batch 1,16]
-  blyan-gpu check [--model DIR] [--device cpu|cuda] [--dtype f32|bf16] [--tol X]
+                  [--prompt-len N] [--decode-tokens N] [--batch 1,16] [--attn sdpa|bmm]
+                  [--blas default|cublas|cublaslt]
+                  [--no-graph] [--matmuls-only]
+  blyan-gpu check [--model DIR] [--device cpu|cuda] [--dtype f32|bf16] [--tol X] [--attn sdpa|bmm]
   blyan-gpu split --model DIR --out DIR
 Without --model, the embedded default model (random weights, byte tokenizer) is used.";
 
@@ -29,7 +31,7 @@ struct Args {
     flags: Vec<String>,
 }
 
-const FLAGS: &[&str] = &["--qwen3-8b", "--no-graph"];
+const FLAGS: &[&str] = &["--qwen3-8b", "--no-graph", "--matmuls-only"];
 
 impl Args {
     fn parse(raw: &[String]) -> Result<Self> {
@@ -216,8 +218,10 @@ fn args_map(args: &Args) -> BTreeMap<String, String> {
         .iter()
         .filter_map(|(k, v)| v.last().map(|last| (k.clone(), last.clone())))
         .collect();
-    if args.flag("--no-graph") {
-        m.insert("--no-graph".into(), "1".into());
+    for flag in ["--no-graph", "--matmuls-only"] {
+        if args.flag(flag) {
+            m.insert(flag.into(), "1".into());
+        }
     }
     m
 }

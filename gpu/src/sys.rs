@@ -42,6 +42,7 @@ mod ffi {
         pub fn blyan_graph_capture_end(g: *mut c_void, err: *mut c_char, len: usize) -> c_int;
         pub fn blyan_graph_replay(g: *mut c_void, err: *mut c_char, len: usize) -> c_int;
         pub fn blyan_cuda_synchronize(err: *mut c_char, len: usize) -> c_int;
+        pub fn blyan_set_blas_backend(which: c_int, err: *mut c_char, len: usize) -> c_int;
     }
 }
 
@@ -113,6 +114,26 @@ impl Drop for CudaGraph {
     fn drop(&mut self) {
         // SAFETY: `self.ptr` came from `blyan_graph_new` and is freed once.
         unsafe { ffi::blyan_graph_free(self.ptr) }
+    }
+}
+
+/// Chooses libtorch's BLAS library for CUDA matmuls: `None` for its
+/// default, `Some(false)` cuBLAS, `Some(true)` cuBLASLt (benchmarks).
+pub fn set_blas_backend(cublaslt: Option<bool>) -> Result<()> {
+    #[cfg(blyan_cuda_graph)]
+    {
+        let which = match cublaslt {
+            None => 0,
+            Some(false) => 1,
+            Some(true) => 2,
+        };
+        // SAFETY: writes at most `len` bytes into the buffer.
+        check(|e, l| unsafe { ffi::blyan_set_blas_backend(which, e, l) })
+    }
+    #[cfg(not(blyan_cuda_graph))]
+    {
+        let _ = cublaslt;
+        Err(GpuError::Graph("built without the CUDA shim".into()))
     }
 }
 
