@@ -1,5 +1,6 @@
 //! Sets an rpath to libtorch (so binaries run without LD_LIBRARY_PATH) and
-//! compiles the CUDA-graph shim (`csrc/graph_shim.cpp`) when the CUDA headers
+//! compiles the CUDA shim (`csrc/graph_shim.cpp`: CUDA graphs, and the fused
+//! decode kernels of `csrc/kernels.cuh`, compiled at run time with NVRTC) when the CUDA headers
 //! of PyPI's torch wheel are present. Without them the crate still builds and
 //! runs; it just cannot capture CUDA graphs.
 
@@ -8,6 +9,7 @@ use std::path::{Path, PathBuf};
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(blyan_cuda_graph)");
     println!("cargo::rerun-if-changed=csrc/graph_shim.cpp");
+    println!("cargo::rerun-if-changed=csrc/kernels.cuh");
     println!("cargo::rerun-if-env-changed=BLYAN_NO_CUDA_GRAPH");
     let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
         println!("cargo::warning=DEP_TCH_LIBTORCH_LIB unset: no rpath, no CUDA-graph shim");
@@ -27,6 +29,7 @@ fn main() {
     ];
     let have_headers = includes.iter().all(|p| p.is_dir())
         && cu13.join("lib/libcudart.so.13").is_file()
+        && cu13.join("lib/libnvrtc.so.13").is_file()
         && lib.join("libtorch_cuda.so").is_file();
     if !have_headers || std::env::var_os("BLYAN_NO_CUDA_GRAPH").is_some() {
         println!(
@@ -55,6 +58,7 @@ fn build_shim(includes: &[PathBuf], torch_lib: &Path, cuda_lib: &Path) {
     println!("cargo::rustc-link-lib=dylib=c10_cuda");
     println!("cargo::rustc-link-lib=dylib=c10");
     println!("cargo::rustc-link-arg=-l:libcudart.so.13");
+    println!("cargo::rustc-link-arg=-l:libnvrtc.so.13");
     println!("cargo::rustc-link-arg=-Wl,-rpath,{}", cuda_lib.display());
     println!("cargo::rustc-cfg=blyan_cuda_graph");
 }

@@ -31,7 +31,7 @@ PY
 stamp "engine (graph) vs reference"
 "$B/blyan-gpu" check --device cuda --dtype f32
 "$B/blyan-gpu" check --device cuda --dtype bf16
-"$B/blyan-gpu" check --device cuda --dtype bf16 --attn bmm
+"$B/blyan-gpu" check --device cuda --dtype bf16 --no-fused
 stamp "generate on cuda"
 "$B/blyan-gpu" generate --prompt "Hello" --max-tokens 16 --device cuda --dtype bf16 --temperature 0.7 --seed 1 | od -c | head -3
 Q="$B/blyan-gpu bench --qwen3-8b --device cuda"
@@ -39,10 +39,8 @@ stamp "our bench: Qwen3-8B-shaped bf16"
 $Q --prompt-len 2048 --decode-tokens 128 --batch 1,16 | tee "$OUT/ours.jsonl"
 stamp "variants (prefill 128 only)"
 {
-$Q --prompt-len 128 --decode-tokens 128 --batch 1,16 --attn bmm
-$Q --decode-tokens 128 --batch 1,16 --matmuls-only
-$Q --decode-tokens 128 --batch 1 --matmuls-only --blas cublaslt
-$Q --prompt-len 128 --decode-tokens 128 --batch 1,16 --blas cublaslt
+$Q --prompt-len 128 --decode-tokens 128 --batch 1,16 --no-fused
+$Q --decode-tokens 128 --batch 1 --matmuls-only
 $Q --prompt-len 128 --decode-tokens 32 --batch 1 --no-graph
 } | tee "$OUT/variants.jsonl"
 stamp "transformers bench + copy bandwidth"

@@ -6,7 +6,13 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAFunctions.h>
 
+#include <cuda_runtime.h>
+#include <nvrtc.h>
+
+#include <cstdio>
 #include <cstring>
+#include <stdexcept>
+#include <string>
 #include <exception>
 #include <optional>
 
@@ -32,9 +38,85 @@ int guarded(F f, char* err, size_t len) {
     return fail("unknown C++ exception", err, len);
   }
 }
+const char* kKernelSource =
+#include "kernels.cuh"
+    ;
+
+cudaKernel_t k_qk = nullptr;
+cudaKernel_t k_silu = nullptr;
+
+void cuda_check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) {
+    throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(e));
+  }
+}
+
+void compile_kernels() {
+  int dev = 0;
+  cuda_check(cudaGetDevice(&dev), "cudaGetDevice");
+  cudaDeviceProp prop;
+  cuda_check(cudaGetDeviceProperties(&prop, dev), "cudaGetDeviceProperties");
+  nvrtcProgram prog;
+  if (nvrtcCreateProgram(&prog, kKernelSource, "blyan_kernels.cu", 0, nullptr, nullptr) != NVRTC_SUCCESS) {
+    throw std::runtime_error("nvrtcCreateProgram failed");
+  }
+  std::string arch = "--gpu-architecture=compute_" + std::to_string(prop.major) + std::to_string(prop.minor);
+  const char* opts[] = {arch.c_str(), "--std=c++17"};
+  nvrtcResult r = nvrtcCompileProgram(prog, 2, opts);
+  if (r != NVRTC_SUCCESS) {
+    size_t n = 0;
+    nvrtcGetProgramLogSize(prog, &n);
+    std::string log(n, '\0');
+    nvrtcGetProgramLog(prog, log.data());
+    nvrtcDestroyProgram(&prog);
+    throw std::runtime_error("NVRTC: " + log);
+  }
+  size_t n = 0;
+  nvrtcGetPTXSize(prog, &n);
+  std::string ptx(n, '\0');
+  nvrtcGetPTX(prog, ptx.data());
+  nvrtcDestroyProgram(&prog);
+  cudaLibrary_t lib;
+  cuda_check(cudaLibraryLoadData(&lib, ptx.data(), nullptr, nullptr, 0, nullptr, nullptr, 0),
+             "cudaLibraryLoadData");
+  cuda_check(cudaLibraryGetKernel(&k_qk, lib, "qk_norm_rope_kv"), "get qk_norm_rope_kv");
+  cuda_check(cudaLibraryGetKernel(&k_silu, lib, "silu_mul"), "get silu_mul");
+}
 }  // namespace
 
 extern "C" {
+// Compiles the fused kernels (once) for the current device.
+int blyan_kernels_init(char* err, size_t len) {
+  return guarded([] {
+    if (k_qk == nullptr) compile_kernels();
+  }, err, len);
+}
+
+// See kernels.cuh. Pointers are device pointers of contiguous tensors;
+// launched on libtorch's current stream (so it is captured with the rest).
+int blyan_qk_norm_rope_kv(const void* qkv, const void* w, const void* cos_t, const void* sin_t,
+                          const void* pos, void* k_cache, void* v_cache, void* q_out, int batch,
+                          int nh, int nkv, int hd, int max_len, float eps, char* err, size_t len) {
+  return guarded([&] {
+    if (k_qk == nullptr) throw std::runtime_error("kernels not initialised");
+    void* args[] = {(void*)&qkv, (void*)&w, (void*)&cos_t, (void*)&sin_t, (void*)&pos,
+                    (void*)&k_cache, (void*)&v_cache, (void*)&q_out, &nh, &nkv, &hd, &max_len, &eps};
+    dim3 grid(batch, nh + 2 * nkv), block(hd / 2);
+    cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+    cuda_check(cudaLaunchKernel((const void*)k_qk, grid, block, args, 0, stream), "launch qk_norm_rope_kv");
+  }, err, len);
+}
+
+int blyan_silu_mul(const void* gu, void* act, int inter, long long n, char* err, size_t len) {
+  return guarded([&] {
+    if (k_silu == nullptr) throw std::runtime_error("kernels not initialised");
+    void* args[] = {(void*)&gu, (void*)&act, &inter, &n};
+    dim3 grid((unsigned)((n + 255) / 256)), block(256);
+    cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+    cuda_check(cudaLaunchKernel((const void*)k_silu, grid, block, args, 0, stream), "launch silu_mul");
+  }, err, len);
+}
+
 void* blyan_graph_new() {
   try {
     return new at::cuda::CUDAGraph();

@@ -59,6 +59,14 @@ pub enum AttnImpl {
 pub struct DecodeEngine {
     /// Attention path of the decode step.
     pub attn: AttnImpl,
+    /// Use the fused CUDA kernels (q/k norm + RoPE + cache write; SiLU·mul)
+    /// in the decode step. On by default for bf16 on CUDA when the shim is
+    /// built; `set_fused(false)` falls back to plain libtorch ops.
+    fused: bool,
+    /// `[max_len, hd/2]` f32 (values rounded to the model dtype): RoPE
+    /// tables for the fused kernel.
+    cos_half: Tensor,
+    sin_half: Tensor,
     /// Benchmark only: the step runs just the weight matmuls (qkv, o,
     /// gate/up, down per layer, and the head) to measure their floor.
     pub matmuls_only: bool,
@@ -271,7 +279,12 @@ impl DecodeEngine {
         let rope_r = (cos.diag_embed(0, -2, -1)
             + sin_signed.diag_embed(0, -2, -1).index_select(1, &perm))
         .to_kind(kind);
-        Ok(DecodeEngine {
+        let cos_half = cos.narrow(1, 0, hd / 2).contiguous();
+        let sin_half = sin_signed.narrow(1, hd / 2, hd / 2).contiguous();
+        let mut engine = DecodeEngine {
+            fused: false,
+            cos_half,
+            sin_half,
             attn: AttnImpl::Sdpa,
             matmuls_only: false,
             cfg: cfg.clone(),
@@ -289,7 +302,40 @@ impl DecodeEngine {
             pos_host: vec![0; slots as usize],
             #[cfg(blyan_cuda_graph)]
             graph: None,
-        })
+        };
+        if matches!(device, Device::Cuda(_)) && kind == Kind::BFloat16 {
+            if let Err(e) = engine.set_fused(true) {
+                eprintln!("blyan-gpu: fused kernels unavailable, using libtorch ops: {e}");
+            }
+        }
+        Ok(engine)
+    }
+
+    /// Turns the fused CUDA kernels on (compiling them on first use) or off.
+    /// On needs bf16 on CUDA and the shim; takes effect at the next capture.
+    pub fn set_fused(&mut self, on: bool) -> Result<()> {
+        if !on {
+            self.fused = false;
+            return Ok(());
+        }
+        if !(matches!(self.device, Device::Cuda(_)) && self.kind == Kind::BFloat16) {
+            return Err(GpuError::Invalid("fused kernels need bf16 on CUDA".into()));
+        }
+        #[cfg(blyan_cuda_graph)]
+        {
+            crate::sys::kernels::init()?;
+            self.fused = true;
+            Ok(())
+        }
+        #[cfg(not(blyan_cuda_graph))]
+        {
+            Err(GpuError::Graph("built without the CUDA shim".into()))
+        }
+    }
+
+    /// Whether the decode step uses the fused kernels.
+    pub fn fused(&self) -> bool {
+        self.fused
     }
 
     fn rms(&self, x: &Tensor, w: &Tensor) -> Tensor {
@@ -414,6 +460,33 @@ impl DecodeEngine {
         Ok(())
     }
 
+    /// Sets every slot's position (host to device copy; between steps).
+    pub fn set_positions(&mut self, pos: &[i64]) -> Result<()> {
+        if pos.len() as i64 != self.slots || pos.iter().any(|p| !(0..self.max_len).contains(p)) {
+            return Err(GpuError::Invalid(format!("bad positions {pos:?}")));
+        }
+        self.pos
+            .copy_(&Tensor::from_slice(pos).to_device(self.device));
+        self.pos_host = pos.to_vec();
+        Ok(())
+    }
+
+    /// Max abs logit difference between one eager step with the fused
+    /// kernels and the same step with plain libtorch ops, from the same
+    /// state (positions restored in between).
+    pub fn fused_vs_plain(&mut self, attn_len: i64) -> Result<f64> {
+        let fused = self.fused;
+        let pos = self.pos_host.clone();
+        self.set_fused(true)?;
+        let a = self.step_eager(attn_len, false)?.logits.copy();
+        self.set_positions(&pos)?;
+        self.set_fused(false)?;
+        let b = self.step_eager(attn_len, false)?.logits;
+        self.set_positions(&pos)?;
+        self.set_fused(fused)?;
+        Ok((a - b).abs().max().double_value(&[]))
+    }
+
     /// Marks `slot` free: its position goes back to 0.
     pub fn release(&mut self, slot: i64) {
         assert!((0..self.slots).contains(&slot));
@@ -424,9 +497,9 @@ impl DecodeEngine {
     /// The decode step itself: feeds `tokens` at `pos` for every slot,
     /// attends over the first `attn_len` cache positions, advances `pos`.
     /// Reads nothing from the host, so it can be captured.
-    fn step_ops(&self, attn_len: i64) -> StepOutput {
+    fn step_ops(&self, attn_len: i64) -> Result<StepOutput> {
         if self.matmuls_only {
-            return self.step_matmuls_only();
+            return Ok(self.step_matmuls_only());
         }
         let (nh, nkv, hd) = (
             self.cfg.num_attention_heads,
@@ -459,22 +532,28 @@ impl DecodeEngine {
         for l in &self.layers {
             let h = self.rms(&x, &l.ln1);
             let qkv = h.linear(&l.wqkv, None::<Tensor>);
-            let qk = self.qk_norm_rope(&qkv, &l.w_qk_norm, &rot);
-            let k = qk.narrow(1, nh, nkv).reshape([b * nkv, hd]);
-            let v = qkv
-                .narrow(1, (nh + nkv) * hd, nkv * hd)
-                .reshape([b * nkv, hd]);
-            let mut kc = l.k_cache.shallow_clone();
-            let mut vc = l.v_cache.shallow_clone();
-            let _ = kc.index_copy_(0, &write_idx, &k);
-            let _ = vc.index_copy_(0, &write_idx, &v);
+            let (q4, q3) = if self.fused {
+                let q = self.fused_qk(&qkv, l)?;
+                (q.view([b, nkv, g, hd]), q.view([b * nkv, g, hd]))
+            } else {
+                let qk = self.qk_norm_rope(&qkv, &l.w_qk_norm, &rot);
+                let k = qk.narrow(1, nh, nkv).reshape([b * nkv, hd]);
+                let v = qkv
+                    .narrow(1, (nh + nkv) * hd, nkv * hd)
+                    .reshape([b * nkv, hd]);
+                let mut kc = l.k_cache.shallow_clone();
+                let mut vc = l.v_cache.shallow_clone();
+                let _ = kc.index_copy_(0, &write_idx, &k);
+                let _ = vc.index_copy_(0, &write_idx, &v);
+                let q = qk.narrow(1, 0, nh);
+                (q.reshape([b, nkv, g, hd]), q.reshape([b * nkv, g, hd]))
+            };
             let attn = match self.attn {
                 AttnImpl::Sdpa => {
-                    let q = qk.narrow(1, 0, nh).reshape([b, nkv, g, hd]);
                     let cache4 =
                         |c: &Tensor| c.view([b, nkv, self.max_len, hd]).narrow(2, 0, attn_len);
                     Tensor::scaled_dot_product_attention(
-                        &q,
+                        &q4,
                         &cache4(&l.k_cache),
                         &cache4(&l.v_cache),
                         Some(&mask_sdpa),
@@ -486,11 +565,10 @@ impl DecodeEngine {
                     .reshape([b, nh * hd])
                 }
                 AttnImpl::Bmm => {
-                    let q = qk.narrow(1, 0, nh).reshape([b * nkv, g, hd]);
                     let cache3 =
                         |c: &Tensor| c.view([b * nkv, self.max_len, hd]).narrow(1, 0, attn_len);
                     let scores =
-                        mask_bmm.baddbmm(&q, &cache3(&l.k_cache).transpose(1, 2), 1.0, 1.0);
+                        mask_bmm.baddbmm(&q3, &cache3(&l.k_cache).transpose(1, 2), 1.0, 1.0);
                     let probs = scores.softmax(-1, self.kind);
                     probs.bmm(&cache3(&l.v_cache)).view([b, nh * hd])
                 }
@@ -500,7 +578,13 @@ impl DecodeEngine {
             let h = self.rms(&x, &l.ln2);
             let gu = h.linear(&l.wgu, None::<Tensor>);
             let inter = self.cfg.intermediate_size;
-            let act = gu.narrow(1, 0, inter).silu() * gu.narrow(1, inter, inter);
+            let act = if self.fused {
+                let act = Tensor::empty([b, inter], (self.kind, dev));
+                self.fused_silu(&gu, &act)?;
+                act
+            } else {
+                gu.narrow(1, 0, inter).silu() * gu.narrow(1, inter, inter)
+            };
             let _ = x.addmm_(&act, &l.wdown_t);
         }
         let logits = self
@@ -509,7 +593,47 @@ impl DecodeEngine {
             .to_kind(Kind::Float);
         let mut pos = self.pos.shallow_clone();
         let _ = pos.g_add_scalar_(1);
-        StepOutput { logits }
+        Ok(StepOutput { logits })
+    }
+
+    /// The fused q/k norm + RoPE + cache write; returns q `[b, nh, hd]`.
+    fn fused_qk(&self, qkv: &Tensor, l: &FusedLayer) -> Result<Tensor> {
+        let (nh, nkv, hd) = (
+            self.cfg.num_attention_heads,
+            self.cfg.num_key_value_heads,
+            self.cfg.head_dim,
+        );
+        let q = Tensor::empty([self.slots, nh, hd], (self.kind, self.device));
+        #[cfg(blyan_cuda_graph)]
+        crate::sys::kernels::qk_norm_rope_kv(
+            qkv,
+            &l.w_qk_norm,
+            &self.cos_half,
+            &self.sin_half,
+            &self.pos,
+            &l.k_cache,
+            &l.v_cache,
+            &q,
+            (nh, nkv, hd, self.max_len),
+            self.cfg.rms_norm_eps,
+        )?;
+        #[cfg(not(blyan_cuda_graph))]
+        {
+            let _ = (qkv, l);
+            return Err(GpuError::Graph("built without the CUDA shim".into()));
+        }
+        #[allow(unreachable_code)]
+        Ok(q)
+    }
+
+    fn fused_silu(&self, gu: &Tensor, act: &Tensor) -> Result<()> {
+        #[cfg(blyan_cuda_graph)]
+        return crate::sys::kernels::silu_mul(gu, act);
+        #[cfg(not(blyan_cuda_graph))]
+        {
+            let _ = (gu, act);
+            Err(GpuError::Graph("built without the CUDA shim".into()))
+        }
     }
 
     /// The weight matmuls of a step and nothing else (numerically
@@ -560,7 +684,7 @@ impl DecodeEngine {
         }
         self.advance_host(attn_len)?;
         let _guard = tch::no_grad_guard();
-        let out = self.step_ops(attn_len);
+        let out = self.step_ops(attn_len)?;
         if greedy_feedback {
             self.feed_argmax(&out);
         }
@@ -587,7 +711,7 @@ impl DecodeEngine {
         CudaGraph::enter_side_stream()?;
         let captured = (|| -> Result<(CudaGraph, StepOutput)> {
             for _ in 0..3 {
-                let out = self.step_ops(attn_len);
+                let out = self.step_ops(attn_len)?;
                 if greedy_feedback {
                     self.feed_argmax(&out);
                 }
@@ -595,6 +719,13 @@ impl DecodeEngine {
             let mut graph = CudaGraph::new()?;
             graph.capture_begin()?;
             let out = self.step_ops(attn_len);
+            let out = match out {
+                Ok(out) => out,
+                Err(e) => {
+                    let _ = graph.capture_end();
+                    return Err(e);
+                }
+            };
             if greedy_feedback {
                 self.feed_argmax(&out);
             }
@@ -706,6 +837,10 @@ fn bench_decode(
     let warm = 4usize;
     let attn_len = ((prompt_len as u64 + (steps + warm + 8) as u64).next_power_of_two() as i64)
         .min(engine.max_len);
+    if engine.fused() {
+        let d = engine.fused_vs_plain(attn_len)?;
+        eprintln!("blyan-gpu bench: fused vs plain step, max abs logit diff {d}");
+    }
     let per_step = if use_graph {
         #[cfg(blyan_cuda_graph)]
         {
@@ -772,6 +907,7 @@ pub fn bench_cli(args: &BTreeMap<String, String>, qwen3_8b: bool) -> Result<()> 
         }
     }
     let matmuls_only = args.contains_key("--matmuls-only");
+    let no_fused = args.contains_key("--no-fused");
     let make = |slots: i64, max_len: i64| -> Result<DecodeEngine> {
         let mut e = if qwen3_8b {
             DecodeEngine::random(&cfg, device, kind, slots, max_len, 0)?
@@ -782,6 +918,9 @@ pub fn bench_cli(args: &BTreeMap<String, String>, qwen3_8b: bool) -> Result<()> 
         };
         e.attn = attn;
         e.matmuls_only = matmuls_only;
+        if no_fused {
+            e.set_fused(false)?;
+        }
         Ok(e)
     };
     let report = |what: &str, batch: i64, tok_s: f64, extra: serde_json::Value| {
@@ -789,7 +928,7 @@ pub fn bench_cli(args: &BTreeMap<String, String>, qwen3_8b: bool) -> Result<()> 
             "{}",
             serde_json::json!({"model": model_name, "device": format!("{device:?}"), "dtype": format!("{kind:?}"),
                 "what": what, "batch": batch, "tokens_per_s": (tok_s * 10.0).round() / 10.0, "graph": use_graph,
-                "attn": format!("{attn:?}"), "blas": blas, "matmuls_only": matmuls_only, "extra": extra})
+                "attn": format!("{attn:?}"), "blas": blas, "fused": !no_fused && device != Device::Cpu && kind == Kind::BFloat16, "matmuls_only": matmuls_only, "extra": extra})
         );
     };
     // Prefill.
@@ -854,6 +993,9 @@ pub fn check_cli(args: &BTreeMap<String, String>) -> Result<()> {
     });
     let mut e = DecodeEngine::from_model(&m.model, 2, 64)?;
     e.attn = parse_attn(&get("--attn", "sdpa"))?;
+    if args.contains_key("--no-fused") {
+        e.set_fused(false)?;
+    }
     let first = 8usize;
     let _guard = tch::no_grad_guard();
     let mut worst = (e.prefill(0, &ids[..first])? - reference.get(first as i64 - 1))
@@ -878,7 +1020,7 @@ pub fn check_cli(args: &BTreeMap<String, String>) -> Result<()> {
     let ok = worst.is_finite() && worst <= tol;
     println!(
         "{}",
-        serde_json::json!({"check": "engine vs reference", "device": format!("{device:?}"), "dtype": format!("{kind:?}"), "attn": format!("{:?}", e.attn),
+        serde_json::json!({"check": "engine vs reference", "device": format!("{device:?}"), "dtype": format!("{kind:?}"), "attn": format!("{:?}", e.attn), "fused": e.fused(),
             "graph": use_graph, "max_abs_diff": worst, "tol": tol, "ok": ok})
     );
     if ok {

@@ -20,8 +20,8 @@ const USAGE: &str = "usage:
   blyan-gpu bench [--model DIR] [--device cpu|cuda] [--dtype f32|bf16] [--qwen3-8b]
                   [--prompt-len N] [--decode-tokens N] [--batch 1,16] [--attn sdpa|bmm]
                   [--blas default|cublas|cublaslt]
-                  [--no-graph] [--matmuls-only]
-  blyan-gpu check [--model DIR] [--device cpu|cuda] [--dtype f32|bf16] [--tol X] [--attn sdpa|bmm]
+                  [--no-graph] [--matmuls-only] [--no-fused]
+  blyan-gpu check [--model DIR] [--device cpu|cuda] [--dtype f32|bf16] [--tol X] [--attn sdpa|bmm] [--no-fused]
   blyan-gpu split --model DIR --out DIR
 Without --model, the embedded default model (random weights, byte tokenizer) is used.";
 
@@ -31,7 +31,7 @@ struct Args {
     flags: Vec<String>,
 }
 
-const FLAGS: &[&str] = &["--qwen3-8b", "--no-graph", "--matmuls-only"];
+const FLAGS: &[&str] = &["--qwen3-8b", "--no-graph", "--matmuls-only", "--no-fused"];
 
 impl Args {
     fn parse(raw: &[String]) -> Result<Self> {
@@ -218,7 +218,7 @@ fn args_map(args: &Args) -> BTreeMap<String, String> {
         .iter()
         .filter_map(|(k, v)| v.last().map(|last| (k.clone(), last.clone())))
         .collect();
-    for flag in ["--no-graph", "--matmuls-only"] {
+    for flag in ["--no-graph", "--matmuls-only", "--no-fused"] {
         if args.flag(flag) {
             m.insert(flag.into(), "1".into());
         }

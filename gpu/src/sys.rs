@@ -43,6 +43,33 @@ mod ffi {
         pub fn blyan_graph_replay(g: *mut c_void, err: *mut c_char, len: usize) -> c_int;
         pub fn blyan_cuda_synchronize(err: *mut c_char, len: usize) -> c_int;
         pub fn blyan_set_blas_backend(which: c_int, err: *mut c_char, len: usize) -> c_int;
+        pub fn blyan_kernels_init(err: *mut c_char, len: usize) -> c_int;
+        pub fn blyan_qk_norm_rope_kv(
+            qkv: *const c_void,
+            w: *const c_void,
+            cos_t: *const c_void,
+            sin_t: *const c_void,
+            pos: *const c_void,
+            k_cache: *mut c_void,
+            v_cache: *mut c_void,
+            q_out: *mut c_void,
+            batch: c_int,
+            nh: c_int,
+            nkv: c_int,
+            hd: c_int,
+            max_len: c_int,
+            eps: f32,
+            err: *mut c_char,
+            len: usize,
+        ) -> c_int;
+        pub fn blyan_silu_mul(
+            gu: *const c_void,
+            act: *mut c_void,
+            inter: c_int,
+            n: i64,
+            err: *mut c_char,
+            len: usize,
+        ) -> c_int;
     }
 }
 
@@ -134,6 +161,113 @@ pub fn set_blas_backend(cublaslt: Option<bool>) -> Result<()> {
     {
         let _ = cublaslt;
         Err(GpuError::Graph("built without the CUDA shim".into()))
+    }
+}
+
+/// The fused decode kernels (`csrc/kernels.cuh`), compiled with NVRTC for
+/// the current device on first use.
+#[cfg(blyan_cuda_graph)]
+pub mod kernels {
+    use tch::{Kind, Tensor};
+
+    use super::{check, ffi};
+    use crate::error::{GpuError, Result};
+
+    /// Compiles the kernels (idempotent).
+    pub fn init() -> Result<()> {
+        // SAFETY: writes at most `len` bytes into the buffer.
+        check(|e, l| unsafe { ffi::blyan_kernels_init(e, l) })
+    }
+
+    fn want(t: &Tensor, what: &str, kind: Kind, shape: &[i64]) -> Result<()> {
+        let ok = t.kind() == kind
+            && t.is_contiguous()
+            && t.size() == shape
+            && matches!(t.device(), tch::Device::Cuda(_));
+        if ok {
+            Ok(())
+        } else {
+            Err(GpuError::Invalid(format!(
+                "fused kernel argument {what}: {:?} {:?} on {:?}, expected contiguous CUDA {kind:?} {shape:?}",
+                t.kind(),
+                t.size(),
+                t.device()
+            )))
+        }
+    }
+
+    /// q/k RMSNorm (weights `w`: `[nh + nkv, hd]`), RoPE (`cos`/`sin`:
+    /// `[max_len, hd/2]` f32) at `pos` (`[b]` i64), k and v written into the
+    /// caches (`[b * nkv * max_len, hd]`) at `pos`, q into `q_out`
+    /// (`[b, nh, hd]`). Every shape is checked here; the caller guarantees
+    /// that every value of `pos` is below `max_len` (the engine's host
+    /// mirror of the positions enforces it).
+    #[allow(clippy::too_many_arguments)]
+    pub fn qk_norm_rope_kv(
+        qkv: &Tensor,
+        w: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        pos: &Tensor,
+        k_cache: &Tensor,
+        v_cache: &Tensor,
+        q_out: &Tensor,
+        (nh, nkv, hd, max_len): (i64, i64, i64, i64),
+        eps: f64,
+    ) -> Result<()> {
+        let b = pos.size().first().copied().unwrap_or(0);
+        if hd % 2 != 0 || hd / 2 > 1024 {
+            return Err(GpuError::Invalid(format!(
+                "head_dim {hd} unsupported by the fused kernel"
+            )));
+        }
+        want(qkv, "qkv", Kind::BFloat16, &[b, (nh + 2 * nkv) * hd])?;
+        want(w, "w", Kind::BFloat16, &[nh + nkv, hd])?;
+        want(cos, "cos", Kind::Float, &[max_len, hd / 2])?;
+        want(sin, "sin", Kind::Float, &[max_len, hd / 2])?;
+        want(pos, "pos", Kind::Int64, &[b])?;
+        want(k_cache, "k_cache", Kind::BFloat16, &[b * nkv * max_len, hd])?;
+        want(v_cache, "v_cache", Kind::BFloat16, &[b * nkv * max_len, hd])?;
+        want(q_out, "q_out", Kind::BFloat16, &[b, nh, hd])?;
+        let int =
+            |v: i64| i32::try_from(v).map_err(|_| GpuError::Invalid(format!("{v} too large")));
+        let (bi, nhi, nkvi, hdi, mli) = (int(b)?, int(nh)?, int(nkv)?, int(hd)?, int(max_len)?);
+        // SAFETY: every pointer is a live CUDA tensor of the checked shape;
+        // the kernel indexes within those shapes given pos < max_len.
+        check(|e, l| unsafe {
+            ffi::blyan_qk_norm_rope_kv(
+                qkv.data_ptr(),
+                w.data_ptr(),
+                cos.data_ptr(),
+                sin.data_ptr(),
+                pos.data_ptr(),
+                k_cache.data_ptr(),
+                v_cache.data_ptr(),
+                q_out.data_ptr(),
+                bi,
+                nhi,
+                nkvi,
+                hdi,
+                mli,
+                eps as f32,
+                e,
+                l,
+            )
+        })
+    }
+
+    /// `act = silu(gu[:, :inter]) * gu[:, inter:]`, `gu`: `[b, 2 inter]`.
+    pub fn silu_mul(gu: &Tensor, act: &Tensor) -> Result<()> {
+        let (b, two_inter) = gu.size2()?;
+        let inter = two_inter / 2;
+        want(gu, "gu", Kind::BFloat16, &[b, 2 * inter])?;
+        want(act, "act", Kind::BFloat16, &[b, inter])?;
+        let inter_i =
+            i32::try_from(inter).map_err(|_| GpuError::Invalid("inter too large".into()))?;
+        // SAFETY: both tensors are live, contiguous, of the checked shapes.
+        check(|e, l| unsafe {
+            ffi::blyan_silu_mul(gu.data_ptr(), act.data_ptr(), inter_i, b * inter, e, l)
+        })
     }
 }
 

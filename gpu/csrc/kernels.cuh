@@ -1,0 +1,75 @@
+// Fused decode-step kernels for blyan-gpu, compiled at run time with NVRTC
+// (see graph_shim.cpp). bf16 values are handled as raw 16-bit words so that
+// no CUDA header is needed; rounding is round-to-nearest-even, as torch's.
+R"BLYAN(
+typedef unsigned short bf16;
+typedef long long i64;
+
+__device__ __forceinline__ float ld(bf16 x) { return __uint_as_float(((unsigned)x) << 16); }
+__device__ __forceinline__ bf16 st(float f) {
+  unsigned u = __float_as_uint(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x40);  // NaN stays NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (bf16)(u >> 16);
+}
+__device__ __forceinline__ float rnd(float f) { return ld(st(f)); }
+
+// One block per (slot, head) over q, k and v heads; hd/2 threads, thread t
+// owns elements t and t + hd/2 (the pair that rotate_half mixes).
+// q, k heads: RMSNorm over the head (f32, rounded to bf16), times the norm
+// weight (q's pre-scaled by 1/sqrt(hd)), RoPE at the slot's position. q is
+// written to q_out [B, nh, hd]; k and v to the caches [B, nkv, max_len, hd]
+// at the slot's position.
+extern "C" __global__ void qk_norm_rope_kv(
+    const bf16* __restrict__ qkv, const bf16* __restrict__ w, const float* __restrict__ cos_t,
+    const float* __restrict__ sin_t, const i64* __restrict__ pos, bf16* __restrict__ k_cache,
+    bf16* __restrict__ v_cache, bf16* __restrict__ q_out, int nh, int nkv, int hd, int max_len,
+    float eps) {
+  const int b = blockIdx.x, head = blockIdx.y, t = threadIdx.x, half = hd / 2;
+  const int heads = nh + 2 * nkv;
+  const bf16* x = qkv + ((i64)b * heads + head) * hd;
+  const i64 p = pos[b];
+  if (head >= nh + nkv) {  // v: copy into the cache
+    const int kv = head - nh - nkv;
+    bf16* dst = v_cache + (((i64)b * nkv + kv) * max_len + p) * hd;
+    dst[t] = x[t];
+    dst[t + half] = x[t + half];
+    return;
+  }
+  float x1 = ld(x[t]), x2 = ld(x[t + half]);
+  // Block sum of squares through shared memory (any hd/2 <= 1024, no
+  // partial-warp shuffles); every thread reads the hd/2 partials.
+  __shared__ float part[1024];
+  part[t] = x1 * x1 + x2 * x2;
+  __syncthreads();
+  float total = 0.f;
+  for (int i = 0; i < half; ++i) total += part[i];
+  const float rstd = rsqrtf(total / (float)hd + eps);
+  const bf16* wh = w + (i64)head * hd;
+  const float y1 = rnd(rnd(x1 * rstd) * ld(wh[t]));
+  const float y2 = rnd(rnd(x2 * rstd) * ld(wh[t + half]));
+  const float c = cos_t[p * half + t], s = sin_t[p * half + t];
+  const bf16 o1 = st(rnd(y1 * c) - rnd(y2 * s));
+  const bf16 o2 = st(rnd(y2 * c) + rnd(y1 * s));
+  bf16* dst;
+  if (head < nh) {
+    dst = q_out + ((i64)b * nh + head) * hd;
+  } else {
+    dst = k_cache + (((i64)b * nkv + (head - nh)) * max_len + p) * hd;
+  }
+  dst[t] = o1;
+  dst[t + half] = o2;
+}
+
+// act[b, i] = silu(gu[b, i]) * gu[b, inter + i], rounded as torch does
+// (silu to bf16, then the product to bf16). Two elements per thread.
+extern "C" __global__ void silu_mul(const bf16* __restrict__ gu, bf16* __restrict__ act, int inter,
+                                    i64 n) {
+  const i64 i = ((i64)blockIdx.x * blockDim.x + threadIdx.x);
+  if (i >= n) return;
+  const i64 b = i / inter, j = i - b * inter;
+  const float g = ld(gu[b * 2 * inter + j]);
+  const float u = ld(gu[b * 2 * inter + inter + j]);
+  act[i] = st(rnd(g / (1.f + expf(-g))) * u);
+}
+)BLYAN"
