@@ -303,10 +303,11 @@ impl DecodeEngine {
             #[cfg(blyan_cuda_graph)]
             graph: None,
         };
-        if matches!(device, Device::Cuda(_)) && kind == Kind::BFloat16 {
-            if let Err(e) = engine.set_fused(true) {
-                eprintln!("blyan-gpu: fused kernels unavailable, using libtorch ops: {e}");
-            }
+        if matches!(device, Device::Cuda(_))
+            && kind == Kind::BFloat16
+            && let Err(e) = engine.set_fused(true)
+        {
+            eprintln!("blyan-gpu: fused kernels unavailable, using libtorch ops: {e}");
         }
         Ok(engine)
     }
