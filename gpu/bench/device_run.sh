@@ -31,6 +31,7 @@ PY
 stamp "engine (graph) vs reference"
 "$B/blyan-gpu" check --device cuda --dtype f32
 "$B/blyan-gpu" check --device cuda --dtype bf16
+"$B/blyan-gpu" check --device cuda --dtype bf16 --attn sdpa
 "$B/blyan-gpu" check --device cuda --dtype bf16 --no-fused
 stamp "generate on cuda"
 "$B/blyan-gpu" generate --prompt "Hello" --max-tokens 16 --device cuda --dtype bf16 --temperature 0.7 --seed 1 | od -c | head -3
@@ -39,6 +40,7 @@ stamp "our bench: Qwen3-8B-shaped bf16"
 $Q --prompt-len 2048 --decode-tokens 128 --batch 1,16 | tee "$OUT/ours.jsonl"
 stamp "variants (prefill 128 only)"
 {
+$Q --prompt-len 128 --decode-tokens 128 --batch 1,16 --attn sdpa
 $Q --prompt-len 128 --decode-tokens 128 --batch 1,16 --no-fused
 $Q --decode-tokens 128 --batch 1 --matmuls-only
 $Q --prompt-len 128 --decode-tokens 32 --batch 1 --no-graph

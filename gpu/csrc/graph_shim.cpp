@@ -44,6 +44,7 @@ const char* kKernelSource =
 
 cudaKernel_t k_qk = nullptr;
 cudaKernel_t k_silu = nullptr;
+cudaKernel_t k_attn = nullptr;
 
 void cuda_check(cudaError_t e, const char* what) {
   if (e != cudaSuccess) {
@@ -81,6 +82,7 @@ void compile_kernels() {
              "cudaLibraryLoadData");
   cuda_check(cudaLibraryGetKernel(&k_qk, lib, "qk_norm_rope_kv"), "get qk_norm_rope_kv");
   cuda_check(cudaLibraryGetKernel(&k_silu, lib, "silu_mul"), "get silu_mul");
+  cuda_check(cudaLibraryGetKernel(&k_attn, lib, "decode_attn"), "get decode_attn");
 }
 }  // namespace
 
@@ -104,6 +106,20 @@ int blyan_qk_norm_rope_kv(const void* qkv, const void* w, const void* cos_t, con
     dim3 grid(batch, nh + 2 * nkv), block(hd / 2);
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
     cuda_check(cudaLaunchKernel((const void*)k_qk, grid, block, args, 0, stream), "launch qk_norm_rope_kv");
+  }, err, len);
+}
+
+int blyan_decode_attn(const void* q, const void* k_cache, const void* v_cache, const void* pos,
+                      void* out, int batch, int nh, int nkv, int hd, int max_len, char* err,
+                      size_t len) {
+  return guarded([&] {
+    if (k_attn == nullptr) throw std::runtime_error("kernels not initialised");
+    void* args[] = {(void*)&q, (void*)&k_cache, (void*)&v_cache, (void*)&pos, (void*)&out,
+                    &nh, &nkv, &hd, &max_len};
+    dim3 grid(batch, nh), block(256);
+    size_t shared = (size_t)(max_len + hd + 64 + 256) * sizeof(float);
+    cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+    cuda_check(cudaLaunchKernel((const void*)k_attn, grid, block, args, shared, stream), "launch decode_attn");
   }, err, len);
 }
 

@@ -72,4 +72,77 @@ extern "C" __global__ void silu_mul(const bf16* __restrict__ gu, bf16* __restric
   const float u = ld(gu[b * 2 * inter + inter + j]);
   act[i] = st(rnd(g / (1.f + expf(-g))) * u);
 }
+
+// Decode attention, one block per (slot, q head), 256 threads. Attends over
+// the visible keys only (0..=pos[b]), so the cost follows the sequence, not
+// the cache. q is pre-scaled (the 1/sqrt(hd) is in the q-norm weights).
+// Scores, softmax and the weighted sum in f32; out rounded once to bf16.
+// Needs hd % 8 == 0, 256 % hd == 0, and dynamic shared memory of
+// (max_len + hd + 64 + 256) floats. Rows are 16-byte aligned (hd * 2 bytes).
+extern "C" __global__ void decode_attn(const bf16* __restrict__ q, const bf16* __restrict__ k_cache,
+                                       const bf16* __restrict__ v_cache, const i64* __restrict__ pos,
+                                       bf16* __restrict__ out, int nh, int nkv, int hd, int max_len) {
+  extern __shared__ float sm[];
+  float* qs = sm;                 // [hd]
+  float* red = sm + hd;                // [64]
+  float* accs = sm + hd + 64;          // [256]
+  float* score = sm + hd + 64 + 256;   // [max_len]
+  const float neg_inf = __int_as_float(0xff800000);
+  const int b = blockIdx.x, h = blockIdx.y, t = threadIdx.x, nt = blockDim.x;
+  const int kvh = h / (nh / nkv);
+  const int n = (int)pos[b] + 1;
+  const bf16* qh = q + ((i64)b * nh + h) * hd;
+  for (int d = t; d < hd; d += nt) qs[d] = ld(qh[d]);
+  __syncthreads();
+  const i64 base = ((i64)b * nkv + kvh) * (i64)max_len * hd;
+  const bf16* kb = k_cache + base;
+  const bf16* vb = v_cache + base;
+  float local_max = neg_inf;
+  for (int j = t; j < n; j += nt) {
+    const uint4* row = (const uint4*)(kb + (i64)j * hd);
+    float dot = 0.f;
+    for (int c = 0; c < hd / 8; ++c) {
+      const uint4 w = row[c];
+      const unsigned parts[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        dot += qs[c * 8 + 2 * e] * __uint_as_float(parts[e] << 16);
+        dot += qs[c * 8 + 2 * e + 1] * __uint_as_float(parts[e] & 0xffff0000u);
+      }
+    }
+    score[j] = dot;
+    local_max = fmaxf(local_max, dot);
+  }
+  // Block max.
+  for (int o = 16; o > 0; o >>= 1) local_max = fmaxf(local_max, __shfl_xor_sync(0xffffffffu, local_max, o));
+  if ((t & 31) == 0) red[t >> 5] = local_max;
+  __syncthreads();
+  float m = neg_inf;
+  for (int i = 0; i < nt / 32; ++i) m = fmaxf(m, red[i]);
+  __syncthreads();
+  float local_sum = 0.f;
+  for (int j = t; j < n; j += nt) {
+    const float p = expf(score[j] - m);
+    score[j] = p;
+    local_sum += p;
+  }
+  for (int o = 16; o > 0; o >>= 1) local_sum += __shfl_xor_sync(0xffffffffu, local_sum, o);
+  if ((t & 31) == 0) red[t >> 5] = local_sum;
+  __syncthreads();
+  float sum = 0.f;
+  for (int i = 0; i < nt / 32; ++i) sum += red[i];
+  __syncthreads();
+  // Weighted sum of v: groups of hd threads split the keys.
+  const int groups = nt / hd, g = t / hd, d = t - g * hd;
+  float acc = 0.f;
+#pragma unroll 4
+  for (int j = g; j < n; j += groups) acc += score[j] * ld(vb[(i64)j * hd + d]);
+  accs[t] = acc;
+  __syncthreads();
+  if (g == 0) {
+    float total = 0.f;
+    for (int i = 0; i < groups; ++i) total += accs[i * hd + d];
+    out[((i64)b * nh + h) * hd + d] = st(total / sum);
+  }
+}
 )BLYAN"

@@ -48,6 +48,9 @@ pub struct StepOutput {
 /// How the decode step attends over the cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttnImpl {
+    /// The fused decode-attention kernel (`csrc/kernels.cuh`), reading only
+    /// the visible keys; needs the fused kernels, else `Sdpa` is used.
+    Kernel,
     /// `scaled_dot_product_attention` with an additive mask, the `g` query
     /// heads that share a KV head treated as `g` query rows (one kernel).
     Sdpa,
@@ -285,7 +288,7 @@ impl DecodeEngine {
             fused: false,
             cos_half,
             sin_half,
-            attn: AttnImpl::Sdpa,
+            attn: AttnImpl::Kernel,
             matmuls_only: false,
             cfg: cfg.clone(),
             device,
@@ -550,7 +553,10 @@ impl DecodeEngine {
                 (q.reshape([b, nkv, g, hd]), q.reshape([b * nkv, g, hd]))
             };
             let attn = match self.attn {
-                AttnImpl::Sdpa => {
+                AttnImpl::Kernel if self.fused && self.attn_kernel_ok() => {
+                    self.fused_attn(&q4, l)?
+                }
+                AttnImpl::Sdpa | AttnImpl::Kernel => {
                     let cache4 =
                         |c: &Tensor| c.view([b, nkv, self.max_len, hd]).narrow(2, 0, attn_len);
                     Tensor::scaled_dot_product_attention(
@@ -625,6 +631,41 @@ impl DecodeEngine {
         }
         #[allow(unreachable_code)]
         Ok(q)
+    }
+
+    /// The decode-attention kernel on fused q (`[b, nkv, g, hd]` view of
+    /// `[b, nh, hd]`): returns `[b, nh * hd]`.
+    fn fused_attn(&self, q: &Tensor, l: &FusedLayer) -> Result<Tensor> {
+        let (b, nh, nkv, hd) = (
+            self.slots,
+            self.cfg.num_attention_heads,
+            self.cfg.num_key_value_heads,
+            self.cfg.head_dim,
+        );
+        let out = Tensor::empty([b, nh, hd], (self.kind, self.device));
+        #[cfg(blyan_cuda_graph)]
+        crate::sys::kernels::decode_attn(
+            &q.view([b, nh, hd]),
+            &l.k_cache,
+            &l.v_cache,
+            &self.pos,
+            &out,
+            (nh, nkv, hd, self.max_len),
+        )?;
+        #[cfg(not(blyan_cuda_graph))]
+        {
+            let _ = (q, l);
+            return Err(GpuError::Graph("built without the CUDA shim".into()));
+        }
+        #[allow(unreachable_code)]
+        Ok(out.view([b, nh * hd]))
+    }
+
+    fn attn_kernel_ok(&self) -> bool {
+        #[cfg(blyan_cuda_graph)]
+        return crate::sys::kernels::attn_supported(self.cfg.head_dim, self.max_len);
+        #[cfg(not(blyan_cuda_graph))]
+        false
     }
 
     fn fused_silu(&self, gu: &Tensor, act: &Tensor) -> Result<()> {
@@ -791,9 +832,12 @@ impl DecodeEngine {
 
 fn parse_attn(s: &str) -> Result<AttnImpl> {
     match s {
+        "kernel" => Ok(AttnImpl::Kernel),
         "sdpa" => Ok(AttnImpl::Sdpa),
         "bmm" => Ok(AttnImpl::Bmm),
-        other => Err(GpuError::Invalid(format!("--attn {other:?}: sdpa or bmm"))),
+        other => Err(GpuError::Invalid(format!(
+            "--attn {other:?}: kernel, sdpa or bmm"
+        ))),
     }
 }
 
@@ -895,7 +939,7 @@ pub fn bench_cli(args: &BTreeMap<String, String>, qwen3_8b: bool) -> Result<()> 
     } else {
         "tiny"
     };
-    let attn = parse_attn(&get("--attn", "sdpa"))?;
+    let attn = parse_attn(&get("--attn", "kernel"))?;
     let blas = get("--blas", "default");
     match blas.as_str() {
         "default" => {}
@@ -993,7 +1037,7 @@ pub fn check_cli(args: &BTreeMap<String, String>) -> Result<()> {
         (0.03 * reference.abs().max().double_value(&[])).max(0.15)
     });
     let mut e = DecodeEngine::from_model(&m.model, 2, 64)?;
-    e.attn = parse_attn(&get("--attn", "sdpa"))?;
+    e.attn = parse_attn(&get("--attn", "kernel"))?;
     if args.contains_key("--no-fused") {
         e.set_fused(false)?;
     }

@@ -18,10 +18,10 @@ const USAGE: &str = "usage:
                      [--top-p P] [--top-k K] [--seed S] [--stop STR]... [--device cpu|cuda] [--dtype f32|bf16]
   blyan-gpu logits [--model DIR] --input-ids 1,2,3 [--dtype f32|bf16] [--device cpu|cuda]
   blyan-gpu bench [--model DIR] [--device cpu|cuda] [--dtype f32|bf16] [--qwen3-8b]
-                  [--prompt-len N] [--decode-tokens N] [--batch 1,16] [--attn sdpa|bmm]
+                  [--prompt-len N] [--decode-tokens N] [--batch 1,16] [--attn kernel|sdpa|bmm]
                   [--blas default|cublas|cublaslt]
                   [--no-graph] [--matmuls-only] [--no-fused]
-  blyan-gpu check [--model DIR] [--device cpu|cuda] [--dtype f32|bf16] [--tol X] [--attn sdpa|bmm] [--no-fused]
+  blyan-gpu check [--model DIR] [--device cpu|cuda] [--dtype f32|bf16] [--tol X] [--attn kernel|sdpa|bmm] [--no-fused]
   blyan-gpu split --model DIR --out DIR
 Without --model, the embedded default model (random weights, byte tokenizer) is used.";
 

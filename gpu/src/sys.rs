@@ -62,6 +62,20 @@ mod ffi {
             err: *mut c_char,
             len: usize,
         ) -> c_int;
+        pub fn blyan_decode_attn(
+            q: *const c_void,
+            k_cache: *const c_void,
+            v_cache: *const c_void,
+            pos: *const c_void,
+            out: *mut c_void,
+            batch: c_int,
+            nh: c_int,
+            nkv: c_int,
+            hd: c_int,
+            max_len: c_int,
+            err: *mut c_char,
+            len: usize,
+        ) -> c_int;
         pub fn blyan_silu_mul(
             gu: *const c_void,
             act: *mut c_void,
@@ -250,6 +264,61 @@ pub mod kernels {
                 hdi,
                 mli,
                 eps as f32,
+                e,
+                l,
+            )
+        })
+    }
+
+    /// Largest cache length the attention kernel takes (its scores live in
+    /// shared memory: `(max_len + hd + 320) * 4` bytes, under 48 KiB).
+    pub const ATTN_MAX_LEN: i64 = 11_000;
+
+    /// Whether `decode_attn` supports these dimensions.
+    pub fn attn_supported(hd: i64, max_len: i64) -> bool {
+        hd % 8 == 0 && hd > 0 && 256 % hd == 0 && (1..=ATTN_MAX_LEN).contains(&max_len)
+    }
+
+    /// Decode attention over keys `0..=pos[b]` of the caches
+    /// (`[b * nkv * max_len, hd]`) for q `[b, nh, hd]` into `out`
+    /// (`[b, nh, hd]`). Same contract on `pos` as `qk_norm_rope_kv`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode_attn(
+        q: &Tensor,
+        k_cache: &Tensor,
+        v_cache: &Tensor,
+        pos: &Tensor,
+        out: &Tensor,
+        (nh, nkv, hd, max_len): (i64, i64, i64, i64),
+    ) -> Result<()> {
+        let b = pos.size().first().copied().unwrap_or(0);
+        if !attn_supported(hd, max_len) || nh % nkv != 0 {
+            return Err(GpuError::Invalid(format!(
+                "decode_attn: head_dim {hd}, max_len {max_len} unsupported"
+            )));
+        }
+        want(q, "q", Kind::BFloat16, &[b, nh, hd])?;
+        want(k_cache, "k_cache", Kind::BFloat16, &[b * nkv * max_len, hd])?;
+        want(v_cache, "v_cache", Kind::BFloat16, &[b * nkv * max_len, hd])?;
+        want(pos, "pos", Kind::Int64, &[b])?;
+        want(out, "out", Kind::BFloat16, &[b, nh, hd])?;
+        let int =
+            |v: i64| i32::try_from(v).map_err(|_| GpuError::Invalid(format!("{v} too large")));
+        let (bi, nhi, nkvi, hdi, mli) = (int(b)?, int(nh)?, int(nkv)?, int(hd)?, int(max_len)?);
+        // SAFETY: live CUDA tensors of the checked shapes; keys read are
+        // 0..=pos[b] < max_len.
+        check(|e, l| unsafe {
+            ffi::blyan_decode_attn(
+                q.data_ptr(),
+                k_cache.data_ptr(),
+                v_cache.data_ptr(),
+                pos.data_ptr(),
+                out.data_ptr(),
+                bi,
+                nhi,
+                nkvi,
+                hdi,
+                mli,
                 e,
                 l,
             )
