@@ -50,6 +50,8 @@ pub struct StepOutput {
 pub enum AttnImpl {
     /// The fused decode-attention kernel (`csrc/kernels.cuh`), reading only
     /// the visible keys; needs the fused kernels, else `Sdpa` is used.
+    /// Correct on the H200 but slower than `Sdpa` there (5.81 vs 5.33 ms
+    /// per Qwen3-8B step, gpu/BENCH.md run 4): not the default.
     Kernel,
     /// `scaled_dot_product_attention` with an additive mask, the `g` query
     /// heads that share a KV head treated as `g` query rows (one kernel).
@@ -288,7 +290,7 @@ impl DecodeEngine {
             fused: false,
             cos_half,
             sin_half,
-            attn: AttnImpl::Kernel,
+            attn: AttnImpl::Sdpa,
             matmuls_only: false,
             cfg: cfg.clone(),
             device,
@@ -939,7 +941,7 @@ pub fn bench_cli(args: &BTreeMap<String, String>, qwen3_8b: bool) -> Result<()> 
     } else {
         "tiny"
     };
-    let attn = parse_attn(&get("--attn", "kernel"))?;
+    let attn = parse_attn(&get("--attn", "sdpa"))?;
     let blas = get("--blas", "default");
     match blas.as_str() {
         "default" => {}
@@ -1037,7 +1039,7 @@ pub fn check_cli(args: &BTreeMap<String, String>) -> Result<()> {
         (0.03 * reference.abs().max().double_value(&[])).max(0.15)
     });
     let mut e = DecodeEngine::from_model(&m.model, 2, 64)?;
-    e.attn = parse_attn(&get("--attn", "kernel"))?;
+    e.attn = parse_attn(&get("--attn", "sdpa"))?;
     if args.contains_key("--no-fused") {
         e.set_fused(false)?;
     }
