@@ -8,6 +8,10 @@ Writes, under OUT (default: target/blyan-parity at the repo root):
                   rewritten in transformers 4.x form (rope_theta, rope_scaling,
                   torch_dtype), sharded safetensors with model.safetensors.index.json.
   qwen3_moe/      Qwen3-MoE (8 experts, top-2, renormalised; layer 1 dense).
+  gpt_oss_plain/  GPT-OSS (sinks, alternating sliding window 4, YaRN, biases,
+                  clamped SwiGLU), experts as plain tensors, 5.x config.
+  gpt_oss_mxfp4/  the same weights, experts as MXFP4 _blocks/_scales, 4.x
+                  config (rope_scaling) as the published GPT-OSS ships.
   manifest.json   for each model: input ids, transformers' f32 and bf16
                   logits for them, and a greedy generation (f32).
 The Rust tests (gpu/tests/it/parity.rs) compare blyan-gpu against these.
@@ -19,7 +23,9 @@ import sys
 
 import torch
 import transformers
-from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+from safetensors.torch import load_file, save_file
+from transformers import (GptOssConfig, GptOssForCausalLM, Qwen3Config, Qwen3ForCausalLM,
+                          Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
 INPUT_IDS = [1, 5, 9, 42, 7, 100, 3, 250, 17, 299]
 PROMPT = [3, 14, 15, 92, 65]
@@ -112,6 +118,90 @@ def make(out, name, seed, tie, bias, shard, v4_config, moe=False):
     }
 
 
+FP4_VALUES = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
+
+
+def mxfp4(w):
+    """Quantises an expert tensor in transformers' parameter layout
+    [experts, in, out] (y = x @ w) to MXFP4 as GPT-OSS checkpoints store it:
+    blocks [experts, out, in/32, 16] (two FP4 codes per byte, low nibble
+    first) and scales [experts, out, in/32] (power-of-two exponent + 127).
+    Returns (blocks, scales, dequantised w in the parameter layout)."""
+    lut = torch.tensor(FP4_VALUES)
+    wt = w.detach().float().transpose(1, 2).contiguous()  # [E, out, in]
+    e, r, c = wt.shape
+    g = wt.reshape(e, r, c // 32, 32)
+    amax = g.abs().amax(-1).clamp(min=2.0 ** -100)
+    exp = torch.ceil(torch.log2(amax / 6.0)).clamp(-127, 127)
+    scaled = g / torch.pow(2.0, exp)[..., None]
+    idx = (scaled.abs()[..., None] - lut[:8]).abs().argmin(-1) + 8 * (scaled < 0).long()
+    deq = lut[idx] * torch.pow(2.0, exp)[..., None]
+    blocks = (idx[..., 0::2] | (idx[..., 1::2] << 4)).to(torch.uint8)
+    scales = (exp + 127).to(torch.uint8)
+    return blocks, scales, deq.reshape(e, r, c).transpose(1, 2).contiguous()
+
+
+def make_gpt_oss(out, seed):
+    """GPT-OSS: a plain checkpoint, and the same weights with the experts in
+    MXFP4 (transformers cannot write MXFP4 without GPU kernels, so we do).
+    The experts are quantised first and transformers runs on the dequantised
+    values, so both checkpoints must give transformers' logits."""
+    cfg = GptOssConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=32, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+        num_experts_per_tok=2, sliding_window=4, rms_norm_eps=1e-5, max_position_embeddings=512,
+        rope_parameters={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                         "truncate": False, "original_max_position_embeddings": 4096,
+                         "rope_theta": 150000.0},
+        eos_token_id=None, bos_token_id=None, pad_token_id=None,
+    )
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = GptOssForCausalLM(cfg).eval()
+    randomise(model, seed)
+    quant = {}
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            layer.self_attn.sinks.copy_(torch.randn(layer.self_attn.sinks.shape))
+            for name in ["gate_up_proj", "down_proj"]:
+                p = getattr(layer.mlp.experts, name)
+                blocks, scales, deq = mxfp4(p)
+                p.copy_(deq)
+                quant[f"model.layers.{i}.mlp.experts.{name}"] = (blocks, scales)
+    plain = os.path.join(out, "gpt_oss_plain")
+    model.save_pretrained(plain, safe_serialization=True)
+    packed = os.path.join(out, "gpt_oss_mxfp4")
+    os.makedirs(packed, exist_ok=True)
+    tensors = load_file(os.path.join(plain, "model.safetensors"))
+    for name, (blocks, scales) in quant.items():
+        del tensors[name]
+        tensors[name + "_blocks"] = blocks
+        tensors[name + "_scales"] = scales
+    save_file(tensors, os.path.join(packed, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(plain, "config.json")) as f:
+        c = json.load(f)
+    # The real GPT-OSS config.json is in transformers 4.x form.
+    rp = c.pop("rope_parameters")
+    c["rope_theta"] = rp.pop("rope_theta")
+    c["rope_scaling"] = rp
+    c["experts_per_token"] = c["num_experts_per_tok"]
+    c["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    with open(os.path.join(packed, "config.json"), "w") as f:
+        json.dump(c, f, indent=2)
+    ids = torch.tensor([INPUT_IDS])
+    with torch.no_grad():
+        logits_f32 = model(ids).logits[0].float()
+        seq = list(PROMPT)
+        for _ in range(NEW_TOKENS):
+            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+        bf16 = GptOssForCausalLM.from_pretrained(plain, dtype=torch.bfloat16, attn_implementation="eager").eval()
+        logits_bf16 = bf16(ids).logits[0].float()
+    entry = {"input_ids": INPUT_IDS, "logits_f32": logits_f32.tolist(), "logits_bf16": logits_bf16.tolist(),
+             "prompt": PROMPT, "greedy": seq[len(PROMPT):]}
+    return [dict(entry, dir="gpt_oss_plain"), dict(entry, dir="gpt_oss_mxfp4")]
+
+
 def main():
     root = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
     ap = argparse.ArgumentParser()
@@ -123,7 +213,7 @@ def main():
         make(args.out, "qwen3_single", 1, tie=False, bias=False, shard=False, v4_config=False),
         make(args.out, "qwen3_sharded", 2, tie=True, bias=True, shard=True, v4_config=True),
         make(args.out, "qwen3_moe", 3, tie=False, bias=False, shard=False, v4_config=False, moe=True),
-    ]
+    ] + make_gpt_oss(args.out, 4)
     manifest = {"torch": torch.__version__, "transformers": transformers.__version__, "models": models}
     tmp = os.path.join(args.out, "manifest.json.tmp")
     with open(tmp, "w") as f:

@@ -14,6 +14,30 @@ pub enum Arch {
     Qwen3,
     /// `Qwen3MoeForCausalLM`: Qwen3 with mixture-of-experts MLPs.
     Qwen3Moe,
+    /// `GptOssForCausalLM`: attention sinks, alternating sliding window,
+    /// YaRN, biases, clamped SwiGLU experts (plain or MXFP4).
+    GptOss,
+}
+
+/// YaRN RoPE scaling (transformers' `_compute_yarn_parameters`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Yarn {
+    pub factor: f64,
+    pub beta_fast: f64,
+    pub beta_slow: f64,
+    pub original_max_position_embeddings: f64,
+    pub truncate: bool,
+    /// Scale on cos/sin; `None`: `0.1 ln(factor) + 1`.
+    pub attention_factor: Option<f64>,
+}
+
+/// GPT-OSS specifics.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GptOssConfig {
+    pub num_experts: i64,
+    pub experts_per_token: i64,
+    pub swiglu_limit: f64,
+    pub swiglu_alpha: f64,
 }
 
 /// Mixture-of-experts settings (Qwen3-MoE).
@@ -49,6 +73,12 @@ pub struct ModelConfig {
     pub eos_token_ids: Vec<i64>,
     /// Present for Qwen3-MoE.
     pub moe: Option<MoeConfig>,
+    /// Present for GPT-OSS.
+    pub gpt_oss: Option<GptOssConfig>,
+    pub yarn: Option<Yarn>,
+    pub sliding_window: Option<i64>,
+    /// Per layer: whether it uses the sliding window.
+    pub layer_sliding: Vec<bool>,
 }
 
 fn get_i64(v: &Value, key: &str) -> Result<i64> {
@@ -96,6 +126,7 @@ impl ModelConfig {
         let arch = match (architecture.as_str(), model_type.as_str()) {
             ("Qwen3ForCausalLM", _) | ("", "qwen3") => Arch::Qwen3,
             ("Qwen3MoeForCausalLM", _) | ("", "qwen3_moe") => Arch::Qwen3Moe,
+            ("GptOssForCausalLM", _) | ("", "gpt_oss") => Arch::GptOss,
             _ => {
                 return Err(GpuError::UnsupportedArchitecture {
                     architecture,
@@ -119,10 +150,76 @@ impl ModelConfig {
             .and_then(|p| p.get("rope_type").or_else(|| p.get("type")))
             .and_then(Value::as_str)
             .unwrap_or("default");
-        if rope_type != "default" {
-            return Err(GpuError::Config(format!(
-                "rope_type {rope_type:?} is not supported for {architecture}"
-            )));
+        let yarn = match rope_type {
+            "default" => None,
+            "yarn" => {
+                let p = rope_params
+                    .or_else(|| v.get("rope_scaling").filter(|p| p.is_object()))
+                    .expect("rope_type came from this object");
+                let factor = opt_f64(p, "factor")
+                    .ok_or_else(|| GpuError::Config("yarn without `factor`".into()))?;
+                Some(Yarn {
+                    factor,
+                    beta_fast: opt_f64(p, "beta_fast").unwrap_or(32.0),
+                    beta_slow: opt_f64(p, "beta_slow").unwrap_or(1.0),
+                    original_max_position_embeddings: opt_f64(
+                        p,
+                        "original_max_position_embeddings",
+                    )
+                    .ok_or_else(|| {
+                        GpuError::Config("yarn without `original_max_position_embeddings`".into())
+                    })?,
+                    truncate: p.get("truncate").and_then(Value::as_bool).unwrap_or(true),
+                    attention_factor: opt_f64(p, "attention_factor"),
+                })
+            }
+            other => {
+                return Err(GpuError::Config(format!(
+                    "rope_type {other:?} is not supported for {architecture}"
+                )));
+            }
+        };
+        let num_hidden_layers = get_i64(&v, "num_hidden_layers")?;
+        let gpt_oss = if arch == Arch::GptOss {
+            Some(GptOssConfig {
+                num_experts: opt_i64(&v, "num_local_experts")
+                    .or_else(|| opt_i64(&v, "num_experts"))
+                    .ok_or_else(|| GpuError::Config("missing `num_local_experts`".into()))?,
+                experts_per_token: opt_i64(&v, "num_experts_per_tok")
+                    .or_else(|| opt_i64(&v, "experts_per_token"))
+                    .ok_or_else(|| GpuError::Config("missing `num_experts_per_tok`".into()))?,
+                swiglu_limit: opt_f64(&v, "swiglu_limit").unwrap_or(7.0),
+                swiglu_alpha: opt_f64(&v, "swiglu_alpha").unwrap_or(1.702),
+            })
+        } else {
+            None
+        };
+        // Sliding window: GPT-OSS alternates (layer_types, default even
+        // layers sliding); Qwen3 only with use_sliding_window, unsupported.
+        let sliding_window = if arch == Arch::GptOss {
+            opt_i64(&v, "sliding_window")
+        } else {
+            None
+        };
+        if arch != Arch::GptOss
+            && v.get("use_sliding_window").and_then(Value::as_bool) == Some(true)
+        {
+            return Err(GpuError::Config(
+                "use_sliding_window is not supported for Qwen3".into(),
+            ));
+        }
+        let layer_sliding: Vec<bool> = match v.get("layer_types").and_then(Value::as_array) {
+            Some(types) if sliding_window.is_some() => types
+                .iter()
+                .map(|t| t.as_str() == Some("sliding_attention"))
+                .collect(),
+            _ if sliding_window.is_some() => (0..num_hidden_layers).map(|i| i % 2 == 0).collect(),
+            _ => vec![false; num_hidden_layers.max(0) as usize],
+        };
+        if layer_sliding.len() as i64 != num_hidden_layers {
+            return Err(GpuError::Config(
+                "layer_types does not list every layer".into(),
+            ));
         }
         let eos_token_ids = match v.get("eos_token_id") {
             Some(Value::Number(n)) => n.as_i64().into_iter().collect(),
@@ -153,11 +250,15 @@ impl ModelConfig {
         };
         let cfg = ModelConfig {
             moe,
+            gpt_oss,
+            yarn,
+            sliding_window,
+            layer_sliding,
             arch,
             vocab_size: get_i64(&v, "vocab_size")?,
             hidden_size,
             intermediate_size: get_i64(&v, "intermediate_size")?,
-            num_hidden_layers: get_i64(&v, "num_hidden_layers")?,
+            num_hidden_layers,
             num_attention_heads,
             num_key_value_heads,
             head_dim,
@@ -171,7 +272,7 @@ impl ModelConfig {
             attention_bias: v
                 .get("attention_bias")
                 .and_then(Value::as_bool)
-                .unwrap_or(false),
+                .unwrap_or(arch == Arch::GptOss),
             eos_token_ids,
         };
         cfg.validate()?;
@@ -225,6 +326,47 @@ impl ModelConfig {
         Ok(())
     }
 
+    /// RoPE inverse frequencies (`head_dim / 2` of them, f32 as transformers
+    /// computes them) and the scale applied to cos/sin (YaRN's attention
+    /// factor; 1 otherwise).
+    pub fn rope_inv_freq(&self) -> (Vec<f32>, f64) {
+        let dim = self.head_dim as f64;
+        let base = self.rope_theta;
+        let pos_freq = |i: i64| base.powf((2 * i) as f64 / dim);
+        let half = self.head_dim / 2;
+        let Some(y) = &self.yarn else {
+            return ((0..half).map(|i| (1.0 / pos_freq(i)) as f32).collect(), 1.0);
+        };
+        let correction = |rot: f64| {
+            (dim * (y.original_max_position_embeddings / (rot * 2.0 * std::f64::consts::PI)).ln())
+                / (2.0 * base.ln())
+        };
+        let (mut low, mut high) = (correction(y.beta_fast), correction(y.beta_slow));
+        if y.truncate {
+            low = low.floor();
+            high = high.ceil();
+        }
+        let (low, mut high) = (low.max(0.0), high.min(dim - 1.0));
+        if low == high {
+            high += 0.001;
+        }
+        let inv = (0..half)
+            .map(|i| {
+                let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+                let extrapolation_factor = 1.0 - ramp;
+                let extra = 1.0 / pos_freq(i);
+                let inter = 1.0 / (y.factor * pos_freq(i));
+                (inter * (1.0 - extrapolation_factor) + extra * extrapolation_factor) as f32
+            })
+            .collect();
+        let scale = y.attention_factor.unwrap_or(if y.factor <= 1.0 {
+            1.0
+        } else {
+            0.1 * y.factor.ln() + 1.0
+        });
+        (inv, scale)
+    }
+
     /// Whether layer `i` has a mixture-of-experts MLP (transformers' rule).
     pub fn is_moe_layer(&self, i: i64) -> bool {
         match &self.moe {
@@ -274,6 +416,10 @@ impl ModelConfig {
             attention_bias: false,
             eos_token_ids: vec![151_645],
             moe: None,
+            gpt_oss: None,
+            yarn: None,
+            sliding_window: None,
+            layer_sliding: vec![false; 36],
         }
     }
 }

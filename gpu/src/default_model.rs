@@ -36,6 +36,10 @@ pub fn default_config() -> ModelConfig {
         attention_bias: false,
         eos_token_ids: vec![EOS_ID],
         moe: None,
+        gpt_oss: None,
+        yarn: None,
+        sliding_window: None,
+        layer_sliding: vec![false; 4],
     }
 }
 

@@ -128,6 +128,11 @@ impl DecodeEngine {
         }
         let mut parts = Vec::with_capacity(m.layers.len());
         for l in &m.layers {
+            let (Some(q_norm), Some(k_norm)) = (&l.q_norm, &l.k_norm) else {
+                return Err(GpuError::Invalid(
+                    "the decode engine supports dense Qwen3 only".into(),
+                ));
+            };
             let crate::model::Mlp::Dense(mlp) = &l.mlp else {
                 return Err(GpuError::Invalid(
                     "the decode engine supports dense Qwen3 only".into(),
@@ -136,8 +141,8 @@ impl DecodeEngine {
             parts.push((
                 l.ln1.shallow_clone(),
                 Tensor::cat(&[&l.wq, &l.wk, &l.wv], 0),
-                l.q_norm.shallow_clone(),
-                l.k_norm.shallow_clone(),
+                q_norm.shallow_clone(),
+                k_norm.shallow_clone(),
                 l.wo.shallow_clone(),
                 l.ln2.shallow_clone(),
                 Tensor::cat(&[&mlp.gate, &mlp.up], 0),

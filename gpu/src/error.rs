@@ -18,7 +18,7 @@ pub enum GpuError {
     #[error("invalid JSON in {path}: {message}")]
     Json { path: PathBuf, message: String },
     #[error(
-        "unsupported architecture {architecture:?} (model_type {model_type:?}); supported: Qwen3ForCausalLM (qwen3), Qwen3MoeForCausalLM (qwen3_moe)"
+        "unsupported architecture {architecture:?} (model_type {model_type:?}); supported: Qwen3ForCausalLM (qwen3), Qwen3MoeForCausalLM (qwen3_moe), GptOssForCausalLM (gpt_oss)"
     )]
     UnsupportedArchitecture {
         architecture: String,

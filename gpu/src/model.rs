@@ -5,7 +5,7 @@
 
 use tch::{Device, Kind, Tensor};
 
-use crate::config::ModelConfig;
+use crate::config::{Arch, ModelConfig};
 use crate::error::{GpuError, Result};
 use crate::weights::TensorSource;
 
@@ -23,9 +23,13 @@ pub struct Layer {
     pub bk: Option<Tensor>,
     pub bv: Option<Tensor>,
     pub bo: Option<Tensor>,
-    /// `self_attn.{q,k}_norm.weight` (RMSNorm per head, before RoPE)
-    pub q_norm: Tensor,
-    pub k_norm: Tensor,
+    /// `self_attn.{q,k}_norm.weight` (RMSNorm per head, before RoPE; Qwen3)
+    pub q_norm: Option<Tensor>,
+    pub k_norm: Option<Tensor>,
+    /// `self_attn.sinks` (one logit per head joined to the softmax; GPT-OSS)
+    pub sinks: Option<Tensor>,
+    /// Whether this layer attends over a sliding window only.
+    pub sliding: bool,
     /// `post_attention_layernorm.weight`
     pub ln2: Tensor,
     pub mlp: Mlp,
@@ -45,18 +49,67 @@ impl Expert {
     }
 }
 
+/// A GPT-OSS expert: `x @ gate_up + b` with gate/up columns interleaved,
+/// `gate.clamp(max=limit)`, `up.clamp(-limit, limit)`,
+/// `(up + 1) * gate * sigmoid(alpha * gate)`, then `@ down + b`.
+pub struct ClampedExpert {
+    /// `[hidden, 2 * inter]`
+    pub gate_up: Tensor,
+    pub gate_up_bias: Tensor,
+    /// `[inter, hidden]`
+    pub down: Tensor,
+    pub down_bias: Tensor,
+    pub limit: f64,
+    pub alpha: f64,
+}
+
+impl ClampedExpert {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let gu = x.matmul(&self.gate_up) + &self.gate_up_bias;
+        let gate = gu.slice(-1, 0, None, 2).clamp_max(self.limit);
+        let up = gu.slice(-1, 1, None, 2).clamp(-self.limit, self.limit);
+        let glu = &gate * (&gate * self.alpha).sigmoid();
+        ((up + 1.0) * glu).matmul(&self.down) + &self.down_bias
+    }
+}
+
+/// One expert of either kind.
+pub enum AnyExpert {
+    Swiglu(Expert),
+    Clamped(ClampedExpert),
+}
+
+impl AnyExpert {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        match self {
+            AnyExpert::Swiglu(e) => e.forward(x),
+            AnyExpert::Clamped(e) => e.forward(x),
+        }
+    }
+}
+
+/// How router logits become expert weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Routing {
+    /// Qwen3-MoE: softmax over all experts (f32), top-k, optionally renormalise.
+    SoftmaxTopK { norm_topk_prob: bool },
+    /// GPT-OSS: top-k of the logits, softmax over those k.
+    TopKSoftmax,
+}
+
 /// A layer's feed-forward part.
 pub enum Mlp {
     /// `mlp.{gate,up,down}_proj.weight`
     Dense(Expert),
-    /// Qwen3-MoE: router `mlp.gate.weight` `[experts, hidden]` and experts
-    /// `mlp.experts.{e}.{gate,up,down}_proj.weight`; `None` for experts this
-    /// instance does not hold.
+    /// Mixture of experts: router `[experts, hidden]` (Qwen3-MoE
+    /// `mlp.gate.weight`; GPT-OSS `mlp.router.{weight,bias}`) and the experts,
+    /// `None` for experts this instance does not hold.
     Moe {
         router: Tensor,
-        experts: Vec<Option<Expert>>,
+        router_bias: Option<Tensor>,
+        experts: Vec<Option<AnyExpert>>,
         top_k: i64,
-        norm_topk_prob: bool,
+        routing: Routing,
     },
 }
 
@@ -94,6 +147,8 @@ pub struct Qwen3 {
     pub norm: Option<Tensor>,
     pub lm_head: Option<Tensor>,
     inv_freq: Tensor,
+    /// YaRN's scale on cos/sin (1 without YaRN).
+    rope_scale: f64,
 }
 
 /// Per-sequence attention cache of the reference path: `[batch, kv_heads, len, head_dim]` per layer.
@@ -135,6 +190,73 @@ fn load(
         });
     }
     Ok(t.f_to_kind(kind)?.f_to_device(device)?)
+}
+
+/// GPT-OSS's MoE MLP of the layer with prefix `p`: router with bias, and
+/// the experts as `mlp.experts.{gate_up_proj,down_proj}` (+ `_bias`) either
+/// plain (`[E, hidden, 2 inter]`, `[E, inter, hidden]`) or MXFP4
+/// (`_blocks` + `_scales`), dequantised here.
+fn load_gpt_oss_mlp(
+    cfg: &ModelConfig,
+    src: &dyn TensorSource,
+    p: &str,
+    keep: Option<&[i64]>,
+    device: Device,
+    kind: Kind,
+) -> Result<Mlp> {
+    let go = cfg.gpt_oss.as_ref().expect("GPT-OSS config");
+    let (e, h, inter) = (go.num_experts, cfg.hidden_size, cfg.intermediate_size);
+    let ld = |name: &str, shape: &[i64]| load(src, name, shape, device, kind);
+    let x = format!("{p}mlp.experts.");
+    let matrix = |name: &str, rows: i64, cols: i64| -> Result<Tensor> {
+        // Parameter layout [E, cols_in, rows_out]; MXFP4 stores [E, rows_out, cols_in].
+        let blocks = format!("{x}{name}_blocks");
+        if src.contains(&blocks) {
+            let b = src.tensor(&blocks)?;
+            let s = src.tensor(&format!("{x}{name}_scales"))?;
+            let expected = [e, rows, cols / 32, 16];
+            if b.size() != expected {
+                return Err(GpuError::ShapeMismatch {
+                    name: blocks,
+                    actual: b.size(),
+                    expected: expected.to_vec(),
+                });
+            }
+            let w = crate::weights::dequant_mxfp4(&blocks, &b, &s)?.view([e, rows, cols]);
+            Ok(w.transpose(1, 2)
+                .to_kind(kind)
+                .to_device(device)
+                .contiguous())
+        } else {
+            ld(&format!("{x}{name}"), &[e, cols, rows])
+        }
+    };
+    let gate_up = matrix("gate_up_proj", 2 * inter, h)?;
+    let down = matrix("down_proj", h, inter)?;
+    let gate_up_bias = ld(&format!("{x}gate_up_proj_bias"), &[e, 2 * inter])?;
+    let down_bias = ld(&format!("{x}down_proj_bias"), &[e, h])?;
+    let experts = (0..e)
+        .map(|i| {
+            if keep.is_some_and(|k| !k.contains(&i)) {
+                return None;
+            }
+            Some(AnyExpert::Clamped(ClampedExpert {
+                gate_up: gate_up.get(i),
+                gate_up_bias: gate_up_bias.get(i),
+                down: down.get(i),
+                down_bias: down_bias.get(i),
+                limit: go.swiglu_limit,
+                alpha: go.swiglu_alpha,
+            }))
+        })
+        .collect();
+    Ok(Mlp::Moe {
+        router: ld(&format!("{p}mlp.router.weight"), &[e, h])?,
+        router_bias: Some(ld(&format!("{p}mlp.router.bias"), &[e])?),
+        experts,
+        top_k: go.experts_per_token,
+        routing: Routing::TopKSoftmax,
+    })
 }
 
 /// transformers' `Qwen3RMSNorm`: normalise in f32, cast back, then scale.
@@ -220,10 +342,24 @@ impl Qwen3 {
                 bk: bias("k_proj", nkv * hd)?,
                 bv: bias("v_proj", nkv * hd)?,
                 bo: bias("o_proj", h)?,
-                q_norm: ld(&format!("{a}q_norm.weight"), &[hd])?,
-                k_norm: ld(&format!("{a}k_norm.weight"), &[hd])?,
+                q_norm: match cfg.arch {
+                    Arch::GptOss => None,
+                    _ => Some(ld(&format!("{a}q_norm.weight"), &[hd])?),
+                },
+                k_norm: match cfg.arch {
+                    Arch::GptOss => None,
+                    _ => Some(ld(&format!("{a}k_norm.weight"), &[hd])?),
+                },
+                sinks: match cfg.arch {
+                    Arch::GptOss => Some(ld(&format!("{a}sinks"), &[nh])?),
+                    _ => None,
+                },
+                sliding: cfg.layer_sliding[i as usize],
                 ln2: ld(&format!("{p}post_attention_layernorm.weight"), &[h])?,
                 mlp: match &cfg.moe {
+                    _ if cfg.gpt_oss.is_some() => {
+                        load_gpt_oss_mlp(cfg, src, &p, experts, device, kind)?
+                    }
                     Some(moe) if cfg.is_moe_layer(i) => {
                         let mi = moe.moe_intermediate_size;
                         let mut list = Vec::with_capacity(moe.num_experts as usize);
@@ -233,17 +369,20 @@ impl Qwen3 {
                                 continue;
                             }
                             let q = format!("{p}mlp.experts.{e}.");
-                            list.push(Some(Expert {
+                            list.push(Some(AnyExpert::Swiglu(Expert {
                                 gate: ld(&format!("{q}gate_proj.weight"), &[mi, h])?,
                                 up: ld(&format!("{q}up_proj.weight"), &[mi, h])?,
                                 down: ld(&format!("{q}down_proj.weight"), &[h, mi])?,
-                            }));
+                            })));
                         }
                         Mlp::Moe {
                             router: ld(&format!("{p}mlp.gate.weight"), &[moe.num_experts, h])?,
+                            router_bias: None,
                             experts: list,
                             top_k: moe.num_experts_per_tok,
-                            norm_topk_prob: moe.norm_topk_prob,
+                            routing: Routing::SoftmaxTopK {
+                                norm_topk_prob: moe.norm_topk_prob,
+                            },
                         }
                     }
                     _ => Mlp::Dense(Expert {
@@ -269,10 +408,9 @@ impl Qwen3 {
             (None, None)
         };
         let embed = if range.embed { embed } else { None };
-        let inv_freq: Vec<f32> = (0..hd / 2)
-            .map(|i| (1.0 / cfg.rope_theta.powf((2 * i) as f64 / hd as f64)) as f32)
-            .collect();
+        let (inv_freq, rope_scale) = cfg.rope_inv_freq();
         Ok(Qwen3 {
+            rope_scale,
             cfg: cfg.clone(),
             device,
             kind,
@@ -291,7 +429,13 @@ impl Qwen3 {
         let pos = Tensor::arange_start(start, start + len, (Kind::Float, self.device));
         let freqs = pos.unsqueeze(1) * self.inv_freq.unsqueeze(0);
         let emb = Tensor::cat(&[&freqs, &freqs], -1);
-        (emb.cos().to_kind(self.kind), emb.sin().to_kind(self.kind))
+        let (cos, sin) = (emb.cos(), emb.sin());
+        let (cos, sin) = if self.rope_scale == 1.0 {
+            (cos, sin)
+        } else {
+            (cos * self.rope_scale, sin * self.rope_scale)
+        };
+        (cos.to_kind(self.kind), sin.to_kind(self.kind))
     }
 
     /// Checks token ids against the vocabulary.
@@ -350,16 +494,32 @@ impl Qwen3 {
     }
 
     /// Routing of a MoE layer for hidden rows `h` (`[tokens, hidden]`):
-    /// transformers' order: softmax over all experts in f32, top-k, then
-    /// (if `norm_topk_prob`) renormalise; weights cast to the model dtype.
-    /// Returns (expert ids `[tokens, k]`, weights `[tokens, k]`).
-    pub fn route(&self, router: &Tensor, h: &Tensor, top_k: i64, norm: bool) -> (Tensor, Tensor) {
-        let probs = h.linear(router, None::<Tensor>).softmax(-1, Kind::Float);
-        let (mut w, ids) = probs.topk(top_k, -1, true, true);
-        if norm {
-            w = &w / w.sum_dim_intlist(-1, true, Kind::Float);
+    /// returns (expert ids `[tokens, k]`, weights `[tokens, k]` in the
+    /// model dtype), in transformers' order of operations for `routing`.
+    pub fn route(
+        &self,
+        router: &Tensor,
+        bias: Option<&Tensor>,
+        h: &Tensor,
+        top_k: i64,
+        routing: Routing,
+    ) -> (Tensor, Tensor) {
+        let logits = h.linear(router, bias);
+        match routing {
+            Routing::SoftmaxTopK { norm_topk_prob } => {
+                let probs = logits.softmax(-1, Kind::Float);
+                let (mut w, ids) = probs.topk(top_k, -1, true, true);
+                if norm_topk_prob {
+                    w = &w / w.sum_dim_intlist(-1, true, Kind::Float);
+                }
+                (ids, w.to_kind(self.kind))
+            }
+            Routing::TopKSoftmax => {
+                let (vals, ids) = logits.topk(top_k, -1, true, true);
+                let kind = vals.kind();
+                (ids, vals.softmax(-1, kind))
+            }
         }
-        (ids, w.to_kind(self.kind))
     }
 
     /// The MoE output of the experts in `only` (all held ones if `None`) for
@@ -377,16 +537,17 @@ impl Qwen3 {
             .ok_or_else(|| GpuError::Invalid(format!("no layer {local_layer} in this stage")))?;
         let Mlp::Moe {
             router,
+            router_bias,
             experts,
             top_k,
-            norm_topk_prob,
+            routing,
         } = &layer.mlp
         else {
             return Err(GpuError::Invalid(format!(
                 "layer {local_layer} is not a MoE layer"
             )));
         };
-        let (ids, weights) = self.route(router, h, *top_k, *norm_topk_prob);
+        let (ids, weights) = self.route(router, router_bias.as_ref(), h, *top_k, *routing);
         let ids_host = Vec::<i64>::try_from(&ids.flatten(0, -1).to_device(Device::Cpu))?;
         let k = *top_k as usize;
         let mut out = h.zeros_like();
@@ -438,15 +599,19 @@ impl Qwen3 {
             cfg.head_dim,
         );
         let eps = cfg.rms_norm_eps;
-        let h = rms_norm(x, &l.ln1, eps);
+        let h = self.norm(x, &l.ln1);
         let q = h.linear(&l.wq, l.bq.as_ref()).view([b, s, nh, hd]);
         let k = h.linear(&l.wk, l.bk.as_ref()).view([b, s, nkv, hd]);
         let v = h
             .linear(&l.wv, l.bv.as_ref())
             .view([b, s, nkv, hd])
             .transpose(1, 2);
-        let q = apply_rope(&rms_norm(&q, &l.q_norm, eps).transpose(1, 2), cos, sin);
-        let k = apply_rope(&rms_norm(&k, &l.k_norm, eps).transpose(1, 2), cos, sin);
+        let head_norm = |t: Tensor, w: &Option<Tensor>| match w {
+            Some(w) => rms_norm(&t, w, eps),
+            None => t,
+        };
+        let q = apply_rope(&head_norm(q, &l.q_norm).transpose(1, 2), cos, sin);
+        let k = apply_rope(&head_norm(k, &l.k_norm).transpose(1, 2), cos, sin);
         let (k, v) = match (k_cache.as_ref(), v_cache.as_ref()) {
             (Some(kc), Some(vc)) => (Tensor::cat(&[kc, &k], 2), Tensor::cat(&[vc, &v], 2)),
             _ => (k, v),
@@ -457,7 +622,9 @@ impl Qwen3 {
         let k = k.repeat_interleave_self_int(groups, 1, None::<i64>);
         let v = v.repeat_interleave_self_int(groups, 1, None::<i64>);
         let total = past + s;
-        let attn = if s == 1 {
+        let attn = if l.sinks.is_some() || l.sliding {
+            self.eager_attention(l, &q, &k, &v, past)
+        } else if s == 1 {
             Tensor::scaled_dot_product_attention(
                 &q,
                 &k,
@@ -479,7 +646,7 @@ impl Qwen3 {
         };
         let attn = attn.transpose(1, 2).reshape([b, s, nh * hd]);
         let x = x + attn.linear(&l.wo, l.bo.as_ref());
-        let h = rms_norm(&x, &l.ln2, eps);
+        let h = self.norm(&x, &l.ln2);
         let mlp = match &l.mlp {
             Mlp::Dense(e) => e.forward(&h),
             Mlp::Moe { .. } => {
@@ -491,12 +658,57 @@ impl Qwen3 {
         Ok(x + mlp)
     }
 
+    /// The decoder norms: Qwen3 casts the normalised f32 values to the model
+    /// dtype before the weight; GPT-OSS multiplies in f32, then casts.
+    fn norm(&self, x: &Tensor, w: &Tensor) -> Tensor {
+        if self.cfg.arch != Arch::GptOss {
+            return rms_norm(x, w, self.cfg.rms_norm_eps);
+        }
+        let xf = x.to_kind(Kind::Float);
+        let var = xf.square().mean_dim(-1, true, Kind::Float);
+        (w * (xf * (var + self.cfg.rms_norm_eps).rsqrt())).to_kind(x.kind())
+    }
+
+    /// transformers' eager attention with GPT-OSS's additions: a causal
+    /// mask, optionally a sliding window (query at p sees keys in
+    /// (p - window, p]), and attention sinks (one logit per head joined to
+    /// the softmax, then dropped). `k`, `v` are already repeated to all heads.
+    fn eager_attention(&self, l: &Layer, q: &Tensor, k: &Tensor, v: &Tensor, past: i64) -> Tensor {
+        let (b, nh, s, hd) = q.size4().expect("q is [b, heads, seq, hd]");
+        let total = k.size()[2];
+        let scale = (hd as f64).powf(-0.5);
+        let scores = q.matmul(&k.transpose(2, 3)) * scale;
+        let qi = Tensor::arange_start(past, past + s, (Kind::Int64, self.device)).unsqueeze(1);
+        let kj = Tensor::arange(total, (Kind::Int64, self.device)).unsqueeze(0);
+        let mut allowed = kj.le_tensor(&qi);
+        if l.sliding
+            && let Some(w) = self.cfg.sliding_window
+        {
+            allowed = allowed.logical_and(&kj.gt_tensor(&(&qi - w)));
+        }
+        let scores = scores.masked_fill(&allowed.logical_not(), f64::NEG_INFINITY);
+        let probs = match &l.sinks {
+            Some(sinks) => {
+                let sinks = sinks
+                    .to_kind(scores.kind())
+                    .view([1, nh, 1, 1])
+                    .expand([b, nh, s, 1], false);
+                let combined = Tensor::cat(&[&scores, &sinks], -1);
+                let combined = &combined - combined.amax(-1, true);
+                let kind = combined.kind();
+                combined.softmax(-1, kind).narrow(-1, 0, total)
+            }
+            None => scores.softmax(-1, Kind::Float).to_kind(q.kind()),
+        };
+        probs.to_kind(v.kind()).matmul(v)
+    }
+
     /// Final norm and `lm_head`: hidden `[batch, seq, hidden]` to f32 logits.
     pub fn head(&self, x: &Tensor) -> Result<Tensor> {
         let (Some(norm), Some(lm_head)) = (&self.norm, &self.lm_head) else {
             return Err(GpuError::Invalid("this stage holds no head".into()));
         };
-        let h = rms_norm(x, norm, self.cfg.rms_norm_eps);
+        let h = self.norm(x, norm);
         Ok(h.linear(lm_head, None::<Tensor>).to_kind(Kind::Float))
     }
 

@@ -145,3 +145,36 @@ impl TensorSource for SafetensorsDir {
         self.index.contains_key(name)
     }
 }
+
+/// FP4 (E2M1) code points, as GPT-OSS's MXFP4 uses them.
+const FP4_VALUES: [f32; 16] = [
+    0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0,
+];
+
+/// Dequantises MXFP4: `blocks` `[.., groups, 16]` u8 (two codes a byte, low
+/// nibble first), `scales` `[.., groups]` u8 (exponent + 127). Returns f32
+/// `[.., groups * 32]` on the CPU.
+pub fn dequant_mxfp4(name: &str, blocks: &Tensor, scales: &Tensor) -> Result<Tensor> {
+    let bs = blocks.size();
+    let bad = |why: &str| GpuError::Invalid(format!("{name}: {why}"));
+    if blocks.kind() != Kind::Uint8 || scales.kind() != Kind::Uint8 {
+        return Err(bad("MXFP4 blocks and scales must be u8"));
+    }
+    if bs.last() != Some(&16) || scales.size() != bs[..bs.len() - 1] {
+        return Err(bad("MXFP4 blocks/scales shapes disagree"));
+    }
+    let b = Vec::<u8>::try_from(&blocks.flatten(0, -1))?;
+    let s = Vec::<u8>::try_from(&scales.flatten(0, -1))?;
+    let mut out = Vec::with_capacity(b.len() * 2);
+    for (g, &scale) in s.iter().enumerate() {
+        let factor = 2f32.powi(i32::from(scale) - 127);
+        for &byte in &b[g * 16..g * 16 + 16] {
+            out.push(FP4_VALUES[usize::from(byte & 0x0f)] * factor);
+            out.push(FP4_VALUES[usize::from(byte >> 4)] * factor);
+        }
+    }
+    let mut shape = bs[..bs.len() - 1].to_vec();
+    let last = shape.pop().unwrap_or(1);
+    shape.push(last * 32);
+    Ok(Tensor::from_slice(&out).view(shape.as_slice()))
+}

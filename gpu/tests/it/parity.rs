@@ -107,3 +107,23 @@ fn moe_bf16_logits() {
 fn moe_greedy_generation() {
     check_greedy("qwen3_moe");
 }
+
+#[test]
+fn gpt_oss_plain_f32_logits() {
+    check_f32("gpt_oss_plain");
+}
+
+#[test]
+fn gpt_oss_mxfp4_f32_logits() {
+    check_f32("gpt_oss_mxfp4");
+}
+
+#[test]
+fn gpt_oss_bf16_logits() {
+    check_bf16("gpt_oss_plain");
+}
+
+#[test]
+fn gpt_oss_mxfp4_greedy_generation() {
+    check_greedy("gpt_oss_mxfp4");
+}
