@@ -54,11 +54,23 @@ pub fn cid_v1_raw(bytes: &[u8]) -> String {
     format!("b{}", base32_lower(&cid))
 }
 
-/// The block a tensor belongs to.
+/// The block a tensor belongs to: `embed`, `head`, `layer.N` (attention,
+/// norms, dense MLP), `layer.N.router` (MoE router), `layer.N.expert.E`
+/// (one Qwen3-MoE expert), `layer.N.experts` (GPT-OSS's stacked expert
+/// tensors, which hold every expert of the layer in one tensor).
 pub fn block_of(name: &str) -> String {
     if let Some(rest) = name.strip_prefix("model.layers.") {
-        let n = rest.split('.').next().unwrap_or("");
-        return format!("layer.{n}");
+        let mut parts = rest.split('.');
+        let n = parts.next().unwrap_or("");
+        let tail: Vec<&str> = parts.collect();
+        return match tail.as_slice() {
+            ["mlp", "gate", ..] | ["mlp", "router", ..] => format!("layer.{n}.router"),
+            ["mlp", "experts", e, ..] if e.parse::<u32>().is_ok() => {
+                format!("layer.{n}.expert.{e}")
+            }
+            ["mlp", "experts", ..] => format!("layer.{n}.experts"),
+            _ => format!("layer.{n}"),
+        };
     }
     match name {
         "model.embed_tokens.weight" => "embed".into(),
@@ -261,6 +273,42 @@ impl BlockStore {
     }
 }
 
+/// Measures loading one block of `bytes` (random bf16) from a block store in
+/// `dir`: (ms to map and verify its SHA3-256, ms to copy its tensor onto
+/// `device`). The seed's target for a 52 MB expert is 500 ms.
+pub fn bench_block_load(dir: &Path, bytes: usize, device: tch::Device) -> Result<(f64, f64)> {
+    let n = (bytes / 2) as i64;
+    let t = Tensor::randn([n], (tch::Kind::BFloat16, tch::Device::Cpu));
+    let tmp = dir.join("src");
+    std::fs::create_dir_all(&tmp).map_err(|e| GpuError::io(&tmp, e))?;
+    let file = tmp.join("block.safetensors");
+    Tensor::write_safetensors(
+        &[("model.layers.0.mlp.experts.0.up_proj.weight", &t)],
+        &file,
+    )?;
+    let data = std::fs::read(&file).map_err(|e| GpuError::io(&file, e))?;
+    let sha3 = sha3_hex(&data);
+    let name = format!("{sha3}.safetensors");
+    std::fs::write(dir.join(&name), &data).map_err(|e| GpuError::io(dir, e))?;
+    let manifest = json!({"config": null, "blocks": [{"name": "layer.0.expert.0", "file": name,
+        "sha3_256": sha3, "cid": cid_v1_raw(&data), "bytes": data.len(),
+        "tensors": ["model.layers.0.mlp.experts.0.up_proj.weight"]}]});
+    let path = dir.join("manifest.json");
+    std::fs::write(&path, manifest.to_string()).map_err(|e| GpuError::io(&path, e))?;
+    drop(data);
+    let start = std::time::Instant::now();
+    let mut store = BlockStore::open(dir)?;
+    store.load_block("layer.0.expert.0")?;
+    let verified = start.elapsed().as_secs_f64() * 1e3;
+    let moved = store.with_block_tensors("layer.0.expert.0", |_, t| Ok(t.to_device(device)))?;
+    if let tch::Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+    let total = start.elapsed().as_secs_f64() * 1e3;
+    assert_eq!(moved.len(), 1);
+    Ok((verified, total - verified))
+}
+
 impl TensorSource for BlockStore {
     /// A copy of the tensor (the block must be loaded).
     fn tensor(&self, name: &str) -> Result<Tensor> {
@@ -306,5 +354,16 @@ mod tests {
         assert_eq!(block_of("model.embed_tokens.weight"), "embed");
         assert_eq!(block_of("lm_head.weight"), "head");
         assert_eq!(block_of("model.norm.weight"), "head");
+        assert_eq!(block_of("model.layers.3.mlp.gate.weight"), "layer.3.router");
+        assert_eq!(block_of("model.layers.3.mlp.router.bias"), "layer.3.router");
+        assert_eq!(
+            block_of("model.layers.3.mlp.experts.17.down_proj.weight"),
+            "layer.3.expert.17"
+        );
+        assert_eq!(
+            block_of("model.layers.3.mlp.experts.gate_up_proj_blocks"),
+            "layer.3.experts"
+        );
+        assert_eq!(block_of("model.layers.3.mlp.gate_proj.weight"), "layer.3");
     }
 }

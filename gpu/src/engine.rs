@@ -983,6 +983,23 @@ pub fn bench_cli(args: &BTreeMap<String, String>, qwen3_8b: bool) -> Result<()> 
                 "attn": format!("{attn:?}"), "blas": blas, "fused": !no_fused && device != Device::Cpu && kind == Kind::BFloat16, "matmuls_only": matmuls_only, "extra": extra})
         );
     };
+    if let Some(mb) = args.get("--block-mb") {
+        let mb: f64 = mb
+            .parse()
+            .map_err(|_| GpuError::Invalid("--block-mb: not a number".into()))?;
+        let dir = std::env::temp_dir().join(format!("blyan-block-bench-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| GpuError::io(&dir, e))?;
+        let (verify_ms, copy_ms) =
+            crate::blocks::bench_block_load(&dir, (mb * 1e6) as usize, device)?;
+        let _ = std::fs::remove_dir_all(&dir);
+        println!(
+            "{}",
+            serde_json::json!({"what": "block load", "mb": mb, "device": format!("{device:?}"),
+                "map_and_sha3_ms": verify_ms, "to_device_ms": copy_ms, "total_ms": verify_ms + copy_ms})
+        );
+        return Ok(());
+    }
     // Prefill.
     if !matmuls_only {
         let mut e = make(1, prompt_len + 1)?;
