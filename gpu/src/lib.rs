@@ -20,6 +20,7 @@
 //!
 //! `unsafe` lives only in `sys` (mmap and the CUDA-graph FFI).
 
+pub mod batch;
 pub mod blocks;
 pub mod config;
 pub mod default_model;

@@ -84,14 +84,31 @@ fn moe_checkpoints_split_per_expert_and_router() {
     let blocks = split(&model_dir(name), &out).expect("split");
     let names: Vec<&str> = blocks.iter().map(|b| b.name.as_str()).collect();
     assert!(names.contains(&"layer.0.router") && names.contains(&"layer.2.router"));
-    assert!(!names.contains(&"layer.1.router"), "layer 1 is dense (mlp_only_layers)");
-    assert_eq!(names.iter().filter(|n| n.starts_with("layer.0.expert.")).count(), 8);
-    let expert = blocks.iter().find(|b| b.name == "layer.2.expert.5").expect("expert block");
+    assert!(
+        !names.contains(&"layer.1.router"),
+        "layer 1 is dense (mlp_only_layers)"
+    );
+    assert_eq!(
+        names
+            .iter()
+            .filter(|n| n.starts_with("layer.0.expert."))
+            .count(),
+        8
+    );
+    let expert = blocks
+        .iter()
+        .find(|b| b.name == "layer.2.expert.5")
+        .expect("expert block");
     assert_eq!(expert.tensors.len(), 3);
     let input = ids(&model(name)["input_ids"]);
     let a = LoadedModel::load(Some(&model_dir(name)), Device::Cpu, Kind::Float).expect("load");
     let b = LoadedModel::load(Some(&out), Device::Cpu, Kind::Float).expect("load blocks");
-    assert!(a.model.logits(&input).expect("a").equal(&b.model.logits(&input).expect("b")));
+    assert!(
+        a.model
+            .logits(&input)
+            .expect("a")
+            .equal(&b.model.logits(&input).expect("b"))
+    );
     // GPT-OSS keeps its stacked expert tensors in one block per layer.
     let out = temp_dir("split-gpt-oss");
     let blocks = split(&model_dir("gpt_oss_mxfp4"), &out).expect("split");

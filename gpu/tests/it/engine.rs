@@ -113,3 +113,61 @@ fn engine_rejects_attention_bias_and_overflow() {
         "position 4 outside window 4"
     );
 }
+
+#[test]
+fn continuous_batching_matches_one_at_a_time() {
+    use blyan_gpu::batch::{BatchEvent, run_batch};
+    use blyan_gpu::generate::{GenerateRequest, generate};
+    use blyan_gpu::sample::SamplingParams;
+    let name = "qwen3_single";
+    let m = LoadedModel::load(Some(&model_dir(name)), Device::Cpu, Kind::Float).expect("load");
+    let prompts: [&[i64]; 4] = [&[3, 14, 15], &[92, 65, 35, 89, 79], &[1], &[200, 100]];
+    let max_tokens = [6usize, 3, 9, 4];
+    let requests: Vec<GenerateRequest> = prompts
+        .iter()
+        .zip(max_tokens)
+        .enumerate()
+        .map(|(i, (p, n))| GenerateRequest {
+            prompt_ids: p.to_vec(),
+            max_tokens: n,
+            sampling: SamplingParams {
+                temperature: if i == 3 { 0.9 } else { 0.0 },
+                top_k: 0,
+                top_p: 1.0,
+                seed: 7,
+            },
+            stop: vec![],
+            stop_ids: vec![],
+        })
+        .collect();
+    let alone: Vec<Vec<i64>> = requests
+        .iter()
+        .map(|r| {
+            generate(&m.model, None, r, |_| {})
+                .expect("generate")
+                .tokens
+        })
+        .collect();
+    // Two slots for four requests: the later ones join as earlier ones finish.
+    let mut e = DecodeEngine::from_model(&m.model, 2, 32).expect("engine");
+    let mut events = Vec::new();
+    let out =
+        run_batch(&mut e, requests, None, false, |ev| events.push(ev.clone())).expect("batch");
+    for (i, o) in out.iter().enumerate() {
+        assert_eq!(o.tokens, alone[i], "request {i}");
+        assert_eq!(o.completion_tokens, max_tokens[i]);
+    }
+    let done: Vec<usize> = events
+        .iter()
+        .filter_map(|e| match e {
+            BatchEvent::Done { index, .. } => Some(*index),
+            BatchEvent::Token { .. } => None,
+        })
+        .collect();
+    assert_eq!(done, vec![1, 0, 3, 2], "completion order follows the slots");
+    let streamed = events
+        .iter()
+        .filter(|e| matches!(e, BatchEvent::Token { .. }))
+        .count();
+    assert_eq!(streamed, max_tokens.iter().sum::<usize>());
+}
