@@ -28,10 +28,9 @@ b = json.load(open(sys.argv[1] + "/logits_cuda.json"))["logits"]
 d = max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb))
 print(json.dumps({"check": "logits cpu vs cuda f32", "rows": len(b), "max_abs_diff": d, "ok": d <= 1e-4}))
 PY
-stamp "engine (graph) vs reference"
+stamp "engine (graph) vs reference, continuous batching on the graph"
 "$B/blyan-gpu" check --device cuda --dtype f32
 "$B/blyan-gpu" check --device cuda --dtype bf16
-"$B/blyan-gpu" check --device cuda --dtype bf16 --attn sdpa
 "$B/blyan-gpu" check --device cuda --dtype bf16 --no-fused
 stamp "generate on cuda"
 "$B/blyan-gpu" generate --prompt "Hello" --max-tokens 16 --device cuda --dtype bf16 --temperature 0.7 --seed 1 | od -c | head -3
@@ -40,14 +39,16 @@ stamp "our bench: Qwen3-8B-shaped bf16"
 $Q --prompt-len 2048 --decode-tokens 128 --batch 1,16 | tee "$OUT/ours.jsonl"
 stamp "variants (prefill 128 only)"
 {
-$Q --prompt-len 128 --decode-tokens 128 --batch 1,16 --attn sdpa
 $Q --prompt-len 128 --decode-tokens 128 --batch 1,16 --no-fused
 $Q --decode-tokens 128 --batch 1 --matmuls-only
 $Q --prompt-len 128 --decode-tokens 32 --batch 1 --no-graph
+"$B/blyan-gpu" bench --device cuda --block-mb 52
+"$B/blyan-gpu" bench --device cuda --block-mb 52
 } | tee "$OUT/variants.jsonl"
 stamp "transformers bench + copy bandwidth"
 timeout 240 python3 "$B/hf_bench.py" 32 | tee "$OUT/hf.jsonl"
 stamp "tiny model on cpu"
 "$B/blyan-gpu" bench --device cpu --batch 1,16,1 | tee "$OUT/tiny_cpu.jsonl"
+"$B/blyan-gpu" bench --device cpu --block-mb 52 | tee -a "$OUT/tiny_cpu.jsonl"
 stamp done
 } 2>&1 | tee "$OUT/log.txt"
