@@ -947,6 +947,12 @@ pub fn bench_cli(args: &BTreeMap<String, String>, qwen3_8b: bool) -> Result<()> 
         "tiny"
     };
     let attn = parse_attn(&get("--attn", "sdpa"))?;
+    if let Some(t) = args.get("--threads") {
+        let t: i32 = t
+            .parse()
+            .map_err(|_| GpuError::Invalid("--threads: not a number".into()))?;
+        tch::set_num_threads(t);
+    }
     let blas = get("--blas", "default");
     match blas.as_str() {
         "default" => {}

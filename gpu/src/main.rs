@@ -20,6 +20,7 @@ const USAGE: &str = "usage:
   blyan-gpu bench [--model DIR] [--device cpu|cuda] [--dtype f32|bf16] [--qwen3-8b]
                   [--prompt-len N] [--decode-tokens N] [--batch 1,16] [--attn kernel|sdpa|bmm]
                   [--blas default|cublas|cublaslt] [--block-mb 52 (only: time loading one block)]
+                  [--threads N (libtorch intra-op threads)]
                   [--no-graph] [--matmuls-only] [--no-fused]
   blyan-gpu check [--model DIR] [--device cpu|cuda] [--dtype f32|bf16] [--tol X] [--attn kernel|sdpa|bmm] [--no-fused]
   blyan-gpu split --model DIR --out DIR
