@@ -5,9 +5,12 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 DEST=${1:-.gpu-bundle}
 . .venv/bin/activate
-LIBTORCH_USE_PYTORCH=1 cargo build --release -p blyan-gpu --bin blyan-gpu
+# The dev profile (dependencies at opt-level 2) is what BENCH.md measured:
+# the hot path is libtorch and the CUDA graph, and a release build would
+# recompile torch-sys's C++ wrapper for minutes.
+LIBTORCH_USE_PYTORCH=1 cargo build -p blyan-gpu --bin blyan-gpu
 mkdir -p "$DEST"
-cp target/release/blyan-gpu "$DEST/"
+cp target/debug/blyan-gpu "$DEST/"
 strip "$DEST/blyan-gpu"
 cp gpu/bench/hf_bench.py gpu/bench/device_run.sh "$DEST/"
 du -sh "$DEST"

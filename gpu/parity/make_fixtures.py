@@ -202,6 +202,31 @@ def make_gpt_oss(out, seed):
     return [dict(entry, dir="gpt_oss_plain"), dict(entry, dir="gpt_oss_mxfp4")]
 
 
+QWEN_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+TOKENIZER_TEXTS = ["Hello, world! It's 2026.", "  spaces\tand\nnew lines\n\n", "héllo ☃ 東京 don't", ""]
+
+
+def make_tokenizer(out, dirs):
+    """A byte-level BPE with Qwen2/Qwen3's pre-tokenizer regex (the same
+    pipeline as Qwen3's tokenizer.json), trained on a few lines, written
+    into `dirs`; returns the texts and transformers-side (tokenizers) ids."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=290, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|endoftext|>"], show_progress=False)
+    corpus = ["Hello world, hello tokenizer. It's a test of the byte-level BPE."] * 20 + TOKENIZER_TEXTS
+    tok.train_from_iterator(corpus, trainer)
+    for d in dirs:
+        tok.save(os.path.join(out, d, "tokenizer.json"))
+    return {"texts": TOKENIZER_TEXTS, "ids": [tok.encode(t).ids for t in TOKENIZER_TEXTS]}
+
+
 def main():
     root = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
     ap = argparse.ArgumentParser()
@@ -214,7 +239,9 @@ def main():
         make(args.out, "qwen3_sharded", 2, tie=True, bias=True, shard=True, v4_config=True),
         make(args.out, "qwen3_moe", 3, tie=False, bias=False, shard=False, v4_config=False, moe=True),
     ] + make_gpt_oss(args.out, 4)
-    manifest = {"torch": torch.__version__, "transformers": transformers.__version__, "models": models}
+    tokenizer = make_tokenizer(args.out, ["qwen3_single"])
+    manifest = {"torch": torch.__version__, "transformers": transformers.__version__, "models": models,
+                "tokenizer": tokenizer}
     tmp = os.path.join(args.out, "manifest.json.tmp")
     with open(tmp, "w") as f:
         json.dump(manifest, f)

@@ -144,3 +144,20 @@ fn top_k_one_is_greedy_and_top_p_keeps_the_head() {
     assert_eq!(seen[0] + seen[3], 0, "{seen:?}");
     assert!(seen[1] > 100 && seen[2] > 100, "{seen:?}");
 }
+
+#[test]
+fn qwen_style_tokenizer_json_matches_the_tokenizers_library() {
+    use blyan_gpu::tokenizer::Tokenizer;
+    let t = &crate::common::manifest()["tokenizer"];
+    let tok =
+        Tokenizer::from_dir(&crate::common::model_dir("qwen3_single")).expect("tokenizer.json");
+    let texts = t["texts"].as_array().expect("texts");
+    let ids = t["ids"].as_array().expect("ids");
+    assert_eq!(texts.len(), ids.len());
+    for (text, expected) in texts.iter().zip(ids) {
+        let text = text.as_str().expect("text");
+        let got = tok.encode(text).expect("encode");
+        assert_eq!(got, crate::common::ids(expected), "{text:?}");
+        assert_eq!(tok.decode(&got).expect("decode"), text);
+    }
+}
