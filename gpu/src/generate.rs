@@ -51,7 +51,7 @@ pub struct GenerateOutput {
 
 /// Longest suffix of `text` that is a proper prefix of some stop string: held
 /// back from streaming until we know it is not the start of a stop.
-fn held_back(text: &str, stop: &[String]) -> usize {
+pub fn held_back(text: &str, stop: &[String]) -> usize {
     let mut hold = 0;
     for s in stop {
         for (i, _) in s.char_indices().skip(1) {

@@ -9,7 +9,9 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use blyan_gpu::generate::{GenerateRequest, generate};
+use blyan_gpu::batch::{BatchEvent, run_batch};
+use blyan_gpu::engine::DecodeEngine;
+use blyan_gpu::generate::{GenerateRequest, generate, held_back};
 use blyan_gpu::sample::SamplingParams;
 use blyan_gpu::{GpuError, LoadedModel, Result, parse_device, parse_dtype};
 
@@ -153,10 +155,50 @@ fn cmd_generate(args: &Args) -> Result<()> {
         stop_ids: m.model.cfg.eos_token_ids.clone(),
     };
     let mut stdout = std::io::stdout().lock();
-    let out = generate(&m.model, Some(tok), &req, |piece| {
+    let mut emit = |piece: &str| {
         let _ = stdout.write_all(piece.as_bytes());
         let _ = stdout.flush();
-    })?;
+    };
+    let on_cuda = m.model.device != tch::Device::Cpu;
+    let out = match on_cuda.then(|| engine_for(&m.model, &req)) {
+        // On CUDA, dense Qwen3 runs on the decode engine (CUDA graph, fused
+        // kernels); other architectures use the reference path.
+        Some(Ok(mut engine)) => {
+            let LoadedModel { model, tokenizer } = m;
+            drop(model);
+            let tok = tokenizer.as_ref().expect("checked above");
+            let mut tokens = Vec::new();
+            let mut streamed = 0usize;
+            let stop = req.stop.clone();
+            let mut outs = run_batch(
+                &mut engine,
+                vec![req],
+                Some(tok),
+                blyan_gpu::CUDA_GRAPH_AVAILABLE,
+                |ev| {
+                    if let BatchEvent::Token { token, .. } = ev {
+                        tokens.push(*token);
+                        let text = tok.decode(&tokens).unwrap_or_default();
+                        let safe = text.len() - held_back(&text, &stop);
+                        if stop.iter().all(|s| !text.contains(s.as_str()))
+                            && safe > streamed
+                            && text.is_char_boundary(safe)
+                            && !text.ends_with('\u{FFFD}')
+                        {
+                            emit(&text[streamed..safe]);
+                            streamed = safe;
+                        }
+                    }
+                },
+            )?;
+            let out = outs.pop().expect("one request");
+            if out.text.len() > streamed && out.text.is_char_boundary(streamed) {
+                emit(&out.text[streamed..]);
+            }
+            out
+        }
+        _ => generate(&m.model, Some(tok), &req, emit)?,
+    };
     let _ = writeln!(stdout);
     eprintln!(
         "{}",
@@ -170,6 +212,13 @@ fn cmd_generate(args: &Args) -> Result<()> {
         })
     );
     Ok(())
+}
+
+/// A one-slot decode engine for `req`, if the model is one the engine runs.
+fn engine_for(model: &blyan_gpu::model::Qwen3, req: &GenerateRequest) -> Result<DecodeEngine> {
+    let need = (req.prompt_ids.len() + req.max_tokens) as i64;
+    let max_len = ((need + 255) / 256 * 256).max(256);
+    DecodeEngine::from_model(model, 1, max_len)
 }
 
 fn cmd_split(args: &Args) -> Result<()> {
