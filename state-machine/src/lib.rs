@@ -12,3 +12,6 @@
 #![forbid(unsafe_code)]
 
 pub mod crypto;
+pub mod encoding;
+pub mod state;
+pub mod types;
