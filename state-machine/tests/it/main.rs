@@ -1,0 +1,5 @@
+//! One integration-test binary for the crate (keeps link time down).
+mod crypto;
+mod fees;
+mod ledger;
+mod props;
