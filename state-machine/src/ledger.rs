@@ -1011,7 +1011,7 @@ impl Ledger {
         let punished = events
             .iter()
             .any(|e| matches!(e, Event::Jailed { .. } | Event::Tombstoned { .. }));
-        let boundary = h.height % self.params.epoch_length_blocks == 0;
+        let boundary = h.height.is_multiple_of(self.params.epoch_length_blocks);
         self.last_active_set = self.active_set.clone();
         self.touch(StateKey::new(ns::GLOBAL, KEY_LAST_ACTIVE_SET));
         let mut update = None;

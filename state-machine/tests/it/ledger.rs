@@ -165,7 +165,8 @@ fn block_7_header_tampering_is_rejected() {
         )],
     )
     .unwrap();
-    let cases: Vec<(&str, Box<dyn Fn(&mut blyan_state_machine::block::Block)>)> = vec![
+    type Mutation = Box<dyn Fn(&mut blyan_state_machine::block::Block)>;
+    let cases: Vec<(&str, Mutation)> = vec![
         ("height", Box::new(|b| b.header.height += 1)),
         ("prev", Box::new(|b| b.header.prev_hash[0] ^= 1)),
         ("time", Box::new(|b| b.header.time_ms = 0)),
