@@ -145,7 +145,12 @@ fn transfers() -> Scenario {
         ]),
         Step::Txs(vec![]),
     ];
-    record("transfers", "Transfers, a failed transfer paying its fee, a skipped nonce gap, base fee moving.", net.genesis, steps)
+    record(
+        "transfers",
+        "Transfers, a failed transfer paying its fee, a skipped nonce gap, base fee moving.",
+        net.genesis,
+        steps,
+    )
 }
 
 fn staking_and_slashing() -> Scenario {
@@ -155,15 +160,36 @@ fn staking_and_slashing() -> Scenario {
     let double_signer = address(&v[2]);
     let steps = vec![
         Step::Txs(vec![
-            tx(CHAIN, &a[0], 0, TxKind::Bond { amount: 20_000 * BLY }, FEE),
-            tx(CHAIN, &v[2], 0, TxKind::Unbond { amount: 2_000 * BLY }, FEE),
+            tx(
+                CHAIN,
+                &a[0],
+                0,
+                TxKind::Bond {
+                    amount: 20_000 * BLY,
+                },
+                FEE,
+            ),
+            tx(
+                CHAIN,
+                &v[2],
+                0,
+                TxKind::Unbond {
+                    amount: 2_000 * BLY,
+                },
+                FEE,
+            ),
         ]),
         // Validator 3 (index in the set) misses commits from here on.
         Step::Full(vec![], Some(vec![0, 1, 2]), vec![]),
         Step::Full(
             vec![],
             Some(vec![0, 1, 2]),
-            vec![Misbehaviour::DuplicateVote { validator: double_signer, height: 1, vote_a: [1; 32], vote_b: [2; 32] }],
+            vec![Misbehaviour::DuplicateVote {
+                validator: double_signer,
+                height: 1,
+                vote_a: [1; 32],
+                vote_b: [2; 32],
+            }],
         ),
         Step::Full(vec![], None, vec![]),
         Step::Full(vec![], None, vec![]),
@@ -191,26 +217,73 @@ fn inference_and_nodes() -> Scenario {
         expires_at_height: 5,
     }
     .sign(CHAIN, &a[0]);
-    let info = NodeInfo { endpoint: "10.0.0.2:7100".into(), blocks: vec![[3; 32], [4; 32]] };
+    let info = NodeInfo {
+        endpoint: "10.0.0.2:7100".into(),
+        blocks: vec![[3; 32], [4; 32]],
+    };
     let steps = vec![
-        Step::Txs(vec![tx(CHAIN, &a[1], 0, TxKind::RegisterNode { info, bond: 100 * BLY }, FEE)]),
+        Step::Txs(vec![tx(
+            CHAIN,
+            &a[1],
+            0,
+            TxKind::RegisterNode {
+                info: Box::new(info),
+                bond: 100 * BLY,
+            },
+            FEE,
+        )]),
         Step::Txs(vec![
-            tx(CHAIN, &a[1], 1, TxKind::SettleInference { receipt: receipt.clone() }, FEE),
+            tx(
+                CHAIN,
+                &a[1],
+                1,
+                TxKind::SettleInference {
+                    receipt: Box::new(receipt.clone()),
+                },
+                FEE,
+            ),
             // Replayed receipt: fails, pays its fee.
-            tx(CHAIN, &a[1], 2, TxKind::SettleInference { receipt }, FEE),
+            tx(
+                CHAIN,
+                &a[1],
+                2,
+                TxKind::SettleInference {
+                    receipt: Box::new(receipt),
+                },
+                FEE,
+            ),
         ]),
         Step::Txs(vec![tx(CHAIN, &a[1], 3, TxKind::DeregisterNode, FEE)]),
     ];
-    record("inference_and_nodes", "GPU node registration and deregistration, receipt settlement once.", net.genesis, steps)
+    record(
+        "inference_and_nodes",
+        "GPU node registration and deregistration, receipt settlement once.",
+        net.genesis,
+        steps,
+    )
 }
 
 /// A readable summary of a scenario, for insta snapshots.
 pub fn summary(s: &Scenario) -> String {
-    let mut out = format!("{}: {}\ngenesis {}\nroot0   {}\n", s.name, s.description, s.genesis_hash, s.genesis_state_root);
+    let mut out = format!(
+        "{}: {}\ngenesis {}\nroot0   {}\n",
+        s.name, s.description, s.genesis_hash, s.genesis_state_root
+    );
     for b in &s.blocks {
-        out += &format!("#{} hash {} root {}\n", b.height, &b.block_hash[..16], &b.state_root[..16]);
+        out += &format!(
+            "#{} hash {} root {}\n",
+            b.height,
+            &b.block_hash[..16],
+            &b.state_root[..16]
+        );
         for r in &b.receipts {
-            out += &format!("  tx {} gas {} fee {} {}\n", &r.tx_id[..12], r.gas_used, r.fee_paid, r.failure.as_deref().unwrap_or("ok"));
+            out += &format!(
+                "  tx {} gas {} fee {} {}\n",
+                &r.tx_id[..12],
+                r.gas_used,
+                r.fee_paid,
+                r.failure.as_deref().unwrap_or("ok")
+            );
         }
         for e in &b.events {
             out += &format!("  event {e}\n");
@@ -232,13 +305,88 @@ pub fn check(s: &Scenario) -> Result<(), String> {
     for exp in &s.blocks {
         let bytes = hex::decode(&exp.block_hex).map_err(|e| e.to_string())?;
         let block = Block::decode(&bytes).map_err(|e| format!("block {}: {e}", exp.height))?;
-        let (next, outcome) = ledger.apply_block(&block).map_err(|e| format!("block {}: {e}", exp.height))?;
+        let (next, outcome) = ledger
+            .apply_block(&block)
+            .map_err(|e| format!("block {}: {e}", exp.height))?;
         let got = expected(&ledger, &block);
         if got != *exp {
-            return Err(format!("block {} differs: expected {exp:?}, got {got:?}", exp.height));
+            return Err(format!(
+                "block {} differs: expected {exp:?}, got {got:?}",
+                exp.height
+            ));
         }
         assert_eq!(outcome.receipts.len(), exp.receipts.len());
         ledger = next;
     }
     Ok(())
+}
+
+/// SIG-4: a pinned signing vector, so a client in another language can check
+/// that it produces the same bytes, digest and signature.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SigningVector {
+    pub name: String,
+    pub chain_id: String,
+    pub private_key: String,
+    pub public_key: String,
+    pub address: String,
+    pub object: String,
+    pub body_hex: String,
+    pub signing_bytes_hex: String,
+    pub sha3_256: String,
+    pub signature: String,
+}
+
+/// The signing vectors of every message type defined so far.
+pub fn signing_vectors() -> Vec<SigningVector> {
+    use blyan_state_machine::crypto::{sha3_256, sign};
+    use blyan_state_machine::tx::{Domain, TxBody, public_key_of, signing_bytes};
+    let k = blyan_state_machine::testkit::key(1);
+    let vector = |name: &str, domain: Domain, object: String, body: Vec<u8>| {
+        let bytes = signing_bytes(domain, CHAIN, &body);
+        SigningVector {
+            name: name.into(),
+            chain_id: CHAIN.into(),
+            private_key: hex::encode(k.to_bytes()),
+            public_key: hex::encode(public_key_of(&k)),
+            address: address(&k).to_string(),
+            object,
+            body_hex: hex::encode(&body),
+            signing_bytes_hex: hex::encode(&bytes),
+            sha3_256: hex::encode(sha3_256(&bytes)),
+            signature: hex::encode(sign(&k, &bytes)),
+        }
+    };
+    let body = TxBody {
+        nonce: 7,
+        gas_limit: 21_000,
+        max_fee_per_gas: 2_000_000_000,
+        max_priority_fee_per_gas: 1_000_000,
+        kind: TxKind::Transfer {
+            to: address(&blyan_state_machine::testkit::key(2)),
+            amount: 1_500_000_000_000_000_000,
+        },
+    };
+    let receipt = InferenceReceipt {
+        node: address(&blyan_state_machine::testkit::key(2)),
+        request_id: [0xab; 32],
+        tokens: 1_000,
+        price_per_1k_tokens: BLY,
+        quality_milli: 1_000,
+        expires_at_height: 100,
+    };
+    vec![
+        vector(
+            "transaction_transfer",
+            Domain::Transaction,
+            format!("{body:?}"),
+            body.encode(),
+        ),
+        vector(
+            "inference_receipt",
+            Domain::Receipt,
+            format!("{receipt:?}"),
+            receipt.encode(),
+        ),
+    ]
 }

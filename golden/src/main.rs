@@ -21,6 +21,15 @@ fn main() -> ExitCode {
                 }
                 println!("wrote {}", path.display());
             }
+            let path = dir().join("signing.json");
+            let text = serde_json::to_string_pretty(&blyan_golden::signing_vectors())
+                .expect("serialisable")
+                + "\n";
+            if let Err(e) = std::fs::write(&path, text) {
+                eprintln!("cannot write {}: {e}", path.display());
+                return ExitCode::FAILURE;
+            }
+            println!("wrote {}", path.display());
             ExitCode::SUCCESS
         }
         "check" => {
@@ -29,7 +38,10 @@ fn main() -> ExitCode {
                 let path = dir().join(format!("{}.json", s.name));
                 let parsed = std::fs::read_to_string(&path)
                     .map_err(|e| e.to_string())
-                    .and_then(|t| serde_json::from_str::<blyan_golden::Scenario>(&t).map_err(|e| e.to_string()))
+                    .and_then(|t| {
+                        serde_json::from_str::<blyan_golden::Scenario>(&t)
+                            .map_err(|e| e.to_string())
+                    })
                     .and_then(|sc| blyan_golden::check(&sc));
                 match parsed {
                     Ok(()) => println!("ok   {}", s.name),
@@ -39,7 +51,11 @@ fn main() -> ExitCode {
                     }
                 }
             }
-            if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+            if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
         }
         _ => {
             eprintln!("usage: blyan-golden regen|check");

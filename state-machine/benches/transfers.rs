@@ -4,7 +4,7 @@
 use blyan_state_machine::ledger::{Ledger, Proposal};
 use blyan_state_machine::params::Params;
 use blyan_state_machine::testkit::{address, key, testnet, transfer};
-use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 
 const TXS_PER_BLOCK: usize = 2_000;
 const SENDERS: usize = 200;
@@ -35,10 +35,18 @@ fn bench(c: &mut Criterion) {
     g.throughput(Throughput::Elements(TXS_PER_BLOCK as u64));
     g.sample_size(10);
     g.bench_function("with_signature_verification", |b| {
-        b.iter_batched(|| (), |_| ledger.apply_block(&block).unwrap(), BatchSize::PerIteration)
+        b.iter_batched(
+            || (),
+            |_| ledger.apply_block(&block).unwrap(),
+            BatchSize::PerIteration,
+        )
     });
     g.bench_function("signatures_trusted", |b| {
-        b.iter_batched(|| (), |_| ledger.apply_block_trusted_signatures(&block).unwrap(), BatchSize::PerIteration)
+        b.iter_batched(
+            || (),
+            |_| ledger.apply_block_trusted_signatures(&block).unwrap(),
+            BatchSize::PerIteration,
+        )
     });
     g.finish();
 }

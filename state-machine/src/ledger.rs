@@ -469,11 +469,18 @@ impl Ledger {
     /// [`Ledger::apply_block`] without re-verifying transaction signatures: only
     /// for replaying blocks this node already verified and committed (its own
     /// store, at restart) and for benchmarks. Everything else is checked.
-    pub fn apply_block_trusted_signatures(&self, block: &Block) -> Result<(Ledger, BlockOutcome), Error> {
+    pub fn apply_block_trusted_signatures(
+        &self,
+        block: &Block,
+    ) -> Result<(Ledger, BlockOutcome), Error> {
         self.apply_block_inner(block, Signatures::Trusted)
     }
 
-    fn apply_block_inner(&self, block: &Block, sigs: Signatures) -> Result<(Ledger, BlockOutcome), Error> {
+    fn apply_block_inner(
+        &self,
+        block: &Block,
+        sigs: Signatures,
+    ) -> Result<(Ledger, BlockOutcome), Error> {
         let mut next = self.clone();
         next.touched.clear();
         let header = &block.header;

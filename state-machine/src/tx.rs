@@ -145,9 +145,9 @@ pub enum TxKind {
     /// TX-6: leave jail once the jail period is over.
     Unjail,
     /// TX-8: settle a client-signed inference receipt (sender must be the node).
-    SettleInference { receipt: SignedReceipt },
+    SettleInference { receipt: Box<SignedReceipt> },
     /// TX-9: register the sender as a GPU node with a bond.
-    RegisterNode { info: NodeInfo, bond: Amount },
+    RegisterNode { info: Box<NodeInfo>, bond: Amount },
     /// TX-10: deregister; the bond enters the unbonding queue.
     DeregisterNode,
     // TX-7: Proof-of-Learning operations.

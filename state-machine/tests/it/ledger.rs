@@ -462,7 +462,7 @@ fn tx_8_inference_receipt_is_paid_once_and_burned() {
             node,
             nonce,
             TxKind::SettleInference {
-                receipt: receipt.clone(),
+                receipt: Box::new(receipt.clone()),
             },
             FEE,
         )
@@ -493,7 +493,9 @@ fn tx_8_inference_receipt_is_paid_once_and_burned() {
         CHAIN,
         &net.accounts[2],
         0,
-        TxKind::SettleInference { receipt },
+        TxKind::SettleInference {
+            receipt: Box::new(receipt),
+        },
         FEE,
     );
     let (b3, _) = next_block(&l0, &[stolen]).unwrap();
@@ -521,7 +523,7 @@ fn tx_9_node_registration_locks_a_bond_and_deregistration_unbonds_it() {
         n,
         0,
         TxKind::RegisterNode {
-            info: info.clone(),
+            info: Box::new(info.clone()),
             bond: BLY,
         },
         FEE,
@@ -539,7 +541,7 @@ fn tx_9_node_registration_locks_a_bond_and_deregistration_unbonds_it() {
         n,
         1,
         TxKind::RegisterNode {
-            info,
+            info: Box::new(info),
             bond: 100 * BLY,
         },
         FEE,
