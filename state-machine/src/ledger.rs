@@ -1059,7 +1059,7 @@ impl Ledger {
         update
     }
 
-    /// STAKE-5: active validators: not jailed or tombstoned, at least the minimum
+    /// STAKE-5, STAKE-4: active validators: not jailed or tombstoned, at least the minimum
     /// stake; the `max_validators` largest by stake (ties to the lower address);
     /// voting power = bonded stake in whole BLY; returned in address order.
     fn compute_active_set(&self) -> Vec<(Address, u64)> {
