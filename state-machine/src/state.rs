@@ -6,8 +6,6 @@
 //! every key they write in a [`Touched`] set, so the root is updated in
 //! proportion to what a block changed (STATE-3) and a store persists only those.
 
-use std::collections::BTreeSet;
-
 /// Namespaces of the committed state (STATE-1). Values are part of the protocol:
 /// changing one changes every state root.
 pub mod ns {
@@ -62,5 +60,7 @@ impl StateKey {
     }
 }
 
-/// The keys written while applying a block, in sorted order (STATE-3).
-pub type Touched = BTreeSet<StateKey>;
+/// The keys written while applying a block, in sorted order (STATE-3). A
+/// persistent set, so snapshotting the ledger before each transaction (to roll
+/// back a failed one) stays O(1).
+pub type Touched = imbl::OrdSet<StateKey>;
