@@ -13,5 +13,6 @@
 
 pub mod crypto;
 pub mod encoding;
+pub mod smt;
 pub mod state;
 pub mod types;
