@@ -597,12 +597,46 @@ fn stake_5_bonding_changes_the_set_at_the_epoch_boundary() {
 
 #[test]
 fn state_2_proofs_for_present_and_absent_keys() {
+    use blyan_state_machine::crypto::sha3_256;
+    use blyan_state_machine::smt::verify_proof;
     use blyan_state_machine::state::{StateKey, ns};
     let (net, l0) = net();
+    let (_, l1) = next_block(
+        &l0,
+        &[transfer(
+            CHAIN,
+            &net.accounts[0],
+            0,
+            address(&net.accounts[1]),
+            BLY,
+        )],
+    )
+    .unwrap();
+    let root = l1.state_root();
     let present = StateKey::new(ns::ACCOUNT, address(&net.accounts[0]).0);
     let absent = StateKey::new(ns::ACCOUNT, address(&key(4242)).0);
-    let (value, _proof) = l0.prove(&present);
-    assert!(value.is_some());
-    let (value, _proof) = l0.prove(&absent);
+    let (value, proof) = l1.prove(&present);
+    let value_hash = sha3_256(&value.expect("present"));
+    assert!(verify_proof(
+        &root,
+        &present.path(),
+        Some(&value_hash),
+        &proof
+    ));
+    assert!(!verify_proof(&root, &present.path(), None, &proof));
+    assert!(!verify_proof(
+        &l0.state_root(),
+        &present.path(),
+        Some(&value_hash),
+        &proof
+    ));
+    let (value, proof) = l1.prove(&absent);
     assert!(value.is_none());
+    assert!(verify_proof(&root, &absent.path(), None, &proof));
+    assert!(!verify_proof(
+        &root,
+        &absent.path(),
+        Some(&value_hash),
+        &proof
+    ));
 }
