@@ -13,5 +13,7 @@
 
 pub mod crypto;
 pub mod encoding;
+pub mod pol;
+pub mod rewards;
 pub mod state;
 pub mod types;
