@@ -138,7 +138,8 @@ pub struct PolBlock {
     #[serde(with = "hex32")]
     pub model_id: Hash32,
     /// Parents; each must already exist (POL-10).
-    pub depends_on: Vec<HexHash>,
+    #[serde(with = "hex32_vec")]
+    pub depends_on: Vec<Hash32>,
     pub version: SemVer,
     pub layer: Option<u32>,
     pub expert: Option<u32>,
@@ -150,29 +151,40 @@ pub struct PolBlock {
     pub payload_cid: String,
     pub submitter: Address,
     /// Delta only: the head block of the target the delta was trained against (POL-13).
-    pub base_block: Option<HexHash>,
+    #[serde(with = "hex32_opt")]
+    pub base_block: Option<Hash32>,
     /// Delta only: the version of that head (POL-13).
     pub base_version: Option<SemVer>,
 }
 
-/// A 32-byte hash that serialises as hex in JSON (genesis files).
-#[derive(
-    Clone,
-    Copy,
-    Debug,
-    PartialEq,
-    Eq,
-    PartialOrd,
-    Ord,
-    Hash,
-    Archive,
-    RkyvSerialize,
-    RkyvDeserialize,
-    Serialize,
-    Deserialize,
-)]
-#[serde(transparent)]
-pub struct HexHash(#[serde(with = "hex32")] pub Hash32);
+/// Hex JSON for a list of hashes (genesis files).
+mod hex32_vec {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    #[derive(Serialize, Deserialize)]
+    struct Hex(#[serde(with = "crate::types::hex32")] [u8; 32]);
+    pub fn serialize<S: Serializer>(v: &[[u8; 32]], s: S) -> Result<S::Ok, S::Error> {
+        v.iter().map(|h| Hex(*h)).collect::<Vec<_>>().serialize(s)
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<[u8; 32]>, D::Error> {
+        Ok(Vec::<Hex>::deserialize(d)?
+            .into_iter()
+            .map(|h| h.0)
+            .collect())
+    }
+}
+
+/// Hex JSON for an optional hash (genesis files).
+mod hex32_opt {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    #[derive(Serialize, Deserialize)]
+    struct Hex(#[serde(with = "crate::types::hex32")] [u8; 32]);
+    pub fn serialize<S: Serializer>(v: &Option<[u8; 32]>, s: S) -> Result<S::Ok, S::Error> {
+        v.map(Hex).serialize(s)
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<[u8; 32]>, D::Error> {
+        Ok(Option::<Hex>::deserialize(d)?.map(|h| h.0))
+    }
+}
 
 impl PolBlock {
     /// POL-2: the block id.
@@ -849,7 +861,7 @@ impl PolState {
         let parents: Vec<&PolBlock> = block
             .depends_on
             .iter()
-            .map(|p| self.blocks.get(&p.0).expect("checked by check_common"))
+            .map(|p| self.blocks.get(p).expect("checked by check_common"))
             .collect();
         match block.block_type {
             PolBlockType::Meta => {
@@ -869,7 +881,7 @@ impl PolState {
                 let ok = if block.model_id == [0u8; 32] {
                     block.depends_on.is_empty()
                 } else {
-                    block.depends_on == [HexHash(block.model_id)] && self.is_meta(&block.model_id)
+                    block.depends_on == [block.model_id] && self.is_meta(&block.model_id)
                 };
                 if !ok {
                     return Err(type_rule("POL-11", "data depends on nothing or its meta"));
@@ -881,7 +893,7 @@ impl PolState {
             kind => {
                 assert!(kind.is_target());
                 // POL-12: a target depends exactly on its model's meta.
-                if !self.is_meta(&block.model_id) || block.depends_on != [HexHash(block.model_id)] {
+                if !self.is_meta(&block.model_id) || block.depends_on != [block.model_id] {
                     return Err(type_rule("POL-12", "target depends on its model's meta"));
                 }
                 let shape_ok = match kind {
@@ -913,10 +925,10 @@ impl PolState {
         }
         for (i, parent) in block.depends_on.iter().enumerate() {
             if block.depends_on[..i].contains(parent) {
-                return Err(PolError::DuplicateParent(parent.0));
+                return Err(PolError::DuplicateParent(*parent));
             }
-            if !self.blocks.contains_key(&parent.0) {
-                return Err(PolError::UnknownParent(parent.0));
+            if !self.blocks.contains_key(parent) {
+                return Err(PolError::UnknownParent(*parent));
             }
         }
         if block.payload_size_bytes > params.max_payload_size_bytes {
@@ -1066,7 +1078,7 @@ impl PolState {
         if block.depends_on.first() != Some(&base) {
             return Err(type_rule("POL-13", "delta's first parent is its base"));
         }
-        let base_block = self.blocks.get(&base.0).expect("parents exist (POL-10)");
+        let base_block = self.blocks.get(&base).expect("parents exist (POL-10)");
         if !(base_block.block_type.is_target() || base_block.block_type == PolBlockType::Delta) {
             return Err(type_rule("POL-13", "base must be a target or a delta"));
         }
@@ -1085,7 +1097,7 @@ impl PolState {
         ]
         .into_iter()
         .map(|kind| block.target_key(kind))
-        .find(|t| self.heads.get(t).is_some_and(|h| h.block_id == base.0))
+        .find(|t| self.heads.get(t).is_some_and(|h| h.block_id == base))
         .ok_or(PolError::StaleBase)?;
         let head = self.heads.get(&target).expect("found above");
         if head.version != base_version {
@@ -1098,7 +1110,7 @@ impl PolState {
             return Err(type_rule("POL-14", "delta version must be the bumped base"));
         }
         for parent in &block.depends_on[1..] {
-            let p = self.blocks.get(&parent.0).expect("parents exist (POL-10)");
+            let p = self.blocks.get(parent).expect("parents exist (POL-10)");
             let data_ok = p.block_type == PolBlockType::Data
                 && (p.model_id == [0u8; 32] || p.model_id == block.model_id);
             if !data_ok {
@@ -1247,8 +1259,8 @@ impl PolState {
         let data_blocks = pending.block.depends_on[1..]
             .iter()
             .map(|p| {
-                let b = self.blocks.get(&p.0).expect("parents exist (POL-10)");
-                (p.0, b.submitter)
+                let b = self.blocks.get(p).expect("parents exist (POL-10)");
+                (*p, b.submitter)
             })
             .collect();
         let mut decision = DeltaDecision {
@@ -1274,7 +1286,7 @@ impl PolState {
             decision.improvement_ppm = improvement_ppm(head_loss, loss);
             decision.honest_attestors = tally.honest(loss, head_loss, ctx.params);
         }
-        decision.outcome = if head.block_id != pending.block.base_block.expect("delta").0 {
+        decision.outcome = if head.block_id != pending.block.base_block.expect("delta") {
             DeltaOutcome::Rejected(RejectReason::Stale) // POL-33
         } else if !quorum {
             DeltaOutcome::Rejected(RejectReason::NoQuorum) // POL-34
@@ -1306,7 +1318,7 @@ impl PolState {
                 .block
                 .depends_on
                 .iter()
-                .all(|p| self.blocks.contains_key(&p.0)),
+                .all(|p| self.blocks.contains_key(p)),
             "INV-POL-PARENTS: parents of an accepted delta exist"
         );
         self.blocks.insert(id, pending.block.clone());

@@ -27,7 +27,7 @@ fn block(kind: PolBlockType, model_id: Hash32, parents: &[Hash32], tag: &[u8]) -
     PolBlock {
         block_type: kind,
         model_id,
-        depends_on: parents.iter().map(|p| HexHash(*p)).collect(),
+        depends_on: parents.to_vec(),
         version: SemVer::new(1, 0, 0),
         layer: None,
         expert: None,
@@ -73,7 +73,7 @@ fn delta_on(base: &PolBlock, base_id: Hash32, data: &[Hash32], submitter: Addres
     let mut d = block(PolBlockType::Delta, base.model_id, &parents, b"delta");
     d.layer = base.layer;
     d.expert = base.expert;
-    d.base_block = Some(HexHash(base_id));
+    d.base_block = Some(base_id);
     d.base_version = Some(base.version);
     d.version = base.version.bump_for_delta().expect("small version");
     d.submitter = submitter;
@@ -362,20 +362,20 @@ fn pol_2_block_id_is_canonical_hash_and_unique() {
 fn pol_10_parents_must_exist_be_distinct_and_bounded() {
     let mut w = World::new();
     let mut d = data(w.meta.id());
-    d.depends_on = vec![HexHash([5u8; 32])];
+    d.depends_on = vec![[5u8; 32]];
     d.model_id = [5u8; 32];
     let err = w.tx(1, addr(1), PolTx::RegisterBlock(d)).unwrap_err();
     assert_eq!(err, PolError::UnknownParent([5u8; 32]));
 
     let mut m = meta();
     m.payload_size_bytes = 99;
-    m.depends_on = vec![HexHash(w.meta.id()), HexHash(w.meta.id())];
+    m.depends_on = vec![w.meta.id(), w.meta.id()];
     let err = w
         .tx(1, addr(1), PolTx::RegisterBlock(m.clone()))
         .unwrap_err();
     assert_eq!(err, PolError::DuplicateParent(w.meta.id()));
 
-    m.depends_on = vec![HexHash(w.meta.id()); 5];
+    m.depends_on = vec![w.meta.id(); 5];
     let err = w.tx(1, addr(1), PolTx::RegisterBlock(m)).unwrap_err();
     assert_eq!(err, PolError::TooManyParents { count: 5, max: 4 });
 }
@@ -393,11 +393,11 @@ fn pol_11_meta_and_data_rules() {
     ));
     // A meta may depend on an earlier meta (lineage), not on data.
     let mut m2 = meta();
-    m2.depends_on = vec![HexHash(mid)];
+    m2.depends_on = vec![mid];
     w.tx(1, addr(1), PolTx::RegisterBlock(m2))
         .expect("meta on meta");
     let mut m3 = meta();
-    m3.depends_on = vec![HexHash(w.data.id())];
+    m3.depends_on = vec![w.data.id()];
     assert!(w.tx(1, addr(1), PolTx::RegisterBlock(m3)).is_err());
     // Data: nothing (zero model) or exactly its meta.
     let free = block(PolBlockType::Data, ZERO, &[], b"free data");
@@ -429,7 +429,7 @@ fn pol_12_targets_depend_on_their_meta_and_are_unique() {
     );
     // An expert depends on its meta, not on data.
     let mut e = expert(mid, 0, 1);
-    e.depends_on = vec![HexHash(w.data.id())];
+    e.depends_on = vec![w.data.id()];
     assert!(matches!(
         w.tx(1, addr(1), PolTx::RegisterBlock(e)).unwrap_err(),
         PolError::TypeRule { rule: "POL-12", .. }
@@ -441,7 +441,7 @@ fn pol_12_targets_depend_on_their_meta_and_are_unique() {
     // The model id must name a meta.
     let mut l = layer(mid, 2);
     l.model_id = w.data.id();
-    l.depends_on = vec![HexHash(w.data.id())];
+    l.depends_on = vec![w.data.id()];
     assert!(w.tx(1, addr(1), PolTx::RegisterBlock(l)).is_err());
 }
 
@@ -1262,7 +1262,7 @@ fn check_dag(state: &PolState) {
     for (id, b) in &blocks {
         assert_eq!(*id, b.id());
         for p in &b.depends_on {
-            assert!(blocks.contains_key(&p.0), "INV-POL-PARENTS");
+            assert!(blocks.contains_key(p), "INV-POL-PARENTS");
         }
     }
     let mut indegree: BTreeMap<Hash32, usize> = blocks
@@ -1278,7 +1278,7 @@ fn check_dag(state: &PolState) {
     while let Some(id) = ready.pop() {
         seen += 1;
         for (child, b) in &blocks {
-            if b.depends_on.iter().any(|p| p.0 == id) {
+            if b.depends_on.contains(&id) {
                 let d = indegree.get_mut(child).unwrap();
                 *d -= 1;
                 if *d == 0 {
@@ -1290,7 +1290,7 @@ fn check_dag(state: &PolState) {
     assert_eq!(seen, blocks.len(), "INV-POL-ACYCLIC");
     for p in state.pending_deltas() {
         for parent in &p.block.depends_on {
-            assert!(blocks.contains_key(&parent.0), "INV-POL-PARENTS (pending)");
+            assert!(blocks.contains_key(parent), "INV-POL-PARENTS (pending)");
         }
         assert!(p.attestations.len() <= 8);
     }
