@@ -1300,3 +1300,40 @@ fn check_dag(state: &PolState) {
         assert_eq!(head.block_id, r.block_hash);
     }
 }
+
+#[test]
+fn pol_38_events_expiries_first_then_decisions_by_id() {
+    let mut w = World::new();
+    let a = delta_on(&w.layer, w.layer.id(), &[], addr(2));
+    let b = delta_on(&w.expert, w.expert.id(), &[], addr(3));
+    for d in [&a, &b] {
+        let c = delta_commitment(&d.id(), &d.submitter);
+        w.tx(1, d.submitter, PolTx::CommitDelta { commitment: c })
+            .unwrap();
+    }
+    // A commitment that expires at 1 + 5 = 6, the same block the deltas are decided.
+    w.tx(
+        1,
+        addr(4),
+        PolTx::CommitDelta {
+            commitment: [0xee; 32],
+        },
+    )
+    .unwrap();
+    for d in [&a, &b] {
+        w.tx(2, d.submitter, PolTx::RevealDelta(d.clone())).unwrap();
+    }
+    let events = w.end(6);
+    assert_eq!(events.len(), 3);
+    assert!(matches!(events[0], PolEvent::DeltaCommitExpired { .. }));
+    let ids: Vec<Hash32> = events[1..]
+        .iter()
+        .map(|e| match e {
+            PolEvent::DeltaDecided(d) => d.delta_id,
+            _ => panic!("decision expected"),
+        })
+        .collect();
+    let mut sorted = vec![a.id(), b.id()];
+    sorted.sort();
+    assert_eq!(ids, sorted);
+}
