@@ -714,6 +714,8 @@ pub enum PolError {
     UnknownTarget,
     #[error("POL-16: too many node assignments (max {0})")]
     TooManyAssignments(u32),
+    #[error("POL-K1: malformed stored entry in namespace {0:#04x}")]
+    BadEntry(u8),
 }
 
 fn type_rule(rule: &'static str, detail: &'static str) -> PolError {
@@ -1313,6 +1315,12 @@ impl PolState {
     ) {
         let id = pending.delta_id;
         assert!(!self.blocks.contains_key(&id), "INV-POL-ACYCLIC: new id");
+        let head_version = self.heads.get(&pending.target).expect("registered").version;
+        assert_eq!(
+            head_version.bump_for_delta(),
+            Some(pending.block.version),
+            "POL-14: head unchanged since reveal"
+        );
         assert!(
             pending
                 .block
@@ -1431,6 +1439,61 @@ impl PolState {
         }
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
+    }
+}
+
+impl PolState {
+    /// Rebuilds the state from committed entries (as stored, in any order),
+    /// recomputing the derived indexes. `params` must be the genesis parameters.
+    pub fn from_entries(
+        entries: &[(StateKey, Vec<u8>)],
+        params: &PolParams,
+    ) -> Result<PolState, PolError> {
+        let mut state = PolState::default();
+        for (key, bytes) in entries {
+            let bad = || PolError::BadEntry(key.ns);
+            match key.ns {
+                ns::POL_BLOCK => {
+                    let block = PolBlock::decode(bytes).map_err(|_| bad())?;
+                    if hash_key(key) != Some(block.id()) {
+                        return Err(bad());
+                    }
+                    state.blocks.insert(block.id(), block);
+                }
+                ns::POL_DELTA_COMMIT => {
+                    let commit = DeltaCommit::decode(bytes).map_err(|_| bad())?;
+                    let c = hash_key(key).ok_or_else(bad)?;
+                    let expiry = commit
+                        .committed_height
+                        .saturating_add(params.delta_commit_ttl_blocks);
+                    state.commit_expiry.insert((expiry, c), ());
+                    state.delta_commits.insert(c, commit);
+                }
+                ns::POL_PENDING => {
+                    let pending = PendingDelta::decode(bytes).map_err(|_| bad())?;
+                    if hash_key(key) != Some(pending.delta_id) {
+                        return Err(bad());
+                    }
+                    let index = (pending.reveal_end_height, pending.delta_id);
+                    state.pending_by_end.insert(index, ());
+                    state.pending.insert(pending.delta_id, pending);
+                }
+                ns::POL_HEAD => {
+                    let target = target_of_key(key).ok_or_else(bad)?;
+                    let head = TargetHead::decode(bytes).map_err(|_| bad())?;
+                    state.heads.insert(target, head);
+                }
+                ns::POL_REGISTRY => {
+                    let target = target_of_key(key).ok_or_else(bad)?;
+                    let record = ExpertRecord::decode(bytes).map_err(|_| bad())?;
+                    state.registry.insert(target, record);
+                }
+                _ => return Err(bad()),
+            }
+        }
+        assert_eq!(state.commit_expiry.len(), state.delta_commits.len());
+        assert_eq!(state.pending_by_end.len(), state.pending.len());
+        Ok(state)
     }
 }
 

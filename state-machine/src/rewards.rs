@@ -191,6 +191,8 @@ pub enum RewardError {
     TooManyClaimants(RewardPool),
     #[error("RWD-5: pool {0:?} claims overflow")]
     Overflow(RewardPool),
+    #[error("RWD-K1: malformed stored entry in namespace {0:#04x}")]
+    BadEntry(u8),
 }
 
 // ---------------------------------------------------------------------------
@@ -439,7 +441,6 @@ impl RewardState {
 
     /// RWD-10: accrues the inference reward of a settled receipt to the
     /// serving node; returns the claim added.
-    #[allow(clippy::too_many_arguments)]
     pub fn accrue_inference(
         &mut self,
         params: &RewardParams,
@@ -584,6 +585,30 @@ impl RewardState {
             }
             _ => None,
         }
+    }
+
+    /// Rebuilds the state from committed entries (as stored, in any order).
+    pub fn from_entries(entries: &[(StateKey, Vec<u8>)]) -> Result<RewardState, RewardError> {
+        use crate::encoding::Canonical;
+        let mut state = RewardState::new();
+        for (key, bytes) in entries {
+            let bad = || RewardError::BadEntry(key.ns);
+            match (key.ns, key.key.as_slice()) {
+                (ns::REWARD_CLAIM, [pool, rest @ ..]) => {
+                    let pool = RewardPool::from_byte(*pool).ok_or_else(bad)?;
+                    let address = Address(rest.try_into().map_err(|_| bad())?);
+                    let claim = Claim::decode(bytes).map_err(|_| bad())?;
+                    state.claims.insert((pool, address), claim.amount);
+                }
+                (ns::REWARD_POOL, [pool]) => {
+                    let pool = RewardPool::from_byte(*pool).ok_or_else(bad)?;
+                    let total = PoolTotal::decode(bytes).map_err(|_| bad())?;
+                    state.totals.insert(pool, total);
+                }
+                _ => return Err(bad()),
+            }
+        }
+        Ok(state)
     }
 
     /// Every committed entry, sorted by key.

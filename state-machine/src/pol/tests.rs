@@ -1253,6 +1253,9 @@ proptest! {
             };
         }
         check_dag(&w.state);
+        // POL-K1: the committed entries determine the whole state.
+        let rebuilt = PolState::from_entries(&w.state.entries(), &w.params).unwrap();
+        prop_assert_eq!(rebuilt, w.state.clone());
     }
 }
 
@@ -1336,4 +1339,25 @@ fn pol_38_events_expiries_first_then_decisions_by_id() {
     let mut sorted = vec![a.id(), b.id()];
     sorted.sort();
     assert_eq!(ids, sorted);
+}
+
+#[test]
+fn pol_k1_from_entries_rejects_malformed_entries() {
+    let w = World::new();
+    let mut entries = w.state.entries();
+    assert_eq!(
+        PolState::from_entries(&entries, &w.params).unwrap(),
+        w.state
+    );
+    entries[0].1.push(0);
+    assert_eq!(
+        PolState::from_entries(&entries, &w.params).unwrap_err(),
+        PolError::BadEntry(ns::POL_BLOCK)
+    );
+    // A block stored under the wrong id.
+    let mut entries = w.state.entries();
+    entries[0].0.key[0] ^= 1;
+    assert!(PolState::from_entries(&entries, &w.params).is_err());
+    let foreign = vec![(StateKey::new(ns::ACCOUNT, vec![1]), vec![])];
+    assert!(PolState::from_entries(&foreign, &w.params).is_err());
 }

@@ -328,6 +328,13 @@ fn rwd_k1_entries_match_entry_bytes_and_touched() {
         s.entry_bytes(&StateKey::new(ns::REWARD_CLAIM, vec![0, 1])),
         None
     );
+    assert_eq!(RewardState::from_entries(&entries).unwrap(), s);
+    let mut broken = entries.clone();
+    broken[0].0.key.pop();
+    assert_eq!(
+        RewardState::from_entries(&broken).unwrap_err(),
+        RewardError::BadEntry(ns::REWARD_CLAIM)
+    );
     // Settling touches every key it removes.
     let mut t2 = Touched::new();
     s.settle_epoch(&p, &mut t2);
