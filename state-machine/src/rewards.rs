@@ -287,10 +287,11 @@ pub fn pool_budget(params: &RewardParams, pool: RewardPool) -> Amount {
 pub fn inference_reward(
     params: &RewardParams,
     tokens: u64,
-    quality_milli: u64,
+    quality_milli: u32,
     burned: Amount,
 ) -> Amount {
-    let quality = quality_milli.clamp(params.quality_min_milli, params.quality_max_milli);
+    let quality =
+        u64::from(quality_milli).clamp(params.quality_min_milli, params.quality_max_milli);
     let scaled = u128::from(tokens) * u128::from(quality);
     let reward = mul_div_floor(params.per_1k_tokens, scaled, u128::from(MILLI * MILLI))
         .unwrap_or(Amount::MAX);
@@ -446,7 +447,7 @@ impl RewardState {
         params: &RewardParams,
         server: Address,
         tokens: u64,
-        quality_milli: u64,
+        quality_milli: u32,
         burned: Amount,
         touched: &mut Touched,
     ) -> Result<Amount, RewardError> {

@@ -436,7 +436,7 @@ proptest! {
     }
 
     #[test]
-    fn prop_inference_reward_never_exceeds_burn(tokens in any::<u64>(), q in any::<u64>(), burned in any::<u128>()) {
+    fn prop_inference_reward_never_exceeds_burn(tokens in any::<u64>(), q in any::<u32>(), burned in any::<u128>()) {
         prop_assert!(inference_reward(&RewardParams::default(), tokens, q, burned) <= burned);
     }
 
