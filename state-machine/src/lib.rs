@@ -18,6 +18,8 @@ pub mod error;
 pub mod genesis;
 pub mod ledger;
 pub mod params;
+pub mod pol;
+pub mod rewards;
 pub mod smt;
 pub mod state;
 pub mod testkit;
