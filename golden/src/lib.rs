@@ -123,7 +123,12 @@ fn small_params() -> Params {
 
 /// Every scenario, in a fixed order.
 pub fn generate() -> Vec<Scenario> {
-    vec![transfers(), staking_and_slashing(), inference_and_nodes()]
+    vec![
+        transfers(),
+        staking_and_slashing(),
+        inference_and_nodes(),
+        pol_delta(),
+    ]
 }
 
 fn transfers() -> Scenario {
@@ -258,6 +263,117 @@ fn inference_and_nodes() -> Scenario {
     record(
         "inference_and_nodes",
         "GPU node registration and deregistration, receipt settlement once.",
+        net.genesis,
+        steps,
+    )
+}
+
+fn pol_delta() -> Scenario {
+    use blyan_state_machine::pol::{
+        PolBlockType, PolTx, SemVer, attestation_commitment, delta_commitment,
+    };
+    use blyan_state_machine::testkit::pol_block;
+    let mut params = small_params();
+    params.pol.attest_commit_window_blocks = 1;
+    params.pol.attest_reveal_window_blocks = 1;
+    params.rewards.epoch_length_blocks = 8;
+    let mut net = testnet(4, 2, params);
+    let author = address(&net.accounts[0]);
+    let meta = pol_block(
+        PolBlockType::Meta,
+        [0; 32],
+        vec![],
+        b"{\"model_type\":\"qwen3\"}",
+        author,
+    );
+    let mut layer = pol_block(
+        PolBlockType::Layer,
+        meta.id(),
+        vec![meta.id()],
+        b"layer 0 weights",
+        author,
+    );
+    layer.layer = Some(0);
+    net.genesis.pol_blocks = vec![meta.clone(), layer.clone()];
+    let miner = &net.accounts[1];
+    let mut delta = pol_block(
+        PolBlockType::Delta,
+        meta.id(),
+        vec![layer.id()],
+        b"delta",
+        address(miner),
+    );
+    delta.layer = Some(0);
+    delta.version = SemVer {
+        major: 1,
+        minor: 1,
+        patch: 0,
+    };
+    delta.base_block = Some(layer.id());
+    delta.base_version = Some(layer.version);
+    let id = delta.id();
+    let pol = |p: PolTx| TxKind::Pol(Box::new(p));
+    let salt = |i: usize| [i as u8 + 1; 32];
+    let attest_commits = net
+        .validators
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let c =
+                attestation_commitment(&id, 980_000 + i as u64, 1_000_000, &salt(i), &address(v));
+            tx(
+                CHAIN,
+                v,
+                0,
+                pol(PolTx::CommitAttestation {
+                    delta_id: id,
+                    commitment: c,
+                }),
+                FEE,
+            )
+        })
+        .collect();
+    let attest_reveals = net
+        .validators
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let r = PolTx::RevealAttestation {
+                delta_id: id,
+                loss_micronats: 980_000 + i as u64,
+                head_loss_micronats: 1_000_000,
+                salt: salt(i),
+            };
+            tx(CHAIN, v, 1, pol(r), FEE)
+        })
+        .collect();
+    let steps = vec![
+        Step::Txs(vec![tx(
+            CHAIN,
+            miner,
+            0,
+            pol(PolTx::CommitDelta {
+                commitment: delta_commitment(&id, &address(miner)),
+            }),
+            FEE,
+        )]),
+        Step::Txs(vec![tx(
+            CHAIN,
+            miner,
+            1,
+            pol(PolTx::RevealDelta(delta)),
+            FEE,
+        )]),
+        Step::Txs(attest_commits),
+        Step::Txs(attest_reveals),
+        Step::Txs(vec![]),
+        Step::Txs(vec![]),
+        Step::Txs(vec![]),
+        Step::Txs(vec![]),
+    ];
+    record(
+        "pol_delta",
+        "A delta committed, revealed, attested by every validator (2% better), accepted, and rewards minted at the epoch boundary.",
         net.genesis,
         steps,
     )

@@ -121,7 +121,6 @@ pub struct BlockOutcome {
 
 /// BLOCK-6: effects of a block that are not transaction receipts.
 #[derive(Clone, Debug, PartialEq, Eq, Archive, Serialize, Deserialize)]
-#[rkyv(derive(Debug))]
 pub enum Event {
     /// SLASH-1/SLASH-2: stake burned from a validator (bonded and unbonding).
     Slashed {
@@ -138,10 +137,8 @@ pub enum Event {
     Tombstoned { validator: Address },
     /// STAKE-3: unbonded stake or a node bond returned to its owner.
     UnbondingReleased { owner: Address, amount: Amount },
-    /// RWD: rewards minted at an epoch boundary.
-    RewardsMinted {
-        epoch: u64,
-        recipient: Address,
-        amount: Amount,
-    },
+    /// RWD-5: rewards minted at a reward-epoch boundary.
+    RewardsMinted { recipient: Address, amount: Amount },
+    /// POL-38: a PoL decision or expiry at the end of the block.
+    Pol(Box<crate::pol::PolEvent>),
 }

@@ -65,6 +65,8 @@ pub enum TxError {
     Overflow,
     #[error("proof-of-learning: {0}")]
     Pol(String),
+    #[error("rewards: {0}")]
+    Reward(String),
 }
 
 impl TxError {

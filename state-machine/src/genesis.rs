@@ -44,6 +44,10 @@ pub struct Genesis {
     pub validators: Vec<GenesisValidator>,
     #[serde(default)]
     pub params: Params,
+    /// GEN-1, POL-G1: the initial PoL blocks (at least the model's meta block
+    /// on a real network), in dependency order.
+    #[serde(default)]
+    pub pol_blocks: Vec<crate::pol::PolBlock>,
 }
 
 /// Most accounts and validators a genesis file may list (bounds its size).

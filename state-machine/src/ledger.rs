@@ -11,12 +11,15 @@ use crate::encoding::Canonical;
 use crate::error::{Error, TxError};
 use crate::genesis::Genesis;
 use crate::params::{BASE_FEE_MAX_CHANGE_DENOMINATOR, ELASTICITY_MULTIPLIER, Params, gas};
+use crate::pol::{PolContext, PolEffect, PolState};
+use crate::rewards::RewardState;
 use crate::smt::SparseMerkleTree;
 use crate::state::{StateKey, Touched, ns};
 use crate::tx::{MAX_ENDPOINT_BYTES, MAX_NODE_BLOCKS, NodeInfo, PublicKey, SignedTx, TxKind};
 use crate::types::{Address, Amount, BLY, Hash32, Height};
 use imbl::OrdMap;
 use rkyv::{Archive, Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// FEE-2: EIP-1559 base fee of a block from its parent's. Integer arithmetic,
 /// rounding down; saturating, so it never panics; with `parent_gas_limit < 2`
@@ -53,6 +56,7 @@ pub fn intrinsic_gas(kind: &TxKind) -> u64 {
         TxKind::RegisterNode { info, .. } => gas::REGISTER_NODE
             .saturating_add(gas::REGISTER_NODE_PER_BLOCK.saturating_mul(info.blocks.len() as u64)),
         TxKind::DeregisterNode => gas::DEREGISTER_NODE,
+        TxKind::Pol(p) => Params::pol_gas(p),
     }
 }
 
@@ -165,6 +169,8 @@ pub struct Ledger {
     /// The set that was active in the previous block (signers of its commit).
     last_active_set: Vec<(Address, u64)>,
     globals: Globals,
+    pol: PolState,
+    rewards: RewardState,
     /// Hash of the last applied header (the genesis hash at height 0). Not part
     /// of the committed state: the header that carries a state root cannot be
     /// inside it.
@@ -220,6 +226,9 @@ impl Ledger {
                 locked: 0,
                 unbonding_seq: 0,
             },
+            pol: PolState::genesis(genesis.pol_blocks.clone(), &genesis.params.pol)
+                .map_err(|e| Error::Genesis(format!("PoL genesis blocks: {e}")))?,
+            rewards: RewardState::new(),
             last_block_hash: genesis.hash(),
             smt: SparseMerkleTree::new(),
             touched: Touched::new(),
@@ -263,6 +272,9 @@ impl Ledger {
             ));
         }
         ledger.last_active_set = ledger.active_set.clone();
+        for (key, _) in ledger.pol.entries() {
+            ledger.touch(key);
+        }
         ledger.touch(StateKey::new(ns::GLOBAL, KEY_GLOBALS));
         ledger.touch(StateKey::new(ns::GLOBAL, KEY_ACTIVE_SET));
         ledger.touch(StateKey::new(ns::GLOBAL, KEY_LAST_ACTIVE_SET));
@@ -308,6 +320,14 @@ impl Ledger {
     /// The set whose commit the next block's `last_commit_signers` certify.
     pub fn last_active_set(&self) -> &[(Address, u64)] {
         &self.last_active_set
+    }
+    /// The Proof-of-Learning DAG, heads, registry and pending deltas.
+    pub fn pol(&self) -> &PolState {
+        &self.pol
+    }
+    /// Reward claims of the current reward epoch.
+    pub fn rewards(&self) -> &RewardState {
+        &self.rewards
     }
     pub fn node(&self, address: &Address) -> Option<&NodeRecord> {
         self.nodes.get(address)
@@ -432,6 +452,12 @@ impl Ledger {
                 let id: Hash32 = key.key[20..52].try_into().ok()?;
                 self.settled_receipts.get(&(client, id)).map(|h| h.encode())
             }
+            ns::POL_BLOCK
+            | ns::POL_DELTA_COMMIT
+            | ns::POL_PENDING
+            | ns::POL_HEAD
+            | ns::POL_REGISTRY => self.pol.entry_bytes(key),
+            ns::REWARD_CLAIM | ns::REWARD_POOL => self.rewards.entry_bytes(key),
             ns::GLOBAL => match key.key.as_slice() {
                 KEY_GLOBALS => Some(self.globals.encode()),
                 KEY_ACTIVE_SET => Some(self.active_set.encode()),
@@ -748,6 +774,7 @@ impl Ledger {
             TxKind::SettleInference { receipt } => self.settle_inference(sender, receipt, height),
             TxKind::RegisterNode { info, bond } => self.register_node(sender, info, *bond, height),
             TxKind::DeregisterNode => self.deregister_node(sender, height),
+            TxKind::Pol(p) => self.apply_pol(sender, p, height),
         }
     }
 
@@ -1005,6 +1032,18 @@ impl Ledger {
                 self.set_liveness(*addr, Some(l));
             }
         }
+        // RWD-12: commit signers claim from the validation pool, weighted by stake.
+        let weighted: Vec<(Address, Amount)> = signers
+            .iter()
+            .map(|a| (*a, self.validators.get(a).map_or(0, |v| v.bonded)))
+            .collect();
+        if self
+            .rewards
+            .accrue_commit_signers(&self.params.rewards, &weighted, &mut self.touched)
+            .is_err()
+        {
+            // RWD-P1: past the pool's claimant limit the claims are forfeited.
+        }
         Ok(())
     }
 
@@ -1034,6 +1073,7 @@ impl Ledger {
                 amount: e.amount,
             });
         }
+        self.end_block_pol(h.height, events);
         let punished = events
             .iter()
             .any(|e| matches!(e, Event::Jailed { .. } | Event::Tombstoned { .. }));
@@ -1057,6 +1097,76 @@ impl Ledger {
         self.globals.last_gas_limit = h.gas_limit;
         self.touch(StateKey::new(ns::GLOBAL, KEY_GLOBALS));
         update
+    }
+
+    /// POL-38 and RWD-5: close PoL windows, turn decisions into claims, and at
+    /// reward-epoch boundaries mint the settled claims.
+    fn end_block_pol(&mut self, height: Height, events: &mut Vec<Event>) {
+        let (stakes, total_stake) = self.active_stakes();
+        let ctx = PolContext {
+            height,
+            stakes: &stakes,
+            total_stake,
+            params: &self.params.pol,
+        };
+        let pol_events = self.pol.end_block(&ctx, &mut self.touched);
+        for e in pol_events {
+            // RWD-P1: claims past a pool's claimant limit are forfeited.
+            let _forfeited =
+                self.rewards
+                    .accrue_pol_event(&self.params.rewards, &e, &mut self.touched);
+            events.push(Event::Pol(Box::new(e)));
+        }
+        if height.is_multiple_of(self.params.rewards.epoch_length_blocks) {
+            for (recipient, amount) in self
+                .rewards
+                .settle_epoch(&self.params.rewards, &mut self.touched)
+            {
+                self.credit(recipient, amount);
+                self.globals.minted += amount;
+                events.push(Event::RewardsMinted { recipient, amount });
+            }
+        }
+    }
+
+    /// Bonded stake of the active validators, for PoL quorums (POL-33).
+    fn active_stakes(&self) -> (BTreeMap<Address, Amount>, Amount) {
+        let stakes: BTreeMap<Address, Amount> = self
+            .active_set
+            .iter()
+            .map(|(a, _)| (*a, self.validators.get(a).map_or(0, |v| v.bonded)))
+            .collect();
+        let total = stakes.values().sum();
+        (stakes, total)
+    }
+
+    /// TX-7: a PoL transaction; a registration bond is locked from the sender (POL-15).
+    fn apply_pol(
+        &mut self,
+        sender: Address,
+        tx: &crate::pol::PolTx,
+        height: Height,
+    ) -> Result<(), TxError> {
+        let (stakes, total_stake) = self.active_stakes();
+        let ctx = PolContext {
+            height,
+            stakes: &stakes,
+            total_stake,
+            params: &self.params.pol,
+        };
+        let effect = self
+            .pol
+            .apply_tx(&ctx, sender, tx, &mut self.touched)
+            .map_err(|e| TxError::Pol(e.to_string()))?;
+        match effect {
+            PolEffect::None => Ok(()),
+            PolEffect::LockBond { owner, amount } => {
+                // On failure the caller restores the snapshot, PoL changes included (TX-12).
+                self.debit(owner, amount)?;
+                self.globals.locked += amount;
+                Ok(())
+            }
+        }
     }
 
     /// STAKE-5, STAKE-4: active validators: not jailed or tombstoned, at least the minimum
@@ -1109,6 +1219,17 @@ impl Ledger {
         let payment = rc.payment().ok_or(TxError::Overflow)?;
         self.debit(client, payment)?;
         self.globals.burned += payment;
+        // RWD-4: the node's claim on the inference pool, capped by the burn.
+        self.rewards
+            .accrue_inference(
+                &self.params.rewards,
+                sender,
+                rc.tokens,
+                rc.quality_milli,
+                payment,
+                &mut self.touched,
+            )
+            .map_err(|e| TxError::Reward(e.to_string()))?;
         let mut key = client.0.to_vec();
         key.extend_from_slice(&rc.request_id);
         self.touch(StateKey::new(ns::RECEIPT, key));

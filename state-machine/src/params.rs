@@ -69,6 +69,10 @@ pub struct Params {
     /// TX-9: least bond of a GPU node.
     #[serde(with = "crate::types::amount_str")]
     pub node_min_bond: Amount,
+    /// Proof-of-Learning parameters (spec/pol.md POL-P1).
+    pub pol: crate::pol::PolParams,
+    /// Reward policy (spec/rewards.md RWD-P1).
+    pub rewards: crate::rewards::RewardParams,
 }
 
 impl Default for Params {
@@ -89,6 +93,8 @@ impl Default for Params {
             max_evidence_age_blocks: 500,
             max_block_evidence: 16,
             node_min_bond: 100 * BLY,
+            pol: crate::pol::PolParams::default(),
+            rewards: crate::rewards::RewardParams::default(),
         }
     }
 }
@@ -131,9 +137,24 @@ impl Params {
                 "min_validator_stake must be at least 1 BLY (one unit of voting power)",
             ),
         ];
-        match checks.iter().find(|(ok, _)| !ok) {
-            Some((_, why)) => Err((*why).to_string()),
-            None => Ok(()),
+        if let Some((_, why)) = checks.iter().find(|(ok, _)| !ok) {
+            return Err((*why).to_string());
+        }
+        self.pol.validate().map_err(|e| e.to_string())?;
+        self.rewards.validate().map_err(|e| e.to_string())
+    }
+
+    /// FEE-4: gas of a PoL transaction.
+    pub fn pol_gas(tx: &crate::pol::PolTx) -> u64 {
+        use crate::pol::PolTx;
+        match tx {
+            PolTx::RegisterBlock(b) => gas::POL_REGISTER_BLOCK
+                .saturating_add(gas::POL_PER_PARENT.saturating_mul(b.depends_on.len() as u64)),
+            PolTx::RevealDelta(b) => gas::POL_REVEAL_DELTA
+                .saturating_add(gas::POL_PER_PARENT.saturating_mul(b.depends_on.len() as u64)),
+            PolTx::CommitDelta { .. } => gas::POL_COMMIT,
+            PolTx::CommitAttestation { .. } => gas::POL_ATTEST_COMMIT,
+            PolTx::RevealAttestation { .. } => gas::POL_ATTEST_REVEAL,
         }
     }
 }

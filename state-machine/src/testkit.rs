@@ -61,6 +61,7 @@ pub fn testnet(validators: usize, accounts: usize, params: Params) -> TestNet {
             })
             .collect(),
         params,
+        pol_blocks: Vec::new(),
     };
     TestNet {
         genesis,
@@ -130,4 +131,32 @@ pub fn next_block_with(
         candidates: txs,
     })?;
     Ok((block, next))
+}
+
+/// A PoL block of version 1.0.0 over `payload`, with its Merkle root and CID (POL-3, POL-4).
+pub fn pol_block(
+    block_type: crate::pol::PolBlockType,
+    model_id: crate::types::Hash32,
+    depends_on: Vec<crate::types::Hash32>,
+    payload: &[u8],
+    submitter: Address,
+) -> crate::pol::PolBlock {
+    crate::pol::PolBlock {
+        block_type,
+        model_id,
+        depends_on,
+        version: crate::pol::SemVer {
+            major: 1,
+            minor: 0,
+            patch: 0,
+        },
+        layer: None,
+        expert: None,
+        payload_size_bytes: payload.len() as u64,
+        payload_merkle_root: crate::pol::payload_merkle_root(payload),
+        payload_cid: crate::pol::cid_v1_raw_sha256(payload),
+        submitter,
+        base_block: None,
+        base_version: None,
+    }
 }

@@ -150,8 +150,8 @@ pub enum TxKind {
     RegisterNode { info: Box<NodeInfo>, bond: Amount },
     /// TX-10: deregister; the bond enters the unbonding queue.
     DeregisterNode,
-    // TX-7: Proof-of-Learning operations.
-    // POL-INTEGRATION: Pol(crate::pol::PolTx),
+    /// TX-7: Proof-of-Learning operations (spec/pol.md).
+    Pol(Box<crate::pol::PolTx>),
 }
 
 /// The signed part of a transaction (TX-1). The chain id is not stored: it is

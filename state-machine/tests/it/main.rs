@@ -2,4 +2,5 @@
 mod crypto;
 mod fees;
 mod ledger;
+mod pol_flow;
 mod props;
