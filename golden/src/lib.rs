@@ -55,8 +55,13 @@ pub struct Scenario {
 /// What a scenario step puts in the next block.
 enum Step {
     Txs(Vec<SignedTx>),
-    /// Transactions, signers (None = all of the previous set) and evidence.
-    Full(Vec<SignedTx>, Option<Vec<usize>>, Vec<Misbehaviour>),
+    /// Transactions, a validator that does not sign (None: all of the previous
+    /// set sign) and evidence.
+    Full(
+        Vec<SignedTx>,
+        Option<blyan_state_machine::types::Address>,
+        Vec<Misbehaviour>,
+    ),
 }
 
 fn record(name: &str, description: &str, genesis: Genesis, steps: Vec<Step>) -> Scenario {
@@ -68,10 +73,11 @@ fn record(name: &str, description: &str, genesis: Genesis, steps: Vec<Step>) -> 
             Step::Txs(txs) => next_block(&ledger, &txs),
             Step::Full(txs, signers, evidence) => {
                 let set = ledger.last_active_set().to_vec();
-                let signers = match signers {
-                    None => set.iter().map(|(a, _)| *a).collect(),
-                    Some(idx) => idx.iter().map(|i| set[*i].0).collect(),
-                };
+                let signers = set
+                    .iter()
+                    .map(|(a, _)| *a)
+                    .filter(|a| Some(*a) != signers)
+                    .collect();
                 next_block_with(&ledger, &txs, signers, evidence)
             }
         }
@@ -163,6 +169,7 @@ fn staking_and_slashing() -> Scenario {
     let v = &net.validators;
     let a = &net.accounts;
     let double_signer = address(&v[2]);
+    let lazy = address(&v[3]);
     let steps = vec![
         Step::Txs(vec![
             tx(
@@ -184,11 +191,11 @@ fn staking_and_slashing() -> Scenario {
                 FEE,
             ),
         ]),
-        // Validator 3 (index in the set) misses commits from here on.
-        Step::Full(vec![], Some(vec![0, 1, 2]), vec![]),
+        // Validator 3 misses commits 2, 3 and 5: more than 2 of a 4-block window (SLASH-2).
+        Step::Full(vec![], Some(lazy), vec![]),
         Step::Full(
             vec![],
-            Some(vec![0, 1, 2]),
+            Some(lazy),
             vec![Misbehaviour::DuplicateVote {
                 validator: double_signer,
                 height: 1,
@@ -197,6 +204,7 @@ fn staking_and_slashing() -> Scenario {
             }],
         ),
         Step::Full(vec![], None, vec![]),
+        Step::Full(vec![], Some(lazy), vec![]),
         Step::Full(vec![], None, vec![]),
         Step::Full(vec![], None, vec![]),
         Step::Full(vec![], None, vec![]),
@@ -204,7 +212,7 @@ fn staking_and_slashing() -> Scenario {
     ];
     record(
         "staking_and_slashing",
-        "Bonding into the next epoch, unbonding, double-sign slashing reaching unbonding stake, release.",
+        "Bonding, unbonding, double-sign slashing reaching unbonding stake, downtime jailing, release.",
         net.genesis,
         steps,
     )
