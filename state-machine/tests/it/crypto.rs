@@ -124,9 +124,9 @@ fn der_to_rs(der: &[u8]) -> Option<[u8; 64]> {
 fn sig_3_wycheproof_secp256k1_sha3_256() {
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../../shared/vectors/wycheproof/ecdsa_secp256k1_sha3_256_test.json"
+        "/tests/vectors/ecdsa_secp256k1_sha3_256_test.json"
     );
-    let text = std::fs::read_to_string(path).expect("wycheproof vectors present at ../shared");
+    let text = std::fs::read_to_string(path).expect("wycheproof vectors in tests/vectors");
     let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
     let half_n =
         hex::decode("7fffffffffffffffffffffffffffffff5d576e7357a4501ddfe92f46681b20a0").unwrap();
