@@ -673,10 +673,11 @@ impl Ledger {
         gas_used: &mut u64,
         sigs: Signatures,
     ) -> Result<Receipt, TxError> {
-        let sender = tx.sender().ok_or(TxError::InvalidSignature)?;
-        if sigs == Signatures::Verify && !tx.verify(&self.chain_id) {
-            return Err(TxError::InvalidSignature);
+        let sender = match sigs {
+            Signatures::Verify => tx.verified_sender(&self.chain_id),
+            Signatures::Trusted => tx.sender(),
         }
+        .ok_or(TxError::InvalidSignature)?;
         let body = &tx.body;
         let mut account = self.account(&sender);
         if body.nonce != account.nonce {

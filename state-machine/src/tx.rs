@@ -199,6 +199,15 @@ impl SignedTx {
         Address::from_sec1(&self.public_key)
     }
 
+    /// TX-1 and SIG-2 in one step: the sender if the key is a valid point and
+    /// the signature verifies, decompressing the key once.
+    pub fn verified_sender(&self, chain_id: &str) -> Option<Address> {
+        let key = k256::ecdsa::VerifyingKey::from_sec1_bytes(&self.public_key).ok()?;
+        let digest = sha3_256(&self.body.signing_bytes(chain_id));
+        crate::crypto::verify_prehash(&key, &digest, &self.signature)
+            .then(|| Address::from_public_key(&key))
+    }
+
     /// SIG-2 over the transaction's signing bytes.
     pub fn verify(&self, chain_id: &str) -> bool {
         verify_signature(
