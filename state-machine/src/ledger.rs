@@ -424,6 +424,48 @@ impl Ledger {
         Ok(())
     }
 
+    /// STATE-2: every committed entry (key, canonical value bytes), sorted by
+    /// key. O(state): for snapshots, audits and tests, never on the block path.
+    pub fn entries(&self) -> Vec<(StateKey, Vec<u8>)> {
+        let mut keys: Vec<StateKey> = Vec::new();
+        keys.extend(
+            self.accounts
+                .keys()
+                .map(|a| StateKey::new(ns::ACCOUNT, a.0)),
+        );
+        keys.extend(
+            self.validators
+                .keys()
+                .map(|a| StateKey::new(ns::VALIDATOR, a.0)),
+        );
+        keys.extend(
+            self.liveness
+                .keys()
+                .map(|a| StateKey::new(ns::LIVENESS, a.0)),
+        );
+        keys.extend(self.nodes.keys().map(|a| StateKey::new(ns::NODE, a.0)));
+        keys.extend(self.unbonding.keys().map(|k| k.state_key()));
+        keys.extend(self.settled_receipts.keys().map(|(client, id)| {
+            let mut k = client.0.to_vec();
+            k.extend_from_slice(id);
+            StateKey::new(ns::RECEIPT, k)
+        }));
+        for k in [KEY_GLOBALS, KEY_ACTIVE_SET, KEY_LAST_ACTIVE_SET] {
+            keys.push(StateKey::new(ns::GLOBAL, k));
+        }
+        let mut out: Vec<(StateKey, Vec<u8>)> = keys
+            .into_iter()
+            .map(|k| {
+                let v = self.value_bytes(&k).expect("listed keys are present");
+                (k, v)
+            })
+            .collect();
+        out.extend(self.pol.entries());
+        out.extend(self.rewards.entries());
+        out.sort();
+        out
+    }
+
     /// Canonical bytes of the value under `key`, `None` if absent (STATE-2).
     fn value_bytes(&self, key: &StateKey) -> Option<Vec<u8>> {
         let addr = || -> Option<Address> { Some(Address(key.key.as_slice().try_into().ok()?)) };

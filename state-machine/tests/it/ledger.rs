@@ -640,3 +640,20 @@ fn state_2_proofs_for_present_and_absent_keys() {
         &proof
     ));
 }
+
+#[test]
+fn stake_6_the_active_set_never_becomes_empty() {
+    let net = testnet(1, 1, Params::default());
+    let l0 = Ledger::from_genesis(&net.genesis).unwrap();
+    let only = address(&net.validators[0]);
+    let l1 = next_block(&l0, &[]).unwrap().1;
+    let ev = Misbehaviour::DuplicateVote {
+        validator: only,
+        height: 1,
+        vote_a: [1; 32],
+        vote_b: [2; 32],
+    };
+    let (_, l2) = next_block_with(&l1, &[], vec![only], vec![ev]).unwrap();
+    assert!(l2.validator(&only).unwrap().tombstoned);
+    assert_eq!(l2.active_set().len(), 1, "STAKE-6: the old set stays");
+}

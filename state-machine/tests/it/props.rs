@@ -122,6 +122,14 @@ proptest! {
                 prop_assert!(w[1].account(&a).nonce >= w[0].account(&a).nonce);
             }
         }
+        // STATE-3: the incrementally maintained root equals a root rebuilt from every entry.
+        let last = states.last().unwrap();
+        let rebuilt: blyan_state_machine::smt::SparseMerkleTree = last
+            .entries()
+            .into_iter()
+            .map(|(k, v)| (k.path(), blyan_state_machine::crypto::sha3_256(&v)))
+            .collect();
+        prop_assert_eq!(rebuilt.root(), last.state_root());
         // INV-REPLAY: re-applying the same blocks from genesis gives the same roots.
         let mut l = states[0].clone();
         for (b, s) in blocks.iter().zip(&states[1..]) {
