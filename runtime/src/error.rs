@@ -20,6 +20,16 @@ pub enum Error {
     InvalidSecretKey,
     #[error("operating-system randomness unavailable: {0}")]
     Randomness(String),
+    #[error("storage: {0}")]
+    Storage(String),
+    #[error("data directory is corrupt: {0}")]
+    Corrupt(String),
+    #[error("data directory has schema version {found}; this node understands {supported}")]
+    UnsupportedSchema { found: u32, supported: u32 },
+    #[error("data directory belongs to another chain (genesis hash differs)")]
+    GenesisMismatch,
+    #[error("genesis: {0}")]
+    Genesis(String),
     #[error("io error on {path}: {source}")]
     Io {
         path: String,

@@ -3,11 +3,13 @@
 //! `blyan-state-machine`. The runtime executes the core's outputs; it never
 //! makes protocol decisions itself.
 //!
-//! So far: encrypted key files ([`keystore`]). Storage on fjall, the transport,
+//! So far: encrypted key files ([`keystore`]) and durable chain storage on
+//! fjall ([`store`]). Storage on fjall, the transport,
 //! the HTTP API and the `blyan` binary follow (issue 6).
 #![forbid(unsafe_code)]
 
 pub mod error;
 pub mod keystore;
+pub mod store;
 
 pub use error::Error;

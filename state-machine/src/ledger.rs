@@ -467,7 +467,7 @@ impl Ledger {
     }
 
     /// Canonical bytes of the value under `key`, `None` if absent (STATE-2).
-    fn value_bytes(&self, key: &StateKey) -> Option<Vec<u8>> {
+    pub fn value_bytes(&self, key: &StateKey) -> Option<Vec<u8>> {
         let addr = || -> Option<Address> { Some(Address(key.key.as_slice().try_into().ok()?)) };
         match key.ns {
             ns::ACCOUNT => self.accounts.get(&addr()?).map(|v| v.encode()),
