@@ -7,8 +7,23 @@
 //!
 //! What this crate deliberately does **not** do: IO, clocks, OS randomness,
 //! threads, floating point, or iteration in hash order. Time enters only as a
-//! field of a block header chosen by consensus; randomness only as bytes in a
-//! block. Those rules are what make replay and simulation possible.
+//! field of a block header chosen by consensus. Those rules are what make replay
+//! and simulation possible.
 #![forbid(unsafe_code)]
 
+pub mod block;
 pub mod crypto;
+pub mod encoding;
+pub mod error;
+pub mod genesis;
+pub mod ledger;
+pub mod params;
+pub mod pol;
+pub mod rewards;
+pub mod smt;
+pub mod state;
+pub mod testkit;
+pub mod tx;
+pub mod types;
+
+pub use error::{Error, TxError};

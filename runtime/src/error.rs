@@ -1,0 +1,38 @@
+//! The runtime's error type: internal failures (IO, corrupt files) kept apart
+//! from protocol rejections, which come from the core as `blyan_state_machine::Error`.
+
+/// The crate's one error enum.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("wrong password, or the key file was modified (authentication tag mismatch)")]
+    WrongPasswordOrTampered,
+    #[error("key file is malformed: {0}")]
+    KeyFileMalformed(String),
+    #[error("key file uses unsupported {what} {found:?}; supported: {supported}")]
+    KeyFileUnsupported {
+        what: &'static str,
+        found: String,
+        supported: &'static str,
+    },
+    #[error("key file iteration count {0} is below the minimum {min}", min = crate::keystore::MIN_ITERATIONS)]
+    KeyFileWeakKdf(u32),
+    #[error("decrypted key is not a valid secp256k1 secret key")]
+    InvalidSecretKey,
+    #[error("operating-system randomness unavailable: {0}")]
+    Randomness(String),
+    #[error("storage: {0}")]
+    Storage(String),
+    #[error("data directory is corrupt: {0}")]
+    Corrupt(String),
+    #[error("data directory has schema version {found}; this node understands {supported}")]
+    UnsupportedSchema { found: u32, supported: u32 },
+    #[error("data directory belongs to another chain (genesis hash differs)")]
+    GenesisMismatch,
+    #[error("genesis: {0}")]
+    Genesis(String),
+    #[error("io error on {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+}

@@ -1,0 +1,127 @@
+//! The crate's error type (spec/ledger.md BLOCK-7).
+//!
+//! Everything here is a *protocol* rejection: deterministic, the same on every
+//! node, and part of consensus. The core has no internal failures (no IO); a
+//! broken invariant is a bug and panics via `assert!`.
+
+use crate::encoding::EncodingError;
+use crate::types::{Address, Amount, Hash32, Height};
+
+/// Why a transaction was rejected. `Invalid*` reasons make a block invalid
+/// (TX-11); the others are recorded in a failed receipt that still pays its fee (TX-12).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TxError {
+    // --- TX-11: the transaction cannot be included at all.
+    #[error("invalid signature or public key")]
+    InvalidSignature,
+    #[error("wrong nonce: account expects {expected}, transaction has {got}")]
+    InvalidNonce { expected: u64, got: u64 },
+    #[error("max fee per gas {max_fee} is below the base fee {base_fee}")]
+    InvalidFeeBelowBaseFee { max_fee: u128, base_fee: u128 },
+    #[error("max priority fee per gas exceeds max fee per gas")]
+    InvalidPriorityAboveMax,
+    #[error("gas limit {limit} is below the {intrinsic} gas this transaction uses")]
+    InvalidGasLimit { limit: u64, intrinsic: u64 },
+    #[error("balance {balance} cannot pay the maximum fee {needed}")]
+    InvalidCannotPayMaxFee { balance: Amount, needed: Amount },
+    #[error("block gas limit exceeded")]
+    InvalidBlockGasExceeded,
+    // --- TX-12: included, failed, fee paid.
+    #[error("insufficient balance: have {balance}, need {needed}")]
+    InsufficientBalance { balance: Amount, needed: Amount },
+    #[error("amount must be positive")]
+    ZeroAmount,
+    #[error("{0} is not a validator")]
+    NotValidator(Address),
+    #[error("bonded stake {bonded} is less than {requested}")]
+    InsufficientStake { bonded: Amount, requested: Amount },
+    #[error("validator is tombstoned")]
+    Tombstoned,
+    #[error("validator is not jailed")]
+    NotJailed,
+    #[error("validator is jailed until height {until}")]
+    StillJailed { until: Height },
+    #[error("bonded stake is below the minimum validator stake")]
+    BelowMinStake,
+    #[error("receipt signature is invalid")]
+    ReceiptBadSignature,
+    #[error("only the serving node may settle a receipt")]
+    ReceiptWrongNode,
+    #[error("receipt expired at height {0}")]
+    ReceiptExpired(Height),
+    #[error("receipt already settled")]
+    ReceiptAlreadySettled,
+    #[error("quality {0} outside 500..=1500 milli")]
+    ReceiptQualityOutOfRange(u32),
+    #[error("node already registered")]
+    NodeAlreadyRegistered,
+    #[error("node not registered")]
+    NodeNotRegistered,
+    #[error("node bond {bond} below minimum {min}")]
+    NodeBondTooSmall { bond: Amount, min: Amount },
+    #[error("node info too large")]
+    NodeInfoTooLarge,
+    #[error("arithmetic overflow")]
+    Overflow,
+    #[error("proof-of-learning: {0}")]
+    Pol(String),
+    #[error("rewards: {0}")]
+    Reward(String),
+}
+
+impl TxError {
+    /// TX-11: does this rejection make the whole block invalid?
+    pub fn invalidates_block(&self) -> bool {
+        matches!(
+            self,
+            TxError::InvalidSignature
+                | TxError::InvalidNonce { .. }
+                | TxError::InvalidFeeBelowBaseFee { .. }
+                | TxError::InvalidPriorityAboveMax
+                | TxError::InvalidGasLimit { .. }
+                | TxError::InvalidCannotPayMaxFee { .. }
+                | TxError::InvalidBlockGasExceeded
+        )
+    }
+}
+
+/// The crate's one error enum.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    #[error("invalid genesis: {0}")]
+    Genesis(String),
+    #[error("wrong height: expected {expected}, block has {got}")]
+    WrongHeight { expected: Height, got: Height },
+    #[error("previous hash does not match the last block")]
+    WrongPrevHash,
+    #[error("block time {got} ms is not after the parent's {parent} ms")]
+    TimeNotIncreasing { parent: u64, got: u64 },
+    #[error("proposer {0} is not in the active validator set")]
+    UnknownProposer(Address),
+    #[error("base fee {got} differs from the expected {expected}")]
+    WrongBaseFee { expected: u128, got: u128 },
+    #[error("gas limit {got} differs from the chain's {expected}")]
+    WrongGasLimit { expected: u64, got: u64 },
+    #[error("header gas used {header} differs from the {computed} the transactions use")]
+    WrongGasUsed { header: u64, computed: u64 },
+    #[error("too many transactions: {got} > {max}")]
+    TooManyTxs { got: usize, max: usize },
+    #[error("body hash does not match the header")]
+    WrongBodyHash,
+    #[error(
+        "state root {} differs from the computed {}",
+        hex::encode(header),
+        hex::encode(computed)
+    )]
+    WrongStateRoot { header: Hash32, computed: Hash32 },
+    #[error("receipts hash does not match the header")]
+    WrongReceiptsHash,
+    #[error("transaction {index} is invalid: {error}")]
+    InvalidTx { index: usize, error: TxError },
+    #[error("evidence {index} is invalid: {reason}")]
+    InvalidEvidence { index: usize, reason: String },
+    #[error("commit signers are invalid: {0}")]
+    InvalidSigners(String),
+    #[error(transparent)]
+    Encoding(#[from] EncodingError),
+}

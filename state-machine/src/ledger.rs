@@ -1,0 +1,1329 @@
+//! The ledger: accounts, fees, staking and slashing, and block application
+//! (spec/ledger.md, spec/fees.md, spec/staking.md).
+//!
+//! [`Ledger`] is an immutable-by-default value: [`Ledger::apply_block`] returns a
+//! new ledger and leaves `self` untouched, so an invalid block changes nothing
+//! (BLOCK-7). Cloning is O(1) (persistent maps), which is also how failed
+//! transactions roll back their effects while keeping their fee (TX-12).
+
+use crate::block::{Block, BlockBody, BlockHeader, BlockOutcome, Event, Misbehaviour, Receipt};
+use crate::encoding::Canonical;
+use crate::error::{Error, TxError};
+use crate::genesis::Genesis;
+use crate::params::{BASE_FEE_MAX_CHANGE_DENOMINATOR, ELASTICITY_MULTIPLIER, Params, gas};
+use crate::pol::{PolContext, PolEffect, PolState};
+use crate::rewards::RewardState;
+use crate::smt::SparseMerkleTree;
+use crate::state::{StateKey, Touched, ns};
+use crate::tx::{MAX_ENDPOINT_BYTES, MAX_NODE_BLOCKS, NodeInfo, PublicKey, SignedTx, TxKind};
+use crate::types::{Address, Amount, BLY, Hash32, Height};
+use imbl::OrdMap;
+use rkyv::{Archive, Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// FEE-2: EIP-1559 base fee of a block from its parent's. Integer arithmetic,
+/// rounding down; saturating, so it never panics; with `parent_gas_limit < 2`
+/// (no meaningful target) it returns `parent_base_fee`.
+pub fn next_base_fee(parent_base_fee: u128, parent_gas_used: u64, parent_gas_limit: u64) -> u128 {
+    if parent_gas_limit < 2 {
+        return parent_base_fee;
+    }
+    let target = u128::from(parent_gas_limit / ELASTICITY_MULTIPLIER);
+    let used = u128::from(parent_gas_used);
+    if used == target {
+        parent_base_fee
+    } else if used > target {
+        let delta = parent_base_fee.saturating_mul(used - target)
+            / target
+            / BASE_FEE_MAX_CHANGE_DENOMINATOR;
+        parent_base_fee.saturating_add(delta.max(1))
+    } else {
+        let delta = parent_base_fee.saturating_mul(target - used)
+            / target
+            / BASE_FEE_MAX_CHANGE_DENOMINATOR;
+        parent_base_fee.saturating_sub(delta)
+    }
+}
+
+/// FEE-4: gas a transaction of this kind uses (exactly; execution is not metered).
+pub fn intrinsic_gas(kind: &TxKind) -> u64 {
+    match kind {
+        TxKind::Transfer { .. } => gas::TRANSFER,
+        TxKind::Bond { .. } => gas::BOND,
+        TxKind::Unbond { .. } => gas::UNBOND,
+        TxKind::Unjail => gas::UNJAIL,
+        TxKind::SettleInference { .. } => gas::SETTLE_INFERENCE,
+        TxKind::RegisterNode { info, .. } => gas::REGISTER_NODE
+            .saturating_add(gas::REGISTER_NODE_PER_BLOCK.saturating_mul(info.blocks.len() as u64)),
+        TxKind::DeregisterNode => gas::DEREGISTER_NODE,
+        TxKind::Pol(p) => Params::pol_gas(p),
+    }
+}
+
+/// LEDGER-1: an account.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Archive, Serialize, Deserialize)]
+#[rkyv(derive(Debug))]
+pub struct Account {
+    pub balance: Amount,
+    /// Number of transactions the account has had included (TX-1).
+    pub nonce: u64,
+}
+
+/// STAKE-1: a validator.
+#[derive(Clone, Debug, PartialEq, Eq, Archive, Serialize, Deserialize)]
+#[rkyv(derive(Debug))]
+pub struct Validator {
+    /// Consensus key (SEC1 compressed).
+    pub public_key: PublicKey,
+    pub bonded: Amount,
+    /// SLASH-2: jailed validators are not in the active set until they unjail.
+    pub jailed_until: Option<Height>,
+    /// SLASH-1: removed for good.
+    pub tombstoned: bool,
+}
+
+/// STAKE-3: stake (or a node bond) on its way back to its owner.
+#[derive(Clone, Debug, PartialEq, Eq, Archive, Serialize, Deserialize)]
+#[rkyv(derive(Debug))]
+pub struct UnbondingEntry {
+    pub amount: Amount,
+    pub creation_height: Height,
+    /// Node bonds are not validator stake and are not slashed with it.
+    pub node_bond: bool,
+}
+
+/// Key of an unbonding entry: release first, so releasing walks the map's front.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct UnbondingKey {
+    pub release_height: Height,
+    pub owner: Address,
+    pub seq: u64,
+}
+
+impl UnbondingKey {
+    fn state_key(&self) -> StateKey {
+        let mut k = Vec::with_capacity(36);
+        k.extend_from_slice(&self.release_height.to_be_bytes());
+        k.extend_from_slice(&self.owner.0);
+        k.extend_from_slice(&self.seq.to_be_bytes());
+        StateKey::new(ns::UNBONDING, k)
+    }
+}
+
+/// SLASH-2: a validator's recent commit signatures, as a ring of "missed" bits.
+#[derive(Clone, Debug, PartialEq, Eq, Archive, Serialize, Deserialize)]
+#[rkyv(derive(Debug))]
+pub struct Liveness {
+    pub missed_bits: Vec<u8>,
+    pub next_index: u32,
+    pub filled: u32,
+    pub missed: u32,
+}
+
+/// TX-9: a registered GPU node.
+#[derive(Clone, Debug, PartialEq, Eq, Archive, Serialize, Deserialize)]
+#[rkyv(derive(Debug))]
+pub struct NodeRecord {
+    pub info: NodeInfo,
+    pub bond: Amount,
+    pub registered_at: Height,
+}
+
+/// Chain-wide scalars (STATE-1, `GLOBAL/"globals"`).
+#[derive(Clone, Debug, PartialEq, Eq, Archive, Serialize, Deserialize)]
+#[rkyv(derive(Debug))]
+pub struct Globals {
+    pub height: Height,
+    pub time_ms: u64,
+    pub last_base_fee: u128,
+    pub last_gas_used: u64,
+    pub last_gas_limit: u64,
+    /// INV-SUPPLY counters.
+    pub genesis_supply: Amount,
+    pub minted: Amount,
+    pub burned: Amount,
+    pub slashed: Amount,
+    /// Node and PoL bonds held by the protocol.
+    pub locked: Amount,
+    pub unbonding_seq: u64,
+}
+
+const KEY_GLOBALS: &[u8] = b"globals";
+const KEY_ACTIVE_SET: &[u8] = b"active_set";
+const KEY_LAST_ACTIVE_SET: &[u8] = b"last_active_set";
+
+/// The replicated state. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Ledger {
+    chain_id: String,
+    params: Params,
+    genesis_hash: Hash32,
+    accounts: OrdMap<Address, Account>,
+    validators: OrdMap<Address, Validator>,
+    unbonding: OrdMap<UnbondingKey, UnbondingEntry>,
+    liveness: OrdMap<Address, Liveness>,
+    nodes: OrdMap<Address, NodeRecord>,
+    settled_receipts: OrdMap<(Address, Hash32), Height>,
+    /// STAKE-5: (address, voting power) in ascending address order.
+    active_set: Vec<(Address, u64)>,
+    /// The set that was active in the previous block (signers of its commit).
+    last_active_set: Vec<(Address, u64)>,
+    globals: Globals,
+    pol: PolState,
+    rewards: RewardState,
+    /// Hash of the last applied header (the genesis hash at height 0). Not part
+    /// of the committed state: the header that carries a state root cannot be
+    /// inside it.
+    last_block_hash: Hash32,
+    smt: SparseMerkleTree,
+    touched: Touched,
+}
+
+/// Whether block application verifies transaction signatures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Signatures {
+    Verify,
+    Trusted,
+}
+
+/// Options for [`Ledger::propose_block`].
+#[derive(Clone, Debug)]
+pub struct Proposal<'a> {
+    pub proposer: Address,
+    pub time_ms: u64,
+    pub evidence: Vec<Misbehaviour>,
+    pub last_commit_signers: Vec<Address>,
+    /// Candidate transactions in preference order; invalid ones are skipped.
+    pub candidates: &'a [SignedTx],
+}
+
+impl Ledger {
+    /// GEN-2: the state at height 0.
+    pub fn from_genesis(genesis: &Genesis) -> Result<Ledger, Error> {
+        genesis.validate()?;
+        let mut ledger = Ledger {
+            chain_id: genesis.chain_id.clone(),
+            params: genesis.params.clone(),
+            genesis_hash: genesis.hash(),
+            accounts: OrdMap::new(),
+            validators: OrdMap::new(),
+            unbonding: OrdMap::new(),
+            liveness: OrdMap::new(),
+            nodes: OrdMap::new(),
+            settled_receipts: OrdMap::new(),
+            active_set: Vec::new(),
+            last_active_set: Vec::new(),
+            globals: Globals {
+                height: 0,
+                time_ms: genesis.genesis_time_ms,
+                last_base_fee: 0,
+                last_gas_used: 0,
+                last_gas_limit: 0,
+                genesis_supply: 0,
+                minted: 0,
+                burned: 0,
+                slashed: 0,
+                locked: 0,
+                unbonding_seq: 0,
+            },
+            pol: PolState::genesis(genesis.pol_blocks.clone(), &genesis.params.pol)
+                .map_err(|e| Error::Genesis(format!("PoL genesis blocks: {e}")))?,
+            rewards: RewardState::new(),
+            last_block_hash: genesis.hash(),
+            smt: SparseMerkleTree::new(),
+            touched: Touched::new(),
+        };
+        let mut supply: Amount = 0;
+        for b in &genesis.balances {
+            let acc = ledger.account(&b.address);
+            ledger.set_account(
+                b.address,
+                Account {
+                    balance: acc.balance + b.amount,
+                    nonce: 0,
+                },
+            );
+            supply = supply
+                .checked_add(b.amount)
+                .ok_or_else(|| Error::Genesis("supply overflows".into()))?;
+        }
+        for v in &genesis.validators {
+            let address = Address::from_sec1(&v.public_key).ok_or_else(|| {
+                Error::Genesis("validator public key is not a valid point".into())
+            })?;
+            ledger.set_validator(
+                address,
+                Validator {
+                    public_key: v.public_key,
+                    bonded: v.stake,
+                    jailed_until: None,
+                    tombstoned: false,
+                },
+            );
+            supply = supply
+                .checked_add(v.stake)
+                .ok_or_else(|| Error::Genesis("supply overflows".into()))?;
+        }
+        ledger.globals.genesis_supply = supply;
+        ledger.active_set = ledger.compute_active_set();
+        if ledger.active_set.is_empty() {
+            return Err(Error::Genesis(
+                "no validator meets the minimum stake".into(),
+            ));
+        }
+        ledger.last_active_set = ledger.active_set.clone();
+        for (key, _) in ledger.pol.entries() {
+            ledger.touch(key);
+        }
+        ledger.touch(StateKey::new(ns::GLOBAL, KEY_GLOBALS));
+        ledger.touch(StateKey::new(ns::GLOBAL, KEY_ACTIVE_SET));
+        ledger.touch(StateKey::new(ns::GLOBAL, KEY_LAST_ACTIVE_SET));
+        ledger.commit_root();
+        Ok(ledger)
+    }
+
+    // ----- read access -------------------------------------------------------
+
+    pub fn chain_id(&self) -> &str {
+        &self.chain_id
+    }
+    pub fn params(&self) -> &Params {
+        &self.params
+    }
+    pub fn genesis_hash(&self) -> Hash32 {
+        self.genesis_hash
+    }
+    pub fn height(&self) -> Height {
+        self.globals.height
+    }
+    pub fn globals(&self) -> &Globals {
+        &self.globals
+    }
+    pub fn last_block_hash(&self) -> Hash32 {
+        self.last_block_hash
+    }
+    pub fn state_root(&self) -> Hash32 {
+        self.smt.root()
+    }
+    pub fn account(&self, address: &Address) -> Account {
+        self.accounts.get(address).cloned().unwrap_or_default()
+    }
+    pub fn validator(&self, address: &Address) -> Option<&Validator> {
+        self.validators.get(address)
+    }
+    pub fn validators(&self) -> impl Iterator<Item = (&Address, &Validator)> {
+        self.validators.iter()
+    }
+    pub fn active_set(&self) -> &[(Address, u64)] {
+        &self.active_set
+    }
+    /// The set whose commit the next block's `last_commit_signers` certify.
+    pub fn last_active_set(&self) -> &[(Address, u64)] {
+        &self.last_active_set
+    }
+    /// The Proof-of-Learning DAG, heads, registry and pending deltas.
+    pub fn pol(&self) -> &PolState {
+        &self.pol
+    }
+    /// Reward claims of the current reward epoch.
+    pub fn rewards(&self) -> &RewardState {
+        &self.rewards
+    }
+    pub fn node(&self, address: &Address) -> Option<&NodeRecord> {
+        self.nodes.get(address)
+    }
+    pub fn unbonding(&self) -> impl Iterator<Item = (&UnbondingKey, &UnbondingEntry)> {
+        self.unbonding.iter()
+    }
+    /// Base fee the next block must carry (FEE-1, FEE-2).
+    pub fn next_block_base_fee(&self) -> u128 {
+        if self.globals.height == 0 {
+            self.params.initial_base_fee
+        } else {
+            next_base_fee(
+                self.globals.last_base_fee,
+                self.globals.last_gas_used,
+                self.globals.last_gas_limit,
+            )
+        }
+    }
+
+    /// STATE-2: the proof for a state key against [`Ledger::state_root`], with the
+    /// value's canonical bytes when present.
+    pub fn prove(&self, key: &StateKey) -> (Option<Vec<u8>>, crate::smt::Proof) {
+        (self.value_bytes(key), self.smt.prove(&key.path()))
+    }
+
+    /// INV-SUPPLY, computed by walking the whole state: returns
+    /// (balances + bonded + unbonding + locked, genesis + minted − burned − slashed).
+    pub fn audit_supply(&self) -> (Amount, Amount) {
+        let balances: Amount = self.accounts.values().map(|a| a.balance).sum();
+        let bonded: Amount = self.validators.values().map(|v| v.bonded).sum();
+        let unbonding: Amount = self.unbonding.values().map(|e| e.amount).sum();
+        let held = balances + bonded + unbonding + self.globals.locked;
+        let g = &self.globals;
+        (held, g.genesis_supply + g.minted - g.burned - g.slashed)
+    }
+
+    // ----- writes (every write records its key: STATE-3) ----------------------
+
+    fn touch(&mut self, key: StateKey) {
+        self.touched.insert(key);
+    }
+    fn set_account(&mut self, address: Address, account: Account) {
+        self.touch(StateKey::new(ns::ACCOUNT, address.0));
+        if account == Account::default() {
+            self.accounts.remove(&address);
+        } else {
+            self.accounts.insert(address, account);
+        }
+    }
+    fn set_validator(&mut self, address: Address, validator: Validator) {
+        self.touch(StateKey::new(ns::VALIDATOR, address.0));
+        self.validators.insert(address, validator);
+    }
+    fn set_liveness(&mut self, address: Address, liveness: Option<Liveness>) {
+        self.touch(StateKey::new(ns::LIVENESS, address.0));
+        match liveness {
+            Some(l) => self.liveness.insert(address, l),
+            None => self.liveness.remove(&address),
+        };
+    }
+    fn set_unbonding(&mut self, key: UnbondingKey, entry: Option<UnbondingEntry>) {
+        self.touch(key.state_key());
+        match entry {
+            Some(e) => self.unbonding.insert(key, e),
+            None => self.unbonding.remove(&key),
+        };
+    }
+    fn set_node(&mut self, address: Address, node: Option<NodeRecord>) {
+        self.touch(StateKey::new(ns::NODE, address.0));
+        match node {
+            Some(n) => self.nodes.insert(address, n),
+            None => self.nodes.remove(&address),
+        };
+    }
+    fn credit(&mut self, address: Address, amount: Amount) {
+        let mut acc = self.account(&address);
+        acc.balance = acc
+            .balance
+            .checked_add(amount)
+            .expect("INV-SUPPLY bounds every balance");
+        self.set_account(address, acc);
+    }
+    fn debit(&mut self, address: Address, amount: Amount) -> Result<(), TxError> {
+        let mut acc = self.account(&address);
+        if acc.balance < amount {
+            return Err(TxError::InsufficientBalance {
+                balance: acc.balance,
+                needed: amount,
+            });
+        }
+        acc.balance -= amount;
+        self.set_account(address, acc);
+        Ok(())
+    }
+
+    /// STATE-2: every committed entry (key, canonical value bytes), sorted by
+    /// key. O(state): for snapshots, audits and tests, never on the block path.
+    pub fn entries(&self) -> Vec<(StateKey, Vec<u8>)> {
+        let mut keys: Vec<StateKey> = Vec::new();
+        keys.extend(
+            self.accounts
+                .keys()
+                .map(|a| StateKey::new(ns::ACCOUNT, a.0)),
+        );
+        keys.extend(
+            self.validators
+                .keys()
+                .map(|a| StateKey::new(ns::VALIDATOR, a.0)),
+        );
+        keys.extend(
+            self.liveness
+                .keys()
+                .map(|a| StateKey::new(ns::LIVENESS, a.0)),
+        );
+        keys.extend(self.nodes.keys().map(|a| StateKey::new(ns::NODE, a.0)));
+        keys.extend(self.unbonding.keys().map(|k| k.state_key()));
+        keys.extend(self.settled_receipts.keys().map(|(client, id)| {
+            let mut k = client.0.to_vec();
+            k.extend_from_slice(id);
+            StateKey::new(ns::RECEIPT, k)
+        }));
+        for k in [KEY_GLOBALS, KEY_ACTIVE_SET, KEY_LAST_ACTIVE_SET] {
+            keys.push(StateKey::new(ns::GLOBAL, k));
+        }
+        let mut out: Vec<(StateKey, Vec<u8>)> = keys
+            .into_iter()
+            .map(|k| {
+                let v = self.value_bytes(&k).expect("listed keys are present");
+                (k, v)
+            })
+            .collect();
+        out.extend(self.pol.entries());
+        out.extend(self.rewards.entries());
+        out.sort();
+        out
+    }
+
+    /// Canonical bytes of the value under `key`, `None` if absent (STATE-2).
+    pub fn value_bytes(&self, key: &StateKey) -> Option<Vec<u8>> {
+        let addr = || -> Option<Address> { Some(Address(key.key.as_slice().try_into().ok()?)) };
+        match key.ns {
+            ns::ACCOUNT => self.accounts.get(&addr()?).map(|v| v.encode()),
+            ns::VALIDATOR => self.validators.get(&addr()?).map(|v| v.encode()),
+            ns::LIVENESS => self.liveness.get(&addr()?).map(|v| v.encode()),
+            ns::NODE => self.nodes.get(&addr()?).map(|v| v.encode()),
+            ns::UNBONDING => {
+                let k = &key.key;
+                if k.len() != 36 {
+                    return None;
+                }
+                let ukey = UnbondingKey {
+                    release_height: u64::from_be_bytes(k[0..8].try_into().ok()?),
+                    owner: Address(k[8..28].try_into().ok()?),
+                    seq: u64::from_be_bytes(k[28..36].try_into().ok()?),
+                };
+                self.unbonding.get(&ukey).map(|v| v.encode())
+            }
+            ns::RECEIPT => {
+                if key.key.len() != 52 {
+                    return None;
+                }
+                let client = Address(key.key[0..20].try_into().ok()?);
+                let id: Hash32 = key.key[20..52].try_into().ok()?;
+                self.settled_receipts.get(&(client, id)).map(|h| h.encode())
+            }
+            ns::POL_BLOCK
+            | ns::POL_DELTA_COMMIT
+            | ns::POL_PENDING
+            | ns::POL_HEAD
+            | ns::POL_REGISTRY => self.pol.entry_bytes(key),
+            ns::REWARD_CLAIM | ns::REWARD_POOL => self.rewards.entry_bytes(key),
+            ns::GLOBAL => match key.key.as_slice() {
+                KEY_GLOBALS => Some(self.globals.encode()),
+                KEY_ACTIVE_SET => Some(self.active_set.encode()),
+                KEY_LAST_ACTIVE_SET => Some(self.last_active_set.encode()),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// STATE-3: fold the touched keys into the sparse Merkle tree.
+    fn commit_root(&mut self) -> Vec<StateKey> {
+        let touched = std::mem::take(&mut self.touched);
+        let updates: Vec<([u8; 32], Option<[u8; 32]>)> = touched
+            .iter()
+            .map(|k| {
+                (
+                    k.path(),
+                    self.value_bytes(k).map(|b| crate::crypto::sha3_256(&b)),
+                )
+            })
+            .collect();
+        self.smt.apply(updates);
+        touched.into_iter().collect()
+    }
+
+    // ----- blocks ------------------------------------------------------------
+
+    /// BLOCK-7: applies `block` atomically. On success returns the new ledger
+    /// and the outcome; on failure `self` is unchanged and the error says why.
+    pub fn apply_block(&self, block: &Block) -> Result<(Ledger, BlockOutcome), Error> {
+        self.apply_block_inner(block, Signatures::Verify)
+    }
+
+    /// [`Ledger::apply_block`] without re-verifying transaction signatures: only
+    /// for replaying blocks this node already verified and committed (its own
+    /// store, at restart) and for benchmarks. Everything else is checked.
+    pub fn apply_block_trusted_signatures(
+        &self,
+        block: &Block,
+    ) -> Result<(Ledger, BlockOutcome), Error> {
+        self.apply_block_inner(block, Signatures::Trusted)
+    }
+
+    fn apply_block_inner(
+        &self,
+        block: &Block,
+        sigs: Signatures,
+    ) -> Result<(Ledger, BlockOutcome), Error> {
+        let mut next = self.clone();
+        next.touched.clear();
+        let header = &block.header;
+        if block.body.body_hash() != header.body_hash {
+            return Err(Error::WrongBodyHash);
+        }
+        next.begin_block(header)?;
+        let mut events = Vec::new();
+        next.apply_evidence(&block.body.evidence, &mut events)?;
+        next.apply_signers(&block.body.last_commit_signers, &mut events)?;
+        if block.body.txs.len() > self.params.max_block_txs as usize {
+            return Err(Error::TooManyTxs {
+                got: block.body.txs.len(),
+                max: self.params.max_block_txs as usize,
+            });
+        }
+        let mut receipts = Vec::with_capacity(block.body.txs.len());
+        let mut gas_used: u64 = 0;
+        for (index, tx) in block.body.txs.iter().enumerate() {
+            let receipt = next
+                .apply_tx(tx, header, &mut gas_used, sigs)
+                .map_err(|error| Error::InvalidTx { index, error })?;
+            receipts.push(receipt);
+        }
+        if gas_used != header.gas_used {
+            return Err(Error::WrongGasUsed {
+                header: header.gas_used,
+                computed: gas_used,
+            });
+        }
+        if crate::block::receipts_hash(&receipts) != header.receipts_hash {
+            return Err(Error::WrongReceiptsHash);
+        }
+        let validator_set_update = next.end_block(header, &mut events);
+        let changed_keys = next.commit_root();
+        if next.state_root() != header.state_root {
+            return Err(Error::WrongStateRoot {
+                header: header.state_root,
+                computed: next.state_root(),
+            });
+        }
+        next.last_block_hash = block.hash();
+        Ok((
+            next,
+            BlockOutcome {
+                receipts,
+                changed_keys,
+                validator_set_update,
+                events,
+            },
+        ))
+    }
+
+    /// Builds the next block from candidates (skipping those that would make it
+    /// invalid) and returns it with the state it leads to. The result passes
+    /// [`Ledger::apply_block`] on any node (tested).
+    pub fn propose_block(&self, p: Proposal<'_>) -> Result<(Block, Ledger, BlockOutcome), Error> {
+        let mut next = self.clone();
+        next.touched.clear();
+        let mut header = BlockHeader {
+            height: self.globals.height + 1,
+            time_ms: p.time_ms,
+            prev_hash: self.last_block_hash,
+            proposer: p.proposer,
+            base_fee_per_gas: self.next_block_base_fee(),
+            gas_limit: self.params.block_gas_limit,
+            gas_used: 0,
+            body_hash: [0; 32],
+            state_root: [0; 32],
+            receipts_hash: [0; 32],
+        };
+        next.begin_block(&header)?;
+        let mut events = Vec::new();
+        next.apply_evidence(&p.evidence, &mut events)?;
+        next.apply_signers(&p.last_commit_signers, &mut events)?;
+        let mut body = BlockBody {
+            evidence: p.evidence,
+            last_commit_signers: p.last_commit_signers,
+            txs: Vec::new(),
+        };
+        let mut receipts = Vec::new();
+        let mut gas_used: u64 = 0;
+        for tx in p.candidates {
+            if body.txs.len() >= self.params.max_block_txs as usize {
+                break;
+            }
+            let snapshot = next.clone();
+            match next.apply_tx(tx, &header, &mut gas_used, Signatures::Verify) {
+                Ok(r) => {
+                    receipts.push(r);
+                    body.txs.push(tx.clone());
+                }
+                Err(e) => {
+                    assert!(
+                        e.invalidates_block(),
+                        "apply_tx returns Err only for TX-11 reasons"
+                    );
+                    next = snapshot;
+                }
+            }
+        }
+        header.gas_used = gas_used;
+        let validator_set_update = next.end_block(&header, &mut events);
+        let changed_keys = next.commit_root();
+        header.body_hash = body.body_hash();
+        header.state_root = next.state_root();
+        header.receipts_hash = crate::block::receipts_hash(&receipts);
+        let block = Block { header, body };
+        // Re-derive through the validating path so proposer and validators agree by construction.
+        let (applied, outcome) = self.apply_block(&block)?;
+        assert_eq!(
+            applied.state_root(),
+            next.state_root(),
+            "proposal and application agree"
+        );
+        assert_eq!(outcome.changed_keys, changed_keys);
+        assert_eq!(outcome.validator_set_update, validator_set_update);
+        Ok((block, applied, outcome))
+    }
+
+    /// BLOCK-2: header checks before any transaction.
+    fn begin_block(&mut self, h: &BlockHeader) -> Result<(), Error> {
+        let expected = self.globals.height + 1;
+        if h.height != expected {
+            return Err(Error::WrongHeight {
+                expected,
+                got: h.height,
+            });
+        }
+        if h.prev_hash != self.last_block_hash {
+            return Err(Error::WrongPrevHash);
+        }
+        if h.time_ms <= self.globals.time_ms {
+            return Err(Error::TimeNotIncreasing {
+                parent: self.globals.time_ms,
+                got: h.time_ms,
+            });
+        }
+        if !self.active_set.iter().any(|(a, _)| *a == h.proposer) {
+            return Err(Error::UnknownProposer(h.proposer));
+        }
+        let base_fee = self.next_block_base_fee();
+        if h.base_fee_per_gas != base_fee {
+            return Err(Error::WrongBaseFee {
+                expected: base_fee,
+                got: h.base_fee_per_gas,
+            });
+        }
+        if h.gas_limit != self.params.block_gas_limit {
+            return Err(Error::WrongGasLimit {
+                expected: self.params.block_gas_limit,
+                got: h.gas_limit,
+            });
+        }
+        Ok(())
+    }
+
+    /// TX-11/TX-12: applies one transaction. `Err` means the block is invalid;
+    /// a transaction that fails in execution returns `Ok` with a failed receipt.
+    fn apply_tx(
+        &mut self,
+        tx: &SignedTx,
+        h: &BlockHeader,
+        gas_used: &mut u64,
+        sigs: Signatures,
+    ) -> Result<Receipt, TxError> {
+        let sender = match sigs {
+            Signatures::Verify => tx.verified_sender(&self.chain_id),
+            Signatures::Trusted => tx.sender(),
+        }
+        .ok_or(TxError::InvalidSignature)?;
+        let body = &tx.body;
+        let mut account = self.account(&sender);
+        if body.nonce != account.nonce {
+            return Err(TxError::InvalidNonce {
+                expected: account.nonce,
+                got: body.nonce,
+            });
+        }
+        let intrinsic = intrinsic_gas(&body.kind);
+        if body.gas_limit < intrinsic {
+            return Err(TxError::InvalidGasLimit {
+                limit: body.gas_limit,
+                intrinsic,
+            });
+        }
+        let base_fee = h.base_fee_per_gas;
+        if body.max_fee_per_gas < base_fee {
+            return Err(TxError::InvalidFeeBelowBaseFee {
+                max_fee: body.max_fee_per_gas,
+                base_fee,
+            });
+        }
+        if body.max_priority_fee_per_gas > body.max_fee_per_gas {
+            return Err(TxError::InvalidPriorityAboveMax);
+        }
+        let max_cost = u128::from(body.gas_limit)
+            .checked_mul(body.max_fee_per_gas)
+            .ok_or(TxError::InvalidCannotPayMaxFee {
+                balance: account.balance,
+                needed: Amount::MAX,
+            })?;
+        if account.balance < max_cost {
+            return Err(TxError::InvalidCannotPayMaxFee {
+                balance: account.balance,
+                needed: max_cost,
+            });
+        }
+        let block_gas = gas_used
+            .checked_add(intrinsic)
+            .ok_or(TxError::InvalidBlockGasExceeded)?;
+        if block_gas > h.gas_limit {
+            return Err(TxError::InvalidBlockGasExceeded);
+        }
+        *gas_used = block_gas;
+        // FEE-5: the fee is charged on exactly the gas used; the rest is never taken.
+        let priority = body
+            .max_priority_fee_per_gas
+            .min(body.max_fee_per_gas - base_fee);
+        let burned = u128::from(intrinsic) * base_fee;
+        let tip = u128::from(intrinsic) * priority;
+        account.balance -= burned + tip;
+        account.nonce += 1;
+        self.set_account(sender, account);
+        self.globals.burned += burned;
+        self.credit(h.proposer, tip);
+        let snapshot = self.clone();
+        let failure = match self.execute_kind(sender, tx, h.height) {
+            Ok(()) => None,
+            Err(e) => {
+                let touched = std::mem::take(&mut self.touched);
+                *self = snapshot;
+                // Keys written by the failed execution keep their (restored) values;
+                // marking them is harmless and keeps `touched` a superset.
+                self.touched.extend(touched);
+                Some(e.to_string())
+            }
+        };
+        Ok(Receipt {
+            tx_id: tx.id(),
+            sender,
+            gas_used: intrinsic,
+            fee_paid: burned + tip,
+            failure,
+        })
+    }
+
+    fn execute_kind(
+        &mut self,
+        sender: Address,
+        tx: &SignedTx,
+        height: Height,
+    ) -> Result<(), TxError> {
+        match &tx.body.kind {
+            TxKind::Transfer { to, amount } => {
+                if *amount == 0 {
+                    return Err(TxError::ZeroAmount);
+                }
+                self.debit(sender, *amount)?;
+                self.credit(*to, *amount);
+                Ok(())
+            }
+            TxKind::Bond { amount } => self.bond(sender, tx.public_key, *amount),
+            TxKind::Unbond { amount } => self.unbond(sender, *amount, height),
+            TxKind::Unjail => self.unjail(sender, height),
+            TxKind::SettleInference { receipt } => self.settle_inference(sender, receipt, height),
+            TxKind::RegisterNode { info, bond } => self.register_node(sender, info, *bond, height),
+            TxKind::DeregisterNode => self.deregister_node(sender, height),
+            TxKind::Pol(p) => self.apply_pol(sender, p, height),
+        }
+    }
+
+    // ----- staking (spec/staking.md) -------------------------------------------
+
+    /// STAKE-2: bond from the sender's balance; creates the validator on first bond.
+    fn bond(
+        &mut self,
+        sender: Address,
+        public_key: PublicKey,
+        amount: Amount,
+    ) -> Result<(), TxError> {
+        if amount == 0 {
+            return Err(TxError::ZeroAmount);
+        }
+        let mut v = self.validators.get(&sender).cloned().unwrap_or(Validator {
+            public_key,
+            bonded: 0,
+            jailed_until: None,
+            tombstoned: false,
+        });
+        if v.tombstoned {
+            return Err(TxError::Tombstoned);
+        }
+        self.debit(sender, amount)?;
+        v.bonded = v.bonded.checked_add(amount).ok_or(TxError::Overflow)?;
+        self.set_validator(sender, v);
+        Ok(())
+    }
+
+    /// STAKE-3: move stake into the unbonding queue, released after the period.
+    fn unbond(&mut self, sender: Address, amount: Amount, height: Height) -> Result<(), TxError> {
+        if amount == 0 {
+            return Err(TxError::ZeroAmount);
+        }
+        let mut v = self
+            .validators
+            .get(&sender)
+            .cloned()
+            .ok_or(TxError::NotValidator(sender))?;
+        if v.bonded < amount {
+            return Err(TxError::InsufficientStake {
+                bonded: v.bonded,
+                requested: amount,
+            });
+        }
+        v.bonded -= amount;
+        self.set_validator(sender, v);
+        self.enqueue_unbonding(sender, amount, height, false);
+        Ok(())
+    }
+
+    fn enqueue_unbonding(
+        &mut self,
+        owner: Address,
+        amount: Amount,
+        height: Height,
+        node_bond: bool,
+    ) {
+        let seq = self.globals.unbonding_seq;
+        self.globals.unbonding_seq += 1;
+        let key = UnbondingKey {
+            release_height: height + self.params.unbonding_period_blocks,
+            owner,
+            seq,
+        };
+        self.set_unbonding(
+            key,
+            Some(UnbondingEntry {
+                amount,
+                creation_height: height,
+                node_bond,
+            }),
+        );
+    }
+
+    /// SLASH-2: leave jail after the jail period, if still above the minimum stake.
+    fn unjail(&mut self, sender: Address, height: Height) -> Result<(), TxError> {
+        let mut v = self
+            .validators
+            .get(&sender)
+            .cloned()
+            .ok_or(TxError::NotValidator(sender))?;
+        if v.tombstoned {
+            return Err(TxError::Tombstoned);
+        }
+        let until = v.jailed_until.ok_or(TxError::NotJailed)?;
+        if height < until {
+            return Err(TxError::StillJailed { until });
+        }
+        if v.bonded < self.params.min_validator_stake {
+            return Err(TxError::BelowMinStake);
+        }
+        v.jailed_until = None;
+        self.set_validator(sender, v);
+        Ok(())
+    }
+
+    /// SLASH-1/SLASH-2: burn `bps` of a validator's bonded stake and of its
+    /// validator-stake unbonding entries created at or after `infraction_height`
+    /// (INV-NO-ESCAPE: unbonding does not escape punishment).
+    fn slash(&mut self, validator: Address, bps: u32, infraction_height: Height) -> Amount {
+        let mut v = self
+            .validators
+            .get(&validator)
+            .cloned()
+            .expect("caller checked the validator exists");
+        let from_bonded = v.bonded * Amount::from(bps) / 10_000;
+        v.bonded -= from_bonded;
+        self.set_validator(validator, v);
+        let mut total = from_bonded;
+        let hits: Vec<(UnbondingKey, UnbondingEntry)> = self
+            .unbonding
+            .iter()
+            .filter(|(k, e)| {
+                k.owner == validator && !e.node_bond && e.creation_height >= infraction_height
+            })
+            .map(|(k, e)| (*k, e.clone()))
+            .collect();
+        for (k, mut e) in hits {
+            let cut = e.amount * Amount::from(bps) / 10_000;
+            e.amount -= cut;
+            total += cut;
+            self.set_unbonding(k, Some(e));
+        }
+        self.globals.slashed += total;
+        total
+    }
+
+    /// SLASH-1, SLASH-3: evidence of double signing.
+    fn apply_evidence(
+        &mut self,
+        evidence: &[Misbehaviour],
+        events: &mut Vec<Event>,
+    ) -> Result<(), Error> {
+        if evidence.len() > self.params.max_block_evidence as usize {
+            return Err(Error::InvalidEvidence {
+                index: evidence.len() - 1,
+                reason: "too many evidence items".into(),
+            });
+        }
+        let height = self.globals.height + 1;
+        for (index, ev) in evidence.iter().enumerate() {
+            let invalid = |reason: &str| Error::InvalidEvidence {
+                index,
+                reason: reason.to_string(),
+            };
+            let who = ev.validator();
+            let v = self
+                .validators
+                .get(&who)
+                .ok_or_else(|| invalid("not a validator"))?;
+            if v.tombstoned {
+                return Err(invalid("validator already tombstoned"));
+            }
+            if ev.height() >= height {
+                return Err(invalid("infraction height is not in the past"));
+            }
+            if height - ev.height() > self.params.max_evidence_age_blocks {
+                return Err(invalid("evidence expired"));
+            }
+            let amount = self.slash(who, self.params.slash_double_sign_bps, ev.height());
+            let mut v = self.validators.get(&who).cloned().expect("exists");
+            v.tombstoned = true;
+            v.jailed_until = Some(Height::MAX);
+            self.set_validator(who, v);
+            events.push(Event::Slashed {
+                validator: who,
+                amount,
+                double_sign: true,
+            });
+            events.push(Event::Tombstoned { validator: who });
+        }
+        Ok(())
+    }
+
+    /// SLASH-2: record who signed the parent's commit; jail and slash validators
+    /// that missed too many of the last `signed_blocks_window` blocks.
+    fn apply_signers(&mut self, signers: &[Address], events: &mut Vec<Event>) -> Result<(), Error> {
+        let height = self.globals.height + 1;
+        if height == 1 {
+            if !signers.is_empty() {
+                return Err(Error::InvalidSigners("block 1 has no parent commit".into()));
+            }
+            return Ok(());
+        }
+        if !signers.windows(2).all(|w| w[0] < w[1]) {
+            return Err(Error::InvalidSigners(
+                "not in strictly ascending order".into(),
+            ));
+        }
+        let set = self.last_active_set.clone();
+        let total: u128 = set.iter().map(|(_, p)| u128::from(*p)).sum();
+        let mut signed_power: u128 = 0;
+        for s in signers {
+            match set.binary_search_by(|(a, _)| a.cmp(s)) {
+                Ok(i) => signed_power += u128::from(set[i].1),
+                Err(_) => {
+                    return Err(Error::InvalidSigners(format!(
+                        "{s} was not in the validator set"
+                    )));
+                }
+            }
+        }
+        if signed_power * 3 <= total * 2 {
+            return Err(Error::InvalidSigners(
+                "signers hold no more than 2/3 of the voting power".into(),
+            ));
+        }
+        let window = self.params.signed_blocks_window;
+        let max_missed = window - window * self.params.min_signed_per_window_bps / 10_000;
+        for (addr, _) in &set {
+            let missed_now = signers.binary_search(addr).is_err();
+            let mut l = self.liveness.get(addr).cloned().unwrap_or(Liveness {
+                missed_bits: vec![0; window.div_ceil(8) as usize],
+                next_index: 0,
+                filled: 0,
+                missed: 0,
+            });
+            let (byte, bit) = ((l.next_index / 8) as usize, l.next_index % 8);
+            let was_missed = l.missed_bits[byte] >> bit & 1 == 1;
+            if l.filled == window && was_missed {
+                l.missed -= 1;
+            }
+            if missed_now {
+                l.missed_bits[byte] |= 1 << bit;
+                l.missed += 1;
+            } else {
+                l.missed_bits[byte] &= !(1 << bit);
+            }
+            l.next_index = (l.next_index + 1) % window;
+            l.filled = (l.filled + 1).min(window);
+            let jail = l.filled == window && l.missed > max_missed;
+            if jail {
+                let v = self.validators.get(addr).expect("active validators exist");
+                if v.jailed_until.is_none() && !v.tombstoned {
+                    let infraction = height.saturating_sub(u64::from(window));
+                    let amount = self.slash(*addr, self.params.slash_downtime_bps, infraction);
+                    let until = height + self.params.downtime_jail_blocks;
+                    let mut v = self.validators.get(addr).cloned().expect("exists");
+                    v.jailed_until = Some(until);
+                    self.set_validator(*addr, v);
+                    events.push(Event::Slashed {
+                        validator: *addr,
+                        amount,
+                        double_sign: false,
+                    });
+                    events.push(Event::Jailed {
+                        validator: *addr,
+                        until_height: until,
+                    });
+                }
+                self.set_liveness(*addr, None);
+            } else {
+                self.set_liveness(*addr, Some(l));
+            }
+        }
+        // RWD-12: commit signers claim from the validation pool, weighted by stake.
+        let weighted: Vec<(Address, Amount)> = signers
+            .iter()
+            .map(|a| (*a, self.validators.get(a).map_or(0, |v| v.bonded)))
+            .collect();
+        if self
+            .rewards
+            .accrue_commit_signers(&self.params.rewards, &weighted, &mut self.touched)
+            .is_err()
+        {
+            // RWD-P1: past the pool's claimant limit the claims are forfeited.
+        }
+        Ok(())
+    }
+
+    /// STAKE-3, STAKE-5 and the end-of-block bookkeeping.
+    fn end_block(
+        &mut self,
+        h: &BlockHeader,
+        events: &mut Vec<Event>,
+    ) -> Option<Vec<(Address, u64)>> {
+        // STAKE-3: release matured unbonding entries (walks only the front of the queue).
+        let due: Vec<(UnbondingKey, UnbondingEntry)> = self
+            .unbonding
+            .range(
+                ..UnbondingKey {
+                    release_height: h.height + 1,
+                    owner: Address::ZERO,
+                    seq: 0,
+                },
+            )
+            .map(|(k, e)| (*k, e.clone()))
+            .collect();
+        for (k, e) in due {
+            self.set_unbonding(k, None);
+            self.credit(k.owner, e.amount);
+            events.push(Event::UnbondingReleased {
+                owner: k.owner,
+                amount: e.amount,
+            });
+        }
+        self.end_block_pol(h.height, events);
+        let punished = events
+            .iter()
+            .any(|e| matches!(e, Event::Jailed { .. } | Event::Tombstoned { .. }));
+        let boundary = h.height.is_multiple_of(self.params.epoch_length_blocks);
+        self.last_active_set = self.active_set.clone();
+        self.touch(StateKey::new(ns::GLOBAL, KEY_LAST_ACTIVE_SET));
+        let mut update = None;
+        if boundary || punished {
+            let new_set = self.compute_active_set();
+            // STAKE-6: the set never becomes empty; if nobody qualifies the old set stays.
+            if !new_set.is_empty() && new_set != self.active_set {
+                self.active_set = new_set.clone();
+                self.touch(StateKey::new(ns::GLOBAL, KEY_ACTIVE_SET));
+                update = Some(new_set);
+            }
+        }
+        self.globals.height = h.height;
+        self.globals.time_ms = h.time_ms;
+        self.globals.last_base_fee = h.base_fee_per_gas;
+        self.globals.last_gas_used = h.gas_used;
+        self.globals.last_gas_limit = h.gas_limit;
+        self.touch(StateKey::new(ns::GLOBAL, KEY_GLOBALS));
+        update
+    }
+
+    /// POL-38 and RWD-5: close PoL windows, turn decisions into claims, and at
+    /// reward-epoch boundaries mint the settled claims.
+    fn end_block_pol(&mut self, height: Height, events: &mut Vec<Event>) {
+        let (stakes, total_stake) = self.active_stakes();
+        let ctx = PolContext {
+            height,
+            stakes: &stakes,
+            total_stake,
+            params: &self.params.pol,
+        };
+        let pol_events = self.pol.end_block(&ctx, &mut self.touched);
+        for e in pol_events {
+            // RWD-P1: claims past a pool's claimant limit are forfeited.
+            let _forfeited =
+                self.rewards
+                    .accrue_pol_event(&self.params.rewards, &e, &mut self.touched);
+            events.push(Event::Pol(Box::new(e)));
+        }
+        if height.is_multiple_of(self.params.rewards.epoch_length_blocks) {
+            for (recipient, amount) in self
+                .rewards
+                .settle_epoch(&self.params.rewards, &mut self.touched)
+            {
+                self.credit(recipient, amount);
+                self.globals.minted += amount;
+                events.push(Event::RewardsMinted { recipient, amount });
+            }
+        }
+    }
+
+    /// Bonded stake of the active validators, for PoL quorums (POL-33).
+    fn active_stakes(&self) -> (BTreeMap<Address, Amount>, Amount) {
+        let stakes: BTreeMap<Address, Amount> = self
+            .active_set
+            .iter()
+            .map(|(a, _)| (*a, self.validators.get(a).map_or(0, |v| v.bonded)))
+            .collect();
+        let total = stakes.values().sum();
+        (stakes, total)
+    }
+
+    /// TX-7: a PoL transaction; a registration bond is locked from the sender (POL-15).
+    fn apply_pol(
+        &mut self,
+        sender: Address,
+        tx: &crate::pol::PolTx,
+        height: Height,
+    ) -> Result<(), TxError> {
+        let (stakes, total_stake) = self.active_stakes();
+        let ctx = PolContext {
+            height,
+            stakes: &stakes,
+            total_stake,
+            params: &self.params.pol,
+        };
+        let effect = self
+            .pol
+            .apply_tx(&ctx, sender, tx, &mut self.touched)
+            .map_err(|e| TxError::Pol(e.to_string()))?;
+        match effect {
+            PolEffect::None => Ok(()),
+            PolEffect::LockBond { owner, amount } => {
+                // On failure the caller restores the snapshot, PoL changes included (TX-12).
+                self.debit(owner, amount)?;
+                self.globals.locked += amount;
+                Ok(())
+            }
+        }
+    }
+
+    /// STAKE-5, STAKE-4: active validators: not jailed or tombstoned, at least the minimum
+    /// stake; the `max_validators` largest by stake (ties to the lower address);
+    /// voting power = bonded stake in whole BLY; returned in address order.
+    fn compute_active_set(&self) -> Vec<(Address, u64)> {
+        let mut candidates: Vec<(Address, u64)> = self
+            .validators
+            .iter()
+            .filter(|(_, v)| {
+                !v.tombstoned
+                    && v.jailed_until.is_none()
+                    && v.bonded >= self.params.min_validator_stake
+            })
+            .map(|(a, v)| (*a, u64::try_from(v.bonded / BLY).unwrap_or(u64::MAX)))
+            .collect();
+        candidates.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        candidates.truncate(self.params.max_validators as usize);
+        candidates.sort_by_key(|(a, _)| *a);
+        candidates
+    }
+
+    // ----- inference and nodes -----------------------------------------------------
+
+    /// TX-8: settle a client-signed receipt: the client's payment is burned; the
+    /// node's reward is minted later from the inference pool, capped by the burn.
+    fn settle_inference(
+        &mut self,
+        sender: Address,
+        r: &crate::tx::SignedReceipt,
+        height: Height,
+    ) -> Result<(), TxError> {
+        if !r.verify(&self.chain_id) {
+            return Err(TxError::ReceiptBadSignature);
+        }
+        let client = r.client().ok_or(TxError::ReceiptBadSignature)?;
+        let rc = &r.receipt;
+        if rc.node != sender {
+            return Err(TxError::ReceiptWrongNode);
+        }
+        if height > rc.expires_at_height {
+            return Err(TxError::ReceiptExpired(rc.expires_at_height));
+        }
+        if !(500..=1500).contains(&rc.quality_milli) {
+            return Err(TxError::ReceiptQualityOutOfRange(rc.quality_milli));
+        }
+        if self.settled_receipts.contains_key(&(client, rc.request_id)) {
+            return Err(TxError::ReceiptAlreadySettled);
+        }
+        let payment = rc.payment().ok_or(TxError::Overflow)?;
+        self.debit(client, payment)?;
+        self.globals.burned += payment;
+        // RWD-4: the node's claim on the inference pool, capped by the burn.
+        self.rewards
+            .accrue_inference(
+                &self.params.rewards,
+                sender,
+                rc.tokens,
+                rc.quality_milli,
+                payment,
+                &mut self.touched,
+            )
+            .map_err(|e| TxError::Reward(e.to_string()))?;
+        let mut key = client.0.to_vec();
+        key.extend_from_slice(&rc.request_id);
+        self.touch(StateKey::new(ns::RECEIPT, key));
+        self.settled_receipts
+            .insert((client, rc.request_id), height);
+        Ok(())
+    }
+
+    /// TX-9: register a GPU node, locking its bond.
+    fn register_node(
+        &mut self,
+        sender: Address,
+        info: &NodeInfo,
+        bond: Amount,
+        height: Height,
+    ) -> Result<(), TxError> {
+        if self.nodes.contains_key(&sender) {
+            return Err(TxError::NodeAlreadyRegistered);
+        }
+        if info.endpoint.len() > MAX_ENDPOINT_BYTES || info.blocks.len() > MAX_NODE_BLOCKS {
+            return Err(TxError::NodeInfoTooLarge);
+        }
+        if bond < self.params.node_min_bond {
+            return Err(TxError::NodeBondTooSmall {
+                bond,
+                min: self.params.node_min_bond,
+            });
+        }
+        self.debit(sender, bond)?;
+        self.globals.locked += bond;
+        self.set_node(
+            sender,
+            Some(NodeRecord {
+                info: info.clone(),
+                bond,
+                registered_at: height,
+            }),
+        );
+        Ok(())
+    }
+
+    /// TX-10: deregister; the bond returns through the unbonding queue.
+    fn deregister_node(&mut self, sender: Address, height: Height) -> Result<(), TxError> {
+        let node = self
+            .nodes
+            .get(&sender)
+            .cloned()
+            .ok_or(TxError::NodeNotRegistered)?;
+        self.set_node(sender, None);
+        self.globals.locked -= node.bond;
+        self.enqueue_unbonding(sender, node.bond, height, true);
+        Ok(())
+    }
+}

@@ -1,0 +1,162 @@
+//! Deterministic keys, genesis documents and block building for tests,
+//! benchmarks, golden vectors and simulations. Not used by the protocol itself.
+
+use crate::block::Block;
+use crate::error::Error;
+use crate::genesis::{Genesis, GenesisBalance, GenesisValidator};
+use crate::ledger::{Ledger, Proposal};
+use crate::params::Params;
+use crate::tx::{SignedTx, TxBody, TxKind, public_key_of};
+use crate::types::{Address, Amount, BLY};
+use k256::ecdsa::SigningKey;
+
+/// A deterministic secp256k1 key: scalar = SHA3-256("blyan-testkit" ‖ index) (valid w.h.p.; retried otherwise).
+pub fn key(index: u64) -> SigningKey {
+    let mut ctr: u8 = 0;
+    loop {
+        let seed = crate::crypto::sha3_256_parts(&[b"blyan-testkit", &index.to_be_bytes(), &[ctr]]);
+        if let Ok(k) = SigningKey::from_bytes(&seed.into()) {
+            return k;
+        }
+        ctr = ctr
+            .checked_add(1)
+            .expect("256 consecutive invalid scalars cannot happen");
+    }
+}
+
+pub fn address(key: &SigningKey) -> Address {
+    Address::from_public_key(key.verifying_key())
+}
+
+/// A test network: validator keys are `key(0..validators)` (stake 10,000 BLY,
+/// balance 1,000 BLY), funded accounts `key(1000..)` (1,000,000 BLY).
+pub struct TestNet {
+    pub genesis: Genesis,
+    pub validators: Vec<SigningKey>,
+    pub accounts: Vec<SigningKey>,
+}
+
+pub fn testnet(validators: usize, accounts: usize, params: Params) -> TestNet {
+    let vkeys: Vec<SigningKey> = (0..validators as u64).map(key).collect();
+    let akeys: Vec<SigningKey> = (0..accounts as u64).map(|i| key(1000 + i)).collect();
+    let genesis = Genesis {
+        chain_id: "blyan-test".into(),
+        genesis_time_ms: 1_700_000_000_000,
+        balances: akeys
+            .iter()
+            .map(|k| GenesisBalance {
+                address: address(k),
+                amount: 1_000_000 * BLY,
+            })
+            .chain(vkeys.iter().map(|k| GenesisBalance {
+                address: address(k),
+                amount: 1_000 * BLY,
+            }))
+            .collect(),
+        validators: vkeys
+            .iter()
+            .map(|k| GenesisValidator {
+                public_key: public_key_of(k),
+                stake: 10_000 * BLY,
+            })
+            .collect(),
+        params,
+        pol_blocks: Vec::new(),
+    };
+    TestNet {
+        genesis,
+        validators: vkeys,
+        accounts: akeys,
+    }
+}
+
+/// A transaction paying at most `max_fee_per_gas` with a 1-gwei-unit tip.
+pub fn tx(
+    chain_id: &str,
+    key: &SigningKey,
+    nonce: u64,
+    kind: TxKind,
+    max_fee_per_gas: u128,
+) -> SignedTx {
+    let gas_limit = crate::ledger::intrinsic_gas(&kind);
+    TxBody {
+        nonce,
+        gas_limit,
+        max_fee_per_gas,
+        max_priority_fee_per_gas: 1,
+        kind,
+    }
+    .sign(chain_id, key)
+}
+
+pub fn transfer(
+    chain_id: &str,
+    key: &SigningKey,
+    nonce: u64,
+    to: Address,
+    amount: Amount,
+) -> SignedTx {
+    tx(
+        chain_id,
+        key,
+        nonce,
+        TxKind::Transfer { to, amount },
+        100_000_000_000,
+    )
+}
+
+/// Builds and applies the next block: proposer is the first active validator,
+/// time advances 2 s, every member of the previous active set signed.
+pub fn next_block(ledger: &Ledger, txs: &[SignedTx]) -> Result<(Block, Ledger), Error> {
+    let signers = if ledger.height() == 0 {
+        Vec::new()
+    } else {
+        ledger.last_active_set().iter().map(|(a, _)| *a).collect()
+    };
+    next_block_with(ledger, txs, signers, Vec::new())
+}
+
+pub fn next_block_with(
+    ledger: &Ledger,
+    txs: &[SignedTx],
+    last_commit_signers: Vec<Address>,
+    evidence: Vec<crate::block::Misbehaviour>,
+) -> Result<(Block, Ledger), Error> {
+    let proposer = ledger.active_set()[0].0;
+    let (block, next, _) = ledger.propose_block(Proposal {
+        proposer,
+        time_ms: ledger.globals().time_ms + 2_000,
+        evidence,
+        last_commit_signers,
+        candidates: txs,
+    })?;
+    Ok((block, next))
+}
+
+/// A PoL block of version 1.0.0 over `payload`, with its Merkle root and CID (POL-3, POL-4).
+pub fn pol_block(
+    block_type: crate::pol::PolBlockType,
+    model_id: crate::types::Hash32,
+    depends_on: Vec<crate::types::Hash32>,
+    payload: &[u8],
+    submitter: Address,
+) -> crate::pol::PolBlock {
+    crate::pol::PolBlock {
+        block_type,
+        model_id,
+        depends_on,
+        version: crate::pol::SemVer {
+            major: 1,
+            minor: 0,
+            patch: 0,
+        },
+        layer: None,
+        expert: None,
+        payload_size_bytes: payload.len() as u64,
+        payload_merkle_root: crate::pol::payload_merkle_root(payload),
+        payload_cid: crate::pol::cid_v1_raw_sha256(payload),
+        submitter,
+        base_block: None,
+        base_version: None,
+    }
+}

@@ -1,0 +1,6 @@
+//! One integration-test binary for the crate (keeps link time down).
+mod crypto;
+mod fees;
+mod ledger;
+mod pol_flow;
+mod props;
