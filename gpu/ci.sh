@@ -4,6 +4,9 @@
 #     transformers, safetensors, numpy;
 #  2. the parity fixtures (tiny random checkpoints and transformers' outputs);
 #  3. cargo test -p blyan-gpu with LIBTORCH_USE_PYTORCH=1.
+# `gpu/ci.sh --setup` does 1 and 2 only (for a caller that then runs the
+# workspace's cargo commands itself with the venv active and
+# LIBTORCH_USE_PYTORCH=1, BLYAN_PARITY_DIR=$PWD/target/blyan-parity).
 # Any cargo command that builds blyan-gpu needs the venv active and
 # LIBTORCH_USE_PYTORCH=1 (changing either rebuilds torch-sys).
 set -euo pipefail
@@ -31,6 +34,9 @@ export BLYAN_PARITY_DIR="${BLYAN_PARITY_DIR:-$PWD/target/blyan-parity}"
 rm -rf "$BLYAN_PARITY_DIR"
 python gpu/parity/make_fixtures.py --out "$BLYAN_PARITY_DIR"
 stage "parity fixtures"
+if [ "${1:-}" = "--setup" ]; then
+    exit 0
+fi
 
 cargo build -p blyan-gpu --all-targets
 stage "cargo build"
