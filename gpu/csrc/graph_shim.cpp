@@ -116,8 +116,9 @@ int blyan_decode_attn(const void* q, const void* k_cache, const void* v_cache, c
     if (k_attn == nullptr) throw std::runtime_error("kernels not initialised");
     void* args[] = {(void*)&q, (void*)&k_cache, (void*)&v_cache, (void*)&pos, (void*)&out,
                     &nh, &nkv, &hd, &max_len};
-    dim3 grid(batch, nh), block(256);
-    size_t shared = (size_t)(max_len + hd + 64 + 256) * sizeof(float);
+    const int threads = 1024;
+    dim3 grid(batch, nh), block(threads);
+    size_t shared = (size_t)(max_len + hd + 64 + threads) * sizeof(float);
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
     cuda_check(cudaLaunchKernel((const void*)k_attn, grid, block, args, shared, stream), "launch decode_attn");
   }, err, len);

@@ -73,20 +73,21 @@ extern "C" __global__ void silu_mul(const bf16* __restrict__ gu, bf16* __restric
   act[i] = st(rnd(g / (1.f + expf(-g))) * u);
 }
 
-// Decode attention, one block per (slot, q head), 256 threads. Attends over
+// Decode attention, one block per (slot, q head), 1024 threads (so that the
+// weighted sum over keys runs 1024 / hd keys in parallel per dimension). Attends over
 // the visible keys only (0..=pos[b]), so the cost follows the sequence, not
 // the cache. q is pre-scaled (the 1/sqrt(hd) is in the q-norm weights).
 // Scores, softmax and the weighted sum in f32; out rounded once to bf16.
-// Needs hd % 8 == 0, 256 % hd == 0, and dynamic shared memory of
-// (max_len + hd + 64 + 256) floats. Rows are 16-byte aligned (hd * 2 bytes).
+// Needs hd % 8 == 0, blockDim % hd == 0, and dynamic shared memory of
+// (max_len + hd + 64 + blockDim) floats. Rows are 16-byte aligned (hd * 2 bytes).
 extern "C" __global__ void decode_attn(const bf16* __restrict__ q, const bf16* __restrict__ k_cache,
                                        const bf16* __restrict__ v_cache, const i64* __restrict__ pos,
                                        bf16* __restrict__ out, int nh, int nkv, int hd, int max_len) {
   extern __shared__ float sm[];
   float* qs = sm;                 // [hd]
   float* red = sm + hd;                // [64]
-  float* accs = sm + hd + 64;          // [256]
-  float* score = sm + hd + 64 + 256;   // [max_len]
+  float* accs = sm + hd + 64;                // [blockDim]
+  float* score = sm + hd + 64 + blockDim.x;  // [max_len]
   const float neg_inf = __int_as_float(0xff800000);
   const int b = blockIdx.x, h = blockIdx.y, t = threadIdx.x, nt = blockDim.x;
   const int kvh = h / (nh / nkv);
@@ -135,7 +136,7 @@ extern "C" __global__ void decode_attn(const bf16* __restrict__ q, const bf16* _
   // Weighted sum of v: groups of hd threads split the keys.
   const int groups = nt / hd, g = t / hd, d = t - g * hd;
   float acc = 0.f;
-#pragma unroll 4
+#pragma unroll 8
   for (int j = g; j < n; j += groups) acc += score[j] * ld(vb[(i64)j * hd + d]);
   accs[t] = acc;
   __syncthreads();

@@ -50,8 +50,9 @@ pub struct StepOutput {
 pub enum AttnImpl {
     /// The fused decode-attention kernel (`csrc/kernels.cuh`), reading only
     /// the visible keys; needs the fused kernels, else `Sdpa` is used.
-    /// Correct on the H200 but slower than `Sdpa` there (5.81 vs 5.33 ms
-    /// per Qwen3-8B step, gpu/BENCH.md run 4): not the default.
+    /// Correct on the H200 but slower than `Sdpa` there (5.38 vs 5.33 ms
+    /// per Qwen3-8B step at batch 1, 6.66 vs 5.55 at batch 16; gpu/BENCH.md
+    /// run 7): not the default.
     Kernel,
     /// `scaled_dot_product_attention` with an additive mask, the `g` query
     /// heads that share a KV head treated as `g` query rows (one kernel).

@@ -271,12 +271,12 @@ pub mod kernels {
     }
 
     /// Largest cache length the attention kernel takes (its scores live in
-    /// shared memory: `(max_len + hd + 320) * 4` bytes, under 48 KiB).
-    pub const ATTN_MAX_LEN: i64 = 11_000;
+    /// shared memory: `(max_len + hd + 1088) * 4` bytes, under 48 KiB).
+    pub const ATTN_MAX_LEN: i64 = 10_000;
 
     /// Whether `decode_attn` supports these dimensions.
     pub fn attn_supported(hd: i64, max_len: i64) -> bool {
-        hd % 8 == 0 && hd > 0 && 256 % hd == 0 && (1..=ATTN_MAX_LEN).contains(&max_len)
+        hd % 8 == 0 && hd > 0 && 1024 % hd == 0 && (1..=ATTN_MAX_LEN).contains(&max_len)
     }
 
     /// Decode attention over keys `0..=pos[b]` of the caches
