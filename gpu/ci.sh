@@ -23,9 +23,12 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
-if ! python -c 'import torch, transformers, safetensors, numpy; assert torch.__version__.startswith("2.11.0")' 2>/dev/null; then
+# Pinned: the parity fixtures are transformers' outputs, so its version matters.
+PY_PINS="torch==2.11.0 transformers==5.24.0 safetensors==0.8.0 numpy==2.4.6"
+if ! python -c 'import torch, transformers, safetensors, numpy; assert torch.__version__.startswith("2.11.0"); assert transformers.__version__ == "5.24.0"' 2>/dev/null; then
     python -m pip install --quiet --upgrade pip
-    python -m pip install --quiet torch==2.11.0 transformers safetensors numpy
+    # shellcheck disable=SC2086
+    python -m pip install --quiet $PY_PINS
 fi
 stage "venv (torch $(python -c 'import torch; print(torch.__version__)'))"
 
