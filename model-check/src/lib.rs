@@ -171,6 +171,7 @@ pub struct Store {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[allow(clippy::large_enum_variant)] // one state per actor; boxing would only add indirection
 pub enum NodeState {
     Honest {
         consensus: Consensus<ModelScheme>,

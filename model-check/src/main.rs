@@ -9,6 +9,7 @@ use stateright::{Checker, Model};
 use std::process::ExitCode;
 use std::time::Instant;
 
+#[allow(clippy::type_complexity)] // a flat tuple of options, used once
 fn parse(
     args: &[String],
 ) -> Result<
