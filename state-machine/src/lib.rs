@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 pub mod block;
+pub mod consensus;
 pub mod crypto;
 pub mod encoding;
 pub mod error;

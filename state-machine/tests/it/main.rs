@@ -1,4 +1,5 @@
 //! One integration-test binary for the crate (keeps link time down).
+mod consensus;
 mod crypto;
 mod fees;
 mod ledger;

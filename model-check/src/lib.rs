@@ -1,0 +1,646 @@
+//! Exhaustive model checking of Blyan's Tendermint consensus (spec/consensus.md, CONS-MC-*).
+//!
+//! The actors run the real [`Consensus`] state machine from `blyan-state-machine`
+//! (with the free [`ModelScheme`] signatures): this is not a re-model. The
+//! environment is adversarial: an unordered network that duplicates, reorders
+//! and (optionally) loses messages, timers that fire at any moment, crashes
+//! that keep only what an actor persisted, and Byzantine validators whose
+//! equivocating proposals and votes are all placed in the network at the start
+//! (a Byzantine validator gains nothing from waiting: with ideal signatures it
+//! can only send messages signed by itself, and every such message of the
+//! bounded heights and rounds is already there).
+//!
+//! What it deliberately does not model: the content of blocks (values are
+//! 32-byte ids, `valid(v)` is a fixed predicate), validator-set changes, and
+//! real time.
+
+use blyan_state_machine::consensus::{
+    Config, Consensus, Input, Message, ModelScheme, Mutant, Output, Proposal, Record, Round,
+    Signed, Step, TimeoutKind, ValidatorSet, ValueId, Vote, VoteType,
+};
+use blyan_state_machine::types::{Address, Height};
+use stateright::Expectation;
+use stateright::actor::{
+    Actor, ActorModel, Envelope, Id, LossyNetwork, Network, Out, model_timeout,
+};
+use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// What to check.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ModelConfig {
+    /// Validators, each of voting power 1; the Byzantine ones are the highest
+    /// indices below `validators` unless `byzantine_first_proposer` is set.
+    pub validators: usize,
+    pub byzantine: usize,
+    /// Heights to decide (1-based, inclusive).
+    pub heights: Height,
+    /// Rounds per height (0..rounds); no timer moves a validator past the last.
+    pub rounds: Round,
+    /// Most actors crashed at the same time.
+    pub max_crashes: usize,
+    pub lossy: bool,
+    /// CONS-MC-1 reduction: links between honest validators are FIFO (as TCP)
+    /// instead of unordered. Byzantine messages stay unordered (each travels
+    /// on a link of its own), so every order of equivocating messages is explored.
+    pub fifo_honest_links: bool,
+    /// Index of the first Byzantine validator (they are consecutive).
+    pub first_byzantine: usize,
+    pub mutant: Mutant,
+    /// Conflicting proposals a Byzantine proposer sends per round (the third is invalid).
+    pub byzantine_proposals: u8,
+    pub strategy: Strategy,
+    /// Whether timeouts fire. Off only in searches for a known counterexample
+    /// that needs none (it removes a large part of the branching).
+    pub timers: bool,
+}
+
+/// What the Byzantine validators place in the network (CONS-MC-1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Strategy {
+    /// Every conflicting proposal and every vote for every candidate value
+    /// (and nil), to every honest validator: all equivocations at once.
+    Full,
+    /// Split brain: honest validators are split into two halves; each half
+    /// gets its own proposal and votes for its own value (nil for the second
+    /// half when the round's proposer is honest). Each honest validator sees
+    /// one consistent Byzantine story; the two stories conflict.
+    Split,
+    /// Like `Split` with three groups: the first honest validator gets story
+    /// 0, the last story 1, and those between get both (in any order): the
+    /// "swing" validators a Byzantine leader uses to build two quorums.
+    Swing,
+}
+
+impl ModelConfig {
+    /// The configuration CI checks exhaustively.
+    pub fn ci() -> Self {
+        ModelConfig {
+            validators: 4,
+            byzantine: 1,
+            heights: 1,
+            rounds: 1,
+            max_crashes: 0,
+            lossy: false,
+            fifo_honest_links: true,
+            first_byzantine: 1,
+            mutant: Mutant::None,
+            byzantine_proposals: 2,
+            strategy: Strategy::Split,
+            timers: true,
+        }
+    }
+
+    pub fn is_byzantine(&self, index: usize) -> bool {
+        index >= self.first_byzantine && index < self.first_byzantine + self.byzantine
+    }
+
+    pub fn honest(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.validators).filter(|i| !self.is_byzantine(*i))
+    }
+
+    pub fn validator_set(&self) -> ValidatorSet {
+        ValidatorSet::new(
+            (0..self.validators)
+                .map(|i| (address(i), [0u8; 33], 1))
+                .collect(),
+        )
+        .expect("model sets are valid")
+    }
+
+    /// The set of `height` (priorities advanced once per height, CONS-PROP-4).
+    pub fn validator_set_at(&self, height: Height) -> ValidatorSet {
+        let mut set = self.validator_set();
+        for _ in 1..height {
+            set = set.next_height();
+        }
+        set
+    }
+
+    fn consensus_config(&self) -> Config {
+        Config {
+            mutant: self.mutant,
+            ..Config::default()
+        }
+    }
+}
+
+/// Validator `i`'s address: ascending with `i`, so index = position in the set.
+pub fn address(i: usize) -> Address {
+    let mut a = [0u8; 20];
+    a[19] = u8::try_from(i + 1).expect("fewer than 255 validators");
+    Address(a)
+}
+
+/// The value honest validator `i` proposes at `height` when it has no valid value.
+pub fn honest_value(i: usize, height: Height) -> ValueId {
+    let mut v = [0u8; 32];
+    v[0] = 0x10 + u8::try_from(i).expect("small");
+    v[1] = height as u8;
+    v
+}
+
+/// Byzantine validator `i`'s `k`-th proposal at `height`; `k = 2` is invalid.
+pub fn byzantine_value(i: usize, k: u8, height: Height) -> ValueId {
+    let mut v = [0u8; 32];
+    v[0] = if k == 2 {
+        INVALID
+    } else {
+        0xB0 + 0x10 * k + u8::try_from(i).expect("small")
+    };
+    v[1] = height as u8;
+    v
+}
+
+const INVALID: u8 = 0xFF;
+
+/// The model's `valid(v)`.
+pub fn is_valid(v: &ValueId) -> bool {
+    v[0] != INVALID
+}
+
+/// What a validator keeps across a crash (stateright's `Storage`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Store {
+    /// CONS-CRASH-1 records of the current height.
+    pub records: BTreeSet<Record<Address>>,
+    /// Decided values, index = height − 1 (committed blocks).
+    pub decided: Vec<ValueId>,
+    /// Restarts so far (the model bounds them: each restart re-sends messages).
+    pub restarts: u8,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[allow(clippy::large_enum_variant)] // one state per actor; boxing would only add indirection
+pub enum NodeState {
+    Honest {
+        consensus: Consensus<ModelScheme>,
+        /// The `(height, round)` each pending timer was scheduled for.
+        timers: BTreeMap<TimeoutKind, (Height, Round)>,
+        store: Store,
+    },
+    /// Byzantine validators act only through the messages placed at the start.
+    Byzantine,
+}
+
+#[derive(Clone, Debug)]
+pub struct Node {
+    pub index: usize,
+    pub cfg: ModelConfig,
+}
+
+pub type Msg = Message<Address>;
+
+impl Node {
+    /// Performs `outputs` (and any inputs they trigger) in order.
+    fn perform(
+        &self,
+        consensus: &mut Consensus<ModelScheme>,
+        timers: &mut BTreeMap<TimeoutKind, (Height, Round)>,
+        store: &mut Store,
+        outputs: Vec<Output<Address>>,
+        o: &mut Out<Self>,
+    ) {
+        let mut queue: std::collections::VecDeque<Output<Address>> = outputs.into();
+        // Bound: each height produces a bounded number of outputs.
+        let mut budget = 10_000usize;
+        while let Some(output) = queue.pop_front() {
+            budget = budget.checked_sub(1).expect("output storm");
+            match output {
+                Output::Persist(record) => {
+                    store.records.insert(record);
+                }
+                Output::Broadcast(msg) => {
+                    for peer in self.cfg.honest().filter(|j| *j != self.index) {
+                        o.send(Id::from(peer), msg.clone());
+                    }
+                }
+                Output::ScheduleTimeout {
+                    kind,
+                    height,
+                    round,
+                    ..
+                } => {
+                    let last_round = kind == TimeoutKind::Precommit && round + 1 >= self.cfg.rounds;
+                    if !last_round && self.cfg.timers {
+                        timers.insert(kind, (height, round));
+                        o.set_timer(kind, model_timeout());
+                    }
+                }
+                Output::RequestValue { height, round } => {
+                    let value = honest_value(self.index, height);
+                    let more = consensus
+                        .handle(Input::ProposeValue {
+                            height,
+                            round,
+                            value,
+                        })
+                        .expect("own value is accepted");
+                    queue.extend(more);
+                }
+                Output::Decide { height, value, .. } => {
+                    assert_eq!(store.decided.len() as u64 + 1, height);
+                    store.decided.push(value);
+                    store.records.clear(); // records of a decided height are no longer needed
+                    for kind in std::mem::take(timers).into_keys() {
+                        o.cancel_timer(kind);
+                    }
+                    if height < self.cfg.heights {
+                        let set = self.cfg.validator_set_at(height + 1);
+                        queue.extend(consensus.start_height(height + 1, set));
+                    }
+                }
+                Output::Evidence(_) => {}
+            }
+        }
+        // Timers the consensus would ignore are cancelled: a stale timer firing
+        // changes nothing, so keeping it would only multiply states.
+        let (height, round, step) = (consensus.height(), consensus.round(), consensus.step());
+        let stale: Vec<TimeoutKind> = timers
+            .iter()
+            .filter(|(kind, (h, r))| {
+                *h != height
+                    || *r != round
+                    || (**kind == TimeoutKind::Propose && step != Step::Propose)
+                    || (**kind == TimeoutKind::Prevote && step != Step::Prevote)
+            })
+            .map(|(kind, _)| *kind)
+            .collect();
+        for kind in stale {
+            timers.remove(&kind);
+            o.cancel_timer(kind);
+        }
+        o.save(store.clone());
+    }
+
+    fn step(&self, state: &mut Cow<NodeState>, input: Input<Address>, o: &mut Out<Self>) {
+        let NodeState::Honest {
+            consensus, store, ..
+        } = state.as_ref()
+        else {
+            return;
+        };
+        if store.decided.len() as u64 >= self.cfg.heights {
+            return; // every height decided: the validator has nothing left to do
+        }
+        let mut next = consensus.clone();
+        let Ok(outputs) = next.handle(input) else {
+            return; // rejected: nothing changes
+        };
+        if outputs.is_empty() && next == *consensus {
+            return;
+        }
+        let NodeState::Honest {
+            consensus,
+            timers,
+            store,
+        } = state.to_mut()
+        else {
+            unreachable!("checked above")
+        };
+        *consensus = next;
+        self.perform(consensus, timers, store, outputs, o);
+    }
+}
+
+impl Actor for Node {
+    type Msg = Msg;
+    type State = NodeState;
+    type Timer = TimeoutKind;
+    type Random = ();
+    type Storage = Store;
+
+    fn on_start(&self, _id: Id, storage: &Option<Store>, o: &mut Out<Self>) -> NodeState {
+        if self.cfg.is_byzantine(self.index) {
+            return NodeState::Byzantine;
+        }
+        let mut store = storage.clone().unwrap_or_default();
+        if storage.is_some() {
+            store.restarts = store.restarts.saturating_add(1);
+        }
+        let height = store.decided.len() as u64 + 1;
+        let height_run = height.min(self.cfg.heights);
+        let set = self.cfg.validator_set_at(height_run);
+        let config = self.cfg.consensus_config();
+        let signer = address(self.index);
+        let mut timers = BTreeMap::new();
+        let (mut consensus, outputs) = if height > self.cfg.heights {
+            // Every height decided before the crash: nothing left to do.
+            let mut c = Consensus::new(ModelScheme, signer, config, height_run, set);
+            let _ = c.start();
+            (c, Vec::new())
+        } else if storage.is_some() {
+            let records: Vec<_> = store.records.iter().cloned().collect();
+            Consensus::restore(ModelScheme, signer, config, height, set, &records)
+        } else {
+            let mut c = Consensus::new(ModelScheme, signer, config, height, set);
+            let out = c.start();
+            (c, out)
+        };
+        if height <= self.cfg.heights {
+            self.perform(&mut consensus, &mut timers, &mut store, outputs, o);
+        } else {
+            o.save(store.clone());
+        }
+        NodeState::Honest {
+            consensus,
+            timers,
+            store,
+        }
+    }
+
+    fn on_msg(&self, _id: Id, state: &mut Cow<NodeState>, _src: Id, msg: Msg, o: &mut Out<Self>) {
+        let input = match msg {
+            Message::Proposal(proposal) => {
+                let valid = is_valid(&proposal.message.value);
+                Input::Proposal { proposal, valid }
+            }
+            Message::Vote(vote) => Input::Vote(vote),
+        };
+        self.step(state, input, o);
+    }
+
+    fn on_timeout(
+        &self,
+        _id: Id,
+        state: &mut Cow<NodeState>,
+        kind: &TimeoutKind,
+        o: &mut Out<Self>,
+    ) {
+        let NodeState::Honest { timers, .. } = state.as_ref() else {
+            return;
+        };
+        let Some((height, round)) = timers.get(kind).copied() else {
+            return;
+        };
+        if let NodeState::Honest { timers, .. } = state.to_mut() {
+            timers.remove(kind);
+        }
+        self.step(
+            state,
+            Input::Timeout {
+                kind: *kind,
+                height,
+                round,
+            },
+            o,
+        );
+    }
+}
+
+/// Values that appeared in a proposal (the model's history, for validity).
+pub type Proposed = BTreeSet<ValueId>;
+
+pub type Model = ActorModel<Node, ModelConfig, Proposed>;
+
+/// Every message the Byzantine validators will ever send, in the network from
+/// the start, addressed to every honest validator (CONS-MC-1).
+pub fn byzantine_messages(cfg: &ModelConfig) -> Vec<(usize, usize, Msg)> {
+    match cfg.strategy {
+        Strategy::Full => full_byzantine_messages(cfg),
+        Strategy::Split | Strategy::Swing => split_byzantine_messages(cfg),
+    }
+}
+
+fn signed_vote(
+    b: usize,
+    vote_type: VoteType,
+    height: Height,
+    round: Round,
+    value: Option<ValueId>,
+) -> Msg {
+    Message::Vote(Signed {
+        message: Vote {
+            vote_type,
+            height,
+            round,
+            value,
+            validator: address(b),
+        },
+        signature: address(b),
+    })
+}
+
+fn split_byzantine_messages(cfg: &ModelConfig) -> Vec<(usize, usize, Msg)> {
+    let mut out = Vec::new();
+    let honest: Vec<usize> = cfg.honest().collect();
+    let half = honest.len().div_ceil(2);
+    for h in 1..=cfg.heights {
+        let set = cfg.validator_set_at(h);
+        for r in 0..cfg.rounds {
+            let proposer = set.index_of(&set.proposer(r)).expect("member");
+            for (position, dst) in honest.iter().enumerate() {
+                let sides: &[u8] = match cfg.strategy {
+                    Strategy::Swing if position == 0 => &[0],
+                    Strategy::Swing if position + 1 == honest.len() => &[1],
+                    Strategy::Swing => &[0, 1],
+                    _ if position < half => &[0],
+                    _ => &[1],
+                };
+                for side in sides.iter().copied() {
+                    let value = if cfg.is_byzantine(proposer) {
+                        let value = byzantine_value(proposer, side, h);
+                        let proposal = Proposal {
+                            height: h,
+                            round: r,
+                            value,
+                            valid_round: None,
+                            proposer: address(proposer),
+                        };
+                        out.push((
+                            proposer,
+                            *dst,
+                            Message::Proposal(Signed {
+                                message: proposal,
+                                signature: address(proposer),
+                            }),
+                        ));
+                        Some(value)
+                    } else if side == 0 {
+                        Some(honest_value(proposer, h))
+                    } else {
+                        None
+                    };
+                    for b in (0..cfg.validators).filter(|b| cfg.is_byzantine(*b)) {
+                        for vote_type in [VoteType::Prevote, VoteType::Precommit] {
+                            out.push((b, *dst, signed_vote(b, vote_type, h, r, value)));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn full_byzantine_messages(cfg: &ModelConfig) -> Vec<(usize, usize, Msg)> {
+    let mut out = Vec::new();
+    for h in 1..=cfg.heights {
+        let set = cfg.validator_set_at(h);
+        // Values anyone may propose up to each round: candidates for votes.
+        let mut candidates: BTreeSet<Option<ValueId>> = BTreeSet::from([None]);
+        for r in 0..cfg.rounds {
+            let proposer = set
+                .index_of(&set.proposer(r))
+                .expect("proposer is a member");
+            if cfg.is_byzantine(proposer) {
+                for k in 0..cfg.byzantine_proposals {
+                    let value = byzantine_value(proposer, k, h);
+                    candidates.insert(Some(value));
+                    let proposal = Proposal {
+                        height: h,
+                        round: r,
+                        value,
+                        valid_round: None,
+                        proposer: address(proposer),
+                    };
+                    for dst in cfg.honest() {
+                        out.push((
+                            proposer,
+                            dst,
+                            Message::Proposal(Signed {
+                                message: proposal.clone(),
+                                signature: address(proposer),
+                            }),
+                        ));
+                    }
+                }
+            } else {
+                candidates.insert(Some(honest_value(proposer, h)));
+            }
+            for b in (0..cfg.validators).filter(|b| cfg.is_byzantine(*b)) {
+                for vote_type in [VoteType::Prevote, VoteType::Precommit] {
+                    for value in &candidates {
+                        let vote = Vote {
+                            vote_type,
+                            height: h,
+                            round: r,
+                            value: *value,
+                            validator: address(b),
+                        };
+                        for dst in cfg.honest() {
+                            out.push((
+                                b,
+                                dst,
+                                Message::Vote(Signed {
+                                    message: vote.clone(),
+                                    signature: address(b),
+                                }),
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// CONS-MC-2 agreement: no two honest validators decide differently at a height.
+pub fn agreement(
+    model: &Model,
+    state: &stateright::actor::ActorModelState<Node, Proposed>,
+) -> bool {
+    let mut by_height: BTreeMap<usize, ValueId> = BTreeMap::new();
+    for i in model.cfg.honest() {
+        let Some(store) = &state.actor_storages[i] else {
+            continue;
+        };
+        for (h, v) in store.decided.iter().enumerate() {
+            if *by_height.entry(h).or_insert(*v) != *v {
+                return false;
+            }
+        }
+    }
+    true
+}
+
+/// CONS-MC-2 validity: every decided value is valid and was proposed.
+pub fn validity(model: &Model, state: &stateright::actor::ActorModelState<Node, Proposed>) -> bool {
+    model.cfg.honest().all(|i| {
+        state.actor_storages[i].as_ref().is_none_or(|store| {
+            store
+                .decided
+                .iter()
+                .all(|v| is_valid(v) && state.history.contains(v))
+        })
+    })
+}
+
+/// CONS-MC-2 non-vacuity: some honest validator decides the last height.
+pub fn decided(model: &Model, state: &stateright::actor::ActorModelState<Node, Proposed>) -> bool {
+    model.cfg.honest().any(|i| {
+        state.actor_storages[i]
+            .as_ref()
+            .is_some_and(|s| s.decided.len() as u64 == model.cfg.heights)
+    })
+}
+
+/// The stateright model of `cfg`.
+pub fn model(cfg: ModelConfig) -> Model {
+    assert!(cfg.validators >= 1 && cfg.validators < 255);
+    assert!(cfg.first_byzantine + cfg.byzantine <= cfg.validators);
+    let envelopes: Vec<Envelope<Msg>> = byzantine_messages(&cfg)
+        .into_iter()
+        .enumerate()
+        .map(|(k, (src, dst, msg))| Envelope {
+            // On FIFO networks each Byzantine message gets a link of its own
+            // (a virtual sender id past the actors; authorship is the signature).
+            src: Id::from(if cfg.fifo_honest_links {
+                cfg.validators + k
+            } else {
+                src
+            }),
+            dst: Id::from(dst),
+            msg,
+        })
+        .collect();
+    let proposed: Proposed = envelopes
+        .iter()
+        .filter_map(|e| match &e.msg {
+            Message::Proposal(p) => Some(p.message.value),
+            Message::Vote(_) => None,
+        })
+        .collect();
+    let nodes: Vec<Node> = (0..cfg.validators)
+        .map(|index| Node {
+            index,
+            cfg: cfg.clone(),
+        })
+        .collect();
+    let network = if cfg.fifo_honest_links {
+        Network::new_ordered(envelopes)
+    } else {
+        Network::new_unordered_duplicating(envelopes)
+    };
+    let lossy = if cfg.lossy {
+        LossyNetwork::Yes
+    } else {
+        LossyNetwork::No
+    };
+    let max_crashes = cfg.max_crashes;
+    ActorModel::new(cfg, proposed)
+        .actors(nodes)
+        .init_network(network)
+        .lossy_network(lossy)
+        .max_crashes(max_crashes)
+        .record_msg_out(|_, history, envelope| match envelope.msg {
+            Message::Proposal(p) if !history.contains(&p.message.value) => {
+                let mut h = history.clone();
+                h.insert(p.message.value);
+                Some(h)
+            }
+            _ => None,
+        })
+        .within_boundary(|cfg, state| {
+            // Crashes are bounded in total, not only at once.
+            state
+                .actor_storages
+                .iter()
+                .flatten()
+                .all(|s| usize::from(s.restarts) <= cfg.max_crashes)
+        })
+        .property(Expectation::Always, "agreement", agreement)
+        .property(Expectation::Always, "validity", validity)
+        .property(Expectation::Sometimes, "decided", decided)
+}

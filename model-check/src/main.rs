@@ -1,0 +1,171 @@
+//! `blyan-model-check check [--validators N --heights H --rounds R --byzantine B
+//! --crashes C --lossy --first-byzantine I --threads T --dfs]` checks the
+//! Tendermint model exhaustively; `explore [same options] [--addr HOST:PORT]`
+//! serves stateright's Explorer.
+
+use blyan_model_check::{ModelConfig, model};
+use blyan_state_machine::consensus::Mutant;
+use stateright::{Checker, Model};
+use std::process::ExitCode;
+use std::time::Instant;
+
+#[allow(clippy::type_complexity)] // a flat tuple of options, used once
+fn parse(
+    args: &[String],
+) -> Result<
+    (
+        ModelConfig,
+        usize,
+        bool,
+        String,
+        Option<u64>,
+        Option<usize>,
+        bool,
+        Option<u64>,
+    ),
+    String,
+> {
+    let mut cfg = ModelConfig::ci();
+    let mut threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut dfs = false;
+    let mut timeout_s = None;
+    let mut depth = None;
+    let mut first_failure = false;
+    let mut simulate = None;
+    let mut addr = "localhost:3000".to_string();
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let mut value = || -> Result<&String, String> {
+            it.next().ok_or_else(|| format!("{flag} needs a value"))
+        };
+        let num = |s: &String| s.parse::<u64>().map_err(|e| format!("{flag}: {e}"));
+        match flag.as_str() {
+            "--validators" => cfg.validators = num(value()?)? as usize,
+            "--heights" => cfg.heights = num(value()?)?,
+            "--rounds" => cfg.rounds = num(value()?)? as u32,
+            "--byzantine" => cfg.byzantine = num(value()?)? as usize,
+            "--first-byzantine" => cfg.first_byzantine = num(value()?)? as usize,
+            "--crashes" => cfg.max_crashes = num(value()?)? as usize,
+            "--threads" => threads = num(value()?)? as usize,
+            "--lossy" => cfg.lossy = true,
+            "--unordered" => cfg.fifo_honest_links = false,
+            "--depth" => depth = Some(num(value()?)? as usize),
+            "--mutant" => {
+                cfg.mutant = match value()?.as_str() {
+                    "ignore-lock" => Mutant::IgnoreLock,
+                    "half-quorum" => Mutant::HalfQuorum,
+                    "forget-votes" => Mutant::ForgetVotes,
+                    other => return Err(format!("unknown mutant {other}")),
+                }
+            }
+            "--byzantine-proposals" => cfg.byzantine_proposals = num(value()?)? as u8,
+            "--full-byzantine" => cfg.strategy = blyan_model_check::Strategy::Full,
+            "--swing" => cfg.strategy = blyan_model_check::Strategy::Swing,
+            "--simulate" => simulate = Some(num(value()?)?),
+            "--no-timers" => cfg.timers = false,
+            "--first-failure" => first_failure = true,
+            "--timeout-s" => timeout_s = Some(num(value()?)?),
+            "--dfs" => dfs = true,
+            "--addr" => addr = value()?.clone(),
+            other => return Err(format!("unknown option {other}")),
+        }
+    }
+    if cfg.first_byzantine + cfg.byzantine > cfg.validators {
+        cfg.first_byzantine = cfg.validators - cfg.byzantine.min(cfg.validators);
+    }
+    Ok((
+        cfg,
+        threads,
+        dfs,
+        addr,
+        timeout_s,
+        depth,
+        first_failure,
+        simulate,
+    ))
+}
+
+/// Prints the numbers and any counterexample; non-zero exit on a violation.
+fn report(checker: impl Checker<blyan_model_check::Model>, start: Instant) -> ExitCode {
+    let elapsed = start.elapsed();
+    println!("unique states: {}", checker.unique_state_count());
+    println!("states: {}", checker.state_count());
+    println!("max depth: {}", checker.max_depth());
+    println!("time: {:.1} s", elapsed.as_secs_f64());
+    let mut failed = false;
+    for name in ["agreement", "validity"] {
+        if let Some(path) = checker.discovery(name) {
+            failed = true;
+            println!("VIOLATION of {name}; trace:");
+            for action in path.into_actions() {
+                println!("  {action:?}");
+            }
+        }
+    }
+    if checker.discovery("decided").is_none() {
+        failed = true;
+        println!("VIOLATION: no decision is reachable (the model is vacuous)");
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        println!("properties hold: agreement, validity; a decision is reachable");
+        ExitCode::SUCCESS
+    }
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(command) = args.first() else {
+        eprintln!("usage: blyan-model-check check|explore [options]");
+        return ExitCode::from(2);
+    };
+    let (cfg, threads, dfs, addr, timeout_s, depth, first_failure, simulate) =
+        match parse(&args[1..]) {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::from(2);
+            }
+        };
+    println!("config: {cfg:?}");
+    match command.as_str() {
+        "check" => {
+            let start = Instant::now();
+            let mut builder = model(cfg).checker().threads(threads);
+            if first_failure {
+                builder = builder.finish_when(stateright::HasDiscoveries::AnyFailures);
+            }
+            if let Some(d) = depth {
+                // Exhaustive up to this many steps (exact with BFS).
+                builder = builder.target_max_depth(d);
+            }
+            if let Some(t) = timeout_s {
+                // Stops early: the numbers are then a lower bound, not a proof.
+                builder = builder.timeout(std::time::Duration::from_secs(t));
+            }
+            if let Some(seed) = simulate {
+                // Random walks from `seed`: finds bugs fast, proves nothing.
+                report(
+                    builder
+                        .spawn_simulation(seed, stateright::UniformChooser)
+                        .join(),
+                    start,
+                )
+            } else if dfs {
+                report(builder.spawn_dfs().join(), start)
+            } else {
+                report(builder.spawn_bfs().join(), start)
+            }
+        }
+        "explore" => {
+            println!("serving the Explorer on http://{addr}");
+            model(cfg).checker().threads(threads).serve(addr.as_str());
+            ExitCode::SUCCESS
+        }
+        other => {
+            eprintln!("unknown command {other}");
+            ExitCode::from(2)
+        }
+    }
+}
