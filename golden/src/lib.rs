@@ -168,7 +168,6 @@ fn staking_and_slashing() -> Scenario {
     let net = testnet(4, 2, small_params());
     let v = &net.validators;
     let a = &net.accounts;
-    let double_signer = address(&v[2]);
     let lazy = address(&v[3]);
     let steps = vec![
         Step::Txs(vec![
@@ -196,12 +195,12 @@ fn staking_and_slashing() -> Scenario {
         Step::Full(
             vec![],
             Some(lazy),
-            vec![Misbehaviour::DuplicateVote {
-                validator: double_signer,
-                height: 1,
-                vote_a: [1; 32],
-                vote_b: [2; 32],
-            }],
+            vec![blyan_state_machine::testkit::double_sign(
+                &net.genesis.chain_id,
+                &v[2],
+                1,
+                0,
+            )],
         ),
         Step::Full(vec![], None, vec![]),
         Step::Full(vec![], Some(lazy), vec![]),
@@ -499,6 +498,27 @@ pub fn signing_vectors() -> Vec<SigningVector> {
         quality_milli: 1_000,
         expires_at_height: 100,
     };
+    // CONS-SIG-2: votes and proposals sign the same way under their own tags.
+    use blyan_state_machine::consensus::{Proposal, Vote, VoteType};
+    let vote = Vote {
+        vote_type: VoteType::Precommit,
+        height: 42,
+        round: 1,
+        value: Some([0xcd; 32]),
+        validator: address(&k),
+    };
+    let nil_vote = Vote {
+        vote_type: VoteType::Prevote,
+        value: None,
+        ..vote.clone()
+    };
+    let proposal = Proposal {
+        height: 42,
+        round: 1,
+        value: [0xcd; 32],
+        valid_round: Some(0),
+        proposer: address(&k),
+    };
     vec![
         vector(
             "transaction_transfer",
@@ -511,6 +531,24 @@ pub fn signing_vectors() -> Vec<SigningVector> {
             Domain::Receipt,
             format!("{receipt:?}"),
             receipt.encode(),
+        ),
+        vector(
+            "consensus_precommit",
+            Domain::Vote,
+            format!("{vote:?}"),
+            vote.signing_body(),
+        ),
+        vector(
+            "consensus_nil_prevote",
+            Domain::Vote,
+            format!("{nil_vote:?}"),
+            nil_vote.signing_body(),
+        ),
+        vector(
+            "consensus_proposal",
+            Domain::Proposal,
+            format!("{proposal:?}"),
+            proposal.signing_body(),
         ),
     ]
 }

@@ -58,5 +58,28 @@ fn signing_vectors_are_pinned_and_verify() {
             hex::encode(blyan_state_machine::crypto::sha3_256(&bytes)),
             v.sha3_256
         );
+        // CONS-SIG-2: the consensus vectors verify through the node's scheme.
+        use blyan_state_machine::consensus::{K256Scheme, Proposal, SignatureScheme, Vote};
+        use blyan_state_machine::encoding::Canonical;
+        let scheme = K256Scheme {
+            chain_id: v.chain_id.clone(),
+        };
+        let body = hex::decode(&v.body_hex).unwrap();
+        if v.name.starts_with("consensus_") && v.name.ends_with("vote")
+            || v.name == "consensus_precommit"
+        {
+            let vote = Vote::decode(&body).unwrap();
+            assert!(scheme.verify_vote(&pk.clone().try_into().unwrap(), &vote, &sig), "{}", v.name);
+        } else if v.name == "consensus_proposal" {
+            let p = Proposal::decode(&body).unwrap();
+            assert!(scheme.verify_proposal(&pk.clone().try_into().unwrap(), &p, &sig), "{}", v.name);
+        }
     }
+    assert_eq!(
+        recorded
+            .iter()
+            .filter(|v| v.name.starts_with("consensus_"))
+            .count(),
+        3
+    );
 }

@@ -1,5 +1,6 @@
 //! Blocks, headers, evidence and receipts (spec/ledger.md BLOCK-*).
 
+use crate::consensus::Vote;
 use crate::crypto::sha3_256;
 use crate::encoding::Canonical;
 use crate::state::StateKey;
@@ -30,30 +31,37 @@ pub struct BlockHeader {
     pub receipts_hash: Hash32,
 }
 
-/// SLASH-1: what a validator did wrong; checked for validity by consensus
-/// (the signed votes) and by the ledger (existence, age) (SLASH-3).
+/// CONS-EV-3: a vote with its ECDSA signature, as evidence carries it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Archive, Serialize, Deserialize)]
+#[rkyv(derive(Debug))]
+pub struct SignedVote {
+    pub vote: Vote,
+    pub signature: [u8; 64],
+}
+
+/// SLASH-1: what a validator did wrong. It carries everything needed to check
+/// it from the block alone: the ledger re-verifies the signatures against the
+/// validator set of the infraction height (SLASH-3, CONS-EV-2).
 #[derive(Clone, Debug, PartialEq, Eq, Archive, Serialize, Deserialize)]
 #[rkyv(derive(Debug))]
 pub enum Misbehaviour {
-    /// Two signed votes for the same height, round and type with different values.
+    /// Two signed votes by one validator for the same height, round and type
+    /// with different values, in ascending order of their vote (one pair, one form).
     DuplicateVote {
-        validator: Address,
-        height: Height,
-        /// Hashes of the two conflicting signed votes, in ascending order.
-        vote_a: Hash32,
-        vote_b: Hash32,
+        vote_a: SignedVote,
+        vote_b: SignedVote,
     },
 }
 
 impl Misbehaviour {
     pub fn validator(&self) -> Address {
         match self {
-            Misbehaviour::DuplicateVote { validator, .. } => *validator,
+            Misbehaviour::DuplicateVote { vote_a, .. } => vote_a.vote.validator,
         }
     }
     pub fn height(&self) -> Height {
         match self {
-            Misbehaviour::DuplicateVote { height, .. } => *height,
+            Misbehaviour::DuplicateVote { vote_a, .. } => vote_a.vote.height,
         }
     }
 }

@@ -7,6 +7,7 @@
 //! transactions roll back their effects while keeping their fee (TX-12).
 
 use crate::block::{Block, BlockBody, BlockHeader, BlockOutcome, Event, Misbehaviour, Receipt};
+use crate::consensus::{DuplicateVote, K256Scheme, SignatureScheme};
 use crate::encoding::Canonical;
 use crate::error::{Error, TxError};
 use crate::genesis::Genesis;
@@ -151,6 +152,7 @@ pub struct Globals {
 const KEY_GLOBALS: &[u8] = b"globals";
 const KEY_ACTIVE_SET: &[u8] = b"active_set";
 const KEY_LAST_ACTIVE_SET: &[u8] = b"last_active_set";
+const KEY_SET_HISTORY: &[u8] = b"set_history";
 
 /// The replicated state. Cheap to clone.
 #[derive(Clone, Debug)]
@@ -168,6 +170,9 @@ pub struct Ledger {
     active_set: Vec<(Address, u64)>,
     /// The set that was active in the previous block (signers of its commit).
     last_active_set: Vec<(Address, u64)>,
+    /// SLASH-3: the active set in force from each height (the first height it
+    /// votes on), kept as far back as evidence can reach.
+    set_history: OrdMap<Height, Vec<(Address, u64)>>,
     globals: Globals,
     pol: PolState,
     rewards: RewardState,
@@ -213,6 +218,7 @@ impl Ledger {
             settled_receipts: OrdMap::new(),
             active_set: Vec::new(),
             last_active_set: Vec::new(),
+            set_history: OrdMap::new(),
             globals: Globals {
                 height: 0,
                 time_ms: genesis.genesis_time_ms,
@@ -272,6 +278,8 @@ impl Ledger {
             ));
         }
         ledger.last_active_set = ledger.active_set.clone();
+        ledger.set_history.insert(1, ledger.active_set.clone());
+        ledger.touch(StateKey::new(ns::GLOBAL, KEY_SET_HISTORY));
         for (key, _) in ledger.pol.entries() {
             ledger.touch(key);
         }
@@ -450,7 +458,12 @@ impl Ledger {
             k.extend_from_slice(id);
             StateKey::new(ns::RECEIPT, k)
         }));
-        for k in [KEY_GLOBALS, KEY_ACTIVE_SET, KEY_LAST_ACTIVE_SET] {
+        for k in [
+            KEY_GLOBALS,
+            KEY_ACTIVE_SET,
+            KEY_LAST_ACTIVE_SET,
+            KEY_SET_HISTORY,
+        ] {
             keys.push(StateKey::new(ns::GLOBAL, k));
         }
         let mut out: Vec<(StateKey, Vec<u8>)> = keys
@@ -504,6 +517,13 @@ impl Ledger {
                 KEY_GLOBALS => Some(self.globals.encode()),
                 KEY_ACTIVE_SET => Some(self.active_set.encode()),
                 KEY_LAST_ACTIVE_SET => Some(self.last_active_set.encode()),
+                KEY_SET_HISTORY => Some(
+                    self.set_history
+                        .iter()
+                        .map(|(h, set)| (*h, set.clone()))
+                        .collect::<Vec<_>>()
+                        .encode(),
+                ),
                 _ => None,
             },
             _ => None,
@@ -557,7 +577,7 @@ impl Ledger {
         }
         next.begin_block(header)?;
         let mut events = Vec::new();
-        next.apply_evidence(&block.body.evidence, &mut events)?;
+        next.apply_evidence(&block.body.evidence, sigs, &mut events)?;
         next.apply_signers(&block.body.last_commit_signers, &mut events)?;
         if block.body.txs.len() > self.params.max_block_txs as usize {
             return Err(Error::TooManyTxs {
@@ -622,7 +642,7 @@ impl Ledger {
         };
         next.begin_block(&header)?;
         let mut events = Vec::new();
-        next.apply_evidence(&p.evidence, &mut events)?;
+        next.apply_evidence(&p.evidence, Signatures::Verify, &mut events)?;
         next.apply_signers(&p.last_commit_signers, &mut events)?;
         let mut body = BlockBody {
             evidence: p.evidence,
@@ -951,8 +971,10 @@ impl Ledger {
     fn apply_evidence(
         &mut self,
         evidence: &[Misbehaviour],
+        signatures: Signatures,
         events: &mut Vec<Event>,
     ) -> Result<(), Error> {
+        let mut seen = std::collections::BTreeSet::new();
         if evidence.len() > self.params.max_block_evidence as usize {
             return Err(Error::InvalidEvidence {
                 index: evidence.len() - 1,
@@ -966,6 +988,9 @@ impl Ledger {
                 reason: reason.to_string(),
             };
             let who = ev.validator();
+            if !seen.insert(who) {
+                return Err(invalid("second evidence against one validator in a block"));
+            }
             let v = self
                 .validators
                 .get(&who)
@@ -978,6 +1003,35 @@ impl Ledger {
             }
             if height - ev.height() > self.params.max_evidence_age_blocks {
                 return Err(invalid("evidence expired"));
+            }
+            // CONS-EV-2: the votes conflict, are in canonical order, and are
+            // signed by a member of the set that voted at the infraction height.
+            let dv = DuplicateVote::from_misbehaviour(ev)
+                .ok_or_else(|| invalid("votes not in ascending order"))?;
+            let set = self
+                .set_at(ev.height())
+                .ok_or_else(|| invalid("no validator set recorded for the infraction height"))?;
+            if set.binary_search_by(|(a, _)| a.cmp(&who)).is_err() {
+                return Err(invalid("not in the validator set of the infraction height"));
+            }
+            let (a, b) = (&dv.vote_a.message, &dv.vote_b.message);
+            if a.height != b.height
+                || a.round != b.round
+                || a.vote_type != b.vote_type
+                || a.validator != b.validator
+                || a.value == b.value
+            {
+                return Err(invalid("the two votes do not conflict"));
+            }
+            if signatures == Signatures::Verify {
+                let scheme = K256Scheme {
+                    chain_id: self.chain_id.clone(),
+                };
+                for sv in [&dv.vote_a, &dv.vote_b] {
+                    if !scheme.verify_vote(&v.public_key, &sv.message, &sv.signature) {
+                        return Err(invalid("bad vote signature"));
+                    }
+                }
             }
             let amount = self.slash(who, self.params.slash_double_sign_bps, ev.height());
             let mut v = self.validators.get(&who).cloned().expect("exists");
@@ -992,6 +1046,28 @@ impl Ledger {
             events.push(Event::Tombstoned { validator: who });
         }
         Ok(())
+    }
+
+    /// SLASH-3: the active set that voted at `height` (if still remembered).
+    pub fn set_at(&self, height: Height) -> Option<&[(Address, u64)]> {
+        self.set_history
+            .range(..=height)
+            .next_back()
+            .map(|(_, set)| set.as_slice())
+    }
+
+    /// Forget sets that no evidence can reach any more: keep the set in force
+    /// at `next - max_evidence_age_blocks` and every later one.
+    fn prune_set_history(&mut self, next: Height) {
+        let oldest = next.saturating_sub(self.params.max_evidence_age_blocks);
+        let stale: Vec<Height> = self.set_history.range(..=oldest).map(|(h, _)| *h).collect();
+        // Keep the last entry at or below `oldest`: it is in force there.
+        if stale.len() > 1 {
+            for h in &stale[..stale.len() - 1] {
+                self.set_history.remove(h);
+            }
+            self.touch(StateKey::new(ns::GLOBAL, KEY_SET_HISTORY));
+        }
     }
 
     /// SLASH-2: record who signed the parent's commit; jail and slash validators
@@ -1130,9 +1206,12 @@ impl Ledger {
             if !new_set.is_empty() && new_set != self.active_set {
                 self.active_set = new_set.clone();
                 self.touch(StateKey::new(ns::GLOBAL, KEY_ACTIVE_SET));
+                self.set_history.insert(h.height + 1, new_set.clone());
+                self.touch(StateKey::new(ns::GLOBAL, KEY_SET_HISTORY));
                 update = Some(new_set);
             }
         }
+        self.prune_set_history(h.height + 1);
         self.globals.height = h.height;
         self.globals.time_ms = h.time_ms;
         self.globals.last_base_fee = h.base_fee_per_gas;

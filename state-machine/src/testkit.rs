@@ -1,13 +1,13 @@
 //! Deterministic keys, genesis documents and block building for tests,
 //! benchmarks, golden vectors and simulations. Not used by the protocol itself.
 
-use crate::block::Block;
+use crate::block::{Block, Misbehaviour};
 use crate::error::Error;
 use crate::genesis::{Genesis, GenesisBalance, GenesisValidator};
 use crate::ledger::{Ledger, Proposal};
 use crate::params::Params;
 use crate::tx::{SignedTx, TxBody, TxKind, public_key_of};
-use crate::types::{Address, Amount, BLY};
+use crate::types::{Address, Amount, BLY, Height};
 use k256::ecdsa::SigningKey;
 
 /// A deterministic secp256k1 key: scalar = SHA3-256("blyan-testkit" ‖ index) (valid w.h.p.; retried otherwise).
@@ -159,4 +159,27 @@ pub fn pol_block(
         base_block: None,
         base_version: None,
     }
+}
+
+/// SLASH-1 evidence: `key` signs two precommits for `(height, round)` with
+/// different values (ids `[1; 32]` and `[2; 32]`), in canonical order.
+pub fn double_sign(chain_id: &str, key: &SigningKey, height: Height, round: u32) -> Misbehaviour {
+    use crate::consensus::{DuplicateVote, K256Scheme, SignatureScheme, Signed, Vote, VoteType};
+    let scheme = K256Scheme {
+        chain_id: chain_id.to_string(),
+    };
+    let signed = |value: [u8; 32]| {
+        let vote = Vote {
+            vote_type: VoteType::Precommit,
+            height,
+            round,
+            value: Some(value),
+            validator: address(key),
+        };
+        Signed {
+            signature: scheme.sign_vote(key, &vote),
+            message: vote,
+        }
+    };
+    DuplicateVote::new(signed([1; 32]), signed([2; 32])).to_misbehaviour()
 }

@@ -3,10 +3,8 @@
 use super::scheme::SignatureScheme;
 use super::types::{Round, Signed, ValueId, Vote, VoteType};
 use super::validators::ValidatorSet;
-use crate::block::Misbehaviour;
-use crate::crypto::sha3_256_parts;
-use crate::encoding::Canonical;
-use crate::types::{Address, Hash32, Height};
+use crate::block::{Misbehaviour, SignedVote};
+use crate::types::{Address, Height};
 
 /// CONS-EV-1: two signed votes by one validator for the same height, round and
 /// type with different values. Anyone holding the validator set of that height
@@ -87,19 +85,34 @@ impl<Sig: Clone> DuplicateVote<Sig> {
 }
 
 impl DuplicateVote<[u8; 64]> {
-    /// CONS-EV-3: the ledger's form of this evidence (SLASH-1). The hashes are
-    /// SHA3-256 of `canonical(vote) ‖ signature`, in the pair's order.
+    /// CONS-EV-3: the ledger's form of this evidence (SLASH-1): the two signed
+    /// votes themselves, so any node can re-verify them from the block.
     pub fn to_misbehaviour(&self) -> Misbehaviour {
-        let hash = |s: &Signed<Vote, [u8; 64]>| -> Hash32 {
-            sha3_256_parts(&[&s.message.encode(), &s.signature])
+        let signed = |s: &Signed<Vote, [u8; 64]>| SignedVote {
+            vote: s.message.clone(),
+            signature: s.signature,
         };
-        let (ha, hb) = (hash(&self.vote_a), hash(&self.vote_b));
         Misbehaviour::DuplicateVote {
-            validator: self.validator(),
-            height: self.height(),
-            vote_a: ha.min(hb),
-            vote_b: ha.max(hb),
+            vote_a: signed(&self.vote_a),
+            vote_b: signed(&self.vote_b),
         }
+    }
+
+    /// The inverse of [`DuplicateVote::to_misbehaviour`]; `None` when the two
+    /// votes are not in canonical (strictly ascending) order.
+    pub fn from_misbehaviour(m: &Misbehaviour) -> Option<Self> {
+        let Misbehaviour::DuplicateVote { vote_a, vote_b } = m;
+        if vote_a.vote >= vote_b.vote {
+            return None;
+        }
+        let signed = |s: &SignedVote| Signed {
+            message: s.vote.clone(),
+            signature: s.signature,
+        };
+        Some(DuplicateVote {
+            vote_a: signed(vote_a),
+            vote_b: signed(vote_b),
+        })
     }
 }
 

@@ -4,7 +4,7 @@ use blyan_state_machine::genesis::Genesis;
 use blyan_state_machine::ledger::Ledger;
 use blyan_state_machine::params::{Params, gas};
 use blyan_state_machine::testkit::{
-    TestNet, address, key, next_block, next_block_with, testnet, transfer, tx,
+    TestNet, address, double_sign, key, next_block, next_block_with, testnet, transfer, tx,
 };
 use blyan_state_machine::tx::{InferenceReceipt, NodeInfo, TxKind};
 use blyan_state_machine::types::BLY;
@@ -281,12 +281,7 @@ fn stake_3_unbonding_releases_after_the_period_and_slashing_reaches_it() {
     assert_eq!(l.validator(&va).unwrap().bonded, 9_000 * BLY);
     assert_eq!(l.unbonding().count(), 1);
     // Double-sign evidence for height 1 reaches the unbonding entry created at height 1.
-    let ev = Misbehaviour::DuplicateVote {
-        validator: va,
-        height: 1,
-        vote_a: [1; 32],
-        vote_b: [2; 32],
-    };
+    let ev = double_sign(&net.genesis.chain_id, v, 1, 0);
     let signers = l.last_active_set().iter().map(|(a, _)| *a).collect();
     let (block, l2) = next_block_with(&l, &[], signers, vec![ev.clone()]).unwrap();
     let (_, outcome) = l.apply_block(&block).unwrap();
@@ -340,12 +335,7 @@ fn slash_3_expired_evidence_is_rejected() {
     for _ in 0..5 {
         l = next_block(&l, &[]).unwrap().1;
     }
-    let ev = Misbehaviour::DuplicateVote {
-        validator: address(&net.validators[0]),
-        height: 1,
-        vote_a: [1; 32],
-        vote_b: [2; 32],
-    };
+    let ev = double_sign(&net.genesis.chain_id, &net.validators[0], 1, 0);
     let signers = l.last_active_set().iter().map(|(a, _)| *a).collect();
     match next_block_with(&l, &[], signers, vec![ev]) {
         Err(Error::InvalidEvidence { reason, .. }) => assert!(reason.contains("expired")),
@@ -647,13 +637,76 @@ fn stake_6_the_active_set_never_becomes_empty() {
     let l0 = Ledger::from_genesis(&net.genesis).unwrap();
     let only = address(&net.validators[0]);
     let l1 = next_block(&l0, &[]).unwrap().1;
-    let ev = Misbehaviour::DuplicateVote {
-        validator: only,
-        height: 1,
-        vote_a: [1; 32],
-        vote_b: [2; 32],
-    };
+    let ev = double_sign(&net.genesis.chain_id, &net.validators[0], 1, 0);
     let (_, l2) = next_block_with(&l1, &[], vec![only], vec![ev]).unwrap();
     assert!(l2.validator(&only).unwrap().tombstoned);
     assert_eq!(l2.active_set().len(), 1, "STAKE-6: the old set stays");
+}
+
+/// SLASH-3, CONS-EV-2: evidence is re-verified from the block alone.
+#[test]
+fn slash_3_forged_or_non_conflicting_evidence_is_rejected() {
+    let net = testnet(4, 1, Params::default());
+    let chain = net.genesis.chain_id.clone();
+    let l = Ledger::from_genesis(&net.genesis).unwrap();
+    let l = next_block(&l, &[]).unwrap().1;
+    let signers: Vec<_> = l.last_active_set().iter().map(|(a, _)| *a).collect();
+    let reject =
+        |ev: Misbehaviour, want: &str| match next_block_with(&l, &[], signers.clone(), vec![ev]) {
+            Err(Error::InvalidEvidence { reason, .. }) => {
+                assert!(reason.contains(want), "{reason} does not mention {want}")
+            }
+            other => panic!("accepted: {other:?}"),
+        };
+    let good = double_sign(&chain, &net.validators[1], 1, 0);
+    let Misbehaviour::DuplicateVote { vote_a, vote_b } = good.clone();
+    // A signature by another key.
+    let mut forged = vote_b.clone();
+    let Misbehaviour::DuplicateVote { vote_b: other, .. } =
+        double_sign(&chain, &net.validators[2], 1, 0);
+    forged.signature = other.signature;
+    reject(
+        Misbehaviour::DuplicateVote {
+            vote_a: vote_a.clone(),
+            vote_b: forged,
+        },
+        "signature",
+    );
+    // Signed for another chain.
+    reject(
+        double_sign("other-chain", &net.validators[1], 1, 0),
+        "signature",
+    );
+    // Swapped order.
+    reject(
+        Misbehaviour::DuplicateVote {
+            vote_a: vote_b.clone(),
+            vote_b: vote_a.clone(),
+        },
+        "order",
+    );
+    // Different rounds do not conflict.
+    let Misbehaviour::DuplicateVote { vote_b: later, .. } =
+        double_sign(&chain, &net.validators[1], 1, 1);
+    reject(
+        Misbehaviour::DuplicateVote {
+            vote_a: vote_a.clone(),
+            vote_b: later,
+        },
+        "conflict",
+    );
+    // Not a validator at all.
+    reject(double_sign(&chain, &key(4242), 1, 0), "not a validator");
+    // Two items against one validator in one block.
+    match next_block_with(&l, &[], signers.clone(), vec![good.clone(), good.clone()]) {
+        Err(Error::InvalidEvidence { index: 1, .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    // The genuine item is accepted.
+    let (_, next) = next_block_with(&l, &[], signers.clone(), vec![good]).unwrap();
+    assert!(
+        next.validator(&address(&net.validators[1]))
+            .unwrap()
+            .tombstoned
+    );
 }
