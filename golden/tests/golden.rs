@@ -69,10 +69,18 @@ fn signing_vectors_are_pinned_and_verify() {
             || v.name == "consensus_precommit"
         {
             let vote = Vote::decode(&body).unwrap();
-            assert!(scheme.verify_vote(&pk.clone().try_into().unwrap(), &vote, &sig), "{}", v.name);
+            assert!(
+                scheme.verify_vote(&pk.clone().try_into().unwrap(), &vote, &sig),
+                "{}",
+                v.name
+            );
         } else if v.name == "consensus_proposal" {
             let p = Proposal::decode(&body).unwrap();
-            assert!(scheme.verify_proposal(&pk.clone().try_into().unwrap(), &p, &sig), "{}", v.name);
+            assert!(
+                scheme.verify_proposal(&pk.clone().try_into().unwrap(), &p, &sig),
+                "{}",
+                v.name
+            );
         }
     }
     assert_eq!(

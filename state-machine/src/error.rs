@@ -120,6 +120,8 @@ pub enum Error {
     InvalidTx { index: usize, error: TxError },
     #[error("evidence {index} is invalid: {reason}")]
     InvalidEvidence { index: usize, reason: String },
+    #[error("the active set is not a valid consensus validator set: {0}")]
+    InvalidValidatorSet(String),
     #[error("commit signers are invalid: {0}")]
     InvalidSigners(String),
     #[error(transparent)]

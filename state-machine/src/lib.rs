@@ -18,6 +18,7 @@ pub mod encoding;
 pub mod error;
 pub mod genesis;
 pub mod ledger;
+pub mod node;
 pub mod params;
 pub mod pol;
 pub mod rewards;

@@ -119,7 +119,7 @@ impl DuplicateVote<[u8; 64]> {
 /// CONS-CERT-1: +2/3 of the voting power of height `height`'s set precommitted
 /// `value` in `round`. Block `height + 1` carries it; its signers are that
 /// block's `last_commit_signers` (SLASH-2).
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct CommitCertificate<Sig> {
     pub height: Height,
     pub round: Round,

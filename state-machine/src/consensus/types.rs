@@ -58,7 +58,7 @@ impl Proposal {
 }
 
 /// A message with its signature under scheme `Sig` (CONS-SIG-1).
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Archive, Serialize, Deserialize)]
 pub struct Signed<T, Sig> {
     pub message: T,
     pub signature: Sig,

@@ -178,6 +178,22 @@ impl ValidatorSet {
         copy.validators[chosen].address
     }
 
+    /// CONS-PROP-5: priorities across a change of members (as CometBFT's
+    /// `updateWithChangeSet`): a member that stays keeps its priority from
+    /// `previous`; a new member starts at `-(P + P/8)` (`P` = this set's total
+    /// power), so it does not propose at once. The next increment rescales and
+    /// re-centres them (CONS-PROP-2 steps 1 and 2).
+    pub fn carry_priorities_from(mut self, previous: &ValidatorSet) -> ValidatorSet {
+        let total = i64::try_from(self.total_power).expect("bounded by MAX_TOTAL_VOTING_POWER");
+        for v in &mut self.validators {
+            v.proposer_priority = match previous.get(&v.address) {
+                Some(old) => old.proposer_priority,
+                None => -(total + (total >> 3)),
+            };
+        }
+        self
+    }
+
     /// CONS-PROP-4: the set for the next height (same members): priorities advanced by one increment.
     pub fn next_height(&self) -> ValidatorSet {
         let mut next = self.clone();

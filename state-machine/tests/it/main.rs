@@ -3,5 +3,6 @@ mod consensus;
 mod crypto;
 mod fees;
 mod ledger;
+mod node;
 mod pol_flow;
 mod props;

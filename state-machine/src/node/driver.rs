@@ -1,0 +1,685 @@
+//! [`Node`]: one validator (or follower) as a pure state machine
+//! (spec/node.md). `handle(now_ms, input) -> outputs`; the host performs the
+//! outputs in order ([`super::host::perform`]).
+//!
+//! Invariants:
+//! - the ledger is the state after the last committed block; the height in
+//!   progress is `ledger.height() + 1`;
+//! - every bounded collection (`blocks`, `buffered`, `evidence`, the mempool)
+//!   is checked at insertion; nothing grows with the input rate;
+//! - a block is committed only with a certificate that verifies against the
+//!   validator set of its height (decided here, or checked on sync).
+
+use super::mempool::{Mempool, MempoolConfig};
+use super::{CommittedBlock, NodeInput, NodeOutput, PeerId, Sig, Timer, WireMessage};
+use crate::block::{Block, BlockOutcome, Misbehaviour};
+use crate::consensus::{
+    CommitCertificate, Config, Consensus, DuplicateVote, Input, K256Scheme, Message, Output,
+    Record, SignatureScheme, ValidatorSet, ValueId,
+};
+use crate::error::Error;
+use crate::genesis::Genesis;
+use crate::ledger::{Ledger, Proposal as BlockProposal};
+use crate::types::{Address, Height};
+use k256::ecdsa::SigningKey;
+use std::collections::{BTreeMap, VecDeque};
+
+/// NODE-CFG-1: the driver's parameters. Times are node-clock milliseconds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeConfig {
+    pub consensus: Config,
+    pub mempool: MempoolConfig,
+    /// NODE-TIME-1: target time between the starts of consecutive heights
+    /// (the seed's block time, 2.0 s). After a decision the next height starts
+    /// this long after the decided one started, or at once if that is past.
+    pub block_interval_ms: u64,
+    /// NODE-BUF-1: messages for a later height kept until it starts.
+    pub max_buffered_messages: usize,
+    /// Distinct proposed blocks kept for the height in progress.
+    pub max_candidate_blocks: usize,
+    /// Evidence items waiting to be included in a block.
+    pub max_pending_evidence: usize,
+    /// NODE-SYNC-3: blocks per sync response.
+    pub sync_batch_blocks: u64,
+    /// NODE-SYNC-2: a block request is repeated at most this often.
+    pub sync_retry_ms: u64,
+    /// NODE-PROP-2: a proposed block's time may be at most this far ahead of
+    /// the receiver's clock.
+    pub max_clock_drift_ms: u64,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            consensus: Config::default(),
+            mempool: MempoolConfig::default(),
+            block_interval_ms: 2_000,
+            max_buffered_messages: 1_024,
+            max_candidate_blocks: 16,
+            max_pending_evidence: 64,
+            sync_batch_blocks: 32,
+            sync_retry_ms: 1_000,
+            max_clock_drift_ms: 5_000,
+        }
+    }
+}
+
+/// A proposed block of the height in progress and the driver's verdict on it.
+#[derive(Clone, Debug)]
+struct Candidate {
+    block: Block,
+    last_commit: Option<CommitCertificate<Sig>>,
+    /// `Some` when the block is valid: the state it leads to.
+    applied: Option<(Ledger, BlockOutcome)>,
+}
+
+/// One node. See the module docs for the invariants.
+#[derive(Clone, Debug)]
+pub struct Node {
+    config: NodeConfig,
+    scheme: K256Scheme,
+    key: SigningKey,
+    address: Address,
+    ledger: Ledger,
+    /// The validator set (with proposer priorities) of the height in progress.
+    set: ValidatorSet,
+    /// The set of the last committed height (checks the parent's certificate).
+    prev_set: ValidatorSet,
+    /// `None` when this node is not in `set`, or between a decision and the
+    /// start of the next height.
+    consensus: Option<Consensus<K256Scheme>>,
+    /// Decided; waiting for `Timer::StartHeight`.
+    waiting: bool,
+    height_started_ms: u64,
+    last_cert: Option<CommitCertificate<Sig>>,
+    blocks: BTreeMap<ValueId, Candidate>,
+    mempool: Mempool,
+    evidence: BTreeMap<(Address, Height), DuplicateVote<Sig>>,
+    buffered: VecDeque<(PeerId, WireMessage)>,
+    sync_requested_ms: Option<u64>,
+}
+
+impl Node {
+    /// A node at height 0 of `genesis`, signing with `key`. Replay stored
+    /// blocks with [`Node::replay`], then call [`Node::start`].
+    pub fn from_genesis(
+        config: NodeConfig,
+        key: SigningKey,
+        genesis: &Genesis,
+    ) -> Result<Node, Error> {
+        let ledger = Ledger::from_genesis(genesis)?;
+        let set = validator_set(&ledger, None)?;
+        let scheme = K256Scheme {
+            chain_id: genesis.chain_id.clone(),
+        };
+        let address = scheme.address(&key);
+        let mempool = Mempool::new(config.mempool.clone());
+        Ok(Node {
+            config,
+            scheme,
+            key,
+            address,
+            ledger,
+            prev_set: set.clone(),
+            set,
+            consensus: None,
+            waiting: false,
+            height_started_ms: 0,
+            last_cert: None,
+            blocks: BTreeMap::new(),
+            mempool,
+            evidence: BTreeMap::new(),
+            buffered: VecDeque::new(),
+            sync_requested_ms: None,
+        })
+    }
+
+    pub fn address(&self) -> Address {
+        self.address
+    }
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+    /// The height being decided (or about to start).
+    pub fn height(&self) -> Height {
+        self.ledger.height() + 1
+    }
+    pub fn mempool(&self) -> &Mempool {
+        &self.mempool
+    }
+    pub fn validator_set(&self) -> &ValidatorSet {
+        &self.set
+    }
+    pub fn is_validator(&self) -> bool {
+        self.set.get(&self.address).is_some()
+    }
+    /// The consensus round of the height in progress, if this node votes in it.
+    pub fn round(&self) -> Option<u32> {
+        self.consensus.as_ref().map(|c| c.round())
+    }
+
+    /// NODE-STORE-4: re-apply a block from this node's own store (it was
+    /// verified before it was stored, so signatures are not checked again;
+    /// the state root in its header still is).
+    pub fn replay(&mut self, committed: &CommittedBlock) -> Result<(), Error> {
+        assert!(self.consensus.is_none(), "replay before start");
+        let (next, outcome) = self
+            .ledger
+            .apply_block_trusted_signatures(&committed.block)?;
+        self.advance(committed.clone(), next, outcome, &mut Vec::new())?;
+        Ok(())
+    }
+
+    /// Starts the height after the last committed block. `records` are the
+    /// persisted consensus records of that height (CONS-CRASH-2), empty on a
+    /// fresh start.
+    pub fn start(&mut self, now_ms: u64, records: &[Record<Sig>]) -> Vec<NodeOutput> {
+        let mut out = Vec::new();
+        self.start_height(now_ms, records, &mut out);
+        out
+    }
+
+    /// Feeds one input at node time `now_ms`; returns the outputs to perform in order.
+    pub fn handle(&mut self, now_ms: u64, input: NodeInput) -> Vec<NodeOutput> {
+        let mut out = Vec::new();
+        match input {
+            NodeInput::Message { from, message } => {
+                self.on_message(now_ms, from, message, &mut out)
+            }
+            NodeInput::Timer(timer) => self.on_timer(now_ms, timer, &mut out),
+            NodeInput::ClientTx(tx) => {
+                let id = tx.id();
+                let result = self.mempool.insert(tx.clone(), &self.ledger).map(|_| ());
+                if result.is_ok() {
+                    out.push(NodeOutput::Broadcast(WireMessage::Tx(Box::new(tx))));
+                }
+                out.push(NodeOutput::TxResult { id, result });
+            }
+        }
+        out
+    }
+
+    fn on_timer(&mut self, now_ms: u64, timer: Timer, out: &mut Vec<NodeOutput>) {
+        match timer {
+            Timer::Consensus {
+                kind,
+                height,
+                round,
+            } => {
+                if height == self.height() && !self.waiting {
+                    self.feed(
+                        now_ms,
+                        Input::Timeout {
+                            kind,
+                            height,
+                            round,
+                        },
+                        out,
+                    );
+                }
+            }
+            Timer::StartHeight { height } => {
+                if self.waiting && height == self.height() {
+                    self.start_height(now_ms, &[], out);
+                }
+            }
+            Timer::SyncRetry => {
+                if self
+                    .sync_requested_ms
+                    .is_some_and(|t| now_ms >= t.saturating_add(self.config.sync_retry_ms))
+                {
+                    self.sync_requested_ms = None;
+                }
+            }
+        }
+    }
+
+    fn on_message(
+        &mut self,
+        now_ms: u64,
+        from: PeerId,
+        message: WireMessage,
+        out: &mut Vec<NodeOutput>,
+    ) {
+        if let Some(h) = message.consensus_height() {
+            let current = self.height();
+            if h < current {
+                return; // Decided already.
+            }
+            if h > current || self.waiting || self.consensus.is_none() {
+                // NODE-BUF-1: keep it for when its height starts (bounded:
+                // when full, the newest is dropped; consensus tolerates loss).
+                if self.buffered.len() < self.config.max_buffered_messages {
+                    self.buffered.push_back((from, message));
+                }
+                if h > current {
+                    // NODE-SYNC-2: the sender has committed at least h - 1 ≥ current.
+                    self.request_blocks(now_ms, from, out);
+                }
+                return;
+            }
+        }
+        match message {
+            WireMessage::Vote(vote) => self.feed(now_ms, Input::Vote(vote), out),
+            WireMessage::Proposal {
+                proposal,
+                block,
+                last_commit,
+            } => {
+                if let Some(valid) = self.check_proposal(now_ms, &proposal, *block, last_commit) {
+                    self.feed(now_ms, Input::Proposal { proposal, valid }, out);
+                }
+            }
+            WireMessage::Tx(tx) => {
+                if self.mempool.insert((*tx).clone(), &self.ledger).is_ok() {
+                    out.push(NodeOutput::Broadcast(WireMessage::Tx(tx))); // NODE-MP-5 gossip once
+                }
+            }
+            WireMessage::BlockRequest { from_height } => {
+                let last = self.ledger.height();
+                if from_height >= 1 && from_height <= last {
+                    let to_height = last.min(from_height + self.config.sync_batch_blocks - 1);
+                    out.push(NodeOutput::ServeBlocks {
+                        to: from,
+                        from_height,
+                        to_height,
+                    });
+                }
+            }
+            WireMessage::Blocks(blocks) => self.on_blocks(now_ms, from, blocks, out),
+        }
+    }
+
+    /// NODE-PROP-1/2: cheap checks first (proposer, signature), then the
+    /// parent's certificate and the block itself through the ledger. Returns
+    /// the `valid(v)` verdict for consensus, or `None` to drop the message.
+    fn check_proposal(
+        &mut self,
+        now_ms: u64,
+        proposal: &crate::consensus::Signed<crate::consensus::Proposal, Sig>,
+        block: Block,
+        last_commit: Option<CommitCertificate<Sig>>,
+    ) -> Option<bool> {
+        let p = &proposal.message;
+        let member = self.set.get(&p.proposer)?;
+        if self.set.proposer(p.round) != p.proposer
+            || !self
+                .scheme
+                .verify_proposal(&member.public_key, p, &proposal.signature)
+        {
+            return None;
+        }
+        if block.hash() != p.value {
+            return None; // The block is not the one the signature names.
+        }
+        if let Some(c) = self.blocks.get(&p.value) {
+            return Some(c.applied.is_some());
+        }
+        if self.blocks.len() >= self.config.max_candidate_blocks {
+            return None;
+        }
+        let h = &block.header;
+        let mut valid = h.height == p.height
+            && h.proposer == p.proposer
+            && h.time_ms <= now_ms.saturating_add(self.config.max_clock_drift_ms)
+            && self.check_last_commit(&block, last_commit.as_ref());
+        let applied = if valid {
+            self.ledger.apply_block(&block).ok()
+        } else {
+            None
+        };
+        valid &= applied.is_some();
+        self.blocks.insert(
+            p.value,
+            Candidate {
+                block,
+                last_commit,
+                applied,
+            },
+        );
+        Some(valid)
+    }
+
+    /// NODE-PROP-1: block h carries the signers of a certificate for h - 1
+    /// that verifies against the set of h - 1 and names the parent.
+    fn check_last_commit(&self, block: &Block, cert: Option<&CommitCertificate<Sig>>) -> bool {
+        let parent = self.ledger.height();
+        match cert {
+            None => parent == 0 && block.body.last_commit_signers.is_empty(),
+            Some(c) => {
+                parent > 0
+                    && c.value == self.ledger.last_block_hash()
+                    && c.signers() == block.body.last_commit_signers
+                    && c.verify(&self.scheme, &self.prev_set, parent).is_ok()
+            }
+        }
+    }
+
+    /// Feeds consensus and performs its outputs, looping while they produce
+    /// more input (a requested value).
+    fn feed(&mut self, now_ms: u64, input: Input<Sig>, out: &mut Vec<NodeOutput>) {
+        let mut inputs = VecDeque::from([input]);
+        while let Some(input) = inputs.pop_front() {
+            let Some(consensus) = self.consensus.as_mut() else {
+                return;
+            };
+            // Rejected inputs are untrusted messages that were not used.
+            let Ok(outputs) = consensus.handle(input) else {
+                continue;
+            };
+            self.perform_consensus(now_ms, outputs, &mut inputs, out);
+        }
+    }
+
+    fn perform_consensus(
+        &mut self,
+        now_ms: u64,
+        outputs: Vec<Output<Sig>>,
+        inputs: &mut VecDeque<Input<Sig>>,
+        out: &mut Vec<NodeOutput>,
+    ) {
+        for output in outputs {
+            match output {
+                Output::Persist(record) => out.push(NodeOutput::Persist(record)),
+                Output::Broadcast(Message::Vote(v)) => {
+                    out.push(NodeOutput::Broadcast(WireMessage::Vote(v)))
+                }
+                Output::Broadcast(Message::Proposal(p)) => {
+                    let c = self
+                        .blocks
+                        .get(&p.message.value)
+                        .expect("consensus proposes only values this node holds");
+                    out.push(NodeOutput::Broadcast(WireMessage::Proposal {
+                        proposal: p,
+                        block: Box::new(c.block.clone()),
+                        last_commit: c.last_commit.clone(),
+                    }));
+                }
+                Output::ScheduleTimeout {
+                    kind,
+                    height,
+                    round,
+                    duration_ms,
+                } => out.push(NodeOutput::SetTimer {
+                    timer: Timer::Consensus {
+                        kind,
+                        height,
+                        round,
+                    },
+                    at_ms: now_ms.saturating_add(duration_ms),
+                }),
+                Output::RequestValue { height, round } => {
+                    let value = self.build_block(now_ms);
+                    inputs.push_back(Input::ProposeValue {
+                        height,
+                        round,
+                        value,
+                    });
+                }
+                Output::Decide {
+                    value, certificate, ..
+                } => self.decide(now_ms, value, certificate, out),
+                Output::Evidence(ev) => {
+                    let key = (ev.validator(), ev.height());
+                    if self.evidence.len() < self.config.max_pending_evidence {
+                        self.evidence.entry(key).or_insert(ev);
+                    }
+                }
+            }
+        }
+    }
+
+    /// L18 `getValue()`: a block from the mempool and pending evidence.
+    fn build_block(&mut self, now_ms: u64) -> ValueId {
+        let time_ms = now_ms.max(self.ledger.globals().time_ms + 1);
+        let mut evidence: Vec<Misbehaviour> = self
+            .evidence
+            .values()
+            .map(DuplicateVote::to_misbehaviour)
+            .collect();
+        let candidates = self
+            .mempool
+            .candidates(&self.ledger, self.ledger.params().max_block_txs as usize);
+        let last_commit_signers = self
+            .last_cert
+            .as_ref()
+            .map(CommitCertificate::signers)
+            .unwrap_or_default();
+        // Evidence the ledger refuses (expired, already punished) is dropped
+        // one item at a time; each retry removes one, so this terminates.
+        loop {
+            let proposal = BlockProposal {
+                proposer: self.address,
+                time_ms,
+                evidence: evidence.clone(),
+                last_commit_signers: last_commit_signers.clone(),
+                candidates: &candidates,
+            };
+            match self.ledger.propose_block(proposal) {
+                Ok((block, next, outcome)) => {
+                    let value = block.hash();
+                    self.blocks.insert(
+                        value,
+                        Candidate {
+                            block,
+                            last_commit: self.last_cert.clone(),
+                            applied: Some((next, outcome)),
+                        },
+                    );
+                    return value;
+                }
+                Err(Error::InvalidEvidence { index, .. }) => {
+                    assert!(index < evidence.len());
+                    let dropped = evidence.remove(index);
+                    self.evidence
+                        .remove(&(dropped.validator(), dropped.height()));
+                }
+                Err(e) => panic!(
+                    "a block from valid candidates and the node's own commit must build: {e}"
+                ),
+            }
+        }
+    }
+
+    /// L49: commit the decided block and schedule the next height.
+    fn decide(
+        &mut self,
+        now_ms: u64,
+        value: ValueId,
+        certificate: CommitCertificate<Sig>,
+        out: &mut Vec<NodeOutput>,
+    ) {
+        let c = self
+            .blocks
+            .remove(&value)
+            .expect("consensus decides only a proposal this node received");
+        let (next, outcome) = c.applied.expect("consensus decides only valid values");
+        let committed = CommittedBlock {
+            block: c.block,
+            certificate,
+        };
+        self.advance(committed, next, outcome, out)
+            .expect("a decided block's successor set is valid");
+        self.waiting = true;
+        let at_ms = self
+            .height_started_ms
+            .saturating_add(self.config.block_interval_ms)
+            .max(now_ms);
+        out.push(NodeOutput::SetTimer {
+            timer: Timer::StartHeight {
+                height: self.height(),
+            },
+            at_ms,
+        });
+    }
+
+    /// Makes `committed` (already applied into `next`) the last block.
+    fn advance(
+        &mut self,
+        committed: CommittedBlock,
+        next: Ledger,
+        outcome: BlockOutcome,
+        out: &mut Vec<NodeOutput>,
+    ) -> Result<(), Error> {
+        assert_eq!(committed.block.header.height, self.height());
+        assert_eq!(committed.certificate.value, committed.block.hash());
+        let new_set = match &outcome.validator_set_update {
+            None => self.set.next_height(),
+            Some(_) => {
+                let fresh = validator_set(&next, None)?;
+                fresh.carry_priorities_from(&self.set).next_height()
+            }
+        };
+        self.ledger = next;
+        self.prev_set = std::mem::replace(&mut self.set, new_set);
+        self.consensus = None;
+        self.blocks.clear();
+        self.mempool.update(&self.ledger);
+        let ledger = &self.ledger;
+        self.evidence.retain(|(who, h), _| {
+            ledger.validator(who).is_some_and(|v| !v.tombstoned)
+                && ledger.height() + 1 - h <= ledger.params().max_evidence_age_blocks
+        });
+        self.last_cert = Some(committed.certificate.clone());
+        out.push(NodeOutput::Committed {
+            block: Box::new(committed),
+            outcome: Box::new(outcome),
+        });
+        Ok(())
+    }
+
+    /// L10/L54: start the height after the last committed block.
+    fn start_height(&mut self, now_ms: u64, records: &[Record<Sig>], out: &mut Vec<NodeOutput>) {
+        self.waiting = false;
+        self.height_started_ms = now_ms;
+        let height = self.height();
+        self.consensus = None;
+        if self.is_validator() {
+            let (consensus, outputs) = if records.is_empty() {
+                let mut c = Consensus::new(
+                    self.scheme.clone(),
+                    self.key.clone(),
+                    self.config.consensus.clone(),
+                    height,
+                    self.set.clone(),
+                );
+                let o = c.start();
+                (c, o)
+            } else {
+                Consensus::restore(
+                    self.scheme.clone(),
+                    self.key.clone(),
+                    self.config.consensus.clone(),
+                    height,
+                    self.set.clone(),
+                    records,
+                )
+            };
+            self.consensus = Some(consensus);
+            let mut inputs = VecDeque::new();
+            self.perform_consensus(now_ms, outputs, &mut inputs, out);
+            while let Some(input) = inputs.pop_front() {
+                self.feed(now_ms, input, out);
+            }
+        }
+        // NODE-BUF-1: replay what arrived early; keep what is still ahead.
+        let buffered = std::mem::take(&mut self.buffered);
+        for (from, message) in buffered {
+            match message.consensus_height() {
+                Some(h) if h < height => {}
+                Some(h) if h > height => self.buffered.push_back((from, message)),
+                _ if self.consensus.is_none() => {}
+                _ => self.on_message(now_ms, from, message, out),
+            }
+        }
+    }
+
+    /// NODE-SYNC-2: ask `peer` for the blocks after ours, at most one request
+    /// in flight per `sync_retry_ms`.
+    fn request_blocks(&mut self, now_ms: u64, peer: PeerId, out: &mut Vec<NodeOutput>) {
+        if self
+            .sync_requested_ms
+            .is_some_and(|t| now_ms < t.saturating_add(self.config.sync_retry_ms))
+        {
+            return;
+        }
+        self.sync_requested_ms = Some(now_ms);
+        out.push(NodeOutput::Send {
+            to: peer,
+            message: WireMessage::BlockRequest {
+                from_height: self.ledger.height() + 1,
+            },
+        });
+        out.push(NodeOutput::SetTimer {
+            timer: Timer::SyncRetry,
+            at_ms: now_ms.saturating_add(self.config.sync_retry_ms),
+        });
+    }
+
+    /// NODE-SYNC-3: verify each block's certificate against the set of its
+    /// height and the block through the ledger, then commit it. Stops at the
+    /// first block that does not follow or does not verify.
+    fn on_blocks(
+        &mut self,
+        now_ms: u64,
+        from: PeerId,
+        blocks: Vec<CommittedBlock>,
+        out: &mut Vec<NodeOutput>,
+    ) {
+        self.sync_requested_ms = None;
+        let full_batch = blocks.len() as u64 >= self.config.sync_batch_blocks;
+        let mut applied = false;
+        for committed in blocks
+            .into_iter()
+            .take(self.config.sync_batch_blocks as usize)
+        {
+            let height = self.height();
+            let header = &committed.block.header;
+            if header.height < height {
+                continue;
+            }
+            if header.height > height
+                || committed.certificate.value != committed.block.hash()
+                || committed
+                    .certificate
+                    .verify(&self.scheme, &self.set, height)
+                    .is_err()
+            {
+                break;
+            }
+            let Ok((next, outcome)) = self.ledger.apply_block(&committed.block) else {
+                break;
+            };
+            if self.advance(committed, next, outcome, out).is_err() {
+                break;
+            }
+            applied = true;
+        }
+        if applied {
+            // Join the height after the last synced block at once.
+            self.start_height(now_ms, &[], out);
+            if full_batch {
+                self.request_blocks(now_ms, from, out);
+            }
+        }
+    }
+}
+
+/// The consensus validator set of the height after `ledger`'s, fresh
+/// priorities; `update` overrides the ledger's active set.
+fn validator_set(
+    ledger: &Ledger,
+    update: Option<&[(Address, u64)]>,
+) -> Result<ValidatorSet, Error> {
+    let active = update.unwrap_or(ledger.active_set());
+    let members = active
+        .iter()
+        .map(|(a, power)| {
+            let v = ledger
+                .validator(a)
+                .expect("STAKE-5: active members are validators");
+            (*a, v.public_key, *power)
+        })
+        .collect();
+    ValidatorSet::new(members).map_err(|e| Error::InvalidValidatorSet(e.to_string()))
+}
