@@ -5,3 +5,4 @@ mod fees;
 mod ledger;
 mod pol_flow;
 mod props;
+mod vrf;
