@@ -124,6 +124,13 @@ mod cli {
     }
 
     pub fn main(args: Vec<String>) -> i32 {
+        // Panics become violations of their seed (run() catches them); print
+        // one line, not a backtrace per seed.
+        if std::env::var_os("RUST_BACKTRACE").is_none() {
+            std::panic::set_hook(Box::new(|info| {
+                eprintln!("panic: {info}");
+            }));
+        }
         let Some(command) = args.first() else {
             eprintln!("{USAGE}");
             return 2;

@@ -312,12 +312,20 @@ pub fn envelope(kind: u8, body: &[u8]) -> Vec<u8> {
 /// A validator's task (re-run by madsim on restart): rebuild from the store,
 /// then loop on messages and timers.
 async fn node_main(world: Arc<World>, i: usize) {
-    let ep = Arc::new(
-        Endpoint::bind(SocketAddr::new(validator_ip(i), PORT))
-            .await
-            .expect("bind"),
-    );
     world.halted[i].store(false, Ordering::Relaxed);
+    // The previous incarnation's in-flight sends may still hold the port for
+    // a moment after a restart.
+    let mut attempts = 0;
+    let ep = loop {
+        match Endpoint::bind(SocketAddr::new(validator_ip(i), PORT)).await {
+            Ok(ep) => break Arc::new(ep),
+            Err(e) => {
+                attempts += 1;
+                assert!(attempts < 100, "bind {}: {e}", validator_ip(i));
+                sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
     let mut config = NodeConfig {
         block_interval_ms: world.cfg.block_interval_ms,
         ..NodeConfig::default()
@@ -513,6 +521,7 @@ pub async fn simulate(cfg: SimConfig) -> Report {
     world.client_log.lock().expect("single-threaded").stopped = true;
     for (i, n) in nodes.iter().enumerate() {
         if world.halted[i].load(Ordering::Relaxed) || handle.is_exit(n.id()) {
+            handle.kill(n.id());
             handle.restart(n.id());
         }
     }
@@ -573,6 +582,8 @@ async fn nemesis(world: &Arc<World>, handle: &Handle, nodes: &[NodeHandle], dura
         // Nodes halted by a store error come back.
         for (i, node) in nodes.iter().enumerate() {
             if world.halted[i].load(Ordering::Relaxed) {
+                // kill() also releases the node's sockets; restart() alone does not.
+                handle.kill(node.id());
                 handle.restart(node.id());
             }
         }
@@ -727,8 +738,37 @@ fn finish(world: &Arc<World>, converged_ms: Option<u64>, target: Height) -> Repo
     }
 }
 
-/// Runs one simulation in a fresh madsim runtime seeded with `cfg.seed`.
+/// Runs one simulation in a fresh madsim runtime seeded with `cfg.seed`. A
+/// panic anywhere (a node's assertion, a checker's) is reported as a
+/// violation of that seed, not a crash of the sweep.
 pub fn run(cfg: SimConfig) -> Report {
-    let rt = madsim::runtime::Runtime::with_seed_and_config(cfg.seed, madsim::Config::default());
-    rt.block_on(simulate(cfg))
+    let seed = cfg.seed;
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let rt = madsim::runtime::Runtime::with_seed_and_config(seed, madsim::Config::default());
+        rt.block_on(simulate(cfg.clone()))
+    }));
+    match result {
+        Ok(report) => report,
+        Err(payload) => {
+            let message = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "non-string panic".into());
+            Report {
+                seed,
+                digest: [0; 32],
+                violations: vec![format!("panic: {message}")],
+                heights: Vec::new(),
+                committed_txs: 0,
+                simulated_ms: 0,
+                finality_p50_ms: None,
+                finality_p99_ms: None,
+                crashes: 0,
+                store_errors: 0,
+                messages_sent: 0,
+                liveness_ms: None,
+            }
+        }
+    }
 }

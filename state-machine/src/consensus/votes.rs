@@ -41,12 +41,17 @@ impl<Sig: Clone> Tally<Sig> {
     }
     /// The votes for `value`, in ascending validator order.
     pub fn votes_for(&self, value: &Option<ValueId>) -> Vec<Signed<Vote, Sig>> {
-        self.votes
+        let mut votes: Vec<_> = self
+            .votes
             .values()
             .chain(self.conflicting.values())
             .filter(|v| v.message.value == *value)
             .cloned()
-            .collect()
+            .collect();
+        // One per validator (a conflicting vote never repeats a first vote's
+        // value), in ascending validator order as certificates need.
+        votes.sort_by_key(|v| v.message.validator);
+        votes
     }
     /// Values (not nil) that have any vote.
     pub fn values(&self) -> impl Iterator<Item = &ValueId> {
