@@ -8,8 +8,15 @@
 //! the HTTP API and the `blyan` binary follow (issue 6).
 #![forbid(unsafe_code)]
 
+pub mod api;
+pub mod client;
+pub mod config;
+pub mod devnet;
 pub mod error;
 pub mod keystore;
+pub mod node;
+pub mod service;
 pub mod store;
+pub mod transport;
 
 pub use error::Error;

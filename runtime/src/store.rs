@@ -9,12 +9,15 @@
 //!   of STATE-1;
 //! - `records`: height (big-endian u64) ‖ sequence number (big-endian u64) →
 //!   a consensus record of the height in progress (CONS-CRASH-1), in the
-//!   order written.
+//!   order written;
+//! - `txs`: transaction id → height (big-endian u64) ‖ index in the block
+//!   (big-endian u32) ‖ canonical [`Receipt`]: the receipt index the API
+//!   answers `GET /tx/{id}` from.
 //!
 //! Every write is one batch synced to disk ([`PersistMode::SyncAll`]) before
 //! the method returns (NODE-STORE-1). Saving block `h` writes the block, the
 //! state keys it changed and the height, and drops the records of heights
-//! `≤ h`, all in one atomic batch (NODE-STORE-2).
+//! `≤ h`, all in one atomic batch (NODE-STORE-2), with its receipts.
 //!
 //! On open, the ledger is rebuilt by replaying the stored blocks from genesis
 //! (their signatures were verified before they were stored, so replay trusts
@@ -28,14 +31,14 @@
 //! runtime's report to the lead).
 
 use crate::Error;
-use blyan_state_machine::block::BlockOutcome;
+use blyan_state_machine::block::{BlockOutcome, Receipt};
 use blyan_state_machine::consensus::{Proposal, Record, Round, Signed, ValueId, Vote};
 use blyan_state_machine::encoding::Canonical;
 use blyan_state_machine::genesis::Genesis;
 use blyan_state_machine::ledger::Ledger;
 use blyan_state_machine::node::{self, CommittedBlock, Sig};
 use blyan_state_machine::state::StateKey;
-use blyan_state_machine::types::Height;
+use blyan_state_machine::types::{Hash32, Height};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use std::path::Path;
 
@@ -102,6 +105,7 @@ pub struct ChainStore {
     blocks: Keyspace,
     state: Keyspace,
     records: Keyspace,
+    txs: Keyspace,
     /// The state after the last stored block.
     ledger: Ledger,
     /// Sequence number of the next record (greater than every stored one).
@@ -148,6 +152,7 @@ impl ChainStore {
             blocks: ks("blocks")?,
             state: ks("state")?,
             records: ks("records")?,
+            txs: ks("txs")?,
             db,
             ledger: genesis_ledger.clone(),
             next_record_seq: 0,
@@ -225,11 +230,15 @@ impl ChainStore {
 
     /// The committed block at `height`, if stored.
     pub fn committed_block(&self, height: u64) -> Result<Option<CommittedBlock>, Error> {
-        match self.blocks.get(height.to_be_bytes()).map_err(storage)? {
-            None => Ok(None),
-            Some(bytes) => CommittedBlock::decode(&bytes)
-                .map(Some)
-                .map_err(|e| Error::Corrupt(format!("block {height}: {e}"))),
+        self.reader().block(height)
+    }
+
+    /// A read-only view for the HTTP API (fjall handles are shared and
+    /// thread-safe; the node task stays the only writer).
+    pub fn reader(&self) -> StoreReader {
+        StoreReader {
+            blocks: self.blocks.clone(),
+            txs: self.txs.clone(),
         }
     }
 
@@ -306,6 +315,13 @@ impl ChainStore {
             }
         }
         batch.insert(&self.meta, META_HEIGHT, height.to_be_bytes().to_vec());
+        for (index, r) in outcome.receipts.iter().enumerate() {
+            let mut v = Vec::new();
+            v.extend_from_slice(&height.to_be_bytes());
+            v.extend_from_slice(&(index as u32).to_be_bytes());
+            v.extend_from_slice(&r.encode());
+            batch.insert(&self.txs, r.tx_id.to_vec(), v);
+        }
         for kv in self.records.range(..record_key(height + 1, 0)) {
             batch.remove(&self.records, kv.key().map_err(storage)?);
         }
@@ -369,5 +385,50 @@ impl node::Store for ChainStore {
 
     fn last_height(&self) -> Result<Height, Error> {
         self.height()
+    }
+}
+
+/// Read-only access to committed blocks and receipts, for the API.
+#[derive(Clone)]
+pub struct StoreReader {
+    blocks: Keyspace,
+    txs: Keyspace,
+}
+
+/// Where a committed transaction landed, and its receipt.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TxLocation {
+    pub height: Height,
+    pub index: u32,
+    pub receipt: Receipt,
+}
+
+impl StoreReader {
+    pub fn block(&self, height: Height) -> Result<Option<CommittedBlock>, Error> {
+        match self.blocks.get(height.to_be_bytes()).map_err(storage)? {
+            None => Ok(None),
+            Some(bytes) => CommittedBlock::decode(&bytes)
+                .map(Some)
+                .map_err(|e| Error::Corrupt(format!("block {height}: {e}"))),
+        }
+    }
+
+    pub fn tx(&self, id: &Hash32) -> Result<Option<TxLocation>, Error> {
+        let Some(v) = self.txs.get(id).map_err(storage)? else {
+            return Ok(None);
+        };
+        if v.len() < 12 {
+            return Err(Error::Corrupt(format!(
+                "tx index entry {}",
+                hex::encode(id)
+            )));
+        }
+        let receipt = Receipt::decode(&v[12..])
+            .map_err(|e| Error::Corrupt(format!("receipt {}: {e}", hex::encode(id))))?;
+        Ok(Some(TxLocation {
+            height: be_u64(&v[..8], "tx height")?,
+            index: u32::from_be_bytes(v[8..12].try_into().expect("4 bytes")),
+            receipt,
+        }))
     }
 }
