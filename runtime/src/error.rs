@@ -73,7 +73,7 @@ impl Error {
         )
     }
 
-    pub(crate) fn io(path: impl std::fmt::Display, source: std::io::Error) -> Error {
+    pub fn io(path: impl std::fmt::Display, source: std::io::Error) -> Error {
         Error::Io {
             path: path.to_string(),
             source,
