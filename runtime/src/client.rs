@@ -34,15 +34,19 @@ pub async fn request(
         body.len()
     );
     let io = |e: std::io::Error| Error::Http(format!("{method} {path}: {e}"));
-    stream.write_all(head.as_bytes()).await.map_err(io)?;
-    stream.write_all(body).await.map_err(io)?;
+    // A server may answer (413) and close before reading a large body: a
+    // failed write is reported only if no response can be read either.
+    let written = match stream.write_all(head.as_bytes()).await {
+        Ok(()) => stream.write_all(body).await,
+        Err(e) => Err(e),
+    };
     let mut raw = Vec::new();
-    stream
-        .take(MAX_RESPONSE_BYTES)
-        .read_to_end(&mut raw)
-        .await
-        .map_err(io)?;
-    parse_response(&raw)
+    let read = stream.take(MAX_RESPONSE_BYTES).read_to_end(&mut raw).await;
+    match (parse_response(&raw), written, read) {
+        (Ok(r), _, _) => Ok(r),
+        (Err(_), Err(e), _) | (Err(_), Ok(()), Err(e)) => Err(io(e)),
+        (Err(e), Ok(()), Ok(_)) => Err(e),
+    }
 }
 
 fn parse_response(raw: &[u8]) -> Result<(u16, Vec<u8>), Error> {
