@@ -416,3 +416,56 @@ impl NodeService {
         }));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use blyan_state_machine::consensus::TimeoutKind;
+
+    fn consensus(height: Height, round: u32) -> Timer {
+        Timer::Consensus {
+            kind: TimeoutKind::Propose,
+            height,
+            round,
+        }
+    }
+
+    #[test]
+    fn timers_replace_fire_in_deadline_order_and_stay_bounded() {
+        let mut t = TimerSet::default();
+        t.set(Timer::StartHeight { height: 2 }, 50, 1);
+        t.set(consensus(1, 0), 30, 1);
+        t.set(consensus(1, 0), 10, 1); // moves the deadline
+        assert_eq!(t.len(), 2);
+        assert_eq!(t.next_deadline_ms(), Some(10));
+        assert!(t.take_due(9).is_empty());
+        assert_eq!(
+            t.take_due(50),
+            vec![consensus(1, 0), Timer::StartHeight { height: 2 }]
+        );
+        assert!(t.is_empty());
+
+        // Full: timers of heights left behind go first, then the oldest.
+        for r in 0..MAX_TIMERS as u32 {
+            t.set(consensus(1, r), 100, 1);
+        }
+        t.set(consensus(2, 0), 100, 2);
+        assert_eq!(t.len(), 1);
+        for r in 1..MAX_TIMERS as u32 {
+            t.set(consensus(2, r), 100, 2);
+        }
+        t.set(consensus(3, 0), 100, 2);
+        assert_eq!(t.len(), MAX_TIMERS);
+        assert!(!t.take_due(100).contains(&consensus(2, 0)));
+    }
+
+    #[test]
+    fn the_finality_histogram_is_cumulative() {
+        let mut h = Histogram::default();
+        h.observe(90);
+        h.observe(600);
+        h.observe(60_000);
+        assert_eq!(h.buckets, [1, 1, 1, 2, 2, 2, 2, 2]);
+        assert_eq!((h.count, h.sum_ms), (3, 60_690));
+    }
+}
