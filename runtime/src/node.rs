@@ -143,8 +143,13 @@ impl RunningNode {
     /// Stops the node task (waiting up to `wait_ms` for it), then every other task.
     pub async fn stop(mut self, wait_ms: u64) {
         let _ = self.shutdown.send(true);
-        if let Some(t) = self.node_task.take() {
-            let _ = tokio::time::timeout(Duration::from_millis(wait_ms), t).await;
+        if let Some(mut t) = self.node_task.take()
+            && tokio::time::timeout(Duration::from_millis(wait_ms), &mut t)
+                .await
+                .is_err()
+        {
+            t.abort();
+            let _ = t.await;
         }
         self.tasks.abort_all();
         while self.tasks.join_next().await.is_some() {}

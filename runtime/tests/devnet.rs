@@ -257,3 +257,57 @@ async fn malformed_input_is_refused_clearly_and_the_network_keeps_going() {
     assert!(net.nodes.iter().all(|n| n.is_running()));
     net.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restarted_devnet_continues_from_its_stores() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = start(dir.path()).await;
+    let faucet = read_key_file(&net.faucet_key_file, DEVNET_PASSWORD).unwrap();
+    let tx = transfer(&net.genesis.chain_id, &faucet, 0, address(&key(7_000)), BLY);
+    let url = net.nodes[1].api_url();
+    let (s, v) = post_json(&url, "/tx", &tx_body(&tx)).await.unwrap();
+    assert_eq!(s, 200, "{v}");
+    let id = v["id"].as_str().unwrap().to_string();
+    let committed_at = eventually("the transfer to commit", || async {
+        let (s, v) = get_json(&url, &format!("/tx/{id}")).await.unwrap();
+        (s == 200).then(|| v["height"].as_u64().unwrap())
+    })
+    .await;
+    let (_, before) = get_json(&url, &format!("/block/{committed_at}"))
+        .await
+        .unwrap();
+    net.stop().await;
+
+    // Same directory: same genesis and keys, stores replayed, new ports.
+    let net = start(dir.path()).await;
+    let urls: Vec<String> = net.nodes.iter().map(|n| n.api_url()).collect();
+    // The node that served the transfer kept it across the restart.
+    let (s, r) = get_json(&urls[1], &format!("/tx/{id}")).await.unwrap();
+    assert_eq!((s, r["height"].as_u64()), (200, Some(committed_at)), "{r}");
+    // Every node has (or catches up to) the same block.
+    for url in &urls {
+        let after = eventually("the block to be there after the restart", || async {
+            let (s, b) = get_json(url, &format!("/block/{committed_at}"))
+                .await
+                .unwrap();
+            (s == 200).then_some(b)
+        })
+        .await;
+        assert_eq!(after["hash"], before["hash"]);
+    }
+    let target = committed_at + 3;
+    for url in &urls {
+        eventually("the restarted network to commit new blocks", || async {
+            (height(url).await >= target).then_some(())
+        })
+        .await;
+    }
+    let (_, a) = get_json(&urls[0], &format!("/block/{target}"))
+        .await
+        .unwrap();
+    let (_, b) = get_json(&urls[3], &format!("/block/{target}"))
+        .await
+        .unwrap();
+    assert_eq!(a["state_root"], b["state_root"]);
+    net.stop().await;
+}
