@@ -130,9 +130,9 @@ impl TimerSet {
     pub fn set(&mut self, timer: Timer, at_ms: u64, height: Height) {
         if self.at_ms.len() >= MAX_TIMERS && !self.at_ms.contains_key(&timer) {
             self.at_ms.retain(|t, _| match t {
-                Timer::Consensus { height: h, .. } | Timer::StartHeight { height: h } => {
-                    *h >= height
-                }
+                Timer::Consensus { height: h, .. }
+                | Timer::StartHeight { height: h }
+                | Timer::Rebroadcast { height: h } => *h >= height,
                 Timer::SyncRetry => true,
             });
             if self.at_ms.len() >= MAX_TIMERS {

@@ -8,23 +8,32 @@
 //! - [`evidence`]: duplicate-vote evidence and commit certificates.
 //! - [`scheme`]: the signature schemes (ECDSA secp256k1 for nodes, a free one
 //!   for the model checker).
-//! - [`vrf`]: RFC 9381 ECVRF and the epoch proposer-eligibility committee.
+//! - [`vrf`]: RFC 9381 ECVRF, generic over the curve (secp256k1 for the network).
+//! - [`committee`]: the epoch proposer-eligibility committee (seed 2.3's
+//!   `select_validators`) and its VRF-chained seed.
 //!
 //! Deliberately absent: networking, clocks, storage. The host feeds inputs and
 //! performs outputs in order, persisting before sending (CONS-CRASH-1).
 
+pub mod committee;
 pub mod evidence;
 pub mod round;
 pub mod scheme;
 pub mod types;
 pub mod validators;
 pub mod votes;
+pub mod vrf;
 
+pub use committee::{
+    eligible_proposers, epoch_proposer, epoch_seed, genesis_seed, next_seed, proposer_set,
+    select_validators, ticket_input,
+};
 pub use evidence::{CommitCertificate, DuplicateVote, VerifyError};
 pub use round::{Config, Consensus, Input, Output, Record, Rejected};
 pub use scheme::{K256Scheme, ModelScheme, SignatureScheme};
 pub use types::{Message, Proposal, Round, Signed, Step, TimeoutKind, ValueId, Vote, VoteType};
 pub use validators::{Validator, ValidatorSet, ValidatorSetError, proposer_sequence};
+pub use vrf::{Secp256k1Sha256Tai, Suite, VrfError, VrfOutput, VrfProof, VrfPublicKey};
 
 /// Deliberate bugs the model checker must catch (CONS-MC-3). Only settable
 /// with the `mutants` feature; nodes always run `Mutant::None`.

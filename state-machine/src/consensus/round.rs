@@ -316,6 +316,37 @@ impl<S: SignatureScheme> Consensus<S> {
         &self.validators
     }
 
+    /// CONS-GOSSIP-1: what this validator signed in `round` (its proposal,
+    /// then its prevote and precommit), for the host to send again: the
+    /// algorithm assumes every message between correct processes is
+    /// eventually delivered, which over a lossy network needs retransmission.
+    pub fn own_messages(&self, round: Round) -> Vec<Message<S::Signature>> {
+        let mut out = Vec::new();
+        if let Some(p) = self.own_proposals.get(&round) {
+            out.push(Message::Proposal(p.clone()));
+        }
+        for t in [VoteType::Prevote, VoteType::Precommit] {
+            if let Some(v) = self.own_votes.get(&(round, t)) {
+                out.push(Message::Vote(v.clone()));
+            }
+        }
+        out
+    }
+
+    /// CONS-GOSSIP-2: the prevotes for `value` in `round` this validator
+    /// holds (its own and others'): the polka that justifies a proposal with
+    /// that valid round (L28), relayed so that a validator which missed them
+    /// can accept the proposal (CometBFT gossips a proposal's POL votes).
+    pub fn polka(&self, round: Round, value: ValueId) -> Vec<Message<S::Signature>> {
+        self.votes
+            .round(round)
+            .map(|r| r.tally(VoteType::Prevote).votes_for(&Some(value)))
+            .unwrap_or_default()
+            .into_iter()
+            .map(Message::Vote)
+            .collect()
+    }
+
     /// L10: start round 0 of the current height.
     pub fn start(&mut self) -> Vec<Output<S::Signature>> {
         assert_eq!(self.round, 0);
@@ -453,7 +484,12 @@ impl<S: SignatureScheme> Consensus<S> {
     }
 
     fn add_vote(&mut self, vote: Signed<Vote, S::Signature>, out: &mut Vec<Output<S::Signature>>) {
-        if let AddVote::Equivocation(evidence) = self.votes.add(&self.validators, vote) {
+        let tracked: BTreeSet<ValueId> = self
+            .proposals
+            .values()
+            .map(|p| p.proposal.message.value)
+            .collect();
+        if let AddVote::Equivocation(evidence) = self.votes.add(&self.validators, vote, &tracked) {
             out.push(Output::Evidence(evidence)); // CONS-EV-1
         }
     }

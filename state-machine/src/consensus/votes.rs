@@ -10,8 +10,11 @@ use std::collections::{BTreeMap, BTreeSet};
 /// Votes of one type in one round.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Tally<Sig> {
-    /// The first vote of each validator (CONS-VOTE-1: one vote per validator counts).
+    /// The first vote of each validator (CONS-VOTE-1).
     votes: BTreeMap<Address, Signed<Vote, Sig>>,
+    /// CONS-VOTE-4: an equivocator's further votes that are counted for their
+    /// value (only values of proposals this validator holds).
+    conflicting: BTreeMap<(Address, Option<ValueId>), Signed<Vote, Sig>>,
     power_by_value: BTreeMap<Option<ValueId>, u64>,
     power_total: u64,
 }
@@ -20,6 +23,7 @@ impl<Sig> Default for Tally<Sig> {
     fn default() -> Self {
         Tally {
             votes: BTreeMap::new(),
+            conflicting: BTreeMap::new(),
             power_by_value: BTreeMap::new(),
             power_total: 0,
         }
@@ -39,6 +43,7 @@ impl<Sig: Clone> Tally<Sig> {
     pub fn votes_for(&self, value: &Option<ValueId>) -> Vec<Signed<Vote, Sig>> {
         self.votes
             .values()
+            .chain(self.conflicting.values())
             .filter(|v| v.message.value == *value)
             .cloned()
             .collect()
@@ -126,7 +131,21 @@ impl<Sig: Clone + Eq> VoteKeeper<Sig> {
     }
 
     /// Adds a vote whose signature and membership the caller has checked.
-    pub fn add(&mut self, set: &ValidatorSet, vote: Signed<Vote, Sig>) -> AddVote<Sig> {
+    ///
+    /// CONS-VOTE-4: Algorithm 1 counts *messages* `⟨PREVOTE, h, r, id(v)⟩`
+    /// from distinct senders per value, so an equivocator's vote for `v`
+    /// counts towards `v` even if it also voted `w`. Counting only the first
+    /// vote would let one equivocator hide a polka from some correct
+    /// validators for ever (a liveness failure the simulator found). To bound
+    /// memory, a further vote is counted only if its value is one of
+    /// `tracked` (the values of proposals this validator holds, at most one
+    /// per round); the "any value" power counts each validator once.
+    pub fn add(
+        &mut self,
+        set: &ValidatorSet,
+        vote: Signed<Vote, Sig>,
+        tracked: &BTreeSet<ValueId>,
+    ) -> AddVote<Sig> {
         assert_eq!(vote.message.height, self.height, "caller filters heights");
         let power = set.power_of(&vote.message.validator);
         assert!(power > 0, "caller checked membership");
@@ -141,8 +160,15 @@ impl<Sig: Clone + Eq> VoteKeeper<Sig> {
             if first.message == vote.message {
                 return AddVote::Duplicate;
             }
-            // CONS-EV-1: keep counting the first vote; report both.
-            return AddVote::Equivocation(DuplicateVote::new(first.clone(), vote));
+            // CONS-EV-1: report both.
+            let evidence = DuplicateVote::new(first.clone(), vote.clone());
+            let key = (validator, vote.message.value);
+            let counts = vote.message.value.is_some_and(|v| tracked.contains(&v));
+            if counts && !tally.conflicting.contains_key(&key) {
+                *tally.power_by_value.entry(vote.message.value).or_insert(0) += power;
+                tally.conflicting.insert(key, vote);
+            }
+            return AddVote::Equivocation(evidence);
         }
         *tally.power_by_value.entry(vote.message.value).or_insert(0) += power;
         tally.power_total += power;

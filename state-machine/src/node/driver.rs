@@ -46,6 +46,11 @@ pub struct NodeConfig {
     /// NODE-PROP-2: a proposed block's time may be at most this far ahead of
     /// the receiver's clock.
     pub max_clock_drift_ms: u64,
+    /// NODE-GOSSIP-1: own messages of the current and previous round are sent
+    /// again this often while a height is undecided.
+    pub rebroadcast_interval_ms: u64,
+    /// NODE-SYNC-4: peers remembered for rate-limiting help to laggards.
+    pub max_tracked_peers: usize,
 }
 
 impl Default for NodeConfig {
@@ -60,6 +65,8 @@ impl Default for NodeConfig {
             sync_batch_blocks: 32,
             sync_retry_ms: 1_000,
             max_clock_drift_ms: 5_000,
+            rebroadcast_interval_ms: 1_000,
+            max_tracked_peers: 1_024,
         }
     }
 }
@@ -97,6 +104,8 @@ pub struct Node {
     evidence: BTreeMap<(Address, Height), DuplicateVote<Sig>>,
     buffered: VecDeque<(PeerId, WireMessage)>,
     sync_requested_ms: Option<u64>,
+    /// NODE-SYNC-4: when each lagging peer was last sent blocks.
+    helped_ms: BTreeMap<PeerId, u64>,
 }
 
 impl Node {
@@ -131,6 +140,7 @@ impl Node {
             evidence: BTreeMap::new(),
             buffered: VecDeque::new(),
             sync_requested_ms: None,
+            helped_ms: BTreeMap::new(),
         })
     }
 
@@ -156,6 +166,44 @@ impl Node {
     /// The consensus round of the height in progress, if this node votes in it.
     pub fn round(&self) -> Option<u32> {
         self.consensus.as_ref().map(|c| c.round())
+    }
+
+    /// A one-line summary of the height in progress, for operators and
+    /// simulation failure reports.
+    pub fn describe(&self) -> String {
+        let consensus = match &self.consensus {
+            Some(c) => format!(
+                "round {} step {:?} locked {:?} valid {:?}",
+                c.round(),
+                c.step(),
+                c.locked().map(|(v, r)| (hex::encode(&v[..4]), r)),
+                c.valid().map(|(v, r)| (hex::encode(&v[..4]), r)),
+            ),
+            None if self.waiting => "decided, waiting for the next height".into(),
+            None => "not a validator at this height".into(),
+        };
+        let candidates: Vec<String> = self
+            .blocks
+            .iter()
+            .map(|(id, c)| {
+                format!(
+                    "{}:{}",
+                    hex::encode(&id[..4]),
+                    if c.applied.is_some() {
+                        "valid"
+                    } else {
+                        "invalid"
+                    }
+                )
+            })
+            .collect();
+        format!(
+            "height {} {consensus}; candidates [{}]; buffered {}; mempool {}",
+            self.height(),
+            candidates.join(" "),
+            self.buffered.len(),
+            self.mempool.len()
+        )
     }
 
     /// NODE-STORE-4: re-apply a block from this node's own store (it was
@@ -223,6 +271,29 @@ impl Node {
                     self.start_height(now_ms, &[], out);
                 }
             }
+            Timer::Rebroadcast { height } => {
+                if height != self.height() || self.waiting {
+                    return;
+                }
+                if let Some(c) = &self.consensus {
+                    let round = c.round();
+                    let mut messages = c.own_messages(round);
+                    if round > 0 {
+                        messages.extend(c.own_messages(round - 1));
+                    }
+                    if let Some((value, valid_round)) = c.valid() {
+                        messages.extend(c.polka(valid_round, value));
+                    }
+                    let mut inputs = VecDeque::new();
+                    let outputs = messages.into_iter().map(Output::Broadcast).collect();
+                    self.perform_consensus(now_ms, outputs, &mut inputs, out);
+                    assert!(inputs.is_empty(), "broadcasts produce no input");
+                }
+                out.push(NodeOutput::SetTimer {
+                    timer: Timer::Rebroadcast { height },
+                    at_ms: now_ms.saturating_add(self.config.rebroadcast_interval_ms),
+                });
+            }
             Timer::SyncRetry => {
                 if self
                     .sync_requested_ms
@@ -244,7 +315,11 @@ impl Node {
         if let Some(h) = message.consensus_height() {
             let current = self.height();
             if h < current {
-                return; // Decided already.
+                // Decided already. NODE-SYNC-4: the sender is behind (its
+                // height's decision did not reach it); send it the blocks,
+                // at most once per `sync_retry_ms` per peer.
+                self.help_laggard(now_ms, from, h, out);
+                return;
             }
             if h > current || self.waiting || self.consensus.is_none() {
                 // NODE-BUF-1: keep it for when its height starts (bounded:
@@ -385,15 +460,18 @@ impl Node {
                     out.push(NodeOutput::Broadcast(WireMessage::Vote(v)))
                 }
                 Output::Broadcast(Message::Proposal(p)) => {
-                    let c = self
-                        .blocks
-                        .get(&p.message.value)
-                        .expect("consensus proposes only values this node holds");
-                    out.push(NodeOutput::Broadcast(WireMessage::Proposal {
-                        proposal: p,
-                        block: Box::new(c.block.clone()),
-                        last_commit: c.last_commit.clone(),
-                    }));
+                    // NODE-PROP-4: a validator restarted after proposing (or
+                    // with a valid value from before the crash) no longer
+                    // holds the block; it cannot repeat the proposal, and
+                    // the round ends by timeout. It never proposes anything
+                    // else in that round (CONS-CRASH-2).
+                    if let Some(c) = self.blocks.get(&p.message.value) {
+                        out.push(NodeOutput::Broadcast(WireMessage::Proposal {
+                            proposal: p,
+                            block: Box::new(c.block.clone()),
+                            last_commit: c.last_commit.clone(),
+                        }));
+                    }
                 }
                 Output::ScheduleTimeout {
                     kind,
@@ -576,6 +654,10 @@ impl Node {
                 )
             };
             self.consensus = Some(consensus);
+            out.push(NodeOutput::SetTimer {
+                timer: Timer::Rebroadcast { height },
+                at_ms: now_ms.saturating_add(self.config.rebroadcast_interval_ms),
+            });
             let mut inputs = VecDeque::new();
             self.perform_consensus(now_ms, outputs, &mut inputs, out);
             while let Some(input) = inputs.pop_front() {
@@ -592,6 +674,44 @@ impl Node {
                 _ => self.on_message(now_ms, from, message, out),
             }
         }
+    }
+
+    fn help_laggard(
+        &mut self,
+        now_ms: u64,
+        peer: PeerId,
+        height: Height,
+        out: &mut Vec<NodeOutput>,
+    ) {
+        let last = self.ledger.height();
+        if height == 0 || height > last {
+            return;
+        }
+        if self
+            .helped_ms
+            .get(&peer)
+            .is_some_and(|t| now_ms < t.saturating_add(self.config.sync_retry_ms))
+        {
+            return;
+        }
+        if self.helped_ms.len() >= self.config.max_tracked_peers
+            && !self.helped_ms.contains_key(&peer)
+        {
+            // Bounded: forget the peer helped longest ago.
+            let oldest = self
+                .helped_ms
+                .iter()
+                .min_by_key(|(p, t)| (**t, **p))
+                .map(|(p, _)| *p)
+                .expect("non-empty");
+            self.helped_ms.remove(&oldest);
+        }
+        self.helped_ms.insert(peer, now_ms);
+        out.push(NodeOutput::ServeBlocks {
+            to: peer,
+            from_height: height,
+            to_height: last.min(height + self.config.sync_batch_blocks - 1),
+        });
     }
 
     /// NODE-SYNC-2: ask `peer` for the blocks after ours, at most one request

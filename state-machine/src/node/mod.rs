@@ -87,6 +87,8 @@ pub enum Timer {
     StartHeight { height: Height },
     /// NODE-SYNC-2: an unanswered block request may be retried.
     SyncRetry,
+    /// NODE-GOSSIP-1: send this height's own messages again.
+    Rebroadcast { height: Height },
 }
 
 /// What the host feeds the node.

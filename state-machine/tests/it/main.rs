@@ -6,3 +6,4 @@ mod ledger;
 mod node;
 mod pol_flow;
 mod props;
+mod vrf;

@@ -1,0 +1,734 @@
+//! One simulation: a cluster of real node drivers on madsim's network and
+//! clock, a nemesis, a client workload, then the checkers (spec: sim/README.md).
+
+use crate::check::{Commit, Observer, quantile};
+use crate::config::SimConfig;
+use crate::store::SimStore;
+use crate::workload::{Client, ClientLog};
+use blyan_state_machine::block::BlockOutcome;
+use blyan_state_machine::consensus::{K256Scheme, SignatureScheme, Signed, Vote};
+use blyan_state_machine::encoding::Canonical;
+use blyan_state_machine::genesis::Genesis;
+use blyan_state_machine::node::host::{Io, perform, stored_blocks};
+use blyan_state_machine::node::{
+    CommittedBlock, MempoolError, Node, NodeConfig, NodeInput, PeerId, Store, Timer, WireMessage,
+};
+use blyan_state_machine::params::Params;
+use blyan_state_machine::testkit::{TestNet, address, testnet};
+use blyan_state_machine::tx::SignedTx;
+use blyan_state_machine::types::{Hash32, Height};
+use k256::ecdsa::SigningKey;
+use madsim::net::{Endpoint, NetSim};
+use madsim::rand::{Rng, thread_rng};
+use madsim::runtime::{Handle, NodeHandle};
+use madsim::time::{Duration, Instant, sleep};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+pub const PORT: u16 = 7_000;
+pub const TAG: u64 = 1;
+/// Envelope kinds (first byte of every datagram).
+pub const KIND_PEER: u8 = 0;
+pub const KIND_CLIENT: u8 = 1;
+/// SIM-BOUND-1: timers a node may have pending (stale ones are pruned first).
+const MAX_TIMERS: usize = 4_096;
+
+pub fn validator_ip(i: usize) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(10, 0, 0, (i + 1) as u8))
+}
+pub fn client_ip() -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(10, 0, 1, 1))
+}
+
+/// Network faults that the liveness phase switches off ("the network heals").
+#[derive(Debug)]
+pub struct NetFaults {
+    pub loss_ppm: AtomicU32,
+    pub duplicate_ppm: AtomicU32,
+    pub tail_ppm: AtomicU32,
+    pub store_error_ppm: AtomicU32,
+}
+
+/// What the whole simulation shares.
+pub struct World {
+    pub cfg: SimConfig,
+    pub net: TestNet,
+    pub t0: Instant,
+    pub net_faults: NetFaults,
+    pub observer: Mutex<Observer>,
+    pub addresses: Vec<PeerId>,
+    pub skews_ms: Vec<i64>,
+    pub stores: Vec<Mutex<SimStore>>,
+    pub halted: Vec<AtomicBool>,
+    pub client_log: Mutex<ClientLog>,
+}
+
+impl World {
+    /// Simulated milliseconds since the start.
+    pub fn elapsed_ms(&self) -> u64 {
+        Instant::now().duration_since(self.t0).as_millis() as u64
+    }
+    /// Node `i`'s clock: genesis time + 1 s + elapsed + its skew.
+    fn node_now_ms(&self, i: usize) -> u64 {
+        let base = self.net.genesis.genesis_time_ms + 1_000 + self.elapsed_ms();
+        base.saturating_add_signed(self.skews_ms[i])
+    }
+    fn is_byzantine(&self, i: usize) -> bool {
+        i >= self.cfg.validators - self.cfg.byzantine
+    }
+    fn index_of(&self, ip: IpAddr) -> Option<usize> {
+        (0..self.cfg.validators).find(|i| validator_ip(*i) == ip)
+    }
+
+    /// Sends `bytes` to `dst` through the fault layer: loss, latency from
+    /// the configured distribution (and a slow tail), duplication. madsim's
+    /// own network adds 0.1–0.2 ms and applies clogs (partitions).
+    pub fn transmit(self: &Arc<Self>, ep: &Arc<Endpoint>, dst: IpAddr, bytes: Vec<u8>) {
+        let f = &self.cfg.faults;
+        let mut rng = thread_rng();
+        if rng.gen_range(0..1_000_000) < self.net_faults.loss_ppm.load(Ordering::Relaxed) {
+            return;
+        }
+        let copies = if rng.gen_range(0..1_000_000)
+            < self.net_faults.duplicate_ppm.load(Ordering::Relaxed)
+        {
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            let j = f.latency_jitter_ms;
+            // Triangular on [mean - jitter, mean + jitter].
+            let mut latency =
+                f.latency_mean_ms.saturating_sub(j) + rng.gen_range(0..=j) + rng.gen_range(0..=j);
+            if f.tail_ms > 0
+                && rng.gen_range(0..1_000_000) < self.net_faults.tail_ppm.load(Ordering::Relaxed)
+            {
+                latency += rng.gen_range(0..f.tail_ms);
+            }
+            let ep = ep.clone();
+            let bytes = bytes.clone();
+            self.observer.lock().expect("single-threaded").messages_sent += 1;
+            madsim::task::spawn(async move {
+                sleep(Duration::from_millis(latency)).await;
+                // A send error (the peer is down) is a lost message.
+                let _ = ep
+                    .send_to_raw(SocketAddr::new(dst, PORT), TAG, Box::new(bytes))
+                    .await;
+            });
+        }
+    }
+}
+
+/// The [`Io`] of a simulated node: collects effects, performed after the
+/// store writes of the batch (so never before a persist they depend on).
+#[derive(Default)]
+struct SimIo {
+    sends: Vec<(Option<PeerId>, WireMessage)>,
+    timers: Vec<(Timer, u64)>,
+    committed: Vec<(Height, Commit)>,
+}
+
+impl Io for SimIo {
+    fn send(&mut self, to: PeerId, message: WireMessage) {
+        self.sends.push((Some(to), message));
+    }
+    fn broadcast(&mut self, message: WireMessage) {
+        self.sends.push((None, message));
+    }
+    fn set_timer(&mut self, timer: Timer, at_ms: u64) {
+        self.timers.push((timer, at_ms));
+    }
+    fn committed(&mut self, block: &CommittedBlock, _outcome: &BlockOutcome) {
+        self.committed.push((
+            block.block.header.height,
+            Commit {
+                block_hash: block.block.hash(),
+                state_root: block.block.header.state_root,
+                tx_ids: block.block.body.txs.iter().map(SignedTx::id).collect(),
+                at_ms: 0,
+            },
+        ));
+    }
+    fn tx_result(&mut self, _id: Hash32, _result: Result<(), MempoolError>) {}
+}
+
+struct NodeTask {
+    world: Arc<World>,
+    i: usize,
+    ep: Arc<Endpoint>,
+    node: Node,
+    timers: BTreeSet<(u64, Timer)>,
+    key: SigningKey,
+}
+
+impl NodeTask {
+    /// Performs `outputs`; returns false if the store failed (halt).
+    fn perform(&mut self, outputs: Vec<blyan_state_machine::node::NodeOutput>) -> bool {
+        let mut io = SimIo::default();
+        let result = {
+            let mut store = self.world.stores[self.i].lock().expect("single-threaded");
+            store.error_ppm = self
+                .world
+                .net_faults
+                .store_error_ppm
+                .load(Ordering::Relaxed);
+            perform(outputs, &mut *store, &mut io)
+        };
+        let now = self.world.elapsed_ms();
+        self.world
+            .observer
+            .lock()
+            .expect("single-threaded")
+            .status
+            .insert(self.i, (self.node.height(), self.node.round()));
+        if std::env::var_os("BLYAN_SIM_DESCRIBE").is_some() {
+            let d = self.node.describe();
+            self.world
+                .observer
+                .lock()
+                .expect("single-threaded")
+                .describe
+                .insert(self.i, d);
+        }
+        if !io.committed.is_empty() {
+            let mut obs = self.world.observer.lock().expect("single-threaded");
+            for (h, mut c) in io.committed {
+                c.at_ms = now;
+                obs.committed(self.i, h, c, self.node.ledger().clone());
+            }
+        }
+        for (timer, at_ms) in io.timers {
+            self.timers.insert((at_ms, timer));
+        }
+        if self.timers.len() > MAX_TIMERS {
+            let h = self.node.height();
+            self.timers.retain(|(_, t)| match t {
+                Timer::Consensus { height, .. } => *height >= h,
+                _ => true,
+            });
+            assert!(self.timers.len() <= MAX_TIMERS, "SIM-BOUND-1");
+        }
+        for (to, message) in io.sends {
+            self.send(to, message);
+        }
+        match result {
+            Ok(()) => true,
+            Err((_, e)) => {
+                let mut obs = self.world.observer.lock().expect("single-threaded");
+                obs.store_errors += 1;
+                let _ = e;
+                false
+            }
+        }
+    }
+
+    fn send(&mut self, to: Option<PeerId>, message: WireMessage) {
+        let w = self.world.clone();
+        let targets: Vec<usize> = match to {
+            Some(a) => w
+                .addresses
+                .iter()
+                .position(|x| *x == a)
+                .into_iter()
+                .collect(),
+            None => (0..w.cfg.validators).filter(|j| *j != self.i).collect(),
+        };
+        if !w.is_byzantine(self.i) {
+            let bytes = envelope(KIND_PEER, &message.encode());
+            for j in targets {
+                w.transmit(&self.ep, validator_ip(j), bytes.clone());
+            }
+            return;
+        }
+        // SIM-BYZ-1: a Byzantine validator's outgoing traffic.
+        let b = &w.cfg.faults.byzantine;
+        let mut rng = thread_rng();
+        let mut draw = |ppm: u32| rng.gen_range(0..1_000_000) < ppm;
+        let own_vote =
+            matches!(&message, WireMessage::Vote(v) if v.message.validator == self.node.address());
+        if own_vote && draw(b.withhold_ppm) {
+            return;
+        }
+        let mut alternative = None;
+        if let WireMessage::Vote(v) = &message
+            && own_vote
+            && draw(b.equivocate_ppm)
+        {
+            alternative = Some(WireMessage::Vote(self.conflicting(v)));
+        }
+        let half = targets.len() / 2;
+        for (k, j) in targets.into_iter().enumerate() {
+            let mut m = match (&alternative, k >= half) {
+                (Some(alt), true) => alt.clone(),
+                _ => message.clone(),
+            };
+            if draw(b.bad_signature_ppm) {
+                corrupt_signature(&mut m);
+            }
+            let bytes = if draw(b.garbage_ppm) {
+                let len = thread_rng().gen_range(1..256);
+                (0..len).map(|_| thread_rng().r#gen::<u8>()).collect()
+            } else {
+                envelope(KIND_PEER, &m.encode())
+            };
+            w.transmit(&self.ep, validator_ip(j), bytes);
+        }
+    }
+
+    /// The same vote for another value (a double sign).
+    fn conflicting(&self, v: &Signed<Vote, [u8; 64]>) -> Signed<Vote, [u8; 64]> {
+        let mut vote = v.message.clone();
+        let mut other = [0u8; 32];
+        thread_rng().fill(&mut other[..]);
+        vote.value = Some(other);
+        let scheme = K256Scheme {
+            chain_id: self.world.net.genesis.chain_id.clone(),
+        };
+        Signed {
+            signature: scheme.sign_vote(&self.key, &vote),
+            message: vote,
+        }
+    }
+}
+
+fn corrupt_signature(m: &mut WireMessage) {
+    match m {
+        WireMessage::Vote(v) => v.signature[0] ^= 1,
+        WireMessage::Proposal { proposal, .. } => proposal.signature[0] ^= 1,
+        _ => {}
+    }
+}
+
+pub fn envelope(kind: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + 1);
+    out.push(kind);
+    out.extend_from_slice(body);
+    out
+}
+
+/// A validator's task (re-run by madsim on restart): rebuild from the store,
+/// then loop on messages and timers.
+async fn node_main(world: Arc<World>, i: usize) {
+    let ep = Arc::new(
+        Endpoint::bind(SocketAddr::new(validator_ip(i), PORT))
+            .await
+            .expect("bind"),
+    );
+    world.halted[i].store(false, Ordering::Relaxed);
+    let mut config = NodeConfig {
+        block_interval_ms: world.cfg.block_interval_ms,
+        ..NodeConfig::default()
+    };
+    #[cfg(feature = "mutants")]
+    if let Some(m) = &world.cfg.mutant {
+        config.consensus.mutant = crate::parse_mutant(m).expect("validated by the CLI");
+    }
+    config.consensus.max_rounds_ahead = 16;
+    let key = world.net.validators[i].clone();
+    let mut node = Node::from_genesis(config, key.clone(), &world.net.genesis).expect("genesis");
+    let (blocks, records) = {
+        let store = world.stores[i].lock().expect("single-threaded");
+        let blocks = stored_blocks(&store.inner).expect("infallible");
+        let records = store
+            .inner
+            .records(store.inner.last_height().expect("infallible") + 1)
+            .expect("infallible");
+        (blocks, records)
+    };
+    for b in &blocks {
+        node.replay(b).expect("a node's own store replays");
+    }
+    let out = node.start(world.node_now_ms(i), &records);
+    let mut task = NodeTask {
+        world: world.clone(),
+        i,
+        ep: ep.clone(),
+        node,
+        timers: BTreeSet::new(),
+        key,
+    };
+    if !task.perform(out) {
+        world.halted[i].store(true, Ordering::Relaxed);
+        return;
+    }
+    loop {
+        let now = world.node_now_ms(i);
+        if let Some(&(at, timer)) = task.timers.first()
+            && at <= now
+        {
+            task.timers.pop_first();
+            let out = task.node.handle(now, NodeInput::Timer(timer));
+            if !task.perform(out) {
+                break;
+            }
+            continue;
+        }
+        let wait_ms = task.timers.first().map_or(1_000, |(at, _)| at - now);
+        let received =
+            madsim::time::timeout(Duration::from_millis(wait_ms), ep.recv_from_raw(TAG)).await;
+        let Ok(Ok((payload, from))) = received else {
+            continue;
+        };
+        let Ok(bytes) = payload.downcast::<Vec<u8>>() else {
+            continue;
+        };
+        let now = world.node_now_ms(i);
+        let input = match bytes.split_first() {
+            Some((&KIND_PEER, body)) => {
+                let (Some(j), Ok(message)) = (world.index_of(from.ip()), WireMessage::decode(body))
+                else {
+                    continue; // Garbage or an unknown sender: dropped.
+                };
+                NodeInput::Message {
+                    from: world.addresses[j],
+                    message,
+                }
+            }
+            Some((&KIND_CLIENT, body)) => match SignedTx::decode(body) {
+                Ok(tx) => NodeInput::ClientTx(tx),
+                Err(_) => continue,
+            },
+            _ => continue,
+        };
+        let out = task.node.handle(now, input);
+        if !task.perform(out) {
+            break;
+        }
+    }
+    // A store write failed: halt (never send what could not be persisted).
+    world.halted[i].store(true, Ordering::Relaxed);
+}
+
+/// The outcome of one simulation.
+#[derive(Clone, Debug)]
+pub struct Report {
+    pub seed: u64,
+    pub digest: Hash32,
+    pub violations: Vec<String>,
+    pub heights: Vec<Height>,
+    pub committed_txs: usize,
+    pub simulated_ms: u64,
+    pub finality_p50_ms: Option<u64>,
+    pub finality_p99_ms: Option<u64>,
+    pub crashes: u64,
+    pub store_errors: u64,
+    pub messages_sent: u64,
+    pub liveness_ms: Option<u64>,
+}
+
+impl Report {
+    pub fn ok(&self) -> bool {
+        self.violations.is_empty()
+    }
+}
+
+/// The simulation's genesis: `validators` validators and 8 funded accounts,
+/// short epochs so stake changes take effect during a run.
+pub fn sim_net(validators: usize) -> TestNet {
+    let params = Params {
+        epoch_length_blocks: 10,
+        unbonding_period_blocks: 20,
+        max_evidence_age_blocks: 10,
+        signed_blocks_window: 20,
+        ..Params::default()
+    };
+    testnet(validators, 8, params)
+}
+
+/// Runs one simulation inside the current madsim runtime.
+pub async fn simulate(cfg: SimConfig) -> Report {
+    assert!(cfg.validators >= 1 && cfg.validators <= 100);
+    assert!(cfg.byzantine < cfg.validators);
+    let net = sim_net(cfg.validators);
+    let genesis: Genesis = net.genesis.clone();
+    let handle = Handle::current();
+    NetSim::current().update_config(|c| {
+        c.packet_loss_rate = 0.0;
+        c.send_latency = Duration::from_micros(100)..Duration::from_micros(200);
+    });
+    let mut rng = thread_rng();
+    let skews_ms = (0..cfg.validators)
+        .map(|_| {
+            let m = cfg.faults.clock_skew_max_ms as i64;
+            if m == 0 { 0 } else { rng.gen_range(-m..=m) }
+        })
+        .collect();
+    let mut observer = Observer::default();
+    observer.honest = (0..cfg.validators - cfg.byzantine).collect();
+    let world = Arc::new(World {
+        net_faults: NetFaults {
+            loss_ppm: AtomicU32::new(cfg.faults.loss_ppm),
+            duplicate_ppm: AtomicU32::new(cfg.faults.duplicate_ppm),
+            tail_ppm: AtomicU32::new(cfg.faults.tail_ppm),
+            store_error_ppm: AtomicU32::new(cfg.faults.store_error_ppm),
+        },
+        addresses: net.validators.iter().map(address).collect(),
+        stores: (0..cfg.validators)
+            .map(|_| Mutex::new(SimStore::default()))
+            .collect(),
+        halted: (0..cfg.validators)
+            .map(|_| AtomicBool::new(false))
+            .collect(),
+        observer: Mutex::new(observer),
+        client_log: Mutex::new(ClientLog::default()),
+        skews_ms,
+        t0: Instant::now(),
+        net,
+        cfg: cfg.clone(),
+    });
+    let _ = genesis;
+    let nodes: Vec<NodeHandle> = (0..cfg.validators)
+        .map(|i| {
+            let w = world.clone();
+            handle
+                .create_node()
+                .name(format!("v{i}"))
+                .ip(validator_ip(i))
+                .init(move || node_main(w.clone(), i))
+                .build()
+        })
+        .collect();
+    let client_world = world.clone();
+    let client = handle
+        .create_node()
+        .name("client")
+        .ip(client_ip())
+        .init(move || Client::run(client_world.clone()))
+        .build();
+    let _ = client;
+
+    // Safety phase: faults on.
+    nemesis(&world, &handle, &nodes, cfg.duration_ms).await;
+
+    // Liveness phase: heal everything; honest nodes must converge.
+    let heal_ms = world.elapsed_ms();
+    world.net_faults.loss_ppm.store(0, Ordering::Relaxed);
+    world.net_faults.duplicate_ppm.store(0, Ordering::Relaxed);
+    world.net_faults.tail_ppm.store(0, Ordering::Relaxed);
+    world.net_faults.store_error_ppm.store(0, Ordering::Relaxed);
+    heal_network(&world, &nodes);
+    world.client_log.lock().expect("single-threaded").stopped = true;
+    for (i, n) in nodes.iter().enumerate() {
+        if world.halted[i].load(Ordering::Relaxed) || handle.is_exit(n.id()) {
+            handle.restart(n.id());
+        }
+    }
+    let target = {
+        let obs = world.observer.lock().expect("single-threaded");
+        obs.honest.iter().map(|i| obs.height(*i)).max().unwrap_or(0) + 2
+    };
+    let mut converged_ms = None;
+    while world.elapsed_ms() < heal_ms + cfg.liveness_bound_ms {
+        sleep(Duration::from_millis(250)).await;
+        let obs = world.observer.lock().expect("single-threaded");
+        let min_height = obs.honest.iter().map(|i| obs.height(*i)).min().unwrap_or(0);
+        let canonical = obs.canonical();
+        let resolved = world
+            .client_log
+            .lock()
+            .expect("single-threaded")
+            .all_resolved(&canonical);
+        if min_height >= target && resolved {
+            converged_ms = Some(world.elapsed_ms() - heal_ms);
+            break;
+        }
+    }
+    let report = finish(&world, converged_ms, target);
+    for n in &nodes {
+        handle.kill(n.id());
+    }
+    handle.kill(client.id());
+    report
+}
+
+/// SIM-NEM-1: one fault at a time, each held for a while and then healed.
+async fn nemesis(world: &Arc<World>, handle: &Handle, nodes: &[NodeHandle], duration_ms: u64) {
+    let f = world.cfg.faults.clone();
+    let n = nodes.len();
+    let net = NetSim::current();
+    let mut actions: Vec<&str> = Vec::new();
+    if f.partitions {
+        actions.push("partition");
+    }
+    if f.asymmetric_partitions {
+        actions.push("asymmetric");
+    }
+    if f.swizzle {
+        actions.push("swizzle");
+    }
+    if f.crashes {
+        actions.push("crash");
+    }
+    let end = world.t0 + Duration::from_millis(duration_ms);
+    while Instant::now() < end {
+        let pause = if f.nemesis_interval_ms == 0 {
+            1_000
+        } else {
+            thread_rng().gen_range(f.nemesis_interval_ms / 2..=f.nemesis_interval_ms * 3 / 2)
+        };
+        sleep(Duration::from_millis(pause)).await;
+        // Nodes halted by a store error come back.
+        for (i, node) in nodes.iter().enumerate() {
+            if world.halted[i].load(Ordering::Relaxed) {
+                handle.restart(node.id());
+            }
+        }
+        if actions.is_empty() || n < 2 || Instant::now() >= end {
+            continue;
+        }
+        let action = actions[thread_rng().gen_range(0..actions.len())];
+        let hold_ms = thread_rng().gen_range(1_000..6_000);
+        match action {
+            "partition" | "asymmetric" => {
+                let mut side: Vec<bool> = (0..n).map(|_| thread_rng().gen_bool(0.5)).collect();
+                if side.iter().all(|s| *s) || side.iter().all(|s| !*s) {
+                    side[0] = !side[0];
+                }
+                let links: Vec<(usize, usize)> = (0..n)
+                    .flat_map(|a| (0..n).map(move |b| (a, b)))
+                    .filter(|(a, b)| side[*a] && !side[*b])
+                    .collect();
+                for (a, b) in &links {
+                    net.clog_link(nodes[*a].id(), nodes[*b].id());
+                    if action == "partition" {
+                        net.clog_link(nodes[*b].id(), nodes[*a].id());
+                    }
+                }
+                sleep(Duration::from_millis(hold_ms)).await;
+                for (a, b) in &links {
+                    net.unclog_link(nodes[*a].id(), nodes[*b].id());
+                    net.unclog_link(nodes[*b].id(), nodes[*a].id());
+                }
+            }
+            "swizzle" => {
+                let mut order: Vec<usize> = (0..n).collect();
+                shuffle(&mut order);
+                let clogged = &order[..n.div_ceil(2)];
+                for i in clogged {
+                    net.clog_node(nodes[*i].id());
+                    sleep(Duration::from_millis(500)).await;
+                }
+                let mut release = clogged.to_vec();
+                shuffle(&mut release);
+                for i in release {
+                    sleep(Duration::from_millis(500)).await;
+                    net.unclog_node(nodes[i].id());
+                }
+            }
+            "crash" => {
+                let i = thread_rng().gen_range(0..n);
+                handle.kill(nodes[i].id());
+                world.observer.lock().expect("single-threaded").crashes += 1;
+                sleep(Duration::from_millis(hold_ms)).await;
+                handle.restart(nodes[i].id());
+            }
+            _ => unreachable!("only listed actions"),
+        }
+    }
+}
+
+fn heal_network(world: &Arc<World>, nodes: &[NodeHandle]) {
+    let net = NetSim::current();
+    let _ = world;
+    for a in nodes {
+        net.unclog_node(a.id());
+        for b in nodes {
+            net.unclog_link(a.id(), b.id());
+        }
+    }
+}
+
+fn shuffle(v: &mut [usize]) {
+    for i in (1..v.len()).rev() {
+        let j = thread_rng().gen_range(0..=i);
+        v.swap(i, j);
+    }
+}
+
+/// SIM-CHECK-*: the checkers, after the liveness phase.
+fn finish(world: &Arc<World>, converged_ms: Option<u64>, target: Height) -> Report {
+    let obs = world.observer.lock().expect("single-threaded");
+    let mut violations = obs.violations.clone();
+    let canonical = obs.canonical();
+    for (i, d) in &obs.describe {
+        eprintln!("node {i}: {d}");
+    }
+    if converged_ms.is_none() {
+        let heights: Vec<_> = obs
+            .honest
+            .iter()
+            .map(|i| (*i, obs.height(*i), obs.status.get(i)))
+            .collect();
+        violations.push(format!(
+            "liveness: within {} ms of healing, not every honest node reached height {target} with every client transaction resolved (node, committed height, (height, round) in progress: {heights:?})",
+            world.cfg.liveness_bound_ms
+        ));
+    }
+    // SIM-CHECK-2: no transaction applied twice.
+    let mut seen = BTreeSet::new();
+    for (h, c) in &canonical {
+        for id in &c.tx_ids {
+            if !seen.insert(*id) {
+                violations.push(format!(
+                    "transaction {} committed twice (again at height {h})",
+                    hex::encode(id)
+                ));
+            }
+        }
+    }
+    // SIM-CHECK-3: client-level rules (bad transactions never commit,
+    // exactly one of each double spend).
+    let log = world.client_log.lock().expect("single-threaded");
+    violations.extend(log.check(&canonical));
+    // SIM-CHECK-4: supply conservation on every honest node.
+    for i in &obs.honest {
+        if let Some(l) = obs.ledgers.get(i) {
+            let (held, expected) = l.audit_supply();
+            if held != expected {
+                violations.push(format!(
+                    "supply: node {i} holds {held}, expected {expected}"
+                ));
+            }
+        }
+    }
+    // Finality: first submission to first commit on an honest node.
+    let mut first_commit: BTreeMap<Hash32, u64> = BTreeMap::new();
+    for i in &obs.honest {
+        for c in obs.commits.get(i).into_iter().flat_map(|m| m.values()) {
+            for id in &c.tx_ids {
+                let e = first_commit.entry(*id).or_insert(c.at_ms);
+                *e = (*e).min(c.at_ms);
+            }
+        }
+    }
+    let mut latencies: Vec<u64> = log
+        .submitted_ms
+        .iter()
+        .filter_map(|(id, t)| first_commit.get(id).map(|c| c.saturating_sub(*t)))
+        .collect();
+    let p50 = quantile(&mut latencies, 500);
+    let p99 = quantile(&mut latencies, 990);
+    Report {
+        seed: world.cfg.seed,
+        digest: obs.digest(),
+        violations,
+        heights: (0..world.cfg.validators).map(|i| obs.height(i)).collect(),
+        committed_txs: seen.len(),
+        simulated_ms: world.elapsed_ms(),
+        finality_p50_ms: p50,
+        finality_p99_ms: p99,
+        crashes: obs.crashes,
+        store_errors: obs.store_errors,
+        messages_sent: obs.messages_sent,
+        liveness_ms: converged_ms,
+    }
+}
+
+/// Runs one simulation in a fresh madsim runtime seeded with `cfg.seed`.
+pub fn run(cfg: SimConfig) -> Report {
+    let rt = madsim::runtime::Runtime::with_seed_and_config(cfg.seed, madsim::Config::default());
+    rt.block_on(simulate(cfg))
+}

@@ -1,0 +1,232 @@
+//! SIM-WL-*: the client workload. Transfers (with double spends, stale and
+//! far-future nonces, signatures for another chain), stake changes across
+//! epoch boundaries, and PoL block registrations; unresolved transactions
+//! are resubmitted, as a real wallet does, since a mempool is not durable.
+
+use crate::check::Commit;
+use crate::run::{KIND_CLIENT, PORT, World, client_ip, envelope, validator_ip};
+use blyan_state_machine::encoding::Canonical;
+use blyan_state_machine::pol::{PolBlockType, PolTx};
+use blyan_state_machine::testkit::{address, pol_block, tx};
+use blyan_state_machine::tx::{SignedTx, TxKind};
+use blyan_state_machine::types::{BLY, Hash32, Height};
+use madsim::net::Endpoint;
+use madsim::rand::{Rng, thread_rng};
+use madsim::time::{Duration, sleep};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+const MAX_FEE: u128 = 100_000_000_000;
+/// SIM-BOUND-2: resubmissions per tick.
+const MAX_RESUBMIT_PER_TICK: usize = 64;
+
+/// Everything the client did, for the checkers.
+#[derive(Debug, Default)]
+pub struct ClientLog {
+    /// (sender, nonce) → the transactions competing for that nonce (one for
+    /// an ordinary transaction, two for a double spend). Exactly one must commit.
+    pub groups: BTreeMap<(blyan_state_machine::types::Address, u64), Vec<SignedTx>>,
+    /// Transactions that must never commit.
+    pub bad: BTreeSet<Hash32>,
+    /// First submission time of each transaction (simulated ms).
+    pub submitted_ms: BTreeMap<Hash32, u64>,
+    pub stopped: bool,
+}
+
+impl ClientLog {
+    fn committed_ids(canonical: &BTreeMap<Height, Commit>) -> BTreeSet<Hash32> {
+        canonical
+            .values()
+            .flat_map(|c| c.tx_ids.iter().copied())
+            .collect()
+    }
+
+    pub fn all_resolved(&self, canonical: &BTreeMap<Height, Commit>) -> bool {
+        let ids = Self::committed_ids(canonical);
+        self.groups
+            .values()
+            .all(|g| g.iter().any(|t| ids.contains(&t.id())))
+    }
+
+    /// SIM-CHECK-3.
+    pub fn check(&self, canonical: &BTreeMap<Height, Commit>) -> Vec<String> {
+        let ids = Self::committed_ids(canonical);
+        let mut v = Vec::new();
+        for id in &self.bad {
+            if ids.contains(id) {
+                v.push(format!(
+                    "invalid transaction {} was committed",
+                    hex::encode(id)
+                ));
+            }
+        }
+        for ((sender, nonce), g) in &self.groups {
+            let n = g.iter().filter(|t| ids.contains(&t.id())).count();
+            if n > 1 {
+                v.push(format!(
+                    "double spend: {n} transactions of {sender} with nonce {nonce} committed"
+                ));
+            }
+        }
+        v
+    }
+}
+
+pub struct Client;
+
+impl Client {
+    pub async fn run(world: Arc<World>) {
+        let ep = Arc::new(
+            Endpoint::bind(SocketAddr::new(client_ip(), PORT))
+                .await
+                .expect("bind"),
+        );
+        let chain = world.net.genesis.chain_id.clone();
+        let accounts = world.net.accounts.clone();
+        let validators: Vec<_> =
+            world.net.validators[..world.cfg.validators - world.cfg.byzantine].to_vec();
+        let mut next_nonce: BTreeMap<blyan_state_machine::types::Address, u64> = BTreeMap::new();
+        let period_ms = 1_000 / world.cfg.client_rate_per_s.max(1);
+        let mut tick: u64 = 0;
+        loop {
+            sleep(Duration::from_millis(period_ms)).await;
+            tick += 1;
+            if tick.is_multiple_of((3_000 / period_ms).max(1)) {
+                Self::resubmit(&world, &ep);
+            }
+            if world.client_log.lock().expect("single-threaded").stopped {
+                continue;
+            }
+            let mut rng = thread_rng();
+            let r = rng.gen_range(0..100);
+            let a = &accounts[rng.gen_range(0..accounts.len())];
+            let to = address(&accounts[rng.gen_range(0..accounts.len())]);
+            let transfer = |nonce: u64, amount: u128, chain: &str| {
+                tx(chain, a, nonce, TxKind::Transfer { to, amount }, MAX_FEE)
+            };
+            let mut nonce_of = |k: &k256::ecdsa::SigningKey| {
+                let e = next_nonce.entry(address(k)).or_insert(0);
+                let n = *e;
+                *e += 1;
+                n
+            };
+            let mut good: Vec<SignedTx> = Vec::new();
+            let mut bad: Vec<SignedTx> = Vec::new();
+            let mut late_double_spend: Option<SignedTx> = None;
+            match r {
+                0..70 => good.push(transfer(nonce_of(a), BLY, &chain)),
+                70..76 => {
+                    // Double spend: same nonce, two recipients, two nodes.
+                    let n = nonce_of(a);
+                    let other = tx(
+                        &chain,
+                        a,
+                        n,
+                        TxKind::Transfer {
+                            to: address(a),
+                            amount: 2 * BLY,
+                        },
+                        MAX_FEE,
+                    );
+                    good.push(transfer(n, BLY, &chain));
+                    good.push(other);
+                }
+                76..82 => {
+                    let n = *next_nonce.get(&address(a)).unwrap_or(&0);
+                    if n > 0 && rng.gen_bool(0.5) {
+                        // A used nonce: it competes with that nonce's group
+                        // (stale once the group commits; exactly one may).
+                        late_double_spend = Some(transfer(n - 1, 3 * BLY, &chain));
+                    } else {
+                        bad.push(transfer(n + 1_000, BLY, &chain));
+                    }
+                }
+                82..86 => bad.push(transfer(
+                    *next_nonce.get(&address(a)).unwrap_or(&0),
+                    BLY,
+                    "another-chain",
+                )),
+                86..94 => {
+                    let v = &validators[rng.gen_range(0..validators.len())];
+                    let kind = if rng.gen_bool(0.5) {
+                        TxKind::Bond { amount: BLY }
+                    } else {
+                        TxKind::Unbond { amount: BLY }
+                    };
+                    good.push(tx(&chain, v, nonce_of(v), kind, MAX_FEE));
+                }
+                _ => {
+                    let mut payload = [0u8; 64];
+                    rng.fill(&mut payload[..]);
+                    let block = pol_block(
+                        PolBlockType::Meta,
+                        payload[..32].try_into().expect("32"),
+                        Vec::new(),
+                        &payload,
+                        address(a),
+                    );
+                    good.push(tx(
+                        &chain,
+                        a,
+                        nonce_of(a),
+                        TxKind::Pol(Box::new(PolTx::RegisterBlock(block))),
+                        MAX_FEE,
+                    ));
+                }
+            }
+            let now = world.elapsed_ms();
+            let mut log = world.client_log.lock().expect("single-threaded");
+            if let Some(first) = good.first() {
+                let key = (first.sender().expect("valid key"), first.body.nonce);
+                log.groups.insert(key, good.clone());
+            }
+            for t in &bad {
+                log.bad.insert(t.id());
+            }
+            if let Some(t) = &late_double_spend {
+                let key = (t.sender().expect("valid key"), t.body.nonce);
+                log.groups.entry(key).or_default().push(t.clone());
+                log.submitted_ms.entry(t.id()).or_insert(now);
+            }
+            for t in good.iter().chain(&bad) {
+                log.submitted_ms.entry(t.id()).or_insert(now);
+            }
+            drop(log);
+            for t in good.iter().chain(&bad).chain(&late_double_spend) {
+                Self::submit(&world, &ep, t);
+            }
+        }
+    }
+
+    fn submit(world: &Arc<World>, ep: &Arc<Endpoint>, t: &SignedTx) {
+        let honest = world.cfg.validators - world.cfg.byzantine;
+        let j = thread_rng().gen_range(0..honest);
+        world.transmit(ep, validator_ip(j), envelope(KIND_CLIENT, &t.encode()));
+    }
+
+    /// Unresolved groups older than 2 s go out again (bounded per tick).
+    fn resubmit(world: &Arc<World>, ep: &Arc<Endpoint>) {
+        let canonical = world.observer.lock().expect("single-threaded").canonical();
+        let ids = ClientLog::committed_ids(&canonical);
+        let now = world.elapsed_ms();
+        let pending: Vec<SignedTx> = {
+            let log = world.client_log.lock().expect("single-threaded");
+            log.groups
+                .values()
+                .filter(|g| !g.iter().any(|t| ids.contains(&t.id())))
+                .flatten()
+                .filter(|t| {
+                    log.submitted_ms
+                        .get(&t.id())
+                        .is_some_and(|s| now >= s + 2_000)
+                })
+                .take(MAX_RESUBMIT_PER_TICK)
+                .cloned()
+                .collect()
+        };
+        for t in &pending {
+            Self::submit(world, ep, t);
+        }
+    }
+}
