@@ -35,4 +35,48 @@ pub enum Error {
         path: String,
         source: std::io::Error,
     },
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("node: {0}")]
+    Node(String),
+    #[error("http: {0}")]
+    Http(String),
+    // Peer frames (transport.rs). `closes_connection` says which are garbage.
+    #[error("peer frame of {len} bytes exceeds the {max}-byte limit")]
+    FrameTooLarge { len: usize, max: usize },
+    #[error("peer frame is malformed: {0}")]
+    FrameMalformed(String),
+    #[error("peer frame from unknown sender {0}")]
+    UnknownPeer(String),
+    #[error("peer frame signature does not verify")]
+    BadFrameSignature,
+    #[error(
+        "peer frame timestamp {timestamp_ms} is more than {max_skew_ms} ms from now ({now_ms})"
+    )]
+    StaleFrame {
+        timestamp_ms: u64,
+        now_ms: u64,
+        max_skew_ms: u64,
+    },
+}
+
+impl Error {
+    /// Peer-frame errors after which the connection is closed: the peer sent
+    /// garbage. A stale frame (clock skew, a long queue) is only dropped.
+    pub fn closes_connection(&self) -> bool {
+        matches!(
+            self,
+            Error::FrameTooLarge { .. }
+                | Error::FrameMalformed(_)
+                | Error::UnknownPeer(_)
+                | Error::BadFrameSignature
+        )
+    }
+
+    pub fn io(path: impl std::fmt::Display, source: std::io::Error) -> Error {
+        Error::Io {
+            path: path.to_string(),
+            source,
+        }
+    }
 }

@@ -194,3 +194,44 @@ impl KeyFile {
         serde_json::from_str(text).map_err(|e| Error::KeyFileMalformed(e.to_string()))
     }
 }
+
+/// A fresh secp256k1 key from operating-system randomness.
+pub fn generate_key() -> Result<SigningKey, Error> {
+    // A random 32-byte string is a valid scalar except with probability ~2^-128.
+    for _ in 0..16 {
+        let mut bytes = [0u8; 32];
+        OsRng
+            .try_fill_bytes(&mut bytes)
+            .map_err(|e| Error::Randomness(e.to_string()))?;
+        if let Ok(k) = SigningKey::from_slice(&bytes) {
+            return Ok(k);
+        }
+    }
+    Err(Error::Randomness("16 invalid scalars in a row".into()))
+}
+
+/// Writes `key` to `path` encrypted under `password` (refuses to overwrite).
+pub fn write_key_file(
+    path: &std::path::Path,
+    key: &SigningKey,
+    password: &str,
+    iterations: u32,
+) -> Result<KeyFile, Error> {
+    use std::io::Write;
+    let file = KeyFile::encrypt(key, password, iterations)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| Error::io(path.display(), e))?;
+    f.write_all(file.to_json().as_bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(|e| Error::io(path.display(), e))?;
+    Ok(file)
+}
+
+/// Reads and decrypts the key file at `path`.
+pub fn read_key_file(path: &std::path::Path, password: &str) -> Result<SigningKey, Error> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path.display(), e))?;
+    KeyFile::from_json(&text)?.decrypt(password)
+}

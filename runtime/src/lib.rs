@@ -3,13 +3,25 @@
 //! `blyan-state-machine`. The runtime executes the core's outputs; it never
 //! makes protocol decisions itself.
 //!
-//! So far: encrypted key files ([`keystore`]) and durable chain storage on
-//! fjall ([`store`]). Storage on fjall, the transport,
-//! the HTTP API and the `blyan` binary follow (issue 6).
+//! - [`keystore`]: encrypted key files; [`store`]: the fjall `node::Store`;
+//! - [`service`]: the tokio task that owns a `Node` and performs its outputs;
+//! - [`transport`]: the interim signed-frame TCP transport (to be replaced by
+//!   tonic + mutual TLS behind the same [`transport::Outbound`] boundary);
+//! - [`api`]: the axum HTTP API; [`client`]: a minimal HTTP client;
+//! - [`config`], [`node`] (wiring), [`devnet`], and the `blyan` binary.
+//!
+//! Not yet: `/chat`, `/mine`, `/p2p/register`, OpenAPI, rate limits, TLS.
 #![forbid(unsafe_code)]
 
+pub mod api;
+pub mod client;
+pub mod config;
+pub mod devnet;
 pub mod error;
 pub mod keystore;
+pub mod node;
+pub mod service;
 pub mod store;
+pub mod transport;
 
 pub use error::Error;

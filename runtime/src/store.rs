@@ -1,39 +1,115 @@
-//! Durable chain storage on fjall.
+//! Durable chain storage on fjall: the runtime's [`node::Store`]
+//! (NODE-STORE-*).
 //!
-//! Keyspaces: `meta` (schema version, genesis hash, height), `blocks` (height
-//! as big-endian u64 → canonical block bytes) and `state` (`ns ‖ key` →
-//! canonical value bytes, exactly the committed state of STATE-1). A block and
-//! the state keys it changed are written in one atomic batch, synced to disk
-//! before [`ChainStore::commit_block`] returns.
+//! Keyspaces:
+//! - `meta`: schema version, genesis hash, height;
+//! - `blocks`: height (big-endian u64) → canonical [`CommittedBlock`] bytes
+//!   (the block with the commit certificate that decided it);
+//! - `state`: `ns ‖ key` → canonical value bytes, exactly the committed state
+//!   of STATE-1;
+//! - `records`: height (big-endian u64) ‖ sequence number (big-endian u64) →
+//!   a consensus record of the height in progress (CONS-CRASH-1), in the
+//!   order written;
+//! - `txs`: transaction id → height (big-endian u64) ‖ index in the block
+//!   (big-endian u32) ‖ canonical [`Receipt`]: the receipt index the API
+//!   answers `GET /tx/{id}` from.
+//!
+//! Every write is one batch synced to disk ([`PersistMode::SyncAll`]) before
+//! the method returns (NODE-STORE-1). Saving block `h` writes the block, the
+//! state keys it changed and the height, and drops the records of heights
+//! `≤ h`, all in one atomic batch (NODE-STORE-2), with its receipts.
 //!
 //! On open, the ledger is rebuilt by replaying the stored blocks from genesis
 //! (their signatures were verified before they were stored, so replay trusts
 //! them; every other rule, and each block's state root, is checked again), and
 //! the rebuilt state must equal the stored `state` keyspace byte for byte.
+//!
+//! The store keeps the ledger after its last block: [`node::Store::save_block`]
+//! receives only the committed block, so the store re-applies it (signatures
+//! trusted) to learn the state keys it changed. That costs one block execution
+//! per commit; the driver could hand the outcome over instead (see the
+//! runtime's report to the lead).
 
 use crate::Error;
-use blyan_state_machine::block::{Block, BlockOutcome};
+use blyan_state_machine::block::{BlockOutcome, Receipt};
+use blyan_state_machine::consensus::{Proposal, Record, Round, Signed, ValueId, Vote};
 use blyan_state_machine::encoding::Canonical;
 use blyan_state_machine::genesis::Genesis;
 use blyan_state_machine::ledger::Ledger;
+use blyan_state_machine::node::{self, CommittedBlock, Sig};
 use blyan_state_machine::state::StateKey;
+use blyan_state_machine::types::{Hash32, Height};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use std::path::Path;
 
 /// Version of the on-disk layout. A node refuses a data directory written
-/// with another version rather than guess at it.
-pub const SCHEMA_VERSION: u32 = 1;
+/// with another version rather than guess at it. Version 2: blocks are stored
+/// with their commit certificates, and consensus records are kept.
+pub const SCHEMA_VERSION: u32 = 2;
 
 const META_SCHEMA: &[u8] = b"schema_version";
 const META_GENESIS: &[u8] = b"genesis_hash";
 const META_HEIGHT: &[u8] = b"height";
 
-/// The node's chain store.
+/// The on-disk form of a consensus [`Record`] (which has no canonical
+/// encoding of its own in the core): the same variants, encoded canonically.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+enum StoredRecord {
+    Vote(Signed<Vote, Sig>),
+    Proposal(Signed<Proposal, Sig>),
+    Lock {
+        height: Height,
+        locked: Option<(ValueId, Round)>,
+        valid: Option<(ValueId, Round)>,
+    },
+}
+
+impl StoredRecord {
+    fn from_record(r: &Record<Sig>) -> StoredRecord {
+        match r {
+            Record::Vote(v) => StoredRecord::Vote(v.clone()),
+            Record::Proposal(p) => StoredRecord::Proposal(p.clone()),
+            Record::Lock {
+                height,
+                locked,
+                valid,
+            } => StoredRecord::Lock {
+                height: *height,
+                locked: *locked,
+                valid: *valid,
+            },
+        }
+    }
+
+    fn into_record(self) -> Record<Sig> {
+        match self {
+            StoredRecord::Vote(v) => Record::Vote(v),
+            StoredRecord::Proposal(p) => Record::Proposal(p),
+            StoredRecord::Lock {
+                height,
+                locked,
+                valid,
+            } => Record::Lock {
+                height,
+                locked,
+                valid,
+            },
+        }
+    }
+}
+
+/// The node's chain store. See the module docs for the layout.
 pub struct ChainStore {
     db: Database,
     meta: Keyspace,
     blocks: Keyspace,
     state: Keyspace,
+    records: Keyspace,
+    txs: Keyspace,
+    /// The state after the last stored block.
+    ledger: Ledger,
+    /// Sequence number of the next record (greater than every stored one).
+    next_record_seq: u64,
 }
 
 fn storage(e: fjall::Error) -> Error {
@@ -47,6 +123,19 @@ fn state_key_bytes(k: &StateKey) -> Vec<u8> {
     out
 }
 
+fn record_key(height: Height, seq: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(16);
+    k.extend_from_slice(&height.to_be_bytes());
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn be_u64(bytes: &[u8], what: &str) -> Result<u64, Error> {
+    Ok(u64::from_be_bytes(bytes.try_into().map_err(|_| {
+        Error::Corrupt(format!("{what} is not 8 bytes"))
+    })?))
+}
+
 impl ChainStore {
     /// Opens (or creates) the store at `path` for `genesis`, returning it with
     /// the ledger at the stored height.
@@ -56,14 +145,18 @@ impl ChainStore {
             db.keyspace(name, KeyspaceCreateOptions::default)
                 .map_err(storage)
         };
-        let store = ChainStore {
+        let genesis_ledger =
+            Ledger::from_genesis(genesis).map_err(|e| Error::Genesis(e.to_string()))?;
+        let mut store = ChainStore {
             meta: ks("meta")?,
             blocks: ks("blocks")?,
             state: ks("state")?,
+            records: ks("records")?,
+            txs: ks("txs")?,
             db,
+            ledger: genesis_ledger.clone(),
+            next_record_seq: 0,
         };
-        let genesis_ledger =
-            Ledger::from_genesis(genesis).map_err(|e| Error::Genesis(e.to_string()))?;
         match store.meta.get(META_SCHEMA).map_err(storage)? {
             None => store.initialise(&genesis_ledger)?,
             Some(v) => {
@@ -84,7 +177,9 @@ impl ChainStore {
                 }
             }
         }
-        let ledger = store.replay(genesis_ledger)?;
+        store.ledger = store.replay(genesis_ledger)?;
+        store.next_record_seq = store.scan_record_seq()?;
+        let ledger = store.ledger.clone();
         Ok((store, ledger))
     }
 
@@ -103,6 +198,21 @@ impl ChainStore {
         batch.commit().map_err(storage)
     }
 
+    /// One past the largest stored record sequence number; also checks that
+    /// every record key is well formed.
+    fn scan_record_seq(&self) -> Result<u64, Error> {
+        let mut next = 0u64;
+        for kv in self.records.iter() {
+            let key = kv.key().map_err(storage)?;
+            if key.len() != 16 {
+                return Err(Error::Corrupt("record key is not 16 bytes".into()));
+            }
+            let seq = be_u64(&key[8..], "record sequence number")?;
+            next = next.max(seq + 1);
+        }
+        Ok(next)
+    }
+
     /// The stored height.
     pub fn height(&self) -> Result<u64, Error> {
         let v = self
@@ -110,31 +220,36 @@ impl ChainStore {
             .get(META_HEIGHT)
             .map_err(storage)?
             .ok_or_else(|| Error::Corrupt("missing height".into()))?;
-        Ok(u64::from_be_bytes(
-            v.as_ref()
-                .try_into()
-                .map_err(|_| Error::Corrupt("height".into()))?,
-        ))
+        be_u64(&v, "height")
     }
 
-    /// The block at `height`, if stored.
-    pub fn block(&self, height: u64) -> Result<Option<Block>, Error> {
-        match self.blocks.get(height.to_be_bytes()).map_err(storage)? {
-            None => Ok(None),
-            Some(bytes) => Block::decode(&bytes)
-                .map(Some)
-                .map_err(|e| Error::Corrupt(format!("block {height}: {e}"))),
+    /// The state after the last stored block.
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    /// The committed block at `height`, if stored.
+    pub fn committed_block(&self, height: u64) -> Result<Option<CommittedBlock>, Error> {
+        self.reader().block(height)
+    }
+
+    /// A read-only view for the HTTP API (fjall handles are shared and
+    /// thread-safe; the node task stays the only writer).
+    pub fn reader(&self) -> StoreReader {
+        StoreReader {
+            blocks: self.blocks.clone(),
+            txs: self.txs.clone(),
         }
     }
 
     fn replay(&self, mut ledger: Ledger) -> Result<Ledger, Error> {
         let height = self.height()?;
         for h in 1..=height {
-            let block = self
-                .block(h)?
+            let committed = self
+                .committed_block(h)?
                 .ok_or_else(|| Error::Corrupt(format!("block {h} missing")))?;
             ledger = ledger
-                .apply_block_trusted_signatures(&block)
+                .apply_block_trusted_signatures(&committed.block)
                 .map_err(|e| Error::Corrupt(format!("stored block {h} does not apply: {e}")))?
                 .0;
         }
@@ -159,16 +274,20 @@ impl ChainStore {
         Ok(ledger)
     }
 
-    /// Stores `block` (already applied, giving `ledger` and `outcome`) and the
-    /// state keys it changed, atomically, synced before returning.
+    /// Stores `committed` (already applied to the stored state, giving
+    /// `ledger` and `outcome`), the state keys it changed and the new height,
+    /// and drops the consensus records of its height and below: one atomic
+    /// batch, synced before returning (NODE-STORE-1/2).
     pub fn commit_block(
-        &self,
-        block: &Block,
+        &mut self,
+        committed: &CommittedBlock,
         outcome: &BlockOutcome,
         ledger: &Ledger,
     ) -> Result<(), Error> {
+        let block = &committed.block;
+        let height = block.header.height;
         assert_eq!(
-            block.header.height,
+            height,
             ledger.height(),
             "commit the block that produced this ledger"
         );
@@ -177,11 +296,17 @@ impl ChainStore {
             ledger.state_root(),
             "commit the block that produced this ledger"
         );
+        let last = self.height()?;
+        if height != last + 1 {
+            return Err(Error::Storage(format!(
+                "block {height} does not follow the stored height {last}"
+            )));
+        }
         let mut batch = self.db.batch().durability(Some(PersistMode::SyncAll));
         batch.insert(
             &self.blocks,
-            block.header.height.to_be_bytes().to_vec(),
-            block.encode(),
+            height.to_be_bytes().to_vec(),
+            committed.encode(),
         );
         for k in &outcome.changed_keys {
             match ledger.value_bytes(k) {
@@ -189,11 +314,121 @@ impl ChainStore {
                 None => batch.remove(&self.state, state_key_bytes(k)),
             }
         }
-        batch.insert(
-            &self.meta,
-            META_HEIGHT,
-            block.header.height.to_be_bytes().to_vec(),
-        );
-        batch.commit().map_err(storage)
+        batch.insert(&self.meta, META_HEIGHT, height.to_be_bytes().to_vec());
+        for (index, r) in outcome.receipts.iter().enumerate() {
+            let mut v = Vec::new();
+            v.extend_from_slice(&height.to_be_bytes());
+            v.extend_from_slice(&(index as u32).to_be_bytes());
+            v.extend_from_slice(&r.encode());
+            batch.insert(&self.txs, r.tx_id.to_vec(), v);
+        }
+        for kv in self.records.range(..record_key(height + 1, 0)) {
+            batch.remove(&self.records, kv.key().map_err(storage)?);
+        }
+        batch.commit().map_err(storage)?;
+        self.ledger = ledger.clone();
+        Ok(())
+    }
+}
+
+impl node::Store for ChainStore {
+    type Error = Error;
+
+    fn persist_record(&mut self, record: &Record<Sig>) -> Result<(), Error> {
+        let key = record_key(record.height(), self.next_record_seq);
+        let value = StoredRecord::from_record(record).encode();
+        let mut batch = self.db.batch().durability(Some(PersistMode::SyncAll));
+        batch.insert(&self.records, key, value);
+        batch.commit().map_err(storage)?;
+        self.next_record_seq += 1;
+        Ok(())
+    }
+
+    fn records(&self, height: Height) -> Result<Vec<Record<Sig>>, Error> {
+        let mut out = Vec::new();
+        for kv in self.records.prefix(height.to_be_bytes()) {
+            let (k, v) = kv.into_inner().map_err(storage)?;
+            let record = StoredRecord::decode(&v)
+                .map_err(|e| Error::Corrupt(format!("record {}: {e}", hex::encode(&k))))?
+                .into_record();
+            if record.height() != height {
+                return Err(Error::Corrupt(format!(
+                    "record {} is filed under height {height} but is of height {}",
+                    hex::encode(&k),
+                    record.height()
+                )));
+            }
+            out.push(record);
+        }
+        Ok(out)
+    }
+
+    /// Re-applies the block to the stored state (signatures were verified
+    /// before the driver committed it) to find the keys it changed, then
+    /// [`ChainStore::commit_block`].
+    fn save_block(&mut self, committed: &CommittedBlock) -> Result<(), Error> {
+        let (next, outcome) = self
+            .ledger
+            .apply_block_trusted_signatures(&committed.block)
+            .map_err(|e| {
+                Error::Storage(format!(
+                    "committed block {} does not apply to the stored state: {e}",
+                    committed.block.header.height
+                ))
+            })?;
+        self.commit_block(committed, &outcome, &next)
+    }
+
+    fn block(&self, height: Height) -> Result<Option<CommittedBlock>, Error> {
+        self.committed_block(height)
+    }
+
+    fn last_height(&self) -> Result<Height, Error> {
+        self.height()
+    }
+}
+
+/// Read-only access to committed blocks and receipts, for the API.
+#[derive(Clone)]
+pub struct StoreReader {
+    blocks: Keyspace,
+    txs: Keyspace,
+}
+
+/// Where a committed transaction landed, and its receipt.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TxLocation {
+    pub height: Height,
+    pub index: u32,
+    pub receipt: Receipt,
+}
+
+impl StoreReader {
+    pub fn block(&self, height: Height) -> Result<Option<CommittedBlock>, Error> {
+        match self.blocks.get(height.to_be_bytes()).map_err(storage)? {
+            None => Ok(None),
+            Some(bytes) => CommittedBlock::decode(&bytes)
+                .map(Some)
+                .map_err(|e| Error::Corrupt(format!("block {height}: {e}"))),
+        }
+    }
+
+    pub fn tx(&self, id: &Hash32) -> Result<Option<TxLocation>, Error> {
+        let Some(v) = self.txs.get(id).map_err(storage)? else {
+            return Ok(None);
+        };
+        if v.len() < 12 {
+            return Err(Error::Corrupt(format!(
+                "tx index entry {}",
+                hex::encode(id)
+            )));
+        }
+        let receipt = Receipt::decode(&v[12..])
+            .map_err(|e| Error::Corrupt(format!("receipt {}: {e}", hex::encode(id))))?;
+        Ok(Some(TxLocation {
+            height: be_u64(&v[..8], "tx height")?,
+            index: u32::from_be_bytes(v[8..12].try_into().expect("4 bytes")),
+            receipt,
+        }))
     }
 }

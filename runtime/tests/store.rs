@@ -1,12 +1,30 @@
-//! Chain storage: blocks and changed keys survive a restart; bad data
-//! directories are refused with a clear error.
+//! Chain storage (NODE-STORE-*): blocks, certificates, changed keys and
+//! consensus records survive a restart; bad data directories are refused with
+//! a clear error.
 use blyan_runtime::Error;
-use blyan_runtime::store::ChainStore;
+use blyan_runtime::store::{ChainStore, SCHEMA_VERSION};
+use blyan_state_machine::block::Block;
+use blyan_state_machine::consensus::{CommitCertificate, Record, Signed, Vote, VoteType};
+use blyan_state_machine::genesis::Genesis;
+use blyan_state_machine::node::{CommittedBlock, Store};
 use blyan_state_machine::params::Params;
 use blyan_state_machine::testkit::{address, next_block, testnet, transfer};
-use blyan_state_machine::types::BLY;
+use blyan_state_machine::types::{BLY, Height};
 
-fn build(dir: &std::path::Path, blocks: u64) -> (blyan_state_machine::genesis::Genesis, [u8; 32]) {
+fn certified(block: Block) -> CommittedBlock {
+    // The store does not verify certificates (the driver did); any will do.
+    CommittedBlock {
+        certificate: CommitCertificate {
+            height: block.header.height,
+            round: 0,
+            value: block.hash(),
+            signatures: vec![(block.header.proposer, [9u8; 64])],
+        },
+        block,
+    }
+}
+
+fn genesis() -> (Genesis, Vec<k256::ecdsa::SigningKey>) {
     let net = testnet(
         4,
         2,
@@ -15,39 +33,107 @@ fn build(dir: &std::path::Path, blocks: u64) -> (blyan_state_machine::genesis::G
             ..Params::default()
         },
     );
-    let (store, mut ledger) = ChainStore::open(dir, &net.genesis).unwrap();
+    (net.genesis, net.accounts)
+}
+
+/// Builds `blocks` blocks of one transfer each through `Store::save_block`;
+/// returns the committed blocks and the final state root.
+fn build(dir: &std::path::Path, blocks: u64) -> (Genesis, Vec<CommittedBlock>, [u8; 32]) {
+    let (genesis, accounts) = genesis();
+    let (mut store, mut ledger) = ChainStore::open(dir, &genesis).unwrap();
+    let mut saved = Vec::new();
     for n in 0..blocks {
-        let t = transfer(
-            "blyan-test",
-            &net.accounts[0],
-            n,
-            address(&net.accounts[1]),
-            BLY,
-        );
+        let t = transfer("blyan-test", &accounts[0], n, address(&accounts[1]), BLY);
         let (block, next) = next_block(&ledger, &[t]).unwrap();
-        let (_, outcome) = ledger.apply_block(&block).unwrap();
-        store.commit_block(&block, &outcome, &next).unwrap();
+        let committed = certified(block);
+        store.save_block(&committed).unwrap();
+        assert_eq!(store.ledger().state_root(), next.state_root());
+        saved.push(committed);
         ledger = next;
     }
-    (net.genesis, ledger.state_root())
+    (genesis, saved, ledger.state_root())
+}
+
+fn vote(height: Height, round: u32, tag: u8) -> Record<[u8; 64]> {
+    Record::Vote(Signed {
+        message: Vote {
+            vote_type: VoteType::Prevote,
+            height,
+            round,
+            value: Some([tag; 32]),
+            validator: blyan_state_machine::types::Address([tag; 20]),
+        },
+        signature: [tag; 64],
+    })
 }
 
 #[test]
-fn restart_rebuilds_the_same_state() {
+fn restart_rebuilds_the_same_state_and_blocks() {
     let dir = tempfile::tempdir().unwrap();
-    let (genesis, root) = build(dir.path(), 7);
+    let (genesis, saved, root) = build(dir.path(), 7);
     let (store, ledger) = ChainStore::open(dir.path(), &genesis).unwrap();
     assert_eq!(store.height().unwrap(), 7);
+    assert_eq!(store.last_height().unwrap(), 7);
     assert_eq!(ledger.height(), 7);
     assert_eq!(ledger.state_root(), root);
-    assert_eq!(store.block(7).unwrap().unwrap().header.state_root, root);
+    for (i, b) in saved.iter().enumerate() {
+        assert_eq!(store.block(i as u64 + 1).unwrap().as_ref(), Some(b));
+    }
     assert!(store.block(8).unwrap().is_none());
+}
+
+#[test]
+fn records_survive_a_restart_in_order_and_a_saved_block_drops_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let (genesis, accounts) = genesis();
+    let written = [vote(1, 0, 1), vote(1, 1, 2), vote(1, 0, 3)];
+    {
+        let (mut store, _) = ChainStore::open(dir.path(), &genesis).unwrap();
+        for r in &written {
+            store.persist_record(r).unwrap();
+        }
+        store.persist_record(&vote(2, 0, 4)).unwrap();
+    }
+    let (mut store, ledger) = ChainStore::open(dir.path(), &genesis).unwrap();
+    assert_eq!(store.records(1).unwrap(), written.to_vec());
+    assert_eq!(store.records(2).unwrap(), vec![vote(2, 0, 4)]);
+    assert!(store.records(3).unwrap().is_empty());
+
+    // A record written after a restart comes after the earlier ones.
+    store.persist_record(&vote(1, 2, 5)).unwrap();
+    assert_eq!(store.records(1).unwrap().last(), Some(&vote(1, 2, 5)));
+
+    // NODE-STORE-2: saving block 1 drops the records of height 1, keeps 2's.
+    let t = transfer("blyan-test", &accounts[0], 0, address(&accounts[1]), BLY);
+    let (block, _) = next_block(&ledger, &[t]).unwrap();
+    store.save_block(&certified(block)).unwrap();
+    drop(store);
+    let (store, _) = ChainStore::open(dir.path(), &genesis).unwrap();
+    assert!(store.records(1).unwrap().is_empty());
+    assert_eq!(store.records(2).unwrap(), vec![vote(2, 0, 4)]);
+}
+
+#[test]
+fn a_block_out_of_order_is_refused_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (genesis, accounts) = genesis();
+    let (mut store, ledger) = ChainStore::open(dir.path(), &genesis).unwrap();
+    let t = transfer("blyan-test", &accounts[0], 0, address(&accounts[1]), BLY);
+    let (b1, l1) = next_block(&ledger, &[t]).unwrap();
+    let (b2, _) = next_block(&l1, &[]).unwrap();
+    assert!(matches!(
+        store.save_block(&certified(b2)),
+        Err(Error::Storage(_))
+    ));
+    assert_eq!(store.last_height().unwrap(), 0);
+    store.save_block(&certified(b1)).unwrap();
+    assert_eq!(store.last_height().unwrap(), 1);
 }
 
 #[test]
 fn another_chain_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut genesis, _) = build(dir.path(), 1);
+    let (mut genesis, _, _) = build(dir.path(), 1);
     genesis.chain_id = "another-chain".into();
     assert!(matches!(
         ChainStore::open(dir.path(), &genesis),
@@ -58,52 +144,50 @@ fn another_chain_is_refused() {
 #[test]
 fn an_unknown_schema_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let (genesis, _) = build(dir.path(), 1);
+    let (genesis, _, _) = build(dir.path(), 1);
     {
         let db = fjall::Database::builder(dir.path()).open().unwrap();
         let meta = db
             .keyspace("meta", fjall::KeyspaceCreateOptions::default)
             .unwrap();
-        meta.insert(b"schema_version", 99u32.to_be_bytes()).unwrap();
+        meta.insert(b"schema_version", 1u32.to_be_bytes()).unwrap();
         db.persist(fjall::PersistMode::SyncAll).unwrap();
     }
     match ChainStore::open(dir.path(), &genesis) {
         Err(Error::UnsupportedSchema {
-            found: 99,
-            supported: 1,
+            found: 1,
+            supported: SCHEMA_VERSION,
         }) => {}
         other => panic!("expected UnsupportedSchema, got {:?}", other.err()),
     }
 }
 
 #[test]
-fn a_corrupt_block_or_state_is_detected() {
-    let dir = tempfile::tempdir().unwrap();
-    let (genesis, _) = build(dir.path(), 3);
-    {
-        let db = fjall::Database::builder(dir.path()).open().unwrap();
-        let blocks = db
-            .keyspace("blocks", fjall::KeyspaceCreateOptions::default)
-            .unwrap();
-        blocks
-            .insert(2u64.to_be_bytes(), b"garbage".to_vec())
-            .unwrap();
-        db.persist(fjall::PersistMode::SyncAll).unwrap();
-    }
-    assert!(
-        matches!(ChainStore::open(dir.path(), &genesis), Err(Error::Corrupt(m)) if m.contains("block 2"))
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let (genesis, _) = build(dir.path(), 3);
-    {
-        let db = fjall::Database::builder(dir.path()).open().unwrap();
-        let state = db
-            .keyspace("state", fjall::KeyspaceCreateOptions::default)
-            .unwrap();
-        state.insert(b"\x01stray", b"x".to_vec()).unwrap();
-        db.persist(fjall::PersistMode::SyncAll).unwrap();
-    }
-    assert!(
-        matches!(ChainStore::open(dir.path(), &genesis), Err(Error::Corrupt(m)) if m.contains("stored state"))
-    );
+fn a_corrupt_block_state_or_record_is_detected() {
+    let corrupt = |keyspace: &str, key: &[u8], value: &[u8]| {
+        let dir = tempfile::tempdir().unwrap();
+        let (genesis, _, _) = build(dir.path(), 3);
+        {
+            let db = fjall::Database::builder(dir.path()).open().unwrap();
+            let ks = db
+                .keyspace(keyspace, fjall::KeyspaceCreateOptions::default)
+                .unwrap();
+            ks.insert(key, value.to_vec()).unwrap();
+            db.persist(fjall::PersistMode::SyncAll).unwrap();
+        }
+        match ChainStore::open(dir.path(), &genesis) {
+            Err(Error::Corrupt(m)) => m,
+            Ok((store, _)) => match store.records(4) {
+                Err(Error::Corrupt(m)) => m,
+                other => panic!("corruption of {keyspace} went unnoticed: {other:?}"),
+            },
+            Err(e) => panic!("expected Corrupt, got {e}"),
+        }
+    };
+    assert!(corrupt("blocks", &2u64.to_be_bytes(), b"garbage").contains("block 2"));
+    assert!(corrupt("state", b"\x01stray", b"x").contains("stored state"));
+    let mut key = 4u64.to_be_bytes().to_vec();
+    key.extend_from_slice(&0u64.to_be_bytes());
+    assert!(corrupt("records", &key, b"garbage").contains("record"));
+    assert!(corrupt("records", b"short", b"x").contains("record key"));
 }

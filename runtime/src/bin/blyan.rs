@@ -1,0 +1,329 @@
+//! `blyan`: run a node or a local devnet, manage keys, send transfers.
+//!
+//! ```text
+//! blyan devnet [--dir DIR] [--validators 4] [--base-port 7100] [--block-interval-ms 2000]
+//! blyan node --config FILE
+//! blyan keys new --out FILE      (password: --password or BLYAN_KEY_PASSWORD)
+//! blyan keys show --key FILE
+//! blyan tx transfer --to ADDR --amount BLY --key FILE --node URL [--wait]
+//! blyan status --node URL
+//! ```
+//! Log level: `BLYAN_LOG` (error, warn, info (default), debug, trace).
+
+use blyan_runtime::Error;
+use blyan_runtime::client;
+use blyan_runtime::config::FileConfig;
+use blyan_runtime::devnet::{DEFAULT_BASE_PORT, Devnet, DevnetOptions};
+use blyan_runtime::keystore::{
+    DEFAULT_ITERATIONS, KeyFile, generate_key, read_key_file, write_key_file,
+};
+use blyan_runtime::node::{NodeSetup, RunningNode, bind};
+use blyan_state_machine::encoding::Canonical;
+use blyan_state_machine::ledger::intrinsic_gas;
+use blyan_state_machine::tx::{TxBody, TxKind, public_key_of};
+use blyan_state_machine::types::{Address, Amount, BLY};
+use clap::{Parser, Subcommand};
+use serde_json::{Value, json};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "blyan", version, about = "Blyan node, devnet and wallet")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run N validators in this process on loopback until Ctrl-C.
+    Devnet {
+        /// Data directory (reused if it holds a devnet).
+        #[arg(long, default_value = "devnet")]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 4)]
+        validators: usize,
+        /// Node i listens for peers on base+2i and for HTTP on base+2i+1.
+        #[arg(long, default_value_t = DEFAULT_BASE_PORT)]
+        base_port: u16,
+        #[arg(long, default_value_t = blyan_runtime::config::DEFAULT_BLOCK_INTERVAL_MS)]
+        block_interval_ms: u64,
+    },
+    /// Run one node from a TOML configuration file.
+    Node {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Key files.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Transactions.
+    Tx {
+        #[command(subcommand)]
+        command: TxCommand,
+    },
+    /// Print a node's status.
+    Status {
+        #[arg(long, default_value = "http://127.0.0.1:7101")]
+        node: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create a new encrypted key file.
+    New {
+        #[arg(long)]
+        out: PathBuf,
+        /// Password (default: the BLYAN_KEY_PASSWORD environment variable).
+        #[arg(long)]
+        password: Option<String>,
+    },
+    /// Print a key file's address (and public key, given the password).
+    Show {
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(long)]
+        password: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum TxCommand {
+    /// Sign and submit a transfer.
+    Transfer {
+        #[arg(long)]
+        to: Address,
+        /// Amount in BLY, up to 18 decimals (e.g. 1.5).
+        #[arg(long)]
+        amount: String,
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(long)]
+        password: Option<String>,
+        #[arg(long, default_value = "http://127.0.0.1:7101")]
+        node: String,
+        /// Priority fee per gas, in base units.
+        #[arg(long, default_value_t = 1_000_000_000)]
+        tip: u128,
+        /// Wait until the transfer is committed.
+        #[arg(long)]
+        wait: bool,
+    },
+}
+
+fn password(p: Option<String>) -> String {
+    p.or_else(|| std::env::var("BLYAN_KEY_PASSWORD").ok())
+        .unwrap_or_default()
+}
+
+/// Parses a decimal BLY amount into base units (10^18 per BLY), exactly.
+fn parse_bly(s: &str) -> Result<Amount, Error> {
+    let bad = || Error::Config(format!("amount {s:?} is not a decimal number of BLY"));
+    let (int, frac) = s.split_once('.').unwrap_or((s, ""));
+    if int.is_empty() && frac.is_empty() || frac.len() > 18 {
+        return Err(bad());
+    }
+    let digits = |t: &str| t.is_empty() || t.bytes().all(|b| b.is_ascii_digit());
+    if !digits(int) || !digits(frac) {
+        return Err(bad());
+    }
+    let int: Amount = if int.is_empty() {
+        0
+    } else {
+        int.parse().map_err(|_| bad())?
+    };
+    let frac_units: Amount = if frac.is_empty() {
+        0
+    } else {
+        format!("{frac:0<18}").parse().map_err(|_| bad())?
+    };
+    int.checked_mul(BLY)
+        .and_then(|v| v.checked_add(frac_units))
+        .ok_or_else(bad)
+}
+
+fn init_logging() {
+    let level = match std::env::var("BLYAN_LOG").as_deref() {
+        Ok("error") => tracing::Level::ERROR,
+        Ok("warn") => tracing::Level::WARN,
+        Ok("debug") => tracing::Level::DEBUG,
+        Ok("trace") => tracing::Level::TRACE,
+        _ => tracing::Level::INFO,
+    };
+    tracing_subscriber::fmt().with_max_level(level).init();
+}
+
+fn expect_ok(status: u16, body: &Value) -> Result<(), Error> {
+    if (200..300).contains(&status) {
+        Ok(())
+    } else {
+        Err(Error::Http(format!("HTTP {status}: {body}")))
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), Error> {
+    match cli.command {
+        Command::Devnet {
+            dir,
+            validators,
+            base_port,
+            block_interval_ms,
+        } => {
+            init_logging();
+            let mut opts = DevnetOptions::new(dir, validators);
+            opts.base_port = Some(base_port);
+            opts.block_interval_ms = block_interval_ms;
+            let devnet = Devnet::start(opts).await?;
+            println!("data directory: {}", devnet.dir.display());
+            for (i, n) in devnet.nodes.iter().enumerate() {
+                println!(
+                    "node {i}: api {}  p2p {}  address {}",
+                    n.api_url(),
+                    n.p2p_addr,
+                    n.address
+                );
+            }
+            println!(
+                "faucet: {} (key file {}, password \"{}\")",
+                devnet.faucet,
+                devnet.faucet_key_file.display(),
+                blyan_runtime::devnet::DEVNET_PASSWORD
+            );
+            tokio::signal::ctrl_c()
+                .await
+                .map_err(|e| Error::io("ctrl-c handler", e))?;
+            println!("stopping");
+            devnet.stop().await;
+        }
+        Command::Node { config } => {
+            init_logging();
+            let c = FileConfig::load(&config)?;
+            let setup = NodeSetup::from_config(&c)?;
+            let node =
+                RunningNode::start(setup, bind(&c.p2p_addr).await?, bind(&c.http_addr).await?)
+                    .await?;
+            println!(
+                "node {} api {} p2p {}",
+                node.address,
+                node.api_url(),
+                node.p2p_addr
+            );
+            tokio::select! {
+                r = tokio::signal::ctrl_c() => r.map_err(|e| Error::io("ctrl-c handler", e))?,
+                _ = async { while node.is_running() { tokio::time::sleep(Duration::from_millis(500)).await } } => {
+                    node.stop(1_000).await;
+                    return Err(Error::Node("node halted; see the log".into()));
+                }
+            }
+            node.stop(5_000).await;
+        }
+        Command::Keys { command } => match command {
+            KeysCommand::New { out, password: p } => {
+                let key = generate_key()?;
+                let file = write_key_file(&out, &key, &password(p), DEFAULT_ITERATIONS)?;
+                println!("address {}", file.address);
+                println!("public key {}", hex::encode(public_key_of(&key)));
+                println!("written to {}", out.display());
+            }
+            KeysCommand::Show { key, password: p } => {
+                let text = std::fs::read_to_string(&key)
+                    .map_err(|e| Error::Config(format!("{}: {e}", key.display())))?;
+                let file = KeyFile::from_json(&text)?;
+                println!("address {}", file.address);
+                if p.is_some() || std::env::var("BLYAN_KEY_PASSWORD").is_ok() {
+                    let k = file.decrypt(&password(p))?;
+                    println!("public key {}", hex::encode(public_key_of(&k)));
+                }
+            }
+        },
+        Command::Tx { command } => match command {
+            TxCommand::Transfer {
+                to,
+                amount,
+                key,
+                password: p,
+                node,
+                tip,
+                wait,
+            } => {
+                let amount = parse_bly(&amount)?;
+                let key = read_key_file(&key, &password(p))?;
+                let from = Address::from_public_key(key.verifying_key());
+                let (s, account) = client::get_json(&node, &format!("/account/{from}")).await?;
+                expect_ok(s, &account)?;
+                let (s, status) = client::get_json(&node, "/status").await?;
+                expect_ok(s, &status)?;
+                let nonce = account["nonce"]
+                    .as_u64()
+                    .ok_or_else(|| Error::Http("no nonce".into()))?;
+                let chain_id = status["chain_id"].as_str().unwrap_or_default().to_string();
+                let base_fee: u128 = status["next_base_fee_per_gas"]
+                    .as_str()
+                    .and_then(|v| v.parse().ok())
+                    .ok_or_else(|| Error::Http("no next_base_fee_per_gas".into()))?;
+                let kind = TxKind::Transfer { to, amount };
+                let tx = TxBody {
+                    nonce,
+                    gas_limit: intrinsic_gas(&kind),
+                    max_fee_per_gas: base_fee.saturating_mul(2).saturating_add(tip),
+                    max_priority_fee_per_gas: tip,
+                    kind,
+                }
+                .sign(&chain_id, &key);
+                let body = json!({ "tx": format!("0x{}", hex::encode(tx.encode())) });
+                let (s, reply) = client::post_json(&node, "/tx", &body).await?;
+                expect_ok(s, &reply)?;
+                println!("submitted {}", reply["id"].as_str().unwrap_or_default());
+                if wait {
+                    let id = reply["id"].as_str().unwrap_or_default().to_string();
+                    for _ in 0..600 {
+                        let (s, r) = client::get_json(&node, &format!("/tx/{id}")).await?;
+                        if s == 200 {
+                            println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+                            return Ok(());
+                        }
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    return Err(Error::Http("not committed within 120 s".into()));
+                }
+            }
+        },
+        Command::Status { node } => {
+            let (s, v) = client::get_json(&node, "/status").await?;
+            expect_ok(s, &v)?;
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        }
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    match run(Cli::parse()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bly_amounts_parse_exactly_and_garbage_is_refused() {
+        assert_eq!(parse_bly("1").unwrap(), BLY);
+        assert_eq!(parse_bly("1.5").unwrap(), BLY + BLY / 2);
+        assert_eq!(parse_bly("0.000000000000000001").unwrap(), 1);
+        assert_eq!(parse_bly(".25").unwrap(), BLY / 4);
+        for bad in ["", ".", "1.0000000000000000001", "-1", "1e3", "x", "1.2.3"] {
+            assert!(parse_bly(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}

@@ -1,0 +1,132 @@
+//! A minimal HTTP/1.1 client for the CLI and tests: one request per
+//! connection (`Connection: close`), plain `http://host:port` only, responses
+//! bounded to [`MAX_RESPONSE_BYTES`].
+
+use crate::Error;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Largest response read.
+pub const MAX_RESPONSE_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Sends one request to `base` (`http://host:port`) and returns the status and body.
+pub async fn request(
+    base: &str,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+) -> Result<(u16, Vec<u8>), Error> {
+    let host = base
+        .strip_prefix("http://")
+        .ok_or_else(|| {
+            Error::Http(format!(
+                "{base:?}: only http://host:port URLs are supported"
+            ))
+        })?
+        .trim_end_matches('/');
+    let mut stream = TcpStream::connect(host)
+        .await
+        .map_err(|e| Error::Http(format!("connect {host}: {e}")))?;
+    let body = body.unwrap_or_default();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let io = |e: std::io::Error| Error::Http(format!("{method} {path}: {e}"));
+    // A server may answer (413) and close before reading a large body: a
+    // failed write is reported only if no response can be read either.
+    let written = match stream.write_all(head.as_bytes()).await {
+        Ok(()) => stream.write_all(body).await,
+        Err(e) => Err(e),
+    };
+    let mut raw = Vec::new();
+    let read = stream.take(MAX_RESPONSE_BYTES).read_to_end(&mut raw).await;
+    match (parse_response(&raw), written, read) {
+        (Ok(r), _, _) => Ok(r),
+        (Err(_), Err(e), _) | (Err(_), Ok(()), Err(e)) => Err(io(e)),
+        (Err(e), Ok(()), Ok(_)) => Err(e),
+    }
+}
+
+fn parse_response(raw: &[u8]) -> Result<(u16, Vec<u8>), Error> {
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| Error::Http("response has no header terminator".into()))?;
+    let head = String::from_utf8_lossy(&raw[..split]);
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| Error::Http(format!("bad status line in {head:?}")))?;
+    let body = &raw[split + 4..];
+    let chunked = head.lines().any(|l| {
+        let l = l.to_ascii_lowercase();
+        l.starts_with("transfer-encoding:") && l.contains("chunked")
+    });
+    Ok((
+        status,
+        if chunked {
+            dechunk(body)?
+        } else {
+            body.to_vec()
+        },
+    ))
+}
+
+fn dechunk(mut body: &[u8]) -> Result<Vec<u8>, Error> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = body
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .ok_or_else(|| Error::Http("truncated chunked body".into()))?;
+        let size_text = String::from_utf8_lossy(&body[..line_end]);
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+            .map_err(|_| Error::Http(format!("bad chunk size {size_text:?}")))?;
+        body = &body[line_end + 2..];
+        if size == 0 {
+            return Ok(out);
+        }
+        if body.len() < size + 2 {
+            return Err(Error::Http("truncated chunk".into()));
+        }
+        out.extend_from_slice(&body[..size]);
+        body = &body[size + 2..];
+    }
+}
+
+/// `GET` returning JSON.
+pub async fn get_json(base: &str, path: &str) -> Result<(u16, Value), Error> {
+    let (status, body) = request(base, "GET", path, None).await?;
+    let v = serde_json::from_slice(&body)
+        .map_err(|e| Error::Http(format!("GET {path}: response is not JSON: {e}")))?;
+    Ok((status, v))
+}
+
+/// `POST` a JSON body, returning JSON.
+pub async fn post_json(base: &str, path: &str, body: &Value) -> Result<(u16, Value), Error> {
+    let (status, body) = request(base, "POST", path, Some(body.to_string().as_bytes())).await?;
+    let v = serde_json::from_slice(&body)
+        .map_err(|e| Error::Http(format!("POST {path}: response is not JSON: {e}")))?;
+    Ok((status, v))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_plain_and_chunked_responses() {
+        let (s, b) = parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").unwrap();
+        assert_eq!((s, b.as_slice()), (200, &b"ok"[..]));
+        let raw = b"HTTP/1.1 413 Payload Too Large\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
+        let (s, b) = parse_response(raw).unwrap();
+        assert_eq!((s, b.as_slice()), (413, &b"abcde"[..]));
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\n").is_err());
+        assert!(
+            parse_response(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n").is_err()
+        );
+    }
+}

@@ -1,0 +1,139 @@
+//! The node's TOML configuration (`blyan node --config FILE`).
+//!
+//! ```toml
+//! chain_id = "blyan-devnet"          # must equal the genesis file's chain id
+//! genesis_file = "genesis.json"      # relative paths are relative to this file
+//! data_dir = "data"                  # fjall store
+//! key_file = "key.json"              # keystore.rs format
+//! key_password_env = "BLYAN_KEY_PASSWORD"  # default; the variable holds the password ("" if unset)
+//! p2p_addr = "0.0.0.0:7100"          # default
+//! http_addr = "127.0.0.1:8100"       # default
+//! block_interval_ms = 2000           # default (the seed's 2.0 s block time)
+//! max_body_bytes = 1048576           # default: 1 MiB request bodies
+//!
+//! [[peers]]                          # validators to dial; frames from others are refused
+//! addr = "127.0.0.1:7101"
+//! public_key = "02…"                 # SEC1 compressed, hex
+//! ```
+//!
+//! Environment overrides: `BLYAN_HTTP_ADDR`, `BLYAN_P2P_ADDR`, `BLYAN_DATA_DIR`.
+
+use crate::Error;
+use crate::transport::Peer;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+pub const DEFAULT_P2P_ADDR: &str = "0.0.0.0:7100";
+pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:8100";
+pub const DEFAULT_BLOCK_INTERVAL_MS: u64 = 2_000;
+pub const DEFAULT_PASSWORD_ENV: &str = "BLYAN_KEY_PASSWORD";
+
+/// A peer entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    pub addr: String,
+    pub public_key: String,
+}
+
+/// The configuration file. See the module docs for defaults.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub chain_id: String,
+    pub genesis_file: PathBuf,
+    pub data_dir: PathBuf,
+    pub key_file: PathBuf,
+    #[serde(default = "default_password_env")]
+    pub key_password_env: String,
+    #[serde(default = "default_p2p")]
+    pub p2p_addr: String,
+    #[serde(default = "default_http")]
+    pub http_addr: String,
+    #[serde(default = "default_interval")]
+    pub block_interval_ms: u64,
+    #[serde(default = "default_body")]
+    pub max_body_bytes: usize,
+    #[serde(default)]
+    pub peers: Vec<PeerConfig>,
+}
+
+fn default_password_env() -> String {
+    DEFAULT_PASSWORD_ENV.into()
+}
+fn default_p2p() -> String {
+    DEFAULT_P2P_ADDR.into()
+}
+fn default_http() -> String {
+    DEFAULT_HTTP_ADDR.into()
+}
+fn default_interval() -> u64 {
+    DEFAULT_BLOCK_INTERVAL_MS
+}
+fn default_body() -> usize {
+    crate::api::MAX_BODY_BYTES
+}
+
+impl FileConfig {
+    /// Reads `path`, resolves relative paths against its folder and applies
+    /// the environment overrides.
+    pub fn load(path: &Path) -> Result<FileConfig, Error> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path.display(), e))?;
+        let mut c = FileConfig::parse(&text)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [&mut c.genesis_file, &mut c.data_dir, &mut c.key_file] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        if let Ok(v) = std::env::var("BLYAN_HTTP_ADDR") {
+            c.http_addr = v;
+        }
+        if let Ok(v) = std::env::var("BLYAN_P2P_ADDR") {
+            c.p2p_addr = v;
+        }
+        if let Ok(v) = std::env::var("BLYAN_DATA_DIR") {
+            c.data_dir = v.into();
+        }
+        Ok(c)
+    }
+
+    pub fn parse(text: &str) -> Result<FileConfig, Error> {
+        let c: FileConfig = toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+        if c.block_interval_ms == 0 {
+            return Err(Error::Config("block_interval_ms must be positive".into()));
+        }
+        if c.max_body_bytes < 1024 {
+            return Err(Error::Config("max_body_bytes must be at least 1024".into()));
+        }
+        c.transport_peers()?;
+        Ok(c)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("configuration always serialises")
+    }
+
+    /// The peers with parsed keys.
+    pub fn transport_peers(&self) -> Result<Vec<Peer>, Error> {
+        self.peers
+            .iter()
+            .map(|p| {
+                let mut public_key = [0u8; 33];
+                hex::decode_to_slice(p.public_key.trim_start_matches("0x"), &mut public_key)
+                    .map_err(|e| Error::Config(format!("peer {}: public_key: {e}", p.addr)))?;
+                let peer = Peer {
+                    addr: p.addr.clone(),
+                    public_key,
+                };
+                peer.id().ok_or_else(|| {
+                    Error::Config(format!(
+                        "peer {}: public_key is not a secp256k1 point",
+                        p.addr
+                    ))
+                })?;
+                Ok(peer)
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,238 @@
+//! A local devnet: N validators in one process on loopback, each with its
+//! own fjall directory, P2P port and HTTP port (`blyan devnet`, and the
+//! runtime's integration tests).
+//!
+//! Layout of the devnet directory:
+//! - `genesis.json`: chain `blyan-devnet`, the validators (10,000 BLY stake
+//!   and 1,000 BLY each) and a faucet account with [`FAUCET_BLY`];
+//! - `faucet.json`: the faucet's key file (password [`DEVNET_PASSWORD`]);
+//! - `node-<i>/key.json`, `node-<i>/config.toml`, `node-<i>/data/`: each
+//!   validator's key (same password), a configuration that
+//!   `BLYAN_KEY_PASSWORD=devnet blyan node --config node-<i>/config.toml`
+//!   also runs, and its store.
+//!
+//! An existing directory is reused (same genesis and keys; the nodes replay
+//! their stores), so a devnet survives a restart.
+//!
+//! **Not for real funds**: the password is public and the key files use the
+//! keystore's minimum iteration count so start-up is fast.
+
+use crate::Error;
+use crate::config::{FileConfig, PeerConfig};
+use crate::keystore::{MIN_ITERATIONS, generate_key, read_key_file, write_key_file};
+use crate::node::{NodeSetup, RunningNode, bind};
+use crate::transport::{Peer, now_ms};
+use blyan_state_machine::genesis::{Genesis, GenesisBalance, GenesisValidator};
+use blyan_state_machine::node::NodeConfig;
+use blyan_state_machine::params::Params;
+use blyan_state_machine::tx::public_key_of;
+use blyan_state_machine::types::{Address, BLY};
+use k256::ecdsa::SigningKey;
+use std::path::{Path, PathBuf};
+
+pub const DEVNET_CHAIN_ID: &str = "blyan-devnet";
+/// The password of every devnet key file.
+pub const DEVNET_PASSWORD: &str = "devnet";
+/// The faucet's genesis balance, in BLY.
+pub const FAUCET_BLY: u128 = 1_000_000_000;
+/// Default first port: node `i` listens for peers on `base + 2i` and HTTP on `base + 2i + 1`.
+pub const DEFAULT_BASE_PORT: u16 = 7100;
+
+/// How to start a devnet.
+#[derive(Clone, Debug)]
+pub struct DevnetOptions {
+    pub dir: PathBuf,
+    pub validators: usize,
+    /// `None`: ephemeral ports (tests).
+    pub base_port: Option<u16>,
+    pub block_interval_ms: u64,
+    /// Driver parameters besides the block interval (defaults otherwise).
+    pub node: NodeConfig,
+}
+
+impl DevnetOptions {
+    pub fn new(dir: PathBuf, validators: usize) -> DevnetOptions {
+        DevnetOptions {
+            dir,
+            validators,
+            base_port: Some(DEFAULT_BASE_PORT),
+            block_interval_ms: crate::config::DEFAULT_BLOCK_INTERVAL_MS,
+            node: NodeConfig::default(),
+        }
+    }
+}
+
+/// A running devnet.
+pub struct Devnet {
+    pub dir: PathBuf,
+    pub genesis: Genesis,
+    pub nodes: Vec<RunningNode>,
+    pub faucet: Address,
+    pub faucet_key_file: PathBuf,
+}
+
+fn write(path: &Path, text: &str) -> Result<(), Error> {
+    std::fs::write(path, text).map_err(|e| Error::io(path.display(), e))
+}
+
+fn node_dir(dir: &Path, i: usize) -> PathBuf {
+    dir.join(format!("node-{i}"))
+}
+
+/// Creates the genesis and key files, or reads them back from an existing directory.
+fn prepare(dir: &Path, validators: usize) -> Result<(Genesis, Vec<SigningKey>), Error> {
+    let genesis_path = dir.join("genesis.json");
+    if genesis_path.exists() {
+        let text = std::fs::read_to_string(&genesis_path)
+            .map_err(|e| Error::io(genesis_path.display(), e))?;
+        let genesis = Genesis::from_json(&text).map_err(|e| Error::Genesis(e.to_string()))?;
+        if genesis.validators.len() != validators {
+            return Err(Error::Config(format!(
+                "{} holds a devnet of {} validators, not {validators}",
+                dir.display(),
+                genesis.validators.len()
+            )));
+        }
+        let keys = (0..validators)
+            .map(|i| read_key_file(&node_dir(dir, i).join("key.json"), DEVNET_PASSWORD))
+            .collect::<Result<Vec<_>, _>>()?;
+        return Ok((genesis, keys));
+    }
+    if validators == 0 {
+        return Err(Error::Config(
+            "a devnet needs at least one validator".into(),
+        ));
+    }
+    let faucet = generate_key()?;
+    write_key_file(
+        &dir.join("faucet.json"),
+        &faucet,
+        DEVNET_PASSWORD,
+        MIN_ITERATIONS,
+    )?;
+    let mut keys = Vec::new();
+    for i in 0..validators {
+        let nd = node_dir(dir, i);
+        std::fs::create_dir_all(&nd).map_err(|e| Error::io(nd.display(), e))?;
+        let key = generate_key()?;
+        write_key_file(&nd.join("key.json"), &key, DEVNET_PASSWORD, MIN_ITERATIONS)?;
+        keys.push(key);
+    }
+    let address = |k: &SigningKey| Address::from_public_key(k.verifying_key());
+    let genesis = Genesis {
+        chain_id: DEVNET_CHAIN_ID.into(),
+        genesis_time_ms: now_ms(),
+        balances: std::iter::once(GenesisBalance {
+            address: address(&faucet),
+            amount: FAUCET_BLY * BLY,
+        })
+        .chain(keys.iter().map(|k| GenesisBalance {
+            address: address(k),
+            amount: 1_000 * BLY,
+        }))
+        .collect(),
+        validators: keys
+            .iter()
+            .map(|k| GenesisValidator {
+                public_key: public_key_of(k),
+                stake: 10_000 * BLY,
+            })
+            .collect(),
+        params: Params::default(),
+        pol_blocks: Vec::new(),
+    };
+    genesis
+        .validate()
+        .map_err(|e| Error::Genesis(e.to_string()))?;
+    write(&genesis_path, &genesis.to_json())?;
+    Ok((genesis, keys))
+}
+
+impl Devnet {
+    pub async fn start(opts: DevnetOptions) -> Result<Devnet, Error> {
+        std::fs::create_dir_all(&opts.dir).map_err(|e| Error::io(opts.dir.display(), e))?;
+        let dir = opts
+            .dir
+            .canonicalize()
+            .map_err(|e| Error::io(opts.dir.display(), e))?;
+        let (genesis, keys) = prepare(&dir, opts.validators)?;
+        let faucet_key_file = dir.join("faucet.json");
+        let faucet = crate::keystore::KeyFile::from_json(
+            &std::fs::read_to_string(&faucet_key_file)
+                .map_err(|e| Error::io(faucet_key_file.display(), e))?,
+        )?
+        .address;
+        // Bind every listener first, so each node's peer list has real ports.
+        let mut listeners = Vec::new();
+        for i in 0..keys.len() {
+            let (p2p, http) = match opts.base_port {
+                Some(p) => {
+                    let p2p = p as usize + 2 * i;
+                    (format!("127.0.0.1:{p2p}"), format!("127.0.0.1:{}", p2p + 1))
+                }
+                None => ("127.0.0.1:0".to_string(), "127.0.0.1:0".to_string()),
+            };
+            listeners.push((bind(&p2p).await?, bind(&http).await?));
+        }
+        let mut peers = Vec::new();
+        for (key, (p2p, _)) in keys.iter().zip(&listeners) {
+            let addr = p2p.local_addr().map_err(|e| Error::io("p2p listener", e))?;
+            peers.push(Peer {
+                addr: addr.to_string(),
+                public_key: public_key_of(key),
+            });
+        }
+        let mut nodes = Vec::new();
+        for (i, (key, (p2p, http))) in keys.into_iter().zip(listeners).enumerate() {
+            let nd = node_dir(&dir, i);
+            let http_addr = http
+                .local_addr()
+                .map_err(|e| Error::io("http listener", e))?;
+            let config = FileConfig {
+                chain_id: genesis.chain_id.clone(),
+                genesis_file: "../genesis.json".into(),
+                data_dir: "data".into(),
+                key_file: "key.json".into(),
+                key_password_env: crate::config::DEFAULT_PASSWORD_ENV.into(),
+                p2p_addr: peers[i].addr.clone(),
+                http_addr: http_addr.to_string(),
+                block_interval_ms: opts.block_interval_ms,
+                max_body_bytes: crate::api::MAX_BODY_BYTES,
+                peers: peers
+                    .iter()
+                    .map(|p| PeerConfig {
+                        addr: p.addr.clone(),
+                        public_key: hex::encode(p.public_key),
+                    })
+                    .collect(),
+            };
+            write(&nd.join("config.toml"), &config.to_toml())?;
+            let setup = NodeSetup {
+                genesis: genesis.clone(),
+                key,
+                data_dir: nd.join("data"),
+                node: NodeConfig {
+                    block_interval_ms: opts.block_interval_ms,
+                    ..opts.node.clone()
+                },
+                peers: peers.clone(),
+                max_body_bytes: crate::api::MAX_BODY_BYTES,
+            };
+            nodes.push(RunningNode::start(setup, p2p, http).await?);
+        }
+        Ok(Devnet {
+            dir,
+            genesis,
+            nodes,
+            faucet,
+            faucet_key_file,
+        })
+    }
+
+    /// Stops every node.
+    pub async fn stop(self) {
+        for n in self.nodes {
+            n.stop(5_000).await;
+        }
+    }
+}

@@ -1,0 +1,166 @@
+//! One running node: transport, node service and HTTP API wired together
+//! on pre-bound listeners (so a devnet can learn every port first).
+
+use crate::Error;
+use crate::api;
+use crate::config::FileConfig;
+use crate::keystore::KeyFile;
+use crate::service::{INBOUND_QUEUE, NodeHandle, NodeService};
+use crate::transport::{Outbound, Peer, TcpTransport, TransportConfig};
+use blyan_state_machine::genesis::Genesis;
+use blyan_state_machine::node::{NodeConfig, PeerId};
+use k256::ecdsa::SigningKey;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tracing::info;
+
+/// Everything a node needs to start.
+#[derive(Clone, Debug)]
+pub struct NodeSetup {
+    pub genesis: Genesis,
+    pub key: SigningKey,
+    pub data_dir: PathBuf,
+    pub node: NodeConfig,
+    pub peers: Vec<Peer>,
+    pub max_body_bytes: usize,
+}
+
+impl NodeSetup {
+    /// From a configuration file: reads the genesis and decrypts the key
+    /// (password from the environment variable the file names).
+    pub fn from_config(c: &FileConfig) -> Result<NodeSetup, Error> {
+        let text = std::fs::read_to_string(&c.genesis_file)
+            .map_err(|e| Error::io(c.genesis_file.display(), e))?;
+        let genesis = Genesis::from_json(&text).map_err(|e| Error::Genesis(e.to_string()))?;
+        if genesis.chain_id != c.chain_id {
+            return Err(Error::Config(format!(
+                "chain_id {:?} differs from the genesis file's {:?}",
+                c.chain_id, genesis.chain_id
+            )));
+        }
+        let key_text =
+            std::fs::read_to_string(&c.key_file).map_err(|e| Error::io(c.key_file.display(), e))?;
+        let password = std::env::var(&c.key_password_env).unwrap_or_default();
+        let key = KeyFile::from_json(&key_text)?.decrypt(&password)?;
+        Ok(NodeSetup {
+            genesis,
+            key,
+            data_dir: c.data_dir.clone(),
+            node: NodeConfig {
+                block_interval_ms: c.block_interval_ms,
+                ..NodeConfig::default()
+            },
+            peers: c.transport_peers()?,
+            max_body_bytes: c.max_body_bytes,
+        })
+    }
+}
+
+/// A started node. Dropping it aborts its tasks; [`RunningNode::stop`] stops
+/// the node task first.
+pub struct RunningNode {
+    pub address: PeerId,
+    pub p2p_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub handle: NodeHandle,
+    shutdown: watch::Sender<bool>,
+    node_task: Option<tokio::task::JoinHandle<()>>,
+    tasks: JoinSet<()>,
+}
+
+/// Binds a listener, with the address in the error.
+pub async fn bind(addr: &str) -> Result<TcpListener, Error> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::io(format!("bind {addr}"), e))
+}
+
+impl RunningNode {
+    pub async fn start(
+        setup: NodeSetup,
+        p2p: TcpListener,
+        http: TcpListener,
+    ) -> Result<RunningNode, Error> {
+        let p2p_addr = p2p.local_addr().map_err(|e| Error::io("p2p listener", e))?;
+        let http_addr = http
+            .local_addr()
+            .map_err(|e| Error::io("http listener", e))?;
+        let mut tasks = JoinSet::new();
+        let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
+        let transport = TcpTransport::start(
+            p2p,
+            setup.key.clone(),
+            TransportConfig::new(setup.genesis.chain_id.clone(), setup.peers.clone()),
+            inbound_tx,
+            &mut tasks,
+        )?;
+        let outbound: Arc<dyn Outbound> = transport;
+        let data_dir = setup.data_dir.clone();
+        let (service, handle, requests) = tokio::task::spawn_blocking(move || {
+            NodeService::open(setup.node, setup.key, &setup.genesis, &data_dir, outbound)
+        })
+        .await
+        .map_err(|e| Error::Node(format!("start-up task failed: {e}")))??;
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let node_task = tokio::spawn(service.run(requests, inbound_rx, shutdown_rx.clone()));
+        let router = api::router(handle.clone(), setup.max_body_bytes);
+        let mut api_shutdown = shutdown_rx;
+        tasks.spawn(async move {
+            let serve = axum::serve(http, router).with_graceful_shutdown(async move {
+                let _ = api_shutdown.changed().await;
+            });
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        });
+        info!(address = %handle.address, %p2p_addr, %http_addr, "node running");
+        Ok(RunningNode {
+            address: handle.address,
+            p2p_addr,
+            http_addr,
+            handle,
+            shutdown,
+            node_task: Some(node_task),
+            tasks,
+        })
+    }
+
+    /// `http://host:port` of the API.
+    pub fn api_url(&self) -> String {
+        format!("http://{}", self.http_addr)
+    }
+
+    /// Whether the node task is still running.
+    pub fn is_running(&self) -> bool {
+        self.node_task.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    /// Stops the node task (waiting up to `wait_ms` for it), then every other task.
+    pub async fn stop(mut self, wait_ms: u64) {
+        let _ = self.shutdown.send(true);
+        if let Some(mut t) = self.node_task.take()
+            && tokio::time::timeout(Duration::from_millis(wait_ms), &mut t)
+                .await
+                .is_err()
+        {
+            t.abort();
+            let _ = t.await;
+        }
+        self.tasks.abort_all();
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+impl Drop for RunningNode {
+    fn drop(&mut self) {
+        let _ = self.shutdown.send(true);
+        if let Some(t) = &self.node_task {
+            t.abort();
+        }
+    }
+}

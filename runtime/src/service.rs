@@ -1,0 +1,471 @@
+//! The node service: one tokio task owning a [`Node`], its [`ChainStore`]
+//! and its timers. It feeds the node peer messages (from the transport),
+//! client transactions (from the API) and fired timers, and performs the
+//! outputs with [`node::host::perform`] — it makes no protocol decision.
+//!
+//! - Inputs arrive on bounded channels: [`Inbound`] from the transport,
+//!   [`Request`] from the API.
+//! - Timers: a [`TimerSet`] keyed by [`Timer`] (a timer set again replaces
+//!   the earlier deadline), bounded by [`MAX_TIMERS`]; timers of heights the
+//!   node has left are pruned.
+//! - Outputs: records and blocks go to the store (synced before the next
+//!   output, NODE-HOST-1), messages to [`Outbound`], committed blocks to a
+//!   [`watch`] snapshot the API reads.
+//! - A store error halts the node: the task logs it, marks the snapshot
+//!   halted and exits (it may not send what it could not persist).
+//!
+//! The node clock is milliseconds since the Unix epoch
+//! ([`crate::transport::now_ms`]).
+
+use crate::Error;
+use crate::store::{ChainStore, StoreReader};
+use crate::transport::{Inbound, Outbound, now_ms};
+use blyan_state_machine::block::BlockOutcome;
+use blyan_state_machine::genesis::Genesis;
+use blyan_state_machine::ledger::Ledger;
+use blyan_state_machine::node::host::{self, Io};
+use blyan_state_machine::node::{
+    CommittedBlock, MempoolError, Node, NodeConfig, NodeInput, NodeOutput, PeerId, Store, Timer,
+    WireMessage,
+};
+use blyan_state_machine::tx::SignedTx;
+use blyan_state_machine::types::{Hash32, Height};
+use k256::ecdsa::SigningKey;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{error, info, warn};
+
+/// Most timers held at once. The driver sets a handful per round; this bound
+/// is only reached if timers of old heights were never pruned.
+pub const MAX_TIMERS: usize = 1_024;
+/// Client transactions whose submission time is remembered for the finality
+/// histogram.
+pub const MAX_TRACKED_TXS: usize = 10_000;
+/// A tracked submission older than this is forgotten.
+pub const TRACKED_TX_MAX_AGE_MS: u64 = 600_000;
+/// Upper bounds (ms) of the finality-latency histogram buckets (+Inf implied).
+pub const FINALITY_BUCKETS_MS: [u64; 8] = [100, 250, 500, 1_000, 2_000, 5_000, 10_000, 30_000];
+
+/// What the API asks of the node task.
+#[derive(Debug)]
+pub enum Request {
+    /// Submit a client transaction; the reply is the mempool's verdict.
+    SubmitTx {
+        tx: Box<SignedTx>,
+        reply: oneshot::Sender<Result<Hash32, MempoolError>>,
+    },
+}
+
+/// Finality latency of client transactions submitted to this node: from
+/// admission to the mempool to the commit of the block that includes them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Histogram {
+    /// Cumulative counts per bucket of [`FINALITY_BUCKETS_MS`].
+    pub buckets: [u64; FINALITY_BUCKETS_MS.len()],
+    pub count: u64,
+    pub sum_ms: u64,
+}
+
+impl Histogram {
+    fn observe(&mut self, ms: u64) {
+        for (b, le) in self.buckets.iter_mut().zip(FINALITY_BUCKETS_MS) {
+            if ms <= le {
+                *b += 1;
+            }
+        }
+        self.count += 1;
+        self.sum_ms = self.sum_ms.saturating_add(ms);
+    }
+}
+
+/// What the API sees of the node: published after every step.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    /// The state after the last committed block (O(1) to clone).
+    pub ledger: Ledger,
+    /// The last committed block (`None` at genesis).
+    pub latest: Option<Arc<CommittedBlock>>,
+    /// The round of the height in progress, if this node votes in it.
+    pub round: Option<u32>,
+    pub is_validator: bool,
+    pub mempool_txs: usize,
+    pub peers_connected: usize,
+    /// Transactions in blocks committed since this process started.
+    pub committed_txs: u64,
+    pub finality: Histogram,
+    /// `Some(reason)` once the node has halted.
+    pub halted: Option<String>,
+}
+
+impl Snapshot {
+    /// Height of the last committed block.
+    pub fn height(&self) -> Height {
+        self.ledger.height()
+    }
+}
+
+/// How the API reaches the node task.
+#[derive(Clone)]
+pub struct NodeHandle {
+    pub requests: mpsc::Sender<Request>,
+    pub snapshot: watch::Receiver<Arc<Snapshot>>,
+    pub reader: StoreReader,
+    pub chain_id: String,
+    pub address: PeerId,
+}
+
+/// A bounded set of pending timers keyed by [`Timer`].
+#[derive(Debug, Default)]
+pub struct TimerSet {
+    at_ms: BTreeMap<Timer, u64>,
+}
+
+impl TimerSet {
+    /// Sets (or moves) `timer`. Drops timers of heights below `height` first
+    /// when full; if still full, drops the lowest-keyed timer (the oldest
+    /// height and round) with a warning.
+    pub fn set(&mut self, timer: Timer, at_ms: u64, height: Height) {
+        if self.at_ms.len() >= MAX_TIMERS && !self.at_ms.contains_key(&timer) {
+            self.at_ms.retain(|t, _| match t {
+                Timer::Consensus { height: h, .. }
+                | Timer::StartHeight { height: h }
+                | Timer::Rebroadcast { height: h } => *h >= height,
+                Timer::SyncRetry => true,
+            });
+            if self.at_ms.len() >= MAX_TIMERS {
+                let oldest = self.at_ms.pop_first();
+                warn!(?oldest, "timer set full; dropped the oldest timer");
+            }
+        }
+        self.at_ms.insert(timer, at_ms);
+        assert!(self.at_ms.len() <= MAX_TIMERS);
+    }
+
+    pub fn next_deadline_ms(&self) -> Option<u64> {
+        self.at_ms.values().min().copied()
+    }
+
+    /// Removes and returns the timers due at `now_ms`, earliest first.
+    pub fn take_due(&mut self, now_ms: u64) -> Vec<Timer> {
+        let mut due: Vec<(u64, Timer)> = self
+            .at_ms
+            .iter()
+            .filter(|(_, at)| **at <= now_ms)
+            .map(|(t, at)| (*at, *t))
+            .collect();
+        due.sort();
+        for (_, t) in &due {
+            self.at_ms.remove(t);
+        }
+        due.into_iter().map(|(_, t)| t).collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.at_ms.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.at_ms.is_empty()
+    }
+}
+
+/// Channel bounds of the service.
+pub const REQUEST_QUEUE: usize = 1_024;
+pub const INBOUND_QUEUE: usize = 4_096;
+
+/// The [`Io`] the host loop performs against.
+struct HostIo<'a> {
+    outbound: &'a dyn Outbound,
+    timers: &'a mut TimerSet,
+    height: Height,
+    committed: Vec<(CommittedBlock, BlockOutcome)>,
+    tx_results: Vec<(Hash32, Result<(), MempoolError>)>,
+}
+
+impl Io for HostIo<'_> {
+    fn send(&mut self, to: PeerId, message: WireMessage) {
+        self.outbound.send(to, &message);
+    }
+    fn broadcast(&mut self, message: WireMessage) {
+        self.outbound.broadcast(&message);
+    }
+    fn set_timer(&mut self, timer: Timer, at_ms: u64) {
+        self.timers.set(timer, at_ms, self.height);
+    }
+    fn committed(&mut self, block: &CommittedBlock, outcome: &BlockOutcome) {
+        self.committed.push((block.clone(), outcome.clone()));
+    }
+    fn tx_result(&mut self, id: Hash32, result: Result<(), MempoolError>) {
+        self.tx_results.push((id, result));
+    }
+}
+
+/// The task's state.
+pub struct NodeService {
+    node: Node,
+    store: ChainStore,
+    outbound: Arc<dyn Outbound>,
+    timers: TimerSet,
+    snapshot: watch::Sender<Arc<Snapshot>>,
+    latest: Option<Arc<CommittedBlock>>,
+    committed_txs: u64,
+    finality: Histogram,
+    /// Submission time of client transactions not yet committed (bounded).
+    submitted_ms: BTreeMap<Hash32, u64>,
+    halted: Option<String>,
+}
+
+impl NodeService {
+    /// Opens the store in `data_dir`, rebuilds the node from genesis and the
+    /// stored blocks (NODE-STORE-4) and starts it. Returns the service (run it
+    /// with [`NodeService::run`]) and the API's handle.
+    pub fn open(
+        config: NodeConfig,
+        key: SigningKey,
+        genesis: &Genesis,
+        data_dir: &Path,
+        outbound: Arc<dyn Outbound>,
+    ) -> Result<(NodeService, NodeHandle, mpsc::Receiver<Request>), Error> {
+        let (store, _) = ChainStore::open(data_dir, genesis)?;
+        let mut node =
+            Node::from_genesis(config, key, genesis).map_err(|e| Error::Genesis(e.to_string()))?;
+        for b in host::stored_blocks(&store)? {
+            node.replay(&b)
+                .map_err(|e| Error::Corrupt(format!("replaying block: {e}")))?;
+        }
+        let latest = match store.last_height()? {
+            0 => None,
+            h => store.committed_block(h)?.map(Arc::new),
+        };
+        let (requests_tx, requests_rx) = mpsc::channel(REQUEST_QUEUE);
+        let mut service = NodeService {
+            snapshot: watch::channel(Arc::new(Snapshot {
+                ledger: node.ledger().clone(),
+                latest: latest.clone(),
+                round: None,
+                is_validator: node.is_validator(),
+                mempool_txs: 0,
+                peers_connected: 0,
+                committed_txs: 0,
+                finality: Histogram::default(),
+                halted: None,
+            }))
+            .0,
+            node,
+            outbound,
+            timers: TimerSet::default(),
+            latest,
+            committed_txs: 0,
+            finality: Histogram::default(),
+            submitted_ms: BTreeMap::new(),
+            halted: None,
+            store,
+        };
+        let handle = NodeHandle {
+            requests: requests_tx,
+            snapshot: service.snapshot.subscribe(),
+            reader: service.store.reader(),
+            chain_id: genesis.chain_id.clone(),
+            address: service.node.address(),
+        };
+        let records = service.store.records(service.node.height())?;
+        info!(
+            address = %service.node.address(),
+            height = service.node.ledger().height(),
+            records = records.len(),
+            "node starting"
+        );
+        let out = service.node.start(now_ms(), &records);
+        service.perform(out);
+        Ok((service, handle, requests_rx))
+    }
+
+    /// Runs until `shutdown` changes, every input channel closes, or the node
+    /// halts on a store error.
+    pub async fn run(
+        mut self,
+        mut requests: mpsc::Receiver<Request>,
+        mut inbound: mpsc::Receiver<Inbound>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        while self.halted.is_none() {
+            let deadline_ms = self.timers.next_deadline_ms();
+            let timer = async move {
+                match deadline_ms {
+                    Some(at) => {
+                        let wait_ms = at.saturating_sub(now_ms());
+                        tokio::time::sleep(Duration::from_millis(wait_ms)).await
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => break,
+                _ = timer => self.fire_timers(),
+                Some(req) = requests.recv() => self.on_request(req),
+                Some((from, message)) = inbound.recv() => {
+                    self.step(NodeInput::Message { from, message }, None);
+                }
+                else => break,
+            }
+        }
+        info!(height = self.node.ledger().height(), "node task stopped");
+    }
+
+    fn fire_timers(&mut self) {
+        for t in self.timers.take_due(now_ms()) {
+            self.step(NodeInput::Timer(t), None);
+            if self.halted.is_some() {
+                return;
+            }
+        }
+    }
+
+    fn on_request(&mut self, req: Request) {
+        match req {
+            Request::SubmitTx { tx, reply } => {
+                let id = tx.id();
+                self.step(NodeInput::ClientTx(*tx), Some((id, reply)));
+            }
+        }
+    }
+
+    /// Feeds one input and performs the outputs; `reply` gets the verdict on
+    /// a client transaction.
+    fn step(
+        &mut self,
+        input: NodeInput,
+        reply: Option<(Hash32, oneshot::Sender<Result<Hash32, MempoolError>>)>,
+    ) {
+        let now = now_ms();
+        let out = self.node.handle(now, input);
+        let results = self.perform(out);
+        if let Some((id, reply)) = reply {
+            let verdict = results
+                .into_iter()
+                .find(|(r, _)| *r == id)
+                .map(|(_, r)| r.map(|()| id));
+            match verdict {
+                Some(v) => {
+                    if v.is_ok() && self.submitted_ms.len() < MAX_TRACKED_TXS {
+                        self.submitted_ms.insert(id, now);
+                    }
+                    let _ = reply.send(v);
+                }
+                None => drop(reply), // Halted before the verdict: the API reports it.
+            }
+        }
+    }
+
+    /// Performs outputs in order (NODE-HOST-1), then publishes a snapshot.
+    /// Returns the client-transaction verdicts.
+    fn perform(&mut self, out: Vec<NodeOutput>) -> Vec<(Hash32, Result<(), MempoolError>)> {
+        let mut io = HostIo {
+            outbound: &*self.outbound,
+            timers: &mut self.timers,
+            height: self.node.height(),
+            committed: Vec::new(),
+            tx_results: Vec::new(),
+        };
+        let result = host::perform(out, &mut self.store, &mut io);
+        let (committed, tx_results) = (io.committed, io.tx_results);
+        if let Err((done, e)) = result {
+            error!(error = %e, outputs_done = done, "store write failed; halting the node");
+            self.halted = Some(e.to_string());
+        }
+        let now = now_ms();
+        for (block, outcome) in committed {
+            let b = &block.block;
+            info!(
+                height = b.header.height,
+                txs = b.body.txs.len(),
+                round = block.certificate.round,
+                hash = %hex::encode(&b.hash()[..8]),
+                "committed"
+            );
+            self.committed_txs += outcome.receipts.len() as u64;
+            for tx in &b.body.txs {
+                if let Some(t) = self.submitted_ms.remove(&tx.id()) {
+                    self.finality.observe(now.saturating_sub(t));
+                }
+            }
+            self.latest = Some(Arc::new(block));
+        }
+        // Forget submissions that never committed (evicted, replaced).
+        self.submitted_ms
+            .retain(|_, t| now.saturating_sub(*t) < TRACKED_TX_MAX_AGE_MS);
+        self.publish();
+        tx_results
+    }
+
+    fn publish(&self) {
+        self.snapshot.send_replace(Arc::new(Snapshot {
+            ledger: self.node.ledger().clone(),
+            latest: self.latest.clone(),
+            round: self.node.round(),
+            is_validator: self.node.is_validator(),
+            mempool_txs: self.node.mempool().len(),
+            peers_connected: self.outbound.connected_peers(),
+            committed_txs: self.committed_txs,
+            finality: self.finality.clone(),
+            halted: self.halted.clone(),
+        }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use blyan_state_machine::consensus::TimeoutKind;
+
+    fn consensus(height: Height, round: u32) -> Timer {
+        Timer::Consensus {
+            kind: TimeoutKind::Propose,
+            height,
+            round,
+        }
+    }
+
+    #[test]
+    fn timers_replace_fire_in_deadline_order_and_stay_bounded() {
+        let mut t = TimerSet::default();
+        t.set(Timer::StartHeight { height: 2 }, 50, 1);
+        t.set(consensus(1, 0), 30, 1);
+        t.set(consensus(1, 0), 10, 1); // moves the deadline
+        assert_eq!(t.len(), 2);
+        assert_eq!(t.next_deadline_ms(), Some(10));
+        assert!(t.take_due(9).is_empty());
+        assert_eq!(
+            t.take_due(50),
+            vec![consensus(1, 0), Timer::StartHeight { height: 2 }]
+        );
+        assert!(t.is_empty());
+
+        // Full: timers of heights left behind go first, then the oldest.
+        for r in 0..MAX_TIMERS as u32 {
+            t.set(consensus(1, r), 100, 1);
+        }
+        t.set(consensus(2, 0), 100, 2);
+        assert_eq!(t.len(), 1);
+        for r in 1..MAX_TIMERS as u32 {
+            t.set(consensus(2, r), 100, 2);
+        }
+        t.set(consensus(3, 0), 100, 2);
+        assert_eq!(t.len(), MAX_TIMERS);
+        assert!(!t.take_due(100).contains(&consensus(2, 0)));
+    }
+
+    #[test]
+    fn the_finality_histogram_is_cumulative() {
+        let mut h = Histogram::default();
+        h.observe(90);
+        h.observe(600);
+        h.observe(60_000);
+        assert_eq!(h.buckets, [1, 1, 1, 2, 2, 2, 2, 2]);
+        assert_eq!((h.count, h.sum_ms), (3, 60_690));
+    }
+}

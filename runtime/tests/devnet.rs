@@ -1,0 +1,313 @@
+//! A 4-validator devnet on loopback in one process (ephemeral ports, temp
+//! dirs, 300 ms blocks): transfers submitted over HTTP commit on every node
+//! with identical blocks and state roots; malformed input gets clear errors
+//! and does not disturb the network.
+//!
+//! Waiting is by polling against a generous deadline (never a timed
+//! assertion): a slow machine only makes the test slower.
+
+use blyan_runtime::client::{get_json, post_json, request};
+use blyan_runtime::devnet::{DEVNET_PASSWORD, Devnet, DevnetOptions};
+use blyan_runtime::keystore::read_key_file;
+use blyan_state_machine::encoding::Canonical;
+use blyan_state_machine::testkit::{address, key, transfer};
+use blyan_state_machine::tx::SignedTx;
+use blyan_state_machine::types::{Address, BLY};
+use serde_json::{Value, json};
+use std::future::Future;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const DEADLINE: Duration = Duration::from_secs(180);
+
+/// Polls `f` every 100 ms until it returns `Some`, or panics after [`DEADLINE`].
+async fn eventually<T, Fut: Future<Output = Option<T>>>(
+    what: &str,
+    mut f: impl FnMut() -> Fut,
+) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(start.elapsed() < DEADLINE, "gave up waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn tx_body(tx: &SignedTx) -> Value {
+    json!({ "tx": format!("0x{}", hex::encode(tx.encode())) })
+}
+
+async fn height(url: &str) -> u64 {
+    let (s, v) = get_json(url, "/status").await.unwrap();
+    assert_eq!(s, 200, "{v}");
+    v["height"].as_u64().unwrap()
+}
+
+async fn start(dir: &std::path::Path) -> Devnet {
+    let mut opts = DevnetOptions::new(dir.join("devnet"), 4);
+    opts.base_port = None;
+    opts.block_interval_ms = 300;
+    Devnet::start(opts).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_validators_commit_transfers_with_identical_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = start(dir.path()).await;
+    let urls: Vec<String> = net.nodes.iter().map(|n| n.api_url()).collect();
+    let faucet = read_key_file(&net.faucet_key_file, DEVNET_PASSWORD).unwrap();
+    assert_eq!(address(&faucet), net.faucet);
+    let chain_id = net.genesis.chain_id.clone();
+
+    // Ten transfers to two recipients, spread over the four nodes' APIs.
+    let recipients: Vec<Address> = (0..2).map(|i| address(&key(5_000 + i))).collect();
+    let mut ids = Vec::new();
+    for nonce in 0..10u64 {
+        let to = recipients[nonce as usize % 2];
+        let tx = transfer(&chain_id, &faucet, nonce, to, (nonce as u128 + 1) * BLY);
+        let url = &urls[nonce as usize % 4];
+        let (s, v) = post_json(url, "/tx", &tx_body(&tx)).await.unwrap();
+        assert_eq!(s, 200, "submit nonce {nonce}: {v}");
+        assert_eq!(v["id"], format!("0x{}", hex::encode(tx.id())));
+        ids.push(v["id"].as_str().unwrap().to_string());
+    }
+
+    // Every node commits every transfer, successfully.
+    for url in &urls {
+        for id in &ids {
+            let receipt = eventually("the transfer to commit", || async {
+                let (s, v) = get_json(url, &format!("/tx/{id}")).await.unwrap();
+                (s == 200).then_some(v)
+            })
+            .await;
+            assert_eq!(receipt["success"], true, "{receipt}");
+        }
+    }
+
+    // Identical blocks and state roots at a height all four have reached.
+    let h = eventually("all nodes to pass the last transfer's height", || async {
+        let mut min = u64::MAX;
+        for url in &urls {
+            min = min.min(height(url).await);
+        }
+        (min >= 2).then_some(min)
+    })
+    .await;
+    let mut blocks = Vec::new();
+    for url in &urls {
+        let (s, b) = get_json(url, &format!("/block/{h}")).await.unwrap();
+        assert_eq!(s, 200, "{b}");
+        blocks.push(b);
+    }
+    for b in &blocks[1..] {
+        assert_eq!(b["hash"], blocks[0]["hash"]);
+        assert_eq!(b["state_root"], blocks[0]["state_root"]);
+    }
+    assert_ne!(blocks[0]["state_root"], Value::Null);
+
+    // The recipients' balances (sums of 1,3,5,7,9 and 2,4,6,8,10 BLY) on every node.
+    for url in &urls {
+        for (i, who) in recipients.iter().enumerate() {
+            let expected = ((25 + 5 * i as u128) * BLY).to_string();
+            eventually("the balance to show", || async {
+                let (_, v) = get_json(url, &format!("/account/{who}")).await.unwrap();
+                (v["balance"] == expected.as_str()).then_some(())
+            })
+            .await;
+        }
+    }
+    eventually("the faucet's nonce to reach 10", || async {
+        let (s, v) = get_json(&urls[0], &format!("/account/{}", net.faucet))
+            .await
+            .unwrap();
+        (s == 200 && v["nonce"].as_u64() == Some(10)).then_some(())
+    })
+    .await;
+
+    // Metrics and latest block are served.
+    let (s, metrics) = request(&urls[0], "GET", "/metrics", None).await.unwrap();
+    let metrics = String::from_utf8(metrics).unwrap();
+    assert_eq!(s, 200);
+    assert!(
+        metrics.contains("blyan_committed_txs_total 10"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("blyan_tx_finality_ms_bucket{le=\"+Inf\"}"));
+    let (s, latest) = get_json(&urls[0], "/block/latest").await.unwrap();
+    assert_eq!(s, 200);
+    assert!(latest["height"].as_u64().unwrap() >= h);
+    net.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn malformed_input_is_refused_clearly_and_the_network_keeps_going() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = start(dir.path()).await;
+    let url = net.nodes[0].api_url();
+    let faucet = read_key_file(&net.faucet_key_file, DEVNET_PASSWORD).unwrap();
+    let chain_id = net.genesis.chain_id.clone();
+    let to = address(&key(6_000));
+
+    // Bad JSON → 400 with a code.
+    let (s, body) = request(&url, "POST", "/tx", Some(b"{not json"))
+        .await
+        .unwrap();
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!((s, v["code"].as_u64()), (400, Some(5001)), "{v}");
+    // JSON with a wrong field, and hex that is not a transaction → 400.
+    let (s, v) = post_json(&url, "/tx", &json!({ "transaction": "00" }))
+        .await
+        .unwrap();
+    assert_eq!(s, 400, "{v}");
+    let (s, v) = post_json(&url, "/tx", &json!({ "tx": "0xdeadbeef" }))
+        .await
+        .unwrap();
+    assert_eq!((s, v["reason"].as_str()), (400, Some("bad_request")), "{v}");
+
+    // A bad signature → 422 bad_signature.
+    let mut forged = transfer(&chain_id, &faucet, 0, to, BLY);
+    forged.signature[10] ^= 0x55;
+    let (s, v) = post_json(&url, "/tx", &tx_body(&forged)).await.unwrap();
+    assert_eq!(
+        (s, v["code"].as_u64(), v["reason"].as_str()),
+        (422, Some(5001), Some("bad_signature")),
+        "{v}"
+    );
+    // Another chain's signature is a bad signature too.
+    let other = transfer("another-chain", &faucet, 0, to, BLY);
+    let (s, v) = post_json(&url, "/tx", &tx_body(&other)).await.unwrap();
+    assert_eq!(
+        (s, v["reason"].as_str()),
+        (422, Some("bad_signature")),
+        "{v}"
+    );
+
+    // A valid transfer commits; sending it again is a replayed nonce.
+    let tx = transfer(&chain_id, &faucet, 0, to, BLY);
+    let (s, v) = post_json(&url, "/tx", &tx_body(&tx)).await.unwrap();
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = post_json(&url, "/tx", &tx_body(&tx)).await.unwrap();
+    assert_eq!(
+        (s, v["reason"].as_str()),
+        (409, Some("duplicate")),
+        "pending duplicate: {v}"
+    );
+    let id = format!("0x{}", hex::encode(tx.id()));
+    eventually("the transfer to commit", || async {
+        let (s, _) = get_json(&url, &format!("/tx/{id}")).await.unwrap();
+        (s == 200).then_some(())
+    })
+    .await;
+    let (s, v) = post_json(&url, "/tx", &tx_body(&tx)).await.unwrap();
+    assert_eq!(
+        (s, v["code"].as_u64(), v["reason"].as_str()),
+        (422, Some(5001), Some("stale_nonce")),
+        "{v}"
+    );
+
+    // An oversize body → 413 with a JSON error.
+    let big = vec![b'a'; 2 * 1024 * 1024];
+    let (s, body) = request(&url, "POST", "/tx", Some(&big)).await.unwrap();
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        (s, v["code"].as_u64(), v["reason"].as_str()),
+        (413, Some(5001), Some("body_too_large")),
+        "{v}"
+    );
+
+    // Unknown things → 404 / 400 with codes.
+    let (s, v) = get_json(&url, "/block/999999").await.unwrap();
+    assert_eq!((s, v["code"].as_u64()), (404, Some(1001)), "{v}");
+    let (s, _) = get_json(&url, "/block/abc").await.unwrap();
+    assert_eq!(s, 400);
+    let (s, _) = get_json(&url, "/account/nonsense").await.unwrap();
+    assert_eq!(s, 400);
+    let (s, _) = get_json(&url, &format!("/tx/0x{}", "00".repeat(32)))
+        .await
+        .unwrap();
+    assert_eq!(s, 404);
+    let (s, v) = get_json(&url, "/params").await.unwrap();
+    assert_eq!(s, 200);
+    assert!(v["block_gas_limit"].as_u64().is_some(), "{v}");
+
+    // Garbage on the P2P port: the node closes the connection and keeps going.
+    let p2p = net.nodes[0].p2p_addr;
+    for garbage in [
+        vec![0xff; 64],                                    // length over the cap
+        [&200u32.to_be_bytes()[..], &[7u8; 200]].concat(), // a frame of noise
+    ] {
+        let mut s = tokio::net::TcpStream::connect(p2p).await.unwrap();
+        s.write_all(&garbage).await.unwrap();
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(DEADLINE, s.read_to_end(&mut rest)).await;
+        assert!(
+            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            "connection not closed: {read:?}"
+        );
+    }
+    let before = height(&url).await;
+    eventually("the network to commit two more blocks", || async {
+        (height(&url).await >= before + 2).then_some(())
+    })
+    .await;
+    let (s, v) = get_json(&url, "/health").await.unwrap();
+    assert_eq!((s, v["status"].as_str()), (200, Some("ok")));
+    assert!(net.nodes.iter().all(|n| n.is_running()));
+    net.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restarted_devnet_continues_from_its_stores() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = start(dir.path()).await;
+    let faucet = read_key_file(&net.faucet_key_file, DEVNET_PASSWORD).unwrap();
+    let tx = transfer(&net.genesis.chain_id, &faucet, 0, address(&key(7_000)), BLY);
+    let url = net.nodes[1].api_url();
+    let (s, v) = post_json(&url, "/tx", &tx_body(&tx)).await.unwrap();
+    assert_eq!(s, 200, "{v}");
+    let id = v["id"].as_str().unwrap().to_string();
+    let committed_at = eventually("the transfer to commit", || async {
+        let (s, v) = get_json(&url, &format!("/tx/{id}")).await.unwrap();
+        (s == 200).then(|| v["height"].as_u64().unwrap())
+    })
+    .await;
+    let (_, before) = get_json(&url, &format!("/block/{committed_at}"))
+        .await
+        .unwrap();
+    net.stop().await;
+
+    // Same directory: same genesis and keys, stores replayed, new ports.
+    let net = start(dir.path()).await;
+    let urls: Vec<String> = net.nodes.iter().map(|n| n.api_url()).collect();
+    // The node that served the transfer kept it across the restart.
+    let (s, r) = get_json(&urls[1], &format!("/tx/{id}")).await.unwrap();
+    assert_eq!((s, r["height"].as_u64()), (200, Some(committed_at)), "{r}");
+    // Every node has (or catches up to) the same block.
+    for url in &urls {
+        let after = eventually("the block to be there after the restart", || async {
+            let (s, b) = get_json(url, &format!("/block/{committed_at}"))
+                .await
+                .unwrap();
+            (s == 200).then_some(b)
+        })
+        .await;
+        assert_eq!(after["hash"], before["hash"]);
+    }
+    let target = committed_at + 3;
+    for url in &urls {
+        eventually("the restarted network to commit new blocks", || async {
+            (height(url).await >= target).then_some(())
+        })
+        .await;
+    }
+    let (_, a) = get_json(&urls[0], &format!("/block/{target}"))
+        .await
+        .unwrap();
+    let (_, b) = get_json(&urls[3], &format!("/block/{target}"))
+        .await
+        .unwrap();
+    assert_eq!(a["state_root"], b["state_root"]);
+    net.stop().await;
+}
