@@ -278,7 +278,8 @@ impl NodeService {
             records = records.len(),
             "node starting"
         );
-        let out = service.node.start(now_ms(), &records);
+        let candidates = service.store.candidates(service.node.height())?;
+        let out = service.node.start(now_ms(), &records, candidates);
         service.perform(out);
         Ok((service, handle, requests_rx))
     }

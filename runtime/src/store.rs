@@ -10,6 +10,8 @@
 //! - `records`: height (big-endian u64) ‖ sequence number (big-endian u64) →
 //!   a consensus record of the height in progress (CONS-CRASH-1), in the
 //!   order written;
+//! - `candidates`: height ‖ block hash → canonical [`ProposedBlock`]: blocks
+//!   this node proposed or locked on at the height in progress (NODE-STORE-5);
 //! - `txs`: transaction id → height (big-endian u64) ‖ index in the block
 //!   (big-endian u32) ‖ canonical [`Receipt`]: the receipt index the API
 //!   answers `GET /tx/{id}` from.
@@ -36,7 +38,7 @@ use blyan_state_machine::consensus::{Proposal, Record, Round, Signed, ValueId, V
 use blyan_state_machine::encoding::Canonical;
 use blyan_state_machine::genesis::Genesis;
 use blyan_state_machine::ledger::Ledger;
-use blyan_state_machine::node::{self, CommittedBlock, Sig};
+use blyan_state_machine::node::{self, CommittedBlock, ProposedBlock, Sig};
 use blyan_state_machine::state::StateKey;
 use blyan_state_machine::types::{Hash32, Height};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
@@ -44,8 +46,9 @@ use std::path::Path;
 
 /// Version of the on-disk layout. A node refuses a data directory written
 /// with another version rather than guess at it. Version 2: blocks are stored
-/// with their commit certificates, and consensus records are kept.
-pub const SCHEMA_VERSION: u32 = 2;
+/// with their commit certificates, and consensus records are kept. Version 3:
+/// candidate blocks of the height in progress (NODE-STORE-5).
+pub const SCHEMA_VERSION: u32 = 3;
 
 const META_SCHEMA: &[u8] = b"schema_version";
 const META_GENESIS: &[u8] = b"genesis_hash";
@@ -105,6 +108,7 @@ pub struct ChainStore {
     blocks: Keyspace,
     state: Keyspace,
     records: Keyspace,
+    candidates: Keyspace,
     txs: Keyspace,
     /// The state after the last stored block.
     ledger: Ledger,
@@ -152,6 +156,7 @@ impl ChainStore {
             blocks: ks("blocks")?,
             state: ks("state")?,
             records: ks("records")?,
+            candidates: ks("candidates")?,
             txs: ks("txs")?,
             db,
             ledger: genesis_ledger.clone(),
@@ -325,6 +330,9 @@ impl ChainStore {
         for kv in self.records.range(..record_key(height + 1, 0)) {
             batch.remove(&self.records, kv.key().map_err(storage)?);
         }
+        for kv in self.candidates.range(..(height + 1).to_be_bytes().to_vec()) {
+            batch.remove(&self.candidates, kv.key().map_err(storage)?);
+        }
         batch.commit().map_err(storage)?;
         self.ledger = ledger.clone();
         Ok(())
@@ -342,6 +350,32 @@ impl node::Store for ChainStore {
         batch.commit().map_err(storage)?;
         self.next_record_seq += 1;
         Ok(())
+    }
+
+    /// NODE-STORE-5: keyed by height ‖ block hash (one entry per block).
+    fn persist_candidate(&mut self, candidate: &ProposedBlock) -> Result<(), Error> {
+        let mut key = candidate.block.header.height.to_be_bytes().to_vec();
+        key.extend_from_slice(&candidate.block.hash());
+        let mut batch = self.db.batch().durability(Some(PersistMode::SyncAll));
+        batch.insert(&self.candidates, key, candidate.encode());
+        batch.commit().map_err(storage)
+    }
+
+    fn candidates(&self, height: Height) -> Result<Vec<ProposedBlock>, Error> {
+        let mut out = Vec::new();
+        for kv in self.candidates.prefix(height.to_be_bytes()) {
+            let (k, v) = kv.into_inner().map_err(storage)?;
+            let c = ProposedBlock::decode(&v)
+                .map_err(|e| Error::Corrupt(format!("candidate {}: {e}", hex::encode(&k))))?;
+            if c.block.header.height != height {
+                return Err(Error::Corrupt(format!(
+                    "candidate {} is filed under height {height}",
+                    hex::encode(&k)
+                )));
+            }
+            out.push(c);
+        }
+        Ok(out)
     }
 
     fn records(&self, height: Height) -> Result<Vec<Record<Sig>>, Error> {

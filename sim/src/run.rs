@@ -337,19 +337,18 @@ async fn node_main(world: Arc<World>, i: usize) {
     config.consensus.max_rounds_ahead = 16;
     let key = world.net.validators[i].clone();
     let mut node = Node::from_genesis(config, key.clone(), &world.net.genesis).expect("genesis");
-    let (blocks, records) = {
+    let (blocks, records, candidates) = {
         let store = world.stores[i].lock().expect("single-threaded");
         let blocks = stored_blocks(&store.inner).expect("infallible");
-        let records = store
-            .inner
-            .records(store.inner.last_height().expect("infallible") + 1)
-            .expect("infallible");
-        (blocks, records)
+        let next = store.inner.last_height().expect("infallible") + 1;
+        let records = store.inner.records(next).expect("infallible");
+        let candidates = store.inner.candidates(next).expect("infallible");
+        (blocks, records, candidates)
     };
     for b in &blocks {
         node.replay(b).expect("a node's own store replays");
     }
-    let out = node.start(world.node_now_ms(i), &records);
+    let out = node.start(world.node_now_ms(i), &records, candidates);
     let mut task = NodeTask {
         world: world.clone(),
         i,

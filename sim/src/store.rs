@@ -9,7 +9,7 @@
 //! (it may not send what it could not persist) and the nemesis restarts it.
 
 use blyan_state_machine::consensus::Record;
-use blyan_state_machine::node::{CommittedBlock, MemStore, Sig, Store};
+use blyan_state_machine::node::{CommittedBlock, MemStore, ProposedBlock, Sig, Store};
 use blyan_state_machine::types::Height;
 use madsim::rand::{Rng, thread_rng};
 
@@ -65,6 +65,22 @@ impl Store for SimStore {
     }
     fn records(&self, height: Height) -> Result<Vec<Record<Sig>>, StoreError> {
         Ok(infallible(self.inner.records(height)))
+    }
+    fn persist_candidate(&mut self, candidate: &ProposedBlock) -> Result<(), StoreError> {
+        match self.fault() {
+            Some(StoreError::BeforeWrite) => Err(StoreError::BeforeWrite),
+            Some(StoreError::AfterWrite) => {
+                infallible(self.inner.persist_candidate(candidate));
+                Err(StoreError::AfterWrite)
+            }
+            None => {
+                infallible(self.inner.persist_candidate(candidate));
+                Ok(())
+            }
+        }
+    }
+    fn candidates(&self, height: Height) -> Result<Vec<ProposedBlock>, StoreError> {
+        Ok(infallible(self.inner.candidates(height)))
     }
     fn save_block(&mut self, block: &CommittedBlock) -> Result<(), StoreError> {
         match self.fault() {

@@ -186,7 +186,10 @@ impl Client {
             }
             if let Some(t) = &late_double_spend {
                 let key = (t.sender().expect("valid key"), t.body.nonce);
-                log.groups.entry(key).or_default().push(t.clone());
+                let group = log.groups.entry(key).or_default();
+                if !group.iter().any(|g| g.id() == t.id()) {
+                    group.push(t.clone());
+                }
                 log.submitted_ms.entry(t.id()).or_insert(now);
             }
             for t in good.iter().chain(&bad) {

@@ -11,7 +11,9 @@
 //!   validator set of its height (decided here, or checked on sync).
 
 use super::mempool::{Mempool, MempoolConfig};
-use super::{CommittedBlock, NodeInput, NodeOutput, PeerId, Sig, Timer, WireMessage};
+use super::{
+    CommittedBlock, NodeInput, NodeOutput, PeerId, ProposedBlock, Sig, Timer, WireMessage,
+};
 use crate::block::{Block, BlockOutcome, Misbehaviour};
 use crate::consensus::{
     CommitCertificate, Config, Consensus, DuplicateVote, Input, K256Scheme, Message, Output,
@@ -78,6 +80,8 @@ struct Candidate {
     last_commit: Option<CommitCertificate<Sig>>,
     /// `Some` when the block is valid: the state it leads to.
     applied: Option<(Ledger, BlockOutcome)>,
+    /// NODE-STORE-5: written to the store (this height).
+    persisted: bool,
 }
 
 /// One node. See the module docs for the invariants.
@@ -221,8 +225,37 @@ impl Node {
     /// Starts the height after the last committed block. `records` are the
     /// persisted consensus records of that height (CONS-CRASH-2), empty on a
     /// fresh start.
-    pub fn start(&mut self, now_ms: u64, records: &[Record<Sig>]) -> Vec<NodeOutput> {
+    ///
+    /// `candidates` are the blocks persisted at that height (NODE-STORE-5):
+    /// they are checked again and held, so the validator can repeat its
+    /// proposal or propose its valid value.
+    pub fn start(
+        &mut self,
+        now_ms: u64,
+        records: &[Record<Sig>],
+        candidates: Vec<ProposedBlock>,
+    ) -> Vec<NodeOutput> {
         let mut out = Vec::new();
+        for c in candidates {
+            if c.block.header.height != self.height() {
+                continue;
+            }
+            let value = c.block.hash();
+            let applied = if self.check_last_commit(&c.block, c.last_commit.as_ref()) {
+                self.ledger.apply_block(&c.block).ok()
+            } else {
+                None
+            };
+            self.blocks.insert(
+                value,
+                Candidate {
+                    block: c.block,
+                    last_commit: c.last_commit,
+                    applied,
+                    persisted: true,
+                },
+            );
+        }
         self.start_height(now_ms, records, &mut out);
         out
     }
@@ -394,8 +427,9 @@ impl Node {
             return None;
         }
         let h = &block.header;
+        // The header names the block's original proposer, which differs
+        // from the signer when a valid value is proposed again (L16).
         let mut valid = h.height == p.height
-            && h.proposer == p.proposer
             && h.time_ms <= now_ms.saturating_add(self.config.max_clock_drift_ms)
             && self.check_last_commit(&block, last_commit.as_ref());
         let applied = if valid {
@@ -410,6 +444,7 @@ impl Node {
                 block,
                 last_commit,
                 applied,
+                persisted: false,
             },
         );
         Some(valid)
@@ -455,7 +490,30 @@ impl Node {
     ) {
         for output in outputs {
             match output {
-                Output::Persist(record) => out.push(NodeOutput::Persist(record)),
+                Output::Persist(record) => {
+                    // NODE-STORE-5: the blocks a record commits this node to
+                    // (its proposal, its lock and valid value, a precommit)
+                    // are durable before the record.
+                    let values: Vec<ValueId> = match &record {
+                        Record::Proposal(p) => vec![p.message.value],
+                        Record::Lock { locked, valid, .. } => {
+                            locked.iter().chain(valid.iter()).map(|(v, _)| *v).collect()
+                        }
+                        Record::Vote(v) => v.message.value.into_iter().collect(),
+                    };
+                    for value in values {
+                        if let Some(c) = self.blocks.get_mut(&value)
+                            && !c.persisted
+                        {
+                            c.persisted = true;
+                            out.push(NodeOutput::PersistBlock(Box::new(ProposedBlock {
+                                block: c.block.clone(),
+                                last_commit: c.last_commit.clone(),
+                            })));
+                        }
+                    }
+                    out.push(NodeOutput::Persist(record))
+                }
                 Output::Broadcast(Message::Vote(v)) => {
                     out.push(NodeOutput::Broadcast(WireMessage::Vote(v)))
                 }
@@ -542,6 +600,7 @@ impl Node {
                             block,
                             last_commit: self.last_cert.clone(),
                             applied: Some((next, outcome)),
+                            persisted: false,
                         },
                     );
                     return value;
@@ -571,7 +630,15 @@ impl Node {
             .blocks
             .remove(&value)
             .expect("consensus decides only a proposal this node received");
-        let (next, outcome) = c.applied.expect("consensus decides only valid values");
+        let (next, outcome) = match c.applied {
+            Some(applied) => applied,
+            // Judged invalid here earlier (e.g. a time check against a
+            // lagging clock) yet decided by +2/3: check again now.
+            None => self
+                .ledger
+                .apply_block(&c.block)
+                .expect("a block +2/3 of the voting power decided applies"),
+        };
         let committed = CommittedBlock {
             block: c.block,
             certificate,

@@ -35,6 +35,9 @@ pub fn perform<S: Store, I: Io>(
     for (done, output) in outputs.into_iter().enumerate() {
         match output {
             NodeOutput::Persist(record) => store.persist_record(&record).map_err(|e| (done, e))?,
+            NodeOutput::PersistBlock(candidate) => {
+                store.persist_candidate(&candidate).map_err(|e| (done, e))?
+            }
             NodeOutput::Broadcast(message) => io.broadcast(message),
             NodeOutput::Send { to, message } => io.send(to, message),
             NodeOutput::SetTimer { timer, at_ms } => io.set_timer(timer, at_ms),

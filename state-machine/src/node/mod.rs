@@ -40,6 +40,15 @@ pub struct CommittedBlock {
     pub certificate: CommitCertificate<Sig>,
 }
 
+/// NODE-STORE-5: a block this node proposed or locked on at the height in
+/// progress, with the parent's certificate it travels with; persisted so a
+/// restarted validator can propose it again (CONS-CRASH-2).
+#[derive(Clone, Debug, PartialEq, Eq, Archive, Serialize, Deserialize)]
+pub struct ProposedBlock {
+    pub block: Block,
+    pub last_commit: Option<CommitCertificate<Sig>>,
+}
+
 /// NODE-WIRE-1: what nodes send each other. Canonically encoded on the wire.
 #[derive(Clone, Debug, PartialEq, Eq, Archive, Serialize, Deserialize)]
 pub enum WireMessage {
@@ -108,6 +117,8 @@ pub enum NodeInput {
 pub enum NodeOutput {
     /// CONS-CRASH-1: make durable before performing any later output.
     Persist(Record<Sig>),
+    /// NODE-STORE-5: make durable before performing any later output.
+    PersistBlock(Box<ProposedBlock>),
     Broadcast(WireMessage),
     Send {
         to: PeerId,

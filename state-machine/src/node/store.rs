@@ -4,7 +4,7 @@
 //! The trait is pure so that the simulator can keep everything in memory
 //! ([`MemStore`]) and the runtime on disk (fjall), behind one host loop.
 
-use super::{CommittedBlock, Sig};
+use super::{CommittedBlock, ProposedBlock, Sig};
 use crate::consensus::Record;
 use crate::types::Height;
 use std::collections::BTreeMap;
@@ -18,8 +18,13 @@ pub trait Store {
     fn persist_record(&mut self, record: &Record<Sig>) -> Result<(), Self::Error>;
     /// The records persisted for `height`, in the order they were written.
     fn records(&self, height: Height) -> Result<Vec<Record<Sig>>, Self::Error>;
+    /// NODE-STORE-5: keep a block proposed or locked on at the height in progress.
+    fn persist_candidate(&mut self, candidate: &ProposedBlock) -> Result<(), Self::Error>;
+    /// The candidates persisted for `height`, in the order they were written.
+    fn candidates(&self, height: Height) -> Result<Vec<ProposedBlock>, Self::Error>;
     /// NODE-STORE-2: store the next committed block (height = last + 1) and
-    /// drop the consensus records of its height and below, in one atomic write.
+    /// drop the consensus records and candidates of its height and below, in
+    /// one atomic write.
     fn save_block(&mut self, block: &CommittedBlock) -> Result<(), Self::Error>;
     fn block(&self, height: Height) -> Result<Option<CommittedBlock>, Self::Error>;
     /// The height of the last stored block (0 when none).
@@ -35,6 +40,7 @@ pub enum Never {}
 #[derive(Clone, Debug, Default)]
 pub struct MemStore {
     records: BTreeMap<Height, Vec<Record<Sig>>>,
+    candidates: BTreeMap<Height, Vec<ProposedBlock>>,
     blocks: BTreeMap<Height, CommittedBlock>,
 }
 
@@ -51,12 +57,23 @@ impl Store for MemStore {
     fn records(&self, height: Height) -> Result<Vec<Record<Sig>>, Never> {
         Ok(self.records.get(&height).cloned().unwrap_or_default())
     }
+    fn persist_candidate(&mut self, candidate: &ProposedBlock) -> Result<(), Never> {
+        self.candidates
+            .entry(candidate.block.header.height)
+            .or_default()
+            .push(candidate.clone());
+        Ok(())
+    }
+    fn candidates(&self, height: Height) -> Result<Vec<ProposedBlock>, Never> {
+        Ok(self.candidates.get(&height).cloned().unwrap_or_default())
+    }
     fn save_block(&mut self, block: &CommittedBlock) -> Result<(), Never> {
         let height = block.block.header.height;
         let last = self.blocks.last_key_value().map_or(0, |(h, _)| *h);
         assert_eq!(height, last + 1, "blocks are stored in order");
         self.blocks.insert(height, block.clone());
         self.records = self.records.split_off(&(height + 1));
+        self.candidates = self.candidates.split_off(&(height + 1));
         Ok(())
     }
     fn block(&self, height: Height) -> Result<Option<CommittedBlock>, Never> {

@@ -111,7 +111,8 @@ impl Cluster {
             node.replay(&b).unwrap();
         }
         let records = self.stores[i].records(node.height()).unwrap();
-        let out = node.start(self.now_ms, &records);
+        let candidates = self.stores[i].candidates(node.height()).unwrap();
+        let out = node.start(self.now_ms, &records, candidates);
         if self.nodes.len() <= i {
             self.nodes.push(Some(node));
         } else {
@@ -400,7 +401,7 @@ fn node_5_sync_rejects_a_block_whose_certificate_does_not_verify() {
         &c.net.genesis,
     )
     .unwrap();
-    let _ = fresh.start(c.now_ms, &[]);
+    let _ = fresh.start(c.now_ms, &[], Vec::new());
     // Drop one signature: no longer more than 2/3.
     let mut weak = good.clone();
     weak.certificate.signatures.truncate(2);
