@@ -1,7 +1,17 @@
-//! `blyan-model-check check [--validators N --heights H --rounds R --byzantine B
-//! --crashes C --lossy --first-byzantine I --threads T --dfs]` checks the
-//! Tendermint model exhaustively; `explore [same options] [--addr HOST:PORT]`
-//! serves stateright's Explorer.
+//! `blyan-model-check check [options]` checks the Tendermint model
+//! exhaustively (depth-first; `--bfs` for shortest counterexamples); without
+//! options it checks the CI configuration (`ModelConfig::ci`, spec CONS-MC-4;
+//! `--ci-crash` first for `ModelConfig::ci_crash`, the one with a crash).
+//! `explore [same options] [--addr HOST:PORT]` serves stateright's Explorer.
+//!
+//! Options: `--validators N --byzantine B --first-byzantine I --heights H
+//! --rounds R --crashes C` (crash-restarts in a run, all validators together),
+//! network `--fifo` (FIFO honest links; default unordered and duplicating)
+//! with `--reliable` (no loss; default lossy) or `--explicit-loss` (explore
+//! every `Drop` instead of reduction R2), Byzantine strategy `--full-byzantine`
+//! or `--swing` (default split) with `--byzantine-proposals K`, `--mutant
+//! ignore-lock|half-quorum|forget-votes`, `--no-timers`, and for the search
+//! `--threads T --depth D --timeout-s S --first-failure --simulate SEED`.
 
 use blyan_model_check::{ModelConfig, model};
 use blyan_state_machine::consensus::Mutant;
@@ -27,7 +37,7 @@ fn parse(
 > {
     let mut cfg = ModelConfig::ci();
     let mut threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut dfs = false;
+    let mut dfs = true;
     let mut timeout_s = None;
     let mut depth = None;
     let mut first_failure = false;
@@ -40,6 +50,7 @@ fn parse(
         };
         let num = |s: &String| s.parse::<u64>().map_err(|e| format!("{flag}: {e}"));
         match flag.as_str() {
+            "--ci-crash" => cfg = ModelConfig::ci_crash(),
             "--validators" => cfg.validators = num(value()?)? as usize,
             "--heights" => cfg.heights = num(value()?)?,
             "--rounds" => cfg.rounds = num(value()?)? as u32,
@@ -48,7 +59,10 @@ fn parse(
             "--crashes" => cfg.max_crashes = num(value()?)? as usize,
             "--threads" => threads = num(value()?)? as usize,
             "--lossy" => cfg.lossy = true,
+            "--reliable" => cfg.lossy = false,
+            "--explicit-loss" => cfg.explicit_loss = true,
             "--unordered" => cfg.fifo_honest_links = false,
+            "--fifo" => cfg.fifo_honest_links = true,
             "--depth" => depth = Some(num(value()?)? as usize),
             "--mutant" => {
                 cfg.mutant = match value()?.as_str() {
@@ -66,6 +80,7 @@ fn parse(
             "--first-failure" => first_failure = true,
             "--timeout-s" => timeout_s = Some(num(value()?)?),
             "--dfs" => dfs = true,
+            "--bfs" => dfs = false,
             "--addr" => addr = value()?.clone(),
             other => return Err(format!("unknown option {other}")),
         }
@@ -86,12 +101,19 @@ fn parse(
 }
 
 /// Prints the numbers and any counterexample; non-zero exit on a violation.
-fn report(checker: impl Checker<blyan_model_check::Model>, start: Instant) -> ExitCode {
+fn report(
+    checker: impl Checker<blyan_model_check::Model>,
+    start: Instant,
+    bounded: bool,
+) -> ExitCode {
     let elapsed = start.elapsed();
     println!("unique states: {}", checker.unique_state_count());
     println!("states: {}", checker.state_count());
     println!("max depth: {}", checker.max_depth());
     println!("time: {:.1} s", elapsed.as_secs_f64());
+    if bounded {
+        println!("BOUNDED: a timeout, depth or simulation was set; this is no proof");
+    }
     let mut failed = false;
     for name in ["agreement", "validity"] {
         if let Some(path) = checker.discovery(name) {
@@ -132,7 +154,12 @@ fn main() -> ExitCode {
     match command.as_str() {
         "check" => {
             let start = Instant::now();
-            let mut builder = model(cfg).checker().threads(threads);
+            let bounded = depth.is_some() || timeout_s.is_some() || simulate.is_some();
+            let mut m = model(cfg);
+            if simulate.is_some() {
+                m = m.for_simulation();
+            }
+            let mut builder = m.checker().threads(threads);
             if first_failure {
                 builder = builder.finish_when(stateright::HasDiscoveries::AnyFailures);
             }
@@ -151,11 +178,12 @@ fn main() -> ExitCode {
                         .spawn_simulation(seed, stateright::UniformChooser)
                         .join(),
                     start,
+                    bounded,
                 )
             } else if dfs {
-                report(builder.spawn_dfs().join(), start)
+                report(builder.spawn_dfs().join(), start, bounded)
             } else {
-                report(builder.spawn_bfs().join(), start)
+                report(builder.spawn_bfs().join(), start, bounded)
             }
         }
         "explore" => {
