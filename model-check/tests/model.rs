@@ -64,7 +64,7 @@ fn cons_mc_4_ci_crash_configuration_is_safe_and_live_exhaustively() {
 }
 
 #[cfg(not(debug_assertions))]
-const CI_CRASH_UNIQUE_STATES: usize = 1_124_944;
+const CI_CRASH_UNIQUE_STATES: usize = 1_899_664;
 
 /// CONS-MC-1 reduction R2 is exact: on a configuration small enough to
 /// explore every `Drop`, the reachable states with explicit losses and with
