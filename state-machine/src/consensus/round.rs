@@ -502,8 +502,13 @@ impl<S: SignatureScheme> Consensus<S> {
         if self.validators.proposer(round) == self.address {
             // L14
             if let Some(p) = self.own_proposals.get(&round).cloned() {
-                // CONS-CRASH-2: proposed before a crash; repeat it.
-                out.push(Output::Broadcast(Message::Proposal(p)));
+                // CONS-CRASH-2: proposed before a crash; repeat it, and
+                // deliver it to ourselves as L19 does (without this a
+                // restarted proposer stayed in the propose step for ever:
+                // found by blyan-sim seed 177).
+                out.push(Output::Broadcast(Message::Proposal(p.clone())));
+                let accepted = self.receive_proposal(p, true);
+                assert!(accepted.is_ok(), "own proposal is acceptable");
             } else if let Some((value, valid_round)) = self.valid {
                 self.propose(value, Some(valid_round), out); // L15-L16
             } else {
