@@ -85,7 +85,7 @@ mod cli {
                     }
                     #[cfg(not(feature = "mutants"))]
                     return Err(format!(
-                        "--mutant {m} needs the `mutants` feature (sim/blyan-sim --mutants ...)"
+                        "--mutant {m} needs the `mutants` feature (sim/blyan-sim builds with it)"
                     ));
                     #[allow(unreachable_code)]
                     {

@@ -463,8 +463,10 @@ pub async fn simulate(cfg: SimConfig) -> Report {
             if m == 0 { 0 } else { rng.gen_range(-m..=m) }
         })
         .collect();
-    let mut observer = Observer::default();
-    observer.honest = (0..cfg.validators - cfg.byzantine).collect();
+    let observer = Observer {
+        honest: (0..cfg.validators - cfg.byzantine).collect(),
+        ..Observer::default()
+    };
     let world = Arc::new(World {
         net_faults: NetFaults {
             loss_ppm: AtomicU32::new(cfg.faults.loss_ppm),
@@ -700,6 +702,23 @@ fn finish(world: &Arc<World>, converged_ms: Option<u64>, target: Height) -> Repo
             if held != expected {
                 violations.push(format!(
                     "supply: node {i} holds {held}, expected {expected}"
+                ));
+            }
+        }
+    }
+    // SIM-CHECK-5: no honest validator is ever punished for double signing
+    // (its persisted records must prevent it, CONS-CRASH-2).
+    if let Some(l) = obs
+        .honest
+        .iter()
+        .next_back()
+        .and_then(|i| obs.ledgers.get(i))
+    {
+        for i in &obs.honest {
+            let a = world.addresses[*i];
+            if l.validator(&a).is_some_and(|v| v.tombstoned) {
+                violations.push(format!(
+                    "honest validator {i} ({a}) was slashed for double signing"
                 ));
             }
         }

@@ -55,19 +55,32 @@ fn sim_det_3_golden_digests() {
     });
 }
 
-/// SIM-MUT-1: with a deliberate consensus bug the sweep finds a failing
-/// seed, and re-running that seed reproduces the same violation.
+/// SIM-MUT-1: with a deliberate consensus bug (a quorum of half the voting
+/// power instead of more than two thirds) the sweep finds a failing seed, and
+/// re-running that seed reproduces the same violation. (The `ignore-lock` and
+/// `forget-votes` mutants were not found by 30-seed sweeps of 60 s: they need
+/// a schedule the nemesis rarely produces; the model checker finds them.)
 #[cfg(feature = "mutants")]
 #[test]
 fn sim_mut_1_sweep_finds_a_mutant_and_its_seed_replays() {
     let mutant = |seed| SimConfig {
-        mutant: Some("ignore-lock".into()),
+        mutant: Some("half-quorum".into()),
         ..short(seed)
     };
     let failing = (1..40)
         .map(|seed| run(mutant(seed)))
         .find(|r| !r.ok())
-        .expect("the sweep finds the ignore-lock bug");
+        .expect("the sweep finds the half-quorum bug");
+    // Deciding on half the power yields certificates the ledger refuses
+    // (SLASH-2 needs more than 2/3), or disagreement.
+    assert!(
+        failing
+            .violations
+            .iter()
+            .any(|v| v.contains("2/3") || v.contains("agreement")),
+        "{:?}",
+        failing.violations
+    );
     let again = run(mutant(failing.seed));
     assert_eq!(again.violations, failing.violations);
     assert_eq!(again.digest, failing.digest);
