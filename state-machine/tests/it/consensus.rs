@@ -650,3 +650,64 @@ fn cons_ev_3_detected_equivocation_slashes_through_the_ledger() {
     );
     assert!(next.validator(&who).expect("exists").tombstoned);
 }
+
+/// CONS-CRASH-2: a proposer restarted after proposing repeats its proposal and
+/// also takes it as received (L19), so it prevotes it instead of waiting in
+/// the propose step for ever (a liveness bug found by blyan-sim seed 177).
+#[test]
+fn cons_crash_2_a_restored_proposer_repeats_and_prevotes_its_proposal() {
+    let mut c = node(0, &[1, 1, 1, 1]);
+    let mut records = Vec::new();
+    let mut out = c.start();
+    out.extend(feed(
+        &mut c,
+        Input::ProposeValue {
+            height: 1,
+            round: 0,
+            value: A,
+        },
+    ));
+    for o in out {
+        // Crash right after the proposal was persisted: the prevote record is lost.
+        if let Output::Persist(r @ Record::Proposal(_)) = o {
+            records.push(r);
+        }
+    }
+    assert_eq!(records.len(), 1);
+    let (r, out) = Consensus::restore(
+        ModelScheme,
+        addr(0),
+        Config::default(),
+        1,
+        set(&[1, 1, 1, 1]),
+        &records,
+    );
+    assert!(
+        out.iter()
+            .any(|o| matches!(o, Output::Broadcast(Message::Proposal(p)) if p.message.value == A))
+    );
+    assert_eq!(r.step(), Step::Prevote, "took its own proposal as received");
+    assert_eq!(
+        broadcast_votes(&out),
+        vec![vote(0, VoteType::Prevote, 0, Some(A)).message]
+    );
+}
+
+/// CONS-VOTE-4: an equivocator's vote for a held proposal's value counts for
+/// that value too, so the polka it took part in is visible.
+#[test]
+fn cons_vote_4_an_equivocators_vote_for_a_proposed_value_counts() {
+    let mut c = node(1, &[1, 1, 1, 1]);
+    c.start();
+    // Validator 3 first prevotes B (not proposed), then A (proposed).
+    feed(&mut c, Input::Vote(vote(3, VoteType::Prevote, 0, Some(B))));
+    feed(&mut c, proposal(0, 0, A, None)); // Node 1 prevotes A.
+    feed(&mut c, Input::Vote(vote(0, VoteType::Prevote, 0, Some(A))));
+    let out = feed(&mut c, Input::Vote(vote(3, VoteType::Prevote, 0, Some(A))));
+    assert!(matches!(out.first(), Some(Output::Evidence(_))));
+    // 0, 1 and 3 prevoted A: a polka, so node 1 locks and precommits A (L36).
+    assert_eq!(c.locked(), Some((A, 0)));
+    assert!(broadcast_votes(&out).contains(&vote(1, VoteType::Precommit, 0, Some(A)).message));
+    let polka: Vec<_> = c.polka(0, A);
+    assert_eq!(polka.len(), 3);
+}
