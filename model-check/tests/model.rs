@@ -8,7 +8,6 @@
 
 use blyan_model_check::{ModelConfig, Strategy, model};
 use blyan_state_machine::consensus::Mutant;
-#[cfg(not(debug_assertions))]
 use stateright::Model as _;
 use stateright::{Checker, HasDiscoveries};
 
