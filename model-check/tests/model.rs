@@ -127,9 +127,9 @@ fn cons_mc_1_loss_as_never_delivered_is_exact() {
 }
 
 #[cfg(not(debug_assertions))]
-const LOSS_REDUCED_STATES: usize = 244;
+const LOSS_REDUCED_STATES: usize = 237;
 #[cfg(not(debug_assertions))]
-const LOSS_EXPLICIT_STATES: usize = 5_152;
+const LOSS_EXPLICIT_STATES: usize = 4_984;
 
 #[test]
 fn cons_mc_2_one_third_byzantine_power_breaks_agreement() {
