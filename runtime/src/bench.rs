@@ -270,10 +270,7 @@ fn presign(opts: &BenchOptions, chain_id: &str) -> Vec<Presigned> {
 /// `(node, connection)` that submits transfer `j`.
 fn route(j: u64, opts: &BenchOptions) -> (usize, usize) {
     let a = (j % opts.accounts as u64) as usize;
-    (
-        a % VALIDATORS,
-        (a / VALIDATORS) % opts.connections_per_node,
-    )
+    (a % VALIDATORS, (a / VALIDATORS) % opts.connections_per_node)
 }
 
 /// Clock ticks per second (`getconf CLK_TCK`; 100 if unavailable).
@@ -359,7 +356,11 @@ async fn connection_worker(
 }
 
 /// Records the first time (since `t0`) that `node` shows each height, until `stop`.
-async fn watch_commits(node: NodeHandle, t0: Instant, stop: Arc<AtomicBool>) -> Vec<(u64, Duration)> {
+async fn watch_commits(
+    node: NodeHandle,
+    t0: Instant,
+    stop: Arc<AtomicBool>,
+) -> Vec<(u64, Duration)> {
     let mut seen = node.snapshot.borrow().height();
     let mut out = Vec::new();
     loop {
@@ -645,7 +646,12 @@ async fn measure(
         .await
         .map_err(|_| Error::Node("the generator thread panicked".into()))??;
     // Transfer ids per committed block, from a node that has them all.
-    let last = observed.first_commit.keys().next_back().copied().unwrap_or(0);
+    let last = observed
+        .first_commit
+        .keys()
+        .next_back()
+        .copied()
+        .unwrap_or(0);
     let mut blocks = BTreeMap::new();
     for h in observed.first_commit.keys().copied() {
         let mut found = None;

@@ -101,7 +101,11 @@ impl Connection {
         let mut request = Vec::with_capacity(head.len() + body.len());
         request.extend_from_slice(head.as_bytes());
         request.extend_from_slice(body);
-        self.stream.get_mut().write_all(&request).await.map_err(io)?;
+        self.stream
+            .get_mut()
+            .write_all(&request)
+            .await
+            .map_err(io)?;
         let mut status: Option<u16> = None;
         let mut length: Option<u64> = None;
         let mut head_bytes = 0usize;
@@ -144,8 +148,9 @@ impl Connection {
             }
         }
         let status = status.ok_or_else(|| Error::Http("empty response".into()))?;
-        let length = length
-            .ok_or_else(|| Error::Http(format!("{method} {path}: response has no Content-Length")))?;
+        let length = length.ok_or_else(|| {
+            Error::Http(format!("{method} {path}: response has no Content-Length"))
+        })?;
         if length > MAX_RESPONSE_BYTES {
             return Err(Error::Http(format!(
                 "{method} {path}: response of {length} bytes over the {MAX_RESPONSE_BYTES}-byte limit"

@@ -273,7 +273,13 @@ impl Devnet {
             let http_addr = http
                 .local_addr()
                 .map_err(|e| Error::io("http listener", e))?;
-            let config = file_config(&genesis, &peers, i, &http_addr.to_string(), opts.block_interval_ms);
+            let config = file_config(
+                &genesis,
+                &peers,
+                i,
+                &http_addr.to_string(),
+                opts.block_interval_ms,
+            );
             write(&nd.join("config.toml"), &config.to_toml())?;
             let setup = NodeSetup {
                 genesis: genesis.clone(),

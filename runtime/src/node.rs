@@ -3,11 +3,11 @@
 
 use crate::Error;
 use crate::api;
-use axum::serve::ListenerExt;
 use crate::config::FileConfig;
 use crate::keystore::KeyFile;
 use crate::service::{INBOUND_QUEUE, NodeHandle, NodeService};
 use crate::transport::{Outbound, Peer, TcpTransport, TransportConfig};
+use axum::serve::ListenerExt;
 use blyan_state_machine::genesis::Genesis;
 use blyan_state_machine::node::{NodeConfig, PeerId};
 use k256::ecdsa::SigningKey;

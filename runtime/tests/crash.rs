@@ -162,7 +162,8 @@ async fn submit(
 fn dump_logs(dir: &Path) -> String {
     (0..VALIDATORS)
         .map(|i| {
-            let err = std::fs::read_to_string(dir.join(format!("node-{i}.err"))).unwrap_or_default();
+            let err =
+                std::fs::read_to_string(dir.join(format!("node-{i}.err"))).unwrap_or_default();
             format!("--- node {i}\n{err}")
         })
         .collect()
@@ -220,7 +221,10 @@ async fn a_validator_killed_with_sigkill_restarts_and_catches_up_with_identical_
     let inflight = submit(&urls, &all, chain_id, &senders[1], 8).await;
     procs.kill(VICTIM);
     let during = submit(&urls, &survivors, chain_id, &senders[2], 12).await;
-    assert!(!during.is_empty(), "no transfer was accepted after the crash");
+    assert!(
+        !during.is_empty(),
+        "no transfer was accepted after the crash"
+    );
     // Three of four validators (3/4 of the stake) keep committing.
     for id in &during {
         eventually("a transfer to commit while a validator is down", || async {
@@ -274,8 +278,16 @@ async fn a_validator_killed_with_sigkill_restarts_and_catches_up_with_identical_
         blocks.push(b);
     }
     for (i, b) in blocks.iter().enumerate() {
-        assert_eq!(b["hash"], blocks[0]["hash"], "node {i} block {common}\n{}", dump_logs(dir.path()));
-        assert_eq!(b["state_root"], blocks[0]["state_root"], "node {i} block {common}");
+        assert_eq!(
+            b["hash"],
+            blocks[0]["hash"],
+            "node {i} block {common}\n{}",
+            dump_logs(dir.path())
+        );
+        assert_eq!(
+            b["state_root"], blocks[0]["state_root"],
+            "node {i} block {common}"
+        );
     }
     assert_ne!(blocks[0]["state_root"], Value::Null);
 
