@@ -86,6 +86,9 @@ pub struct BenchOptions {
     pub drain_s: u64,
     /// The devnet's directory (must not hold a devnet yet).
     pub dir: PathBuf,
+    /// Consensus `timeout_propose_ms` (`None`: the driver's default, 1000),
+    /// for experiments on how block validation time meets the round timeouts.
+    pub timeout_propose_ms: Option<u64>,
 }
 
 impl BenchOptions {
@@ -101,6 +104,12 @@ impl BenchOptions {
                 "--block-interval-ms {} is outside 50..=60000",
                 self.block_interval_ms
             ));
+        }
+        if self
+            .timeout_propose_ms
+            .is_some_and(|t| !(100..=60_000).contains(&t))
+        {
+            return bad("--timeout-propose-ms is outside 100..=60000".into());
         }
         if self.rate_tx_per_s == 0 || self.duration_s == 0 {
             return bad("--rate and --duration must be positive".into());
@@ -599,6 +608,9 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, Error> {
     dopts.base_port = None;
     dopts.block_interval_ms = opts.block_interval_ms;
     dopts.extra_balances = funded_accounts(opts.accounts);
+    if let Some(t) = opts.timeout_propose_ms {
+        dopts.node.consensus.timeout_propose_ms = t;
+    }
     let signing = {
         let opts = opts.clone();
         tokio::task::spawn_blocking(move || presign(&opts, crate::devnet::DEVNET_CHAIN_ID))
@@ -719,6 +731,7 @@ mod tests {
             generator_threads: 1,
             drain_s: 30,
             dir: PathBuf::from("unused"),
+            timeout_propose_ms: None,
         }
     }
 
@@ -738,7 +751,8 @@ mod tests {
     #[test]
     fn bad_settings_are_refused_with_the_flag_to_change() {
         assert!(opts().validate().is_ok());
-        let cases: [(fn(&mut BenchOptions), &str); 6] = [
+        type Case = (fn(&mut BenchOptions), &'static str);
+        let cases: [Case; 6] = [
             (|o| o.rate_tx_per_s = 0, "--rate"),
             (|o| o.warmup_s = 30, "--warmup"),
             (|o| o.accounts = 10, "--accounts"),

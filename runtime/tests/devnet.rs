@@ -326,6 +326,7 @@ async fn the_load_benchmark_sees_every_accepted_transfer_commit() {
         generator_threads: 1,
         drain_s: 120,
         dir: dir.path().join("bench"),
+        timeout_propose_ms: None,
     };
     let r = run(&opts).await.unwrap();
     assert!(r.rejections.is_empty(), "{:?}", r.rejections);

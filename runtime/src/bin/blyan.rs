@@ -9,6 +9,7 @@
 //! blyan status --node URL
 //! blyan bench [--block-interval-ms 2000] [--rate 1000[,2000…]] [--duration 30] [--warmup 5]
 //!             [--accounts 4000] [--connections 8] [--generator-threads 1] [--drain 60] [--dir DIR]
+//!             [--timeout-propose-ms MS]
 //! ```
 //! Log level: `BLYAN_LOG` (error, warn, info (default), debug, trace).
 
@@ -102,6 +103,9 @@ enum Command {
         /// Parent directory of the devnets (kept); default: a temporary one, removed.
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// Consensus timeout_propose in ms (default: the driver's, 1000); for experiments.
+        #[arg(long)]
+        timeout_propose_ms: Option<u64>,
     },
 }
 
@@ -340,6 +344,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             generator_threads,
             drain,
             dir,
+            timeout_propose_ms,
         } => {
             init_logging_or(tracing::Level::WARN);
             let (parent, temporary) = match dir {
@@ -365,6 +370,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
                     generator_threads,
                     drain_s: drain,
                     dir: parent.join(format!("rate-{r}-block-{block_interval_ms}ms")),
+                    timeout_propose_ms,
                 })
                 .collect();
             for o in &runs {
