@@ -1,10 +1,11 @@
 //! A minimal HTTP/1.1 client for the CLI and tests: one request per
 //! connection (`Connection: close`), plain `http://host:port` only, responses
-//! bounded to [`MAX_RESPONSE_BYTES`].
+//! bounded to [`MAX_RESPONSE_BYTES`]; and [`Connection`], a keep-alive
+//! connection for the load generator (`blyan bench`).
 
 use crate::Error;
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
 /// Largest response read.
@@ -46,6 +47,118 @@ pub async fn request(
         (Ok(r), _, _) => Ok(r),
         (Err(_), Err(e), _) | (Err(_), Ok(()), Err(e)) => Err(io(e)),
         (Err(e), Ok(()), Ok(_)) => Err(e),
+    }
+}
+
+/// Largest response head (status line and headers) a [`Connection`] reads.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+fn host_of(base: &str) -> Result<&str, Error> {
+    Ok(base
+        .strip_prefix("http://")
+        .ok_or_else(|| {
+            Error::Http(format!(
+                "{base:?}: only http://host:port URLs are supported"
+            ))
+        })?
+        .trim_end_matches('/'))
+}
+
+/// A keep-alive HTTP/1.1 connection: one request at a time, each answer read
+/// by its `Content-Length` (chunked answers are refused). After any error the
+/// connection is unusable; open a new one.
+pub struct Connection {
+    host: String,
+    stream: BufReader<TcpStream>,
+}
+
+impl Connection {
+    pub async fn connect(base: &str) -> Result<Connection, Error> {
+        let host = host_of(base)?.to_string();
+        let stream = TcpStream::connect(&host)
+            .await
+            .map_err(|e| Error::Http(format!("connect {host}: {e}")))?;
+        let _ = stream.set_nodelay(true);
+        Ok(Connection {
+            host,
+            stream: BufReader::new(stream),
+        })
+    }
+
+    /// Sends one request and reads its answer: `(status, body)`.
+    pub async fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> Result<(u16, Vec<u8>), Error> {
+        let io = |e: std::io::Error| Error::Http(format!("{method} {path}: {e}"));
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            self.host,
+            body.len()
+        );
+        let mut request = Vec::with_capacity(head.len() + body.len());
+        request.extend_from_slice(head.as_bytes());
+        request.extend_from_slice(body);
+        self.stream
+            .get_mut()
+            .write_all(&request)
+            .await
+            .map_err(io)?;
+        let mut status: Option<u16> = None;
+        let mut length: Option<u64> = None;
+        let mut head_bytes = 0usize;
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            let n = self.stream.read_until(b'\n', &mut line).await.map_err(io)?;
+            if n == 0 {
+                return Err(Error::Http(format!("{method} {path}: connection closed")));
+            }
+            head_bytes += n;
+            if head_bytes > MAX_HEAD_BYTES {
+                return Err(Error::Http(format!(
+                    "{method} {path}: response head over {MAX_HEAD_BYTES} bytes"
+                )));
+            }
+            let text = String::from_utf8_lossy(&line);
+            let text = text.trim_end();
+            if text.is_empty() {
+                break;
+            }
+            if status.is_none() {
+                status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok());
+                if status.is_none() {
+                    return Err(Error::Http(format!("bad status line {text:?}")));
+                }
+                continue;
+            }
+            let lower = text.to_ascii_lowercase();
+            if let Some(v) = lower.strip_prefix("content-length:") {
+                length = Some(
+                    v.trim()
+                        .parse()
+                        .map_err(|_| Error::Http(format!("bad header {text:?}")))?,
+                );
+            } else if lower.starts_with("transfer-encoding:") {
+                return Err(Error::Http(format!(
+                    "{method} {path}: {text:?} is not supported on a keep-alive connection"
+                )));
+            }
+        }
+        let status = status.ok_or_else(|| Error::Http("empty response".into()))?;
+        let length = length.ok_or_else(|| {
+            Error::Http(format!("{method} {path}: response has no Content-Length"))
+        })?;
+        if length > MAX_RESPONSE_BYTES {
+            return Err(Error::Http(format!(
+                "{method} {path}: response of {length} bytes over the {MAX_RESPONSE_BYTES}-byte limit"
+            )));
+        }
+        let mut body = vec![0u8; length as usize];
+        self.stream.read_exact(&mut body).await.map_err(io)?;
+        Ok((status, body))
     }
 }
 

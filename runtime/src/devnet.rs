@@ -48,6 +48,10 @@ pub struct DevnetOptions {
     pub block_interval_ms: u64,
     /// Driver parameters besides the block interval (defaults otherwise).
     pub node: NodeConfig,
+    /// Further accounts funded at genesis (`blyan bench`'s load accounts).
+    /// Only used when the genesis is created; an existing devnet must
+    /// already fund them, or start-up is refused.
+    pub extra_balances: Vec<GenesisBalance>,
 }
 
 impl DevnetOptions {
@@ -58,6 +62,7 @@ impl DevnetOptions {
             base_port: Some(DEFAULT_BASE_PORT),
             block_interval_ms: crate::config::DEFAULT_BLOCK_INTERVAL_MS,
             node: NodeConfig::default(),
+            extra_balances: Vec::new(),
         }
     }
 }
@@ -80,7 +85,11 @@ fn node_dir(dir: &Path, i: usize) -> PathBuf {
 }
 
 /// Creates the genesis and key files, or reads them back from an existing directory.
-fn prepare(dir: &Path, validators: usize) -> Result<(Genesis, Vec<SigningKey>), Error> {
+fn prepare(
+    dir: &Path,
+    validators: usize,
+    extra_balances: &[GenesisBalance],
+) -> Result<(Genesis, Vec<SigningKey>), Error> {
     let genesis_path = dir.join("genesis.json");
     if genesis_path.exists() {
         let text = std::fs::read_to_string(&genesis_path)
@@ -91,6 +100,17 @@ fn prepare(dir: &Path, validators: usize) -> Result<(Genesis, Vec<SigningKey>), 
                 "{} holds a devnet of {} validators, not {validators}",
                 dir.display(),
                 genesis.validators.len()
+            )));
+        }
+        if let Some(missing) = extra_balances
+            .iter()
+            .find(|b| !genesis.balances.contains(b))
+        {
+            return Err(Error::Config(format!(
+                "{} holds a devnet whose genesis does not fund {} with {} base units; use a fresh directory",
+                dir.display(),
+                missing.address,
+                missing.amount
             )));
         }
         let keys = (0..validators)
@@ -130,6 +150,7 @@ fn prepare(dir: &Path, validators: usize) -> Result<(Genesis, Vec<SigningKey>), 
             address: address(k),
             amount: 1_000 * BLY,
         }))
+        .chain(extra_balances.iter().cloned())
         .collect(),
         validators: keys
             .iter()
@@ -148,6 +169,70 @@ fn prepare(dir: &Path, validators: usize) -> Result<(Genesis, Vec<SigningKey>), 
     Ok((genesis, keys))
 }
 
+/// Node `i`'s configuration file (paths relative to `node-<i>/`).
+fn file_config(
+    genesis: &Genesis,
+    peers: &[Peer],
+    i: usize,
+    http_addr: &str,
+    block_interval_ms: u64,
+) -> FileConfig {
+    FileConfig {
+        chain_id: genesis.chain_id.clone(),
+        genesis_file: "../genesis.json".into(),
+        data_dir: "data".into(),
+        key_file: "key.json".into(),
+        key_password_env: crate::config::DEFAULT_PASSWORD_ENV.into(),
+        p2p_addr: peers[i].addr.clone(),
+        http_addr: http_addr.to_string(),
+        block_interval_ms,
+        max_body_bytes: crate::api::MAX_BODY_BYTES,
+        peers: peers
+            .iter()
+            .map(|p| PeerConfig {
+                addr: p.addr.clone(),
+                public_key: hex::encode(p.public_key),
+            })
+            .collect(),
+    }
+}
+
+/// Writes (or reuses) a devnet directory and each node's `config.toml` for
+/// the given `(p2p, http)` addresses, starting nothing: for running the
+/// validators as separate processes (`BLYAN_KEY_PASSWORD=devnet blyan node
+/// --config DIR/node-<i>/config.toml`). Returns the genesis and the
+/// configuration files, node by node.
+pub fn write_layout(
+    opts: &DevnetOptions,
+    addrs: &[(String, String)],
+) -> Result<(Genesis, Vec<PathBuf>), Error> {
+    if addrs.len() != opts.validators {
+        return Err(Error::Config(format!(
+            "{} address pairs for {} validators",
+            addrs.len(),
+            opts.validators
+        )));
+    }
+    std::fs::create_dir_all(&opts.dir).map_err(|e| Error::io(opts.dir.display(), e))?;
+    let (genesis, keys) = prepare(&opts.dir, opts.validators, &opts.extra_balances)?;
+    let peers: Vec<Peer> = keys
+        .iter()
+        .zip(addrs)
+        .map(|(k, (p2p, _))| Peer {
+            addr: p2p.clone(),
+            public_key: public_key_of(k),
+        })
+        .collect();
+    let mut paths = Vec::new();
+    for (i, (_, http)) in addrs.iter().enumerate() {
+        let path = node_dir(&opts.dir, i).join("config.toml");
+        let config = file_config(&genesis, &peers, i, http, opts.block_interval_ms);
+        write(&path, &config.to_toml())?;
+        paths.push(path);
+    }
+    Ok((genesis, paths))
+}
+
 impl Devnet {
     pub async fn start(opts: DevnetOptions) -> Result<Devnet, Error> {
         std::fs::create_dir_all(&opts.dir).map_err(|e| Error::io(opts.dir.display(), e))?;
@@ -155,7 +240,7 @@ impl Devnet {
             .dir
             .canonicalize()
             .map_err(|e| Error::io(opts.dir.display(), e))?;
-        let (genesis, keys) = prepare(&dir, opts.validators)?;
+        let (genesis, keys) = prepare(&dir, opts.validators, &opts.extra_balances)?;
         let faucet_key_file = dir.join("faucet.json");
         let faucet = crate::keystore::KeyFile::from_json(
             &std::fs::read_to_string(&faucet_key_file)
@@ -188,24 +273,13 @@ impl Devnet {
             let http_addr = http
                 .local_addr()
                 .map_err(|e| Error::io("http listener", e))?;
-            let config = FileConfig {
-                chain_id: genesis.chain_id.clone(),
-                genesis_file: "../genesis.json".into(),
-                data_dir: "data".into(),
-                key_file: "key.json".into(),
-                key_password_env: crate::config::DEFAULT_PASSWORD_ENV.into(),
-                p2p_addr: peers[i].addr.clone(),
-                http_addr: http_addr.to_string(),
-                block_interval_ms: opts.block_interval_ms,
-                max_body_bytes: crate::api::MAX_BODY_BYTES,
-                peers: peers
-                    .iter()
-                    .map(|p| PeerConfig {
-                        addr: p.addr.clone(),
-                        public_key: hex::encode(p.public_key),
-                    })
-                    .collect(),
-            };
+            let config = file_config(
+                &genesis,
+                &peers,
+                i,
+                &http_addr.to_string(),
+                opts.block_interval_ms,
+            );
             write(&nd.join("config.toml"), &config.to_toml())?;
             let setup = NodeSetup {
                 genesis: genesis.clone(),

@@ -8,12 +8,14 @@
 //! - [`transport`]: the interim signed-frame TCP transport (to be replaced by
 //!   tonic + mutual TLS behind the same [`transport::Outbound`] boundary);
 //! - [`api`]: the axum HTTP API; [`client`]: a minimal HTTP client;
-//! - [`config`], [`node`] (wiring), [`devnet`], and the `blyan` binary.
+//! - [`config`], [`node`] (wiring), [`devnet`], [`bench`] (the load
+//!   benchmark), and the `blyan` binary.
 //!
 //! Not yet: `/chat`, `/mine`, `/p2p/register`, OpenAPI, rate limits, TLS.
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod bench;
 pub mod client;
 pub mod config;
 pub mod devnet;

@@ -7,6 +7,7 @@ use crate::config::FileConfig;
 use crate::keystore::KeyFile;
 use crate::service::{INBOUND_QUEUE, NodeHandle, NodeService};
 use crate::transport::{Outbound, Peer, TcpTransport, TransportConfig};
+use axum::serve::ListenerExt;
 use blyan_state_machine::genesis::Genesis;
 use blyan_state_machine::node::{NodeConfig, PeerId};
 use k256::ecdsa::SigningKey;
@@ -110,6 +111,13 @@ impl RunningNode {
         let node_task = tokio::spawn(service.run(requests, inbound_rx, shutdown_rx.clone()));
         let router = api::router(handle.clone(), setup.max_body_bytes);
         let mut api_shutdown = shutdown_rx;
+        // TCP_NODELAY on API connections: without it a keep-alive client
+        // waits on Nagle's algorithm and delayed ACKs (tens of ms per request).
+        let http = http.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "could not set TCP_NODELAY on an API connection");
+            }
+        });
         tasks.spawn(async move {
             let serve = axum::serve(http, router).with_graceful_shutdown(async move {
                 let _ = api_shutdown.changed().await;

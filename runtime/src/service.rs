@@ -307,10 +307,13 @@ impl NodeService {
                 biased;
                 _ = shutdown.changed() => break,
                 _ = timer => self.fire_timers(),
-                Some(req) = requests.recv() => self.on_request(req),
+                // Peer messages before client requests: under client load
+                // the request queue is never empty, and consensus must not
+                // starve behind it (the API answers 503 when it is full).
                 Some((from, message)) = inbound.recv() => {
                     self.step(NodeInput::Message { from, message }, None);
                 }
+                Some(req) = requests.recv() => self.on_request(req),
                 else => break,
             }
         }
@@ -365,6 +368,18 @@ impl NodeService {
     /// Performs outputs in order (NODE-HOST-1), then publishes a snapshot.
     /// Returns the client-transaction verdicts.
     fn perform(&mut self, out: Vec<NodeOutput>) -> Vec<(Hash32, Result<(), MempoolError>)> {
+        // The block that led to the node's current ledger, if committed in
+        // this step: the store saves it without executing it again.
+        let last_hash = self.node.ledger().last_block_hash();
+        if let Some(outcome) = out.iter().rev().find_map(|o| match o {
+            NodeOutput::Committed { block, outcome } if block.block.hash() == last_hash => {
+                Some((**outcome).clone())
+            }
+            _ => None,
+        }) {
+            self.store
+                .stage_applied(last_hash, outcome, self.node.ledger().clone());
+        }
         let mut io = HostIo {
             outbound: &*self.outbound,
             timers: &mut self.timers,
@@ -379,6 +394,7 @@ impl NodeService {
             self.halted = Some(e.to_string());
         }
         let now = now_ms();
+        let any_committed = !committed.is_empty();
         for (block, outcome) in committed {
             let b = &block.block;
             info!(
@@ -396,9 +412,12 @@ impl NodeService {
             }
             self.latest = Some(Arc::new(block));
         }
-        // Forget submissions that never committed (evicted, replaced).
-        self.submitted_ms
-            .retain(|_, t| now.saturating_sub(*t) < TRACKED_TX_MAX_AGE_MS);
+        // Forget submissions that never committed (evicted, replaced): once
+        // per commit, not on every step (a scan of up to MAX_TRACKED_TXS).
+        if any_committed {
+            self.submitted_ms
+                .retain(|_, t| now.saturating_sub(*t) < TRACKED_TX_MAX_AGE_MS);
+        }
         self.publish();
         tx_results
     }

@@ -27,10 +27,12 @@
 //! the rebuilt state must equal the stored `state` keyspace byte for byte.
 //!
 //! The store keeps the ledger after its last block: [`node::Store::save_block`]
-//! receives only the committed block, so the store re-applies it (signatures
-//! trusted) to learn the state keys it changed. That costs one block execution
-//! per commit; the driver could hand the outcome over instead (see the
-//! runtime's report to the lead).
+//! receives only the committed block. The node service hands the store the
+//! driver's result for that block first ([`ChainStore::stage_applied`]: the
+//! outcome and the ledger after it, taken from the `Committed` output and the
+//! node), so saving does not execute the block a second time; a block with no
+//! matching staged result (several blocks committed by one catch-up step) is
+//! re-applied (signatures trusted) to learn the state keys it changed.
 
 use crate::Error;
 use blyan_state_machine::block::{BlockOutcome, Receipt};
@@ -114,6 +116,9 @@ pub struct ChainStore {
     ledger: Ledger,
     /// Sequence number of the next record (greater than every stored one).
     next_record_seq: u64,
+    /// The driver's result for a block about to be saved: its hash, its
+    /// outcome and the ledger after it ([`ChainStore::stage_applied`]).
+    staged: Option<(Hash32, BlockOutcome, Ledger)>,
 }
 
 fn storage(e: fjall::Error) -> Error {
@@ -161,6 +166,7 @@ impl ChainStore {
             db,
             ledger: genesis_ledger.clone(),
             next_record_seq: 0,
+            staged: None,
         };
         match store.meta.get(META_SCHEMA).map_err(storage)? {
             None => store.initialise(&genesis_ledger)?,
@@ -277,6 +283,17 @@ impl ChainStore {
             )));
         }
         Ok(ledger)
+    }
+
+    /// Hands over the driver's result for the block with hash `block_hash`
+    /// (its outcome, and `ledger`, the state after it), so the next
+    /// [`node::Store::save_block`] of that block need not execute it again.
+    /// Applying a block is deterministic and the hash names the block, so the
+    /// result is the one re-applying would give; `save_block` still checks
+    /// that it follows the stored state, and `commit_block` that the state
+    /// root matches the header.
+    pub fn stage_applied(&mut self, block_hash: Hash32, outcome: BlockOutcome, ledger: Ledger) {
+        self.staged = Some((block_hash, outcome, ledger));
     }
 
     /// Stores `committed` (already applied to the stored state, giving
@@ -397,10 +414,20 @@ impl node::Store for ChainStore {
         Ok(out)
     }
 
-    /// Re-applies the block to the stored state (signatures were verified
-    /// before the driver committed it) to find the keys it changed, then
-    /// [`ChainStore::commit_block`].
+    /// Uses the staged result if it is this block's and follows the stored
+    /// state; otherwise re-applies the block to the stored state (signatures
+    /// were verified before the driver committed it) to find the keys it
+    /// changed. Then [`ChainStore::commit_block`].
     fn save_block(&mut self, committed: &CommittedBlock) -> Result<(), Error> {
+        let block = &committed.block;
+        if let Some((hash, outcome, next)) = self.staged.take()
+            && hash == block.hash()
+            && next.last_block_hash() == hash
+            && next.height() == self.ledger.height() + 1
+            && block.header.prev_hash == self.ledger.last_block_hash()
+        {
+            return self.commit_block(committed, &outcome, &next);
+        }
         let (next, outcome) = self
             .ledger
             .apply_block_trusted_signatures(&committed.block)

@@ -8,13 +8,18 @@
 //!
 //! Frame (after a 4-byte big-endian length, at most [`MAX_FRAME_BYTES`]):
 //! `version (1) ‖ sender public key (33, SEC1 compressed) ‖ timestamp_ms (8,
-//! big-endian) ‖ signature (64) ‖ payload`, where the payload is the
-//! canonical [`WireMessage`] bytes and the signature is ECDSA secp256k1 over
-//! `signing_bytes(Domain::PeerMessage, chain_id, timestamp_ms ‖ payload)`
-//! (SIG-1: the peer-message domain, so no peer frame is valid as a vote or a
-//! transaction). Every frame is authenticated on its own, so connections need
-//! no handshake: each node dials every peer for its outgoing frames and reads
-//! frames from the connections peers dial to it.
+//! big-endian) ‖ signature (64) ‖ payload`, where the payload is a batch of
+//! messages, `count (4, big-endian, 1..=MAX_BATCH_MESSAGES) ‖ (length (4,
+//! big-endian) ‖ canonical WireMessage bytes) × count`, and the signature is
+//! ECDSA secp256k1 over `signing_bytes(Domain::PeerMessage, chain_id,
+//! timestamp_ms ‖ payload)` (SIG-1: the peer-message domain, so no peer frame
+//! is valid as a vote or a transaction). Every frame is authenticated on its
+//! own, so connections need no handshake: each node dials every peer for its
+//! outgoing frames and reads frames from the connections peers dial to it.
+//! Batching is what keeps the transport's own signatures off the critical
+//! path under load: a writer signs once for everything queued for its peer
+//! (one message when idle, hundreds of gossiped transactions under load), and
+//! the receiver verifies once per frame.
 //!
 //! Receiving: a frame that is too long, malformed, from a sender outside the
 //! configured peer list, or with a bad signature is dropped with a log line
@@ -23,9 +28,11 @@
 //! (the connection stays). Inbound connections are bounded
 //! ([`TransportConfig::max_inbound_connections`]).
 //!
-//! Sending: one bounded queue per peer; when it is full the frame is dropped
-//! (consensus tolerates loss). A writer task per peer connects with
-//! exponential backoff and reconnects after any write error.
+//! Sending: one bounded queue of encoded messages per peer; when it is full
+//! the message is dropped (consensus tolerates loss). A writer task per peer
+//! connects with exponential backoff, takes everything queued (up to
+//! [`MAX_BATCH_MESSAGES`] and the frame limit), seals it into one frame and
+//! writes it; it reconnects after any write error (the batch is lost).
 //!
 //! Transaction replay is not this layer's concern (transactions carry their
 //! own nonce and signature), and a replayed consensus frame within the skew
@@ -52,8 +59,13 @@ use tracing::{debug, info, warn};
 pub const MAX_FRAME_BYTES: usize = 4 * 1024 * 1024;
 /// A frame's timestamp may differ from the receiver's clock by at most this.
 pub const MAX_CLOCK_SKEW_MS: u64 = 30_000;
-const FRAME_VERSION: u8 = 1;
+/// Most messages in one frame.
+pub const MAX_BATCH_MESSAGES: usize = 4_096;
+/// Version 2: the payload is a batch of messages (version 1 carried one).
+const FRAME_VERSION: u8 = 2;
 const HEADER_BYTES: usize = 1 + 33 + 8 + 64;
+/// Largest batch payload: the frame limit less the header.
+const MAX_PAYLOAD_BYTES: usize = MAX_FRAME_BYTES - HEADER_BYTES;
 
 /// A message received from an authenticated peer.
 pub type Inbound = (PeerId, WireMessage);
@@ -87,8 +99,9 @@ pub struct TransportConfig {
     pub chain_id: String,
     /// The only senders whose frames are accepted, and the peers dialled.
     pub peers: Vec<Peer>,
-    /// Frames queued per peer before new ones are dropped (default 1024).
-    pub outbound_queue_frames: usize,
+    /// Messages queued per peer before new ones are dropped (default 16384:
+    /// a few seconds of gossiped transactions under load).
+    pub outbound_queue_messages: usize,
     /// Inbound connections served at once (default 64).
     pub max_inbound_connections: usize,
     /// First reconnect delay (default 100 ms), doubled up to `reconnect_max_ms` (default 5000 ms).
@@ -101,7 +114,7 @@ impl TransportConfig {
         TransportConfig {
             chain_id,
             peers,
-            outbound_queue_frames: 1024,
+            outbound_queue_messages: 16_384,
             max_inbound_connections: 64,
             reconnect_min_ms: 100,
             reconnect_max_ms: 5_000,
@@ -117,32 +130,91 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// A complete frame (length prefix included) carrying `message`, signed by `key`.
-pub fn seal(key: &SigningKey, chain_id: &str, timestamp_ms: u64, message: &WireMessage) -> Vec<u8> {
-    let payload = message.encode();
-    let mut signed = Vec::with_capacity(8 + payload.len());
+/// A complete frame (length prefix included) carrying `messages`, signed by `key`.
+pub fn seal(
+    key: &SigningKey,
+    chain_id: &str,
+    timestamp_ms: u64,
+    messages: &[WireMessage],
+) -> Vec<u8> {
+    let encoded: Vec<Vec<u8>> = messages.iter().map(|m| m.encode()).collect();
+    let parts: Vec<&[u8]> = encoded.iter().map(Vec::as_slice).collect();
+    seal_encoded(key, chain_id, timestamp_ms, &parts)
+}
+
+/// [`seal`] over messages already canonically encoded.
+pub fn seal_encoded(
+    key: &SigningKey,
+    chain_id: &str,
+    timestamp_ms: u64,
+    messages: &[&[u8]],
+) -> Vec<u8> {
+    assert!(!messages.is_empty() && messages.len() <= MAX_BATCH_MESSAGES);
+    let payload_len = 4 + messages.iter().map(|m| 4 + m.len()).sum::<usize>();
+    let mut signed = Vec::with_capacity(8 + payload_len);
     signed.extend_from_slice(&timestamp_ms.to_be_bytes());
-    signed.extend_from_slice(&payload);
+    signed.extend_from_slice(&(messages.len() as u32).to_be_bytes());
+    for m in messages {
+        signed.extend_from_slice(&(m.len() as u32).to_be_bytes());
+        signed.extend_from_slice(m);
+    }
     let signature = sign(key, &signing_bytes(Domain::PeerMessage, chain_id, &signed));
-    let len = HEADER_BYTES + payload.len();
+    let len = HEADER_BYTES + payload_len;
     let mut frame = Vec::with_capacity(4 + len);
     frame.extend_from_slice(&(len as u32).to_be_bytes());
     frame.push(FRAME_VERSION);
     frame.extend_from_slice(&public_key_of(key));
     frame.extend_from_slice(&timestamp_ms.to_be_bytes());
     frame.extend_from_slice(&signature);
-    frame.extend_from_slice(&payload);
+    frame.extend_from_slice(&signed[8..]);
+    assert_eq!(frame.len(), 4 + len);
     frame
 }
 
+/// Splits a batch payload into its messages, decoding each.
+fn decode_batch(mut payload: &[u8]) -> Result<Vec<WireMessage>, Error> {
+    let bad = |m: String| Error::FrameMalformed(format!("payload: {m}"));
+    let take_u32 = |p: &mut &[u8]| -> Result<usize, Error> {
+        let (head, rest) = p
+            .split_first_chunk::<4>()
+            .ok_or_else(|| bad("truncated length".into()))?;
+        *p = rest;
+        Ok(u32::from_be_bytes(*head) as usize)
+    };
+    let count = take_u32(&mut payload)?;
+    if count == 0 || count > MAX_BATCH_MESSAGES {
+        return Err(bad(format!(
+            "{count} messages; a frame carries 1..={MAX_BATCH_MESSAGES}"
+        )));
+    }
+    let mut out = Vec::with_capacity(count);
+    for i in 0..count {
+        let len = take_u32(&mut payload)?;
+        if len > payload.len() {
+            return Err(bad(format!("message {i} runs past the frame")));
+        }
+        let (m, rest) = payload.split_at(len);
+        out.push(WireMessage::decode(m).map_err(|e| bad(format!("message {i}: {e}")))?);
+        payload = rest;
+    }
+    if !payload.is_empty() {
+        return Err(bad(format!(
+            "{} bytes after the last message",
+            payload.len()
+        )));
+    }
+    Ok(out)
+}
+
 /// Checks a frame body (without its length prefix) from a peer in `peers`;
-/// cheap checks first, the signature before decoding the payload.
+/// cheap checks first, the signature before decoding the payload. Returns the
+/// sender and its messages, in order.
 pub fn open(
     frame: &[u8],
     chain_id: &str,
     peers: &BTreeMap<PublicKey, PeerId>,
     now_ms: u64,
-) -> Result<Inbound, Error> {
+) -> Result<(PeerId, Vec<WireMessage>), Error> {
     if frame.len() > MAX_FRAME_BYTES {
         return Err(Error::FrameTooLarge {
             len: frame.len(),
@@ -181,15 +253,11 @@ pub fn open(
     ) {
         return Err(Error::BadFrameSignature);
     }
-    let message = WireMessage::decode(&frame[HEADER_BYTES..])
-        .map_err(|e| Error::FrameMalformed(format!("payload: {e}")))?;
-    Ok((from, message))
+    Ok((from, decode_batch(&frame[HEADER_BYTES..])?))
 }
 
 /// The TCP transport. See the module docs.
 pub struct TcpTransport {
-    key: SigningKey,
-    chain_id: String,
     queues: BTreeMap<PeerId, mpsc::Sender<Arc<Vec<u8>>>>,
     connected: Arc<AtomicUsize>,
 }
@@ -215,11 +283,15 @@ impl TcpTransport {
         let connected = Arc::new(AtomicUsize::new(0));
         let mut queues = BTreeMap::new();
         for p in config.peers.iter().filter(|p| p.public_key != me) {
-            let (tx, rx) = mpsc::channel(config.outbound_queue_frames);
+            let (tx, rx) = mpsc::channel(config.outbound_queue_messages);
             queues.insert(p.id().expect("checked above"), tx);
             tasks.spawn(write_loop(
                 p.addr.clone(),
                 rx,
+                Signer {
+                    key: key.clone(),
+                    chain_id: config.chain_id.clone(),
+                },
                 connected.clone(),
                 config.reconnect_min_ms,
                 config.reconnect_max_ms,
@@ -233,43 +305,39 @@ impl TcpTransport {
             inbound,
             limit,
         ));
-        Ok(Arc::new(TcpTransport {
-            key,
-            chain_id: config.chain_id,
-            queues,
-            connected,
-        }))
+        Ok(Arc::new(TcpTransport { queues, connected }))
     }
 
-    fn enqueue(&self, to: &PeerId, frame: &Arc<Vec<u8>>) {
+    fn enqueue(&self, to: &PeerId, message: &Arc<Vec<u8>>) {
         if let Some(q) = self.queues.get(to)
-            && q.try_send(frame.clone()).is_err()
+            && q.try_send(message.clone()).is_err()
         {
-            debug!(peer = %to, "outbound queue full or closed; frame dropped");
+            debug!(peer = %to, "outbound queue full or closed; message dropped");
         }
     }
 
-    fn frame(&self, message: &WireMessage) -> Option<Arc<Vec<u8>>> {
-        let frame = seal(&self.key, &self.chain_id, now_ms(), message);
-        if frame.len() - 4 > MAX_FRAME_BYTES {
+    /// The canonical bytes of `message`, if it fits in a frame alone.
+    fn encode(message: &WireMessage) -> Option<Arc<Vec<u8>>> {
+        let bytes = message.encode();
+        if 8 + bytes.len() > MAX_PAYLOAD_BYTES {
             warn!(
-                bytes = frame.len(),
+                bytes = bytes.len(),
                 "outgoing message exceeds the frame limit; dropped"
             );
             return None;
         }
-        Some(Arc::new(frame))
+        Some(Arc::new(bytes))
     }
 }
 
 impl Outbound for TcpTransport {
     fn send(&self, to: PeerId, message: &WireMessage) {
-        if let Some(f) = self.frame(message) {
+        if let Some(f) = Self::encode(message) {
             self.enqueue(&to, &f);
         }
     }
     fn broadcast(&self, message: &WireMessage) {
-        if let Some(f) = self.frame(message) {
+        if let Some(f) = Self::encode(message) {
             for to in self.queues.keys() {
                 self.enqueue(to, &f);
             }
@@ -280,14 +348,43 @@ impl Outbound for TcpTransport {
     }
 }
 
+/// What a writer signs its frames with.
+struct Signer {
+    key: SigningKey,
+    chain_id: String,
+}
+
+/// Takes `first` and whatever else is queued, up to [`MAX_BATCH_MESSAGES`]
+/// and [`MAX_PAYLOAD_BYTES`]; a message that does not fit is left in `carry`.
+fn take_batch(
+    first: Arc<Vec<u8>>,
+    queue: &mut mpsc::Receiver<Arc<Vec<u8>>>,
+    carry: &mut Option<Arc<Vec<u8>>>,
+) -> Vec<Arc<Vec<u8>>> {
+    let mut bytes = 4 + 4 + first.len();
+    let mut batch = vec![first];
+    while batch.len() < MAX_BATCH_MESSAGES {
+        let Ok(m) = queue.try_recv() else { break };
+        if bytes + 4 + m.len() > MAX_PAYLOAD_BYTES {
+            *carry = Some(m);
+            break;
+        }
+        bytes += 4 + m.len();
+        batch.push(m);
+    }
+    batch
+}
+
 async fn write_loop(
     addr: String,
-    mut frames: mpsc::Receiver<Arc<Vec<u8>>>,
+    mut queue: mpsc::Receiver<Arc<Vec<u8>>>,
+    signer: Signer,
     connected: Arc<AtomicUsize>,
     backoff_min_ms: u64,
     backoff_max_ms: u64,
 ) {
     let mut backoff_ms = backoff_min_ms;
+    let mut carry: Option<Arc<Vec<u8>>> = None;
     loop {
         let mut stream = match TcpStream::connect(&addr).await {
             Ok(s) => s,
@@ -303,11 +400,18 @@ async fn write_loop(
         backoff_ms = backoff_min_ms;
         connected.fetch_add(1, Ordering::Relaxed);
         let closed = loop {
-            let Some(frame) = frames.recv().await else {
-                break true;
+            let first = match carry.take() {
+                Some(m) => m,
+                None => match queue.recv().await {
+                    Some(m) => m,
+                    None => break true,
+                },
             };
+            let batch = take_batch(first, &mut queue, &mut carry);
+            let parts: Vec<&[u8]> = batch.iter().map(|m| m.as_slice()).collect();
+            let frame = seal_encoded(&signer.key, &signer.chain_id, now_ms(), &parts);
             if let Err(e) = stream.write_all(&frame).await {
-                info!(%addr, error = %e, "peer connection lost; reconnecting");
+                info!(%addr, error = %e, messages = batch.len(), "peer connection lost; batch dropped, reconnecting");
                 break false;
             }
         };
@@ -372,9 +476,11 @@ async fn read_loop(
             return;
         }
         match open(&buf, chain_id, known, now_ms()) {
-            Ok(msg) => {
-                if inbound.send(msg).await.is_err() {
-                    return; // The node stopped.
+            Ok((from, messages)) => {
+                for m in messages {
+                    if inbound.send((from, m)).await.is_err() {
+                        return; // The node stopped.
+                    }
                 }
             }
             Err(e) if e.closes_connection() => {

@@ -311,3 +311,32 @@ async fn a_restarted_devnet_continues_from_its_stores() {
     assert_eq!(a["state_root"], b["state_root"]);
     net.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_load_benchmark_sees_every_accepted_transfer_commit() {
+    use blyan_runtime::bench::{BenchOptions, run};
+    let dir = tempfile::tempdir().unwrap();
+    let opts = BenchOptions {
+        block_interval_ms: 300,
+        rate_tx_per_s: 20,
+        duration_s: 3,
+        warmup_s: 1,
+        accounts: 8,
+        connections_per_node: 2,
+        generator_threads: 1,
+        drain_s: 120,
+        dir: dir.path().join("bench"),
+        timeout_propose_ms: None,
+    };
+    let r = run(&opts).await.unwrap();
+    assert!(r.rejections.is_empty(), "{:?}", r.rejections);
+    assert_eq!(r.accepted, 60);
+    assert_eq!(r.not_committed, 0, "{r:?}");
+    // Every accepted transfer committed, so every latency in the window is known.
+    assert_eq!(r.p99_ms.is_some(), r.latency_samples > 0, "{r:?}");
+    assert!(r.p50_ms <= r.p99_ms, "{r:?}");
+    assert!((0.0..=1.0).contains(&r.generator_cpu_share), "{r:?}");
+    // A directory that already holds a devnet is refused.
+    let e = run(&opts).await.unwrap_err().to_string();
+    assert!(e.contains("fresh directory"), "{e}");
+}

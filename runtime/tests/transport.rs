@@ -3,7 +3,10 @@
 //! connection.
 use blyan_runtime::Error;
 use blyan_runtime::config::FileConfig;
-use blyan_runtime::transport::{MAX_CLOCK_SKEW_MS, MAX_FRAME_BYTES, open, seal};
+use blyan_runtime::transport::{
+    MAX_BATCH_MESSAGES, MAX_CLOCK_SKEW_MS, MAX_FRAME_BYTES, open, seal, seal_encoded,
+};
+use blyan_state_machine::encoding::Canonical;
 use blyan_state_machine::node::{PeerId, WireMessage};
 use blyan_state_machine::testkit::{address, key};
 use blyan_state_machine::tx::{PublicKey, public_key_of};
@@ -31,23 +34,91 @@ fn body(frame: Vec<u8>) -> Vec<u8> {
 
 #[test]
 fn a_sealed_frame_opens_to_its_sender_and_message() {
-    let f = body(seal(&key(1), CHAIN, NOW_MS, &msg()));
+    let f = body(seal(&key(1), CHAIN, NOW_MS, &[msg()]));
     let (from, m) = open(&f, CHAIN, &peers(), NOW_MS + MAX_CLOCK_SKEW_MS).unwrap();
-    assert_eq!((from, m), (address(&key(1)), msg()));
+    assert_eq!((from, m), (address(&key(1)), vec![msg()]));
+}
+
+#[test]
+fn a_batch_opens_to_its_messages_in_order() {
+    let msgs: Vec<WireMessage> = (0..5)
+        .map(|h| WireMessage::BlockRequest { from_height: h })
+        .collect();
+    let f = body(seal(&key(2), CHAIN, NOW_MS, &msgs));
+    let (from, m) = open(&f, CHAIN, &peers(), NOW_MS).unwrap();
+    assert_eq!((from, m), (address(&key(2)), msgs));
+}
+
+/// A signed frame with `payload` as its batch: the signature verifies.
+fn signed_frame(payload: &[u8]) -> Vec<u8> {
+    use blyan_state_machine::crypto::sign;
+    use blyan_state_machine::tx::{Domain, signing_bytes};
+    let k = key(2);
+    let mut signed = NOW_MS.to_be_bytes().to_vec();
+    signed.extend_from_slice(payload);
+    let sig = sign(&k, &signing_bytes(Domain::PeerMessage, CHAIN, &signed));
+    let mut f = vec![2u8];
+    f.extend_from_slice(&public_key_of(&k));
+    f.extend_from_slice(&NOW_MS.to_be_bytes());
+    f.extend_from_slice(&sig);
+    f.extend_from_slice(payload);
+    f
+}
+
+#[test]
+fn signed_batches_with_bad_counts_or_lengths_are_malformed() {
+    let one = msg().encode();
+    let batch = |count: u32, parts: &[&[u8]]| {
+        let mut p = count.to_be_bytes().to_vec();
+        for part in parts {
+            p.extend_from_slice(&(part.len() as u32).to_be_bytes());
+            p.extend_from_slice(part);
+        }
+        p
+    };
+    let good = batch(1, &[&one]);
+    assert!(open(&signed_frame(&good), CHAIN, &peers(), NOW_MS).is_ok());
+    let too_many = MAX_BATCH_MESSAGES as u32 + 1;
+    let mut trailing = good.clone();
+    trailing.push(0);
+    let mut overlong = good.clone();
+    overlong[4..8].copy_from_slice(&1_000u32.to_be_bytes());
+    for (what, payload) in [
+        ("no messages", batch(0, &[])),
+        ("too many", batch(too_many, &[&one])),
+        ("count above the messages present", batch(2, &[&one])),
+        ("trailing bytes", trailing),
+        ("length past the end", overlong),
+        ("truncated count", vec![0, 0]),
+    ] {
+        let e = open(&signed_frame(&payload), CHAIN, &peers(), NOW_MS).unwrap_err();
+        assert!(
+            matches!(e, Error::FrameMalformed(_)) && e.closes_connection(),
+            "{what}: {e}"
+        );
+    }
+    // seal_encoded of canonical bytes equals seal of the messages.
+    assert_eq!(
+        seal_encoded(&key(2), CHAIN, NOW_MS, &[one.as_slice()]),
+        seal(&key(2), CHAIN, NOW_MS, &[msg()])
+    );
 }
 
 #[test]
 fn bad_frames_are_refused_and_only_garbage_closes_the_connection() {
-    let good = body(seal(&key(1), CHAIN, NOW_MS, &msg()));
+    let good = body(seal(&key(1), CHAIN, NOW_MS, &[msg()]));
     let check = |frame: &[u8], now_ms: u64| open(frame, CHAIN, &peers(), now_ms).unwrap_err();
 
-    let e = check(&body(seal(&key(9), CHAIN, NOW_MS, &msg())), NOW_MS);
+    let e = check(&body(seal(&key(9), CHAIN, NOW_MS, &[msg()])), NOW_MS);
     assert!(
         matches!(e, Error::UnknownPeer(_)) && e.closes_connection(),
         "{e}"
     );
 
-    let e = check(&body(seal(&key(1), "other-chain", NOW_MS, &msg())), NOW_MS);
+    let e = check(
+        &body(seal(&key(1), "other-chain", NOW_MS, &[msg()])),
+        NOW_MS,
+    );
     assert!(
         matches!(e, Error::BadFrameSignature) && e.closes_connection(),
         "{e}"
@@ -76,7 +147,7 @@ fn bad_frames_are_refused_and_only_garbage_closes_the_connection() {
         "{e}"
     );
     let mut version = good.clone();
-    version[0] = 2;
+    version[0] = 1; // version 1 (one message per frame) is no longer accepted
     assert!(matches!(check(&version, NOW_MS), Error::FrameMalformed(_)));
     let e = check(&vec![0u8; MAX_FRAME_BYTES + 1], NOW_MS);
     assert!(
@@ -88,19 +159,10 @@ fn bad_frames_are_refused_and_only_garbage_closes_the_connection() {
 #[test]
 fn a_signed_frame_with_a_non_canonical_payload_is_malformed() {
     // Sign garbage as if it were a message: the signature verifies, decoding fails.
-    use blyan_state_machine::crypto::sign;
-    use blyan_state_machine::tx::{Domain, signing_bytes};
-    let k = key(2);
-    let payload = [0xabu8; 40];
-    let mut signed = NOW_MS.to_be_bytes().to_vec();
-    signed.extend_from_slice(&payload);
-    let sig = sign(&k, &signing_bytes(Domain::PeerMessage, CHAIN, &signed));
-    let mut f = vec![1u8];
-    f.extend_from_slice(&public_key_of(&k));
-    f.extend_from_slice(&NOW_MS.to_be_bytes());
-    f.extend_from_slice(&sig);
-    f.extend_from_slice(&payload);
-    let e = open(&f, CHAIN, &peers(), NOW_MS).unwrap_err();
+    let mut payload = 1u32.to_be_bytes().to_vec();
+    payload.extend_from_slice(&40u32.to_be_bytes());
+    payload.extend_from_slice(&[0xabu8; 40]);
+    let e = open(&signed_frame(&payload), CHAIN, &peers(), NOW_MS).unwrap_err();
     assert!(
         matches!(e, Error::FrameMalformed(ref m) if m.contains("payload")),
         "{e}"

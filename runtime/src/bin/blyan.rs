@@ -7,10 +7,14 @@
 //! blyan keys show --key FILE
 //! blyan tx transfer --to ADDR --amount BLY --key FILE --node URL [--wait]
 //! blyan status --node URL
+//! blyan bench [--block-interval-ms 2000] [--rate 1000[,2000…]] [--duration 30] [--warmup 5]
+//!             [--accounts 4000] [--connections 8] [--generator-threads 1] [--drain 60] [--dir DIR]
+//!             [--timeout-propose-ms MS]
 //! ```
 //! Log level: `BLYAN_LOG` (error, warn, info (default), debug, trace).
 
 use blyan_runtime::Error;
+use blyan_runtime::bench;
 use blyan_runtime::client;
 use blyan_runtime::config::FileConfig;
 use blyan_runtime::devnet::{DEFAULT_BASE_PORT, Devnet, DevnetOptions};
@@ -69,6 +73,39 @@ enum Command {
     Status {
         #[arg(long, default_value = "http://127.0.0.1:7101")]
         node: String,
+    },
+    /// Load benchmark: pre-signed transfers over `POST /tx` to a fresh
+    /// in-process 4-validator devnet per offered rate (see runtime/BENCH.md).
+    Bench {
+        #[arg(long, default_value_t = blyan_runtime::config::DEFAULT_BLOCK_INTERVAL_MS)]
+        block_interval_ms: u64,
+        /// Offered rates in transfers per second, comma-separated; one fresh devnet each.
+        #[arg(long, value_delimiter = ',', default_value = "1000")]
+        rate: Vec<u64>,
+        /// Seconds of load.
+        #[arg(long, default_value_t = 30)]
+        duration: u64,
+        /// Seconds at the start left out of the steady window.
+        #[arg(long, default_value_t = 5)]
+        warmup: u64,
+        /// Funded load accounts.
+        #[arg(long, default_value_t = 4_000)]
+        accounts: u32,
+        /// Keep-alive HTTP connections per node.
+        #[arg(long, default_value_t = 8)]
+        connections: usize,
+        /// Threads of the load generator's runtime.
+        #[arg(long, default_value_t = 1)]
+        generator_threads: usize,
+        /// Longest wait, in seconds, for the mempools to empty after the load.
+        #[arg(long, default_value_t = 60)]
+        drain: u64,
+        /// Parent directory of the devnets (kept); default: a temporary one, removed.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Consensus timeout_propose in ms (default: the driver's, 1000); for experiments.
+        #[arg(long)]
+        timeout_propose_ms: Option<u64>,
     },
 }
 
@@ -147,12 +184,17 @@ fn parse_bly(s: &str) -> Result<Amount, Error> {
 }
 
 fn init_logging() {
+    init_logging_or(tracing::Level::INFO)
+}
+
+fn init_logging_or(default: tracing::Level) {
     let level = match std::env::var("BLYAN_LOG").as_deref() {
         Ok("error") => tracing::Level::ERROR,
         Ok("warn") => tracing::Level::WARN,
+        Ok("info") => tracing::Level::INFO,
         Ok("debug") => tracing::Level::DEBUG,
         Ok("trace") => tracing::Level::TRACE,
-        _ => tracing::Level::INFO,
+        _ => default,
     };
     tracing_subscriber::fmt().with_max_level(level).init();
 }
@@ -292,6 +334,70 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 }
             }
         },
+        Command::Bench {
+            block_interval_ms,
+            rate,
+            duration,
+            warmup,
+            accounts,
+            connections,
+            generator_threads,
+            drain,
+            dir,
+            timeout_propose_ms,
+        } => {
+            init_logging_or(tracing::Level::WARN);
+            let (parent, temporary) = match dir {
+                Some(d) => (d, false),
+                None => (
+                    std::env::temp_dir().join(format!(
+                        "blyan-bench-{}-{}",
+                        std::process::id(),
+                        blyan_runtime::transport::now_ms()
+                    )),
+                    true,
+                ),
+            };
+            let runs: Vec<bench::BenchOptions> = rate
+                .iter()
+                .map(|&r| bench::BenchOptions {
+                    block_interval_ms,
+                    rate_tx_per_s: r,
+                    duration_s: duration,
+                    warmup_s: warmup,
+                    accounts,
+                    connections_per_node: connections,
+                    generator_threads,
+                    drain_s: drain,
+                    dir: parent.join(format!("rate-{r}-block-{block_interval_ms}ms")),
+                    timeout_propose_ms,
+                })
+                .collect();
+            for o in &runs {
+                o.validate()?;
+            }
+            println!(
+                "blyan bench: 4 validators in this process on loopback, {} cores, {accounts} accounts, \
+                 {connections} connections per node, {duration} s of load ({warmup} s warm-up), data in {}",
+                std::thread::available_parallelism().map_or(1, |n| n.get()),
+                parent.display()
+            );
+            println!("{}", bench::table_header());
+            let mut result = Ok(());
+            for o in &runs {
+                match bench::run(o).await {
+                    Ok(r) => println!("{}", bench::table_row(block_interval_ms, &r)),
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
+                }
+            }
+            if temporary {
+                let _ = std::fs::remove_dir_all(&parent);
+            }
+            result?;
+        }
         Command::Status { node } => {
             let (s, v) = client::get_json(&node, "/status").await?;
             expect_ok(s, &v)?;
