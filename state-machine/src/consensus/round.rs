@@ -484,12 +484,10 @@ impl<S: SignatureScheme> Consensus<S> {
     }
 
     fn add_vote(&mut self, vote: Signed<Vote, S::Signature>, out: &mut Vec<Output<S::Signature>>) {
-        let tracked: BTreeSet<ValueId> = self
-            .proposals
-            .values()
-            .map(|p| p.proposal.message.value)
-            .collect();
-        if let AddVote::Equivocation(evidence) = self.votes.add(&self.validators, vote, &tracked) {
+        // Consulted only for an equivocator's further vote (CONS-VOTE-4).
+        let proposals = &self.proposals;
+        let tracked = |v: &ValueId| proposals.values().any(|p| p.proposal.message.value == *v);
+        if let AddVote::Equivocation(evidence) = self.votes.add(&self.validators, vote, tracked) {
             out.push(Output::Evidence(evidence)); // CONS-EV-1
         }
     }

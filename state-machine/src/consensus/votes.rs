@@ -142,14 +142,14 @@ impl<Sig: Clone + Eq> VoteKeeper<Sig> {
     /// counts towards `v` even if it also voted `w`. Counting only the first
     /// vote would let one equivocator hide a polka from some correct
     /// validators for ever (a liveness failure the simulator found). To bound
-    /// memory, a further vote is counted only if its value is one of
-    /// `tracked` (the values of proposals this validator holds, at most one
-    /// per round); the "any value" power counts each validator once.
+    /// memory, a further vote is counted only if `tracked` accepts its value
+    /// (the value of a proposal this validator holds, at most one per
+    /// round); the "any value" power counts each validator once.
     pub fn add(
         &mut self,
         set: &ValidatorSet,
         vote: Signed<Vote, Sig>,
-        tracked: &BTreeSet<ValueId>,
+        tracked: impl Fn(&ValueId) -> bool,
     ) -> AddVote<Sig> {
         assert_eq!(vote.message.height, self.height, "caller filters heights");
         let power = set.power_of(&vote.message.validator);
@@ -168,7 +168,7 @@ impl<Sig: Clone + Eq> VoteKeeper<Sig> {
             // CONS-EV-1: report both.
             let evidence = DuplicateVote::new(first.clone(), vote.clone());
             let key = (validator, vote.message.value);
-            let counts = vote.message.value.is_some_and(|v| tracked.contains(&v));
+            let counts = vote.message.value.is_some_and(|v| tracked(&v));
             if counts && !tally.conflicting.contains_key(&key) {
                 *tally.power_by_value.entry(vote.message.value).or_insert(0) += power;
                 tally.conflicting.insert(key, vote);

@@ -3,12 +3,11 @@
 //! a test cuts a node off). The madsim simulator in `sim/` is the full
 //! version; this one pins the driver's rules.
 
-use blyan_state_machine::block::BlockOutcome;
 use blyan_state_machine::consensus::Record;
-use blyan_state_machine::node::host::{Io, perform, stored_blocks};
+use blyan_state_machine::node::host::{RecordingIo, perform, stored_blocks};
 use blyan_state_machine::node::{
-    CommittedBlock, MemStore, MempoolError, Node, NodeConfig, NodeInput, NodeOutput, PeerId, Store,
-    Timer, WireMessage,
+    MemStore, MempoolError, Node, NodeConfig, NodeInput, NodeOutput, PeerId, Store, Timer,
+    WireMessage,
 };
 use blyan_state_machine::params::Params;
 use blyan_state_machine::testkit::{TestNet, address, testnet, transfer};
@@ -29,33 +28,6 @@ enum Event {
         node: usize,
         timer: Timer,
     },
-}
-
-/// What one node's host did during one `perform`.
-#[derive(Default)]
-struct Effects {
-    sends: Vec<(Option<PeerId>, WireMessage)>,
-    timers: Vec<(Timer, u64)>,
-    committed: Vec<(CommittedBlock, BlockOutcome)>,
-    tx_results: Vec<(Hash32, Result<(), MempoolError>)>,
-}
-
-impl Io for Effects {
-    fn send(&mut self, to: PeerId, message: WireMessage) {
-        self.sends.push((Some(to), message));
-    }
-    fn broadcast(&mut self, message: WireMessage) {
-        self.sends.push((None, message));
-    }
-    fn set_timer(&mut self, timer: Timer, at_ms: u64) {
-        self.timers.push((timer, at_ms));
-    }
-    fn committed(&mut self, block: &CommittedBlock, outcome: &BlockOutcome) {
-        self.committed.push((block.clone(), outcome.clone()));
-    }
-    fn tx_result(&mut self, id: Hash32, result: Result<(), MempoolError>) {
-        self.tx_results.push((id, result));
-    }
 }
 
 struct Cluster {
@@ -133,10 +105,10 @@ impl Cluster {
 
     fn perform(&mut self, i: usize, out: Vec<NodeOutput>) {
         check_persist_before_send(&out, &self.stores[i], self.addresses[i]);
-        let mut fx = Effects::default();
+        let mut fx = RecordingIo::default();
         perform(out, &mut self.stores[i], &mut fx).unwrap();
         let from = self.addresses[i];
-        for (to, message) in fx.sends {
+        for (to, message) in fx.sent {
             if self.cut.contains(&i) {
                 continue;
             }
