@@ -608,6 +608,10 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, Error> {
     dopts.base_port = None;
     dopts.block_interval_ms = opts.block_interval_ms;
     dopts.extra_balances = funded_accounts(opts.accounts);
+    // The load generator is one client far above the public limit, and the
+    // benchmark measures the chain, not the inference engine.
+    dopts.rate_limits = crate::ratelimit::RateLimitConfig::unlimited();
+    dopts.inference.enabled = false;
     if let Some(t) = opts.timeout_propose_ms {
         dopts.node.consensus.timeout_propose_ms = t;
     }

@@ -18,6 +18,37 @@ pub async fn request(
     path: &str,
     body: Option<&[u8]>,
 ) -> Result<(u16, Vec<u8>), Error> {
+    let r = send(base, method, path, &[], body).await?;
+    Ok((r.status, r.body))
+}
+
+/// A response of [`send`].
+#[derive(Clone, Debug)]
+pub struct Response {
+    pub status: u16,
+    /// `(lower-case name, value)` pairs.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    /// The first header called `name` (lower case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Like [`request`], with extra request headers, returning the response's headers too.
+pub async fn send(
+    base: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> Result<Response, Error> {
     let host = base
         .strip_prefix("http://")
         .ok_or_else(|| {
@@ -30,8 +61,12 @@ pub async fn request(
         .await
         .map_err(|e| Error::Http(format!("connect {host}: {e}")))?;
     let body = body.unwrap_or_default();
+    let extra: String = headers
+        .iter()
+        .map(|(n, v)| format!("{n}: {v}\r\n"))
+        .collect();
     let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\n\r\n",
         body.len()
     );
     let io = |e: std::io::Error| Error::Http(format!("{method} {path}: {e}"));
@@ -43,7 +78,7 @@ pub async fn request(
     };
     let mut raw = Vec::new();
     let read = stream.take(MAX_RESPONSE_BYTES).read_to_end(&mut raw).await;
-    match (parse_response(&raw), written, read) {
+    match (parse_full(&raw), written, read) {
         (Ok(r), _, _) => Ok(r),
         (Err(_), Err(e), _) | (Err(_), Ok(()), Err(e)) => Err(io(e)),
         (Err(e), Ok(()), Ok(_)) => Err(e),
@@ -162,7 +197,12 @@ impl Connection {
     }
 }
 
+#[cfg(test)]
 fn parse_response(raw: &[u8]) -> Result<(u16, Vec<u8>), Error> {
+    parse_full(raw).map(|r| (r.status, r.body))
+}
+
+fn parse_full(raw: &[u8]) -> Result<Response, Error> {
     let split = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
@@ -178,14 +218,21 @@ fn parse_response(raw: &[u8]) -> Result<(u16, Vec<u8>), Error> {
         let l = l.to_ascii_lowercase();
         l.starts_with("transfer-encoding:") && l.contains("chunked")
     });
-    Ok((
+    let headers = head
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Ok(Response {
         status,
-        if chunked {
+        headers,
+        body: if chunked {
             dechunk(body)?
         } else {
             body.to_vec()
         },
-    ))
+    })
 }
 
 fn dechunk(mut body: &[u8]) -> Result<Vec<u8>, Error> {

@@ -11,6 +11,20 @@
 //! block_interval_ms = 2000           # default (the seed's 2.0 s block time)
 //! max_body_bytes = 1048576           # default: 1 MiB request bodies
 //!
+//! [rate_limits]                      # API-RATE-*, per minute; 0 disables a tier
+//! public_per_min = 100               # default, per client IP
+//! token_per_min = 1000               # default, per token from POST /p2p/register
+//! unlimited_tokens = []              # operator-issued tokens with no limit
+//!
+//! [inference]                        # the local engine behind /chat
+//! enabled = true                     # default
+//! # model_dir = "models/qwen3"       # default: the embedded model
+//! device = "cpu"                     # or "cuda", "cuda:N"
+//! dtype = "f32"                      # or "bf16"
+//! timeout_ms = 30000                 # seed appendix B inference_timeout
+//! queue_len = 16
+//! max_tokens_limit = 512
+//!
 //! [[peers]]                          # validators to dial; frames from others are refused
 //! addr = "127.0.0.1:7101"
 //! public_key = "02…"                 # SEC1 compressed, hex
@@ -55,6 +69,10 @@ pub struct FileConfig {
     #[serde(default = "default_body")]
     pub max_body_bytes: usize,
     #[serde(default)]
+    pub rate_limits: crate::ratelimit::RateLimitConfig,
+    #[serde(default)]
+    pub inference: crate::inference::InferenceConfig,
+    #[serde(default)]
     pub peers: Vec<PeerConfig>,
 }
 
@@ -81,7 +99,10 @@ impl FileConfig {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path.display(), e))?;
         let mut c = FileConfig::parse(&text)?;
         let base = path.parent().unwrap_or(Path::new("."));
-        for p in [&mut c.genesis_file, &mut c.data_dir, &mut c.key_file] {
+        for p in [&mut c.genesis_file, &mut c.data_dir, &mut c.key_file]
+            .into_iter()
+            .chain(c.inference.model_dir.as_mut())
+        {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -105,6 +126,17 @@ impl FileConfig {
         }
         if c.max_body_bytes < 1024 {
             return Err(Error::Config("max_body_bytes must be at least 1024".into()));
+        }
+        if c.rate_limits.max_tracked_keys == 0 {
+            return Err(Error::Config(
+                "rate_limits.max_tracked_keys must be positive".into(),
+            ));
+        }
+        let inf = &c.inference;
+        if inf.queue_len == 0 || inf.max_tokens_limit == 0 || inf.timeout_ms == 0 {
+            return Err(Error::Config(
+                "inference.queue_len, max_tokens_limit and timeout_ms must be positive".into(),
+            ));
         }
         c.transport_peers()?;
         Ok(c)

@@ -52,6 +52,10 @@ pub struct DevnetOptions {
     /// Only used when the genesis is created; an existing devnet must
     /// already fund them, or start-up is refused.
     pub extra_balances: Vec<GenesisBalance>,
+    /// Every node's API rate limits (default: the seed's).
+    pub rate_limits: crate::ratelimit::RateLimitConfig,
+    /// Every node's inference engine (default: the embedded model on the CPU).
+    pub inference: crate::inference::InferenceConfig,
 }
 
 impl DevnetOptions {
@@ -63,6 +67,8 @@ impl DevnetOptions {
             block_interval_ms: crate::config::DEFAULT_BLOCK_INTERVAL_MS,
             node: NodeConfig::default(),
             extra_balances: Vec::new(),
+            rate_limits: crate::ratelimit::RateLimitConfig::default(),
+            inference: crate::inference::InferenceConfig::default(),
         }
     }
 }
@@ -175,7 +181,7 @@ fn file_config(
     peers: &[Peer],
     i: usize,
     http_addr: &str,
-    block_interval_ms: u64,
+    opts: &DevnetOptions,
 ) -> FileConfig {
     FileConfig {
         chain_id: genesis.chain_id.clone(),
@@ -185,8 +191,10 @@ fn file_config(
         key_password_env: crate::config::DEFAULT_PASSWORD_ENV.into(),
         p2p_addr: peers[i].addr.clone(),
         http_addr: http_addr.to_string(),
-        block_interval_ms,
+        block_interval_ms: opts.block_interval_ms,
         max_body_bytes: crate::api::MAX_BODY_BYTES,
+        rate_limits: opts.rate_limits.clone(),
+        inference: opts.inference.clone(),
         peers: peers
             .iter()
             .map(|p| PeerConfig {
@@ -226,7 +234,7 @@ pub fn write_layout(
     let mut paths = Vec::new();
     for (i, (_, http)) in addrs.iter().enumerate() {
         let path = node_dir(&opts.dir, i).join("config.toml");
-        let config = file_config(&genesis, &peers, i, http, opts.block_interval_ms);
+        let config = file_config(&genesis, &peers, i, http, opts);
         write(&path, &config.to_toml())?;
         paths.push(path);
     }
@@ -273,13 +281,7 @@ impl Devnet {
             let http_addr = http
                 .local_addr()
                 .map_err(|e| Error::io("http listener", e))?;
-            let config = file_config(
-                &genesis,
-                &peers,
-                i,
-                &http_addr.to_string(),
-                opts.block_interval_ms,
-            );
+            let config = file_config(&genesis, &peers, i, &http_addr.to_string(), &opts);
             write(&nd.join("config.toml"), &config.to_toml())?;
             let setup = NodeSetup {
                 genesis: genesis.clone(),
@@ -291,6 +293,8 @@ impl Devnet {
                 },
                 peers: peers.clone(),
                 max_body_bytes: crate::api::MAX_BODY_BYTES,
+                rate_limits: opts.rate_limits.clone(),
+                inference: opts.inference.clone(),
             };
             nodes.push(RunningNode::start(setup, p2p, http).await?);
         }

@@ -58,6 +58,15 @@ pub enum Error {
         now_ms: u64,
         max_skew_ms: u64,
     },
+    // API services (inference.rs, registry.rs).
+    #[error("inference: {0}")]
+    Inference(String),
+    #[error("busy: {0}")]
+    Busy(String),
+    #[error("timed out: {0}")]
+    Timeout(String),
+    #[error("bad request: {0}")]
+    BadRequest(String),
 }
 
 impl Error {

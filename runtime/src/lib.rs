@@ -7,11 +7,12 @@
 //! - [`service`]: the tokio task that owns a `Node` and performs its outputs;
 //! - [`transport`]: the interim signed-frame TCP transport (to be replaced by
 //!   tonic + mutual TLS behind the same [`transport::Outbound`] boundary);
-//! - [`api`]: the axum HTTP API; [`client`]: a minimal HTTP client;
+//! - [`api`]: the axum HTTP API (with [`ratelimit`], the [`registry`] of
+//!   announced inference nodes, and [`inference`], the local engine behind
+//!   `/chat`); [`client`]: a minimal HTTP client;
 //! - [`config`], [`node`] (wiring), [`devnet`], [`bench`] (the load
 //!   benchmark), and the `blyan` binary.
 //!
-//! Not yet: `/chat`, `/mine`, `/p2p/register`, OpenAPI, rate limits, TLS.
 #![forbid(unsafe_code)]
 
 pub mod api;
@@ -20,8 +21,12 @@ pub mod client;
 pub mod config;
 pub mod devnet;
 pub mod error;
+pub mod inference;
 pub mod keystore;
+pub mod model;
 pub mod node;
+pub mod ratelimit;
+pub mod registry;
 pub mod service;
 pub mod store;
 pub mod transport;

@@ -29,6 +29,9 @@ pub struct NodeSetup {
     pub node: NodeConfig,
     pub peers: Vec<Peer>,
     pub max_body_bytes: usize,
+    pub rate_limits: crate::ratelimit::RateLimitConfig,
+    /// `enabled = false`: no engine, `/chat` answers 503.
+    pub inference: crate::inference::InferenceConfig,
 }
 
 impl NodeSetup {
@@ -58,6 +61,8 @@ impl NodeSetup {
             },
             peers: c.transport_peers()?,
             max_body_bytes: c.max_body_bytes,
+            rate_limits: c.rate_limits.clone(),
+            inference: c.inference.clone(),
         })
     }
 }
@@ -101,6 +106,16 @@ impl RunningNode {
             &mut tasks,
         )?;
         let outbound: Arc<dyn Outbound> = transport;
+        let inference = if setup.inference.enabled {
+            Some(crate::inference::InferenceHandle::start(setup.inference.clone()).await?)
+        } else {
+            None
+        };
+        let api_config = api::ApiConfig {
+            max_body_bytes: setup.max_body_bytes,
+            rate_limits: setup.rate_limits.clone(),
+            ..api::ApiConfig::default()
+        };
         let data_dir = setup.data_dir.clone();
         let (service, handle, requests) = tokio::task::spawn_blocking(move || {
             NodeService::open(setup.node, setup.key, &setup.genesis, &data_dir, outbound)
@@ -109,7 +124,7 @@ impl RunningNode {
         .map_err(|e| Error::Node(format!("start-up task failed: {e}")))??;
         let (shutdown, shutdown_rx) = watch::channel(false);
         let node_task = tokio::spawn(service.run(requests, inbound_rx, shutdown_rx.clone()));
-        let router = api::router(handle.clone(), setup.max_body_bytes);
+        let router = api::router(handle.clone(), &api_config, inference);
         let mut api_shutdown = shutdown_rx;
         // TCP_NODELAY on API connections: without it a keep-alive client
         // waits on Nagle's algorithm and delayed ACKs (tens of ms per request).
@@ -119,7 +134,8 @@ impl RunningNode {
             }
         });
         tasks.spawn(async move {
-            let serve = axum::serve(http, router).with_graceful_shutdown(async move {
+            let app = router.into_make_service_with_connect_info::<SocketAddr>();
+            let serve = axum::serve(http, app).with_graceful_shutdown(async move {
                 let _ = api_shutdown.changed().await;
             });
             if let Err(e) = serve.await {

@@ -174,6 +174,7 @@ async fn a_validator_killed_with_sigkill_restarts_and_catches_up_with_identical_
     let dir = tempfile::tempdir().unwrap();
     let mut opts = DevnetOptions::new(dir.path().join("devnet"), VALIDATORS);
     opts.block_interval_ms = 300;
+    opts.rate_limits = blyan_runtime::ratelimit::RateLimitConfig::unlimited();
     // One sender per phase: before, in flight at the kill, during, after.
     let senders: Vec<_> = (0..4).map(|p| key(9_000 + p)).collect();
     opts.extra_balances = senders

@@ -49,6 +49,8 @@ async fn start(dir: &std::path::Path) -> Devnet {
     let mut opts = DevnetOptions::new(dir.join("devnet"), 4);
     opts.base_port = None;
     opts.block_interval_ms = 300;
+    // These tests poll far above the public rate limit; `rate_limits_*` tests the limits.
+    opts.rate_limits = blyan_runtime::ratelimit::RateLimitConfig::unlimited();
     Devnet::start(opts).await.unwrap()
 }
 

@@ -340,6 +340,10 @@ impl Ledger {
     pub fn node(&self, address: &Address) -> Option<&NodeRecord> {
         self.nodes.get(address)
     }
+    /// Registered GPU nodes (TX-9), by address.
+    pub fn nodes(&self) -> impl Iterator<Item = (&Address, &NodeRecord)> {
+        self.nodes.iter()
+    }
     pub fn unbonding(&self) -> impl Iterator<Item = (&UnbondingKey, &UnbondingEntry)> {
         self.unbonding.iter()
     }

@@ -16,6 +16,9 @@ pub enum Domain {
     Receipt,
     PeerMessage,
     VrfInput,
+    /// An inference node's signed announcement to a node's API
+    /// (`POST /p2p/register`, runtime API-REG-1); never part of consensus.
+    NodeAnnouncement,
 }
 
 impl Domain {
@@ -28,6 +31,7 @@ impl Domain {
             Domain::Receipt => b"blyan/receipt/v1",
             Domain::PeerMessage => b"blyan/peer-msg/1",
             Domain::VrfInput => b"blyan/vrf-in/v1\0",
+            Domain::NodeAnnouncement => b"blyan/node-ann/1",
         }
     }
 }

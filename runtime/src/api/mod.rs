@@ -1,0 +1,699 @@
+//! The HTTP API (axum). It reaches the node task only through the bounded
+//! request channel and the `watch` snapshot of [`NodeHandle`], and reads
+//! committed blocks and receipts through the store's read-only view.
+//!
+//! | route | answer |
+//! |---|---|
+//! | `POST /tx` | body `{"tx": "0x<hex of the canonical SignedTx bytes>"}`; `200 {"id": "0x…"}` once the mempool admitted it, else a JSON error |
+//! | `GET /account/{address}` | `{address, balance, nonce, stake}` (amounts: decimal strings of base units, 1 BLY = 10^18) |
+//! | `GET /block/latest`, `GET /block/{height}` | the committed block: header fields, tx ids, certificate |
+//! | `GET /tx/{id}` | `{id, height, index, gas_used, fee_paid, success, failure}` once committed, else 404 |
+//! | `GET /params` | the chain parameters |
+//! | `GET /health` | `200 {"status": "ok"}`, or `503` once the node halted |
+//! | `GET /status` | height, round, peers, mempool size, next base fee |
+//! | `GET /metrics` | Prometheus text format |
+//! | `POST /chat`, `POST /v1/chat/completions` | generation by the local engine ([`chat`]) |
+//! | `POST /mine` | a PoL block's payload and its signed registering transaction ([`pol`]) |
+//! | `GET /pol/blocks`, `GET /pol/blocks/{id}`, `GET /pol/experts` | the PoL DAG and expert registry |
+//! | `POST /p2p/register`, `GET /nodes` | inference-node announcements and tokens ([`p2p`]) |
+//! | `GET /openapi.json` | the OpenAPI 3 document generated from the handlers ([`openapi`]) |
+//!
+//! Every route but `/health` and `/metrics` is rate limited
+//! ([`crate::ratelimit`], API-RATE-*): 100 requests/min per client IP, 1,000
+//! per token from `/p2p/register` (`Authorization: Bearer <token>`).
+//!
+//! Errors are `{"code": <seed appendix A code>, "reason": "<snake_case>",
+//! "message": "<readable>"}` with a 4xx/5xx status: malformed input (bad
+//! JSON, hex or encoding) is `400`/5001 VALIDATION_FAILED, a body over the
+//! limit (default 1 MiB) `413`/5001, a mempool rejection `422` (or `409` for
+//! a duplicate)/5001, a node that is busy or halted `503`/4001 NODE_OFFLINE,
+//! an unknown block `404`/1001 INVALID_BLOCK, over a rate limit `429`/5001
+//! with `Retry-After`, an unknown token `401`/5001, a model without experts
+//! asked for MoE `404`/3001 EXPERT_NOT_FOUND.
+
+pub mod chat;
+pub mod openapi;
+pub mod p2p;
+pub mod pol;
+
+use crate::inference::InferenceHandle;
+use crate::ratelimit::{Caller, Limits, RateLimitConfig, Refusal};
+use crate::registry::{Registry, RegistryConfig};
+use crate::service::{FINALITY_BUCKETS_MS, NodeHandle, Request, Snapshot};
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRef, Path, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use blyan_state_machine::block::Block;
+use blyan_state_machine::encoding::Canonical;
+use blyan_state_machine::node::{CommittedBlock, MempoolError};
+use blyan_state_machine::tx::SignedTx;
+use blyan_state_machine::types::{Address, Hash32};
+use serde_json::{Value, json};
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use std::time::Instant;
+use tokio::sync::{mpsc, oneshot};
+
+/// Seed appendix A error codes.
+pub mod code {
+    pub const INVALID_BLOCK: u32 = 1001;
+    pub const INSUFFICIENT_BALANCE: u32 = 2001;
+    pub const EXPERT_NOT_FOUND: u32 = 3001;
+    pub const NODE_OFFLINE: u32 = 4001;
+    pub const VALIDATION_FAILED: u32 = 5001;
+}
+
+/// Default request body limit.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+/// How long `POST /tx` waits for the node's verdict.
+pub const SUBMIT_TIMEOUT_MS: u64 = 10_000;
+
+/// An error answer.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: u32,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub(crate) fn new(
+        status: StatusCode,
+        code: u32,
+        reason: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
+        ApiError {
+            status,
+            code,
+            reason,
+            message: message.into(),
+        }
+    }
+    pub(crate) fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            code::VALIDATION_FAILED,
+            "bad_request",
+            message,
+        )
+    }
+    pub(crate) fn offline(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            code::NODE_OFFLINE,
+            "node_offline",
+            message,
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({ "code": self.code, "reason": self.reason, "message": self.message });
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+/// The reason string and status of a mempool rejection.
+pub fn mempool_error(e: &MempoolError) -> ApiError {
+    use MempoolError::*;
+    let reason = match e {
+        Duplicate(_) => "duplicate",
+        BadSignature => "bad_signature",
+        StaleNonce { .. } => "stale_nonce",
+        NonceTooFarAhead { .. } => "nonce_too_far_ahead",
+        FeeBelowBaseFee { .. } => "fee_below_base_fee",
+        TipAboveFeeCap => "tip_above_fee_cap",
+        GasLimitTooLow { .. } => "gas_limit_too_low",
+        GasLimitTooHigh { .. } => "gas_limit_too_high",
+        ReplacementUnderpriced { .. } => "replacement_underpriced",
+        SenderFull(_) => "sender_full",
+        Full => "mempool_full",
+    };
+    let status = match e {
+        Duplicate(_) => StatusCode::CONFLICT,
+        Full => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::UNPROCESSABLE_ENTITY,
+    };
+    let code = match e {
+        Full => code::NODE_OFFLINE,
+        _ => code::VALIDATION_FAILED,
+    };
+    ApiError::new(status, code, reason, e.to_string())
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+/// API settings (`[api]` in the node's TOML).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ApiConfig {
+    pub max_body_bytes: usize,
+    pub rate_limits: RateLimitConfig,
+    pub registry: RegistryConfig,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            max_body_bytes: MAX_BODY_BYTES,
+            rate_limits: RateLimitConfig::default(),
+            registry: RegistryConfig::default(),
+        }
+    }
+}
+
+/// Upper bounds (ms) of the API latency histogram's buckets.
+pub const API_LATENCY_BUCKETS_MS: [u64; 10] = [1, 2, 5, 10, 25, 50, 100, 250, 1_000, 10_000];
+
+/// Request counts and latencies (for `/metrics`).
+#[derive(Default)]
+pub struct ApiMetrics {
+    buckets: [AtomicU64; API_LATENCY_BUCKETS_MS.len()],
+    count: AtomicU64,
+    sum_us: AtomicU64,
+    rate_limited: AtomicU64,
+}
+
+impl ApiMetrics {
+    fn observe(&self, elapsed: std::time::Duration) {
+        let ms = elapsed.as_millis() as u64;
+        for (le, b) in API_LATENCY_BUCKETS_MS.iter().zip(&self.buckets) {
+            if ms <= *le {
+                b.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_us
+            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+    }
+}
+
+/// Everything the handlers share.
+#[derive(Clone)]
+pub struct ApiState {
+    pub node: NodeHandle,
+    /// `None`: this node serves no inference (`/chat` answers 503).
+    pub inference: Option<InferenceHandle>,
+    pub registry: Arc<Registry>,
+    pub limits: Arc<Limits>,
+    pub metrics: Arc<ApiMetrics>,
+}
+
+impl FromRef<ApiState> for NodeHandle {
+    fn from_ref(s: &ApiState) -> NodeHandle {
+        s.node.clone()
+    }
+}
+
+/// The API's routes over `node`.
+pub fn router(node: NodeHandle, config: &ApiConfig, inference: Option<InferenceHandle>) -> Router {
+    let state = ApiState {
+        registry: Arc::new(Registry::new(
+            node.chain_id.clone(),
+            config.registry.clone(),
+        )),
+        node,
+        inference,
+        limits: Arc::new(Limits::new(&config.rate_limits)),
+        metrics: Arc::new(ApiMetrics::default()),
+    };
+    Router::new()
+        .route("/tx", post(submit_tx))
+        .route("/tx/{id}", get(get_tx))
+        .route("/account/{address}", get(get_account))
+        .route("/block/latest", get(get_latest_block))
+        .route("/block/{height}", get(get_block))
+        .route("/params", get(get_params))
+        .route("/health", get(get_health))
+        .route("/status", get(get_status))
+        .route("/metrics", get(get_metrics))
+        .route("/chat", post(chat::chat))
+        .route("/v1/chat/completions", post(chat::completions))
+        .route("/mine", post(pol::mine))
+        .route("/pol/blocks", get(pol::list_blocks))
+        .route("/pol/blocks/{id}", get(pol::get_block))
+        .route("/pol/experts", get(pol::experts))
+        .route("/p2p/register", post(p2p::register))
+        .route("/nodes", get(p2p::nodes))
+        .route("/openapi.json", get(openapi::document))
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                code::VALIDATION_FAILED,
+                "no_such_route",
+                "no such route",
+            )
+        })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            limit_and_measure,
+        ))
+        .layer(DefaultBodyLimit::max(config.max_body_bytes))
+        .with_state(state)
+}
+
+/// API-RATE-1/2: who the caller is, from the bearer token or the client IP.
+fn caller(state: &ApiState, req: &axum::extract::Request) -> Result<Caller, ApiError> {
+    let auth = req.headers().get(header::AUTHORIZATION);
+    if let Some(value) = auth {
+        let token = value
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    code::VALIDATION_FAILED,
+                    "invalid_token",
+                    "Authorization must be `Bearer <token from POST /p2p/register>`",
+                )
+            })?;
+        if state.limits.is_unlimited_token(token) {
+            return Ok(Caller::Unlimited);
+        }
+        return match (
+            state.registry.token_owner(token),
+            Registry::token_key(token),
+        ) {
+            (Some(_), Some(key)) => Ok(Caller::Token(key)),
+            _ => Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                code::VALIDATION_FAILED,
+                "invalid_token",
+                "unknown or revoked token; register again with POST /p2p/register",
+            )),
+        };
+    }
+    let ip = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |c| c.0.ip());
+    Ok(Caller::Public(ip))
+}
+
+/// The middleware in front of every route: rate limits (API-RATE-*) and the
+/// latency histogram.
+async fn limit_and_measure(
+    State(state): State<ApiState>,
+    req: axum::extract::Request,
+    next: Next,
+) -> Response {
+    let start = Instant::now();
+    let exempt = matches!(req.uri().path(), "/health" | "/metrics");
+    if !exempt {
+        let refusal = match caller(&state, &req) {
+            Err(e) => Some(e.into_response()),
+            Ok(c) => match state.limits.check(&c) {
+                Ok(()) => None,
+                Err(Refusal::Limited { retry_after }) => {
+                    state.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
+                    let secs = retry_after.as_millis().div_ceil(1000).max(1);
+                    let mut r = ApiError::new(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        code::VALIDATION_FAILED,
+                        "rate_limited",
+                        format!("rate limit reached; retry in {secs} s (a token from POST /p2p/register raises the limit)"),
+                    )
+                    .into_response();
+                    r.headers_mut()
+                        .insert(header::RETRY_AFTER, header::HeaderValue::from(secs as u64));
+                    Some(r)
+                }
+                Err(Refusal::Saturated) => {
+                    state.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
+                    Some(
+                        ApiError::offline("too many clients are tracked; retry later")
+                            .into_response(),
+                    )
+                }
+            },
+        };
+        if let Some(r) = refusal {
+            state.metrics.observe(start.elapsed());
+            return r;
+        }
+    }
+    let response = next.run(req).await;
+    state.metrics.observe(start.elapsed());
+    response
+}
+
+pub(crate) fn snapshot(node: &NodeHandle) -> Arc<Snapshot> {
+    node.snapshot.borrow().clone()
+}
+
+pub(crate) fn hex0x(bytes: &[u8]) -> String {
+    format!("0x{}", hex::encode(bytes))
+}
+
+pub(crate) fn parse_hash(s: &str) -> Result<Hash32, ApiError> {
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(s.trim_start_matches("0x"), &mut out)
+        .map_err(|_| ApiError::bad_request(format!("{s:?} is not a 32-byte hex id")))?;
+    Ok(out)
+}
+
+/// The body, or `413`/`400` if it could not be read.
+pub(crate) fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                r.status(),
+                code::VALIDATION_FAILED,
+                "body_too_large",
+                r.body_text(),
+            )
+        } else {
+            ApiError::bad_request(r.body_text())
+        }
+    })
+}
+
+/// A JSON body of type `T`, with `what` (the expected shape) in the error.
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+    what: &str,
+) -> Result<T, ApiError> {
+    let body = read_body(body)?;
+    serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("body must be JSON {what}: {e}")))
+}
+
+/// Decodes `0x<hex of the canonical SignedTx>`.
+pub(crate) fn decode_tx(hex_tx: &str) -> Result<SignedTx, ApiError> {
+    let bytes = hex::decode(hex_tx.trim_start_matches("0x"))
+        .map_err(|e| ApiError::bad_request(format!("tx is not hex: {e}")))?;
+    SignedTx::decode(&bytes)
+        .map_err(|e| ApiError::bad_request(format!("tx is not a canonical SignedTx: {e}")))
+}
+
+/// Hands `tx` to the node and waits for the mempool's verdict.
+pub(crate) async fn submit(node: &NodeHandle, tx: SignedTx) -> Result<Hash32, ApiError> {
+    let (reply, verdict) = oneshot::channel();
+    node.requests
+        .try_send(Request::SubmitTx {
+            tx: Box::new(tx),
+            reply,
+        })
+        .map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => ApiError::offline("node is busy; retry later"),
+            mpsc::error::TrySendError::Closed(_) => ApiError::offline("node has stopped"),
+        })?;
+    match tokio::time::timeout(Duration::from_millis(SUBMIT_TIMEOUT_MS), verdict).await {
+        Ok(Ok(Ok(id))) => Ok(id),
+        Ok(Ok(Err(e))) => Err(mempool_error(&e)),
+        Ok(Err(_)) => Err(ApiError::offline("node stopped before answering")),
+        Err(_) => Err(ApiError::offline("node did not answer in time")),
+    }
+}
+
+#[derive(serde::Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SubmitBody {
+    /// `0x` and the hex of the canonical `SignedTx` bytes.
+    tx: String,
+}
+
+/// Submit a signed transaction to the mempool.
+#[utoipa::path(post, path = "/tx", request_body = SubmitBody,
+    responses((status = 200, description = "admitted: `{\"id\": \"0x…\"}`", body = Object),
+              (status = 400, body = openapi::ErrorBody), (status = 409, body = openapi::ErrorBody),
+              (status = 413, body = openapi::ErrorBody), (status = 422, body = openapi::ErrorBody),
+              (status = 429, body = openapi::ErrorBody), (status = 503, body = openapi::ErrorBody)))]
+pub(crate) async fn submit_tx(
+    State(node): State<NodeHandle>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    let req: SubmitBody = parse_json(body, "{\"tx\": \"0x<hex of the canonical SignedTx>\"}")?;
+    let tx = decode_tx(&req.tx)?;
+    let id = submit(&node, tx).await?;
+    Ok(axum::Json(json!({ "id": hex0x(&id) })).into_response())
+}
+
+/// A committed transaction's receipt.
+#[utoipa::path(get, path = "/tx/{id}", params(("id" = String, Path, description = "0x-hex transaction id")),
+    responses((status = 200, body = Object), (status = 404, body = openapi::ErrorBody), (status = 400, body = openapi::ErrorBody), (status = 429, body = openapi::ErrorBody)))]
+pub(crate) async fn get_tx(State(node): State<NodeHandle>, Path(id): Path<String>) -> ApiResult {
+    let id = parse_hash(&id)?;
+    let loc = node
+        .reader
+        .tx(&id)
+        .map_err(|e| ApiError::offline(e.to_string()))?;
+    let Some(loc) = loc else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            code::VALIDATION_FAILED,
+            "tx_not_found",
+            "no committed transaction with this id (it may still be pending)",
+        ));
+    };
+    let r = &loc.receipt;
+    Ok(axum::Json(json!({
+        "id": hex0x(&id),
+        "height": loc.height,
+        "index": loc.index,
+        "sender": r.sender,
+        "gas_used": r.gas_used,
+        "fee_paid": r.fee_paid.to_string(),
+        "success": r.failure.is_none(),
+        "failure": r.failure,
+    }))
+    .into_response())
+}
+
+/// An account's balance, nonce and stake.
+#[utoipa::path(get, path = "/account/{address}", params(("address" = String, Path, description = "0x and 40 hex digits")),
+    responses((status = 200, body = Object), (status = 400, body = openapi::ErrorBody), (status = 429, body = openapi::ErrorBody)))]
+pub(crate) async fn get_account(
+    State(node): State<NodeHandle>,
+    Path(address): Path<String>,
+) -> ApiResult {
+    let address: Address =
+        address
+            .parse()
+            .map_err(|e: blyan_state_machine::types::AddressParseError| {
+                ApiError::bad_request(e.to_string())
+            })?;
+    let snap = snapshot(&node);
+    let account = snap.ledger.account(&address);
+    let stake = snap.ledger.validator(&address).map_or(0, |v| v.bonded);
+    Ok(axum::Json(json!({
+        "address": address,
+        "balance": account.balance.to_string(),
+        "nonce": account.nonce,
+        "stake": stake.to_string(),
+        "height": snap.height(),
+    }))
+    .into_response())
+}
+
+/// The JSON view of a committed block.
+pub fn block_json(c: &CommittedBlock) -> Value {
+    let Block { header: h, body } = &c.block;
+    json!({
+        "height": h.height,
+        "hash": hex0x(&c.block.hash()),
+        "prev_hash": hex0x(&h.prev_hash),
+        "time_ms": h.time_ms,
+        "proposer": h.proposer,
+        "base_fee_per_gas": h.base_fee_per_gas.to_string(),
+        "gas_limit": h.gas_limit,
+        "gas_used": h.gas_used,
+        "state_root": hex0x(&h.state_root),
+        "receipts_hash": hex0x(&h.receipts_hash),
+        "txs": body.txs.iter().map(|t| hex0x(&t.id())).collect::<Vec<_>>(),
+        "evidence": body.evidence.len(),
+        "certificate": {
+            "round": c.certificate.round,
+            "signers": c.certificate.signers(),
+        },
+    })
+}
+
+/// The latest committed block.
+#[utoipa::path(get, path = "/block/latest", responses((status = 200, body = Object), (status = 404, body = openapi::ErrorBody)))]
+pub(crate) async fn get_latest_block(State(node): State<NodeHandle>) -> ApiResult {
+    match snapshot(&node).latest.as_deref() {
+        Some(b) => Ok(axum::Json(block_json(b)).into_response()),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            code::INVALID_BLOCK,
+            "block_not_found",
+            "no block committed yet",
+        )),
+    }
+}
+
+/// The committed block at a height.
+#[utoipa::path(get, path = "/block/{height}", params(("height" = u64, Path)),
+    responses((status = 200, body = Object), (status = 404, body = openapi::ErrorBody), (status = 400, body = openapi::ErrorBody), (status = 429, body = openapi::ErrorBody)))]
+pub(crate) async fn get_block(
+    State(node): State<NodeHandle>,
+    Path(height): Path<String>,
+) -> ApiResult {
+    let height: u64 = height
+        .parse()
+        .map_err(|_| ApiError::bad_request(format!("height {height:?} is not a number")))?;
+    match node
+        .reader
+        .block(height)
+        .map_err(|e| ApiError::offline(e.to_string()))?
+    {
+        Some(b) => Ok(axum::Json(block_json(&b)).into_response()),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            code::INVALID_BLOCK,
+            "block_not_found",
+            format!("no committed block at height {height}"),
+        )),
+    }
+}
+
+/// The chain parameters.
+#[utoipa::path(get, path = "/params", responses((status = 200, body = Object)))]
+pub(crate) async fn get_params(State(node): State<NodeHandle>) -> ApiResult {
+    Ok(axum::Json(snapshot(&node).ledger.params().clone()).into_response())
+}
+
+fn halted(node: &NodeHandle, snap: &Snapshot) -> Option<String> {
+    if node.snapshot.has_changed().is_err() {
+        return Some("node task has stopped".into());
+    }
+    snap.halted.clone()
+}
+
+/// Liveness: 200 while the node runs, 503 once it halted.
+#[utoipa::path(get, path = "/health", responses((status = 200, body = Object), (status = 503, body = openapi::ErrorBody)))]
+pub(crate) async fn get_health(State(node): State<NodeHandle>) -> ApiResult {
+    let snap = snapshot(&node);
+    match halted(&node, &snap) {
+        None => Ok(axum::Json(json!({ "status": "ok", "height": snap.height() })).into_response()),
+        Some(why) => Err(ApiError::offline(format!("node halted: {why}"))),
+    }
+}
+
+/// Height, round, peers, mempool size, next base fee.
+#[utoipa::path(get, path = "/status", responses((status = 200, body = Object)))]
+pub(crate) async fn get_status(State(node): State<NodeHandle>) -> ApiResult {
+    let snap = snapshot(&node);
+    Ok(axum::Json(json!({
+        "chain_id": node.chain_id,
+        "address": node.address,
+        "height": snap.height(),
+        "round": snap.round,
+        "validator": snap.is_validator,
+        "peers_connected": snap.peers_connected,
+        "mempool_txs": snap.mempool_txs,
+        "committed_txs": snap.committed_txs,
+        "state_root": hex0x(&snap.ledger.state_root()),
+        "last_block_hash": hex0x(&snap.ledger.last_block_hash()),
+        "next_base_fee_per_gas": snap.ledger.next_block_base_fee().to_string(),
+        "halted": halted(&node, &snap),
+    }))
+    .into_response())
+}
+
+/// Prometheus text exposition (format 0.0.4).
+pub fn metrics_text(snap: &Snapshot, halted: bool) -> String {
+    let mut s = String::new();
+    let mut gauge = |name: &str, help: &str, kind: &str, v: u64| {
+        let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+    };
+    gauge(
+        "blyan_height",
+        "Height of the last committed block.",
+        "gauge",
+        snap.height(),
+    );
+    gauge(
+        "blyan_round",
+        "Consensus round of the height in progress.",
+        "gauge",
+        snap.round.unwrap_or(0) as u64,
+    );
+    gauge(
+        "blyan_mempool_txs",
+        "Transactions in the mempool.",
+        "gauge",
+        snap.mempool_txs as u64,
+    );
+    gauge(
+        "blyan_peers_connected",
+        "Peers with an open outgoing connection.",
+        "gauge",
+        snap.peers_connected as u64,
+    );
+    gauge(
+        "blyan_committed_txs_total",
+        "Transactions committed since start.",
+        "counter",
+        snap.committed_txs,
+    );
+    gauge(
+        "blyan_halted",
+        "1 once the node halted on a store error.",
+        "gauge",
+        halted as u64,
+    );
+    let f = &snap.finality;
+    let name = "blyan_tx_finality_ms";
+    let _ = writeln!(
+        s,
+        "# HELP {name} Time from mempool admission to commit of client transactions, in ms.\n# TYPE {name} histogram"
+    );
+    for (le, count) in FINALITY_BUCKETS_MS.iter().zip(f.buckets) {
+        let _ = writeln!(s, "{name}_bucket{{le=\"{le}\"}} {count}");
+    }
+    let _ = writeln!(s, "{name}_bucket{{le=\"+Inf\"}} {}", f.count);
+    let _ = writeln!(s, "{name}_sum {}\n{name}_count {}", f.sum_ms, f.count);
+    s
+}
+
+/// The API's own metrics, appended to [`metrics_text`].
+pub fn api_metrics_text(m: &ApiMetrics) -> String {
+    let mut s = String::new();
+    let name = "blyan_api_request_duration_ms";
+    let _ = writeln!(
+        s,
+        "# HELP {name} HTTP API request latency, in ms.\n# TYPE {name} histogram"
+    );
+    for (le, b) in API_LATENCY_BUCKETS_MS.iter().zip(&m.buckets) {
+        let _ = writeln!(
+            s,
+            "{name}_bucket{{le=\"{le}\"}} {}",
+            b.load(Ordering::Relaxed)
+        );
+    }
+    let count = m.count.load(Ordering::Relaxed);
+    let _ = writeln!(s, "{name}_bucket{{le=\"+Inf\"}} {count}");
+    let sum_ms = m.sum_us.load(Ordering::Relaxed) as f64 / 1000.0;
+    let _ = writeln!(s, "{name}_sum {sum_ms}\n{name}_count {count}");
+    let name = "blyan_api_rate_limited_total";
+    let _ = writeln!(
+        s,
+        "# HELP {name} Requests refused by the rate limits.\n# TYPE {name} counter\n{name} {}",
+        m.rate_limited.load(Ordering::Relaxed)
+    );
+    s
+}
+
+/// Prometheus text exposition.
+#[utoipa::path(get, path = "/metrics", responses((status = 200, content_type = "text/plain", body = String)))]
+pub(crate) async fn get_metrics(State(state): State<ApiState>) -> Response {
+    let snap = snapshot(&state.node);
+    let halted = halted(&state.node, &snap).is_some();
+    let mut text = metrics_text(&snap, halted);
+    text.push_str(&api_metrics_text(&state.metrics));
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}

@@ -1,0 +1,216 @@
+//! `POST /mine` and the PoL read routes.
+//!
+//! - **API-MINE-1** The seed's `/mine` carries a block's data and its
+//!   miner's claim. On this chain a PoL block enters the DAG only through a
+//!   signed transaction (`Pol(RegisterBlock)` for weights and datasets,
+//!   `Pol(RevealDelta)` for a weight update after its commitment, POL-15/21),
+//!   so `/mine` takes that transaction plus the payload: `{"tx": "0x…",
+//!   "block_data": "0x<hex payload>", "candidate_loss": 1.23}`. The node
+//!   checks the payload against the block it registers (size, SHA3-256
+//!   Merkle root POL-3, CIDv1 POL-4), keeps it in its blob store so peers and
+//!   validators can fetch it, and submits the transaction. Any mismatch is
+//!   `400` and nothing is stored or submitted.
+//! - **API-MINE-2** The answer is `{block_hash, tx_id, status: "pending",
+//!   reward_bly: 0}`: a delta's reward is known only after validators
+//!   re-evaluate it (POL-31..35); `candidate_loss` is the miner's claim and
+//!   is echoed, never trusted.
+
+use super::{
+    ApiError, ApiResult, ApiState, code, decode_tx, hex0x, parse_hash, parse_json, snapshot, submit,
+};
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use blyan_state_machine::pol::{
+    ExpertRecord, PolBlock, PolTx, cid_v1_raw_sha256, payload_merkle_root,
+};
+use blyan_state_machine::tx::TxKind;
+use serde_json::{Value, json};
+
+/// Most PoL blocks one `GET /pol/blocks` page returns.
+pub const MAX_PAGE: usize = 100;
+
+/// `/mine` request.
+#[derive(serde::Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MineBody {
+    /// A signed `Pol(RegisterBlock)` or `Pol(RevealDelta)` transaction.
+    pub tx: String,
+    /// `0x` and the hex of the block's payload.
+    pub block_data: String,
+    /// The miner's claimed validation loss (informational only).
+    #[serde(default)]
+    pub candidate_loss: Option<f64>,
+}
+
+/// `/mine` answer.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct MineAnswer {
+    /// The PoL block id (POL-2).
+    pub block_hash: String,
+    pub tx_id: String,
+    /// Always `pending`: inclusion and evaluation happen on chain.
+    pub status: String,
+    /// 0 until validators accept the block (API-MINE-2).
+    pub reward_bly: f64,
+    pub candidate_loss: Option<f64>,
+    pub payload_bytes: u64,
+    pub payload_cid: String,
+}
+
+/// API-MINE-1: the payload must be exactly the one the block commits to.
+pub fn check_payload(block: &PolBlock, payload: &[u8]) -> Result<(), String> {
+    if payload.len() as u64 != block.payload_size_bytes {
+        return Err(format!(
+            "block_data is {} bytes; the block says payload_size_bytes = {}",
+            payload.len(),
+            block.payload_size_bytes
+        ));
+    }
+    if payload_merkle_root(payload) != block.payload_merkle_root {
+        return Err("block_data does not match the block's payload_merkle_root (POL-3)".into());
+    }
+    let cid = cid_v1_raw_sha256(payload);
+    if cid != block.payload_cid {
+        return Err(format!(
+            "block_data has CID {cid}; the block says {} (POL-4)",
+            block.payload_cid
+        ));
+    }
+    Ok(())
+}
+
+/// Submit a PoL block's payload with its signed registering transaction.
+#[utoipa::path(post, path = "/mine", request_body = MineBody,
+    responses((status = 200, body = MineAnswer), (status = 400, body = super::openapi::ErrorBody),
+              (status = 409, body = super::openapi::ErrorBody), (status = 413, body = super::openapi::ErrorBody),
+              (status = 422, body = super::openapi::ErrorBody), (status = 429, body = super::openapi::ErrorBody)))]
+pub async fn mine(State(state): State<ApiState>, body: Result<Bytes, BytesRejection>) -> ApiResult {
+    let b: MineBody = parse_json(
+        body,
+        r#"{"tx": "0x<signed Pol(RegisterBlock|RevealDelta)>", "block_data": "0x<payload hex>"}"#,
+    )?;
+    if let Some(loss) = b.candidate_loss
+        && !(loss.is_finite() && loss >= 0.0)
+    {
+        return Err(ApiError::bad_request(format!(
+            "candidate_loss must be a finite non-negative number, not {loss}"
+        )));
+    }
+    let tx = decode_tx(&b.tx)?;
+    let block = match &tx.body.kind {
+        TxKind::Pol(p) => match p.as_ref() {
+            PolTx::RegisterBlock(block) | PolTx::RevealDelta(block) => block.clone(),
+            _ => None.ok_or_else(|| {
+                ApiError::bad_request("tx must be Pol(RegisterBlock) or Pol(RevealDelta)")
+            })?,
+        },
+        _ => {
+            return Err(ApiError::bad_request(
+                "tx must be Pol(RegisterBlock) or Pol(RevealDelta)",
+            ));
+        }
+    };
+    let payload = hex::decode(b.block_data.trim_start_matches("0x"))
+        .map_err(|e| ApiError::bad_request(format!("block_data is not hex: {e}")))?;
+    check_payload(&block, &payload).map_err(ApiError::bad_request)?;
+    // BLOB-STORE: keep the payload for peers (wired with the blob store).
+    let tx_id = submit(&state.node, tx).await?;
+    Ok(axum::Json(MineAnswer {
+        block_hash: hex0x(&block.id()),
+        tx_id: hex0x(&tx_id),
+        status: "pending".into(),
+        reward_bly: 0.0,
+        candidate_loss: b.candidate_loss,
+        payload_bytes: block.payload_size_bytes,
+        payload_cid: block.payload_cid,
+    })
+    .into_response())
+}
+
+/// `?after=<id>&limit=<n>` for paging through the DAG in id order.
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct Page {
+    /// Return blocks with ids greater than this one.
+    pub after: Option<String>,
+    /// At most this many (1..=100, default 100).
+    pub limit: Option<usize>,
+}
+
+fn block_json(id: &[u8; 32], b: &PolBlock) -> Value {
+    let mut v = serde_json::to_value(b).expect("PolBlock serialises");
+    v["id"] = json!(hex0x(id));
+    v
+}
+
+/// PoL blocks in id order, a page at a time.
+#[utoipa::path(get, path = "/pol/blocks", params(Page),
+    responses((status = 200, body = Object), (status = 400, body = super::openapi::ErrorBody)))]
+pub async fn list_blocks(State(state): State<ApiState>, Query(page): Query<Page>) -> ApiResult {
+    let limit = page.limit.unwrap_or(MAX_PAGE);
+    if limit == 0 || limit > MAX_PAGE {
+        return Err(ApiError::bad_request(format!(
+            "limit must be between 1 and {MAX_PAGE}"
+        )));
+    }
+    let after = page.after.as_deref().map(parse_hash).transpose()?;
+    let snap = snapshot(&state.node);
+    let pol = snap.ledger.pol();
+    let blocks: Vec<Value> = pol
+        .blocks()
+        .filter(|(id, _)| after.is_none_or(|a| **id > a))
+        .take(limit)
+        .map(|(id, b)| block_json(id, b))
+        .collect();
+    Ok(axum::Json(json!({
+        "total": pol.block_count(),
+        "blocks": blocks,
+        "height": snap.height(),
+    }))
+    .into_response())
+}
+
+/// One PoL block by id.
+#[utoipa::path(get, path = "/pol/blocks/{id}", params(("id" = String, Path, description = "0x-hex block id")),
+    responses((status = 200, body = Object), (status = 404, body = super::openapi::ErrorBody)))]
+pub async fn get_block(State(state): State<ApiState>, Path(id): Path<String>) -> ApiResult {
+    let id = parse_hash(&id)?;
+    let snap = snapshot(&state.node);
+    match snap.ledger.pol().block(&id) {
+        Some(b) => Ok(axum::Json(block_json(&id, b)).into_response()),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            code::INVALID_BLOCK,
+            "pol_block_not_found",
+            "no PoL block with this id",
+        )),
+    }
+}
+
+fn expert_json(r: &ExpertRecord) -> Value {
+    json!({
+        "model_id": hex0x(&r.target.model_id),
+        "kind": r.target.kind,
+        "layer": r.target.layer,
+        "expert": r.target.expert,
+        "version": r.version,
+        "block_hash": hex0x(&r.block_hash),
+        "weight_cid": r.weight_cid,
+        "size_bytes": r.size_bytes,
+        "quality_score_ppm": r.quality_score_ppm,
+        "usage_count": r.usage_count,
+        "last_updated": r.last_updated,
+        "node_assignments": r.node_assignments,
+    })
+}
+
+/// The expert registry (POL-16): one record per layer, expert and router.
+#[utoipa::path(get, path = "/pol/experts", responses((status = 200, body = Object)))]
+pub async fn experts(State(state): State<ApiState>) -> ApiResult {
+    let snap = snapshot(&state.node);
+    let records: Vec<Value> = snap.ledger.pol().records().map(expert_json).collect();
+    Ok(axum::Json(json!({ "experts": records, "height": snap.height() })).into_response())
+}

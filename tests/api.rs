@@ -1,0 +1,435 @@
+//! The HTTP API end to end, on a real one-validator devnet on loopback with
+//! the embedded model: `/chat` and `/v1/chat/completions` (plain and
+//! streamed), `/p2p/register` tokens and the rate limits (429 with
+//! Retry-After), `/mine` (payload checked, registration committed),
+//! `/pol/*`, `/nodes` and `/openapi.json`.
+//!
+//! Waiting is by polling against a generous deadline, never a timed assertion.
+
+use blyan_runtime::client::{Response, get_json, post_json, send};
+use blyan_runtime::devnet::{DEVNET_PASSWORD, Devnet, DevnetOptions};
+use blyan_runtime::keystore::read_key_file;
+use blyan_runtime::ratelimit::RateLimitConfig;
+use blyan_runtime::registry::sign_announcement;
+use blyan_state_machine::encoding::Canonical;
+use blyan_state_machine::pol::{PolBlockType, PolTx};
+use blyan_state_machine::testkit::{key, pol_block, tx};
+use blyan_state_machine::tx::{SignedTx, TxKind};
+use serde_json::{Value, json};
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+const DEADLINE: Duration = Duration::from_secs(180);
+
+async fn eventually<T, Fut: Future<Output = Option<T>>>(
+    what: &str,
+    mut f: impl FnMut() -> Fut,
+) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(start.elapsed() < DEADLINE, "gave up waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn devnet(dir: &std::path::Path, rate_limits: RateLimitConfig) -> Devnet {
+    let mut opts = DevnetOptions::new(dir.join("devnet"), 1);
+    opts.base_port = None;
+    opts.block_interval_ms = 300;
+    opts.rate_limits = rate_limits;
+    Devnet::start(opts).await.unwrap()
+}
+
+fn json_of(r: &Response) -> Value {
+    serde_json::from_slice(&r.body)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&r.body)))
+}
+
+fn hex_tx(t: &SignedTx) -> String {
+    format!("0x{}", hex::encode(t.encode()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_and_openai_completions_are_served_by_the_local_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = devnet(dir.path(), RateLimitConfig::unlimited()).await;
+    let url = net.nodes[0].api_url();
+
+    let (s, a) = post_json(
+        &url,
+        "/chat",
+        &json!({ "prompt": "hello", "max_tokens": 8 }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(s, 200, "{a}");
+    // The embedded model's tokenizer is byte-level: "hello" is 5 tokens.
+    assert_eq!(a["prompt_tokens"], 5, "{a}");
+    let completion = a["completion_tokens"].as_u64().unwrap();
+    assert!(completion <= 8, "{a}");
+    assert_eq!(a["tokens_used"].as_u64().unwrap(), 5 + completion);
+    assert_eq!(a["experts_used"], json!([]));
+    assert!(
+        ["stop", "length"].contains(&a["finish_reason"].as_str().unwrap()),
+        "{a}"
+    );
+    // API-CHAT-2: cost from the chain's per_1k_tokens, rounded up.
+    let (_, params) = get_json(&url, "/params").await.unwrap();
+    let per_1k: u128 = params["rewards"]["per_1k_tokens"]
+        .as_str()
+        .map(|s| s.parse().unwrap())
+        .or_else(|| params["rewards"]["per_1k_tokens"].as_u64().map(u128::from))
+        .expect("per_1k_tokens in /params");
+    let tokens = u128::from(5 + completion);
+    assert_eq!(
+        a["cost_base_units"].as_str().unwrap(),
+        (tokens * per_1k).div_ceil(1000).to_string()
+    );
+    assert!(a["cost_bly"].as_f64().unwrap() > 0.0);
+
+    // Greedy decoding is deterministic.
+    let (_, again) = post_json(
+        &url,
+        "/chat",
+        &json!({ "prompt": "hello", "max_tokens": 8 }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(again["text"], a["text"]);
+
+    // API-CHAT-1: bad requests are refused before anything runs.
+    for (body, status, code) in [
+        (json!({ "prompt": "x", "use_moe": true }), 404, 3001),
+        (json!({ "prompt": "x", "max_tokens": 0 }), 400, 5001),
+        (json!({ "prompt": "x", "max_tokens": 100_000 }), 400, 5001),
+        (json!({ "prompt": "x", "temperature": 5.0 }), 400, 5001),
+        (json!({ "prompt": "" }), 400, 5001),
+        (json!({ "prompt": "x", "bogus": 1 }), 400, 5001),
+    ] {
+        let (s, e) = post_json(&url, "/chat", &body).await.unwrap();
+        assert_eq!(
+            (s, e["code"].as_u64().unwrap()),
+            (status, code),
+            "{body} → {e}"
+        );
+        assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+
+    // OpenAI-compatible, plain and streamed: the same greedy text.
+    let req = json!({
+        "messages": [{ "role": "user", "content": "hi" }],
+        "max_tokens": 6,
+    });
+    let (s, c) = post_json(&url, "/v1/chat/completions", &req).await.unwrap();
+    assert_eq!(s, 200, "{c}");
+    assert_eq!(c["object"], "chat.completion");
+    let text = c["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let usage = &c["usage"];
+    assert_eq!(
+        usage["total_tokens"].as_u64().unwrap(),
+        usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap()
+    );
+    let mut streamed_req = req.clone();
+    streamed_req["stream"] = json!(true);
+    let r = send(
+        &url,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        Some(streamed_req.to_string().as_bytes()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200);
+    assert!(
+        r.header("content-type")
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let body = String::from_utf8(r.body).unwrap();
+    let events: Vec<&str> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(events.last(), Some(&"[DONE]"), "{body}");
+    let mut joined = String::new();
+    let mut finish = None;
+    for e in &events[..events.len() - 1] {
+        let chunk: Value = serde_json::from_str(e).unwrap();
+        assert_eq!(chunk["object"], "chat.completion.chunk");
+        if let Some(piece) = chunk["choices"][0]["delta"]["content"].as_str() {
+            joined.push_str(piece);
+        }
+        if let Some(f) = chunk["choices"][0]["finish_reason"].as_str() {
+            finish = Some(f.to_string());
+        }
+    }
+    assert_eq!(joined, text, "the stream carries the same text");
+    assert_eq!(finish.as_deref(), c["choices"][0]["finish_reason"].as_str());
+    net.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_issues_tokens_and_rate_limits_answer_429() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = RateLimitConfig {
+        public_per_min: 5,
+        token_per_min: 50,
+        ..RateLimitConfig::default()
+    };
+    let net = devnet(dir.path(), limits).await;
+    let url = net.nodes[0].api_url();
+    let chain = net.genesis.chain_id.clone();
+    let node_key = key(77);
+    let now_ms = blyan_runtime::transport::now_ms();
+    let experts = vec!["layer.0".to_string(), "layer.1".to_string()];
+    let a = sign_announcement(&node_key, &chain, "10.1.2.3", 9100, &experts, now_ms).unwrap();
+    let body = |sig: [u8; 64]| {
+        json!({
+            "node_id": a.node_id.to_string(),
+            "public_key": format!("0x{}", hex::encode(a.public_key)),
+            "host": a.host, "port": a.port, "available_experts": a.available_experts,
+            "timestamp_ms": a.timestamp_ms,
+            "signature": format!("0x{}", hex::encode(sig)),
+        })
+    };
+    // Public request 1: a forged signature is refused.
+    let mut forged = a.signature;
+    forged[5] ^= 1;
+    let (s, e) = post_json(&url, "/p2p/register", &body(forged))
+        .await
+        .unwrap();
+    assert_eq!((s, e["code"].as_u64()), (400, Some(5001)), "{e}");
+    // Public request 2: the real one registers.
+    let (s, r) = post_json(&url, "/p2p/register", &body(a.signature))
+        .await
+        .unwrap();
+    assert_eq!(s, 200, "{r}");
+    assert_eq!(r["registered"], true);
+    assert_eq!(r["on_chain"], false);
+    let token = r["auth_token"].as_str().unwrap().to_string();
+    assert_eq!(token.len(), 64);
+
+    // Public requests 3..=5 pass, the 6th is limited.
+    for i in 3..=5 {
+        let r = send(&url, "GET", "/status", &[], None).await.unwrap();
+        assert_eq!(r.status, 200, "public request {i}");
+    }
+    let r = send(&url, "GET", "/status", &[], None).await.unwrap();
+    assert_eq!(r.status, 429, "{}", String::from_utf8_lossy(&r.body));
+    let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry), "Retry-After {retry}");
+    let e = json_of(&r);
+    assert_eq!(
+        (e["code"].as_u64(), e["reason"].as_str()),
+        (Some(5001), Some("rate_limited"))
+    );
+    // Monitoring is never limited.
+    let r = send(&url, "GET", "/health", &[], None).await.unwrap();
+    assert_eq!(r.status, 200);
+
+    // The token has its own, higher quota.
+    let bearer = format!("Bearer {token}");
+    let auth = [("Authorization", bearer.as_str())];
+    let r = send(&url, "GET", "/nodes", &auth, None).await.unwrap();
+    assert_eq!(r.status, 200);
+    let nodes = json_of(&r);
+    assert_eq!(nodes["announced"][0]["node_id"], a.node_id.to_string());
+    assert_eq!(nodes["announced"][0]["available_experts"], json!(experts));
+    for i in 1..50 {
+        let r = send(&url, "GET", "/status", &auth, None).await.unwrap();
+        assert_eq!(r.status, 200, "token request {i}");
+    }
+    let r = send(&url, "GET", "/status", &auth, None).await.unwrap();
+    assert_eq!(r.status, 429, "the token's 51st request in a minute");
+
+    // An unknown token and a malformed header are 401, not silently public.
+    let bogus = format!("Bearer {}", "ab".repeat(32));
+    let r = send(
+        &url,
+        "GET",
+        "/status",
+        &[("Authorization", bogus.as_str())],
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 401);
+    let r = send(
+        &url,
+        "GET",
+        "/status",
+        &[("Authorization", "Basic xyz")],
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 401);
+    // Metrics count the refusals and the API latency.
+    let r = send(&url, "GET", "/metrics", &[], None).await.unwrap();
+    let text = String::from_utf8(r.body).unwrap();
+    assert!(text.contains("blyan_api_rate_limited_total 2"), "{text}");
+    assert!(
+        text.contains("blyan_api_request_duration_ms_count"),
+        "{text}"
+    );
+    net.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mine_checks_the_payload_and_commits_the_registration() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = devnet(dir.path(), RateLimitConfig::unlimited()).await;
+    let url = net.nodes[0].api_url();
+    let chain = net.genesis.chain_id.clone();
+    let faucet = read_key_file(&net.faucet_key_file, DEVNET_PASSWORD).unwrap();
+    let payload = b"a tiny dataset for the devnet: 1 2 3 4 5".repeat(40);
+    let block = pol_block(
+        PolBlockType::Data,
+        [0; 32],
+        Vec::new(),
+        &payload,
+        net.faucet,
+    );
+    let t = tx(
+        &chain,
+        &faucet,
+        0,
+        TxKind::Pol(Box::new(PolTx::RegisterBlock(block.clone()))),
+        100_000_000_000,
+    );
+
+    // A payload that is not the block's is refused, and nothing is submitted.
+    let mut wrong = payload.clone();
+    wrong[0] ^= 1;
+    let (s, e) = post_json(
+        &url,
+        "/mine",
+        &json!({ "tx": hex_tx(&t), "block_data": format!("0x{}", hex::encode(&wrong)) }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(s, 400, "{e}");
+    assert!(e["message"].as_str().unwrap().contains("POL-3"), "{e}");
+    let (s, e) = post_json(
+        &url,
+        "/mine",
+        &json!({ "tx": hex_tx(&t), "block_data": format!("0x{}", hex::encode(&payload[1..])) }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(s, 400, "{e}");
+    // A transfer is not a PoL registration.
+    let transfer = blyan_state_machine::testkit::transfer(&chain, &faucet, 0, net.faucet, 1);
+    let (s, _) = post_json(
+        &url,
+        "/mine",
+        &json!({ "tx": hex_tx(&transfer), "block_data": "0x00" }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(s, 400);
+    let (_, status) = get_json(&url, "/status").await.unwrap();
+    assert_eq!(status["mempool_txs"], 0, "nothing was submitted");
+
+    let (s, m) = post_json(
+        &url,
+        "/mine",
+        &json!({
+            "tx": hex_tx(&t),
+            "block_data": format!("0x{}", hex::encode(&payload)),
+            "candidate_loss": 2.5,
+        }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(s, 200, "{m}");
+    assert_eq!(m["status"], "pending");
+    assert_eq!(m["reward_bly"], 0.0);
+    let id = format!("0x{}", hex::encode(block.id()));
+    assert_eq!(m["block_hash"], id);
+    let path = format!("/pol/blocks/{id}");
+    let committed = eventually("the PoL block to commit", || async {
+        let (s, v) = get_json(&url, &path).await.unwrap();
+        (s == 200).then_some(v)
+    })
+    .await;
+    assert_eq!(committed["payload_cid"], block.payload_cid);
+    let (_, list) = get_json(&url, "/pol/blocks?limit=100").await.unwrap();
+    assert!(
+        list["blocks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b["id"] == id)
+    );
+    let (s, _) = get_json(&url, "/pol/blocks?limit=0").await.unwrap();
+    assert_eq!(s, 400);
+    let (s, _) = get_json(&url, &format!("/pol/blocks/0x{}", "00".repeat(32)))
+        .await
+        .unwrap();
+    assert_eq!(s, 404);
+    net.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openapi_documents_every_route() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = devnet(dir.path(), RateLimitConfig::unlimited()).await;
+    let url = net.nodes[0].api_url();
+    let (s, doc) = get_json(&url, "/openapi.json").await.unwrap();
+    assert_eq!(s, 200);
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."), "{doc}");
+    let paths = doc["paths"].as_object().unwrap();
+    for (path, method) in [
+        ("/tx", "post"),
+        ("/tx/{id}", "get"),
+        ("/account/{address}", "get"),
+        ("/block/latest", "get"),
+        ("/block/{height}", "get"),
+        ("/params", "get"),
+        ("/health", "get"),
+        ("/status", "get"),
+        ("/metrics", "get"),
+        ("/chat", "post"),
+        ("/v1/chat/completions", "post"),
+        ("/mine", "post"),
+        ("/pol/blocks", "get"),
+        ("/pol/blocks/{id}", "get"),
+        ("/pol/experts", "get"),
+        ("/p2p/register", "post"),
+        ("/nodes", "get"),
+        ("/openapi.json", "get"),
+    ] {
+        assert!(
+            paths.get(path).and_then(|p| p.get(method)).is_some(),
+            "{method} {path} is not documented"
+        );
+    }
+    // Every documented route answers something other than the fallback 404.
+    for path in paths.keys().filter(|p| !p.contains('{')) {
+        let methods = paths[path].as_object().unwrap();
+        if methods.contains_key("get") {
+            let r = send(&url, "GET", path, &[], None).await.unwrap();
+            let v: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+            assert_ne!(v["reason"], "no_such_route", "GET {path}");
+        }
+    }
+    let schemas = doc["components"]["schemas"].as_object().unwrap();
+    for s in [
+        "ChatBody",
+        "ChatAnswer",
+        "MineBody",
+        "RegisterBody",
+        "ErrorBody",
+    ] {
+        assert!(schemas.contains_key(s), "schema {s}");
+    }
+    net.stop().await;
+}
