@@ -11,7 +11,8 @@
 //! block_interval_ms = 2000           # default (the seed's 2.0 s block time)
 //! max_body_bytes = 1048576           # default: 1 MiB request bodies
 //!
-//! [[peers]]                          # validators to dial; frames from others are refused
+//! [[peers]]                          # the seed list: validators dialled and the only
+//!                                    # nodes admitted by the mutual-TLS handshake
 //! addr = "127.0.0.1:7101"
 //! public_key = "02…"                 # SEC1 compressed, hex
 //! ```

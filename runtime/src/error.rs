@@ -58,6 +58,26 @@ pub enum Error {
         now_ms: u64,
         max_skew_ms: u64,
     },
+    #[error("peer frame signed by {envelope} arrived on the TLS connection of {tls}")]
+    SenderMismatch { envelope: String, tls: String },
+    // TLS (tls.rs).
+    #[error("tls: {0}")]
+    Tls(String),
+    #[error("peer certificate refused: {0}")]
+    PeerCertificate(String),
+    #[error("rpc: {0}")]
+    Rpc(String),
+    // Blobs (blobs.rs).
+    #[error("blob manifest is invalid: {0}")]
+    BlobManifestInvalid(String),
+    #[error("blob {id} chunk {index} refused: {why}")]
+    BlobChunkRejected { id: String, index: u32, why: String },
+    #[error("blob {0}: the assembled payload does not hash to its id; its chunks were discarded")]
+    BlobHashMismatch(String),
+    #[error("blob {id} is corrupt in storage: {what}")]
+    BlobCorrupt { id: String, what: String },
+    #[error("blob {0} is not available from the peer")]
+    BlobUnavailable(String),
 }
 
 impl Error {
@@ -70,6 +90,7 @@ impl Error {
                 | Error::FrameMalformed(_)
                 | Error::UnknownPeer(_)
                 | Error::BadFrameSignature
+                | Error::SenderMismatch { .. }
         )
     }
 

@@ -5,17 +5,19 @@
 //!
 //! - [`keystore`]: encrypted key files; [`store`]: the fjall `node::Store`;
 //! - [`service`]: the tokio task that owns a `Node` and performs its outputs;
-//! - [`transport`]: the interim signed-frame TCP transport (to be replaced by
-//!   tonic + mutual TLS behind the same [`transport::Outbound`] boundary);
+//! - [`transport`]: gRPC (tonic) over mutual TLS 1.3 ([`tls`]: certificates
+//!   bound to the node key), signed frames, behind [`transport::Outbound`];
+//! - [`blobs`]: the content-addressed, chunked blob store (weights, datasets);
 //! - [`api`]: the axum HTTP API; [`client`]: a minimal HTTP client;
 //! - [`config`], [`node`] (wiring), [`devnet`], [`bench`] (the load
 //!   benchmark), and the `blyan` binary.
 //!
-//! Not yet: `/chat`, `/mine`, `/p2p/register`, OpenAPI, rate limits, TLS.
+//! Not yet: `/chat`, `/mine`, `/p2p/register`, OpenAPI, rate limits, TLS on the HTTP API.
 #![forbid(unsafe_code)]
 
 pub mod api;
 pub mod bench;
+pub mod blobs;
 pub mod client;
 pub mod config;
 pub mod devnet;
@@ -24,6 +26,7 @@ pub mod keystore;
 pub mod node;
 pub mod service;
 pub mod store;
+pub mod tls;
 pub mod transport;
 
 pub use error::Error;

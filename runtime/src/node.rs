@@ -3,10 +3,11 @@
 
 use crate::Error;
 use crate::api;
+use crate::blobs::BlobStore;
 use crate::config::FileConfig;
 use crate::keystore::KeyFile;
 use crate::service::{INBOUND_QUEUE, NodeHandle, NodeService};
-use crate::transport::{Outbound, Peer, TcpTransport, TransportConfig};
+use crate::transport::{GrpcTransport, Outbound, Peer, TransportConfig};
 use axum::serve::ListenerExt;
 use blyan_state_machine::genesis::Genesis;
 use blyan_state_machine::node::{NodeConfig, PeerId};
@@ -69,6 +70,10 @@ pub struct RunningNode {
     pub p2p_addr: SocketAddr,
     pub http_addr: SocketAddr,
     pub handle: NodeHandle,
+    /// The P2P transport (partition hook, rejection counters, blob fetches).
+    pub transport: Arc<GrpcTransport>,
+    /// The node's blob store ([`crate::blobs::blob_dir`]), served to peers.
+    pub blobs: Arc<BlobStore>,
     shutdown: watch::Sender<bool>,
     node_task: Option<tokio::task::JoinHandle<()>>,
     tasks: JoinSet<()>,
@@ -93,14 +98,21 @@ impl RunningNode {
             .map_err(|e| Error::io("http listener", e))?;
         let mut tasks = JoinSet::new();
         let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
-        let transport = TcpTransport::start(
+        let blobs_dir = crate::blobs::blob_dir(&setup.data_dir);
+        let blobs = Arc::new(
+            tokio::task::spawn_blocking(move || BlobStore::open(&blobs_dir))
+                .await
+                .map_err(|e| Error::Node(format!("blob store task failed: {e}")))??,
+        );
+        let transport = GrpcTransport::start(
             p2p,
             setup.key.clone(),
             TransportConfig::new(setup.genesis.chain_id.clone(), setup.peers.clone()),
             inbound_tx,
+            Some(blobs.clone()),
             &mut tasks,
         )?;
-        let outbound: Arc<dyn Outbound> = transport;
+        let outbound: Arc<dyn Outbound> = transport.clone();
         let data_dir = setup.data_dir.clone();
         let (service, handle, requests) = tokio::task::spawn_blocking(move || {
             NodeService::open(setup.node, setup.key, &setup.genesis, &data_dir, outbound)
@@ -132,6 +144,8 @@ impl RunningNode {
             p2p_addr,
             http_addr,
             handle,
+            transport,
+            blobs,
             shutdown,
             node_task: Some(node_task),
             tasks,
