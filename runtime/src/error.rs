@@ -81,8 +81,11 @@ pub enum Error {
 }
 
 impl Error {
-    /// Peer-frame errors after which the connection is closed: the peer sent
-    /// garbage. A stale frame (clock skew, a long queue) is only dropped.
+    /// Peer-frame errors that mean the peer sent garbage, as opposed to a
+    /// stale frame (clock skew, a long queue). The gRPC transport answers
+    /// both with an error status and keeps the connection (TLS already
+    /// proved who the peer is); the distinction is kept for logs and for a
+    /// transport that would rather disconnect.
     pub fn closes_connection(&self) -> bool {
         matches!(
             self,
