@@ -930,7 +930,14 @@ impl GrpcTransport {
                 .http2_max_header_list_size(16 * 1024)
                 .http2_keepalive_interval(Some(Duration::from_secs(20)))
                 .add_service(service)
-                .serve_with_incoming(tokio_stream::wrappers::ReceiverStream::new(conn_rx))
+                // A shutdown signal that never fires: with one, tonic ties
+                // each connection task to this server, so aborting this task
+                // (the node stopping) closes its connections; without one
+                // they would outlive it.
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::ReceiverStream::new(conn_rx),
+                    std::future::pending::<()>(),
+                )
                 .await;
             if let Err(e) = served {
                 tracing::error!(error = %error_chain(&e), "P2P server failed");
