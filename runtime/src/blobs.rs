@@ -1,4 +1,5 @@
-//! Content-addressed blob store for weights and datasets, on fjall.
+//! Content-addressed blob store for weights and datasets, on fjall (spec
+//! NODE-NET-4).
 //!
 //! A blob is named by the SHA3-256 of its whole payload ([`BlobId`]) and
 //! stored as [`CHUNK_BYTES`] chunks, so a large blob can be fetched from a

@@ -1,5 +1,5 @@
 //! Mutual TLS 1.3 for the P2P transport, with each side's certificate bound
-//! to its secp256k1 node key.
+//! to its secp256k1 node key (spec NODE-NET-1).
 //!
 //! TLS 1.3 has no secp256k1 signature scheme, so a node cannot put its node
 //! key in a certificate directly. As in libp2p's TLS handshake, each node
@@ -18,11 +18,11 @@
 //! ```
 //!
 //! where SPKI is the DER `SubjectPublicKeyInfo` of the certificate's TLS
-//! key. The extension is marked non-critical only because webpki (which
-//! rustls uses to load a node's own certificate) refuses unknown critical
-//! extensions; Blyan's verifier requires it all the same. The tag is 16 bytes and differs from every `Domain` tag, so such a
+//! key. The tag is 16 bytes and differs from every `Domain` tag, so such a
 //! signature is valid in no other role (a transaction, vote or peer frame)
-//! and on no other chain.
+//! and on no other chain. The extension is marked non-critical only because
+//! webpki (which rustls uses to load a node's own certificate) refuses
+//! unknown critical extensions; Blyan's verifier requires it all the same.
 //!
 //! Verification (the same on both sides, [`PeerCertVerifier`]): exactly one
 //! certificate; it parses; it is inside its validity window; its
@@ -35,9 +35,11 @@
 //! holds a TLS key its node key signed for this chain. Any failure aborts
 //! the handshake with a log line naming the reason; the node keeps running.
 //!
-//! The OID is under `2.999` (the ITU-T/ISO example arc, which no registry
-//! will ever assign): only Blyan nodes read it, and it should move to a
-//! registered private-enterprise arc before a public network exists.
+//! The OID is `2.999.7353.1`, under `2.999` (the joint ISO/ITU-T example
+//! arc, which no registry assigns to anyone): only Blyan nodes read it, and
+//! it should move to a registered private-enterprise arc before a public
+//! network exists. (A UUID arc under `2.25` was the alternative, but rcgen
+//! takes OID arcs as `u64` and a UUID is 128 bits.)
 
 use crate::Error;
 use blyan_state_machine::crypto::{sign, verify_signature};

@@ -1,6 +1,6 @@
 //! Node-to-node transport: gRPC over HTTP/2 (tonic) over mutual TLS 1.3,
 //! each side's certificate bound to its node key ([`crate::tls`]), carrying
-//! signed batches of messages.
+//! signed batches of messages (spec NODE-NET-1 to NODE-NET-4).
 //!
 //! The node service sees only [`Outbound`] (send, broadcast, peer count) and
 //! a bounded channel of [`Inbound`] messages; nothing else in the runtime
