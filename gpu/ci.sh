@@ -4,6 +4,7 @@
 #     transformers, safetensors, numpy;
 #  2. the parity fixtures (tiny random checkpoints and transformers' outputs);
 #  3. cargo test -p blyan-gpu with LIBTORCH_USE_PYTORCH=1.
+# `gpu/ci.sh --venv` does 1 only (for `runtime/devnet`).
 # `gpu/ci.sh --setup` does 1 and 2 only (for a caller that then runs the
 # workspace's cargo commands itself with the venv active and
 # LIBTORCH_USE_PYTORCH=1, BLYAN_PARITY_DIR=$PWD/target/blyan-parity).
@@ -31,6 +32,9 @@ if ! python -c 'import torch, transformers, safetensors, numpy; assert torch.__v
     python -m pip install --quiet $PY_PINS
 fi
 stage "venv (torch $(python -c 'import torch; print(torch.__version__)'))"
+if [ "${1:-}" = "--venv" ]; then
+    exit 0
+fi
 
 export LIBTORCH_USE_PYTORCH=1
 export BLYAN_PARITY_DIR="${BLYAN_PARITY_DIR:-$PWD/target/blyan-parity}"

@@ -433,3 +433,86 @@ async fn openapi_documents_every_route() {
     }
     net.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_genesis_registers_the_model_every_node_serves_and_stores() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = DevnetOptions::new(dir.path().join("devnet"), 2);
+    opts.base_port = None;
+    opts.block_interval_ms = 300;
+    opts.rate_limits = RateLimitConfig::unlimited();
+    let net = Devnet::start(opts).await.unwrap();
+    let model_dir = blyan_runtime::devnet::model_dir(&net.dir);
+    let manifest = std::fs::read(model_dir.join("manifest.json")).unwrap();
+
+    // GEN-MODEL-1: a meta block over the manifest, then one layer per layer.
+    let g = &net.genesis.pol_blocks;
+    assert_eq!(g[0].block_type, PolBlockType::Meta);
+    assert_eq!(
+        g[0].payload_cid,
+        blyan_state_machine::pol::cid_v1_raw_sha256(&manifest)
+    );
+    let layers: Vec<u32> = g[1..].iter().map(|b| b.layer.unwrap()).collect();
+    assert_eq!(layers, vec![0, 1, 2, 3], "the embedded model has 4 layers");
+    assert!(
+        g[1..]
+            .iter()
+            .all(|b| b.block_type == PolBlockType::Layer && b.model_id == g[0].id())
+    );
+
+    for node in &net.nodes {
+        let url = node.api_url();
+        let (_, list) = get_json(&url, "/pol/blocks").await.unwrap();
+        assert_eq!(list["total"], 5, "{list}");
+        let (_, experts) = get_json(&url, "/pol/experts").await.unwrap();
+        assert_eq!(experts["experts"].as_array().unwrap().len(), 4, "{experts}");
+        // Every registered payload is in the node's blob store.
+        for b in g {
+            let path = if b.block_type == PolBlockType::Meta {
+                model_dir.join("manifest.json")
+            } else {
+                let cid = &b.payload_cid;
+                std::fs::read_dir(&model_dir)
+                    .unwrap()
+                    .map(|e| e.unwrap().path())
+                    .find(|p| {
+                        p.extension().is_some_and(|x| x == "safetensors")
+                            && &blyan_state_machine::pol::cid_v1_raw_sha256(
+                                &std::fs::read(p).unwrap(),
+                            ) == cid
+                    })
+                    .expect("the block file of a registered layer")
+            };
+            let payload = std::fs::read(path).unwrap();
+            let id = blyan_runtime::blobs::BlobId::of(&payload);
+            assert!(
+                node.blobs.has(&id).unwrap(),
+                "blob of {:?} {:?}",
+                b.block_type,
+                b.layer
+            );
+            assert_eq!(node.blobs.get(&id).unwrap().unwrap(), payload);
+        }
+        // And /chat serves that model.
+        let (s, a) = post_json(&url, "/chat", &json!({ "prompt": "hi", "max_tokens": 2 }))
+            .await
+            .unwrap();
+        assert_eq!(
+            (s, a["model"].as_str()),
+            (200, Some("blyan-default")),
+            "{a}"
+        );
+    }
+
+    // GEN-MODEL-2: the same directory against a genesis that does not
+    // register it is refused.
+    blyan_runtime::model::check_registered(&net.genesis, &model_dir).unwrap();
+    let mut other = net.genesis.clone();
+    other.pol_blocks.truncate(3);
+    let e = blyan_runtime::model::check_registered(&other, &model_dir).unwrap_err();
+    assert!(
+        e.to_string().contains("not registered in the genesis"),
+        "{e}"
+    );
+    net.stop().await;
+}

@@ -25,7 +25,8 @@
 //! queue_len = 16
 //! max_tokens_limit = 512
 //!
-//! [[peers]]                          # validators to dial; frames from others are refused
+//! [[peers]]                          # the seed list: validators dialled and the only
+//!                                    # nodes admitted by the mutual-TLS handshake
 //! addr = "127.0.0.1:7101"
 //! public_key = "02…"                 # SEC1 compressed, hex
 //! ```

@@ -6,6 +6,10 @@
 //! - `genesis.json`: chain `blyan-devnet`, the validators (10,000 BLY stake
 //!   and 1,000 BLY each) and a faucet account with [`FAUCET_BLY`];
 //! - `faucet.json`: the faucet's key file (password [`DEVNET_PASSWORD`]);
+//! - `model/blyan-default/`: the embedded model as content-addressed blocks
+//!   (`manifest.json`, one safetensors file per block, `tokenizer.json`),
+//!   which the genesis registers as PoL meta and layer blocks, every node
+//!   serves `/chat` from, and every node's blob store holds (GEN-MODEL-1);
 //! - `node-<i>/key.json`, `node-<i>/config.toml`, `node-<i>/data/`: each
 //!   validator's key (same password), a configuration that
 //!   `BLYAN_KEY_PASSWORD=devnet blyan node --config node-<i>/config.toml`
@@ -166,13 +170,62 @@ fn prepare(
             })
             .collect(),
         params: Params::default(),
-        pol_blocks: Vec::new(),
+        pol_blocks: model_pol_blocks(dir, address(&faucet))?,
     };
     genesis
         .validate()
         .map_err(|e| Error::Genesis(e.to_string()))?;
     write(&genesis_path, &genesis.to_json())?;
     Ok((genesis, keys))
+}
+
+/// Where a devnet keeps the embedded model as blocks (GEN-MODEL-1).
+pub fn model_dir(dir: &Path) -> PathBuf {
+    dir.join("model").join("blyan-default")
+}
+
+/// GEN-MODEL-1: writes the embedded model's blocks under `dir/model` and
+/// returns the genesis PoL blocks registering them (submitted by the faucet).
+#[cfg(feature = "inference")]
+fn model_pol_blocks(
+    dir: &Path,
+    submitter: Address,
+) -> Result<Vec<blyan_state_machine::pol::PolBlock>, Error> {
+    let blocks = crate::model::write_default_blocks(&dir.join("model"))?;
+    let target = model_dir(dir);
+    if blocks != target {
+        std::fs::rename(&blocks, &target).map_err(|e| Error::io(target.display(), e))?;
+    }
+    Ok(crate::model::blocks_of_dir(&target, submitter)?
+        .registered
+        .into_iter()
+        .map(|m| m.block)
+        .collect())
+}
+
+/// Without the inference engine the devnet registers no model.
+#[cfg(not(feature = "inference"))]
+fn model_pol_blocks(
+    _dir: &Path,
+    _submitter: Address,
+) -> Result<Vec<blyan_state_machine::pol::PolBlock>, Error> {
+    Ok(Vec::new())
+}
+
+/// GEN-MODEL-1: every payload of the model's block directory (registered
+/// blocks and those only the manifest commits to), for the blob stores.
+fn model_payloads(dir: &Path) -> Result<Vec<Vec<u8>>, Error> {
+    let target = model_dir(dir);
+    if !target.join("manifest.json").is_file() {
+        return Ok(Vec::new());
+    }
+    let blocks = crate::model::blocks_of_dir(&target, Address::ZERO)?;
+    Ok(blocks
+        .registered
+        .into_iter()
+        .map(|m| m.payload)
+        .chain(blocks.others.into_iter().map(|(_, p)| p))
+        .collect())
 }
 
 /// Node `i`'s configuration file (paths relative to `node-<i>/`).
@@ -234,7 +287,17 @@ pub fn write_layout(
     let mut paths = Vec::new();
     for (i, (_, http)) in addrs.iter().enumerate() {
         let path = node_dir(&opts.dir, i).join("config.toml");
-        let config = file_config(&genesis, &peers, i, http, opts);
+        let mut opts = opts.clone();
+        if opts.inference.model_dir.is_none()
+            && model_dir(&opts.dir).join("manifest.json").is_file()
+        {
+            opts.inference.model_dir = Some(
+                model_dir(&opts.dir)
+                    .canonicalize()
+                    .map_err(|e| Error::io("model dir", e))?,
+            );
+        }
+        let config = file_config(&genesis, &peers, i, http, &opts);
         write(&path, &config.to_toml())?;
         paths.push(path);
     }
@@ -275,6 +338,12 @@ impl Devnet {
                 public_key: public_key_of(key),
             });
         }
+        // The nodes serve the model the genesis registers (GEN-MODEL-1/2).
+        let mut opts = opts;
+        if opts.inference.model_dir.is_none() && model_dir(&dir).join("manifest.json").is_file() {
+            opts.inference.model_dir = Some(model_dir(&dir));
+        }
+        let payloads = model_payloads(&dir)?;
         let mut nodes = Vec::new();
         for (i, (key, (p2p, http))) in keys.into_iter().zip(listeners).enumerate() {
             let nd = node_dir(&dir, i);
@@ -296,7 +365,11 @@ impl Devnet {
                 rate_limits: opts.rate_limits.clone(),
                 inference: opts.inference.clone(),
             };
-            nodes.push(RunningNode::start(setup, p2p, http).await?);
+            let node = RunningNode::start(setup, p2p, http).await?;
+            for p in &payloads {
+                node.blobs.put(p)?;
+            }
+            nodes.push(node);
         }
         Ok(Devnet {
             dir,

@@ -58,6 +58,26 @@ pub enum Error {
         now_ms: u64,
         max_skew_ms: u64,
     },
+    #[error("peer frame signed by {envelope} arrived on the TLS connection of {tls}")]
+    SenderMismatch { envelope: String, tls: String },
+    // TLS (tls.rs).
+    #[error("tls: {0}")]
+    Tls(String),
+    #[error("peer certificate refused: {0}")]
+    PeerCertificate(String),
+    #[error("rpc: {0}")]
+    Rpc(String),
+    // Blobs (blobs.rs).
+    #[error("blob manifest is invalid: {0}")]
+    BlobManifestInvalid(String),
+    #[error("blob {id} chunk {index} refused: {why}")]
+    BlobChunkRejected { id: String, index: u32, why: String },
+    #[error("blob {0}: the assembled payload does not hash to its id; its chunks were discarded")]
+    BlobHashMismatch(String),
+    #[error("blob {id} is corrupt in storage: {what}")]
+    BlobCorrupt { id: String, what: String },
+    #[error("blob {0} is not available from the peer")]
+    BlobUnavailable(String),
     // API services (inference.rs, registry.rs).
     #[error("inference: {0}")]
     Inference(String),
@@ -70,8 +90,11 @@ pub enum Error {
 }
 
 impl Error {
-    /// Peer-frame errors after which the connection is closed: the peer sent
-    /// garbage. A stale frame (clock skew, a long queue) is only dropped.
+    /// Peer-frame errors that mean the peer sent garbage, as opposed to a
+    /// stale frame (clock skew, a long queue). The gRPC transport answers
+    /// both with an error status and keeps the connection (TLS already
+    /// proved who the peer is); the distinction is kept for logs and for a
+    /// transport that would rather disconnect.
     pub fn closes_connection(&self) -> bool {
         matches!(
             self,
@@ -79,6 +102,7 @@ impl Error {
                 | Error::FrameMalformed(_)
                 | Error::UnknownPeer(_)
                 | Error::BadFrameSignature
+                | Error::SenderMismatch { .. }
         )
     }
 

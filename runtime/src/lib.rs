@@ -5,18 +5,22 @@
 //!
 //! - [`keystore`]: encrypted key files; [`store`]: the fjall `node::Store`;
 //! - [`service`]: the tokio task that owns a `Node` and performs its outputs;
-//! - [`transport`]: the interim signed-frame TCP transport (to be replaced by
-//!   tonic + mutual TLS behind the same [`transport::Outbound`] boundary);
+//! - [`transport`]: gRPC (tonic) over mutual TLS 1.3 ([`tls`]: certificates
+//!   bound to the node key), signed frames, behind [`transport::Outbound`];
+//! - [`blobs`]: the content-addressed, chunked blob store (weights, datasets);
 //! - [`api`]: the axum HTTP API (with [`ratelimit`], the [`registry`] of
 //!   announced inference nodes, and [`inference`], the local engine behind
 //!   `/chat`); [`client`]: a minimal HTTP client;
+//! - [`model`]: the served model on chain (genesis registration, check);
 //! - [`config`], [`node`] (wiring), [`devnet`], [`bench`] (the load
 //!   benchmark), and the `blyan` binary.
 //!
+//! Not yet: TLS on the HTTP API (run it behind a reverse proxy).
 #![forbid(unsafe_code)]
 
 pub mod api;
 pub mod bench;
+pub mod blobs;
 pub mod client;
 pub mod config;
 pub mod devnet;
@@ -29,6 +33,7 @@ pub mod ratelimit;
 pub mod registry;
 pub mod service;
 pub mod store;
+pub mod tls;
 pub mod transport;
 
 pub use error::Error;

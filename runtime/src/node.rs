@@ -3,10 +3,11 @@
 
 use crate::Error;
 use crate::api;
+use crate::blobs::BlobStore;
 use crate::config::FileConfig;
 use crate::keystore::KeyFile;
 use crate::service::{INBOUND_QUEUE, NodeHandle, NodeService};
-use crate::transport::{Outbound, Peer, TcpTransport, TransportConfig};
+use crate::transport::{GrpcTransport, Outbound, Peer, TransportConfig};
 use axum::serve::ListenerExt;
 use blyan_state_machine::genesis::Genesis;
 use blyan_state_machine::node::{NodeConfig, PeerId};
@@ -74,6 +75,10 @@ pub struct RunningNode {
     pub p2p_addr: SocketAddr,
     pub http_addr: SocketAddr,
     pub handle: NodeHandle,
+    /// The P2P transport (partition hook, rejection counters, blob fetches).
+    pub transport: Arc<GrpcTransport>,
+    /// The node's blob store ([`crate::blobs::blob_dir`]), served to peers.
+    pub blobs: Arc<BlobStore>,
     shutdown: watch::Sender<bool>,
     node_task: Option<tokio::task::JoinHandle<()>>,
     tasks: JoinSet<()>,
@@ -98,14 +103,27 @@ impl RunningNode {
             .map_err(|e| Error::io("http listener", e))?;
         let mut tasks = JoinSet::new();
         let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
-        let transport = TcpTransport::start(
+        let blobs_dir = crate::blobs::blob_dir(&setup.data_dir);
+        let blobs = Arc::new(
+            tokio::task::spawn_blocking(move || BlobStore::open(&blobs_dir))
+                .await
+                .map_err(|e| Error::Node(format!("blob store task failed: {e}")))??,
+        );
+        let transport = GrpcTransport::start(
             p2p,
             setup.key.clone(),
             TransportConfig::new(setup.genesis.chain_id.clone(), setup.peers.clone()),
             inbound_tx,
+            Some(blobs.clone()),
             &mut tasks,
         )?;
-        let outbound: Arc<dyn Outbound> = transport;
+        let outbound: Arc<dyn Outbound> = transport.clone();
+        if setup.inference.enabled
+            && let Some(dir) = &setup.inference.model_dir
+            && dir.join("manifest.json").is_file()
+        {
+            crate::model::check_registered(&setup.genesis, dir)?;
+        }
         let inference = if setup.inference.enabled {
             Some(crate::inference::InferenceHandle::start(setup.inference.clone()).await?)
         } else {
@@ -124,7 +142,7 @@ impl RunningNode {
         .map_err(|e| Error::Node(format!("start-up task failed: {e}")))??;
         let (shutdown, shutdown_rx) = watch::channel(false);
         let node_task = tokio::spawn(service.run(requests, inbound_rx, shutdown_rx.clone()));
-        let router = api::router(handle.clone(), &api_config, inference);
+        let router = api::router(handle.clone(), &api_config, inference, Some(blobs.clone()));
         let mut api_shutdown = shutdown_rx;
         // TCP_NODELAY on API connections: without it a keep-alive client
         // waits on Nagle's algorithm and delayed ACKs (tens of ms per request).
@@ -148,6 +166,8 @@ impl RunningNode {
             p2p_addr,
             http_addr,
             handle,
+            transport,
+            blobs,
             shutdown,
             node_task: Some(node_task),
             tasks,

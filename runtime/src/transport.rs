@@ -1,58 +1,106 @@
-//! Node-to-node transport: signed, length-prefixed frames over plain TCP.
+//! Node-to-node transport: gRPC over HTTP/2 (tonic) over mutual TLS 1.3,
+//! each side's certificate bound to its node key ([`crate::tls`]), carrying
+//! signed batches of messages (spec NODE-NET-1 to NODE-NET-4).
 //!
-//! **Interim.** The issue asks for tonic with mutual TLS 1.3 bound to the
-//! node key; this module is the stand-in behind a small boundary so it can be
-//! swapped: the node service sees only [`Outbound`] (send, broadcast, peer
-//! count) and a bounded channel of [`Inbound`] messages. Nothing else in the
-//! runtime knows about TCP or frames.
+//! The node service sees only [`Outbound`] (send, broadcast, peer count) and
+//! a bounded channel of [`Inbound`] messages; nothing else in the runtime
+//! knows about TLS, HTTP/2 or frames.
 //!
-//! Frame (after a 4-byte big-endian length, at most [`MAX_FRAME_BYTES`]):
+//! **Service** `blyan.p2p.v1.Peer`, written by hand over a raw-bytes codec
+//! ([`BytesCodec`]: no protobuf, no code generation), three methods:
+//! - `Deliver` (unary): request = one frame body (below), response empty;
+//! - `BlobManifest` (unary): request = blob id (32 bytes), response = the
+//!   manifest ([`crate::blobs::BlobManifest::encode`]);
+//! - `FetchBlob` (server streaming): request = `blob id (32) ‖ from_chunk (4,
+//!   big-endian)`, response = one message per chunk from `from_chunk` on,
+//!   `index (4, big-endian) ‖ chunk bytes` (at most 1 MiB).
+//!
+//! **Authentication, two layers.** The TLS handshake proves which configured
+//! validator is at the other end (both directions; anyone else fails the
+//! handshake and is logged and counted, [`GrpcTransport::rejected_handshakes`]).
+//! On top, every frame still carries its sender, a timestamp and a signature
+//! (the issue requires messages that authenticate on their own, e.g. when
+//! relayed or logged), and a frame is accepted only if its signer is the
+//! TLS-authenticated peer ([`Error::SenderMismatch`]).
+//!
+//! Frame (a `Deliver` request, at most [`MAX_FRAME_BYTES`]):
 //! `version (1) ‖ sender public key (33, SEC1 compressed) ‖ timestamp_ms (8,
 //! big-endian) ‖ signature (64) ‖ payload`, where the payload is a batch of
 //! messages, `count (4, big-endian, 1..=MAX_BATCH_MESSAGES) ‖ (length (4,
 //! big-endian) ‖ canonical WireMessage bytes) × count`, and the signature is
 //! ECDSA secp256k1 over `signing_bytes(Domain::PeerMessage, chain_id,
 //! timestamp_ms ‖ payload)` (SIG-1: the peer-message domain, so no peer frame
-//! is valid as a vote or a transaction). Every frame is authenticated on its
-//! own, so connections need no handshake: each node dials every peer for its
-//! outgoing frames and reads frames from the connections peers dial to it.
-//! Batching is what keeps the transport's own signatures off the critical
-//! path under load: a writer signs once for everything queued for its peer
-//! (one message when idle, hundreds of gossiped transactions under load), and
-//! the receiver verifies once per frame.
+//! is valid as a vote or a transaction). ([`seal`] returns it behind a
+//! 4-byte length prefix, which the gRPC message framing replaces.)
+//! Batching keeps the transport's own signatures off the critical path
+//! under load: a writer signs once for everything queued for its peer.
 //!
-//! Receiving: a frame that is too long, malformed, from a sender outside the
-//! configured peer list, or with a bad signature is dropped with a log line
-//! and the connection is closed; a frame whose timestamp is more than
-//! [`MAX_CLOCK_SKEW_MS`] from the receiver's clock is dropped and logged
-//! (the connection stays). Inbound connections are bounded
-//! ([`TransportConfig::max_inbound_connections`]).
+//! Receiving: a frame that is malformed, from a sender outside the peer
+//! list, with a bad signature, or signed by someone other than the TLS peer
+//! is refused (gRPC status `InvalidArgument`/`PermissionDenied`) with a log
+//! line; a frame whose timestamp is more than [`MAX_CLOCK_SKEW_MS`] from the
+//! receiver's clock is refused as stale (`FailedPrecondition`). The
+//! connection stays up in every case: the peer already proved who it is.
 //!
-//! Sending: one bounded queue of encoded messages per peer; when it is full
-//! the message is dropped (consensus tolerates loss). A writer task per peer
-//! connects with exponential backoff, takes everything queued (up to
+//! Compression: frames of [`GZIP_THRESHOLD_BYTES`] or more are sent gzip
+//! compressed (gRPC message compression); blob chunks are served gzip
+//! compressed to clients that accept it. Small frames (votes) are not:
+//! compressing them costs more than it saves.
+//!
+//! **Bounds**, so one slow or hostile peer cannot exhaust memory:
+//! - one bounded send queue per peer ([`TransportConfig::outbound_queue_messages`]);
+//!   a full queue drops the message (consensus tolerates loss);
+//! - inbound connections, handshaking or established, are capped
+//!   ([`TransportConfig::max_inbound_connections`]), a handshake must finish
+//!   within [`TransportConfig::handshake_timeout_ms`], and each validator may
+//!   hold at most [`TransportConfig::max_connections_per_peer`] connections;
+//! - per connection, HTTP/2 streams are capped ([`MAX_STREAMS_PER_CONNECTION`])
+//!   and so is every message ([`MAX_FRAME_BYTES`] in, chunk size plus header
+//!   for blobs), decompressed size included;
+//! - inbound messages go to the node's bounded queue; a full queue
+//!   back-pressures the peer's stream (its unary call waits), which h2 flow
+//!   control turns into a slower peer, not more memory;
+//! - a blob stream holds at most [`BLOB_STREAM_BUFFER_CHUNKS`] chunks ahead
+//!   of the network.
+//!
+//! Sending: a writer task per peer dials it (TCP, TLS, HTTP/2, with
+//! exponential backoff), takes everything queued (up to
 //! [`MAX_BATCH_MESSAGES`] and the frame limit), seals it into one frame and
-//! writes it; it reconnects after any write error (the batch is lost).
+//! delivers it; after a transport error it reconnects (the batch is lost).
+//!
+//! **Partitions** (a test and operations hook): [`GrpcTransport::set_blocked`]
+//! drops every frame to and from the given peers until changed.
 //!
 //! Transaction replay is not this layer's concern (transactions carry their
 //! own nonce and signature), and a replayed consensus frame within the skew
 //! window is a duplicate that consensus ignores.
 
 use crate::Error;
+use crate::blobs::{BlobId, BlobManifest, BlobStore, CHUNK_BYTES};
+use crate::tls::{NodeCertificate, PeerCertVerifier, SERVER_NAME, peer_identity};
 use blyan_state_machine::crypto::{sign, verify_signature};
 use blyan_state_machine::encoding::Canonical;
 use blyan_state_machine::node::{PeerId, WireMessage};
 use blyan_state_machine::tx::{Domain, PublicKey, public_key_of, signing_bytes};
 use blyan_state_machine::types::Address;
+use bytes::{Buf, BufMut, Bytes};
 use k256::ecdsa::SigningKey;
-use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::{BTreeMap, BTreeSet};
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinSet;
+use tonic::codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::transport::server::Connected;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
 use tracing::{debug, info, warn};
 
 /// Largest frame accepted or sent (the length prefix excluded).
@@ -61,6 +109,22 @@ pub const MAX_FRAME_BYTES: usize = 4 * 1024 * 1024;
 pub const MAX_CLOCK_SKEW_MS: u64 = 30_000;
 /// Most messages in one frame.
 pub const MAX_BATCH_MESSAGES: usize = 4_096;
+/// Frames of at least this many bytes are sent gzip compressed.
+pub const GZIP_THRESHOLD_BYTES: usize = 16 * 1024;
+/// HTTP/2 streams (concurrent calls) one connection may have open.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 32;
+/// Chunks a blob stream reads ahead of the network.
+pub const BLOB_STREAM_BUFFER_CHUNKS: usize = 2;
+/// What gzip may add to an incompressible message (tonic checks the size
+/// limits on the compressed message too); deflate's worst case is a few
+/// bytes per 16 KiB block.
+const COMPRESSION_SLACK_BYTES: usize = 64 * 1024;
+/// Largest blob-stream message: a chunk and its 4-byte index.
+const MAX_CHUNK_MESSAGE_BYTES: usize = CHUNK_BYTES + 4 + COMPRESSION_SLACK_BYTES;
+/// Largest manifest message (a 64 GiB blob's).
+const MAX_MANIFEST_MESSAGE_BYTES: usize = 12
+    + 32 * (crate::blobs::MAX_BLOB_BYTES / CHUNK_BYTES as u64) as usize
+    + COMPRESSION_SLACK_BYTES;
 /// Version 2: the payload is a batch of messages (version 1 carried one).
 const FRAME_VERSION: u8 = 2;
 const HEADER_BYTES: usize = 1 + 33 + 8 + 64;
@@ -93,17 +157,23 @@ impl Peer {
     }
 }
 
-/// Transport parameters (defaults in [`TransportConfig::default`]).
+/// Transport parameters (defaults in [`TransportConfig::new`]).
 #[derive(Clone, Debug)]
 pub struct TransportConfig {
     pub chain_id: String,
-    /// The only senders whose frames are accepted, and the peers dialled.
+    /// The only nodes admitted by the TLS handshake and whose frames are
+    /// accepted, and the peers dialled (the seed list of the configuration).
     pub peers: Vec<Peer>,
     /// Messages queued per peer before new ones are dropped (default 16384:
     /// a few seconds of gossiped transactions under load).
     pub outbound_queue_messages: usize,
-    /// Inbound connections served at once (default 64).
+    /// Inbound connections, handshaking or established, at once (default 64).
     pub max_inbound_connections: usize,
+    /// Established inbound connections one validator may hold (default 4:
+    /// one is normal; a few cover reconnects and blob fetches).
+    pub max_connections_per_peer: usize,
+    /// A TLS handshake not finished in this time is dropped (default 10000 ms).
+    pub handshake_timeout_ms: u64,
     /// First reconnect delay (default 100 ms), doubled up to `reconnect_max_ms` (default 5000 ms).
     pub reconnect_min_ms: u64,
     pub reconnect_max_ms: u64,
@@ -116,6 +186,8 @@ impl TransportConfig {
             peers,
             outbound_queue_messages: 16_384,
             max_inbound_connections: 64,
+            max_connections_per_peer: 4,
+            handshake_timeout_ms: 10_000,
             reconnect_min_ms: 100,
             reconnect_max_ms: 5_000,
         }
@@ -256,22 +328,530 @@ pub fn open(
     Ok((from, decode_batch(&frame[HEADER_BYTES..])?))
 }
 
-/// The TCP transport. See the module docs.
-pub struct TcpTransport {
-    queues: BTreeMap<PeerId, mpsc::Sender<Arc<Vec<u8>>>>,
-    connected: Arc<AtomicUsize>,
+/// gRPC service name.
+pub const SERVICE_NAME: &str = "blyan.p2p.v1.Peer";
+const PATH_DELIVER: &str = "/blyan.p2p.v1.Peer/Deliver";
+const PATH_BLOB_MANIFEST: &str = "/blyan.p2p.v1.Peer/BlobManifest";
+const PATH_FETCH_BLOB: &str = "/blyan.p2p.v1.Peer/FetchBlob";
+
+/// The gRPC codec of this service: messages are raw bytes, their layout
+/// defined by each method (module docs), so no protobuf is involved.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BytesCodec;
+
+impl Codec for BytesCodec {
+    type Encode = Bytes;
+    type Decode = Bytes;
+    type Encoder = BytesCodec;
+    type Decoder = BytesCodec;
+    fn encoder(&mut self) -> BytesCodec {
+        BytesCodec
+    }
+    fn decoder(&mut self) -> BytesCodec {
+        BytesCodec
+    }
 }
 
-impl TcpTransport {
-    /// Starts accepting frames on `listener` (delivered to `inbound`) and a
-    /// writer task per peer other than this node, all spawned into `tasks`.
+impl Encoder for BytesCodec {
+    type Item = Bytes;
+    type Error = Status;
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.put(item);
+        Ok(())
+    }
+}
+
+impl Decoder for BytesCodec {
+    type Item = Bytes;
+    type Error = Status;
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
+        Ok(Some(src.copy_to_bytes(src.remaining())))
+    }
+}
+
+/// The validator at the other end of an inbound connection, as proven by its
+/// TLS certificate; tonic attaches it to every request on the connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TlsPeer(pub PeerId);
+
+/// An authenticated inbound connection. Holding it holds its slot in the
+/// inbound-connection and per-peer limits.
+struct PeerStream {
+    inner: tokio_rustls::server::TlsStream<TcpStream>,
+    peer: PeerId,
+    _permit: OwnedSemaphorePermit,
+    _slot: PeerSlot,
+}
+
+/// One of a peer's [`TransportConfig::max_connections_per_peer`] slots.
+struct PeerSlot {
+    peer: PeerId,
+    counts: Arc<Mutex<BTreeMap<PeerId, usize>>>,
+}
+
+impl PeerSlot {
+    fn take(
+        counts: &Arc<Mutex<BTreeMap<PeerId, usize>>>,
+        peer: PeerId,
+        max: usize,
+    ) -> Option<PeerSlot> {
+        let mut c = counts.lock().expect("peer slot lock");
+        let n = c.entry(peer).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(PeerSlot {
+            peer,
+            counts: counts.clone(),
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut c = self.counts.lock().expect("peer slot lock");
+        if let Some(n) = c.get_mut(&self.peer) {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
+
+impl Connected for PeerStream {
+    type ConnectInfo = TlsPeer;
+    fn connect_info(&self) -> TlsPeer {
+        TlsPeer(self.peer)
+    }
+}
+
+impl AsyncRead for PeerStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for PeerStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// What the server side shares between connections and calls.
+struct Shared {
+    chain_id: String,
+    known: BTreeMap<PublicKey, PeerId>,
+    inbound: mpsc::Sender<Inbound>,
+    blocked: Arc<RwLock<BTreeSet<PeerId>>>,
+    blobs: Option<Arc<BlobStore>>,
+    rejected_frames: AtomicU64,
+}
+
+impl Shared {
+    fn is_blocked(&self, peer: &PeerId) -> bool {
+        self.blocked.read().expect("blocked lock").contains(peer)
+    }
+}
+
+fn tls_peer<T>(r: &tonic::Request<T>) -> Result<PeerId, Status> {
+    r.extensions()
+        .get::<TlsPeer>()
+        .map(|p| p.0)
+        .ok_or_else(|| Status::unauthenticated("no TLS peer identity on this connection"))
+}
+
+/// The gRPC status a refused frame is answered with.
+fn frame_status(e: &Error) -> Status {
+    match e {
+        Error::StaleFrame { .. } => Status::failed_precondition(e.to_string()),
+        Error::UnknownPeer(_) | Error::SenderMismatch { .. } | Error::BadFrameSignature => {
+            Status::permission_denied(e.to_string())
+        }
+        _ => Status::invalid_argument(e.to_string()),
+    }
+}
+
+async fn deliver(
+    shared: Arc<Shared>,
+    r: tonic::Request<Bytes>,
+) -> Result<tonic::Response<Bytes>, Status> {
+    let tls = tls_peer(&r)?;
+    if shared.is_blocked(&tls) {
+        debug!(peer = %tls, "frame from a blocked peer dropped");
+        return Ok(tonic::Response::new(Bytes::new()));
+    }
+    let frame = r.into_inner();
+    let checked = open(&frame, &shared.chain_id, &shared.known, now_ms()).and_then(|(from, m)| {
+        if from == tls {
+            Ok(m)
+        } else {
+            Err(Error::SenderMismatch {
+                envelope: from.to_string(),
+                tls: tls.to_string(),
+            })
+        }
+    });
+    match checked {
+        Ok(messages) => {
+            for m in messages {
+                if shared.inbound.send((tls, m)).await.is_err() {
+                    return Err(Status::unavailable("the node is stopping"));
+                }
+            }
+            Ok(tonic::Response::new(Bytes::new()))
+        }
+        Err(e) => {
+            shared.rejected_frames.fetch_add(1, Ordering::Relaxed);
+            warn!(peer = %tls, error = %e, "peer frame refused");
+            Err(frame_status(&e))
+        }
+    }
+}
+
+fn parse_blob_id(bytes: &[u8]) -> Result<BlobId, Status> {
+    let id: [u8; 32] = bytes
+        .get(..32)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| Status::invalid_argument("a blob id is 32 bytes"))?;
+    Ok(BlobId(id))
+}
+
+fn blob_store(shared: &Shared) -> Result<Arc<BlobStore>, Status> {
+    shared
+        .blobs
+        .clone()
+        .ok_or_else(|| Status::unimplemented("this node serves no blobs"))
+}
+
+async fn blob_manifest(
+    shared: Arc<Shared>,
+    r: tonic::Request<Bytes>,
+) -> Result<tonic::Response<Bytes>, Status> {
+    tls_peer(&r)?;
+    let body = r.into_inner();
+    if body.len() != 32 {
+        return Err(Status::invalid_argument("a blob id is 32 bytes"));
+    }
+    let id = parse_blob_id(&body)?;
+    let store = blob_store(&shared)?;
+    let m = tokio::task::spawn_blocking(move || store.manifest(&id))
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| Status::internal(e.to_string()))?;
+    match m {
+        Some(m) => Ok(tonic::Response::new(Bytes::from(m.encode()))),
+        None => Err(Status::not_found(format!("blob {id}"))),
+    }
+}
+
+type ChunkStream = tokio_stream::wrappers::ReceiverStream<Result<Bytes, Status>>;
+
+async fn fetch_blob_stream(
+    shared: Arc<Shared>,
+    r: tonic::Request<Bytes>,
+) -> Result<tonic::Response<ChunkStream>, Status> {
+    tls_peer(&r)?;
+    let body = r.into_inner();
+    if body.len() != 36 {
+        return Err(Status::invalid_argument(
+            "FetchBlob takes a blob id and a chunk index (36 bytes)",
+        ));
+    }
+    let id = parse_blob_id(&body)?;
+    let from = u32::from_be_bytes(body[32..36].try_into().expect("4 bytes"));
+    let store = blob_store(&shared)?;
+    let (tx, rx) = mpsc::channel(BLOB_STREAM_BUFFER_CHUNKS);
+    tokio::spawn(async move {
+        let mut index = from;
+        loop {
+            let s = store.clone();
+            let chunk = tokio::task::spawn_blocking(move || s.get_chunk(&id, index)).await;
+            let item = match chunk {
+                Ok(Ok(Some(c))) => {
+                    let mut m = Vec::with_capacity(4 + c.len());
+                    m.extend_from_slice(&index.to_be_bytes());
+                    m.extend_from_slice(&c);
+                    Ok(Bytes::from(m))
+                }
+                Ok(Ok(None)) if index == from => {
+                    Err(Status::not_found(format!("blob {id} chunk {index}")))
+                }
+                Ok(Ok(None)) => return, // Past the last chunk (or not held): the stream ends.
+                Ok(Err(e)) => {
+                    warn!(error = %e, "blob chunk not served");
+                    Err(Status::data_loss(e.to_string()))
+                }
+                Err(e) => Err(Status::internal(e.to_string())),
+            };
+            let stop = item.is_err();
+            if tx.send(item).await.is_err() || stop {
+                return; // The client went away, or an error ended the stream.
+            }
+            index += 1;
+        }
+    });
+    Ok(tonic::Response::new(
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+    ))
+}
+
+/// The hand-written gRPC service (what code generation would produce).
+#[derive(Clone)]
+struct PeerService {
+    shared: Arc<Shared>,
+}
+
+impl tonic::server::NamedService for PeerService {
+    const NAME: &'static str = SERVICE_NAME;
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+impl tower::Service<http::Request<tonic::body::Body>> for PeerService {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        let shared = self.shared.clone();
+        match req.uri().path() {
+            PATH_DELIVER => Box::pin(async move {
+                let mut grpc = tonic::server::Grpc::new(BytesCodec)
+                    .accept_compressed(CompressionEncoding::Gzip)
+                    .max_decoding_message_size(MAX_FRAME_BYTES + COMPRESSION_SLACK_BYTES);
+                let svc = tower::service_fn(move |r| deliver(shared.clone(), r));
+                Ok(grpc.unary(svc, req).await)
+            }),
+            PATH_BLOB_MANIFEST => Box::pin(async move {
+                let mut grpc = tonic::server::Grpc::new(BytesCodec)
+                    .max_decoding_message_size(64)
+                    .send_compressed(CompressionEncoding::Gzip);
+                let svc = tower::service_fn(move |r| blob_manifest(shared.clone(), r));
+                Ok(grpc.unary(svc, req).await)
+            }),
+            PATH_FETCH_BLOB => Box::pin(async move {
+                let mut grpc = tonic::server::Grpc::new(BytesCodec)
+                    .max_decoding_message_size(64)
+                    .send_compressed(CompressionEncoding::Gzip);
+                let svc = tower::service_fn(move |r| fetch_blob_stream(shared.clone(), r));
+                Ok(grpc.server_streaming(svc, req).await)
+            }),
+            other => {
+                let status = Status::unimplemented(format!("no method {other}"));
+                Box::pin(async move { Ok(status.into_http()) })
+            }
+        }
+    }
+}
+
+/// A gRPC client for one peer over an authenticated TLS connection: what
+/// the writer tasks and blob fetches use, public for tests and tools.
+#[derive(Clone)]
+pub struct PeerClient {
+    channel: Channel,
+}
+
+impl PeerClient {
+    /// Dials `addr`, presenting `cert` (none: only tests), and accepts only a
+    /// server whose certificate proves it is `expected`.
+    pub async fn connect(
+        addr: &str,
+        cert: Option<&NodeCertificate>,
+        verifier: Arc<PeerCertVerifier>,
+        chain_id: &str,
+        allowed: &BTreeSet<PeerId>,
+        expected: PeerId,
+    ) -> Result<PeerClient, Error> {
+        let config = Arc::new(crate::tls::client_config(cert, verifier)?);
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| Error::Config(format!("peer address {addr}: {e}")))?
+            .connect_timeout(Duration::from_secs(10))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_while_idle(true);
+        let (addr, chain_id, allowed) = (addr.to_string(), chain_id.to_string(), allowed.clone());
+        let connector = tower::service_fn(move |_uri: http::Uri| {
+            let (addr, chain_id, allowed, config) = (
+                addr.clone(),
+                chain_id.clone(),
+                allowed.clone(),
+                config.clone(),
+            );
+            async move {
+                let tcp = TcpStream::connect(&addr).await?;
+                tcp.set_nodelay(true)?;
+                let name = rustls::pki_types::ServerName::try_from(SERVER_NAME)
+                    .map_err(std::io::Error::other)?;
+                let tls = tokio_rustls::TlsConnector::from(config)
+                    .connect(name, tcp)
+                    .await?;
+                let id = peer_identity(tls.get_ref().1.peer_certificates(), &chain_id, &allowed)
+                    .map_err(std::io::Error::other)?;
+                if id != expected {
+                    return Err(std::io::Error::other(format!(
+                        "dialled {expected} at {addr}, reached {id}"
+                    )));
+                }
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+            }
+        });
+        let channel = endpoint
+            .connect_with_connector(connector)
+            .await
+            .map_err(|e| Error::Rpc(format!("connect {expected}: {}", error_chain(&e))))?;
+        Ok(PeerClient { channel })
+    }
+
+    fn grpc(&self) -> tonic::client::Grpc<Channel> {
+        tonic::client::Grpc::new(self.channel.clone())
+    }
+
+    async fn ready(grpc: &mut tonic::client::Grpc<Channel>) -> Result<(), Status> {
+        grpc.ready()
+            .await
+            .map_err(|e| Status::unavailable(format!("connection: {}", error_chain(&e))))
+    }
+
+    /// Delivers one frame body (a [`seal`] output without its length prefix),
+    /// gzip compressed from [`GZIP_THRESHOLD_BYTES`] on.
+    pub async fn deliver(&self, frame: Bytes) -> Result<(), Status> {
+        let mut grpc = self
+            .grpc()
+            .max_encoding_message_size(MAX_FRAME_BYTES + COMPRESSION_SLACK_BYTES);
+        if frame.len() >= GZIP_THRESHOLD_BYTES {
+            grpc = grpc.send_compressed(CompressionEncoding::Gzip);
+        }
+        Self::ready(&mut grpc).await?;
+        let path = http::uri::PathAndQuery::from_static(PATH_DELIVER);
+        grpc.unary(tonic::Request::new(frame), path, BytesCodec)
+            .await
+            .map(|_| ())
+    }
+
+    /// The peer's manifest of blob `id`.
+    pub async fn blob_manifest(&self, id: &BlobId) -> Result<BlobManifest, Error> {
+        let mut grpc = self
+            .grpc()
+            .accept_compressed(CompressionEncoding::Gzip)
+            .max_decoding_message_size(MAX_MANIFEST_MESSAGE_BYTES);
+        Self::ready(&mut grpc).await.map_err(rpc)?;
+        let path = http::uri::PathAndQuery::from_static(PATH_BLOB_MANIFEST);
+        let r = grpc
+            .unary(
+                tonic::Request::new(Bytes::copy_from_slice(&id.0)),
+                path,
+                BytesCodec,
+            )
+            .await;
+        match r {
+            Ok(m) => BlobManifest::decode(&m.into_inner()),
+            Err(s) if s.code() == Code::NotFound => Err(Error::BlobUnavailable(id.to_string())),
+            Err(s) => Err(rpc(s)),
+        }
+    }
+
+    /// The peer's chunks of blob `id` from `from_chunk` on, as `(index, bytes)`.
+    pub async fn fetch_blob(
+        &self,
+        id: &BlobId,
+        from_chunk: u32,
+    ) -> Result<tonic::Streaming<Bytes>, Error> {
+        let mut grpc = self
+            .grpc()
+            .accept_compressed(CompressionEncoding::Gzip)
+            .max_decoding_message_size(MAX_CHUNK_MESSAGE_BYTES);
+        Self::ready(&mut grpc).await.map_err(rpc)?;
+        let mut req = id.0.to_vec();
+        req.extend_from_slice(&from_chunk.to_be_bytes());
+        let path = http::uri::PathAndQuery::from_static(PATH_FETCH_BLOB);
+        grpc.server_streaming(tonic::Request::new(Bytes::from(req)), path, BytesCodec)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(rpc)
+    }
+}
+
+fn rpc(s: Status) -> Error {
+    Error::Rpc(format!("{:?}: {}", s.code(), s.message()))
+}
+
+/// An error and its sources, joined: tonic's transport errors say little
+/// on their own ("transport error").
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// How far a [`GrpcTransport::fetch_blob`] got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FetchProgress {
+    /// Chunks received and stored by this call.
+    pub received_chunks: u32,
+    /// The first chunk asked for (the first one missing).
+    pub from_chunk: u32,
+    /// Whether the blob is now complete and verified.
+    pub complete: bool,
+}
+
+/// The gRPC transport. See the module docs.
+pub struct GrpcTransport {
+    key: SigningKey,
+    config: TransportConfig,
+    cert: NodeCertificate,
+    verifier: Arc<PeerCertVerifier>,
+    allowed: BTreeSet<PeerId>,
+    queues: BTreeMap<PeerId, mpsc::Sender<Arc<Vec<u8>>>>,
+    connected: Arc<AtomicUsize>,
+    blocked: Arc<RwLock<BTreeSet<PeerId>>>,
+    rejected_handshakes: Arc<AtomicU64>,
+    shared: Arc<Shared>,
+}
+
+impl GrpcTransport {
+    /// Starts serving on `listener` (frames delivered to `inbound`, blobs
+    /// served from `blobs`) and a writer task per peer other than this node,
+    /// all spawned into `tasks`.
     pub fn start(
         listener: TcpListener,
         key: SigningKey,
         config: TransportConfig,
         inbound: mpsc::Sender<Inbound>,
+        blobs: Option<Arc<BlobStore>>,
         tasks: &mut JoinSet<()>,
-    ) -> Result<Arc<TcpTransport>, Error> {
+    ) -> Result<Arc<GrpcTransport>, Error> {
         let me = public_key_of(&key);
         let mut known = BTreeMap::new();
         for p in &config.peers {
@@ -280,35 +860,243 @@ impl TcpTransport {
             })?;
             known.insert(p.public_key, id);
         }
+        let allowed: BTreeSet<PeerId> = known.values().copied().collect();
+        let rejected_handshakes = Arc::new(AtomicU64::new(0));
+        let verifier = Arc::new(PeerCertVerifier::new(
+            config.chain_id.clone(),
+            allowed.clone(),
+        ));
+        let cert = NodeCertificate::generate(&key, &config.chain_id)?;
+        let server_tls = Arc::new(crate::tls::server_config(&cert, verifier.clone())?);
+        let blocked = Arc::new(RwLock::new(BTreeSet::new()));
+        let shared = Arc::new(Shared {
+            chain_id: config.chain_id.clone(),
+            known,
+            inbound,
+            blocked: blocked.clone(),
+            blobs,
+            rejected_frames: AtomicU64::new(0),
+        });
         let connected = Arc::new(AtomicUsize::new(0));
-        let mut queues = BTreeMap::new();
-        for p in config.peers.iter().filter(|p| p.public_key != me) {
-            let (tx, rx) = mpsc::channel(config.outbound_queue_messages);
-            queues.insert(p.id().expect("checked above"), tx);
+        let mut transport = GrpcTransport {
+            key,
+            config,
+            cert,
+            verifier,
+            allowed,
+            queues: BTreeMap::new(),
+            connected,
+            blocked,
+            rejected_handshakes,
+            shared: shared.clone(),
+        };
+        let peers: Vec<Peer> = transport
+            .config
+            .peers
+            .iter()
+            .filter(|p| p.public_key != me)
+            .cloned()
+            .collect();
+        for p in peers {
+            let (tx, rx) = mpsc::channel(transport.config.outbound_queue_messages);
+            let id = p.id().expect("checked above");
+            transport.queues.insert(id, tx);
             tasks.spawn(write_loop(
-                p.addr.clone(),
+                transport.dialer(&p),
                 rx,
-                Signer {
-                    key: key.clone(),
-                    chain_id: config.chain_id.clone(),
-                },
-                connected.clone(),
-                config.reconnect_min_ms,
-                config.reconnect_max_ms,
+                transport.connected.clone(),
             ));
         }
-        let limit = Arc::new(Semaphore::new(config.max_inbound_connections));
+        let (conn_tx, conn_rx) = mpsc::channel::<Result<PeerStream, std::io::Error>>(16);
         tasks.spawn(accept_loop(
             listener,
-            Arc::new(known),
-            config.chain_id.clone(),
-            inbound,
-            limit,
+            tokio_rustls::TlsAcceptor::from(server_tls),
+            AcceptLimits {
+                connections: Arc::new(Semaphore::new(transport.config.max_inbound_connections)),
+                per_peer: Arc::new(Mutex::new(BTreeMap::new())),
+                max_per_peer: transport.config.max_connections_per_peer,
+                handshake_timeout_ms: transport.config.handshake_timeout_ms,
+            },
+            transport.config.chain_id.clone(),
+            transport.allowed.clone(),
+            transport.rejected_handshakes.clone(),
+            conn_tx,
         ));
-        Ok(Arc::new(TcpTransport { queues, connected }))
+        let service = PeerService { shared };
+        tasks.spawn(async move {
+            let served = tonic::transport::Server::builder()
+                .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+                .concurrency_limit_per_connection(MAX_STREAMS_PER_CONNECTION as usize)
+                .http2_max_header_list_size(16 * 1024)
+                .http2_keepalive_interval(Some(Duration::from_secs(20)))
+                .add_service(service)
+                // A shutdown signal that never fires: with one, tonic ties
+                // each connection task to this server, so aborting this task
+                // (the node stopping) closes its connections; without one
+                // they would outlive it.
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::ReceiverStream::new(conn_rx),
+                    std::future::pending::<()>(),
+                )
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %error_chain(&e), "P2P server failed");
+            }
+        });
+        Ok(Arc::new(transport))
     }
 
+    fn dialer(&self, p: &Peer) -> Dialer {
+        Dialer {
+            addr: p.addr.clone(),
+            peer: p.id().expect("checked at start"),
+            cert: self.cert.clone(),
+            verifier: self.verifier.clone(),
+            chain_id: self.config.chain_id.clone(),
+            allowed: self.allowed.clone(),
+            signer: self.key.clone(),
+            blocked: self.blocked.clone(),
+            backoff_min_ms: self.config.reconnect_min_ms,
+            backoff_max_ms: self.config.reconnect_max_ms,
+        }
+    }
+
+    /// Test and operations hook: from now on, drop every frame to and from
+    /// `peers` (both directions, at this node), until called again. Frames
+    /// already queued for a newly blocked peer are dropped as they come up.
+    pub fn set_blocked(&self, peers: BTreeSet<PeerId>) {
+        info!(blocked = peers.len(), "transport partition set");
+        *self.blocked.write().expect("blocked lock") = peers;
+    }
+
+    /// TLS handshakes refused so far (unknown, unbound or missing certificates, garbage).
+    pub fn rejected_handshakes(&self) -> u64 {
+        self.rejected_handshakes.load(Ordering::Relaxed)
+    }
+
+    /// Frames refused so far after a good handshake (bad envelope, wrong sender, stale).
+    pub fn rejected_frames(&self) -> u64 {
+        self.shared.rejected_frames.load(Ordering::Relaxed)
+    }
+
+    /// Fetches blob `id` from peer `from` into `store`, asking from the first
+    /// chunk it lacks (so an interrupted fetch resumes), each chunk verified
+    /// on receipt; stops after `max_chunks` chunks if given. A chunk that does
+    /// not match the manifest ends the fetch with [`Error::BlobChunkRejected`].
+    pub async fn fetch_blob(
+        &self,
+        from: PeerId,
+        id: &BlobId,
+        store: &Arc<BlobStore>,
+        max_chunks: Option<u32>,
+    ) -> Result<FetchProgress, Error> {
+        let peer = self
+            .config
+            .peers
+            .iter()
+            .find(|p| p.id() == Some(from))
+            .ok_or_else(|| Error::UnknownPeer(from.to_string()))?;
+        let client = self.dialer(peer).connect().await?;
+        fetch_blob_with(&client, id, store, max_chunks).await
+    }
+}
+
+/// [`GrpcTransport::fetch_blob`] over an existing client.
+pub async fn fetch_blob_with(
+    client: &PeerClient,
+    id: &BlobId,
+    store: &Arc<BlobStore>,
+    max_chunks: Option<u32>,
+) -> Result<FetchProgress, Error> {
+    let blocking = |e: tokio::task::JoinError| Error::Node(format!("blob store task: {e}"));
+    let (s, i) = (store.clone(), *id);
+    let known = tokio::task::spawn_blocking(move || -> Result<_, Error> {
+        Ok((s.has(&i)?, s.manifest(&i)?, s.missing_chunks(&i)?))
+    })
+    .await
+    .map_err(blocking)??;
+    let manifest = match known {
+        (true, _, _) => {
+            return Ok(FetchProgress {
+                received_chunks: 0,
+                from_chunk: 0,
+                complete: true,
+            });
+        }
+        (false, Some(m), _) => m,
+        (false, None, _) => client.blob_manifest(id).await?,
+    };
+    let from_chunk = match known.2 {
+        Some(missing) => missing.first().copied().unwrap_or(0),
+        None => 0,
+    };
+    let mut progress = FetchProgress {
+        received_chunks: 0,
+        from_chunk,
+        complete: false,
+    };
+    if manifest.chunk_hashes.is_empty() {
+        // An empty blob has no chunks to stream; storing it checks its id.
+        let s = store.clone();
+        let id = *id;
+        let stored = tokio::task::spawn_blocking(move || s.put(&[]))
+            .await
+            .map_err(blocking)??;
+        if stored != id {
+            return Err(Error::BlobHashMismatch(id.to_string()));
+        }
+        progress.complete = true;
+        return Ok(progress);
+    }
+    let mut stream = client.fetch_blob(id, from_chunk).await?;
+    let manifest = Arc::new(manifest);
+    while max_chunks.is_none_or(|m| progress.received_chunks < m) {
+        let Some(message) = stream.message().await.map_err(rpc)? else {
+            break;
+        };
+        if message.len() < 4 {
+            return Err(Error::Rpc(
+                "blob chunk message shorter than its index".into(),
+            ));
+        }
+        let index = u32::from_be_bytes(message[..4].try_into().expect("4 bytes"));
+        let (s, m, i) = (store.clone(), manifest.clone(), *id);
+        let complete =
+            tokio::task::spawn_blocking(move || s.put_chunk(&i, &m, index, &message[4..]))
+                .await
+                .map_err(blocking)??;
+        progress.received_chunks += 1;
+        if complete {
+            progress.complete = true;
+            break;
+        }
+    }
+    Ok(progress)
+}
+
+impl Outbound for GrpcTransport {
+    fn send(&self, to: PeerId, message: &WireMessage) {
+        if let Some(f) = Self::encode(message) {
+            self.enqueue(&to, &f);
+        }
+    }
+    fn broadcast(&self, message: &WireMessage) {
+        if let Some(f) = Self::encode(message) {
+            for to in self.queues.keys() {
+                self.enqueue(to, &f);
+            }
+        }
+    }
+    fn connected_peers(&self) -> usize {
+        self.connected.load(Ordering::Relaxed)
+    }
+}
+
+impl GrpcTransport {
     fn enqueue(&self, to: &PeerId, message: &Arc<Vec<u8>>) {
+        if self.blocked.read().expect("blocked lock").contains(to) {
+            return;
+        }
         if let Some(q) = self.queues.get(to)
             && q.try_send(message.clone()).is_err()
         {
@@ -330,28 +1118,32 @@ impl TcpTransport {
     }
 }
 
-impl Outbound for TcpTransport {
-    fn send(&self, to: PeerId, message: &WireMessage) {
-        if let Some(f) = Self::encode(message) {
-            self.enqueue(&to, &f);
-        }
-    }
-    fn broadcast(&self, message: &WireMessage) {
-        if let Some(f) = Self::encode(message) {
-            for to in self.queues.keys() {
-                self.enqueue(to, &f);
-            }
-        }
-    }
-    fn connected_peers(&self) -> usize {
-        self.connected.load(Ordering::Relaxed)
-    }
+/// Everything a writer task needs to reach and sign for one peer.
+struct Dialer {
+    addr: String,
+    peer: PeerId,
+    cert: NodeCertificate,
+    verifier: Arc<PeerCertVerifier>,
+    chain_id: String,
+    allowed: BTreeSet<PeerId>,
+    signer: SigningKey,
+    blocked: Arc<RwLock<BTreeSet<PeerId>>>,
+    backoff_min_ms: u64,
+    backoff_max_ms: u64,
 }
 
-/// What a writer signs its frames with.
-struct Signer {
-    key: SigningKey,
-    chain_id: String,
+impl Dialer {
+    async fn connect(&self) -> Result<PeerClient, Error> {
+        PeerClient::connect(
+            &self.addr,
+            Some(&self.cert),
+            self.verifier.clone(),
+            &self.chain_id,
+            &self.allowed,
+            self.peer,
+        )
+        .await
+    }
 }
 
 /// Takes `first` and whatever else is queued, up to [`MAX_BATCH_MESSAGES`]
@@ -375,29 +1167,38 @@ fn take_batch(
     batch
 }
 
+/// Whether a failed call means the connection is gone (reconnect) rather
+/// than that the peer refused this one frame (log and go on).
+fn is_connection_failure(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        Code::Unavailable | Code::Unknown | Code::Cancelled
+    )
+}
+
 async fn write_loop(
-    addr: String,
+    dialer: Dialer,
     mut queue: mpsc::Receiver<Arc<Vec<u8>>>,
-    signer: Signer,
     connected: Arc<AtomicUsize>,
-    backoff_min_ms: u64,
-    backoff_max_ms: u64,
 ) {
-    let mut backoff_ms = backoff_min_ms;
+    let addr = dialer.addr.clone();
+    let mut backoff_ms = dialer.backoff_min_ms;
     let mut carry: Option<Arc<Vec<u8>>> = None;
     loop {
-        let mut stream = match TcpStream::connect(&addr).await {
-            Ok(s) => s,
+        let client = match dialer.connect().await {
+            Ok(c) => c,
             Err(e) => {
                 debug!(%addr, error = %e, backoff_ms, "connect failed; retrying");
                 tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
-                backoff_ms = (backoff_ms * 2).min(backoff_max_ms);
+                backoff_ms = (backoff_ms * 2).min(dialer.backoff_max_ms);
+                if queue.is_closed() {
+                    return;
+                }
                 continue;
             }
         };
-        let _ = stream.set_nodelay(true);
-        info!(%addr, "connected to peer");
-        backoff_ms = backoff_min_ms;
+        info!(%addr, peer = %dialer.peer, "connected to peer (TLS 1.3, gRPC)");
+        backoff_ms = dialer.backoff_min_ms;
         connected.fetch_add(1, Ordering::Relaxed);
         let closed = loop {
             let first = match carry.take() {
@@ -408,11 +1209,29 @@ async fn write_loop(
                 },
             };
             let batch = take_batch(first, &mut queue, &mut carry);
+            if dialer
+                .blocked
+                .read()
+                .expect("blocked lock")
+                .contains(&dialer.peer)
+            {
+                continue; // Partitioned: queued before the block, dropped now.
+            }
             let parts: Vec<&[u8]> = batch.iter().map(|m| m.as_slice()).collect();
-            let frame = seal_encoded(&signer.key, &signer.chain_id, now_ms(), &parts);
-            if let Err(e) = stream.write_all(&frame).await {
-                info!(%addr, error = %e, messages = batch.len(), "peer connection lost; batch dropped, reconnecting");
-                break false;
+            let frame = Bytes::from(seal_encoded(
+                &dialer.signer,
+                &dialer.chain_id,
+                now_ms(),
+                &parts,
+            ))
+            .slice(4..);
+            match client.deliver(frame).await {
+                Ok(()) => {}
+                Err(s) if is_connection_failure(&s) => {
+                    info!(%addr, status = %s, messages = batch.len(), "peer connection lost; batch dropped, reconnecting");
+                    break false;
+                }
+                Err(s) => warn!(%addr, status = %s, "peer refused a frame"),
             }
         };
         connected.fetch_sub(1, Ordering::Relaxed);
@@ -422,13 +1241,24 @@ async fn write_loop(
     }
 }
 
+/// Limits on inbound connections (see [`TransportConfig`]).
+struct AcceptLimits {
+    connections: Arc<Semaphore>,
+    per_peer: Arc<Mutex<BTreeMap<PeerId, usize>>>,
+    max_per_peer: usize,
+    handshake_timeout_ms: u64,
+}
+
 async fn accept_loop(
     listener: TcpListener,
-    known: Arc<BTreeMap<PublicKey, PeerId>>,
+    acceptor: tokio_rustls::TlsAcceptor,
+    limits: AcceptLimits,
     chain_id: String,
-    inbound: mpsc::Sender<Inbound>,
-    limit: Arc<Semaphore>,
+    allowed: BTreeSet<PeerId>,
+    rejected: Arc<AtomicU64>,
+    out: mpsc::Sender<Result<PeerStream, std::io::Error>>,
 ) {
+    let allowed = Arc::new(allowed);
     loop {
         let (stream, remote) = match listener.accept().await {
             Ok(x) => x,
@@ -438,56 +1268,55 @@ async fn accept_loop(
                 continue;
             }
         };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
+        let Ok(permit) = limits.connections.clone().try_acquire_owned() else {
             warn!(%remote, "too many inbound connections; refused");
             continue;
         };
-        let (known, chain_id, inbound) = (known.clone(), chain_id.clone(), inbound.clone());
+        let _ = stream.set_nodelay(true);
+        let (acceptor, chain_id, allowed, rejected, out) = (
+            acceptor.clone(),
+            chain_id.clone(),
+            allowed.clone(),
+            rejected.clone(),
+            out.clone(),
+        );
+        let (per_peer, max_per_peer) = (limits.per_peer.clone(), limits.max_per_peer);
+        let timeout = Duration::from_millis(limits.handshake_timeout_ms);
         tokio::spawn(async move {
-            read_loop(stream, remote, &known, &chain_id, &inbound).await;
-            drop(permit);
-        });
-    }
-}
-
-async fn read_loop(
-    mut stream: TcpStream,
-    remote: std::net::SocketAddr,
-    known: &BTreeMap<PublicKey, PeerId>,
-    chain_id: &str,
-    inbound: &mpsc::Sender<Inbound>,
-) {
-    let mut buf = Vec::new();
-    loop {
-        let len = match stream.read_u32().await {
-            Ok(n) => n as usize,
-            Err(_) => return, // Closed.
-        };
-        if len > MAX_FRAME_BYTES {
-            let e = Error::FrameTooLarge {
-                len,
-                max: MAX_FRAME_BYTES,
-            };
-            warn!(%remote, error = %e, "closing peer connection");
-            return;
-        }
-        buf.resize(len, 0);
-        if stream.read_exact(&mut buf).await.is_err() {
-            return;
-        }
-        match open(&buf, chain_id, known, now_ms()) {
-            Ok((from, messages)) => {
-                for m in messages {
-                    if inbound.send((from, m)).await.is_err() {
-                        return; // The node stopped.
-                    }
+            let tls = match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    rejected.fetch_add(1, Ordering::Relaxed);
+                    warn!(%remote, error = %e, "TLS handshake refused");
+                    return;
                 }
-            }
-            Err(e) if e.closes_connection() => {
-                warn!(%remote, error = %e, "garbage from peer; closing connection");
+                Err(_) => {
+                    rejected.fetch_add(1, Ordering::Relaxed);
+                    warn!(%remote, "TLS handshake timed out; connection dropped");
+                    return;
+                }
+            };
+            let peer = match peer_identity(tls.get_ref().1.peer_certificates(), &chain_id, &allowed)
+            {
+                Ok(p) => p,
+                Err(e) => {
+                    rejected.fetch_add(1, Ordering::Relaxed);
+                    warn!(%remote, error = %e, "TLS peer refused after the handshake");
+                    return;
+                }
+            };
+            let Some(slot) = PeerSlot::take(&per_peer, peer, max_per_peer) else {
+                warn!(%remote, %peer, max_per_peer, "peer holds too many connections; refused");
                 return;
-            }
-            Err(e) => warn!(%remote, error = %e, "peer frame dropped"),
-        }
+            };
+            debug!(%remote, %peer, "inbound peer connection authenticated");
+            let stream = PeerStream {
+                inner: tls,
+                peer,
+                _permit: permit,
+                _slot: slot,
+            };
+            let _ = out.send(Ok(stream)).await;
+        });
     }
 }

@@ -204,6 +204,8 @@ pub struct ApiState {
     pub node: NodeHandle,
     /// `None`: this node serves no inference (`/chat` answers 503).
     pub inference: Option<InferenceHandle>,
+    /// Where `/mine` keeps payloads (served to peers by the transport).
+    pub blobs: Option<Arc<crate::blobs::BlobStore>>,
     pub registry: Arc<Registry>,
     pub limits: Arc<Limits>,
     pub metrics: Arc<ApiMetrics>,
@@ -216,8 +218,14 @@ impl FromRef<ApiState> for NodeHandle {
 }
 
 /// The API's routes over `node`.
-pub fn router(node: NodeHandle, config: &ApiConfig, inference: Option<InferenceHandle>) -> Router {
+pub fn router(
+    node: NodeHandle,
+    config: &ApiConfig,
+    inference: Option<InferenceHandle>,
+    blobs: Option<Arc<crate::blobs::BlobStore>>,
+) -> Router {
     let state = ApiState {
+        blobs,
         registry: Arc::new(Registry::new(
             node.chain_id.clone(),
             config.registry.clone(),

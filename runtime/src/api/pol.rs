@@ -7,8 +7,9 @@
 //!   so `/mine` takes that transaction plus the payload: `{"tx": "0x…",
 //!   "block_data": "0x<hex payload>", "candidate_loss": 1.23}`. The node
 //!   checks the payload against the block it registers (size, SHA3-256
-//!   Merkle root POL-3, CIDv1 POL-4), keeps it in its blob store so peers and
-//!   validators can fetch it, and submits the transaction. Any mismatch is
+//!   Merkle root POL-3, CIDv1 POL-4), keeps it in its blob store (synced to
+//!   disk first) so peers and validators can fetch it, and submits the
+//!   transaction. Any mismatch is
 //!   `400` and nothing is stored or submitted.
 //! - **API-MINE-2** The answer is `{block_hash, tx_id, status: "pending",
 //!   reward_bly: 0}`: a delta's reward is known only after validators
@@ -58,6 +59,9 @@ pub struct MineAnswer {
     pub candidate_loss: Option<f64>,
     pub payload_bytes: u64,
     pub payload_cid: String,
+    /// The payload's id in this node's blob store (SHA3-256), which peers
+    /// fetch it by; `None` if the node keeps no blobs.
+    pub blob_id: Option<String>,
 }
 
 /// API-MINE-1: the payload must be exactly the one the block commits to.
@@ -116,7 +120,18 @@ pub async fn mine(State(state): State<ApiState>, body: Result<Bytes, BytesReject
     let payload = hex::decode(b.block_data.trim_start_matches("0x"))
         .map_err(|e| ApiError::bad_request(format!("block_data is not hex: {e}")))?;
     check_payload(&block, &payload).map_err(ApiError::bad_request)?;
-    // BLOB-STORE: keep the payload for peers (wired with the blob store).
+    let blob_id = match &state.blobs {
+        Some(blobs) => {
+            let blobs = blobs.clone();
+            let payload = payload.clone();
+            let id = tokio::task::spawn_blocking(move || blobs.put(&payload))
+                .await
+                .map_err(|e| ApiError::offline(format!("blob store task failed: {e}")))?
+                .map_err(|e| ApiError::offline(format!("could not store the payload: {e}")))?;
+            Some(id.to_string())
+        }
+        None => None,
+    };
     let tx_id = submit(&state.node, tx).await?;
     Ok(axum::Json(MineAnswer {
         block_hash: hex0x(&block.id()),
@@ -126,6 +141,7 @@ pub async fn mine(State(state): State<ApiState>, body: Result<Bytes, BytesReject
         candidate_loss: b.candidate_loss,
         payload_bytes: block.payload_size_bytes,
         payload_cid: block.payload_cid,
+        blob_id,
     })
     .into_response())
 }

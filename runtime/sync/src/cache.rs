@@ -88,6 +88,15 @@ impl<K: Ord + Clone> ByteCache<K> {
         true
     }
 
+    /// Drops `key`'s buffer, if cached.
+    pub fn remove(&self, key: &K) {
+        let mut inner = self.lock();
+        if let Some((old, t)) = inner.entries.remove(key) {
+            inner.by_use.remove(&t);
+            inner.total_bytes -= old.len();
+        }
+    }
+
     /// Bytes held.
     pub fn total_bytes(&self) -> usize {
         self.lock().total_bytes

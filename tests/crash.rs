@@ -47,6 +47,22 @@ struct Processes {
     logs: PathBuf,
 }
 
+/// The `blyan` binary of this build, beside the test binary's `deps/`.
+/// `cargo test --workspace` builds it (blyan-runtime has tests of its own);
+/// a test run of this package alone needs `cargo build -p blyan-runtime
+/// --bin blyan` first (cargo holds its build lock while tests run, so the
+/// test cannot build it itself).
+fn blyan_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().and_then(Path::parent).unwrap().join("blyan");
+    assert!(
+        bin.is_file(),
+        "{} is missing: run `cargo build -p blyan-runtime --bin blyan` (or `cargo test --workspace`)",
+        bin.display()
+    );
+    bin
+}
+
 impl Processes {
     fn start(&mut self, i: usize) {
         assert!(self.children[i].is_none(), "node {i} is already running");
@@ -57,7 +73,7 @@ impl Processes {
                 .open(self.logs.join(format!("node-{i}.{suffix}")))
                 .unwrap()
         };
-        let child = Command::new(env!("CARGO_BIN_EXE_blyan"))
+        let child = Command::new(blyan_bin())
             .args(["node", "--config"])
             .arg(&self.configs[i])
             .env("BLYAN_KEY_PASSWORD", DEVNET_PASSWORD)

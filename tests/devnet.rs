@@ -234,21 +234,28 @@ async fn malformed_input_is_refused_clearly_and_the_network_keeps_going() {
     assert_eq!(s, 200);
     assert!(v["block_gas_limit"].as_u64().is_some(), "{v}");
 
-    // Garbage on the P2P port: the node closes the connection and keeps going.
+    // Garbage on the P2P port: the TLS handshake fails, the node closes the
+    // connection (after at most a TLS alert) and keeps going.
     let p2p = net.nodes[0].p2p_addr;
+    let refused_before = net.nodes[0].transport.rejected_handshakes();
     for garbage in [
-        vec![0xff; 64],                                    // length over the cap
-        [&200u32.to_be_bytes()[..], &[7u8; 200]].concat(), // a frame of noise
+        vec![0xff; 64],                                    // not a TLS record
+        [&200u32.to_be_bytes()[..], &[7u8; 200]].concat(), // noise
     ] {
         let mut s = tokio::net::TcpStream::connect(p2p).await.unwrap();
         s.write_all(&garbage).await.unwrap();
         let mut rest = Vec::new();
         let read = tokio::time::timeout(DEADLINE, s.read_to_end(&mut rest)).await;
         assert!(
-            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            matches!(read, Ok(Ok(_)) | Ok(Err(_))),
             "connection not closed: {read:?}"
         );
+        assert!(rest.len() < 64, "more than an alert came back: {rest:?}");
     }
+    eventually("both handshakes to be counted as refused", || async {
+        (net.nodes[0].transport.rejected_handshakes() >= refused_before + 2).then_some(())
+    })
+    .await;
     let before = height(&url).await;
     eventually("the network to commit two more blocks", || async {
         (height(&url).await >= before + 2).then_some(())
