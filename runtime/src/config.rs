@@ -10,6 +10,7 @@
 //! http_addr = "127.0.0.1:8100"       # default
 //! block_interval_ms = 2000           # default (the seed's 2.0 s block time)
 //! max_body_bytes = 1048576           # default: 1 MiB request bodies
+//! expert_cache_bytes = 268435456     # default: 256 MiB of verified weight chunks in memory
 //!
 //! [rate_limits]                      # API-RATE-*, per minute; 0 disables a tier
 //! public_per_min = 100               # default, per client IP
@@ -69,6 +70,10 @@ pub struct FileConfig {
     pub block_interval_ms: u64,
     #[serde(default = "default_body")]
     pub max_body_bytes: usize,
+    /// Seed appendix B `expert_cache_size`: bytes of verified weight and
+    /// blob chunks kept in memory in front of the blob store.
+    #[serde(default = "default_cache")]
+    pub expert_cache_bytes: usize,
     #[serde(default)]
     pub rate_limits: crate::ratelimit::RateLimitConfig,
     #[serde(default)]
@@ -88,6 +93,9 @@ fn default_http() -> String {
 }
 fn default_interval() -> u64 {
     DEFAULT_BLOCK_INTERVAL_MS
+}
+fn default_cache() -> usize {
+    crate::blobs::DEFAULT_CACHE_BYTES
 }
 fn default_body() -> usize {
     crate::api::MAX_BODY_BYTES

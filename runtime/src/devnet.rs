@@ -246,6 +246,7 @@ fn file_config(
         http_addr: http_addr.to_string(),
         block_interval_ms: opts.block_interval_ms,
         max_body_bytes: crate::api::MAX_BODY_BYTES,
+        expert_cache_bytes: crate::blobs::DEFAULT_CACHE_BYTES,
         rate_limits: opts.rate_limits.clone(),
         inference: opts.inference.clone(),
         peers: peers
@@ -362,6 +363,7 @@ impl Devnet {
                 },
                 peers: peers.clone(),
                 max_body_bytes: crate::api::MAX_BODY_BYTES,
+                expert_cache_bytes: crate::blobs::DEFAULT_CACHE_BYTES,
                 rate_limits: opts.rate_limits.clone(),
                 inference: opts.inference.clone(),
             };

@@ -31,6 +31,8 @@ pub struct NodeSetup {
     pub peers: Vec<Peer>,
     pub max_body_bytes: usize,
     pub rate_limits: crate::ratelimit::RateLimitConfig,
+    /// The blob store's cache of verified chunks.
+    pub expert_cache_bytes: usize,
     /// `enabled = false`: no engine, `/chat` answers 503.
     pub inference: crate::inference::InferenceConfig,
 }
@@ -63,6 +65,7 @@ impl NodeSetup {
             peers: c.transport_peers()?,
             max_body_bytes: c.max_body_bytes,
             rate_limits: c.rate_limits.clone(),
+            expert_cache_bytes: c.expert_cache_bytes,
             inference: c.inference.clone(),
         })
     }
@@ -104,10 +107,13 @@ impl RunningNode {
         let mut tasks = JoinSet::new();
         let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
         let blobs_dir = crate::blobs::blob_dir(&setup.data_dir);
+        let cache_bytes = setup.expert_cache_bytes;
         let blobs = Arc::new(
-            tokio::task::spawn_blocking(move || BlobStore::open(&blobs_dir))
-                .await
-                .map_err(|e| Error::Node(format!("blob store task failed: {e}")))??,
+            tokio::task::spawn_blocking(move || {
+                BlobStore::open_with_cache(&blobs_dir, cache_bytes)
+            })
+            .await
+            .map_err(|e| Error::Node(format!("blob store task failed: {e}")))??,
         );
         let transport = GrpcTransport::start(
             p2p,

@@ -126,6 +126,28 @@ enum KeysCommand {
         #[arg(long)]
         password: Option<String>,
     },
+    /// List the key files in a directory (file, address).
+    List {
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
+}
+
+/// What every transaction command needs besides its kind.
+#[derive(clap::Args)]
+struct TxArgs {
+    #[arg(long)]
+    key: PathBuf,
+    #[arg(long)]
+    password: Option<String>,
+    #[arg(long, default_value = "http://127.0.0.1:7101")]
+    node: String,
+    /// Priority fee per gas, in base units.
+    #[arg(long, default_value_t = 1_000_000_000)]
+    tip: u128,
+    /// Wait until the transaction is committed (prints progress).
+    #[arg(long)]
+    wait: bool,
 }
 
 #[derive(Subcommand)]
@@ -137,19 +159,83 @@ enum TxCommand {
         /// Amount in BLY, up to 18 decimals (e.g. 1.5).
         #[arg(long)]
         amount: String,
-        #[arg(long)]
-        key: PathBuf,
-        #[arg(long)]
-        password: Option<String>,
-        #[arg(long, default_value = "http://127.0.0.1:7101")]
-        node: String,
-        /// Priority fee per gas, in base units.
-        #[arg(long, default_value_t = 1_000_000_000)]
-        tip: u128,
-        /// Wait until the transfer is committed.
-        #[arg(long)]
-        wait: bool,
+        #[command(flatten)]
+        args: TxArgs,
     },
+    /// Bond stake from the key's balance; the key becomes a validator key (TX-4).
+    Bond {
+        /// Amount in BLY, up to 18 decimals.
+        #[arg(long)]
+        amount: String,
+        #[command(flatten)]
+        args: TxArgs,
+    },
+    /// Start unbonding stake; released after the unbonding period (TX-5).
+    Unbond {
+        /// Amount in BLY, up to 18 decimals.
+        #[arg(long)]
+        amount: String,
+        #[command(flatten)]
+        args: TxArgs,
+    },
+}
+
+/// Signs `kind` with the key file, submits it to `args.node` and, with
+/// `--wait`, polls until it is committed, printing progress.
+async fn submit_tx(kind: TxKind, args: TxArgs) -> Result<(), Error> {
+    let key = read_key_file(&args.key, &password(args.password))?;
+    let from = Address::from_public_key(key.verifying_key());
+    let node = &args.node;
+    let (s, account) = client::get_json(node, &format!("/account/{from}")).await?;
+    expect_ok(s, &account)?;
+    let (s, status) = client::get_json(node, "/status").await?;
+    expect_ok(s, &status)?;
+    let nonce = account["nonce"]
+        .as_u64()
+        .ok_or_else(|| Error::Http("no nonce".into()))?;
+    let chain_id = status["chain_id"].as_str().unwrap_or_default().to_string();
+    let base_fee: u128 = status["next_base_fee_per_gas"]
+        .as_str()
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| Error::Http("no next_base_fee_per_gas".into()))?;
+    let tx = TxBody {
+        nonce,
+        gas_limit: intrinsic_gas(&kind),
+        max_fee_per_gas: base_fee.saturating_mul(2).saturating_add(args.tip),
+        max_priority_fee_per_gas: args.tip,
+        kind,
+    }
+    .sign(&chain_id, &key);
+    let body = json!({ "tx": format!("0x{}", hex::encode(tx.encode())) });
+    let (s, reply) = client::post_json(node, "/tx", &body).await?;
+    expect_ok(s, &reply)?;
+    let id = reply["id"].as_str().unwrap_or_default().to_string();
+    println!("submitted {id}");
+    if !args.wait {
+        return Ok(());
+    }
+    let start_height = status["height"].as_u64().unwrap_or(0);
+    for i in 0..600u32 {
+        let (s, r) = client::get_json(node, &format!("/tx/{id}")).await?;
+        if s == 200 {
+            println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+            return Ok(());
+        }
+        if i % 10 == 9 {
+            let (_, st) = client::get_json(node, "/status").await?;
+            eprintln!(
+                "waiting for commit: {} s, height {} (+{})",
+                (i + 1) / 5,
+                st["height"],
+                st["height"]
+                    .as_u64()
+                    .unwrap_or(0)
+                    .saturating_sub(start_height)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Err(Error::Http("not committed within 120 s".into()))
 }
 
 fn password(p: Option<String>) -> String {
@@ -281,57 +367,39 @@ async fn run(cli: Cli) -> Result<(), Error> {
                     println!("public key {}", hex::encode(public_key_of(&k)));
                 }
             }
+            KeysCommand::List { dir } => {
+                let entries = std::fs::read_dir(&dir)
+                    .map_err(|e| Error::Config(format!("{}: {e}", dir.display())))?;
+                let mut found: Vec<(PathBuf, String)> = entries
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|x| x == "json"))
+                    .filter_map(|p| {
+                        let text = std::fs::read_to_string(&p).ok()?;
+                        let file = KeyFile::from_json(&text).ok()?;
+                        Some((p, file.address.to_string()))
+                    })
+                    .collect();
+                found.sort();
+                if found.is_empty() {
+                    println!("no key files in {}", dir.display());
+                }
+                for (p, a) in found {
+                    println!("{a}  {}", p.display());
+                }
+            }
         },
         Command::Tx { command } => match command {
-            TxCommand::Transfer {
-                to,
-                amount,
-                key,
-                password: p,
-                node,
-                tip,
-                wait,
-            } => {
+            TxCommand::Transfer { to, amount, args } => {
                 let amount = parse_bly(&amount)?;
-                let key = read_key_file(&key, &password(p))?;
-                let from = Address::from_public_key(key.verifying_key());
-                let (s, account) = client::get_json(&node, &format!("/account/{from}")).await?;
-                expect_ok(s, &account)?;
-                let (s, status) = client::get_json(&node, "/status").await?;
-                expect_ok(s, &status)?;
-                let nonce = account["nonce"]
-                    .as_u64()
-                    .ok_or_else(|| Error::Http("no nonce".into()))?;
-                let chain_id = status["chain_id"].as_str().unwrap_or_default().to_string();
-                let base_fee: u128 = status["next_base_fee_per_gas"]
-                    .as_str()
-                    .and_then(|v| v.parse().ok())
-                    .ok_or_else(|| Error::Http("no next_base_fee_per_gas".into()))?;
-                let kind = TxKind::Transfer { to, amount };
-                let tx = TxBody {
-                    nonce,
-                    gas_limit: intrinsic_gas(&kind),
-                    max_fee_per_gas: base_fee.saturating_mul(2).saturating_add(tip),
-                    max_priority_fee_per_gas: tip,
-                    kind,
-                }
-                .sign(&chain_id, &key);
-                let body = json!({ "tx": format!("0x{}", hex::encode(tx.encode())) });
-                let (s, reply) = client::post_json(&node, "/tx", &body).await?;
-                expect_ok(s, &reply)?;
-                println!("submitted {}", reply["id"].as_str().unwrap_or_default());
-                if wait {
-                    let id = reply["id"].as_str().unwrap_or_default().to_string();
-                    for _ in 0..600 {
-                        let (s, r) = client::get_json(&node, &format!("/tx/{id}")).await?;
-                        if s == 200 {
-                            println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
-                            return Ok(());
-                        }
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                    }
-                    return Err(Error::Http("not committed within 120 s".into()));
-                }
+                submit_tx(TxKind::Transfer { to, amount }, args).await?;
+            }
+            TxCommand::Bond { amount, args } => {
+                let amount = parse_bly(&amount)?;
+                submit_tx(TxKind::Bond { amount }, args).await?;
+            }
+            TxCommand::Unbond { amount, args } => {
+                let amount = parse_bly(&amount)?;
+                submit_tx(TxKind::Unbond { amount }, args).await?;
             }
         },
         Command::Bench {
