@@ -433,7 +433,11 @@ impl Node {
             && h.time_ms <= now_ms.saturating_add(self.config.max_clock_drift_ms)
             && self.check_last_commit(&block, last_commit.as_ref());
         let applied = if valid {
-            self.ledger.apply_block(&block).ok()
+            // NODE-MP-6: signatures verified at admission are not verified again.
+            let mempool = &self.mempool;
+            self.ledger
+                .apply_block_with_verified(&block, &|id| mempool.verified_sender(id))
+                .ok()
         } else {
             None
         };
@@ -591,7 +595,12 @@ impl Node {
                 last_commit_signers: last_commit_signers.clone(),
                 candidates: &candidates,
             };
-            match self.ledger.propose_block(proposal) {
+            // NODE-MP-6: every candidate's signature was verified at admission.
+            let mempool = &self.mempool;
+            match self
+                .ledger
+                .propose_block_with_verified(proposal, &|id| mempool.verified_sender(id))
+            {
                 Ok((block, next, outcome)) => {
                     let value = block.hash();
                     self.blocks.insert(
@@ -834,7 +843,11 @@ impl Node {
             {
                 break;
             }
-            let Ok((next, outcome)) = self.ledger.apply_block(&committed.block) else {
+            let mempool = &self.mempool;
+            let Ok((next, outcome)) = self
+                .ledger
+                .apply_block_with_verified(&committed.block, &|id| mempool.verified_sender(id))
+            else {
                 break;
             };
             if self.advance(committed, next, outcome, out).is_err() {
