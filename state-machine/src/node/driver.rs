@@ -53,6 +53,10 @@ pub struct NodeConfig {
     pub rebroadcast_interval_ms: u64,
     /// NODE-SYNC-4: peers remembered for rate-limiting help to laggards.
     pub max_tracked_peers: usize,
+    /// NODE-TIME-2: `timeout_propose` of a height grows by this many
+    /// microseconds per transaction pending in the mempool when the height
+    /// starts (at most `max_block_txs` of them). 0 (the default) turns it off.
+    pub timeout_propose_per_tx_us: u64,
 }
 
 impl Default for NodeConfig {
@@ -69,6 +73,7 @@ impl Default for NodeConfig {
             max_clock_drift_ms: 5_000,
             rebroadcast_interval_ms: 1_000,
             max_tracked_peers: 1_024,
+            timeout_propose_per_tx_us: 0,
         }
     }
 }
@@ -702,6 +707,20 @@ impl Node {
         Ok(())
     }
 
+    /// NODE-TIME-2: the consensus parameters of the height being started:
+    /// `timeout_propose` grows with the transactions pending here, a proxy
+    /// for the size of the block to come and for the gossip queued ahead of
+    /// it, so a big block is not a failed round. Only timer durations
+    /// change; the consensus rules do not.
+    fn height_consensus_config(&self) -> Config {
+        let mut config = self.config.consensus.clone();
+        let pending =
+            (self.mempool.len() as u64).min(u64::from(self.ledger.params().max_block_txs));
+        let extra_ms = pending.saturating_mul(self.config.timeout_propose_per_tx_us) / 1_000;
+        config.timeout_propose_ms = config.timeout_propose_ms.saturating_add(extra_ms);
+        config
+    }
+
     /// L10/L54: start the height after the last committed block.
     fn start_height(&mut self, now_ms: u64, records: &[Record<Sig>], out: &mut Vec<NodeOutput>) {
         self.waiting = false;
@@ -713,7 +732,7 @@ impl Node {
                 let mut c = Consensus::new(
                     self.scheme.clone(),
                     self.key.clone(),
-                    self.config.consensus.clone(),
+                    self.height_consensus_config(),
                     height,
                     self.set.clone(),
                 );
@@ -723,7 +742,7 @@ impl Node {
                 Consensus::restore(
                     self.scheme.clone(),
                     self.key.clone(),
-                    self.config.consensus.clone(),
+                    self.height_consensus_config(),
                     height,
                     self.set.clone(),
                     records,
