@@ -42,6 +42,10 @@ use std::path::{Path, PathBuf};
 pub const DEFAULT_P2P_ADDR: &str = "0.0.0.0:7100";
 pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:8100";
 pub const DEFAULT_BLOCK_INTERVAL_MS: u64 = 2_000;
+/// NODE-TIME-2 in the runtime: +200 µs of `timeout_propose` per pending
+/// transaction (a full mempool of 10,000 adds 2 s; the driver's default,
+/// kept by the simulator, is 0).
+pub const TIMEOUT_PROPOSE_PER_TX_US: u64 = 200;
 pub const DEFAULT_PASSWORD_ENV: &str = "BLYAN_KEY_PASSWORD";
 
 /// A peer entry.

@@ -69,7 +69,10 @@ impl DevnetOptions {
             validators,
             base_port: Some(DEFAULT_BASE_PORT),
             block_interval_ms: crate::config::DEFAULT_BLOCK_INTERVAL_MS,
-            node: NodeConfig::default(),
+            node: NodeConfig {
+                timeout_propose_per_tx_us: crate::config::TIMEOUT_PROPOSE_PER_TX_US,
+                ..NodeConfig::default()
+            },
             extra_balances: Vec::new(),
             rate_limits: crate::ratelimit::RateLimitConfig::default(),
             inference: crate::inference::InferenceConfig::default(),

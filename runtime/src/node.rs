@@ -60,6 +60,7 @@ impl NodeSetup {
             data_dir: c.data_dir.clone(),
             node: NodeConfig {
                 block_interval_ms: c.block_interval_ms,
+                timeout_propose_per_tx_us: crate::config::TIMEOUT_PROPOSE_PER_TX_US,
                 ..NodeConfig::default()
             },
             peers: c.transport_peers()?,

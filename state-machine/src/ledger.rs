@@ -185,10 +185,20 @@ pub struct Ledger {
 }
 
 /// Whether block application verifies transaction signatures.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Signatures {
+#[derive(Clone, Copy)]
+enum Signatures<'a> {
     Verify,
+    /// LEDGER-SIG-1: skip verification of the transactions `known` vouches
+    /// for (by id, with their sender); verify every other one.
+    Known(&'a dyn Fn(&Hash32) -> Option<Address>),
     Trusted,
+}
+
+impl Signatures<'_> {
+    /// Evidence signatures are checked unless everything is trusted.
+    fn verify_evidence(self) -> bool {
+        !matches!(self, Signatures::Trusted)
+    }
 }
 
 /// Options for [`Ledger::propose_block`].
@@ -568,10 +578,25 @@ impl Ledger {
         self.apply_block_inner(block, Signatures::Trusted)
     }
 
+    /// LEDGER-SIG-1: [`Ledger::apply_block`] where `verified(id)` names the
+    /// sender of a transaction whose signature the caller has already
+    /// verified on this chain (e.g. at mempool admission, NODE-MP-6); every
+    /// transaction it returns `None` for is verified here. The result is the
+    /// one `apply_block` gives, provided `verified` answers only for
+    /// transactions it verified: the id commits to body, key and signature,
+    /// so a hit is the very transaction that was checked (tested both ways).
+    pub fn apply_block_with_verified(
+        &self,
+        block: &Block,
+        verified: &dyn Fn(&Hash32) -> Option<Address>,
+    ) -> Result<(Ledger, BlockOutcome), Error> {
+        self.apply_block_inner(block, Signatures::Known(verified))
+    }
+
     fn apply_block_inner(
         &self,
         block: &Block,
-        sigs: Signatures,
+        sigs: Signatures<'_>,
     ) -> Result<(Ledger, BlockOutcome), Error> {
         let mut next = self.clone();
         next.touched.clear();
@@ -630,6 +655,17 @@ impl Ledger {
     /// invalid) and returns it with the state it leads to. The result passes
     /// [`Ledger::apply_block`] on any node (tested).
     pub fn propose_block(&self, p: Proposal<'_>) -> Result<(Block, Ledger, BlockOutcome), Error> {
+        self.propose_block_with_verified(p, &|_| None)
+    }
+
+    /// [`Ledger::propose_block`] where `verified` vouches for candidates whose
+    /// signatures the caller already checked (LEDGER-SIG-1; the node's
+    /// mempool, NODE-MP-6); the others are verified here.
+    pub fn propose_block_with_verified(
+        &self,
+        p: Proposal<'_>,
+        verified: &dyn Fn(&Hash32) -> Option<Address>,
+    ) -> Result<(Block, Ledger, BlockOutcome), Error> {
         let mut next = self.clone();
         next.touched.clear();
         let mut header = BlockHeader {
@@ -660,7 +696,7 @@ impl Ledger {
                 break;
             }
             let snapshot = next.clone();
-            match next.apply_tx(tx, &header, &mut gas_used, Signatures::Verify) {
+            match next.apply_tx(tx, &header, &mut gas_used, Signatures::Known(verified)) {
                 Ok(r) => {
                     receipts.push(r);
                     body.txs.push(tx.clone());
@@ -681,8 +717,15 @@ impl Ledger {
         header.state_root = next.state_root();
         header.receipts_hash = crate::block::receipts_hash(&receipts);
         let block = Block { header, body };
-        // Re-derive through the validating path so proposer and validators agree by construction.
-        let (applied, outcome) = self.apply_block(&block)?;
+        // Re-derive through the validating path so proposer and validators
+        // agree by construction. LEDGER-SIG-2: every transaction in the block
+        // was verified above, and its receipt names its sender, so this pass
+        // checks everything else but neither verifies nor decompresses a
+        // transaction key again.
+        let senders: std::collections::BTreeMap<Hash32, Address> =
+            receipts.iter().map(|r| (r.tx_id, r.sender)).collect();
+        let verified = |id: &Hash32| senders.get(id).copied();
+        let (applied, outcome) = self.apply_block_inner(&block, Signatures::Known(&verified))?;
         assert_eq!(
             applied.state_root(),
             next.state_root(),
@@ -737,10 +780,14 @@ impl Ledger {
         tx: &SignedTx,
         h: &BlockHeader,
         gas_used: &mut u64,
-        sigs: Signatures,
+        sigs: Signatures<'_>,
     ) -> Result<Receipt, TxError> {
+        let tx_id = tx.id();
         let sender = match sigs {
             Signatures::Verify => tx.verified_sender(&self.chain_id),
+            Signatures::Known(verified) => {
+                verified(&tx_id).or_else(|| tx.verified_sender(&self.chain_id))
+            }
             Signatures::Trusted => tx.sender(),
         }
         .ok_or(TxError::InvalidSignature)?;
@@ -812,7 +859,7 @@ impl Ledger {
             }
         };
         Ok(Receipt {
-            tx_id: tx.id(),
+            tx_id,
             sender,
             gas_used: intrinsic,
             fee_paid: burned + tip,
@@ -975,7 +1022,7 @@ impl Ledger {
     fn apply_evidence(
         &mut self,
         evidence: &[Misbehaviour],
-        signatures: Signatures,
+        signatures: Signatures<'_>,
         events: &mut Vec<Event>,
     ) -> Result<(), Error> {
         let mut seen = std::collections::BTreeSet::new();
@@ -1027,7 +1074,7 @@ impl Ledger {
             {
                 return Err(invalid("the two votes do not conflict"));
             }
-            if signatures == Signatures::Verify {
+            if signatures.verify_evidence() {
                 let scheme = K256Scheme {
                     chain_id: self.chain_id.clone(),
                 };

@@ -53,6 +53,10 @@ pub struct NodeConfig {
     pub rebroadcast_interval_ms: u64,
     /// NODE-SYNC-4: peers remembered for rate-limiting help to laggards.
     pub max_tracked_peers: usize,
+    /// NODE-TIME-2: `timeout_propose` of a height grows by this many
+    /// microseconds per transaction pending in the mempool when the height
+    /// starts (at most `max_block_txs` of them). 0 (the default) turns it off.
+    pub timeout_propose_per_tx_us: u64,
 }
 
 impl Default for NodeConfig {
@@ -69,6 +73,7 @@ impl Default for NodeConfig {
             max_clock_drift_ms: 5_000,
             rebroadcast_interval_ms: 1_000,
             max_tracked_peers: 1_024,
+            timeout_propose_per_tx_us: 0,
         }
     }
 }
@@ -433,7 +438,11 @@ impl Node {
             && h.time_ms <= now_ms.saturating_add(self.config.max_clock_drift_ms)
             && self.check_last_commit(&block, last_commit.as_ref());
         let applied = if valid {
-            self.ledger.apply_block(&block).ok()
+            // NODE-MP-6: signatures verified at admission are not verified again.
+            let mempool = &self.mempool;
+            self.ledger
+                .apply_block_with_verified(&block, &|id| mempool.verified_sender(id))
+                .ok()
         } else {
             None
         };
@@ -591,7 +600,12 @@ impl Node {
                 last_commit_signers: last_commit_signers.clone(),
                 candidates: &candidates,
             };
-            match self.ledger.propose_block(proposal) {
+            // NODE-MP-6: every candidate's signature was verified at admission.
+            let mempool = &self.mempool;
+            match self
+                .ledger
+                .propose_block_with_verified(proposal, &|id| mempool.verified_sender(id))
+            {
                 Ok((block, next, outcome)) => {
                     let value = block.hash();
                     self.blocks.insert(
@@ -693,6 +707,20 @@ impl Node {
         Ok(())
     }
 
+    /// NODE-TIME-2: the consensus parameters of the height being started:
+    /// `timeout_propose` grows with the transactions pending here, a proxy
+    /// for the size of the block to come and for the gossip queued ahead of
+    /// it, so a big block is not a failed round. Only timer durations
+    /// change; the consensus rules do not.
+    fn height_consensus_config(&self) -> Config {
+        let mut config = self.config.consensus.clone();
+        let pending =
+            (self.mempool.len() as u64).min(u64::from(self.ledger.params().max_block_txs));
+        let extra_ms = pending.saturating_mul(self.config.timeout_propose_per_tx_us) / 1_000;
+        config.timeout_propose_ms = config.timeout_propose_ms.saturating_add(extra_ms);
+        config
+    }
+
     /// L10/L54: start the height after the last committed block.
     fn start_height(&mut self, now_ms: u64, records: &[Record<Sig>], out: &mut Vec<NodeOutput>) {
         self.waiting = false;
@@ -704,7 +732,7 @@ impl Node {
                 let mut c = Consensus::new(
                     self.scheme.clone(),
                     self.key.clone(),
-                    self.config.consensus.clone(),
+                    self.height_consensus_config(),
                     height,
                     self.set.clone(),
                 );
@@ -714,7 +742,7 @@ impl Node {
                 Consensus::restore(
                     self.scheme.clone(),
                     self.key.clone(),
-                    self.config.consensus.clone(),
+                    self.height_consensus_config(),
                     height,
                     self.set.clone(),
                     records,
@@ -834,7 +862,11 @@ impl Node {
             {
                 break;
             }
-            let Ok((next, outcome)) = self.ledger.apply_block(&committed.block) else {
+            let mempool = &self.mempool;
+            let Ok((next, outcome)) = self
+                .ledger
+                .apply_block_with_verified(&committed.block, &|id| mempool.verified_sender(id))
+            else {
                 break;
             };
             if self.advance(committed, next, outcome, out).is_err() {

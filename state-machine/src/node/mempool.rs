@@ -107,6 +107,16 @@ impl Mempool {
         self.by_id.contains_key(id)
     }
 
+    /// NODE-MP-6: the sender of pooled transaction `id`. Every pooled
+    /// transaction's signature was verified at admission (NODE-MP-2) and its
+    /// id commits to body, key and signature, so the driver passes this to
+    /// block validation and proposal building (LEDGER-SIG-1) instead of
+    /// verifying those signatures again. Bounded by the pool itself
+    /// (NODE-MP-1); what was evicted or removed is simply verified again.
+    pub fn verified_sender(&self, id: &Hash32) -> Option<Address> {
+        self.by_id.get(id).map(|e| e.sender)
+    }
+
     /// NODE-MP-2: admit `tx` against the state `ledger` (the last committed
     /// block). Returns its id.
     pub fn insert(&mut self, tx: SignedTx, ledger: &Ledger) -> Result<Hash32, MempoolError> {

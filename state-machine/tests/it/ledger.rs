@@ -152,6 +152,49 @@ fn tx_11_bad_signature_and_wrong_chain_make_a_block_invalid() {
 }
 
 #[test]
+fn ledger_sig_1_a_bad_signature_not_vouched_for_is_still_rejected() {
+    let (net, l0) = net();
+    let b = address(&net.accounts[1]);
+    let good = transfer(CHAIN, &net.accounts[0], 0, b, 1);
+    let (block, _) = next_block(&l0, std::slice::from_ref(&good)).unwrap();
+    // The cache vouches for the good transaction (as a mempool would after
+    // admitting it); the block carries a copy with a flipped signature bit.
+    let good_id = good.id();
+    let sender = good.verified_sender(CHAIN).unwrap();
+    let cache = move |id: &blyan_state_machine::types::Hash32| (*id == good_id).then_some(sender);
+    let mut bad = block.clone();
+    bad.body.txs[0].signature[5] ^= 1;
+    bad.header.body_hash = bad.body.body_hash();
+    assert_ne!(
+        bad.body.txs[0].id(),
+        good_id,
+        "the id commits to the signature"
+    );
+    let before = l0.state_root();
+    for result in [
+        l0.apply_block(&bad),
+        l0.apply_block_with_verified(&bad, &cache),
+    ] {
+        assert!(matches!(
+            result,
+            Err(Error::InvalidTx {
+                index: 0,
+                error: TxError::InvalidSignature,
+            })
+        ));
+    }
+    assert_eq!(l0.state_root(), before);
+    // An empty cache verifies everything; the good block applies either way,
+    // to the same state and outcome.
+    let (full, full_out) = l0.apply_block(&block).unwrap();
+    for verified in [&cache as &dyn Fn(&_) -> _, &|_: &_| None] {
+        let (cached, cached_out) = l0.apply_block_with_verified(&block, verified).unwrap();
+        assert_eq!(cached.state_root(), full.state_root());
+        assert_eq!(cached_out, full_out);
+    }
+}
+
+#[test]
 fn block_7_header_tampering_is_rejected() {
     let (net, l0) = net();
     let (block, _) = next_block(

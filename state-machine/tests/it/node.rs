@@ -562,3 +562,50 @@ mod mempool {
         }
     }
 }
+
+/// NODE-TIME-2: `timeout_propose` grows with the mempool's pending
+/// transactions when the height starts (and not at all when off).
+#[test]
+fn node_time_2_timeout_propose_grows_with_pending_transactions() {
+    use blyan_state_machine::consensus::TimeoutKind;
+    let net = testnet(4, 4, Params::default());
+    let chain = net.genesis.chain_id.clone();
+    let to = address(&net.accounts[1]);
+    let txs: Vec<SignedTx> = (0..3)
+        .flat_map(|a| (0..4).map(move |n| (a, n)))
+        .map(|(a, n)| transfer(&chain, &net.accounts[a], n, to, BLY))
+        .collect();
+    let now = net.genesis.genesis_time_ms + 1_000;
+    for per_tx_us in [0u64, 50_000] {
+        let config = NodeConfig {
+            timeout_propose_per_tx_us: per_tx_us,
+            ..NodeConfig::default()
+        };
+        let base = config.consensus.timeout_propose_ms;
+        let mut propose_timers = Vec::new();
+        for key in &net.validators {
+            let mut node = Node::from_genesis(config.clone(), key.clone(), &net.genesis).unwrap();
+            for tx in &txs {
+                node.handle(now, NodeInput::ClientTx(tx.clone()));
+            }
+            assert_eq!(node.mempool().len(), txs.len());
+            for o in node.start(now, &[], Vec::new()) {
+                if let NodeOutput::SetTimer {
+                    timer:
+                        Timer::Consensus {
+                            kind: TimeoutKind::Propose,
+                            ..
+                        },
+                    at_ms,
+                } = o
+                {
+                    propose_timers.push(at_ms);
+                }
+            }
+        }
+        // The three validators that do not propose round 0 wait for it.
+        assert_eq!(propose_timers.len(), 3);
+        let extra = txs.len() as u64 * per_tx_us / 1_000;
+        assert!(propose_timers.iter().all(|t| *t == now + base + extra));
+    }
+}

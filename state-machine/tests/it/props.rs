@@ -138,6 +138,62 @@ proptest! {
         }
     }
 
+    /// LEDGER-SIG-1/2: applying (and proposing) with a cache of verified
+    /// transactions gives exactly what full verification gives, whichever
+    /// subset the cache holds; a tampered signature is rejected even when
+    /// the untampered transaction is in the cache.
+    #[test]
+    fn ledger_sig_1_cache_never_changes_the_result(
+        ops in prop::collection::vec(prop::collection::vec(op(), 1..8), 1..5),
+        mask in any::<u64>(),
+    ) {
+        let (blocks, states) = run(&ops);
+        for (i, (b, s)) in blocks.iter().zip(&states).enumerate() {
+            let cached: std::collections::BTreeMap<_, _> = b
+                .body
+                .txs
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| mask >> ((i * 8 + j) % 64) & 1 == 1)
+                .map(|(_, t)| (t.id(), t.verified_sender(CHAIN).unwrap()))
+                .collect();
+            let verified = |id: &blyan_state_machine::types::Hash32| cached.get(id).copied();
+            let (full, full_out) = s.apply_block(b).unwrap();
+            let (with, with_out) = s.apply_block_with_verified(b, &verified).unwrap();
+            prop_assert_eq!(full.state_root(), with.state_root());
+            prop_assert_eq!(&full_out, &with_out);
+            // Proposing from the same candidates with the cache builds the same block.
+            let proposal = blyan_state_machine::ledger::Proposal {
+                proposer: b.header.proposer,
+                time_ms: b.header.time_ms,
+                evidence: b.body.evidence.clone(),
+                last_commit_signers: b.body.last_commit_signers.clone(),
+                candidates: &b.body.txs,
+            };
+            let (p_full, _, _) = s.propose_block(proposal.clone()).unwrap();
+            let (p_with, _, p_out) = s.propose_block_with_verified(proposal, &verified).unwrap();
+            prop_assert_eq!(&p_full, &p_with);
+            prop_assert_eq!(&p_out, &full_out);
+            if let Some(first) = b.body.txs.first() {
+                let mut bad = b.clone();
+                bad.body.txs[0].signature[7] ^= 1;
+                bad.header.body_hash = bad.body.body_hash();
+                let vouch_all = |id: &blyan_state_machine::types::Hash32| {
+                    (*id == first.id()).then(|| first.verified_sender(CHAIN).unwrap())
+                };
+                let is_bad_sig = |r: Result<_, blyan_state_machine::Error>| matches!(
+                    r,
+                    Err(blyan_state_machine::Error::InvalidTx {
+                        index: 0,
+                        error: blyan_state_machine::TxError::InvalidSignature,
+                    })
+                );
+                prop_assert!(is_bad_sig(s.apply_block(&bad)));
+                prop_assert!(is_bad_sig(s.apply_block_with_verified(&bad, &vouch_all)));
+            }
+        }
+    }
+
     /// ENC-4: decode(encode(x)) == x and blocks survive the round trip.
     #[test]
     fn enc_4_block_round_trip(ops in prop::collection::vec(prop::collection::vec(op(), 0..5), 1..3)) {
