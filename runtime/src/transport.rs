@@ -64,8 +64,10 @@
 //!   of the network.
 //!
 //! Sending: a writer task per peer dials it (TCP, TLS, HTTP/2, with
-//! exponential backoff), waits [`BATCH_LINGER`] after an idle queue yields
-//! a message, takes everything queued (up to
+//! exponential backoff), takes the next message and everything queued
+//! behind it; if that is only transaction gossip it lingers up to
+//! [`BATCH_LINGER`] for more, ending early when a consensus message comes
+//! (proposals and votes are never delayed); it takes up to
 //! [`MAX_BATCH_MESSAGES`] and the frame limit), seals it into one frame and
 //! delivers it; after a transport error it reconnects (the batch is lost).
 //!
@@ -106,16 +108,24 @@ use tracing::{debug, info, warn};
 
 /// Largest frame accepted or sent (the length prefix excluded).
 pub const MAX_FRAME_BYTES: usize = 4 * 1024 * 1024;
+/// HTTP/2 flow-control windows (per stream, per connection), both ways.
+/// h2's default of 64 KiB made a 250 KB proposal frame wait for several
+/// window updates, each needing the receiving task to run: tens of ms
+/// under load. A window bounds what a peer may send unread, so memory stays
+/// bounded: at most this per connection, and connections are capped.
+pub const H2_STREAM_WINDOW_BYTES: u32 = 2 * 1024 * 1024;
+pub const H2_CONNECTION_WINDOW_BYTES: u32 = 4 * 1024 * 1024;
 /// A frame's timestamp may differ from the receiver's clock by at most this.
 pub const MAX_CLOCK_SKEW_MS: u64 = 30_000;
 /// Most messages in one frame.
 pub const MAX_BATCH_MESSAGES: usize = 4_096;
-/// After an idle queue yields a message, the writer waits this long before
-/// sealing, so that the transactions a busy node admits in that time share
-/// one signature (without it, at ~1,000 tx/s each transaction went out in a
-/// frame of its own: one sign and one verify per peer and message). It
-/// bounds a busy writer to 200 frames/s and delays a message by 5 ms at most.
-pub const BATCH_LINGER: Duration = Duration::from_millis(5);
+/// After an idle queue yields a transaction, the writer waits up to this
+/// long for more before sealing, so that the transactions a busy node admits
+/// in that time share one signature (without it, at ~1,000 tx/s each
+/// transaction went out in a frame of its own: one sign and one verify per
+/// peer and message). It bounds a writer carrying only gossip to 100
+/// frames/s. Consensus messages do not wait: one ends the linger at once.
+pub const BATCH_LINGER: Duration = Duration::from_millis(10);
 /// Frames of at least this many bytes are sent gzip compressed.
 pub const GZIP_THRESHOLD_BYTES: usize = 16 * 1024;
 /// HTTP/2 streams (concurrent calls) one connection may have open.
@@ -702,6 +712,8 @@ impl PeerClient {
             .connect_timeout(Duration::from_secs(10))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(20))
+            .initial_stream_window_size(H2_STREAM_WINDOW_BYTES)
+            .initial_connection_window_size(H2_CONNECTION_WINDOW_BYTES)
             .keep_alive_while_idle(true);
         let (addr, chain_id, allowed) = (addr.to_string(), chain_id.to_string(), allowed.clone());
         let connector = tower::service_fn(move |_uri: http::Uri| {
@@ -840,7 +852,7 @@ pub struct GrpcTransport {
     cert: NodeCertificate,
     verifier: Arc<PeerCertVerifier>,
     allowed: BTreeSet<PeerId>,
-    queues: BTreeMap<PeerId, mpsc::Sender<Arc<Vec<u8>>>>,
+    queues: BTreeMap<PeerId, mpsc::Sender<Outgoing>>,
     connected: Arc<AtomicUsize>,
     blocked: Arc<RwLock<BTreeSet<PeerId>>>,
     rejected_handshakes: Arc<AtomicU64>,
@@ -936,6 +948,8 @@ impl GrpcTransport {
                 .concurrency_limit_per_connection(MAX_STREAMS_PER_CONNECTION as usize)
                 .http2_max_header_list_size(16 * 1024)
                 .http2_keepalive_interval(Some(Duration::from_secs(20)))
+                .initial_stream_window_size(H2_STREAM_WINDOW_BYTES)
+                .initial_connection_window_size(H2_CONNECTION_WINDOW_BYTES)
                 .add_service(service)
                 // A shutdown signal that never fires: with one, tonic ties
                 // each connection task to this server, so aborting this task
@@ -1100,7 +1114,7 @@ impl Outbound for GrpcTransport {
 }
 
 impl GrpcTransport {
-    fn enqueue(&self, to: &PeerId, message: &Arc<Vec<u8>>) {
+    fn enqueue(&self, to: &PeerId, message: &Outgoing) {
         if self.blocked.read().expect("blocked lock").contains(to) {
             return;
         }
@@ -1112,7 +1126,7 @@ impl GrpcTransport {
     }
 
     /// The canonical bytes of `message`, if it fits in a frame alone.
-    fn encode(message: &WireMessage) -> Option<Arc<Vec<u8>>> {
+    fn encode(message: &WireMessage) -> Option<Outgoing> {
         let bytes = message.encode();
         if 8 + bytes.len() > MAX_PAYLOAD_BYTES {
             warn!(
@@ -1121,8 +1135,20 @@ impl GrpcTransport {
             );
             return None;
         }
-        Some(Arc::new(bytes))
+        Some(Outgoing {
+            bytes: Arc::new(bytes),
+            urgent: !matches!(message, WireMessage::Tx(_)),
+        })
     }
+}
+
+/// A queued outgoing message: its canonical bytes, and whether it is
+/// consensus traffic (proposals, votes, catch-up), which is sent at once;
+/// transaction gossip lingers for company ([`BATCH_LINGER`]).
+#[derive(Clone)]
+struct Outgoing {
+    bytes: Arc<Vec<u8>>,
+    urgent: bool,
 }
 
 /// Everything a writer task needs to reach and sign for one peer.
@@ -1155,23 +1181,79 @@ impl Dialer {
 
 /// Takes `first` and whatever else is queued, up to [`MAX_BATCH_MESSAGES`]
 /// and [`MAX_PAYLOAD_BYTES`]; a message that does not fit is left in `carry`.
-fn take_batch(
-    first: Arc<Vec<u8>>,
-    queue: &mut mpsc::Receiver<Arc<Vec<u8>>>,
-    carry: &mut Option<Arc<Vec<u8>>>,
-) -> Vec<Arc<Vec<u8>>> {
-    let mut bytes = 4 + 4 + first.len();
-    let mut batch = vec![first];
-    while batch.len() < MAX_BATCH_MESSAGES {
-        let Ok(m) = queue.try_recv() else { break };
-        if bytes + 4 + m.len() > MAX_PAYLOAD_BYTES {
-            *carry = Some(m);
-            break;
+/// A frame's messages being collected by a writer.
+struct Batch {
+    messages: Vec<Arc<Vec<u8>>>,
+    payload_bytes: usize,
+    urgent: bool,
+}
+
+impl Batch {
+    fn new(first: Outgoing) -> Batch {
+        Batch {
+            payload_bytes: 4 + 4 + first.bytes.len(),
+            urgent: first.urgent,
+            messages: vec![first.bytes],
         }
-        bytes += 4 + m.len();
-        batch.push(m);
     }
-    batch
+
+    /// Adds `m`, or hands it back when the frame is full (count or bytes).
+    fn push(&mut self, m: Outgoing) -> Result<(), Outgoing> {
+        if self.messages.len() >= MAX_BATCH_MESSAGES
+            || self.payload_bytes + 4 + m.bytes.len() > MAX_PAYLOAD_BYTES
+        {
+            return Err(m);
+        }
+        self.payload_bytes += 4 + m.bytes.len();
+        self.urgent |= m.urgent;
+        self.messages.push(m.bytes);
+        Ok(())
+    }
+
+    /// Takes what is already queued, up to a full frame; an overflowing
+    /// message is left in `carry` for the next frame.
+    fn fill(&mut self, queue: &mut mpsc::Receiver<Outgoing>, carry: &mut Option<Outgoing>) {
+        while let Ok(m) = queue.try_recv() {
+            if let Err(m) = self.push(m) {
+                *carry = Some(m);
+                return;
+            }
+        }
+    }
+}
+
+/// The next frame's messages (NODE-NET-5): the carried or next queued
+/// message and everything queued behind it. Transaction gossip lingers up
+/// to `linger` ([`BATCH_LINGER`]) for more; a consensus message ends the
+/// linger, and one that comes first is sent at once. `None` once the queue
+/// is closed and empty.
+async fn next_batch(
+    queue: &mut mpsc::Receiver<Outgoing>,
+    carry: &mut Option<Outgoing>,
+    linger: Duration,
+) -> Option<Batch> {
+    let first = match carry.take() {
+        Some(m) => m,
+        None => queue.recv().await?,
+    };
+    let mut batch = Batch::new(first);
+    batch.fill(queue, carry);
+    if !batch.urgent && carry.is_none() {
+        let until = tokio::time::Instant::now() + linger;
+        while let Ok(Some(m)) = tokio::time::timeout_at(until, queue.recv()).await {
+            if let Err(m) = batch.push(m) {
+                *carry = Some(m);
+                break;
+            }
+            if batch.urgent {
+                break;
+            }
+        }
+        if carry.is_none() {
+            batch.fill(queue, carry);
+        }
+    }
+    Some(batch)
 }
 
 /// Whether a failed call means the connection is gone (reconnect) rather
@@ -1185,12 +1267,12 @@ fn is_connection_failure(s: &Status) -> bool {
 
 async fn write_loop(
     dialer: Dialer,
-    mut queue: mpsc::Receiver<Arc<Vec<u8>>>,
+    mut queue: mpsc::Receiver<Outgoing>,
     connected: Arc<AtomicUsize>,
 ) {
     let addr = dialer.addr.clone();
     let mut backoff_ms = dialer.backoff_min_ms;
-    let mut carry: Option<Arc<Vec<u8>>> = None;
+    let mut carry: Option<Outgoing> = None;
     loop {
         let client = match dialer.connect().await {
             Ok(c) => c,
@@ -1208,17 +1290,10 @@ async fn write_loop(
         backoff_ms = dialer.backoff_min_ms;
         connected.fetch_add(1, Ordering::Relaxed);
         let closed = loop {
-            let first = match carry.take() {
-                Some(m) => m,
-                None => match queue.recv().await {
-                    Some(m) => {
-                        tokio::time::sleep(BATCH_LINGER).await;
-                        m
-                    }
-                    None => break true,
-                },
+            let Some(batch) = next_batch(&mut queue, &mut carry, BATCH_LINGER).await else {
+                break true;
             };
-            let batch = take_batch(first, &mut queue, &mut carry);
+            let batch = batch.messages;
             if dialer
                 .blocked
                 .read()
@@ -1328,5 +1403,94 @@ async fn accept_loop(
             };
             let _ = out.send(Ok(stream)).await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(tag: u8, urgent: bool) -> Outgoing {
+        Outgoing {
+            bytes: Arc::new(vec![tag; 8]),
+            urgent,
+        }
+    }
+
+    fn tags(b: &Batch) -> Vec<u8> {
+        b.messages.iter().map(|m| m[0]).collect()
+    }
+
+    /// A linger no test could sit out: a batch that comes back at all came
+    /// back without waiting it out.
+    const FOREVER: Duration = Duration::from_secs(3_600);
+    /// Liveness bound of these tests (a hang is a failure, not a slow pass).
+    const HANG: Duration = Duration::from_secs(30);
+
+    /// NODE-NET-5: a consensus message first is sent at once, with what is
+    /// queued behind it.
+    #[tokio::test]
+    async fn net_5_a_consensus_message_is_not_lingered() {
+        let (tx, mut rx) = mpsc::channel(8);
+        tx.send(msg(1, true)).await.unwrap();
+        tx.send(msg(2, false)).await.unwrap();
+        let mut carry = None;
+        let b = tokio::time::timeout(HANG, next_batch(&mut rx, &mut carry, FOREVER))
+            .await
+            .expect("an urgent batch does not linger")
+            .unwrap();
+        assert_eq!(tags(&b), vec![1, 2]);
+        assert!(b.urgent && carry.is_none());
+    }
+
+    /// NODE-NET-5: gossip lingers and collects what comes later; a consensus
+    /// message arriving during the linger ends it and rides along.
+    #[tokio::test]
+    async fn net_5_gossip_lingers_until_a_consensus_message_comes() {
+        let (tx, mut rx) = mpsc::channel(8);
+        tx.send(msg(1, false)).await.unwrap();
+        let sender = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            tx.send(msg(2, false)).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            tx.send(msg(3, true)).await.unwrap();
+            tx
+        });
+        let mut carry = None;
+        let b = tokio::time::timeout(HANG, next_batch(&mut rx, &mut carry, FOREVER))
+            .await
+            .expect("the vote ends the linger")
+            .unwrap();
+        assert_eq!(tags(&b), vec![1, 2, 3], "later gossip joined the frame");
+        assert!(b.urgent);
+        drop(sender.await.unwrap());
+        assert!(
+            next_batch(&mut rx, &mut carry, FOREVER).await.is_none(),
+            "closed and empty"
+        );
+    }
+
+    /// NODE-NET-3: a frame never exceeds the payload limit; the message that
+    /// would overflow it is carried into the next frame, first.
+    #[tokio::test]
+    async fn net_3_an_overflowing_message_is_carried_to_the_next_frame() {
+        let big = |tag| Outgoing {
+            bytes: Arc::new(vec![tag; MAX_PAYLOAD_BYTES / 2]),
+            urgent: true,
+        };
+        let (tx, mut rx) = mpsc::channel(8);
+        for tag in 1..=3 {
+            tx.send(big(tag)).await.unwrap();
+        }
+        drop(tx);
+        let mut carry = None;
+        let first = next_batch(&mut rx, &mut carry, FOREVER).await.unwrap();
+        assert_eq!(tags(&first), vec![1]);
+        assert!(first.payload_bytes <= MAX_PAYLOAD_BYTES);
+        let second = next_batch(&mut rx, &mut carry, FOREVER).await.unwrap();
+        assert_eq!(tags(&second), vec![2]);
+        let third = next_batch(&mut rx, &mut carry, FOREVER).await.unwrap();
+        assert_eq!(tags(&third), vec![3]);
+        assert!(next_batch(&mut rx, &mut carry, FOREVER).await.is_none());
     }
 }

@@ -1,5 +1,7 @@
 //! Signed transfers applied per second on one core, with and without
-//! signature verification (BENCH-1). Run: `cargo bench -p blyan-state-machine --bench transfers`.
+//! signature verification, with signatures from a verified cache (as a
+//! validator applies a proposal), and a block built from cached candidates
+//! (as a proposer does) (BENCH-1). Run: `cargo bench -p blyan-state-machine --bench transfers`.
 
 use blyan_state_machine::ledger::{Ledger, Proposal};
 use blyan_state_machine::params::Params;
@@ -38,6 +40,44 @@ fn bench(c: &mut Criterion) {
         b.iter_batched(
             || (),
             |_| ledger.apply_block(&block).unwrap(),
+            BatchSize::PerIteration,
+        )
+    });
+    // LEDGER-SIG-1 / NODE-MP-6: what a validator does with a block whose
+    // transactions its mempool already verified (the runtime's common case).
+    let senders: std::collections::BTreeMap<_, _> = outcome
+        .receipts
+        .iter()
+        .map(|r| (r.tx_id, r.sender))
+        .collect();
+    g.bench_function("signatures_cached", |b| {
+        b.iter_batched(
+            || (),
+            |_| {
+                ledger
+                    .apply_block_with_verified(&block, &|id| senders.get(id).copied())
+                    .unwrap()
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    g.bench_function("propose_signatures_cached", |b| {
+        b.iter_batched(
+            || (),
+            |_| {
+                ledger
+                    .propose_block_with_verified(
+                        Proposal {
+                            proposer: ledger.active_set()[0].0,
+                            time_ms: net.genesis.genesis_time_ms + 2_000,
+                            evidence: vec![],
+                            last_commit_signers: vec![],
+                            candidates: &txs,
+                        },
+                        &|id| senders.get(id).copied(),
+                    )
+                    .unwrap()
+            },
             BatchSize::PerIteration,
         )
     });

@@ -384,8 +384,12 @@ impl Node {
                 }
             }
             WireMessage::Tx(tx) => {
-                if self.mempool.insert((*tx).clone(), &self.ledger).is_ok() {
-                    out.push(NodeOutput::Broadcast(WireMessage::Tx(tx))); // NODE-MP-5 gossip once
+                // NODE-MP-5: validators gossip their own admissions to every
+                // peer directly, so a transaction from a validator is not
+                // relayed again; one from a follower is, once.
+                let relay = self.set.get(&from).is_none();
+                if self.mempool.insert((*tx).clone(), &self.ledger).is_ok() && relay {
+                    out.push(NodeOutput::Broadcast(WireMessage::Tx(tx)));
                 }
             }
             WireMessage::BlockRequest { from_height } => {
@@ -653,6 +657,12 @@ impl Node {
                 .apply_block(&c.block)
                 .expect("a block +2/3 of the voting power decided applies"),
         };
+        // NODE-TIME-1: the next height's phase is the earlier of this node's
+        // start of the decided height and the decided block's time (its
+        // proposer's start), so every node converges on one schedule and
+        // the proposers' cuts are `block_interval_ms` apart; a proposer's
+        // clock running ahead cannot delay anyone (the minimum).
+        let phase_ms = self.height_started_ms.min(c.block.header.time_ms);
         let committed = CommittedBlock {
             block: c.block,
             certificate,
@@ -660,8 +670,7 @@ impl Node {
         self.advance(committed, next, outcome, out)
             .expect("a decided block's successor set is valid");
         self.waiting = true;
-        let at_ms = self
-            .height_started_ms
+        let at_ms = phase_ms
             .saturating_add(self.config.block_interval_ms)
             .max(now_ms);
         out.push(NodeOutput::SetTimer {

@@ -149,15 +149,19 @@ impl Mempool {
                 base_fee,
             });
         }
-        let sender = tx
-            .verified_sender(ledger.chain_id())
-            .ok_or(MempoolError::BadSignature)?;
+        let (key, sender) = tx.claimed_sender().ok_or(MempoolError::BadSignature)?;
         let expected = ledger.account(&sender).nonce;
+        // NODE-MP-2: a replayed (stale) nonce is refused before the
+        // signature is verified; gossip of transactions already committed
+        // costs no verification. Nothing is admitted unverified.
         if body.nonce < expected {
             return Err(MempoolError::StaleNonce {
                 expected,
                 got: body.nonce,
             });
+        }
+        if !tx.verify_with(&key, ledger.chain_id()) {
+            return Err(MempoolError::BadSignature);
         }
         if body.nonce - expected > self.config.max_nonce_gap {
             return Err(MempoolError::NonceTooFarAhead {

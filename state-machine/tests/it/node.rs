@@ -48,27 +48,33 @@ struct Cluster {
 
 impl Cluster {
     fn new(validators: usize) -> Cluster {
+        let mut c = Cluster::unbooted(validators);
+        for i in 0..validators {
+            c.boot(i);
+        }
+        c
+    }
+
+    /// A cluster none of whose nodes is running yet (boot them with
+    /// [`Cluster::boot`]); messages to a node not running are lost.
+    fn unbooted(validators: usize) -> Cluster {
         let net = testnet(validators, 4, Params::default());
         let config = NodeConfig::default();
         let now_ms = net.genesis.genesis_time_ms + 1_000;
         let addresses = net.validators.iter().map(address).collect();
-        let mut c = Cluster {
+        Cluster {
             config,
             now_ms,
             seq: 0,
             queue: BTreeMap::new(),
-            nodes: Vec::new(),
+            nodes: (0..validators).map(|_| None).collect(),
             stores: vec![MemStore::default(); validators],
             commits: vec![BTreeMap::new(); validators],
             cut: BTreeSet::new(),
             addresses,
             tx_results: Vec::new(),
             net,
-        };
-        for i in 0..validators {
-            c.boot(i);
         }
-        c
     }
 
     /// Start node `i` from its store (a fresh store on first boot).
@@ -85,11 +91,7 @@ impl Cluster {
         let records = self.stores[i].records(node.height()).unwrap();
         let candidates = self.stores[i].candidates(node.height()).unwrap();
         let out = node.start(self.now_ms, &records, candidates);
-        if self.nodes.len() <= i {
-            self.nodes.push(Some(node));
-        } else {
-            self.nodes[i] = Some(node);
-        }
+        self.nodes[i] = Some(node);
         self.perform(i, out);
     }
 
@@ -608,4 +610,120 @@ fn node_time_2_timeout_propose_grows_with_pending_transactions() {
         let extra = txs.len() as u64 * per_tx_us / 1_000;
         assert!(propose_timers.iter().all(|t| *t == now + base + extra));
     }
+}
+
+/// NODE-TIME-1: nodes that booted out of phase (here 700 ms apart) converge
+/// on one schedule within a rotation of proposers; from then on the block
+/// times, i.e. the proposers' cuts, are the interval apart whoever proposes.
+/// (When each node kept its own boot phase, the gaps followed the proposer.)
+#[test]
+fn node_time_1_nodes_booted_out_of_phase_converge_on_one_schedule() {
+    let mut c = Cluster::unbooted(4);
+    let start = c.now_ms;
+    for i in 0..4 {
+        c.run_until(start + 700 * i as u64);
+        c.boot(i);
+    }
+    c.run_until(start + 40_000);
+    c.assert_agreement();
+    let node = c.nodes[0].as_ref().unwrap();
+    let last = node.ledger().height();
+    assert!(last >= 15, "height {last} after 40 s");
+    let times: Vec<u64> = (1..=last)
+        .map(|h| c.stores[0].block(h).unwrap().unwrap().block.header.time_ms)
+        .collect();
+    // Heights 1..4 may still be out of phase; every later gap is the
+    // interval (the latency of this network is 20 ms, no loss).
+    for (h, w) in times.windows(2).enumerate().skip(6) {
+        let gap = w[1] - w[0];
+        assert_eq!(gap, 2_000, "gap before height {} is {gap} ms", h + 2);
+    }
+}
+
+/// NODE-MP-5: validators gossip their own admissions to every peer, so a
+/// transaction gossiped by a validator is admitted but not relayed; one from
+/// a peer outside the validator set (a follower) is relayed once.
+#[test]
+fn node_mp_5_gossip_from_a_validator_is_not_relayed_and_from_a_follower_is() {
+    let c = Cluster::new(4);
+    let chain = c.net.genesis.chain_id.clone();
+    let to = address(&c.net.accounts[1]);
+    let mut node = Node::from_genesis(
+        c.config.clone(),
+        c.net.validators[1].clone(),
+        &c.net.genesis,
+    )
+    .unwrap();
+    let relayed = |out: &[NodeOutput]| {
+        out.iter()
+            .any(|o| matches!(o, NodeOutput::Broadcast(WireMessage::Tx(_))))
+    };
+    let from_validator = transfer(&chain, &c.net.accounts[0], 0, to, BLY);
+    let out = node.handle(
+        c.now_ms,
+        NodeInput::Message {
+            from: c.addresses[0],
+            message: WireMessage::Tx(Box::new(from_validator)),
+        },
+    );
+    assert_eq!(node.mempool().len(), 1, "admitted");
+    assert!(
+        !relayed(&out),
+        "a validator's gossip is not relayed: {out:?}"
+    );
+    let follower = address(&blyan_state_machine::testkit::key(77_777));
+    let from_follower = transfer(&chain, &c.net.accounts[2], 0, to, BLY);
+    let out = node.handle(
+        c.now_ms,
+        NodeInput::Message {
+            from: follower,
+            message: WireMessage::Tx(Box::new(from_follower)),
+        },
+    );
+    assert_eq!(node.mempool().len(), 2, "admitted");
+    assert!(relayed(&out), "a follower's gossip is relayed: {out:?}");
+}
+
+/// NODE-MP-2: a stale nonce is refused before the signature is verified, so
+/// gossip or replays of committed transactions cost no verification; a
+/// current nonce with a bad signature is still refused as such.
+#[test]
+fn node_mp_2_a_stale_nonce_is_refused_before_the_signature_is_checked() {
+    let mut c = Cluster::new(4);
+    let chain = c.net.genesis.chain_id.clone();
+    let to = address(&c.net.accounts[1]);
+    c.submit(0, transfer(&chain, &c.net.accounts[0], 0, to, BLY));
+    c.run_until(c.now_ms + 5_000);
+    assert_eq!(
+        c.nodes[0]
+            .as_ref()
+            .unwrap()
+            .ledger()
+            .account(&address(&c.net.accounts[0]))
+            .nonce,
+        1,
+        "nonce 0 committed"
+    );
+    let mut forged_stale = transfer(&chain, &c.net.accounts[0], 0, to, 2 * BLY);
+    forged_stale.signature[10] ^= 1;
+    c.submit(0, forged_stale);
+    assert!(
+        matches!(
+            c.tx_results.last().unwrap().1,
+            Err(MempoolError::StaleNonce {
+                expected: 1,
+                got: 0
+            })
+        ),
+        "{:?}",
+        c.tx_results.last()
+    );
+    let mut forged = transfer(&chain, &c.net.accounts[0], 1, to, 2 * BLY);
+    forged.signature[10] ^= 1;
+    c.submit(0, forged);
+    assert_eq!(
+        c.tx_results.last().unwrap().1,
+        Err(MempoolError::BadSignature)
+    );
+    assert!(c.nodes[0].as_ref().unwrap().mempool().is_empty());
 }
