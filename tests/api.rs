@@ -392,7 +392,7 @@ async fn openapi_documents_every_route() {
         ("/tx/{id}", "get"),
         ("/account/{address}", "get"),
         ("/block/latest", "get"),
-        ("/block/{height}", "get"),
+        ("/block/{id}", "get"),
         ("/params", "get"),
         ("/health", "get"),
         ("/status", "get"),

@@ -140,6 +140,20 @@ async fn four_validators_commit_transfers_with_identical_state() {
     let (s, latest) = get_json(&urls[0], "/block/latest").await.unwrap();
     assert_eq!(s, 200);
     assert!(latest["height"].as_u64().unwrap() >= h);
+    // GET /block/{hash}: the same block as by height, on every node (each
+    // node keeps the certificate it decided with, so compare per node).
+    let (_, first) = get_json(&urls[0], &format!("/block/{h}")).await.unwrap();
+    let hash = first["hash"].as_str().unwrap().to_string();
+    for url in &urls {
+        let (_, by_height) = get_json(url, &format!("/block/{h}")).await.unwrap();
+        assert_eq!(by_height["hash"], first["hash"]);
+        let (s, by_hash) = get_json(url, &format!("/block/{hash}")).await.unwrap();
+        assert_eq!(s, 200, "{by_hash}");
+        assert_eq!(by_hash, by_height);
+        let bare = hash.trim_start_matches("0x");
+        let (s, by_bare) = get_json(url, &format!("/block/{bare}")).await.unwrap();
+        assert_eq!((s, &by_bare), (200, &by_height));
+    }
     net.stop().await;
 }
 
@@ -224,6 +238,14 @@ async fn malformed_input_is_refused_clearly_and_the_network_keeps_going() {
     assert_eq!((s, v["code"].as_u64()), (404, Some(1001)), "{v}");
     let (s, _) = get_json(&url, "/block/abc").await.unwrap();
     assert_eq!(s, 400);
+    let (s, v) = get_json(&url, &format!("/block/0x{}", "ab".repeat(32)))
+        .await
+        .unwrap();
+    assert_eq!((s, v["code"].as_u64()), (404, Some(1001)), "{v}");
+    let (s, _) = get_json(&url, &format!("/block/0x{}", "ab".repeat(31)))
+        .await
+        .unwrap();
+    assert_eq!(s, 400, "a 62-digit hash is neither a height nor a hash");
     let (s, _) = get_json(&url, "/account/nonsense").await.unwrap();
     assert_eq!(s, 400);
     let (s, _) = get_json(&url, &format!("/tx/0x{}", "00".repeat(32)))

@@ -33,6 +33,11 @@
 //! ```
 //!
 //! Environment overrides: `BLYAN_HTTP_ADDR`, `BLYAN_P2P_ADDR`, `BLYAN_DATA_DIR`.
+//!
+//! The seed's *max block size* (1 MB) is a consensus rule, so it is a chain
+//! parameter in the genesis file, not a node setting: `params.max_block_bytes`
+//! (BLOCK-8, default 1,048,576 bytes of transactions per block; `GET /params`
+//! shows it), beside `params.max_block_txs` and `params.block_gas_limit`.
 
 use crate::Error;
 use crate::transport::Peer;

@@ -14,7 +14,10 @@
 //!   this node proposed or locked on at the height in progress (NODE-STORE-5);
 //! - `txs`: transaction id → height (big-endian u64) ‖ index in the block
 //!   (big-endian u32) ‖ canonical [`Receipt`]: the receipt index the API
-//!   answers `GET /tx/{id}` from.
+//!   answers `GET /tx/{id}` from;
+//! - `block_hashes`: block hash → height (big-endian u64): the index the API
+//!   answers `GET /block/{hash}` from (schema 4; a schema-3 directory is
+//!   indexed once on open).
 //!
 //! Every write is one batch synced to disk ([`PersistMode::SyncAll`]) before
 //! the method returns (NODE-STORE-1). Saving block `h` writes the block, the
@@ -49,8 +52,12 @@ use std::path::Path;
 /// Version of the on-disk layout. A node refuses a data directory written
 /// with another version rather than guess at it. Version 2: blocks are stored
 /// with their commit certificates, and consensus records are kept. Version 3:
-/// candidate blocks of the height in progress (NODE-STORE-5).
-pub const SCHEMA_VERSION: u32 = 3;
+/// candidate blocks of the height in progress (NODE-STORE-5). Version 4: the
+/// block-hash index. Version 3 is upgraded in place on open (the index is
+/// built from the stored blocks in one synced batch); older ones are refused.
+pub const SCHEMA_VERSION: u32 = 4;
+/// The oldest layout [`ChainStore::open`] upgrades rather than refuses.
+const UPGRADABLE_SCHEMA_VERSION: u32 = 3;
 
 const META_SCHEMA: &[u8] = b"schema_version";
 const META_GENESIS: &[u8] = b"genesis_hash";
@@ -112,6 +119,7 @@ pub struct ChainStore {
     records: Keyspace,
     candidates: Keyspace,
     txs: Keyspace,
+    block_hashes: Keyspace,
     /// The state after the last stored block.
     ledger: Ledger,
     /// Sequence number of the next record (greater than every stored one).
@@ -163,6 +171,7 @@ impl ChainStore {
             records: ks("records")?,
             candidates: ks("candidates")?,
             txs: ks("txs")?,
+            block_hashes: ks("block_hashes")?,
             db,
             ledger: genesis_ledger.clone(),
             next_record_seq: 0,
@@ -176,7 +185,7 @@ impl ChainStore {
                         .try_into()
                         .map_err(|_| Error::Corrupt("schema version".into()))?,
                 );
-                if found != SCHEMA_VERSION {
+                if found != SCHEMA_VERSION && found != UPGRADABLE_SCHEMA_VERSION {
                     return Err(Error::UnsupportedSchema {
                         found,
                         supported: SCHEMA_VERSION,
@@ -186,12 +195,37 @@ impl ChainStore {
                 if stored.as_deref() != Some(&genesis.hash()[..]) {
                     return Err(Error::GenesisMismatch);
                 }
+                if found == UPGRADABLE_SCHEMA_VERSION {
+                    store.upgrade_from_3()?;
+                }
             }
         }
         store.ledger = store.replay(genesis_ledger)?;
         store.next_record_seq = store.scan_record_seq()?;
         let ledger = store.ledger.clone();
         Ok((store, ledger))
+    }
+
+    /// Schema 3 → 4: index every stored block by hash, and record the new
+    /// version, in one synced batch (a crash before it leaves schema 3).
+    fn upgrade_from_3(&self) -> Result<(), Error> {
+        let mut batch = self.db.batch().durability(Some(PersistMode::SyncAll));
+        for h in 1..=self.height()? {
+            let b = self
+                .committed_block(h)?
+                .ok_or_else(|| Error::Corrupt(format!("block {h} missing")))?;
+            batch.insert(
+                &self.block_hashes,
+                b.block.hash().to_vec(),
+                h.to_be_bytes().to_vec(),
+            );
+        }
+        batch.insert(
+            &self.meta,
+            META_SCHEMA,
+            SCHEMA_VERSION.to_be_bytes().to_vec(),
+        );
+        batch.commit().map_err(storage)
     }
 
     fn initialise(&self, ledger: &Ledger) -> Result<(), Error> {
@@ -250,6 +284,7 @@ impl ChainStore {
         StoreReader {
             blocks: self.blocks.clone(),
             txs: self.txs.clone(),
+            block_hashes: self.block_hashes.clone(),
         }
     }
 
@@ -259,6 +294,15 @@ impl ChainStore {
             let committed = self
                 .committed_block(h)?
                 .ok_or_else(|| Error::Corrupt(format!("block {h} missing")))?;
+            let indexed = self
+                .block_hashes
+                .get(committed.block.hash())
+                .map_err(storage)?;
+            if indexed.as_deref() != Some(&h.to_be_bytes()[..]) {
+                return Err(Error::Corrupt(format!(
+                    "block {h} is not indexed by its hash"
+                )));
+            }
             ledger = ledger
                 .apply_block_trusted_signatures(&committed.block)
                 .map_err(|e| Error::Corrupt(format!("stored block {h} does not apply: {e}")))?
@@ -337,6 +381,11 @@ impl ChainStore {
             }
         }
         batch.insert(&self.meta, META_HEIGHT, height.to_be_bytes().to_vec());
+        batch.insert(
+            &self.block_hashes,
+            block.hash().to_vec(),
+            height.to_be_bytes().to_vec(),
+        );
         for (index, r) in outcome.receipts.iter().enumerate() {
             let mut v = Vec::new();
             v.extend_from_slice(&height.to_be_bytes());
@@ -454,6 +503,7 @@ impl node::Store for ChainStore {
 pub struct StoreReader {
     blocks: Keyspace,
     txs: Keyspace,
+    block_hashes: Keyspace,
 }
 
 /// Where a committed transaction landed, and its receipt.
@@ -471,6 +521,14 @@ impl StoreReader {
             Some(bytes) => CommittedBlock::decode(&bytes)
                 .map(Some)
                 .map_err(|e| Error::Corrupt(format!("block {height}: {e}"))),
+        }
+    }
+
+    /// The height of the committed block with hash `hash`.
+    pub fn height_of(&self, hash: &Hash32) -> Result<Option<Height>, Error> {
+        match self.block_hashes.get(hash).map_err(storage)? {
+            None => Ok(None),
+            Some(v) => be_u64(&v, "indexed height").map(Some),
         }
     }
 

@@ -191,3 +191,47 @@ fn a_corrupt_block_state_or_record_is_detected() {
     assert!(corrupt("records", &key, b"garbage").contains("record"));
     assert!(corrupt("records", b"short", b"x").contains("record key"));
 }
+
+/// Schema 4 indexes blocks by hash (`GET /block/{hash}`). A schema-3
+/// directory (no index) is upgraded in place on open; a schema-4 directory
+/// whose index lost an entry is refused as corrupt.
+#[test]
+fn a_schema_3_directory_is_indexed_on_open_and_a_missing_entry_is_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    let (genesis, saved, root) = build(dir.path(), 3);
+    let downgrade = |remove: &[&CommittedBlock], schema: Option<u32>| {
+        let db = fjall::Database::builder(dir.path()).open().unwrap();
+        let ks = |name| {
+            db.keyspace(name, fjall::KeyspaceCreateOptions::default)
+                .unwrap()
+        };
+        let (meta, hashes) = (ks("meta"), ks("block_hashes"));
+        for b in remove {
+            hashes.remove(b.block.hash()).unwrap();
+        }
+        if let Some(v) = schema {
+            meta.insert(b"schema_version", v.to_be_bytes()).unwrap();
+        }
+        db.persist(fjall::PersistMode::SyncAll).unwrap();
+    };
+    let all: Vec<&CommittedBlock> = saved.iter().collect();
+    downgrade(&all, Some(3));
+    {
+        let (store, ledger) = ChainStore::open(dir.path(), &genesis).unwrap();
+        assert_eq!(ledger.state_root(), root);
+        let reader = store.reader();
+        for (i, b) in saved.iter().enumerate() {
+            assert_eq!(
+                reader.height_of(&b.block.hash()).unwrap(),
+                Some(i as u64 + 1)
+            );
+        }
+        assert_eq!(reader.height_of(&[7u8; 32]).unwrap(), None);
+    }
+    // Now schema 4: an index entry gone is corruption, not a silent miss.
+    downgrade(&all[1..2], None);
+    match ChainStore::open(dir.path(), &genesis) {
+        Err(Error::Corrupt(m)) => assert!(m.contains("block 2"), "{m}"),
+        other => panic!("expected Corrupt, got {:?}", other.err()),
+    }
+}

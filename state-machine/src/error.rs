@@ -106,6 +106,8 @@ pub enum Error {
     WrongGasUsed { header: u64, computed: u64 },
     #[error("too many transactions: {got} > {max}")]
     TooManyTxs { got: usize, max: usize },
+    #[error("transactions take {got} bytes, more than the block's {max}")]
+    BlockTooLarge { got: u64, max: u64 },
     #[error("body hash does not match the header")]
     WrongBodyHash,
     #[error(

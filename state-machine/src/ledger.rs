@@ -614,6 +614,14 @@ impl Ledger {
                 max: self.params.max_block_txs as usize,
             });
         }
+        // BLOCK-8: the transactions' bytes.
+        let tx_bytes: u64 = block.body.txs.iter().map(SignedTx::encoded_len).sum();
+        if tx_bytes > u64::from(self.params.max_block_bytes) {
+            return Err(Error::BlockTooLarge {
+                got: tx_bytes,
+                max: u64::from(self.params.max_block_bytes),
+            });
+        }
         let mut receipts = Vec::with_capacity(block.body.txs.len());
         let mut gas_used: u64 = 0;
         for (index, tx) in block.body.txs.iter().enumerate() {
@@ -691,9 +699,17 @@ impl Ledger {
         };
         let mut receipts = Vec::new();
         let mut gas_used: u64 = 0;
+        let mut tx_bytes: u64 = 0;
         for tx in p.candidates {
             if body.txs.len() >= self.params.max_block_txs as usize {
                 break;
+            }
+            // BLOCK-8: a candidate that does not fit is skipped (a smaller
+            // one may; the sender's later nonces then fail TX-11 and are
+            // skipped too).
+            let size = tx.encoded_len();
+            if tx_bytes + size > u64::from(self.params.max_block_bytes) {
+                continue;
             }
             // A candidate that would invalidate the block is skipped. It
             // leaves `next` as it was: apply_tx makes every TX-11 check
@@ -702,6 +718,7 @@ impl Ledger {
                 Ok(r) => {
                     receipts.push(r);
                     body.txs.push(tx.clone());
+                    tx_bytes += size;
                 }
                 Err(e) => assert!(
                     e.invalidates_block(),

@@ -41,8 +41,12 @@ pub struct Params {
     /// FEE-1: base fee of block 1.
     #[serde(with = "crate::types::amount_str")]
     pub initial_base_fee: u128,
-    /// Largest number of transactions in one block (bounds block size).
+    /// Largest number of transactions in one block.
     pub max_block_txs: u32,
+    /// BLOCK-8: most bytes of transactions in one block, the sum of their
+    /// canonical encodings (the seed's max block size, 1 MB: 1 MiB here;
+    /// ~5,000 transfers of 208 bytes).
+    pub max_block_bytes: u32,
     /// STAKE-5: validator-set changes apply at multiples of this height.
     pub epoch_length_blocks: u64,
     /// STAKE-3: unbonding stake is released this many blocks after it starts.
@@ -81,6 +85,7 @@ impl Default for Params {
             block_gas_limit: 100_000_000,
             initial_base_fee: INITIAL_BASE_FEE,
             max_block_txs: 10_000,
+            max_block_bytes: 1_048_576,
             epoch_length_blocks: 100,
             unbonding_period_blocks: 1_000,
             max_validators: 100,

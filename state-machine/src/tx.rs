@@ -236,6 +236,11 @@ impl SignedTx {
         )
     }
 
+    /// Bytes of the canonical encoding (what BLOCK-8 counts).
+    pub fn encoded_len(&self) -> u64 {
+        self.encode().len() as u64
+    }
+
     /// Transaction id: SHA3-256 of the canonical encoding of the signed transaction.
     pub fn id(&self) -> Hash32 {
         sha3_256(&self.encode())

@@ -6,7 +6,7 @@
 //! |---|---|
 //! | `POST /tx` | body `{"tx": "0x<hex of the canonical SignedTx bytes>"}`; `200 {"id": "0x…"}` once the mempool admitted it, else a JSON error |
 //! | `GET /account/{address}` | `{address, balance, nonce, stake}` (amounts: decimal strings of base units, 1 BLY = 10^18) |
-//! | `GET /block/latest`, `GET /block/{height}` | the committed block: header fields, tx ids, certificate |
+//! | `GET /block/latest`, `GET /block/{id}` (a height or a block hash) | the committed block: header fields, tx ids, certificate |
 //! | `GET /tx/{id}` | `{id, height, index, gas_used, fee_paid, success, failure}` once committed, else 404 |
 //! | `GET /params` | the chain parameters |
 //! | `GET /health` | `200 {"status": "ok"}`, or `503` once the node halted |
@@ -136,6 +136,7 @@ pub fn mempool_error(e: &MempoolError) -> ApiError {
         TipAboveFeeCap => "tip_above_fee_cap",
         GasLimitTooLow { .. } => "gas_limit_too_low",
         GasLimitTooHigh { .. } => "gas_limit_too_high",
+        TooLarge { .. } => "tx_too_large",
         ReplacementUnderpriced { .. } => "replacement_underpriced",
         SenderFull(_) => "sender_full",
         Full => "mempool_full",
@@ -240,7 +241,7 @@ pub fn router(
         .route("/tx/{id}", get(get_tx))
         .route("/account/{address}", get(get_account))
         .route("/block/latest", get(get_latest_block))
-        .route("/block/{height}", get(get_block))
+        .route("/block/{id}", get(get_block))
         .route("/params", get(get_params))
         .route("/health", get(get_health))
         .route("/status", get(get_status))
@@ -543,16 +544,30 @@ pub(crate) async fn get_latest_block(State(node): State<NodeHandle>) -> ApiResul
     }
 }
 
-/// The committed block at a height.
-#[utoipa::path(get, path = "/block/{height}", params(("height" = u64, Path)),
+/// The committed block at a height (decimal) or with a hash (64 hex digits,
+/// `0x` optional).
+#[utoipa::path(get, path = "/block/{id}", params(("id" = String, Path, description = "a height or a block hash")),
     responses((status = 200, body = Object), (status = 404, body = openapi::ErrorBody), (status = 400, body = openapi::ErrorBody), (status = 429, body = openapi::ErrorBody)))]
-pub(crate) async fn get_block(
-    State(node): State<NodeHandle>,
-    Path(height): Path<String>,
-) -> ApiResult {
-    let height: u64 = height
-        .parse()
-        .map_err(|_| ApiError::bad_request(format!("height {height:?} is not a number")))?;
+pub(crate) async fn get_block(State(node): State<NodeHandle>, Path(id): Path<String>) -> ApiResult {
+    let height: u64 = match parse_block_hash(&id) {
+        Some(hash) => node
+            .reader
+            .height_of(&hash)
+            .map_err(|e| ApiError::offline(e.to_string()))?
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    code::INVALID_BLOCK,
+                    "block_not_found",
+                    format!("no committed block with hash {id}"),
+                )
+            })?,
+        None => id.parse().map_err(|_| {
+            ApiError::bad_request(format!(
+                "{id:?} is neither a height (a decimal number) nor a block hash (64 hex digits, 0x optional)"
+            ))
+        })?,
+    };
     match node
         .reader
         .block(height)
@@ -566,6 +581,15 @@ pub(crate) async fn get_block(
             format!("no committed block at height {height}"),
         )),
     }
+}
+
+/// A block hash in `GET /block/{id}`: 64 hex digits, `0x` optional.
+fn parse_block_hash(id: &str) -> Option<Hash32> {
+    let hex_digits = id.strip_prefix("0x").unwrap_or(id);
+    if hex_digits.len() != 64 {
+        return None;
+    }
+    hex::decode(hex_digits).ok()?.try_into().ok()
 }
 
 /// The chain parameters.

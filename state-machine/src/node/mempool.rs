@@ -60,6 +60,8 @@ pub enum MempoolError {
     GasLimitTooLow { got: u64, needed: u64 },
     #[error("gas limit {got} exceeds the block gas limit {max}")]
     GasLimitTooHigh { got: u64, max: u64 },
+    #[error("transaction of {got} bytes exceeds the block's {max} (BLOCK-8)")]
+    TooLarge { got: u64, max: u64 },
     #[error(
         "a transaction with this nonce is pending; a replacement must raise the tip by {bump_bps} bps"
     )]
@@ -140,6 +142,14 @@ impl Mempool {
             return Err(MempoolError::GasLimitTooHigh {
                 got: body.gas_limit,
                 max: max_gas,
+            });
+        }
+        let size = tx.encoded_len();
+        let max_bytes = u64::from(ledger.params().max_block_bytes);
+        if size > max_bytes {
+            return Err(MempoolError::TooLarge {
+                got: size,
+                max: max_bytes,
             });
         }
         let base_fee = ledger.next_block_base_fee();

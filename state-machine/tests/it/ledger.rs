@@ -753,3 +753,60 @@ fn slash_3_forged_or_non_conflicting_evidence_is_rejected() {
             .tombstoned
     );
 }
+
+/// BLOCK-8: a block's transactions take at most `max_block_bytes`. A proposer
+/// skips candidates that do not fit; a block over the limit is refused and
+/// the state is unchanged; the mempool refuses a transaction that could
+/// never fit.
+#[test]
+fn block_8_transaction_bytes_are_bounded() {
+    // The same test network (deterministic keys) under different limits.
+    let ledger_with = |max_block_bytes: u64| {
+        let net = testnet(
+            4,
+            4,
+            Params {
+                max_block_bytes: max_block_bytes as u32,
+                ..Params::default()
+            },
+        );
+        (
+            Ledger::from_genesis(&net.genesis).unwrap(),
+            net.accounts[0].clone(),
+        )
+    };
+    let (_, sender) = ledger_with(1_048_576);
+    let txs: Vec<_> = (0..5)
+        .map(|n| transfer(CHAIN, &sender, n, address(&key(5)), BLY))
+        .collect();
+    let size = txs[0].encoded_len();
+    assert!(txs.iter().all(|t| t.encoded_len() == size));
+    assert!(size > 100, "a transfer is {size} bytes");
+    let max = 3 * size + size / 2;
+    let (ledger, _) = ledger_with(max);
+    // Built: three fit, the fourth and fifth are skipped.
+    let (block, _) = next_block(&ledger, &txs).unwrap();
+    assert_eq!(block.body.txs, txs[..3].to_vec());
+    // A block of four (a proposer ignoring the limit) is refused, before
+    // any transaction runs.
+    let mut big = block.clone();
+    big.body.txs.push(txs[3].clone());
+    big.header.body_hash = big.body.body_hash();
+    let root = ledger.state_root();
+    match ledger.apply_block(&big) {
+        Err(Error::BlockTooLarge { got, max: m }) => assert_eq!((got, m), (4 * size, max)),
+        other => panic!("expected BlockTooLarge, got {:?}", other.map(|_| ())),
+    }
+    assert_eq!(ledger.state_root(), root);
+    // The mempool refuses what could never fit.
+    let (tiny, _) = ledger_with(size - 1);
+    let mut pool = blyan_state_machine::node::Mempool::new(Default::default());
+    assert_eq!(
+        pool.insert(txs[0].clone(), &tiny),
+        Err(blyan_state_machine::node::MempoolError::TooLarge {
+            got: size,
+            max: size - 1
+        })
+    );
+    assert!(pool.is_empty());
+}
