@@ -6,6 +6,8 @@
 //!
 //! Waiting is by polling against a generous deadline, never a timed assertion.
 
+mod support;
+
 use blyan_runtime::client::{Response, get_json, post_json, send};
 use blyan_runtime::devnet::{DEVNET_PASSWORD, Devnet, DevnetOptions};
 use blyan_runtime::keystore::read_key_file;
@@ -16,24 +18,7 @@ use blyan_state_machine::pol::{PolBlockType, PolTx};
 use blyan_state_machine::testkit::{key, pol_block, tx};
 use blyan_state_machine::tx::{SignedTx, TxKind};
 use serde_json::{Value, json};
-use std::future::Future;
-use std::time::{Duration, Instant};
-
-const DEADLINE: Duration = Duration::from_secs(180);
-
-async fn eventually<T, Fut: Future<Output = Option<T>>>(
-    what: &str,
-    mut f: impl FnMut() -> Fut,
-) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(start.elapsed() < DEADLINE, "gave up waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
+use support::eventually;
 
 async fn devnet(dir: &std::path::Path, rate_limits: RateLimitConfig) -> Devnet {
     let mut opts = DevnetOptions::new(dir.join("devnet"), 1);

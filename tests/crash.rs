@@ -8,6 +8,8 @@
 //! Waiting is by polling against a generous deadline (never a timed
 //! assertion): a slow machine only makes the test slower.
 
+mod support;
+
 use blyan_runtime::client::{get_json, post_json};
 use blyan_runtime::devnet::{DEVNET_PASSWORD, DevnetOptions, write_layout};
 use blyan_state_machine::encoding::Canonical;
@@ -15,29 +17,12 @@ use blyan_state_machine::genesis::GenesisBalance;
 use blyan_state_machine::testkit::{address, key, transfer};
 use blyan_state_machine::types::BLY;
 use serde_json::{Value, json};
-use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use support::eventually;
 
-const DEADLINE: Duration = Duration::from_secs(240);
 const VALIDATORS: usize = 4;
 const VICTIM: usize = 3;
-
-/// Polls `f` every 100 ms until it returns `Some`, or panics after [`DEADLINE`].
-async fn eventually<T, Fut: Future<Output = Option<T>>>(
-    what: &str,
-    mut f: impl FnMut() -> Fut,
-) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(start.elapsed() < DEADLINE, "gave up waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 /// The validator processes; every one still running is killed on drop, so a
 /// failing test leaves none behind.

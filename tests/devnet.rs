@@ -6,6 +6,8 @@
 //! Waiting is by polling against a generous deadline (never a timed
 //! assertion): a slow machine only makes the test slower.
 
+mod support;
+
 use blyan_runtime::client::{get_json, post_json, request};
 use blyan_runtime::devnet::{DEVNET_PASSWORD, Devnet, DevnetOptions};
 use blyan_runtime::keystore::read_key_file;
@@ -14,35 +16,11 @@ use blyan_state_machine::testkit::{address, key, transfer};
 use blyan_state_machine::tx::SignedTx;
 use blyan_state_machine::types::{Address, BLY};
 use serde_json::{Value, json};
-use std::future::Future;
-use std::time::{Duration, Instant};
+use support::{DEADLINE, eventually, height};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-const DEADLINE: Duration = Duration::from_secs(180);
-
-/// Polls `f` every 100 ms until it returns `Some`, or panics after [`DEADLINE`].
-async fn eventually<T, Fut: Future<Output = Option<T>>>(
-    what: &str,
-    mut f: impl FnMut() -> Fut,
-) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(start.elapsed() < DEADLINE, "gave up waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 fn tx_body(tx: &SignedTx) -> Value {
     json!({ "tx": format!("0x{}", hex::encode(tx.encode())) })
-}
-
-async fn height(url: &str) -> u64 {
-    let (s, v) = get_json(url, "/status").await.unwrap();
-    assert_eq!(s, 200, "{v}");
-    v["height"].as_u64().unwrap()
 }
 
 async fn start(dir: &std::path::Path) -> Devnet {

@@ -7,35 +7,15 @@
 //! Waiting is by polling against a generous deadline (never a timed
 //! assertion). The "nothing commits" checks are safety properties (without
 //! a quorum no block can be decided), so they hold however slow the machine.
+mod support;
+
 use blyan_runtime::client::get_json;
 use blyan_runtime::devnet::{Devnet, DevnetOptions};
 use blyan_state_machine::node::PeerId;
 use serde_json::Value;
 use std::collections::BTreeSet;
-use std::future::Future;
-use std::time::{Duration, Instant};
-
-const DEADLINE: Duration = Duration::from_secs(240);
-
-async fn eventually<T, Fut: Future<Output = Option<T>>>(
-    what: &str,
-    mut f: impl FnMut() -> Fut,
-) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(start.elapsed() < DEADLINE, "gave up waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-async fn height(url: &str) -> u64 {
-    let (s, v) = get_json(url, "/status").await.unwrap();
-    assert_eq!(s, 200, "{v}");
-    v["height"].as_u64().unwrap()
-}
+use std::time::Duration;
+use support::{eventually, height};
 
 async fn block(url: &str, h: u64) -> Value {
     let (s, b) = get_json(url, &format!("/block/{h}")).await.unwrap();

@@ -5,8 +5,9 @@
 //!
 //! Waiting is by polling against a generous deadline (never a timed
 //! assertion): a slow machine only makes the test slower.
+mod support;
+
 use blyan_runtime::Error;
-use blyan_runtime::client::get_json;
 use blyan_runtime::devnet::{DEVNET_PASSWORD, Devnet, DevnetOptions};
 use blyan_runtime::keystore::read_key_file;
 use blyan_runtime::tls::{
@@ -18,28 +19,12 @@ use blyan_state_machine::testkit::{address, key};
 use blyan_state_machine::tx::public_key_of;
 use bytes::Bytes;
 use std::collections::BTreeSet;
-use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use support::{DEADLINE, eventually, height};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const DEADLINE: Duration = Duration::from_secs(180);
 const CHAIN: &str = "blyan-test";
 const NOW_S: u64 = 1_800_000_000;
-
-async fn eventually<T, Fut: Future<Output = Option<T>>>(
-    what: &str,
-    mut f: impl FnMut() -> Fut,
-) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(start.elapsed() < DEADLINE, "gave up waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 fn allowed() -> BTreeSet<PeerId> {
     (0..3).map(|i| address(&key(i))).collect()
@@ -99,12 +84,6 @@ fn the_extension_encoding_is_strict() {
     let mut wrong_tag = der.clone();
     wrong_tag[2] = 0x03;
     assert!(decode_extension(&wrong_tag).is_err());
-}
-
-async fn height(url: &str) -> u64 {
-    let (s, v) = get_json(url, "/status").await.unwrap();
-    assert_eq!(s, 200, "{v}");
-    v["height"].as_u64().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -262,6 +262,32 @@ impl PeerCertVerifier {
     }
 }
 
+/// The handshake-signature half of both verifier traits (identical for the
+/// two sides): TLS 1.2 refused, TLS 1.3 checked with the ring provider.
+macro_rules! handshake_signature_methods {
+    () => {
+        fn verify_tls12_signature(
+            &self,
+            _message: &[u8],
+            _cert: &CertificateDer<'_>,
+            _dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            Err(rustls::Error::General("TLS 1.2 is not accepted".into()))
+        }
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            self.tls13(message, cert, dss)
+        }
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            schemes(&self.provider).supported_schemes()
+        }
+    };
+}
+
 impl ServerCertVerifier for PeerCertVerifier {
     fn verify_server_cert(
         &self,
@@ -274,25 +300,7 @@ impl ServerCertVerifier for PeerCertVerifier {
         self.check(end_entity, intermediates, now)?;
         Ok(ServerCertVerified::assertion())
     }
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("TLS 1.2 is not accepted".into()))
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.tls13(message, cert, dss)
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        schemes(&self.provider).supported_schemes()
-    }
+    handshake_signature_methods!();
 }
 
 impl ClientCertVerifier for PeerCertVerifier {
@@ -311,25 +319,7 @@ impl ClientCertVerifier for PeerCertVerifier {
         self.check(end_entity, intermediates, now)?;
         Ok(ClientCertVerified::assertion())
     }
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("TLS 1.2 is not accepted".into()))
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.tls13(message, cert, dss)
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        schemes(&self.provider).supported_schemes()
-    }
+    handshake_signature_methods!();
 }
 
 /// The ring provider (never aws-lc), shared by every configuration.
