@@ -874,7 +874,7 @@ impl Ledger {
         self.set_account(sender, account);
         self.globals.burned += burned;
         self.credit(h.proposer, tip);
-        // TX-10: a failed execution is rolled back. A transfer fails only
+        // TX-12: a failed execution is rolled back. A transfer fails only
         // before its first write (zero amount, short balance), so it needs
         // no snapshot; a snapshot costs a copy of every shared tree node the
         // execution then writes (the ledger's maps are persistent).
