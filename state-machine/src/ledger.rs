@@ -614,8 +614,10 @@ impl Ledger {
                 max: self.params.max_block_txs as usize,
             });
         }
-        // BLOCK-8: the transactions' bytes.
-        let tx_bytes: u64 = block.body.txs.iter().map(SignedTx::encoded_len).sum();
+        // BLOCK-8: the transactions' bytes, from the one encoding that also
+        // gives each id.
+        let ids: Vec<(Hash32, u64)> = block.body.txs.iter().map(SignedTx::id_and_len).collect();
+        let tx_bytes: u64 = ids.iter().map(|(_, len)| len).sum();
         if tx_bytes > u64::from(self.params.max_block_bytes) {
             return Err(Error::BlockTooLarge {
                 got: tx_bytes,
@@ -624,9 +626,9 @@ impl Ledger {
         }
         let mut receipts = Vec::with_capacity(block.body.txs.len());
         let mut gas_used: u64 = 0;
-        for (index, tx) in block.body.txs.iter().enumerate() {
+        for (index, (tx, (tx_id, _))) in block.body.txs.iter().zip(&ids).enumerate() {
             let receipt = next
-                .apply_tx(tx, header, &mut gas_used, sigs)
+                .apply_tx(tx, *tx_id, header, &mut gas_used, sigs)
                 .map_err(|error| Error::InvalidTx { index, error })?;
             receipts.push(receipt);
         }
@@ -707,14 +709,20 @@ impl Ledger {
             // BLOCK-8: a candidate that does not fit is skipped (a smaller
             // one may; the sender's later nonces then fail TX-11 and are
             // skipped too).
-            let size = tx.encoded_len();
+            let (tx_id, size) = tx.id_and_len();
             if tx_bytes + size > u64::from(self.params.max_block_bytes) {
                 continue;
             }
             // A candidate that would invalidate the block is skipped. It
             // leaves `next` as it was: apply_tx makes every TX-11 check
             // before its first write (LEDGER-PROP-1), so no snapshot is kept.
-            match next.apply_tx(tx, &header, &mut gas_used, Signatures::Known(verified)) {
+            match next.apply_tx(
+                tx,
+                tx_id,
+                &header,
+                &mut gas_used,
+                Signatures::Known(verified),
+            ) {
                 Ok(r) => {
                     receipts.push(r);
                     body.txs.push(tx.clone());
@@ -801,16 +809,18 @@ impl Ledger {
         Ok(())
     }
 
-    /// TX-11/TX-12: applies one transaction. `Err` means the block is invalid;
-    /// a transaction that fails in execution returns `Ok` with a failed receipt.
+    /// TX-11/TX-12: applies one transaction, whose id (`tx.id()`) the caller
+    /// computed. `Err` means the block is invalid; a transaction that fails
+    /// in execution returns `Ok` with a failed receipt.
     fn apply_tx(
         &mut self,
         tx: &SignedTx,
+        tx_id: Hash32,
         h: &BlockHeader,
         gas_used: &mut u64,
         sigs: Signatures<'_>,
     ) -> Result<Receipt, TxError> {
-        let tx_id = tx.id();
+        debug_assert_eq!(tx_id, tx.id());
         let sender = match sigs {
             Signatures::Verify => tx.verified_sender(&self.chain_id),
             Signatures::Known(verified) => {

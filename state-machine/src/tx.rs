@@ -241,6 +241,12 @@ impl SignedTx {
         self.encode().len() as u64
     }
 
+    /// [`Self::id`] and [`Self::encoded_len`] from one encoding.
+    pub fn id_and_len(&self) -> (Hash32, u64) {
+        let bytes = self.encode();
+        (sha3_256(&bytes), bytes.len() as u64)
+    }
+
     /// Transaction id: SHA3-256 of the canonical encoding of the signed transaction.
     pub fn id(&self) -> Hash32 {
         sha3_256(&self.encode())
