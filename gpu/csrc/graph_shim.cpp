@@ -5,8 +5,10 @@
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
 
 #include <cuda_runtime.h>
+#include <dlfcn.h>
 #include <nvrtc.h>
 
 #include <cstdio>
@@ -52,16 +54,33 @@ void cuda_check(cudaError_t e, const char* what) {
   }
 }
 
-void compile_kernels() {
-  int dev = 0;
-  cuda_check(cudaGetDevice(&dev), "cudaGetDevice");
-  cudaDeviceProp prop;
-  cuda_check(cudaGetDeviceProperties(&prop, dev), "cudaGetDeviceProperties");
+// NVRTC dlopens libnvrtc-builtins by bare name when it compiles; a
+// binary's RUNPATH does not apply to that call, so without LD_LIBRARY_PATH it
+// is not found. Loading it first from NVRTC's own directory makes the bare
+// name resolve to the loaded library. Best effort: a failure here shows as
+// NVRTC's own error.
+void preload_nvrtc_builtins() {
+  static bool done = false;
+  if (done) return;
+  done = true;
+  Dl_info info;
+  if (dladdr(reinterpret_cast<void*>(&nvrtcVersion), &info) == 0 || info.dli_fname == nullptr) return;
+  std::string dir(info.dli_fname);
+  dir = dir.substr(0, dir.rfind('/') + 1);
+  int major = 0, minor = 0;
+  if (nvrtcVersion(&major, &minor) != NVRTC_SUCCESS) return;
+  std::string name = dir + "libnvrtc-builtins.so." + std::to_string(major) + "." + std::to_string(minor);
+  dlopen(name.c_str(), RTLD_NOW | RTLD_GLOBAL);
+}
+
+// The kernels as PTX for compute capability major.minor (no device needed).
+std::string compile_ptx(int major, int minor) {
+  preload_nvrtc_builtins();
   nvrtcProgram prog;
   if (nvrtcCreateProgram(&prog, kKernelSource, "blyan_kernels.cu", 0, nullptr, nullptr) != NVRTC_SUCCESS) {
     throw std::runtime_error("nvrtcCreateProgram failed");
   }
-  std::string arch = "--gpu-architecture=compute_" + std::to_string(prop.major) + std::to_string(prop.minor);
+  std::string arch = "--gpu-architecture=compute_" + std::to_string(major) + std::to_string(minor);
   const char* opts[] = {arch.c_str(), "--std=c++17"};
   nvrtcResult r = nvrtcCompileProgram(prog, 2, opts);
   if (r != NVRTC_SUCCESS) {
@@ -77,6 +96,15 @@ void compile_kernels() {
   std::string ptx(n, '\0');
   nvrtcGetPTX(prog, ptx.data());
   nvrtcDestroyProgram(&prog);
+  return ptx;
+}
+
+void compile_kernels() {
+  int dev = 0;
+  cuda_check(cudaGetDevice(&dev), "cudaGetDevice");
+  cudaDeviceProp prop;
+  cuda_check(cudaGetDeviceProperties(&prop, dev), "cudaGetDeviceProperties");
+  std::string ptx = compile_ptx(prop.major, prop.minor);
   cudaLibrary_t lib;
   cuda_check(cudaLibraryLoadData(&lib, ptx.data(), nullptr, nullptr, 0, nullptr, nullptr, 0),
              "cudaLibraryLoadData");
@@ -94,13 +122,22 @@ int blyan_kernels_init(char* err, size_t len) {
   }, err, len);
 }
 
-// See kernels.cuh. Pointers are device pointers of contiguous tensors;
-// launched on libtorch's current stream (so it is captured with the rest).
+// Compiles the kernel source for compute capability major.minor and drops
+// the result: a check that needs no device (gpu/src/sys.rs tests).
+int blyan_kernels_compile_check(int major, int minor, char* err, size_t len) {
+  return guarded([=] { (void)compile_ptx(major, minor); }, err, len);
+}
+
+// See kernels.cuh. Pointers are device pointers of contiguous tensors on
+// CUDA device `device`; launched on libtorch's current stream of that
+// device (so it is captured with the rest).
 int blyan_qk_norm_rope_kv(const void* qkv, const void* w, const void* cos_t, const void* sin_t,
                           const void* pos, void* k_cache, void* v_cache, void* q_out, int batch,
-                          int nh, int nkv, int hd, int max_len, float eps, char* err, size_t len) {
+                          int nh, int nkv, int hd, int max_len, float eps, int device, char* err,
+                          size_t len) {
   return guarded([&] {
     if (k_qk == nullptr) throw std::runtime_error("kernels not initialised");
+    c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
     void* args[] = {(void*)&qkv, (void*)&w, (void*)&cos_t, (void*)&sin_t, (void*)&pos,
                     (void*)&k_cache, (void*)&v_cache, (void*)&q_out, &nh, &nkv, &hd, &max_len, &eps};
     dim3 grid(batch, nh + 2 * nkv), block(hd / 2);
@@ -110,10 +147,11 @@ int blyan_qk_norm_rope_kv(const void* qkv, const void* w, const void* cos_t, con
 }
 
 int blyan_decode_attn(const void* q, const void* k_cache, const void* v_cache, const void* pos,
-                      void* out, int batch, int nh, int nkv, int hd, int max_len, char* err,
-                      size_t len) {
+                      void* out, int batch, int nh, int nkv, int hd, int max_len, int device,
+                      char* err, size_t len) {
   return guarded([&] {
     if (k_attn == nullptr) throw std::runtime_error("kernels not initialised");
+    c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
     void* args[] = {(void*)&q, (void*)&k_cache, (void*)&v_cache, (void*)&pos, (void*)&out,
                     &nh, &nkv, &hd, &max_len};
     const int threads = 1024;
@@ -124,9 +162,11 @@ int blyan_decode_attn(const void* q, const void* k_cache, const void* v_cache, c
   }, err, len);
 }
 
-int blyan_silu_mul(const void* gu, void* act, int inter, long long n, char* err, size_t len) {
+int blyan_silu_mul(const void* gu, void* act, int inter, long long n, int device, char* err,
+                   size_t len) {
   return guarded([&] {
     if (k_silu == nullptr) throw std::runtime_error("kernels not initialised");
+    c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
     void* args[] = {(void*)&gu, (void*)&act, &inter, &n};
     dim3 grid((unsigned)((n + 255) / 256)), block(256);
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();

@@ -13,6 +13,18 @@ __device__ __forceinline__ bf16 st(float f) {
   return (bf16)(u >> 16);
 }
 __device__ __forceinline__ float rnd(float f) { return ld(st(f)); }
+// bf16 quiet NaN: what a kernel writes to its output for an impossible
+// position (KERN-2), so the fault shows in the step's output.
+#define BLYAN_BF16_NAN ((bf16)0x7fc0)
+
+// Bounds (KERN-1, KERN-2; gpu/src/sys.rs checks shapes and launch sizes on
+// the host): every kernel first checks the launch geometry it relies on and
+// returns without a write if it does not hold; `pos` is read on the device
+// (the host cannot check it without a sync, and a CUDA graph replays it), so
+// a position outside 0..max_len never indexes a cache: the kernel writes NaN
+// to its output instead and leaves the caches untouched. Every early return
+// is uniform over a block (it depends on the block's slot only), so no
+// thread is left waiting at a barrier.
 
 // One block per (slot, head) over q, k and v heads; hd/2 threads, thread t
 // owns elements t and t + hd/2 (the pair that rotate_half mixes).
@@ -27,8 +39,19 @@ extern "C" __global__ void qk_norm_rope_kv(
     float eps) {
   const int b = blockIdx.x, head = blockIdx.y, t = threadIdx.x, half = hd / 2;
   const int heads = nh + 2 * nkv;
+  if (nh < 1 || nkv < 1 || half < 1 || half > 1024 || (int)blockDim.x != half || head >= heads) {
+    return;
+  }
   const bf16* x = qkv + ((i64)b * heads + head) * hd;
   const i64 p = pos[b];
+  if (p < 0 || p >= max_len) {  // KERN-2: q is NaN, no cache row is written
+    if (head < nh) {
+      bf16* dst = q_out + ((i64)b * nh + head) * hd;
+      dst[t] = BLYAN_BF16_NAN;
+      dst[t + half] = BLYAN_BF16_NAN;
+    }
+    return;
+  }
   if (head >= nh + nkv) {  // v: copy into the cache
     const int kv = head - nh - nkv;
     bf16* dst = v_cache + (((i64)b * nkv + kv) * max_len + p) * hd;
@@ -66,7 +89,7 @@ extern "C" __global__ void qk_norm_rope_kv(
 extern "C" __global__ void silu_mul(const bf16* __restrict__ gu, bf16* __restrict__ act, int inter,
                                     i64 n) {
   const i64 i = ((i64)blockIdx.x * blockDim.x + threadIdx.x);
-  if (i >= n) return;
+  if (inter < 1 || i >= n) return;
   const i64 b = i / inter, j = i - b * inter;
   const float g = ld(gu[b * 2 * inter + j]);
   const float u = ld(gu[b * 2 * inter + inter + j]);
@@ -90,8 +113,17 @@ extern "C" __global__ void decode_attn(const bf16* __restrict__ q, const bf16* _
   float* score = sm + hd + 64 + blockDim.x;  // [max_len]
   const float neg_inf = __int_as_float(0xff800000);
   const int b = blockIdx.x, h = blockIdx.y, t = threadIdx.x, nt = blockDim.x;
+  if (hd < 8 || hd % 8 != 0 || nt % hd != 0 || nt % 32 != 0 || nt / 32 > 64 || nkv < 1 ||
+      nh < nkv || nh % nkv != 0 || max_len < 1) {
+    return;
+  }
+  const i64 p = pos[b];
+  if (p < 0 || p >= max_len) {  // KERN-2: out is NaN, no key is read
+    for (int d = t; d < hd; d += nt) out[((i64)b * nh + h) * hd + d] = BLYAN_BF16_NAN;
+    return;
+  }
   const int kvh = h / (nh / nkv);
-  const int n = (int)pos[b] + 1;
+  const int n = (int)p + 1;
   const bf16* qh = q + ((i64)b * nh + h) * hd;
   for (int d = t; d < hd; d += nt) qs[d] = ld(qh[d]);
   __syncthreads();

@@ -19,6 +19,7 @@ use tch::Tensor;
 
 use crate::error::{GpuError, Result};
 use crate::sys;
+pub use crate::sys::BlockTensor;
 use crate::weights::{SafetensorsDir, TensorSource, kind_of};
 
 /// SHA3-256 of `bytes`, hex.
@@ -241,12 +242,13 @@ impl BlockStore {
     }
 
     /// Calls `f` with each tensor of a loaded block as a view of the mapped
-    /// file (no host copy). The views must not escape `f`: copy them (for
-    /// example to the GPU) inside it.
+    /// file (no host copy): moving it to the GPU with
+    /// [`BlockTensor::to_device`] is the only copy. The views cannot escape
+    /// `f` (KERN-3): every tensor taken out of one is a copy.
     pub fn with_block_tensors<T>(
         &self,
         name: &str,
-        mut f: impl FnMut(&str, &Tensor) -> Result<T>,
+        mut f: impl FnMut(&str, &BlockTensor<'_>) -> Result<T>,
     ) -> Result<Vec<T>> {
         let map = self
             .maps
@@ -266,7 +268,7 @@ impl BlockStore {
             })?;
             let kind = kind_of(view.dtype(), tname)?;
             let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-            let t = sys::tensor_view(view.data(), &shape, kind)?;
+            let t = BlockTensor::new(view.data(), &shape, kind)?;
             out.push(f(tname, &t)?);
         }
         Ok(out)

@@ -77,6 +77,48 @@ fn block_tensors_are_views_of_the_mapping() {
     assert_eq!(q.1, vec![64, 64]);
 }
 
+/// KERN-3: a tensor taken out of `with_block_tensors` is a copy, never the
+/// view of the mapping: two takes are distinct memory, and both still hold
+/// the checkpoint's values after the store (and its mapping) is dropped.
+/// (Before, `to_device(Device::Cpu)` handed back the view itself.)
+#[test]
+fn tensors_taken_from_a_block_are_copies_that_outlive_the_store() {
+    let dir = model_dir("qwen3_single");
+    let out = temp_dir("escape");
+    split(&dir, &out).expect("split");
+    let mut store = BlockStore::open(&out).expect("manifest");
+    store.load_block("layer.0").expect("load");
+    let take = |store: &BlockStore| {
+        store
+            .with_block_tensors("layer.0", |name, t| {
+                Ok((name.to_owned(), t.to_device(Device::Cpu)))
+            })
+            .expect("tensors")
+    };
+    let first = take(&store);
+    let second = take(&store);
+    let copies = store
+        .with_block_tensors("layer.0", |_, t| Ok(t.copy()))
+        .expect("copies");
+    assert_eq!(first.len(), 11);
+    for ((a, b), c) in first.iter().zip(&second).zip(&copies) {
+        assert_ne!(
+            a.1.data_ptr(),
+            b.1.data_ptr(),
+            "{}: a view of the mapping escaped",
+            a.0
+        );
+        assert_ne!(a.1.data_ptr(), c.data_ptr(), "{}", a.0);
+    }
+    drop(store);
+    use blyan_gpu::weights::TensorSource as _;
+    let src = blyan_gpu::weights::SafetensorsDir::open(&dir).expect("checkpoint");
+    for (name, t) in &first {
+        let want = src.tensor(name).expect("tensor");
+        assert!(t.equal(&want), "{name} changed after the store was dropped");
+    }
+}
+
 #[test]
 fn moe_checkpoints_split_per_expert_and_router() {
     let name = "qwen3_moe";
