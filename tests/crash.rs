@@ -11,113 +11,17 @@
 mod support;
 
 use blyan_runtime::client::{get_json, post_json};
-use blyan_runtime::devnet::{DEVNET_PASSWORD, DevnetOptions, write_layout};
+use blyan_runtime::devnet::{DevnetOptions, write_layout};
 use blyan_state_machine::encoding::Canonical;
 use blyan_state_machine::genesis::GenesisBalance;
 use blyan_state_machine::testkit::{address, key, transfer};
 use blyan_state_machine::types::BLY;
 use serde_json::{Value, json};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use support::eventually;
+use std::path::Path;
+use support::{Processes, eventually, free_addrs};
 
 const VALIDATORS: usize = 4;
 const VICTIM: usize = 3;
-
-/// The validator processes; every one still running is killed on drop, so a
-/// failing test leaves none behind.
-struct Processes {
-    children: Vec<Option<Child>>,
-    configs: Vec<PathBuf>,
-    logs: PathBuf,
-}
-
-/// The `blyan` binary of this build, beside the test binary's `deps/`.
-/// `cargo test --workspace` builds it (blyan-runtime has tests of its own);
-/// a test run of this package alone needs `cargo build -p blyan-runtime
-/// --bin blyan` first (cargo holds its build lock while tests run, so the
-/// test cannot build it itself).
-fn blyan_bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().and_then(Path::parent).unwrap().join("blyan");
-    assert!(
-        bin.is_file(),
-        "{} is missing: run `cargo build -p blyan-runtime --bin blyan` (or `cargo test --workspace`)",
-        bin.display()
-    );
-    bin
-}
-
-impl Processes {
-    fn start(&mut self, i: usize) {
-        assert!(self.children[i].is_none(), "node {i} is already running");
-        let log = |suffix: &str| {
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(self.logs.join(format!("node-{i}.{suffix}")))
-                .unwrap()
-        };
-        let child = Command::new(blyan_bin())
-            .args(["node", "--config"])
-            .arg(&self.configs[i])
-            .env("BLYAN_KEY_PASSWORD", DEVNET_PASSWORD)
-            .env("BLYAN_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(log("out"))
-            .stderr(log("err"))
-            .spawn()
-            .unwrap();
-        self.children[i] = Some(child);
-    }
-
-    /// SIGKILL (`Child::kill` on Unix), then reap.
-    fn kill(&mut self, i: usize) {
-        let mut child = self.children[i].take().expect("node is running");
-        child.kill().unwrap();
-        let status = child.wait().unwrap();
-        assert!(!status.success(), "node {i} exited cleanly: {status}");
-    }
-
-    /// Panics (with the node's log) if a node that should run has exited.
-    fn assert_running(&mut self) {
-        for (i, c) in self.children.iter_mut().enumerate() {
-            if let Some(c) = c
-                && let Some(status) = c.try_wait().unwrap()
-            {
-                let err = std::fs::read_to_string(self.logs.join(format!("node-{i}.err")))
-                    .unwrap_or_default();
-                panic!("node {i} exited ({status}); its log:\n{err}");
-            }
-        }
-    }
-}
-
-impl Drop for Processes {
-    fn drop(&mut self) {
-        for c in self.children.iter_mut().flatten() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// Free loopback addresses for `n` nodes: `(p2p, http)`. A port is bound,
-/// read and released; another process could take it in between, which would
-/// make a node fail to start (reported with its log), never pass wrongly.
-fn free_addrs(n: usize) -> Vec<(String, String)> {
-    let listeners: Vec<std::net::TcpListener> = (0..2 * n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    let addrs: Vec<String> = listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().to_string())
-        .collect();
-    addrs
-        .chunks(2)
-        .map(|c| (c[0].clone(), c[1].clone()))
-        .collect()
-}
 
 async fn status(url: &str) -> Option<Value> {
     match get_json(url, "/status").await {
@@ -188,11 +92,7 @@ async fn a_validator_killed_with_sigkill_restarts_and_catches_up_with_identical_
     let addrs = free_addrs(VALIDATORS);
     let (genesis, configs) = write_layout(&opts, &addrs).unwrap();
     let urls: Vec<String> = addrs.iter().map(|(_, h)| format!("http://{h}")).collect();
-    let mut procs = Processes {
-        children: (0..VALIDATORS).map(|_| None).collect(),
-        configs,
-        logs: dir.path().to_path_buf(),
-    };
+    let mut procs = Processes::new(configs, dir.path());
     for i in 0..VALIDATORS {
         procs.start(i);
     }

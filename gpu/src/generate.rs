@@ -1,6 +1,10 @@
 //! Generation with the reference model: prefill, then one token at a time
 //! with the KV cache; stop on end-of-sequence ids, stop strings or
-//! `max_tokens`; tokens streamed to a callback as they come.
+//! `max_tokens`; tokens streamed to a callback as they come. With
+//! [`generate_until`] the callback is asked after every token whether to go
+//! on, so a caller can cancel (a gone client, a deadline).
+
+use std::ops::ControlFlow;
 
 use tch::Tensor;
 
@@ -28,6 +32,8 @@ pub enum FinishReason {
     Stop,
     /// `max_tokens` reached.
     Length,
+    /// The caller stopped it ([`generate_until`]'s callback broke).
+    Cancelled,
 }
 
 impl FinishReason {
@@ -35,6 +41,7 @@ impl FinishReason {
         match self {
             FinishReason::Stop => "stop",
             FinishReason::Length => "length",
+            FinishReason::Cancelled => "cancelled",
         }
     }
 }
@@ -70,6 +77,25 @@ pub fn generate(
     req: &GenerateRequest,
     mut on_text: impl FnMut(&str),
 ) -> Result<GenerateOutput> {
+    generate_until(model, tokenizer, req, |piece| {
+        if let Some(piece) = piece {
+            on_text(piece);
+        }
+        ControlFlow::Continue(())
+    })
+}
+
+/// Like [`generate`], but `on_step` is called once after every generated
+/// token: with `Some(piece)` when a piece of text is ready to stream, else
+/// with `None`. `ControlFlow::Break` ends generation there with
+/// [`FinishReason::Cancelled`] (the output holds what was generated so far;
+/// text not yet streamed is not offered to `on_step` again).
+pub fn generate_until(
+    model: &Qwen3,
+    tokenizer: Option<&Tokenizer>,
+    req: &GenerateRequest,
+    mut on_step: impl FnMut(Option<&str>) -> ControlFlow<()>,
+) -> Result<GenerateOutput> {
     if req.prompt_ids.is_empty() {
         return Err(GpuError::Invalid("empty prompt".into()));
     }
@@ -95,6 +121,7 @@ pub fn generate(
             break;
         }
         tokens.push(next);
+        let mut piece = None;
         if let Some(tok) = tokenizer {
             text = tok.decode(&tokens)?;
             if let Some(at) = req.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
@@ -105,14 +132,18 @@ pub fn generate(
             let safe = text.len() - held_back(&text, &req.stop);
             // Never split a character that is still being decoded.
             if safe > streamed && text.is_char_boundary(safe) && !text.ends_with('\u{FFFD}') {
-                on_text(&text[streamed..safe]);
+                piece = Some(streamed..safe);
                 streamed = safe;
             }
         }
+        if on_step(piece.map(|r| &text[r])).is_break() {
+            finish = FinishReason::Cancelled;
+            break;
+        }
         input = Tensor::from_slice(&[next]).unsqueeze(0);
     }
-    if text.len() > streamed {
-        on_text(&text[streamed..]);
+    if finish != FinishReason::Cancelled && text.len() > streamed {
+        let _ = on_step(Some(&text[streamed..]));
     }
     Ok(GenerateOutput {
         completion_tokens: tokens.len(),

@@ -26,6 +26,12 @@
 //! queue_len = 16
 //! max_tokens_limit = 512
 //!
+//! [http]                             # the HTTP API server (API-HTTP-*)
+//! header_read_timeout_ms = 10000     # default: a request head within 10 s (also the keep-alive idle limit)
+//! request_timeout_ms = 60000         # default: body read and response head within 60 s (> inference.timeout_ms)
+//! max_connections = 4096             # default: open connections in all (at most half the fd limit)
+//! max_connections_per_ip = 512       # default: open connections per client IP
+//!
 //! [[peers]]                          # the seed list: validators dialled and the only
 //!                                    # nodes admitted by the mutual-TLS handshake
 //! addr = "127.0.0.1:7101"
@@ -87,6 +93,9 @@ pub struct FileConfig {
     pub rate_limits: crate::ratelimit::RateLimitConfig,
     #[serde(default)]
     pub inference: crate::inference::InferenceConfig,
+    /// The HTTP server's timeouts and connection caps (API-HTTP-*).
+    #[serde(default)]
+    pub http: crate::http_server::HttpConfig,
     #[serde(default)]
     pub peers: Vec<PeerConfig>,
 }
@@ -156,6 +165,7 @@ impl FileConfig {
                 "inference.queue_len, max_tokens_limit and timeout_ms must be positive".into(),
             ));
         }
+        c.http.check(inf.enabled.then_some(inf.timeout_ms))?;
         c.transport_peers()?;
         Ok(c)
     }

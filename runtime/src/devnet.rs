@@ -60,6 +60,8 @@ pub struct DevnetOptions {
     pub rate_limits: crate::ratelimit::RateLimitConfig,
     /// Every node's inference engine (default: the embedded model on the CPU).
     pub inference: crate::inference::InferenceConfig,
+    /// Every node's HTTP server limits (API-HTTP-*; default: the node's).
+    pub http: crate::http_server::HttpConfig,
 }
 
 impl DevnetOptions {
@@ -76,6 +78,7 @@ impl DevnetOptions {
             extra_balances: Vec::new(),
             rate_limits: crate::ratelimit::RateLimitConfig::default(),
             inference: crate::inference::InferenceConfig::default(),
+            http: crate::http_server::HttpConfig::default(),
         }
     }
 }
@@ -252,6 +255,7 @@ fn file_config(
         expert_cache_bytes: crate::blobs::DEFAULT_CACHE_BYTES,
         rate_limits: opts.rate_limits.clone(),
         inference: opts.inference.clone(),
+        http: opts.http.clone(),
         peers: peers
             .iter()
             .map(|p| PeerConfig {
@@ -369,6 +373,7 @@ impl Devnet {
                 expert_cache_bytes: crate::blobs::DEFAULT_CACHE_BYTES,
                 rate_limits: opts.rate_limits.clone(),
                 inference: opts.inference.clone(),
+                http: opts.http.clone(),
             };
             let node = RunningNode::start(setup, p2p, http).await?;
             for p in &payloads {

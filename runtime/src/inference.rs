@@ -7,14 +7,41 @@
 //! reply up to the inference timeout (seed appendix B: 30 s). A job that
 //! waited past its deadline in the queue is dropped without running.
 //!
-//! Generation itself cannot be interrupted between a job's start and its end,
-//! so its length is bounded by [`InferenceConfig::max_tokens_limit`] instead.
+//! - **API-CHAT-4** The engine never waits on a client. It is asked after
+//!   every generated token whether to go on, and the job is cancelled there
+//!   (generation stops at that token, `FinishReason::Cancelled` inside the
+//!   engine, an error for the caller) when:
+//!   - *the reader stalled*: streamed pieces go to a bounded channel of
+//!     [`STREAM_PIECES`] with `try_send`; a full channel means the client
+//!     has left that many pieces unread on top of what the SSE event queue
+//!     (also [`STREAM_PIECES`] events) and the socket's buffers hold. That
+//!     bounded buffer is all a slow reader gets: past it the job is
+//!     cancelled (`Error::Inference("cancelled: …")`), never waited for;
+//!   - *the client went away*: the piece channel's receiver or the reply's
+//!     receiver was dropped (axum drops the SSE body, or the handler's
+//!     future, when the connection closes);
+//!   - *the deadline passed* (the inference timeout): `Error::Timeout`.
+//!
+//!   Each cause is counted ([`EngineStats`], `/metrics`
+//!   `blyan_inference_cancelled_total{reason=…}`).
+//! - **API-CHAT-5** A panic inside a job (a tch call that panics, e.g. out
+//!   of memory) is caught per job: that job answers
+//!   `Error::Inference("the inference engine panicked …")` (`500`), the
+//!   engine is dropped and rebuilt (the model reloaded) on the same thread,
+//!   and the queue goes on. While it rebuilds the engine state is
+//!   `rebuilding`; if the rebuild fails it is `failed`, every job is
+//!   answered with an error at once, and a rebuild is tried again at the
+//!   next job at most every [`REBUILD_RETRY_MS`]. `/health` reports the state
+//!   (`503` unless `ok`) and `/metrics` counts panics, rebuilds and failed
+//!   rebuilds ([`EngineStats`]).
 //!
 //! Without the `inference` feature the handle cannot be built and the routes
 //! answer `503` (a validator-only node needs no libtorch).
 
 use crate::Error;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
@@ -40,6 +67,12 @@ pub struct InferenceConfig {
     pub max_tokens_limit: usize,
     /// Longest prompt, in tokens.
     pub max_prompt_tokens: usize,
+    /// Fault injection for tests (API-CHAT-5): a job whose prompt contains
+    /// this string panics inside generation, after its first token. Never
+    /// set it on a real node.
+    #[doc(hidden)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub panic_on_prompt: Option<String>,
 }
 
 impl Default for InferenceConfig {
@@ -53,6 +86,7 @@ impl Default for InferenceConfig {
             queue_len: 16,
             max_tokens_limit: 512,
             max_prompt_tokens: 2048,
+            panic_on_prompt: None,
         }
     }
 }
@@ -108,11 +142,119 @@ pub struct InferenceHandle {
     jobs: mpsc::Sender<Job>,
     pub model: ModelInfo,
     pub config: InferenceConfig,
+    /// The engine's state and counters (API-CHAT-4/5), shared with its thread.
+    pub stats: Arc<EngineStats>,
 }
 
-/// Pieces of streamed text in flight per job; a slow reader makes the
-/// engine wait (it is the only consumer of the job's output).
+/// Pieces of streamed text in flight per job; a reader that leaves more
+/// unread has its job cancelled (API-CHAT-4): the engine never waits on it.
 pub const STREAM_PIECES: usize = 64;
+
+/// API-CHAT-5: after a failed rebuild, the least time between two tries
+/// (each is made at the next job).
+pub const REBUILD_RETRY_MS: u64 = 10_000;
+
+/// Whether the engine can serve (API-CHAT-5).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EngineState {
+    Ok,
+    /// Reloading the model after a panic.
+    Rebuilding,
+    /// The last rebuild failed; jobs are refused until one succeeds.
+    Failed,
+}
+
+impl EngineState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EngineState::Ok => "ok",
+            EngineState::Rebuilding => "rebuilding",
+            EngineState::Failed => "failed",
+        }
+    }
+}
+
+/// Why a job was cancelled at a token (API-CHAT-4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cancel {
+    /// The piece channel was full: the client stopped reading.
+    Stalled,
+    /// The client went away (a receiver was dropped).
+    Disconnected,
+    /// The inference timeout passed.
+    Deadline,
+}
+
+/// The engine's state and counters, written by its thread and read by
+/// `/health` and `/metrics` (API-CHAT-4/5).
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    state: AtomicU8,
+    panics: AtomicU64,
+    rebuilds: AtomicU64,
+    rebuild_failures: AtomicU64,
+    cancelled_stalled: AtomicU64,
+    cancelled_disconnected: AtomicU64,
+    cancelled_deadline: AtomicU64,
+    expired_in_queue: AtomicU64,
+}
+
+/// A copy of [`EngineStats`]' counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EngineCounters {
+    /// Jobs whose run panicked.
+    pub panics: u64,
+    /// Engines rebuilt after a panic.
+    pub rebuilds: u64,
+    /// Rebuilds that failed.
+    pub rebuild_failures: u64,
+    pub cancelled_stalled: u64,
+    pub cancelled_disconnected: u64,
+    pub cancelled_deadline: u64,
+    /// Jobs dropped unrun because they waited past their deadline.
+    pub expired_in_queue: u64,
+}
+
+impl EngineStats {
+    pub fn state(&self) -> EngineState {
+        match self.state.load(Ordering::Acquire) {
+            0 => EngineState::Ok,
+            1 => EngineState::Rebuilding,
+            _ => EngineState::Failed,
+        }
+    }
+
+    fn set_state(&self, s: EngineState) {
+        let v = match s {
+            EngineState::Ok => 0,
+            EngineState::Rebuilding => 1,
+            EngineState::Failed => 2,
+        };
+        self.state.store(v, Ordering::Release);
+    }
+
+    fn cancelled(&self, why: Cancel) {
+        let c = match why {
+            Cancel::Stalled => &self.cancelled_stalled,
+            Cancel::Disconnected => &self.cancelled_disconnected,
+            Cancel::Deadline => &self.cancelled_deadline,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn counters(&self) -> EngineCounters {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        EngineCounters {
+            panics: get(&self.panics),
+            rebuilds: get(&self.rebuilds),
+            rebuild_failures: get(&self.rebuild_failures),
+            cancelled_stalled: get(&self.cancelled_stalled),
+            cancelled_disconnected: get(&self.cancelled_disconnected),
+            cancelled_deadline: get(&self.cancelled_deadline),
+            expired_in_queue: get(&self.expired_in_queue),
+        }
+    }
+}
 
 impl InferenceHandle {
     /// Loads the model on a new thread and starts serving. Returns once the
@@ -123,9 +265,11 @@ impl InferenceHandle {
         let (jobs, rx) = mpsc::channel(config.queue_len);
         let (ready_tx, ready_rx) = oneshot::channel();
         let engine_config = config.clone();
+        let stats = Arc::new(EngineStats::default());
+        let engine_stats = stats.clone();
         std::thread::Builder::new()
             .name("inference".into())
-            .spawn(move || engine::serve(engine_config, rx, ready_tx))
+            .spawn(move || engine::serve(engine_config, rx, ready_tx, engine_stats))
             .map_err(|e| Error::Inference(format!("cannot start the inference thread: {e}")))?;
         let model = ready_rx
             .await
@@ -134,6 +278,7 @@ impl InferenceHandle {
             jobs,
             model,
             config,
+            stats,
         })
     }
 
@@ -145,9 +290,13 @@ impl InferenceHandle {
         ))
     }
 
-    /// Queues `request`; `pieces` receives streamed text if given. Errors:
-    /// [`Error::Busy`] when the queue is full, [`Error::Inference`] when the
-    /// engine is gone, failed, or the deadline passed.
+    /// Queues `request`; `pieces` receives streamed text if given (with
+    /// `try_send`: a full channel cancels the job, API-CHAT-4). Dropping the
+    /// returned future, or `pieces`' receiver, cancels the job at its next
+    /// token. Errors: [`Error::Busy`] when the queue is full,
+    /// [`Error::Timeout`] when the deadline passed, [`Error::Inference`] when
+    /// the engine is gone, failed, panicked (API-CHAT-5) or the job was
+    /// cancelled.
     pub async fn generate(
         &self,
         request: ChatRequest,
@@ -182,12 +331,20 @@ impl InferenceHandle {
 
 #[cfg(feature = "inference")]
 mod engine {
-    use super::{ChatResult, InferenceConfig, Job, ModelInfo};
+    use super::{
+        Cancel, ChatResult, EngineState, EngineStats, InferenceConfig, Job, ModelInfo,
+        REBUILD_RETRY_MS, STREAM_PIECES,
+    };
     use crate::Error;
     use blyan_gpu::LoadedModel;
-    use blyan_gpu::generate::{GenerateRequest, generate};
+    use blyan_gpu::generate::{GenerateRequest, generate_until};
     use blyan_gpu::sample::SamplingParams;
-    use std::time::Instant;
+    use std::ops::ControlFlow;
+    use std::panic::{AssertUnwindSafe, catch_unwind};
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
+    use std::time::{Duration, Instant};
+    use tokio::sync::mpsc::error::TrySendError;
     use tokio::sync::{mpsc, oneshot};
 
     fn gpu(e: blyan_gpu::GpuError) -> Error {
@@ -221,7 +378,37 @@ mod engine {
         Ok((loaded, info))
     }
 
-    fn run(loaded: &LoadedModel, config: &InferenceConfig, job: &Job) -> Result<ChatResult, Error> {
+    /// API-CHAT-4: whether `job` may go on after a token, handing `piece` to
+    /// its stream without ever waiting.
+    fn step(job: &Job, piece: Option<&str>) -> Result<(), Cancel> {
+        // First: at the deadline the caller gives up too, which would
+        // otherwise look like a client that went away.
+        if Instant::now() >= job.deadline {
+            return Err(Cancel::Deadline);
+        }
+        if job.reply.is_closed() {
+            return Err(Cancel::Disconnected);
+        }
+        if let Some(tx) = &job.pieces {
+            match piece {
+                Some(p) => match tx.try_send(p.to_string()) {
+                    Ok(()) => {}
+                    Err(TrySendError::Full(_)) => return Err(Cancel::Stalled),
+                    Err(TrySendError::Closed(_)) => return Err(Cancel::Disconnected),
+                },
+                None if tx.is_closed() => return Err(Cancel::Disconnected),
+                None => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn run(
+        loaded: &LoadedModel,
+        config: &InferenceConfig,
+        job: &Job,
+        stats: &EngineStats,
+    ) -> Result<ChatResult, Error> {
         let tokenizer = loaded.tokenizer.as_ref().expect("checked at load");
         let req = &job.request;
         let prompt_ids = tokenizer.encode(&req.prompt).map_err(gpu)?;
@@ -247,13 +434,41 @@ mod engine {
             stop: req.stop.clone(),
             stop_ids: loaded.model.cfg.eos_token_ids.clone(),
         };
-        let out = generate(&loaded.model, Some(tokenizer), &request, |piece| {
-            if let Some(tx) = &job.pieces {
-                // A reader that went away only loses its stream.
-                let _ = tx.blocking_send(piece.to_string());
+        let inject_panic = config
+            .panic_on_prompt
+            .as_deref()
+            .is_some_and(|m| req.prompt.contains(m));
+        let mut cancelled = None;
+        let out = generate_until(&loaded.model, Some(tokenizer), &request, |piece| {
+            if inject_panic {
+                panic!("fault injection: the prompt contains inference.panic_on_prompt");
+            }
+            match step(job, piece) {
+                Ok(()) => ControlFlow::Continue(()),
+                Err(why) => {
+                    cancelled = Some(why);
+                    ControlFlow::Break(())
+                }
             }
         })
         .map_err(gpu)?;
+        if let Some(why) = cancelled {
+            stats.cancelled(why);
+            let tokens = out.completion_tokens;
+            tracing::debug!(?why, tokens, "inference job cancelled");
+            return Err(match why {
+                Cancel::Deadline => Error::Timeout(format!(
+                    "inference did not finish within {} ms; cancelled after {tokens} tokens",
+                    config.timeout_ms
+                )),
+                Cancel::Stalled => Error::Inference(format!(
+                    "cancelled after {tokens} tokens: the client left more than {STREAM_PIECES} streamed pieces unread"
+                )),
+                Cancel::Disconnected => Error::Inference(format!(
+                    "cancelled after {tokens} tokens: the client went away"
+                )),
+            });
+        }
         Ok(ChatResult {
             text: out.text,
             prompt_tokens: out.prompt_tokens,
@@ -263,31 +478,345 @@ mod engine {
         })
     }
 
+    fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+        payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a non-string panic payload".into())
+    }
+
+    /// API-CHAT-5: reloads the model; `None` (state `failed`) if that fails
+    /// or panics.
+    fn rebuild(config: &InferenceConfig, stats: &EngineStats) -> Option<LoadedModel> {
+        stats.set_state(EngineState::Rebuilding);
+        let outcome = match catch_unwind(AssertUnwindSafe(|| load(config))) {
+            Ok(Ok((loaded, _))) => Ok(loaded),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(p) => Err(format!("panicked: {}", panic_message(&*p))),
+        };
+        match outcome {
+            Ok(loaded) => {
+                stats.rebuilds.fetch_add(1, Ordering::Relaxed);
+                stats.set_state(EngineState::Ok);
+                tracing::warn!("inference engine rebuilt");
+                Some(loaded)
+            }
+            Err(e) => {
+                stats.rebuild_failures.fetch_add(1, Ordering::Relaxed);
+                stats.set_state(EngineState::Failed);
+                tracing::error!(error = %e, "inference engine rebuild failed");
+                None
+            }
+        }
+    }
+
     pub(super) fn serve(
         config: InferenceConfig,
         mut jobs: mpsc::Receiver<Job>,
         ready: oneshot::Sender<Result<ModelInfo, Error>>,
+        stats: Arc<EngineStats>,
     ) {
-        let loaded = match load(&config) {
+        let mut loaded = match load(&config) {
             Ok((loaded, info)) => {
                 tracing::info!(model = %info.name, layers = info.layers, device = %info.device, "inference engine ready");
                 let _ = ready.send(Ok(info));
-                loaded
+                Some(loaded)
             }
             Err(e) => {
                 let _ = ready.send(Err(e));
                 return;
             }
         };
+        let retry = Duration::from_millis(REBUILD_RETRY_MS);
+        let mut last_rebuild = Instant::now();
         while let Some(job) = jobs.blocking_recv() {
             if Instant::now() >= job.deadline {
+                stats.expired_in_queue.fetch_add(1, Ordering::Relaxed);
                 let _ = job.reply.send(Err(Error::Timeout(
                     "the request waited past the inference timeout".into(),
                 )));
                 continue;
             }
-            let result = run(&loaded, &config, &job);
-            let _ = job.reply.send(result);
+            if job.reply.is_closed() {
+                // API-CHAT-4: its client went away while it was queued.
+                stats.cancelled(Cancel::Disconnected);
+                continue;
+            }
+            if loaded.is_none() && last_rebuild.elapsed() >= retry {
+                loaded = rebuild(&config, &stats);
+                last_rebuild = Instant::now();
+            }
+            let Some(model) = &loaded else {
+                let _ = job.reply.send(Err(Error::Inference(format!(
+                    "the inference engine is down: its rebuild after a panic failed (retried at most every {REBUILD_RETRY_MS} ms)"
+                ))));
+                continue;
+            };
+            // API-CHAT-5: a panic ends this job, not the engine.
+            match catch_unwind(AssertUnwindSafe(|| run(model, &config, &job, &stats))) {
+                Ok(result) => {
+                    let _ = job.reply.send(result);
+                }
+                Err(payload) => {
+                    let why = panic_message(&*payload);
+                    stats.panics.fetch_add(1, Ordering::Relaxed);
+                    stats.set_state(EngineState::Rebuilding);
+                    tracing::error!(panic = %why, "inference job panicked; rebuilding the engine");
+                    let _ = job.reply.send(Err(Error::Inference(format!(
+                        "the inference engine panicked ({why}); it is being rebuilt, retry"
+                    ))));
+                    if let Some(old) = loaded.take() {
+                        // Its tensors may be in any state; freeing them must
+                        // not take the thread down either.
+                        let _ = catch_unwind(AssertUnwindSafe(move || drop(old)));
+                    }
+                    loaded = rebuild(&config, &stats);
+                    last_rebuild = Instant::now();
+                }
+            }
         }
+    }
+}
+
+#[cfg(all(test, feature = "inference"))]
+mod tests {
+    //! The engine on the embedded model, driven through [`InferenceHandle`]
+    //! like the HTTP handlers drive it. Waits are bounded by a generous
+    //! deadline (a hang is a failure), never timed assertions.
+    use super::*;
+
+    /// Liveness bound of every wait here.
+    const DEADLINE: Duration = Duration::from_secs(240);
+
+    fn config() -> InferenceConfig {
+        InferenceConfig {
+            // Long enough that only what a test provokes ends a job early.
+            timeout_ms: 600_000,
+            max_tokens_limit: 4_000,
+            ..InferenceConfig::default()
+        }
+    }
+
+    fn request(prompt: &str, max_tokens: usize) -> ChatRequest {
+        ChatRequest {
+            prompt: prompt.into(),
+            max_tokens,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+            stop: Vec::new(),
+        }
+    }
+
+    async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(DEADLINE, f)
+            .await
+            .unwrap_or_else(|_| panic!("gave up waiting for {what}"))
+    }
+
+    async fn until(what: &str, mut f: impl FnMut() -> bool) {
+        within(what, async {
+            while !f() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+    }
+
+    /// A long greedy generation streams far more than [`STREAM_PIECES`]
+    /// pieces (the premise of the stalled-reader test).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_long_generation_streams_more_pieces_than_the_channel_holds() {
+        let engine = InferenceHandle::start(config()).await.unwrap();
+        let (tx, mut rx) = mpsc::channel(STREAM_PIECES);
+        let reader = tokio::spawn(async move {
+            let mut n = 0usize;
+            while rx.recv().await.is_some() {
+                n += 1;
+            }
+            n
+        });
+        // Greedy decoding of "hello" ends (end of text) after 580 tokens.
+        let r = within(
+            "generation",
+            engine.generate(request("hello", 500), Some(tx)),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.finish_reason, "length", "{r:?}");
+        let pieces = within("reader", reader).await.unwrap();
+        assert!(pieces > 2 * STREAM_PIECES, "{pieces} pieces");
+    }
+
+    /// API-CHAT-4: a stream nobody reads fills its piece channel; the engine
+    /// cancels the job instead of waiting, and serves the next job.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn api_chat_4_a_stalled_reader_is_cancelled_and_the_engine_goes_on() {
+        let engine = InferenceHandle::start(config()).await.unwrap();
+        let (tx, rx) = mpsc::channel(STREAM_PIECES);
+        let stalled = tokio::spawn({
+            let engine = engine.clone();
+            async move { engine.generate(request("hello", 3_000), Some(tx)).await }
+        });
+        // Queued behind the stalled job: before API-CHAT-4 the engine waited
+        // for ever on the full channel and this never came back.
+        let next = within(
+            "a job behind a stalled reader",
+            engine.generate(request("hi", 4), None),
+        )
+        .await
+        .unwrap();
+        assert!(next.completion_tokens <= 4);
+        let e = within("the stalled job's answer", stalled)
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(
+            matches!(&e, Error::Inference(m) if m.contains("unread")),
+            "{e}"
+        );
+        assert_eq!(engine.stats.counters().cancelled_stalled, 1);
+        assert_eq!(
+            rx.len(),
+            STREAM_PIECES,
+            "the channel was full, nothing more"
+        );
+    }
+
+    /// API-CHAT-4: a client that goes away cancels its job at the next
+    /// token, streamed (piece receiver dropped) or not (reply dropped).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn api_chat_4_a_gone_client_cancels_its_job() {
+        let engine = InferenceHandle::start(config()).await.unwrap();
+        // Streamed: read one piece (it runs), then hang up.
+        let (tx, mut rx) = mpsc::channel(STREAM_PIECES);
+        let job = tokio::spawn({
+            let engine = engine.clone();
+            async move { engine.generate(request("hello", 3_000), Some(tx)).await }
+        });
+        within("a first piece", rx.recv()).await.expect("a piece");
+        drop(rx);
+        let e = within("the cancelled job", job).await.unwrap().unwrap_err();
+        assert!(
+            matches!(&e, Error::Inference(m) if m.contains("went away")),
+            "{e}"
+        );
+        assert_eq!(engine.stats.counters().cancelled_disconnected, 1);
+
+        // Not streamed: the caller's future is dropped mid-generation.
+        let (tx, mut rx) = mpsc::channel(STREAM_PIECES);
+        let job = tokio::spawn({
+            let engine = engine.clone();
+            async move { engine.generate(request("hello", 3_000), Some(tx)).await }
+        });
+        within("a first piece", rx.recv()).await.expect("a piece");
+        job.abort();
+        // Keep reading so that only the dropped reply can stop it.
+        let drain = tokio::spawn(async move { while rx.recv().await.is_some() {} });
+        until("the job's cancellation", || {
+            engine.stats.counters().cancelled_disconnected == 2
+        })
+        .await;
+        within("the stream's end", drain).await.unwrap();
+        let c = engine.stats.counters();
+        assert_eq!((c.cancelled_stalled, c.cancelled_deadline), (0, 0));
+    }
+
+    /// API-CHAT-4: a job still running at its deadline stops there.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn api_chat_4_a_passed_deadline_cancels_the_job() {
+        let engine = InferenceHandle::start(InferenceConfig {
+            timeout_ms: 300,
+            ..config()
+        })
+        .await
+        .unwrap();
+        let (tx, mut rx) = mpsc::channel(STREAM_PIECES);
+        let drain = tokio::spawn(async move { while rx.recv().await.is_some() {} });
+        let e = within(
+            "the answer",
+            engine.generate(request("hello", 4_000), Some(tx)),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(e, Error::Timeout(_)), "{e}");
+        // The engine, not only the caller, gave up: the stream ends.
+        within("the stream's end", drain).await.unwrap();
+        let c = engine.stats.counters();
+        assert_eq!(c.cancelled_deadline + c.expired_in_queue, 1, "{c:?}");
+    }
+
+    /// API-CHAT-5: a panic in a job answers that job with an error, the
+    /// engine is rebuilt and serves the next one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn api_chat_5_a_panicking_job_is_answered_and_the_engine_rebuilt() {
+        let engine = InferenceHandle::start(InferenceConfig {
+            panic_on_prompt: Some("PANIC".into()),
+            ..config()
+        })
+        .await
+        .unwrap();
+        let e = within(
+            "the panicking job",
+            engine.generate(request("say PANIC", 8), None),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(&e, Error::Inference(m) if m.contains("panicked")),
+            "{e}"
+        );
+        let r = within("the next job", engine.generate(request("hello", 8), None))
+            .await
+            .unwrap();
+        assert!(r.completion_tokens <= 8);
+        let c = engine.stats.counters();
+        assert_eq!((c.panics, c.rebuilds, c.rebuild_failures), (1, 1, 0));
+        assert_eq!(engine.stats.state(), EngineState::Ok);
+    }
+
+    /// API-CHAT-5: a rebuild that fails leaves the engine `failed`, and jobs
+    /// are answered with an error at once instead of hanging.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn api_chat_5_a_failed_rebuild_reports_failed() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = crate::model::write_default_blocks(dir.path()).unwrap();
+        let engine = InferenceHandle::start(InferenceConfig {
+            model_dir: Some(model.clone()),
+            panic_on_prompt: Some("PANIC".into()),
+            ..config()
+        })
+        .await
+        .unwrap();
+        // The model's manifest is broken: the rebuild after the panic fails
+        // (its weight files stay: the running engine may still map them).
+        std::fs::write(model.join("manifest.json"), b"not json").unwrap();
+        let e = within(
+            "the panicking job",
+            engine.generate(request("PANIC", 8), None),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(&e, Error::Inference(m) if m.contains("panicked")),
+            "{e}"
+        );
+        until("the failed rebuild", || {
+            engine.stats.state() == EngineState::Failed
+        })
+        .await;
+        let e = within(
+            "a job on a failed engine",
+            engine.generate(request("hello", 8), None),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(&e, Error::Inference(m) if m.contains("down")),
+            "{e}"
+        );
+        let c = engine.stats.counters();
+        assert_eq!((c.panics, c.rebuilds, c.rebuild_failures), (1, 0, 1));
     }
 }

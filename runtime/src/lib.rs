@@ -7,6 +7,7 @@
 //! - [`service`]: the tokio task that owns a `Node` and performs its outputs;
 //! - [`transport`]: gRPC (tonic) over mutual TLS 1.3 ([`tls`]: certificates
 //!   bound to the node key), signed frames, behind [`transport::Outbound`];
+//!   [`inbound`]: admission of unauthenticated connections (NODE-NET-6);
 //! - [`blobs`]: the content-addressed, chunked blob store (weights, datasets);
 //! - [`api`]: the axum HTTP API (with [`ratelimit`], the [`registry`] of
 //!   announced inference nodes, and [`inference`], the local engine behind
@@ -20,11 +21,14 @@
 
 pub mod api;
 pub mod bench;
+pub mod bench_open;
 pub mod blobs;
 pub mod client;
 pub mod config;
 pub mod devnet;
 pub mod error;
+pub mod http_server;
+pub mod inbound;
 pub mod inference;
 pub mod keystore;
 pub mod model;

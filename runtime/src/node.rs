@@ -8,7 +8,6 @@ use crate::config::FileConfig;
 use crate::keystore::KeyFile;
 use crate::service::{INBOUND_QUEUE, NodeHandle, NodeService};
 use crate::transport::{GrpcTransport, Outbound, Peer, TransportConfig};
-use axum::serve::ListenerExt;
 use blyan_state_machine::genesis::Genesis;
 use blyan_state_machine::node::{NodeConfig, PeerId};
 use k256::ecdsa::SigningKey;
@@ -35,6 +34,8 @@ pub struct NodeSetup {
     pub expert_cache_bytes: usize,
     /// `enabled = false`: no engine, `/chat` answers 503.
     pub inference: crate::inference::InferenceConfig,
+    /// The HTTP server's timeouts and connection caps (API-HTTP-*).
+    pub http: crate::http_server::HttpConfig,
 }
 
 impl NodeSetup {
@@ -68,6 +69,7 @@ impl NodeSetup {
             rate_limits: c.rate_limits.clone(),
             expert_cache_bytes: c.expert_cache_bytes,
             inference: c.inference.clone(),
+            http: c.http.clone(),
         })
     }
 }
@@ -116,6 +118,13 @@ impl RunningNode {
             .await
             .map_err(|e| Error::Node(format!("blob store task failed: {e}")))??,
         );
+        if setup.node.sync_batch_bytes > crate::transport::MAX_SYNC_BATCH_BYTES {
+            return Err(Error::Config(format!(
+                "sync_batch_bytes {} exceeds what a P2P frame carries ({} bytes)",
+                setup.node.sync_batch_bytes,
+                crate::transport::MAX_SYNC_BATCH_BYTES
+            )));
+        }
         let transport = GrpcTransport::start(
             p2p,
             setup.key.clone(),
@@ -142,6 +151,7 @@ impl RunningNode {
             ..api::ApiConfig::default()
         };
         let data_dir = setup.data_dir.clone();
+        let setup_http = setup.http.clone();
         let (service, handle, requests) = tokio::task::spawn_blocking(move || {
             NodeService::open(setup.node, setup.key, &setup.genesis, &data_dir, outbound)
         })
@@ -164,23 +174,17 @@ impl RunningNode {
             node_runtime.block_on(service.run(requests, inbound_rx, node_shutdown));
         });
         let router = api::router(handle.clone(), &api_config, inference, Some(blobs.clone()));
-        let mut api_shutdown = shutdown_rx;
-        // TCP_NODELAY on API connections: without it a keep-alive client
-        // waits on Nagle's algorithm and delayed ACKs (tens of ms per request).
-        let http = http.tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "could not set TCP_NODELAY on an API connection");
-            }
-        });
-        tasks.spawn(async move {
-            let app = router.into_make_service_with_connect_info::<SocketAddr>();
-            let serve = axum::serve(http, app).with_graceful_shutdown(async move {
-                let _ = api_shutdown.changed().await;
-            });
-            if let Err(e) = serve.await {
-                tracing::error!(error = %e, "HTTP server failed");
-            }
-        });
+        // API-HTTP-*: header and request timeouts, connection caps,
+        // TCP_NODELAY, a raised RLIMIT_NOFILE (crate::http_server).
+        let http_stats = Arc::new(crate::http_server::HttpStats::default());
+        let router = crate::http_server::with_limits(router, &setup_http, http_stats.clone());
+        tasks.spawn(crate::http_server::serve(
+            http,
+            router,
+            setup_http,
+            http_stats,
+            shutdown_rx,
+        ));
         info!(address = %handle.address, %p2p_addr, %http_addr, "node running");
         Ok(RunningNode {
             address: handle.address,

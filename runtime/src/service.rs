@@ -25,8 +25,8 @@ use blyan_state_machine::genesis::Genesis;
 use blyan_state_machine::ledger::Ledger;
 use blyan_state_machine::node::host::{self, Io};
 use blyan_state_machine::node::{
-    CommittedBlock, MempoolError, Node, NodeConfig, NodeInput, NodeOutput, PeerId, Store, Timer,
-    WireMessage,
+    CommittedBlock, DropReason, MempoolError, Node, NodeConfig, NodeInput, NodeOutput, PeerId,
+    Store, Timer, WireMessage,
 };
 use blyan_state_machine::tx::SignedTx;
 use blyan_state_machine::types::{Hash32, Height};
@@ -36,7 +36,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// Most timers held at once. The driver sets a handful per round; this bound
 /// is only reached if timers of old heights were never pruned.
@@ -115,6 +115,10 @@ pub struct NodeHandle {
     pub reader: StoreReader,
     pub chain_id: String,
     pub address: PeerId,
+    /// The transport's refusals and drops, for `/metrics` (NODE-NET-7).
+    pub net: Option<Arc<crate::transport::NetCounters>>,
+    /// NODE-MP-8: transactions dropped from the pool unincluded.
+    pub dropped: Arc<std::sync::Mutex<DroppedTxs>>,
 }
 
 /// A bounded set of pending timers keyed by [`Timer`].
@@ -186,6 +190,7 @@ struct HostIo<'a> {
     height: Height,
     committed: Vec<(CommittedBlock, BlockOutcome)>,
     tx_results: Vec<(Hash32, Result<(), MempoolError>)>,
+    dropped: Vec<(Hash32, DropReason)>,
 }
 
 impl Io for HostIo<'_> {
@@ -204,6 +209,47 @@ impl Io for HostIo<'_> {
     fn tx_result(&mut self, id: Hash32, result: Result<(), MempoolError>) {
         self.tx_results.push((id, result));
     }
+    fn tx_dropped(&mut self, id: Hash32, reason: DropReason) {
+        self.dropped.push((id, reason));
+    }
+}
+
+/// NODE-MP-8 in the runtime: the most recent transactions dropped from this
+/// node's pool unincluded, with why, for `GET /tx/{id}` (bounded: the oldest
+/// record is forgotten first).
+#[derive(Debug, Default)]
+pub struct DroppedTxs {
+    order: VecDeque<Hash32>,
+    reasons: BTreeMap<Hash32, String>,
+}
+
+/// Dropped transactions remembered for `GET /tx/{id}`.
+pub const MAX_DROPPED_RECORDS: usize = 65_536;
+
+impl DroppedTxs {
+    pub fn record(&mut self, id: Hash32, reason: &DropReason) {
+        if self.reasons.insert(id, reason.to_string()).is_none() {
+            self.order.push_back(id);
+        }
+        while self.order.len() > MAX_DROPPED_RECORDS {
+            let old = self.order.pop_front().expect("non-empty");
+            self.reasons.remove(&old);
+        }
+        debug_assert_eq!(self.order.len(), self.reasons.len());
+    }
+
+    /// Why `id` was dropped, if this node dropped it recently.
+    pub fn reason(&self, id: &Hash32) -> Option<&str> {
+        self.reasons.get(id).map(String::as_str)
+    }
+
+    pub fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
 }
 
 /// The task's state.
@@ -219,6 +265,7 @@ pub struct NodeService {
     /// Submission time of client transactions not yet committed (bounded).
     submitted_ms: BTreeMap<Hash32, u64>,
     halted: Option<String>,
+    dropped: Arc<std::sync::Mutex<DroppedTxs>>,
 }
 
 impl NodeService {
@@ -232,16 +279,29 @@ impl NodeService {
         data_dir: &Path,
         outbound: Arc<dyn Outbound>,
     ) -> Result<(NodeService, NodeHandle, mpsc::Receiver<Request>), Error> {
-        let (store, _) = ChainStore::open(data_dir, genesis)?;
-        let mut node =
-            Node::from_genesis(config, key, genesis).map_err(|e| Error::Genesis(e.to_string()))?;
-        for b in host::stored_blocks(&store)? {
-            node.replay(&b)
-                .map_err(|e| Error::Corrupt(format!("replaying block: {e}")))?;
-        }
+        // NODE-STORE-6: the node resumes from the verified stored state and
+        // consensus sets; nothing is replayed (restart cost is O(state)).
+        let (store, ledger) = ChainStore::open(data_dir, genesis)?;
         let latest = match store.last_height()? {
             0 => None,
-            h => store.committed_block(h)?.map(Arc::new),
+            h => {
+                Some(Arc::new(store.committed_block(h)?.ok_or_else(|| {
+                    Error::Corrupt(format!("block {h} missing"))
+                })?))
+            }
+        };
+        let node = match &latest {
+            None => Node::from_genesis(config, key, genesis)
+                .map_err(|e| Error::Genesis(e.to_string()))?,
+            Some(last) => Node::resume(
+                config,
+                key,
+                genesis,
+                ledger,
+                (**last).clone(),
+                store.consensus_sets().clone(),
+            )
+            .map_err(|e| Error::Corrupt(format!("resuming from the stored state: {e}")))?,
         };
         let (requests_tx, requests_rx) = mpsc::channel(REQUEST_QUEUE);
         let mut service = NodeService {
@@ -265,6 +325,7 @@ impl NodeService {
             finality: Histogram::default(),
             submitted_ms: BTreeMap::new(),
             halted: None,
+            dropped: Arc::new(std::sync::Mutex::new(DroppedTxs::default())),
             store,
         };
         let handle = NodeHandle {
@@ -273,6 +334,8 @@ impl NodeService {
             reader: service.store.reader(),
             chain_id: genesis.chain_id.clone(),
             address: service.node.address(),
+            net: service.outbound.counters(),
+            dropped: service.dropped.clone(),
         };
         let records = service.store.records(service.node.height())?;
         info!(
@@ -402,9 +465,18 @@ impl NodeService {
             height: self.node.height(),
             committed: Vec::new(),
             tx_results: Vec::new(),
+            dropped: Vec::new(),
         };
         let result = host::perform(out, &mut self.store, &mut io);
         let (committed, tx_results) = (io.committed, io.tx_results);
+        if !io.dropped.is_empty() {
+            let mut record = self.dropped.lock().expect("dropped lock");
+            for (id, reason) in &io.dropped {
+                debug!(tx = %hex::encode(id), %reason, "transaction dropped from the pool");
+                record.record(*id, reason);
+                self.submitted_ms.remove(id);
+            }
+        }
         if let Err((done, e)) = result {
             error!(error = %e, outputs_done = done, "store write failed; halting the node");
             self.halted = Some(e.to_string());

@@ -24,10 +24,20 @@
 //! state keys it changed and the height, and drops the records of heights
 //! `≤ h`, all in one atomic batch (NODE-STORE-2), with its receipts.
 //!
-//! On open, the ledger is rebuilt by replaying the stored blocks from genesis
-//! (their signatures were verified before they were stored, so replay trusts
-//! them; every other rule, and each block's state root, is checked again), and
-//! the rebuilt state must equal the stored `state` keyspace byte for byte.
+//! **NODE-STORE-6** On open ([`ChainStore::open`]) the ledger is loaded from
+//! the `state` keyspace, the verified on-disk state: every entry must decode
+//! canonically under a known key (STATE-4, `Ledger::from_entries`), and the
+//! state root over all of them must equal the state root in the header of
+//! the last stored block, which a commit certificate signed (checked before
+//! the block was stored). The last block must decode and be indexed by its
+//! hash. So opening costs O(state), not O(chain): at 100,000 blocks it is
+//! the same as at 100 (runtime/BENCH.md). A changed, missing or extra state
+//! byte changes the root and is refused as corrupt; an older block that rots
+//! on disk is found when it is read (served to a peer or the API: `Corrupt`),
+//! or by [`ChainStore::open_replaying`] (`blyan store verify`), which rebuilds
+//! the ledger by replaying every stored block from genesis (signatures
+//! trusted, every other rule and each block's state root checked) and
+//! requires the rebuilt state to equal the `state` keyspace byte for byte.
 //!
 //! The store keeps the ledger after its last block: [`node::Store::save_block`]
 //! receives only the committed block. The node service hands the store the
@@ -43,7 +53,7 @@ use blyan_state_machine::consensus::{Proposal, Record, Round, Signed, ValueId, V
 use blyan_state_machine::encoding::Canonical;
 use blyan_state_machine::genesis::Genesis;
 use blyan_state_machine::ledger::Ledger;
-use blyan_state_machine::node::{self, CommittedBlock, ProposedBlock, Sig};
+use blyan_state_machine::node::{self, CommittedBlock, ConsensusSets, ProposedBlock, Sig};
 use blyan_state_machine::state::StateKey;
 use blyan_state_machine::types::{Hash32, Height};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
@@ -62,6 +72,11 @@ const UPGRADABLE_SCHEMA_VERSION: u32 = 3;
 const META_SCHEMA: &[u8] = b"schema_version";
 const META_GENESIS: &[u8] = b"genesis_hash";
 const META_HEIGHT: &[u8] = b"height";
+/// NODE-STORE-6: the consensus sets after the stored height
+/// ([`ConsensusSets`], with proposer priorities), written with each block.
+/// A schema-4 directory written before it lacks the key: the first open
+/// replays the chain once to derive it.
+const META_SETS: &[u8] = b"consensus_sets";
 
 /// The on-disk form of a consensus [`Record`] (which has no canonical
 /// encoding of its own in the core): the same variants, encoded canonically.
@@ -127,6 +142,11 @@ pub struct ChainStore {
     /// The driver's result for a block about to be saved: its hash, its
     /// outcome and the ledger after it ([`ChainStore::stage_applied`]).
     staged: Option<(Hash32, BlockOutcome, Ledger)>,
+    /// `SyncAll` (NODE-STORE-1) except during a bulk load
+    /// ([`ChainStore::set_bulk_load`]).
+    block_durability: PersistMode,
+    /// The consensus sets after the stored height (NODE-STORE-6).
+    sets: ConsensusSets,
 }
 
 fn storage(e: fjall::Error) -> Error {
@@ -155,8 +175,24 @@ fn be_u64(bytes: &[u8], what: &str) -> Result<u64, Error> {
 
 impl ChainStore {
     /// Opens (or creates) the store at `path` for `genesis`, returning it with
-    /// the ledger at the stored height.
+    /// the ledger at the stored height, loaded from the verified state
+    /// (NODE-STORE-6).
     pub fn open(path: &Path, genesis: &Genesis) -> Result<(ChainStore, Ledger), Error> {
+        ChainStore::open_with(path, genesis, false)
+    }
+
+    /// Like [`ChainStore::open`], but rebuilds the ledger by replaying every
+    /// stored block from genesis and checks every block and index entry:
+    /// O(chain). For audits (`blyan store verify`) and tests.
+    pub fn open_replaying(path: &Path, genesis: &Genesis) -> Result<(ChainStore, Ledger), Error> {
+        ChainStore::open_with(path, genesis, true)
+    }
+
+    fn open_with(
+        path: &Path,
+        genesis: &Genesis,
+        replay: bool,
+    ) -> Result<(ChainStore, Ledger), Error> {
         let db = Database::builder(path).open().map_err(storage)?;
         let ks = |name: &str| {
             db.keyspace(name, KeyspaceCreateOptions::default)
@@ -164,6 +200,8 @@ impl ChainStore {
         };
         let genesis_ledger =
             Ledger::from_genesis(genesis).map_err(|e| Error::Genesis(e.to_string()))?;
+        let genesis_sets =
+            ConsensusSets::genesis(&genesis_ledger).map_err(|e| Error::Genesis(e.to_string()))?;
         let mut store = ChainStore {
             meta: ks("meta")?,
             blocks: ks("blocks")?,
@@ -176,6 +214,8 @@ impl ChainStore {
             ledger: genesis_ledger.clone(),
             next_record_seq: 0,
             staged: None,
+            block_durability: PersistMode::SyncAll,
+            sets: genesis_sets,
         };
         match store.meta.get(META_SCHEMA).map_err(storage)? {
             None => store.initialise(&genesis_ledger)?,
@@ -200,7 +240,37 @@ impl ChainStore {
                 }
             }
         }
-        store.ledger = store.replay(genesis_ledger)?;
+        let stored_sets = match store.meta.get(META_SETS).map_err(storage)? {
+            Some(v) => Some(
+                ConsensusSets::decode(&v)
+                    .map_err(|e| Error::Corrupt(format!("stored consensus sets: {e}")))?,
+            ),
+            None => None,
+        };
+        let (ledger, sets) = match stored_sets {
+            Some(sets) if !replay => (store.load_state(genesis, genesis_ledger)?, sets),
+            stored => {
+                let (ledger, sets) = store.replay(genesis_ledger)?;
+                match stored {
+                    Some(s) if s != sets => {
+                        return Err(Error::Corrupt(
+                            "stored consensus sets differ from the replayed ones".into(),
+                        ));
+                    }
+                    Some(_) => {}
+                    None => {
+                        // Written by a version without META_SETS: derived
+                        // once, by this replay.
+                        let mut batch = store.db.batch().durability(Some(PersistMode::SyncAll));
+                        batch.insert(&store.meta, META_SETS, sets.encode());
+                        batch.commit().map_err(storage)?;
+                    }
+                }
+                (ledger, sets)
+            }
+        };
+        store.ledger = ledger;
+        store.sets = sets;
         store.next_record_seq = store.scan_record_seq()?;
         let ledger = store.ledger.clone();
         Ok((store, ledger))
@@ -237,6 +307,7 @@ impl ChainStore {
         );
         batch.insert(&self.meta, META_GENESIS, ledger.genesis_hash().to_vec());
         batch.insert(&self.meta, META_HEIGHT, 0u64.to_be_bytes().to_vec());
+        batch.insert(&self.meta, META_SETS, self.sets.encode());
         for (k, v) in ledger.entries() {
             batch.insert(&self.state, state_key_bytes(&k), v);
         }
@@ -288,8 +359,59 @@ impl ChainStore {
         }
     }
 
-    fn replay(&self, mut ledger: Ledger) -> Result<Ledger, Error> {
+    /// NODE-STORE-6: the ledger from the `state` keyspace, checked against
+    /// the last block's certified state root.
+    fn load_state(&self, genesis: &Genesis, genesis_ledger: Ledger) -> Result<Ledger, Error> {
         let height = self.height()?;
+        if height == 0 {
+            // Nothing certified yet: the genesis state, compared in full.
+            return Ok(self.replay(genesis_ledger)?.0);
+        }
+        let last = self
+            .committed_block(height)?
+            .ok_or_else(|| Error::Corrupt(format!("block {height} missing")))?;
+        let hash = last.block.hash();
+        let indexed = self.block_hashes.get(hash).map_err(storage)?;
+        if indexed.as_deref() != Some(&height.to_be_bytes()[..]) {
+            return Err(Error::Corrupt(format!(
+                "block {height} is not indexed by its hash"
+            )));
+        }
+        let mut entries = Vec::new();
+        for kv in self.state.iter() {
+            let (k, v) = kv.into_inner().map_err(storage)?;
+            let Some((&ns, key)) = k.split_first() else {
+                return Err(Error::Corrupt("stored state has an empty key".into()));
+            };
+            entries.push((StateKey::new(ns, key.to_vec()), v.to_vec()));
+        }
+        let ledger = Ledger::from_entries(genesis, entries, hash)
+            .map_err(|e| Error::Corrupt(format!("stored state: {e}")))?;
+        if ledger.height() != height {
+            return Err(Error::Corrupt(format!(
+                "stored state is of height {}, the last stored block of {height}",
+                ledger.height()
+            )));
+        }
+        if ledger.state_root() != last.block.header.state_root {
+            return Err(Error::Corrupt(format!(
+                "stored state (root {}) differs from the state root certified by block {height} ({})",
+                hex::encode(ledger.state_root()),
+                hex::encode(last.block.header.state_root)
+            )));
+        }
+        Ok(ledger)
+    }
+
+    /// The consensus sets after the stored height (NODE-STORE-6).
+    pub fn consensus_sets(&self) -> &ConsensusSets {
+        &self.sets
+    }
+
+    fn replay(&self, mut ledger: Ledger) -> Result<(Ledger, ConsensusSets), Error> {
+        let height = self.height()?;
+        let mut sets = self.sets.clone();
+        assert_eq!(ledger.height(), 0, "replay starts at genesis");
         for h in 1..=height {
             let committed = self
                 .committed_block(h)?
@@ -303,10 +425,13 @@ impl ChainStore {
                     "block {h} is not indexed by its hash"
                 )));
             }
-            ledger = ledger
+            let (next, outcome) = ledger
                 .apply_block_trusted_signatures(&committed.block)
-                .map_err(|e| Error::Corrupt(format!("stored block {h} does not apply: {e}")))?
-                .0;
+                .map_err(|e| Error::Corrupt(format!("stored block {h} does not apply: {e}")))?;
+            sets = sets
+                .advance(&next, &outcome)
+                .map_err(|e| Error::Corrupt(format!("block {h}'s validator set: {e}")))?;
+            ledger = next;
         }
         // The stored state must be exactly the replayed state.
         let mut stored = Vec::new();
@@ -326,7 +451,21 @@ impl ChainStore {
                 expected.len()
             )));
         }
-        Ok(ledger)
+        Ok((ledger, sets))
+    }
+
+    /// Bulk loading (generated chains for measurements, imports): while on,
+    /// [`ChainStore::commit_block`] batches are atomic but not synced one by
+    /// one; turning it off syncs everything written. Never on in a running
+    /// node (NODE-STORE-1).
+    pub fn set_bulk_load(&mut self, on: bool) -> Result<(), Error> {
+        if on {
+            self.block_durability = PersistMode::Buffer;
+            Ok(())
+        } else {
+            self.block_durability = PersistMode::SyncAll;
+            self.db.persist(PersistMode::SyncAll).map_err(storage)
+        }
     }
 
     /// Hands over the driver's result for the block with hash `block_hash`
@@ -368,7 +507,12 @@ impl ChainStore {
                 "block {height} does not follow the stored height {last}"
             )));
         }
-        let mut batch = self.db.batch().durability(Some(PersistMode::SyncAll));
+        let sets = self
+            .sets
+            .advance(ledger, outcome)
+            .map_err(|e| Error::Storage(format!("block {height}'s validator set: {e}")))?;
+        let mut batch = self.db.batch().durability(Some(self.block_durability));
+        batch.insert(&self.meta, META_SETS, sets.encode());
         batch.insert(
             &self.blocks,
             height.to_be_bytes().to_vec(),
@@ -401,6 +545,7 @@ impl ChainStore {
         }
         batch.commit().map_err(storage)?;
         self.ledger = ledger.clone();
+        self.sets = sets;
         Ok(())
     }
 }

@@ -17,7 +17,7 @@
 //!
 //! **Authentication, two layers.** The TLS handshake proves which configured
 //! validator is at the other end (both directions; anyone else fails the
-//! handshake and is logged and counted, [`GrpcTransport::rejected_handshakes`]).
+//! handshake and is logged and counted, [`NetCounters::handshakes_failed`]).
 //! On top, every frame still carries its sender, a timestamp and a signature
 //! (the issue requires messages that authenticate on their own, e.g. when
 //! relayed or logged), and a frame is accepted only if its signer is the
@@ -50,10 +50,17 @@
 //! **Bounds**, so one slow or hostile peer cannot exhaust memory:
 //! - one bounded send queue per peer ([`TransportConfig::outbound_queue_messages`]);
 //!   a full queue drops the message (consensus tolerates loss);
-//! - inbound connections, handshaking or established, are capped
-//!   ([`TransportConfig::max_inbound_connections`]), a handshake must finish
-//!   within [`TransportConfig::handshake_timeout_ms`], and each validator may
-//!   hold at most [`TransportConfig::max_connections_per_peer`] connections;
+//! - connections still in their TLS handshake have a budget of their own
+//!   ([`TransportConfig::max_pending_handshakes`], at most
+//!   [`TransportConfig::max_handshakes_per_source`] per source address, the
+//!   oldest evicted when full) and must finish within
+//!   [`TransportConfig::handshake_timeout_ms`] (NODE-NET-6, [`crate::inbound`]);
+//!   established connections, which only configured peers reach, are capped
+//!   apart ([`TransportConfig::max_inbound_connections`]), at most
+//!   [`TransportConfig::max_connections_per_peer`] per validator, so a flood
+//!   of handshakes never keeps a restarted validator out;
+//! - everything refused or dropped is counted ([`NetCounters`], `/metrics`,
+//!   NODE-NET-7), never lost silently;
 //! - per connection, HTTP/2 streams are capped ([`MAX_STREAMS_PER_CONNECTION`])
 //!   and so is every message ([`MAX_FRAME_BYTES`] in, chunk size plus header
 //!   for blobs), decompressed size included;
@@ -80,6 +87,7 @@
 
 use crate::Error;
 use crate::blobs::{BlobId, BlobManifest, BlobStore, CHUNK_BYTES};
+use crate::inbound::{Admission, HandshakeBudget};
 use crate::tls::{NodeCertificate, PeerCertVerifier, SERVER_NAME, peer_identity};
 use blyan_state_machine::crypto::{sign, verify_signature};
 use blyan_state_machine::encoding::Canonical;
@@ -147,6 +155,10 @@ const FRAME_VERSION: u8 = 2;
 const HEADER_BYTES: usize = 1 + 33 + 8 + 64;
 /// Largest batch payload: the frame limit less the header.
 const MAX_PAYLOAD_BYTES: usize = MAX_FRAME_BYTES - HEADER_BYTES;
+/// NODE-SYNC-5: the largest `NodeConfig::sync_batch_bytes` this transport
+/// carries: a reply of that many bytes of blocks, plus the encoding's own
+/// overhead (well under 64 KiB for 32 blocks), fits in one frame.
+pub const MAX_SYNC_BATCH_BYTES: u64 = (MAX_PAYLOAD_BYTES - 8 - 64 * 1024) as u64;
 
 /// A message received from an authenticated peer.
 pub type Inbound = (PeerId, WireMessage);
@@ -158,6 +170,10 @@ pub trait Outbound: Send + Sync + 'static {
     fn broadcast(&self, message: &WireMessage);
     /// Peers with an open outgoing connection.
     fn connected_peers(&self) -> usize;
+    /// What the transport refused or dropped (NODE-NET-7), if it counts.
+    fn counters(&self) -> Option<Arc<NetCounters>> {
+        None
+    }
 }
 
 /// A configured peer.
@@ -184,13 +200,23 @@ pub struct TransportConfig {
     /// Messages queued per peer before new ones are dropped (default 16384:
     /// a few seconds of gossiped transactions under load).
     pub outbound_queue_messages: usize,
-    /// Inbound connections, handshaking or established, at once (default 64).
+    /// Established (authenticated) inbound connections at once, all peers
+    /// together (default 64). Only configured peers can hold one (NODE-NET-6a).
     pub max_inbound_connections: usize,
     /// Established inbound connections one validator may hold (default 4:
     /// one is normal; a few cover reconnects and blob fetches).
     pub max_connections_per_peer: usize,
-    /// A TLS handshake not finished in this time is dropped (default 10000 ms).
+    /// NODE-NET-6d: a TLS handshake not finished in this time is dropped
+    /// (default 3000 ms).
     pub handshake_timeout_ms: u64,
+    /// NODE-NET-6a/c: unauthenticated connections (TLS handshakes in flight)
+    /// at once; when full, a new one evicts the oldest (default 64).
+    pub max_pending_handshakes: usize,
+    /// NODE-NET-6b: handshakes in flight from one source address (an IPv6
+    /// /64 counts as one); more are refused at once (default 4).
+    pub max_handshakes_per_source: usize,
+    /// What the transport refused or dropped, for `/metrics` (NODE-NET-7).
+    pub counters: Arc<NetCounters>,
     /// First reconnect delay (default 100 ms), doubled up to `reconnect_max_ms` (default 5000 ms).
     pub reconnect_min_ms: u64,
     pub reconnect_max_ms: u64,
@@ -204,10 +230,95 @@ impl TransportConfig {
             outbound_queue_messages: 16_384,
             max_inbound_connections: 64,
             max_connections_per_peer: 4,
-            handshake_timeout_ms: 10_000,
+            handshake_timeout_ms: 3_000,
+            max_pending_handshakes: 64,
+            max_handshakes_per_source: 4,
+            counters: Arc::new(NetCounters::default()),
             reconnect_min_ms: 100,
             reconnect_max_ms: 5_000,
         }
+    }
+}
+
+/// NODE-NET-7: everything the transport refuses or drops is counted (and
+/// exported by `/metrics`), never lost silently.
+#[derive(Debug, Default)]
+pub struct NetCounters {
+    /// TLS handshakes that failed: unknown, unbound or missing certificates,
+    /// garbage, timeouts.
+    pub handshakes_failed: AtomicU64,
+    /// NODE-NET-6b: connections refused because their source had too many
+    /// handshakes in flight.
+    pub handshakes_refused_source: AtomicU64,
+    /// NODE-NET-6c: handshakes ended to make room for a newer one.
+    pub handshakes_evicted: AtomicU64,
+    /// Authenticated connections refused: all slots or the peer's slots taken.
+    pub connections_refused_slots: AtomicU64,
+    /// Frames refused after a good handshake (bad envelope, wrong sender, stale).
+    pub frames_rejected: AtomicU64,
+    /// Outgoing messages larger than a frame (never sent).
+    pub outbound_too_large: AtomicU64,
+    /// Outgoing messages dropped because the peer's queue was full.
+    pub outbound_queue_full: AtomicU64,
+    /// Batches lost with a peer connection (the protocol retransmits).
+    pub outbound_batches_lost: AtomicU64,
+}
+
+impl NetCounters {
+    /// Prometheus text exposition of the counters.
+    pub fn metrics_text(&self) -> String {
+        use std::fmt::Write as _;
+        let mut s = String::new();
+        let rows: [(&str, &str, &AtomicU64); 8] = [
+            (
+                "blyan_p2p_handshakes_failed_total",
+                "Inbound TLS handshakes that failed or timed out.",
+                &self.handshakes_failed,
+            ),
+            (
+                "blyan_p2p_handshakes_refused_source_total",
+                "Inbound connections refused: too many handshakes from their source (NODE-NET-6b).",
+                &self.handshakes_refused_source,
+            ),
+            (
+                "blyan_p2p_handshakes_evicted_total",
+                "Inbound handshakes evicted for a newer one (NODE-NET-6c).",
+                &self.handshakes_evicted,
+            ),
+            (
+                "blyan_p2p_connections_refused_slots_total",
+                "Authenticated inbound connections refused: no slot left.",
+                &self.connections_refused_slots,
+            ),
+            (
+                "blyan_p2p_frames_rejected_total",
+                "Peer frames refused after the handshake.",
+                &self.frames_rejected,
+            ),
+            (
+                "blyan_p2p_outbound_too_large_total",
+                "Outgoing messages larger than a frame, not sent.",
+                &self.outbound_too_large,
+            ),
+            (
+                "blyan_p2p_outbound_queue_full_total",
+                "Outgoing messages dropped on a full peer queue.",
+                &self.outbound_queue_full,
+            ),
+            (
+                "blyan_p2p_outbound_batches_lost_total",
+                "Outgoing batches lost with a peer connection.",
+                &self.outbound_batches_lost,
+            ),
+        ];
+        for (name, help, v) in rows {
+            let _ = writeln!(
+                s,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
+        s
     }
 }
 
@@ -484,7 +595,7 @@ struct Shared {
     inbound: mpsc::Sender<Inbound>,
     blocked: Arc<RwLock<BTreeSet<PeerId>>>,
     blobs: Option<Arc<BlobStore>>,
-    rejected_frames: AtomicU64,
+    counters: Arc<NetCounters>,
 }
 
 impl Shared {
@@ -541,7 +652,10 @@ async fn deliver(
             Ok(tonic::Response::new(Bytes::new()))
         }
         Err(e) => {
-            shared.rejected_frames.fetch_add(1, Ordering::Relaxed);
+            shared
+                .counters
+                .frames_rejected
+                .fetch_add(1, Ordering::Relaxed);
             warn!(peer = %tls, error = %e, "peer frame refused");
             Err(frame_status(&e))
         }
@@ -855,7 +969,6 @@ pub struct GrpcTransport {
     queues: BTreeMap<PeerId, mpsc::Sender<Outgoing>>,
     connected: Arc<AtomicUsize>,
     blocked: Arc<RwLock<BTreeSet<PeerId>>>,
-    rejected_handshakes: Arc<AtomicU64>,
     shared: Arc<Shared>,
 }
 
@@ -880,7 +993,6 @@ impl GrpcTransport {
             known.insert(p.public_key, id);
         }
         let allowed: BTreeSet<PeerId> = known.values().copied().collect();
-        let rejected_handshakes = Arc::new(AtomicU64::new(0));
         let verifier = Arc::new(PeerCertVerifier::new(
             config.chain_id.clone(),
             allowed.clone(),
@@ -894,7 +1006,7 @@ impl GrpcTransport {
             inbound,
             blocked: blocked.clone(),
             blobs,
-            rejected_frames: AtomicU64::new(0),
+            counters: config.counters.clone(),
         });
         let connected = Arc::new(AtomicUsize::new(0));
         let mut transport = GrpcTransport {
@@ -906,7 +1018,6 @@ impl GrpcTransport {
             queues: BTreeMap::new(),
             connected,
             blocked,
-            rejected_handshakes,
             shared: shared.clone(),
         };
         let peers: Vec<Peer> = transport
@@ -935,10 +1046,15 @@ impl GrpcTransport {
                 per_peer: Arc::new(Mutex::new(BTreeMap::new())),
                 max_per_peer: transport.config.max_connections_per_peer,
                 handshake_timeout_ms: transport.config.handshake_timeout_ms,
+                handshakes: Arc::new(Mutex::new(HandshakeBudget::new(
+                    transport.config.max_pending_handshakes,
+                    transport.config.max_handshakes_per_source,
+                ))),
+                handshake_tasks: Arc::new(Mutex::new(BTreeMap::new())),
             },
             transport.config.chain_id.clone(),
             transport.allowed.clone(),
-            transport.rejected_handshakes.clone(),
+            transport.config.counters.clone(),
             conn_tx,
         ));
         let service = PeerService { shared };
@@ -979,6 +1095,7 @@ impl GrpcTransport {
             blocked: self.blocked.clone(),
             backoff_min_ms: self.config.reconnect_min_ms,
             backoff_max_ms: self.config.reconnect_max_ms,
+            counters: self.config.counters.clone(),
         }
     }
 
@@ -992,12 +1109,15 @@ impl GrpcTransport {
 
     /// TLS handshakes refused so far (unknown, unbound or missing certificates, garbage).
     pub fn rejected_handshakes(&self) -> u64 {
-        self.rejected_handshakes.load(Ordering::Relaxed)
+        self.config
+            .counters
+            .handshakes_failed
+            .load(Ordering::Relaxed)
     }
 
     /// Frames refused so far after a good handshake (bad envelope, wrong sender, stale).
     pub fn rejected_frames(&self) -> u64 {
-        self.shared.rejected_frames.load(Ordering::Relaxed)
+        self.shared.counters.frames_rejected.load(Ordering::Relaxed)
     }
 
     /// Fetches blob `id` from peer `from` into `store`, asking from the first
@@ -1097,12 +1217,12 @@ pub async fn fetch_blob_with(
 
 impl Outbound for GrpcTransport {
     fn send(&self, to: PeerId, message: &WireMessage) {
-        if let Some(f) = Self::encode(message) {
+        if let Some(f) = self.encode(message) {
             self.enqueue(&to, &f);
         }
     }
     fn broadcast(&self, message: &WireMessage) {
-        if let Some(f) = Self::encode(message) {
+        if let Some(f) = self.encode(message) {
             for to in self.queues.keys() {
                 self.enqueue(to, &f);
             }
@@ -1110,6 +1230,9 @@ impl Outbound for GrpcTransport {
     }
     fn connected_peers(&self) -> usize {
         self.connected.load(Ordering::Relaxed)
+    }
+    fn counters(&self) -> Option<Arc<NetCounters>> {
+        Some(self.config.counters.clone())
     }
 }
 
@@ -1121,14 +1244,22 @@ impl GrpcTransport {
         if let Some(q) = self.queues.get(to)
             && q.try_send(message.clone()).is_err()
         {
+            self.config
+                .counters
+                .outbound_queue_full
+                .fetch_add(1, Ordering::Relaxed);
             debug!(peer = %to, "outbound queue full or closed; message dropped");
         }
     }
 
     /// The canonical bytes of `message`, if it fits in a frame alone.
-    fn encode(message: &WireMessage) -> Option<Outgoing> {
+    fn encode(&self, message: &WireMessage) -> Option<Outgoing> {
         let bytes = message.encode();
         if 8 + bytes.len() > MAX_PAYLOAD_BYTES {
+            self.config
+                .counters
+                .outbound_too_large
+                .fetch_add(1, Ordering::Relaxed);
             warn!(
                 bytes = bytes.len(),
                 "outgoing message exceeds the frame limit; dropped"
@@ -1163,6 +1294,7 @@ struct Dialer {
     blocked: Arc<RwLock<BTreeSet<PeerId>>>,
     backoff_min_ms: u64,
     backoff_max_ms: u64,
+    counters: Arc<NetCounters>,
 }
 
 impl Dialer {
@@ -1313,6 +1445,10 @@ async fn write_loop(
             match client.deliver(frame).await {
                 Ok(()) => {}
                 Err(s) if is_connection_failure(&s) => {
+                    dialer
+                        .counters
+                        .outbound_batches_lost
+                        .fetch_add(1, Ordering::Relaxed);
                     info!(%addr, status = %s, messages = batch.len(), "peer connection lost; batch dropped, reconnecting");
                     break false;
                 }
@@ -1326,12 +1462,39 @@ async fn write_loop(
     }
 }
 
-/// Limits on inbound connections (see [`TransportConfig`]).
+/// Limits on inbound connections (see [`TransportConfig`] and
+/// [`crate::inbound`]).
 struct AcceptLimits {
+    /// Established (authenticated) connections, taken after the handshake.
     connections: Arc<Semaphore>,
     per_peer: Arc<Mutex<BTreeMap<PeerId, usize>>>,
     max_per_peer: usize,
     handshake_timeout_ms: u64,
+    /// NODE-NET-6: the unauthenticated connections' own budget.
+    handshakes: Arc<Mutex<HandshakeBudget>>,
+    /// Ticket → the task running that handshake (to evict it).
+    handshake_tasks: Arc<Mutex<BTreeMap<u64, tokio::task::AbortHandle>>>,
+}
+
+/// Ends a handshake's ticket however its task ends (done, failed, timed
+/// out, or aborted by an eviction).
+struct HandshakeTicket {
+    ticket: u64,
+    handshakes: Arc<Mutex<HandshakeBudget>>,
+    tasks: Arc<Mutex<BTreeMap<u64, tokio::task::AbortHandle>>>,
+}
+
+impl Drop for HandshakeTicket {
+    fn drop(&mut self) {
+        self.handshakes
+            .lock()
+            .expect("handshake budget lock")
+            .finish(self.ticket);
+        self.tasks
+            .lock()
+            .expect("handshake tasks lock")
+            .remove(&self.ticket);
+    }
 }
 
 async fn accept_loop(
@@ -1340,7 +1503,7 @@ async fn accept_loop(
     limits: AcceptLimits,
     chain_id: String,
     allowed: BTreeSet<PeerId>,
-    rejected: Arc<AtomicU64>,
+    counters: Arc<NetCounters>,
     out: mpsc::Sender<Result<PeerStream, std::io::Error>>,
 ) {
     let allowed = Arc::new(allowed);
@@ -1353,45 +1516,97 @@ async fn accept_loop(
                 continue;
             }
         };
-        let Ok(permit) = limits.connections.clone().try_acquire_owned() else {
-            warn!(%remote, "too many inbound connections; refused");
-            continue;
+        // NODE-NET-6: admit the unauthenticated connection into the
+        // handshake budget (the accept loop never waits on a slot).
+        let admission = limits
+            .handshakes
+            .lock()
+            .expect("handshake budget lock")
+            .admit(remote.ip());
+        let (ticket, evict) = match admission {
+            Admission::Admit { ticket, evict } => (ticket, evict),
+            Admission::RefuseSource => {
+                counters
+                    .handshakes_refused_source
+                    .fetch_add(1, Ordering::Relaxed);
+                debug!(%remote, "too many handshakes from this source; refused");
+                continue;
+            }
         };
+        if let Some(old) = evict {
+            counters.handshakes_evicted.fetch_add(1, Ordering::Relaxed);
+            if let Some(task) = limits
+                .handshake_tasks
+                .lock()
+                .expect("handshake tasks lock")
+                .remove(&old)
+            {
+                task.abort();
+            }
+            debug!(%remote, "handshake budget full; the oldest handshake evicted");
+        }
         let _ = stream.set_nodelay(true);
-        let (acceptor, chain_id, allowed, rejected, out) = (
+        let guard = HandshakeTicket {
+            ticket,
+            handshakes: limits.handshakes.clone(),
+            tasks: limits.handshake_tasks.clone(),
+        };
+        let (acceptor, chain_id, allowed, counters, out) = (
             acceptor.clone(),
             chain_id.clone(),
             allowed.clone(),
-            rejected.clone(),
+            counters.clone(),
             out.clone(),
         );
-        let (per_peer, max_per_peer) = (limits.per_peer.clone(), limits.max_per_peer);
+        let (connections, per_peer, max_per_peer) = (
+            limits.connections.clone(),
+            limits.per_peer.clone(),
+            limits.max_per_peer,
+        );
         let timeout = Duration::from_millis(limits.handshake_timeout_ms);
-        tokio::spawn(async move {
+        // The task map's lock is held across the spawn, so the task's own
+        // removal (its guard) cannot run before the insertion.
+        let mut tasks = limits.handshake_tasks.lock().expect("handshake tasks lock");
+        let task = tokio::spawn(async move {
+            // Moved in whole, so an abort before the first poll still ends
+            // the ticket.
+            let guard = guard;
             let tls = match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
-                    rejected.fetch_add(1, Ordering::Relaxed);
+                    counters.handshakes_failed.fetch_add(1, Ordering::Relaxed);
                     warn!(%remote, error = %e, "TLS handshake refused");
                     return;
                 }
                 Err(_) => {
-                    rejected.fetch_add(1, Ordering::Relaxed);
-                    warn!(%remote, "TLS handshake timed out; connection dropped");
+                    counters.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+                    debug!(%remote, "TLS handshake timed out; connection dropped");
                     return;
                 }
             };
+            // Authenticated or not, the handshake is over: its budget is free.
+            drop(guard);
             let peer = match peer_identity(tls.get_ref().1.peer_certificates(), &chain_id, &allowed)
             {
                 Ok(p) => p,
                 Err(e) => {
-                    rejected.fetch_add(1, Ordering::Relaxed);
+                    counters.handshakes_failed.fetch_add(1, Ordering::Relaxed);
                     warn!(%remote, error = %e, "TLS peer refused after the handshake");
                     return;
                 }
             };
             let Some(slot) = PeerSlot::take(&per_peer, peer, max_per_peer) else {
+                counters
+                    .connections_refused_slots
+                    .fetch_add(1, Ordering::Relaxed);
                 warn!(%remote, %peer, max_per_peer, "peer holds too many connections; refused");
+                return;
+            };
+            let Ok(permit) = connections.try_acquire_owned() else {
+                counters
+                    .connections_refused_slots
+                    .fetch_add(1, Ordering::Relaxed);
+                warn!(%remote, %peer, "too many established inbound connections; refused");
                 return;
             };
             debug!(%remote, %peer, "inbound peer connection authenticated");
@@ -1403,6 +1618,8 @@ async fn accept_loop(
             };
             let _ = out.send(Ok(stream)).await;
         });
+        tasks.insert(ticket, task.abort_handle());
+        drop(tasks);
     }
 }
 

@@ -165,6 +165,85 @@ fn an_unknown_schema_is_refused() {
 #[test]
 fn a_corrupt_block_state_or_record_is_detected() {
     let corrupt = |keyspace: &str, key: &[u8], value: &[u8]| {
+        corrupt_with(keyspace, key, value, ChainStore::open)
+    };
+    // NODE-STORE-6: the fast open checks the last block and the whole state.
+    assert!(corrupt("blocks", &3u64.to_be_bytes(), b"garbage").contains("block 3"));
+    assert!(corrupt("state", b"\x01stray", b"x").contains("stored state"));
+    let mut key = 4u64.to_be_bytes().to_vec();
+    key.extend_from_slice(&0u64.to_be_bytes());
+    assert!(corrupt("records", &key, b"garbage").contains("record"));
+    assert!(corrupt("records", b"short", b"x").contains("record key"));
+    // An older block is found when read, and by the replaying open.
+    assert!(
+        corrupt_with(
+            "blocks",
+            &2u64.to_be_bytes(),
+            b"garbage",
+            ChainStore::open_replaying
+        )
+        .contains("block 2")
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (genesis, _, _) = build(dir.path(), 3);
+    overwrite(dir.path(), "blocks", &2u64.to_be_bytes(), b"garbage");
+    let (store, _) = ChainStore::open(dir.path(), &genesis).unwrap();
+    match store.block(2) {
+        Err(Error::Corrupt(m)) => assert!(m.contains("block 2"), "{m}"),
+        other => panic!("a rotten block 2 was read as {other:?}"),
+    }
+}
+
+/// NODE-STORE-6: a state value changed on disk to another well-formed value
+/// (one base unit more) is refused: the root no longer matches the
+/// certified header, whether opened fast or by replay.
+#[test]
+fn a_well_formed_but_changed_state_value_is_refused() {
+    use blyan_state_machine::encoding::Canonical;
+    let dir = tempfile::tempdir().unwrap();
+    let (genesis, accounts) = genesis();
+    let (_, _, _) = build(dir.path(), 3);
+    let (store, ledger) = ChainStore::open(dir.path(), &genesis).unwrap();
+    drop(store);
+    let who = address(&accounts[1]);
+    let mut a = ledger.account(&who);
+    a.balance += 1;
+    let mut key = vec![0x01];
+    key.extend_from_slice(&who.0);
+    overwrite(dir.path(), "state", &key, &a.encode());
+    match ChainStore::open(dir.path(), &genesis) {
+        Err(Error::Corrupt(m)) => assert!(m.contains("certified by block 3"), "{m}"),
+        other => panic!("expected Corrupt, got {:?}", other.err()),
+    }
+    match ChainStore::open_replaying(dir.path(), &genesis) {
+        Err(Error::Corrupt(m)) => assert!(m.contains("stored state"), "{m}"),
+        other => panic!("expected Corrupt, got {:?}", other.err()),
+    }
+}
+
+/// Writes `key → value` into `keyspace` of the store at `dir`, behind its back.
+fn overwrite(dir: &std::path::Path, keyspace: &str, key: &[u8], value: &[u8]) {
+    let db = fjall::Database::builder(dir).open().unwrap();
+    let ks = db
+        .keyspace(keyspace, fjall::KeyspaceCreateOptions::default)
+        .unwrap();
+    ks.insert(key, value.to_vec()).unwrap();
+    db.persist(fjall::PersistMode::SyncAll).unwrap();
+}
+
+/// The message of the `Corrupt` error that opening (with `open`) a 3-block
+/// store with `key → value` written into `keyspace` gives, or that reading the
+/// next height's records then gives.
+fn corrupt_with(
+    keyspace: &str,
+    key: &[u8],
+    value: &[u8],
+    open: fn(
+        &std::path::Path,
+        &Genesis,
+    ) -> Result<(ChainStore, blyan_state_machine::ledger::Ledger), Error>,
+) -> String {
+    {
         let dir = tempfile::tempdir().unwrap();
         let (genesis, _, _) = build(dir.path(), 3);
         {
@@ -175,7 +254,7 @@ fn a_corrupt_block_state_or_record_is_detected() {
             ks.insert(key, value.to_vec()).unwrap();
             db.persist(fjall::PersistMode::SyncAll).unwrap();
         }
-        match ChainStore::open(dir.path(), &genesis) {
+        match open(dir.path(), &genesis) {
             Err(Error::Corrupt(m)) => m,
             Ok((store, _)) => match store.records(4) {
                 Err(Error::Corrupt(m)) => m,
@@ -183,13 +262,7 @@ fn a_corrupt_block_state_or_record_is_detected() {
             },
             Err(e) => panic!("expected Corrupt, got {e}"),
         }
-    };
-    assert!(corrupt("blocks", &2u64.to_be_bytes(), b"garbage").contains("block 2"));
-    assert!(corrupt("state", b"\x01stray", b"x").contains("stored state"));
-    let mut key = 4u64.to_be_bytes().to_vec();
-    key.extend_from_slice(&0u64.to_be_bytes());
-    assert!(corrupt("records", &key, b"garbage").contains("record"));
-    assert!(corrupt("records", b"short", b"x").contains("record key"));
+    }
 }
 
 /// Schema 4 indexes blocks by hash (`GET /block/{hash}`). A schema-3
@@ -228,10 +301,45 @@ fn a_schema_3_directory_is_indexed_on_open_and_a_missing_entry_is_corruption() {
         }
         assert_eq!(reader.height_of(&[7u8; 32]).unwrap(), None);
     }
-    // Now schema 4: an index entry gone is corruption, not a silent miss.
+    // Now schema 4: an index entry gone is corruption, not a silent miss
+    // (the replaying open checks every block's; the fast one the last's).
     downgrade(&all[1..2], None);
-    match ChainStore::open(dir.path(), &genesis) {
+    match ChainStore::open_replaying(dir.path(), &genesis) {
         Err(Error::Corrupt(m)) => assert!(m.contains("block 2"), "{m}"),
         other => panic!("expected Corrupt, got {:?}", other.err()),
     }
+    downgrade(&all[2..3], None);
+    match ChainStore::open(dir.path(), &genesis) {
+        Err(Error::Corrupt(m)) => assert!(m.contains("block 3"), "{m}"),
+        other => panic!("expected Corrupt, got {:?}", other.err()),
+    }
+}
+
+/// NODE-STORE-6 on real certified blocks (the long-chain generator): the
+/// fast open and the replaying open give the same ledger.
+#[test]
+fn the_fast_open_and_the_replaying_open_agree() {
+    use blyan_state_machine::testkit::long_chain;
+    let dir = tempfile::tempdir().unwrap();
+    let net = testnet(
+        4,
+        3,
+        Params {
+            epoch_length_blocks: 5,
+            ..Params::default()
+        },
+    );
+    let (mut store, _) = ChainStore::open(dir.path(), &net.genesis).unwrap();
+    let last = long_chain(&net, 40, 2, |c, outcome, after| {
+        store.commit_block(c, outcome, after).unwrap();
+    })
+    .unwrap();
+    drop(store);
+    let (_, fast) = ChainStore::open(dir.path(), &net.genesis).unwrap();
+    let (_, replayed) = ChainStore::open_replaying(dir.path(), &net.genesis).unwrap();
+    assert_eq!(fast.state_root(), last.state_root());
+    assert_eq!(replayed.state_root(), last.state_root());
+    assert_eq!(fast.entries(), replayed.entries());
+    assert_eq!(fast.last_block_hash(), replayed.last_block_hash());
+    assert_eq!(fast.height(), 40);
 }

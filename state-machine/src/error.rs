@@ -128,4 +128,7 @@ pub enum Error {
     InvalidSigners(String),
     #[error(transparent)]
     Encoding(#[from] EncodingError),
+    /// STATE-4: committed state entries that do not form a ledger.
+    #[error("invalid state entries: {0}")]
+    BadState(String),
 }

@@ -493,6 +493,155 @@ impl Ledger {
         out
     }
 
+    /// STATE-4: the ledger whose committed state is `entries` (as listed by
+    /// [`Ledger::entries`], in any order) on `genesis`'s chain, after the
+    /// block with hash `last_block_hash`. Every value must decode
+    /// canonically under a known key, every key at most once, and re-listing
+    /// the result must give the entries back; the caller checks
+    /// [`Ledger::state_root`] against a certified header (the root commits to
+    /// every entry, so that check detects any other change). Costs
+    /// O(entries), whatever the chain's length: a restart (and a state-sync
+    /// snapshot) loads the state instead of replaying every block.
+    pub fn from_entries(
+        genesis: &Genesis,
+        entries: Vec<(StateKey, Vec<u8>)>,
+        last_block_hash: Hash32,
+    ) -> Result<Ledger, Error> {
+        let bad = |what: &str, k: &StateKey| {
+            Error::BadState(format!(
+                "{what}: ns {:#04x} key {}",
+                k.ns,
+                hex::encode(&k.key)
+            ))
+        };
+        let addr = |k: &StateKey| -> Result<Address, Error> {
+            Ok(Address(
+                k.key
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| bad("not an address key", k))?,
+            ))
+        };
+        let mut ledger = Ledger::from_genesis(genesis)?;
+        ledger.accounts = OrdMap::new();
+        ledger.validators = OrdMap::new();
+        ledger.unbonding = OrdMap::new();
+        ledger.liveness = OrdMap::new();
+        ledger.nodes = OrdMap::new();
+        ledger.settled_receipts = OrdMap::new();
+        ledger.set_history = OrdMap::new();
+        ledger.smt = SparseMerkleTree::new();
+        ledger.touched = Touched::new();
+        ledger.last_block_hash = last_block_hash;
+        let mut pol = Vec::new();
+        let mut rewards = Vec::new();
+        let mut globals = [false; 4];
+        let mut leaves = Vec::with_capacity(entries.len());
+        for (k, v) in &entries {
+            leaves.push((k.path(), Some(crate::crypto::sha3_256(v))));
+        }
+        for (k, v) in entries {
+            let dec = |what: &str| bad(what, &k);
+            match k.ns {
+                ns::ACCOUNT => {
+                    let a = addr(&k)?;
+                    let v = Account::decode(&v).map_err(|_| dec("account"))?;
+                    ledger.accounts.insert(a, v);
+                }
+                ns::VALIDATOR => {
+                    let a = addr(&k)?;
+                    let v = Validator::decode(&v).map_err(|_| dec("validator"))?;
+                    ledger.validators.insert(a, v);
+                }
+                ns::LIVENESS => {
+                    let a = addr(&k)?;
+                    let v = Liveness::decode(&v).map_err(|_| dec("liveness"))?;
+                    ledger.liveness.insert(a, v);
+                }
+                ns::NODE => {
+                    let a = addr(&k)?;
+                    let v = NodeRecord::decode(&v).map_err(|_| dec("node"))?;
+                    ledger.nodes.insert(a, v);
+                }
+                ns::UNBONDING => {
+                    let b = &k.key;
+                    if b.len() != 36 {
+                        return Err(dec("unbonding key"));
+                    }
+                    let key = UnbondingKey {
+                        release_height: u64::from_be_bytes(b[0..8].try_into().expect("8")),
+                        owner: Address(b[8..28].try_into().expect("20")),
+                        seq: u64::from_be_bytes(b[28..36].try_into().expect("8")),
+                    };
+                    let v = UnbondingEntry::decode(&v).map_err(|_| dec("unbonding"))?;
+                    ledger.unbonding.insert(key, v);
+                }
+                ns::RECEIPT => {
+                    if k.key.len() != 52 {
+                        return Err(dec("receipt key"));
+                    }
+                    let client = Address(k.key[0..20].try_into().expect("20"));
+                    let id: Hash32 = k.key[20..52].try_into().expect("32");
+                    let h = Height::decode(&v).map_err(|_| dec("receipt"))?;
+                    ledger.settled_receipts.insert((client, id), h);
+                }
+                ns::GLOBAL => {
+                    let slot = match k.key.as_slice() {
+                        KEY_GLOBALS => {
+                            ledger.globals = Globals::decode(&v).map_err(|_| dec("globals"))?;
+                            0
+                        }
+                        KEY_ACTIVE_SET => {
+                            ledger.active_set =
+                                Vec::<(Address, u64)>::decode(&v).map_err(|_| dec("active set"))?;
+                            1
+                        }
+                        KEY_LAST_ACTIVE_SET => {
+                            ledger.last_active_set = Vec::<(Address, u64)>::decode(&v)
+                                .map_err(|_| dec("last active set"))?;
+                            2
+                        }
+                        KEY_SET_HISTORY => {
+                            let h = Vec::<(Height, Vec<(Address, u64)>)>::decode(&v)
+                                .map_err(|_| dec("set history"))?;
+                            ledger.set_history = h.into_iter().collect();
+                            3
+                        }
+                        _ => return Err(dec("unknown global")),
+                    };
+                    globals[slot] = true;
+                }
+                ns::POL_BLOCK
+                | ns::POL_DELTA_COMMIT
+                | ns::POL_PENDING
+                | ns::POL_HEAD
+                | ns::POL_REGISTRY => pol.push((k, v)),
+                ns::REWARD_CLAIM | ns::REWARD_POOL => rewards.push((k, v)),
+                _ => return Err(dec("unknown namespace")),
+            }
+        }
+        if globals.contains(&false) {
+            return Err(Error::BadState("a chain-wide global is missing".into()));
+        }
+        ledger.pol = PolState::from_entries(&pol, &genesis.params.pol)
+            .map_err(|e| Error::BadState(format!("PoL entries: {e}")))?;
+        ledger.rewards = RewardState::from_entries(&rewards)
+            .map_err(|e| Error::BadState(format!("reward entries: {e}")))?;
+        let count = leaves.len();
+        ledger.smt.apply(leaves);
+        // Every entry was taken exactly once, under its own key: listing the
+        // ledger again gives exactly as many entries (a duplicate key or a
+        // value stored under another's key would not).
+        let listed = ledger.entries();
+        if listed.len() != count {
+            return Err(Error::BadState(format!(
+                "{count} entries make a ledger of {} entries (duplicates?)",
+                listed.len()
+            )));
+        }
+        Ok(ledger)
+    }
+
     /// Canonical bytes of the value under `key`, `None` if absent (STATE-2).
     pub fn value_bytes(&self, key: &StateKey) -> Option<Vec<u8>> {
         let addr = || -> Option<Address> { Some(Address(key.key.as_slice().try_into().ok()?)) };

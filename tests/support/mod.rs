@@ -3,7 +3,10 @@
 #![allow(dead_code)]
 
 use blyan_runtime::client::get_json;
+use blyan_runtime::devnet::DEVNET_PASSWORD;
 use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Liveness bound of every wait in these tests: a hang is a failure, not a
@@ -30,4 +33,107 @@ pub async fn height(url: &str) -> u64 {
     let (s, v) = get_json(url, "/status").await.unwrap();
     assert_eq!(s, 200, "{v}");
     v["height"].as_u64().unwrap()
+}
+
+/// The validator processes; every one still running is killed on drop, so a
+/// failing test leaves none behind.
+pub struct Processes {
+    pub children: Vec<Option<Child>>,
+    pub configs: Vec<PathBuf>,
+    pub logs: PathBuf,
+}
+
+/// The `blyan` binary of this build, beside the test binary's `deps/`.
+/// `cargo test --workspace` builds it (blyan-runtime has tests of its own);
+/// a test run of this package alone needs `cargo build -p blyan-runtime
+/// --bin blyan` first (cargo holds its build lock while tests run, so the
+/// test cannot build it itself).
+pub fn blyan_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().and_then(Path::parent).unwrap().join("blyan");
+    assert!(
+        bin.is_file(),
+        "{} is missing: run `cargo build -p blyan-runtime --bin blyan` (or `cargo test --workspace`)",
+        bin.display()
+    );
+    bin
+}
+
+impl Processes {
+    pub fn new(configs: Vec<PathBuf>, logs: &Path) -> Processes {
+        Processes {
+            children: configs.iter().map(|_| None).collect(),
+            configs,
+            logs: logs.to_path_buf(),
+        }
+    }
+
+    pub fn start(&mut self, i: usize) {
+        assert!(self.children[i].is_none(), "node {i} is already running");
+        let log = |suffix: &str| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.logs.join(format!("node-{i}.{suffix}")))
+                .unwrap()
+        };
+        let child = Command::new(blyan_bin())
+            .args(["node", "--config"])
+            .arg(&self.configs[i])
+            .env("BLYAN_KEY_PASSWORD", DEVNET_PASSWORD)
+            .env("BLYAN_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(log("out"))
+            .stderr(log("err"))
+            .spawn()
+            .unwrap();
+        self.children[i] = Some(child);
+    }
+
+    /// SIGKILL (`Child::kill` on Unix), then reap.
+    pub fn kill(&mut self, i: usize) {
+        let mut child = self.children[i].take().expect("node is running");
+        child.kill().unwrap();
+        let status = child.wait().unwrap();
+        assert!(!status.success(), "node {i} exited cleanly: {status}");
+    }
+
+    /// Panics (with the node's log) if a node that should run has exited.
+    pub fn assert_running(&mut self) {
+        for (i, c) in self.children.iter_mut().enumerate() {
+            if let Some(c) = c
+                && let Some(status) = c.try_wait().unwrap()
+            {
+                let err = std::fs::read_to_string(self.logs.join(format!("node-{i}.err")))
+                    .unwrap_or_default();
+                panic!("node {i} exited ({status}); its log:\n{err}");
+            }
+        }
+    }
+}
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        for c in self.children.iter_mut().flatten() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Free loopback addresses for `n` nodes: `(p2p, http)`. A port is bound,
+/// read and released; another process could take it in between, which would
+/// make a node fail to start (reported with its log), never pass wrongly.
+pub fn free_addrs(n: usize) -> Vec<(String, String)> {
+    let listeners: Vec<std::net::TcpListener> = (0..2 * n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let addrs: Vec<String> = listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().to_string())
+        .collect();
+    addrs
+        .chunks(2)
+        .map(|c| (c[0].clone(), c[1].clone()))
+        .collect()
 }

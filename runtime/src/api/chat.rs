@@ -14,6 +14,14 @@
 //!   (TX-8) once routing across nodes lands.
 //! - **API-CHAT-3** A full engine queue is `503`/4001 at once; a request
 //!   not finished within the inference timeout is `504`/4001.
+//! - **API-CHAT-4** A client never holds the engine: a stream whose reader
+//!   stops reading, a client that disconnects (streamed or not) and a
+//!   passed deadline cancel the job at its next token
+//!   ([`crate::inference`]). The stream task below stops as soon as the
+//!   SSE body is dropped, which drops the job's piece receiver and reply.
+//! - **API-CHAT-5** A panic in the engine answers that request `500`/4001
+//!   `inference_failed`; the engine is rebuilt and later requests are served
+//!   ([`crate::inference`]).
 
 use super::{ApiError, ApiResult, ApiState, code, hex0x, parse_json, snapshot};
 use crate::Error;
@@ -353,18 +361,30 @@ pub async fn completions(
             })
         }
     };
+    // API-CHAT-4: every send fails once the client is gone (axum dropped the
+    // SSE body and with it `events_rx`); the task then returns, dropping the
+    // piece receiver and the pending reply, which cancels the job at its
+    // next token. While the client does not read, `events_tx.send` waits
+    // here (never in the engine), the piece channel fills and the engine
+    // cancels the job.
     tokio::spawn(async move {
         let first = chunk(json!({ "role": "assistant", "content": "" }), None);
-        let _ = events_tx
+        if events_tx
             .send(Event::default().data(first.to_string()))
-            .await;
+            .await
+            .is_err()
+        {
+            return;
+        }
         let generation = engine.generate(req, Some(pieces_tx));
         tokio::pin!(generation);
         let result = loop {
             tokio::select! {
                 Some(piece) = pieces_rx.recv() => {
                     let c = chunk(json!({ "content": piece }), None);
-                    let _ = events_tx.send(Event::default().data(c.to_string())).await;
+                    if events_tx.send(Event::default().data(c.to_string())).await.is_err() {
+                        return;
+                    }
                 }
                 r = &mut generation => break r,
             }
@@ -372,7 +392,13 @@ pub async fn completions(
         // Pieces sent just before the result.
         while let Ok(piece) = pieces_rx.try_recv() {
             let c = chunk(json!({ "content": piece }), None);
-            let _ = events_tx.send(Event::default().data(c.to_string())).await;
+            if events_tx
+                .send(Event::default().data(c.to_string()))
+                .await
+                .is_err()
+            {
+                return;
+            }
         }
         match result {
             Ok(r) => {

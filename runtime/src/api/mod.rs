@@ -9,7 +9,7 @@
 //! | `GET /block/latest`, `GET /block/{id}` (a height or a block hash) | the committed block: header fields, tx ids, certificate |
 //! | `GET /tx/{id}` | `{id, height, index, gas_used, fee_paid, success, failure}` once committed, else 404 |
 //! | `GET /params` | the chain parameters |
-//! | `GET /health` | `200 {"status": "ok"}`, or `503` once the node halted |
+//! | `GET /health` | `200 {"status": "ok", "height", "inference"}`, or `503` once the node halted or while the inference engine is down (API-CHAT-5) |
 //! | `GET /status` | height, round, peers, mempool size, next base fee |
 //! | `GET /metrics` | Prometheus text format |
 //! | `POST /chat`, `POST /v1/chat/completions` | generation by the local engine ([`chat`]) |
@@ -140,14 +140,17 @@ pub fn mempool_error(e: &MempoolError) -> ApiError {
         ReplacementUnderpriced { .. } => "replacement_underpriced",
         SenderFull(_) => "sender_full",
         Full => "mempool_full",
+        NonceGap { .. } => "nonce_gap",
     };
     let status = match e {
         Duplicate(_) => StatusCode::CONFLICT,
-        Full => StatusCode::SERVICE_UNAVAILABLE,
+        // NODE-MP-7: backpressure; the client may retry (NonceGap: with
+        // the nonce the message names first).
+        Full | NonceGap { .. } => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::UNPROCESSABLE_ENTITY,
     };
     let code = match e {
-        Full => code::NODE_OFFLINE,
+        Full | NonceGap { .. } => code::NODE_OFFLINE,
         _ => code::VALIDATION_FAILED,
     };
     ApiError::new(status, code, reason, e.to_string())
@@ -450,9 +453,11 @@ pub(crate) async fn submit_tx(
     Ok(axum::Json(json!({ "id": hex0x(&id) })).into_response())
 }
 
-/// A committed transaction's receipt.
+/// A committed transaction's receipt (`status: committed`); `410` with
+/// `status: dropped` and the reason if this node dropped it from its pool
+/// unincluded (NODE-MP-8); `404` otherwise (unknown, or still pending).
 #[utoipa::path(get, path = "/tx/{id}", params(("id" = String, Path, description = "0x-hex transaction id")),
-    responses((status = 200, body = Object), (status = 404, body = openapi::ErrorBody), (status = 400, body = openapi::ErrorBody), (status = 429, body = openapi::ErrorBody)))]
+    responses((status = 200, body = Object), (status = 410, body = Object), (status = 404, body = openapi::ErrorBody), (status = 400, body = openapi::ErrorBody), (status = 429, body = openapi::ErrorBody)))]
 pub(crate) async fn get_tx(State(node): State<NodeHandle>, Path(id): Path<String>) -> ApiResult {
     let id = parse_hash(&id)?;
     let loc = node
@@ -460,6 +465,26 @@ pub(crate) async fn get_tx(State(node): State<NodeHandle>, Path(id): Path<String
         .tx(&id)
         .map_err(|e| ApiError::offline(e.to_string()))?;
     let Some(loc) = loc else {
+        // NODE-MP-8: dropped from this node's pool unincluded.
+        if let Some(reason) = node
+            .dropped
+            .lock()
+            .expect("dropped lock")
+            .reason(&id)
+            .map(str::to_string)
+        {
+            return Ok((
+                StatusCode::GONE,
+                axum::Json(json!({
+                    "id": hex0x(&id),
+                    "status": "dropped",
+                    "code": code::VALIDATION_FAILED,
+                    "reason": "tx_dropped",
+                    "message": reason,
+                })),
+            )
+                .into_response());
+        }
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             code::VALIDATION_FAILED,
@@ -470,6 +495,7 @@ pub(crate) async fn get_tx(State(node): State<NodeHandle>, Path(id): Path<String
     let r = &loc.receipt;
     Ok(axum::Json(json!({
         "id": hex0x(&id),
+        "status": "committed",
         "height": loc.height,
         "index": loc.index,
         "sender": r.sender,
@@ -605,13 +631,37 @@ fn halted(node: &NodeHandle, snap: &Snapshot) -> Option<String> {
     snap.halted.clone()
 }
 
-/// Liveness: 200 while the node runs, 503 once it halted.
+/// The inference engine's state for `/health` (API-CHAT-5): `disabled`
+/// when this node serves no inference, else `ok`, `rebuilding` or `failed`.
+fn inference_state(state: &ApiState) -> &'static str {
+    state
+        .inference
+        .as_ref()
+        .map_or("disabled", |e| e.stats.state().as_str())
+}
+
+/// Liveness: 200 `{"status": "ok", "height", "inference"}` while the node
+/// runs and its inference engine (if any) can serve; 503 once the node
+/// halted, or while the engine is `rebuilding` or `failed` after a panic
+/// (API-CHAT-5).
 #[utoipa::path(get, path = "/health", responses((status = 200, body = Object), (status = 503, body = openapi::ErrorBody)))]
-pub(crate) async fn get_health(State(node): State<NodeHandle>) -> ApiResult {
-    let snap = snapshot(&node);
-    match halted(&node, &snap) {
-        None => Ok(axum::Json(json!({ "status": "ok", "height": snap.height() })).into_response()),
-        Some(why) => Err(ApiError::offline(format!("node halted: {why}"))),
+pub(crate) async fn get_health(State(state): State<ApiState>) -> ApiResult {
+    let node = &state.node;
+    let snap = snapshot(node);
+    if let Some(why) = halted(node, &snap) {
+        return Err(ApiError::offline(format!("node halted: {why}")));
+    }
+    match inference_state(&state) {
+        s @ ("ok" | "disabled") => Ok(axum::Json(
+            json!({ "status": "ok", "height": snap.height(), "inference": s }),
+        )
+        .into_response()),
+        s => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            code::NODE_OFFLINE,
+            "inference_unavailable",
+            format!("the inference engine is {s} after a panic (see /metrics blyan_inference_*)"),
+        )),
     }
 }
 
@@ -720,12 +770,76 @@ pub fn api_metrics_text(m: &ApiMetrics) -> String {
     s
 }
 
+/// The inference engine's counters (API-CHAT-4/5), appended to [`metrics_text`].
+pub fn inference_metrics_text(stats: &crate::inference::EngineStats) -> String {
+    let c = stats.counters();
+    let mut s = String::new();
+    let mut one = |name: &str, help: &str, kind: &str, v: u64| {
+        let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+    };
+    one(
+        "blyan_inference_panics_total",
+        "Inference jobs that panicked (each answered 500; the engine is rebuilt).",
+        "counter",
+        c.panics,
+    );
+    one(
+        "blyan_inference_engine_rebuilds_total",
+        "Inference engines rebuilt after a panic.",
+        "counter",
+        c.rebuilds,
+    );
+    one(
+        "blyan_inference_engine_rebuild_failures_total",
+        "Inference engine rebuilds that failed.",
+        "counter",
+        c.rebuild_failures,
+    );
+    one(
+        "blyan_inference_engine_up",
+        "1 while the inference engine can serve, 0 while it rebuilds or after a failed rebuild.",
+        "gauge",
+        (stats.state() == crate::inference::EngineState::Ok) as u64,
+    );
+    one(
+        "blyan_inference_expired_in_queue_total",
+        "Inference jobs dropped unrun after waiting past the inference timeout.",
+        "counter",
+        c.expired_in_queue,
+    );
+    let name = "blyan_inference_cancelled_total";
+    let _ = writeln!(
+        s,
+        "# HELP {name} Inference jobs cancelled at a token: the reader stalled, the client went away, or the deadline passed.\n# TYPE {name} counter"
+    );
+    for (reason, v) in [
+        ("stalled", c.cancelled_stalled),
+        ("disconnected", c.cancelled_disconnected),
+        ("deadline", c.cancelled_deadline),
+    ] {
+        let _ = writeln!(s, "{name}{{reason=\"{reason}\"}} {v}");
+    }
+    s
+}
+
 /// Prometheus text exposition.
 #[utoipa::path(get, path = "/metrics", responses((status = 200, content_type = "text/plain", body = String)))]
-pub(crate) async fn get_metrics(State(state): State<ApiState>) -> Response {
+pub(crate) async fn get_metrics(
+    State(state): State<ApiState>,
+    http: Option<axum::Extension<Arc<crate::http_server::HttpStats>>>,
+) -> Response {
     let snap = snapshot(&state.node);
     let halted = halted(&state.node, &snap).is_some();
     let mut text = metrics_text(&snap, halted);
     text.push_str(&api_metrics_text(&state.metrics));
+    if let Some(engine) = &state.inference {
+        text.push_str(&inference_metrics_text(&engine.stats));
+    }
+    if let Some(axum::Extension(http)) = http {
+        text.push_str(&http.metrics_text());
+    }
+    if let Some(net) = &state.node.net {
+        text.push_str(&net.metrics_text());
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }

@@ -10,6 +10,8 @@
 //! blyan bench [--block-interval-ms 2000] [--rate 1000[,2000…]] [--duration 30] [--warmup 5]
 //!             [--accounts 4000] [--connections 8] [--generator-threads 1] [--drain 60] [--dir DIR]
 //!             [--timeout-propose-ms MS]
+//! blyan bench-open --dir DIR [--blocks 100000] [--txs-per-block 1] [--runs 3] [--skip-replay]
+//! blyan store verify --config FILE
 //! ```
 //! Log level: `BLYAN_LOG` (error, warn, info (default), debug, trace).
 
@@ -74,6 +76,31 @@ enum Command {
         #[arg(long, default_value = "http://127.0.0.1:7101")]
         node: String,
     },
+    /// Store open time on a generated chain of certified blocks: the
+    /// verified-state load against a replay from genesis (NODE-STORE-6).
+    BenchOpen {
+        /// A fresh directory for the generated store (kept).
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 100_000)]
+        blocks: u64,
+        #[arg(long, default_value_t = 1)]
+        txs_per_block: usize,
+        /// Funded test accounts the transfers go round.
+        #[arg(long, default_value_t = 64)]
+        accounts: usize,
+        /// Opens timed per mode.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Time only the verified-state open.
+        #[arg(long)]
+        skip_replay: bool,
+    },
+    /// Store maintenance.
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
     /// Load benchmark: pre-signed transfers over `POST /tx` to a fresh
     /// in-process 4-validator devnet per offered rate (see runtime/BENCH.md).
     Bench {
@@ -106,6 +133,18 @@ enum Command {
         /// Consensus timeout_propose in ms (default: the driver's, 1000); for experiments.
         #[arg(long)]
         timeout_propose_ms: Option<u64>,
+    },
+}
+
+#[derive(Subcommand)]
+enum StoreCommand {
+    /// Replay every stored block from genesis and check every block, index
+    /// entry and the stored state byte for byte (NODE-STORE-6; the node's own
+    /// open checks the state against the last certified root only).
+    Verify {
+        /// The node's configuration (genesis and data directory are read from it).
+        #[arg(long)]
+        config: PathBuf,
     },
 }
 
@@ -348,6 +387,49 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 }
             }
             node.stop(5_000).await;
+        }
+        Command::BenchOpen {
+            dir,
+            blocks,
+            txs_per_block,
+            accounts,
+            runs,
+            skip_replay,
+        } => {
+            init_logging_or(tracing::Level::WARN);
+            println!(
+                "generating {blocks} certified blocks of {txs_per_block} transfer(s) into {} ...",
+                dir.display()
+            );
+            let report = blyan_runtime::bench_open::run(
+                &dir,
+                blocks,
+                txs_per_block,
+                accounts,
+                runs,
+                skip_replay,
+            )?;
+            print!("{}", blyan_runtime::bench_open::table(&report));
+        }
+        Command::Store {
+            command: StoreCommand::Verify { config },
+        } => {
+            init_logging_or(tracing::Level::WARN);
+            let c = FileConfig::load(&config)?;
+            let text = std::fs::read_to_string(&c.genesis_file)
+                .map_err(|e| Error::io(c.genesis_file.display(), e))?;
+            let genesis = blyan_state_machine::genesis::Genesis::from_json(&text)
+                .map_err(|e| Error::Genesis(e.to_string()))?;
+            let started = std::time::Instant::now();
+            let (store, ledger) =
+                blyan_runtime::store::ChainStore::open_replaying(&c.data_dir, &genesis)?;
+            println!(
+                "store {} verified: {} blocks replayed, state root 0x{} ({:.1} s)",
+                c.data_dir.display(),
+                store.height()?,
+                hex::encode(ledger.state_root()),
+                started.elapsed().as_secs_f64()
+            );
         }
         Command::Keys { command } => match command {
             KeysCommand::New { out, password: p } => {

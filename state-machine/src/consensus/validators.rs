@@ -80,6 +80,21 @@ impl ValidatorSet {
         })
     }
 
+    /// A set with the given proposer priorities: `(address, public key,
+    /// power, priority)` in ascending address order, checked as
+    /// [`ValidatorSet::new`] checks (a persisted set read back).
+    pub fn with_priorities(
+        members: Vec<(Address, PublicKey, u64, i64)>,
+    ) -> Result<ValidatorSet, ValidatorSetError> {
+        let priorities: Vec<i64> = members.iter().map(|m| m.3).collect();
+        let mut set =
+            ValidatorSet::new(members.into_iter().map(|(a, k, p, _)| (a, k, p)).collect())?;
+        for (v, p) in set.validators.iter_mut().zip(priorities) {
+            v.proposer_priority = p;
+        }
+        Ok(set)
+    }
+
     pub fn validators(&self) -> &[Validator] {
         &self.validators
     }

@@ -19,6 +19,7 @@ use crate::consensus::{
     CommitCertificate, Config, Consensus, DuplicateVote, Input, K256Scheme, Message, Output,
     Record, SignatureScheme, ValidatorSet, ValueId,
 };
+use crate::encoding::Canonical;
 use crate::error::Error;
 use crate::genesis::Genesis;
 use crate::ledger::{Ledger, Proposal as BlockProposal};
@@ -43,6 +44,11 @@ pub struct NodeConfig {
     pub max_pending_evidence: usize,
     /// NODE-SYNC-3: blocks per sync response.
     pub sync_batch_blocks: u64,
+    /// NODE-SYNC-5: canonical bytes of blocks per sync response (at least
+    /// one block is sent whatever its size). The host's message limit must
+    /// hold this much plus the message's own overhead; a block is at most
+    /// `max_block_bytes` of transactions plus its header and certificate.
+    pub sync_batch_bytes: u64,
     /// NODE-SYNC-2: a block request is repeated at most this often.
     pub sync_retry_ms: u64,
     /// NODE-PROP-2: a proposed block's time may be at most this far ahead of
@@ -69,12 +75,88 @@ impl Default for NodeConfig {
             max_candidate_blocks: 16,
             max_pending_evidence: 64,
             sync_batch_blocks: 32,
+            sync_batch_bytes: 3 * 1024 * 1024,
             sync_retry_ms: 1_000,
             max_clock_drift_ms: 5_000,
             rebroadcast_interval_ms: 1_000,
             max_tracked_peers: 1_024,
             timeout_propose_per_tx_us: 0,
         }
+    }
+}
+
+/// NODE-STORE-6: the consensus validator sets a node holds besides its
+/// ledger: the set of the height in progress (`set`) and of the last
+/// committed height (`prev_set`, which checks the parent's certificate),
+/// with their CometBFT proposer priorities. Priorities depend on every height
+/// since genesis (CONS-PROP-*), so a host that restarts without replaying
+/// the chain persists these with each block ([`ConsensusSets::advance`] is
+/// the one rule both the driver and such a host follow).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConsensusSets {
+    pub set: ValidatorSet,
+    pub prev_set: ValidatorSet,
+}
+
+/// The persisted form of [`ConsensusSets`]: `(address, public key, power,
+/// priority)` per member, ascending by address.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+struct StoredSets {
+    set: Vec<(Address, crate::tx::PublicKey, u64, i64)>,
+    prev_set: Vec<(Address, crate::tx::PublicKey, u64, i64)>,
+}
+
+impl ConsensusSets {
+    /// The sets before the first block.
+    pub fn genesis(ledger: &Ledger) -> Result<ConsensusSets, Error> {
+        assert_eq!(ledger.height(), 0, "genesis sets from the genesis ledger");
+        let set = validator_set(ledger, None)?;
+        Ok(ConsensusSets {
+            prev_set: set.clone(),
+            set,
+        })
+    }
+
+    /// The sets after a block that produced `next` with `outcome`.
+    pub fn advance(&self, next: &Ledger, outcome: &BlockOutcome) -> Result<ConsensusSets, Error> {
+        let set = match &outcome.validator_set_update {
+            None => self.set.next_height(),
+            Some(_) => {
+                let fresh = validator_set(next, None)?;
+                fresh.carry_priorities_from(&self.set).next_height()
+            }
+        };
+        Ok(ConsensusSets {
+            prev_set: self.set.clone(),
+            set,
+        })
+    }
+
+    /// Canonical bytes (ENC-2) for a store.
+    pub fn encode(&self) -> Vec<u8> {
+        let members = |s: &ValidatorSet| {
+            s.validators()
+                .iter()
+                .map(|v| (v.address, v.public_key, v.voting_power, v.proposer_priority))
+                .collect()
+        };
+        StoredSets {
+            set: members(&self.set),
+            prev_set: members(&self.prev_set),
+        }
+        .encode()
+    }
+
+    /// Decodes and checks untrusted bytes (ENC-4, CONS-VAL-1).
+    pub fn decode(bytes: &[u8]) -> Result<ConsensusSets, Error> {
+        let s = StoredSets::decode(bytes)?;
+        let set = |m| {
+            ValidatorSet::with_priorities(m).map_err(|e| Error::InvalidValidatorSet(e.to_string()))
+        };
+        Ok(ConsensusSets {
+            set: set(s.set)?,
+            prev_set: set(s.prev_set)?,
+        })
     }
 }
 
@@ -151,6 +233,65 @@ impl Node {
             sync_requested_ms: None,
             helped_ms: BTreeMap::new(),
         })
+    }
+
+    /// NODE-STORE-6: the node after `last`, from state loaded without
+    /// replaying the chain: `ledger` is the state after `last` (checked
+    /// against its certified state root by the caller) and `sets` the
+    /// consensus sets persisted with it. Gives the node that replaying every
+    /// block from genesis gives. Refuses a ledger that is not after `last`,
+    /// or sets whose members are not the ledger's active and last active sets.
+    pub fn resume(
+        config: NodeConfig,
+        key: SigningKey,
+        genesis: &Genesis,
+        ledger: Ledger,
+        last: CommittedBlock,
+        sets: ConsensusSets,
+    ) -> Result<Node, Error> {
+        let mut node = Node::from_genesis(config, key, genesis)?;
+        let header = &last.block.header;
+        if ledger.height() != header.height
+            || ledger.last_block_hash() != last.block.hash()
+            || ledger.state_root() != header.state_root
+            || last.certificate.value != last.block.hash()
+        {
+            return Err(Error::BadState(format!(
+                "the state is not the one after block {} (height {}, root {})",
+                header.height,
+                ledger.height(),
+                hex::encode(ledger.state_root())
+            )));
+        }
+        let members = |s: &ValidatorSet| -> Vec<(Address, u64)> {
+            s.validators()
+                .iter()
+                .map(|v| (v.address, v.voting_power))
+                .collect()
+        };
+        if members(&sets.set) != ledger.active_set() {
+            return Err(Error::InvalidValidatorSet(
+                "the persisted set is not the ledger's active set".into(),
+            ));
+        }
+        if members(&sets.prev_set) != ledger.last_active_set() {
+            return Err(Error::InvalidValidatorSet(
+                "the persisted previous set is not the ledger's last active set".into(),
+            ));
+        }
+        node.ledger = ledger;
+        node.set = sets.set;
+        node.prev_set = sets.prev_set;
+        node.last_cert = Some(last.certificate);
+        Ok(node)
+    }
+
+    /// NODE-STORE-6: the sets to persist with the last committed block.
+    pub fn consensus_sets(&self) -> ConsensusSets {
+        ConsensusSets {
+            set: self.set.clone(),
+            prev_set: self.prev_set.clone(),
+        }
     }
 
     pub fn address(&self) -> Address {
@@ -280,9 +421,17 @@ impl Node {
                     out.push(NodeOutput::Broadcast(WireMessage::Tx(Box::new(tx))));
                 }
                 out.push(NodeOutput::TxResult { id, result });
+                self.report_dropped(&mut out);
             }
         }
         out
+    }
+
+    /// NODE-MP-8: what left the pool unincluded, as outputs.
+    fn report_dropped(&mut self, out: &mut Vec<NodeOutput>) {
+        for (id, reason) in self.mempool.take_dropped() {
+            out.push(NodeOutput::TxDropped { id, reason });
+        }
     }
 
     fn on_timer(&mut self, now_ms: u64, timer: Timer, out: &mut Vec<NodeOutput>) {
@@ -391,6 +540,7 @@ impl Node {
                 if self.mempool.insert((*tx).clone(), &self.ledger).is_ok() && relay {
                     out.push(NodeOutput::Broadcast(WireMessage::Tx(tx)));
                 }
+                self.report_dropped(out);
             }
             WireMessage::BlockRequest { from_height } => {
                 let last = self.ledger.height();
@@ -400,6 +550,7 @@ impl Node {
                         to: from,
                         from_height,
                         to_height,
+                        max_bytes: self.config.sync_batch_bytes,
                     });
                 }
             }
@@ -691,18 +842,17 @@ impl Node {
     ) -> Result<(), Error> {
         assert_eq!(committed.block.header.height, self.height());
         assert_eq!(committed.certificate.value, committed.block.hash());
-        let new_set = match &outcome.validator_set_update {
-            None => self.set.next_height(),
-            Some(_) => {
-                let fresh = validator_set(&next, None)?;
-                fresh.carry_priorities_from(&self.set).next_height()
-            }
-        };
+        let sets = self.consensus_sets().advance(&next, &outcome)?;
         self.ledger = next;
-        self.prev_set = std::mem::replace(&mut self.set, new_set);
+        self.set = sets.set;
+        self.prev_set = sets.prev_set;
         self.consensus = None;
         self.blocks.clear();
-        self.mempool.update(&self.ledger);
+        let included: std::collections::BTreeSet<_> =
+            outcome.receipts.iter().map(|r| r.tx_id).collect();
+        self.mempool
+            .update(&self.ledger, &|id| included.contains(id));
+        self.report_dropped(out);
         let ledger = &self.ledger;
         self.evidence.retain(|(who, h), _| {
             ledger.validator(who).is_some_and(|v| !v.tombstoned)
@@ -815,6 +965,7 @@ impl Node {
             to: peer,
             from_height: height,
             to_height: last.min(height + self.config.sync_batch_blocks - 1),
+            max_bytes: self.config.sync_batch_bytes,
         });
     }
 
@@ -851,7 +1002,13 @@ impl Node {
         out: &mut Vec<NodeOutput>,
     ) {
         self.sync_requested_ms = None;
-        let full_batch = blocks.len() as u64 >= self.config.sync_batch_blocks;
+        // NODE-SYNC-5: the sender may have cut the batch by count or by
+        // bytes. A batch that could have been cut by bytes is one the next
+        // block might not have fitted beside; ask again at once after either.
+        let batch_bytes: u64 = blocks.iter().map(|b| b.encode().len() as u64).sum();
+        let max_block_bytes = u64::from(self.ledger.params().max_block_bytes);
+        let full_batch = blocks.len() as u64 >= self.config.sync_batch_blocks
+            || batch_bytes.saturating_add(max_block_bytes) > self.config.sync_batch_bytes;
         let mut applied = false;
         for committed in blocks
             .into_iter()

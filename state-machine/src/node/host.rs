@@ -10,6 +10,7 @@
 
 use super::{CommittedBlock, NodeOutput, PeerId, Store, Timer, WireMessage};
 use crate::block::BlockOutcome;
+use crate::encoding::Canonical;
 use crate::types::{Hash32, Height};
 
 /// The effects a host provides besides storage. Sends are fire-and-forget:
@@ -23,6 +24,8 @@ pub trait Io {
     fn committed(&mut self, block: &CommittedBlock, outcome: &BlockOutcome);
     /// The verdict on a client's transaction.
     fn tx_result(&mut self, id: Hash32, result: Result<(), super::MempoolError>);
+    /// NODE-MP-8: a pooled transaction was dropped unincluded (default: ignored).
+    fn tx_dropped(&mut self, _id: Hash32, _reason: super::DropReason) {}
 }
 
 /// Performs `outputs` in order. On a store error, returns it with the number
@@ -49,31 +52,40 @@ pub fn perform<S: Store, I: Io>(
                 to,
                 from_height,
                 to_height,
+                max_bytes,
             } => {
-                let blocks = read_blocks(store, from_height, to_height).map_err(|e| (done, e))?;
+                let blocks =
+                    read_blocks(store, from_height, to_height, max_bytes).map_err(|e| (done, e))?;
                 if !blocks.is_empty() {
                     io.send(to, WireMessage::Blocks(blocks));
                 }
             }
             NodeOutput::TxResult { id, result } => io.tx_result(id, result),
+            NodeOutput::TxDropped { id, reason } => io.tx_dropped(id, reason),
         }
     }
     Ok(())
 }
 
-/// Blocks `from ..= to` that the store holds, stopping at the first gap.
+/// Blocks `from ..= to` that the store holds, stopping at the first gap
+/// and (NODE-SYNC-5) before the block that would take the canonical bytes
+/// past `max_bytes`; the first block is always taken.
 fn read_blocks<S: Store>(
     store: &S,
     from: Height,
     to: Height,
+    max_bytes: u64,
 ) -> Result<Vec<CommittedBlock>, S::Error> {
     assert!(from <= to, "the driver asks for a non-empty range");
     let mut blocks = Vec::new();
+    let mut bytes = 0u64;
     for h in from..=to {
-        match store.block(h)? {
-            Some(b) => blocks.push(b),
-            None => break,
+        let Some(b) = store.block(h)? else { break };
+        bytes = bytes.saturating_add(b.encode().len() as u64);
+        if !blocks.is_empty() && bytes > max_bytes {
+            break;
         }
+        blocks.push(b);
     }
     Ok(blocks)
 }
@@ -84,7 +96,7 @@ pub fn stored_blocks<S: Store>(store: &S) -> Result<Vec<CommittedBlock>, S::Erro
     if last == 0 {
         return Ok(Vec::new());
     }
-    read_blocks(store, 1, last)
+    read_blocks(store, 1, last, u64::MAX)
 }
 
 /// An [`Io`] that records what it was asked to do (tests and simple hosts).
@@ -94,6 +106,7 @@ pub struct RecordingIo {
     pub timers: Vec<(Timer, u64)>,
     pub committed: Vec<(CommittedBlock, BlockOutcome)>,
     pub tx_results: Vec<(Hash32, Result<(), super::MempoolError>)>,
+    pub dropped: Vec<(Hash32, super::DropReason)>,
 }
 
 impl Io for RecordingIo {
@@ -111,5 +124,8 @@ impl Io for RecordingIo {
     }
     fn tx_result(&mut self, id: Hash32, result: Result<(), super::MempoolError>) {
         self.tx_results.push((id, result));
+    }
+    fn tx_dropped(&mut self, id: Hash32, reason: super::DropReason) {
+        self.dropped.push((id, reason));
     }
 }

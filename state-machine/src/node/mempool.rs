@@ -23,6 +23,12 @@ pub struct MempoolConfig {
     /// A replacement (same sender and nonce) must raise the tip by this many
     /// basis points.
     pub replace_bump_bps: u32,
+    /// NODE-MP-7: once the pool holds this many transactions, one that
+    /// cannot run yet (a nonce gap: neither its sender's account nonce nor
+    /// the successor of one pooled) is refused, so the room left goes to
+    /// transactions that can commit. Below it, gaps are tolerated (a client
+    /// may send consecutive nonces to different nodes).
+    pub gap_admission_limit: usize,
 }
 
 impl Default for MempoolConfig {
@@ -32,6 +38,7 @@ impl Default for MempoolConfig {
             max_txs_per_sender: 64,
             max_nonce_gap: 64,
             replace_bump_bps: 1_000,
+            gap_admission_limit: 5_000,
         }
     }
 }
@@ -70,6 +77,22 @@ pub enum MempoolError {
     SenderFull(usize),
     #[error("pool is full and the transaction pays no more than the cheapest one")]
     Full,
+    #[error(
+        "nonce {got} leaves a gap (the next this node can run is {next}) and the pool is too full to hold transactions that cannot run yet"
+    )]
+    NonceGap { next: u64, got: u64 },
+}
+
+/// NODE-MP-8: why an admitted transaction left the pool without being
+/// included in a block. Reported (`NodeOutput::TxDropped`), never silent.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DropReason {
+    #[error("replaced by transaction {0} (same sender and nonce, higher tip)")]
+    Replaced(String),
+    #[error("evicted from the full pool by a transaction paying a higher tip")]
+    Evicted,
+    #[error("another transaction with the same sender and nonce was committed")]
+    NonceUsed,
 }
 
 #[derive(Clone, Debug)]
@@ -88,6 +111,9 @@ pub struct Mempool {
     by_sender: BTreeMap<(Address, u64), Hash32>,
     /// Eviction order: cheapest first; among equals the highest nonce, then id.
     by_price: BTreeSet<(u128, Reverse<u64>, Hash32)>,
+    /// NODE-MP-8: removals not yet taken by [`Mempool::take_dropped`]
+    /// (bounded: the driver takes them after every change).
+    dropped: Vec<(Hash32, DropReason)>,
 }
 
 impl Mempool {
@@ -180,6 +206,19 @@ impl Mempool {
                 max_gap: self.config.max_nonce_gap,
             });
         }
+        // NODE-MP-7: backpressure on transactions that cannot run yet.
+        if self.by_id.len() >= self.config.gap_admission_limit
+            && body.nonce != expected
+            && !self.by_sender.contains_key(&(sender, body.nonce))
+        {
+            let next = self.next_runnable_nonce(&sender, expected);
+            if body.nonce != next {
+                return Err(MempoolError::NonceGap {
+                    next,
+                    got: body.nonce,
+                });
+            }
+        }
         let tip = body.max_priority_fee_per_gas;
         // Replace-by-fee for the same (sender, nonce).
         let replaced = match self.by_sender.get(&(sender, body.nonce)) {
@@ -211,14 +250,42 @@ impl Mempool {
             evict = Some(cheapest.2);
         }
         // Admitted: from here on nothing fails.
-        for old in replaced.into_iter().chain(evict) {
+        if let Some(old) = replaced {
             self.remove(&old);
+            self.dropped
+                .push((old, DropReason::Replaced(hex::encode(id))));
+        }
+        if let Some(old) = evict {
+            self.remove(&old);
+            self.dropped.push((old, DropReason::Evicted));
         }
         self.by_sender.insert((sender, body.nonce), id);
         self.by_price.insert((tip, Reverse(body.nonce), id));
         self.by_id.insert(id, Entry { tx, sender, tip });
         assert!(self.by_id.len() <= self.config.max_txs);
         Ok(id)
+    }
+
+    /// The first nonce from `account_nonce` on that `sender` has no pooled
+    /// transaction for: the nonce a new transaction must have to extend the
+    /// runnable run.
+    fn next_runnable_nonce(&self, sender: &Address, account_nonce: u64) -> u64 {
+        let mut next = account_nonce;
+        for ((_, nonce), _) in self
+            .by_sender
+            .range((*sender, account_nonce)..=(*sender, u64::MAX))
+        {
+            if *nonce != next {
+                break;
+            }
+            next += 1;
+        }
+        next
+    }
+
+    /// NODE-MP-8: the transactions dropped since the last call, with why.
+    pub fn take_dropped(&mut self) -> Vec<(Hash32, DropReason)> {
+        std::mem::take(&mut self.dropped)
     }
 
     fn sender_count(&self, sender: &Address) -> usize {
@@ -236,8 +303,9 @@ impl Mempool {
     }
 
     /// NODE-MP-3: after a block commits, drop what it included and everything
-    /// its senders' new nonces made stale.
-    pub fn update(&mut self, ledger: &Ledger) {
+    /// its senders' new nonces made stale; NODE-MP-8: a stale one that
+    /// `included` does not name is reported dropped (its nonce was used).
+    pub fn update(&mut self, ledger: &Ledger, included: &dyn Fn(&Hash32) -> bool) {
         let senders: BTreeSet<Address> = self.by_sender.keys().map(|(a, _)| *a).collect();
         for sender in senders {
             let nonce = ledger.account(&sender).nonce;
@@ -248,6 +316,9 @@ impl Mempool {
                 .collect();
             for id in stale {
                 self.remove(&id);
+                if !included(&id) {
+                    self.dropped.push((id, DropReason::NonceUsed));
+                }
             }
         }
     }

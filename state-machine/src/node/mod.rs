@@ -15,9 +15,9 @@ pub mod host;
 pub mod mempool;
 pub mod store;
 
-pub use driver::{Node, NodeConfig};
+pub use driver::{ConsensusSets, Node, NodeConfig};
 pub use host::{Io, perform};
-pub use mempool::{Mempool, MempoolConfig, MempoolError};
+pub use mempool::{DropReason, Mempool, MempoolConfig, MempoolError};
 pub use store::{MemStore, Store};
 
 use crate::block::{Block, BlockOutcome};
@@ -136,15 +136,22 @@ pub enum NodeOutput {
         outcome: Box<BlockOutcome>,
     },
     /// NODE-SYNC-3: send `to` a [`WireMessage::Blocks`] read from the store
-    /// (heights `from_height ..= to_height`).
+    /// (heights `from_height ..= to_height`), NODE-SYNC-5: no more blocks
+    /// than fit in `max_bytes` of canonical encoding (at least one).
     ServeBlocks {
         to: PeerId,
         from_height: Height,
         to_height: Height,
+        max_bytes: u64,
     },
     /// The verdict on a [`NodeInput::ClientTx`].
     TxResult {
         id: Hash32,
         result: Result<(), MempoolError>,
+    },
+    /// NODE-MP-8: a pooled transaction left the pool without being included.
+    TxDropped {
+        id: Hash32,
+        reason: DropReason,
     },
 }

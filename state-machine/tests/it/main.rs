@@ -2,6 +2,7 @@
 mod consensus;
 mod crypto;
 mod fees;
+mod fuzz;
 mod ledger;
 mod node;
 mod pol_flow;

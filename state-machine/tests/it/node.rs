@@ -4,10 +4,11 @@
 //! version; this one pins the driver's rules.
 
 use blyan_state_machine::consensus::Record;
+use blyan_state_machine::encoding::Canonical;
 use blyan_state_machine::node::host::{RecordingIo, perform, stored_blocks};
 use blyan_state_machine::node::{
-    MemStore, MempoolError, Node, NodeConfig, NodeInput, NodeOutput, PeerId, Store, Timer,
-    WireMessage,
+    DropReason, MemStore, MempoolError, Node, NodeConfig, NodeInput, NodeOutput, PeerId, Store,
+    Timer, WireMessage,
 };
 use blyan_state_machine::params::Params;
 use blyan_state_machine::testkit::{TestNet, address, testnet, transfer};
@@ -44,6 +45,10 @@ struct Cluster {
     cut: BTreeSet<usize>,
     addresses: Vec<PeerId>,
     tx_results: Vec<(Hash32, Result<(), MempoolError>)>,
+    /// Per `Blocks` message sent: (blocks, their canonical bytes).
+    blocks_sent: Vec<(usize, u64)>,
+    /// NODE-MP-8: (node, transaction, reason) of every drop reported.
+    dropped: Vec<(usize, Hash32, DropReason)>,
 }
 
 impl Cluster {
@@ -58,7 +63,11 @@ impl Cluster {
     /// A cluster none of whose nodes is running yet (boot them with
     /// [`Cluster::boot`]); messages to a node not running are lost.
     fn unbooted(validators: usize) -> Cluster {
-        let net = testnet(validators, 4, Params::default());
+        Cluster::unbooted_with(validators, Params::default())
+    }
+
+    fn unbooted_with(validators: usize, params: Params) -> Cluster {
+        let net = testnet(validators, 4, params);
         let config = NodeConfig::default();
         let now_ms = net.genesis.genesis_time_ms + 1_000;
         let addresses = net.validators.iter().map(address).collect();
@@ -73,6 +82,8 @@ impl Cluster {
             cut: BTreeSet::new(),
             addresses,
             tx_results: Vec::new(),
+            blocks_sent: Vec::new(),
+            dropped: Vec::new(),
             net,
         }
     }
@@ -114,6 +125,10 @@ impl Cluster {
             if self.cut.contains(&i) {
                 continue;
             }
+            if let WireMessage::Blocks(b) = &message {
+                let bytes = b.iter().map(|x| x.encode().len() as u64).sum();
+                self.blocks_sent.push((b.len(), bytes));
+            }
             let targets: Vec<usize> = match to {
                 Some(a) => self
                     .addresses
@@ -147,6 +162,8 @@ impl Cluster {
             assert!(previous.is_none(), "node {i} committed height {h} twice");
         }
         self.tx_results.extend(fx.tx_results);
+        self.dropped
+            .extend(fx.dropped.into_iter().map(|(id, r)| (i, id, r)));
     }
 
     fn submit(&mut self, i: usize, tx: SignedTx) {
@@ -363,6 +380,195 @@ fn node_4_a_lagging_node_catches_up_with_verified_blocks() {
     assert!(c.height(3) > behind);
 }
 
+/// NODE-MP-8: two transactions with one nonce sent to two nodes: one
+/// commits, and every node that pooled the other reports it dropped.
+#[test]
+fn node_mp_8_a_pooled_transaction_whose_nonce_was_used_is_reported_dropped() {
+    let mut c = Cluster::new(4);
+    let chain = c.net.genesis.chain_id.clone();
+    let sender = c.net.accounts[0].clone();
+    let x = transfer(&chain, &sender, 0, address(&c.net.accounts[1]), BLY);
+    let y = transfer(&chain, &sender, 0, address(&c.net.accounts[2]), BLY);
+    c.submit(0, x.clone());
+    c.submit(1, y.clone());
+    let until = c.now_ms + 10_000;
+    c.run_until(until);
+    c.assert_agreement();
+    let node = c.nodes[0].as_ref().unwrap();
+    assert_eq!(node.ledger().account(&address(&sender)).nonce, 1);
+    assert!(!c.dropped.is_empty(), "the loser was reported");
+    let loser = c.dropped[0].1;
+    assert!(loser == x.id() || loser == y.id());
+    for (_, id, reason) in &c.dropped {
+        assert_eq!(*id, loser, "only the loser is dropped");
+        assert_eq!(*reason, DropReason::NonceUsed);
+    }
+}
+
+/// NODE-STORE-6: a node resumed from its state (loaded from entries) and
+/// its persisted consensus sets is the node that replaying every block
+/// gives, across a validator-set change (a bond at an epoch boundary moves
+/// the proposer priorities): same sets, and the same outputs when started.
+#[test]
+fn node_store_6_a_resumed_node_is_the_replayed_node() {
+    use blyan_state_machine::ledger::Ledger;
+    use blyan_state_machine::node::ConsensusSets;
+    use blyan_state_machine::testkit::tx;
+    use blyan_state_machine::tx::TxKind;
+    let mut c = Cluster::unbooted_with(
+        4,
+        Params {
+            epoch_length_blocks: 3,
+            ..Params::default()
+        },
+    );
+    for i in 0..4 {
+        c.boot(i);
+    }
+    let chain = c.net.genesis.chain_id.clone();
+    let bond = tx(
+        &chain,
+        &c.net.accounts[0],
+        0,
+        TxKind::Bond {
+            amount: 1_000 * BLY,
+        },
+        100_000_000_000,
+    );
+    c.submit(0, bond);
+    let until = c.now_ms + 30_000;
+    c.run_until(until);
+    c.assert_agreement();
+    let blocks = stored_blocks(&c.stores[0]).unwrap();
+    assert!(blocks.len() >= 8, "{} blocks", blocks.len());
+    let genesis = c.net.genesis.clone();
+    let mut replayed =
+        Node::from_genesis(c.config.clone(), c.net.validators[1].clone(), &genesis).unwrap();
+    let mut ledger = Ledger::from_genesis(&genesis).unwrap();
+    let mut sets = ConsensusSets::genesis(&ledger).unwrap();
+    let mut set_changes = 0;
+    for b in &blocks {
+        replayed.replay(b).unwrap();
+        let (next, outcome) = ledger.apply_block_trusted_signatures(&b.block).unwrap();
+        set_changes += usize::from(outcome.validator_set_update.is_some());
+        sets = sets.advance(&next, &outcome).unwrap();
+        ledger = next;
+    }
+    assert!(set_changes >= 1, "the bond changed the active set");
+    assert_eq!(replayed.consensus_sets(), sets);
+    let loaded =
+        Ledger::from_entries(&genesis, ledger.entries(), ledger.last_block_hash()).unwrap();
+    let stored = ConsensusSets::decode(&sets.encode()).unwrap();
+    assert_eq!(stored, sets, "the sets round-trip their encoding");
+    let last = blocks.last().unwrap().clone();
+    let resumed = Node::resume(
+        c.config.clone(),
+        c.net.validators[1].clone(),
+        &genesis,
+        loaded.clone(),
+        last.clone(),
+        stored.clone(),
+    )
+    .unwrap();
+    assert_eq!(resumed.consensus_sets(), replayed.consensus_sets());
+    assert_eq!(
+        resumed.ledger().state_root(),
+        replayed.ledger().state_root()
+    );
+    let now = c.now_ms;
+    let mut a = resumed;
+    let mut b = replayed;
+    assert_eq!(a.start(now, &[], Vec::new()), b.start(now, &[], Vec::new()));
+    // The wrong sets (the genesis ones: four members, not five), or a state
+    // that is not after `last`, are refused.
+    let genesis_sets = ConsensusSets::genesis(&Ledger::from_genesis(&genesis).unwrap()).unwrap();
+    assert!(
+        Node::resume(
+            c.config.clone(),
+            c.net.validators[1].clone(),
+            &genesis,
+            loaded.clone(),
+            last.clone(),
+            genesis_sets
+        )
+        .is_err()
+    );
+    let earlier = blocks[blocks.len() - 2].clone();
+    assert!(
+        Node::resume(
+            c.config.clone(),
+            c.net.validators[1].clone(),
+            &genesis,
+            loaded,
+            earlier,
+            stored
+        )
+        .is_err()
+    );
+}
+
+/// NODE-SYNC-5: a sync reply holds no more blocks than fit in
+/// `sync_batch_bytes` (at least one), and a laggard served that way still
+/// catches up, asking again after every batch that may have been cut.
+#[test]
+fn node_sync_5_replies_are_cut_by_bytes_and_a_laggard_still_catches_up() {
+    let mut c = Cluster::unbooted(4);
+    // Smaller than any block: every reply is cut to its first block.
+    c.config.sync_batch_bytes = 1;
+    for i in 0..4 {
+        c.boot(i);
+    }
+    let start = c.now_ms;
+    c.cut.insert(3);
+    c.run_until(start + 30_000);
+    let behind = c.height(0);
+    assert!(behind >= 12, "the others committed {behind} blocks");
+    assert_eq!(c.height(3), 0);
+    c.cut.clear();
+    // One block per round trip (2 × 20 ms) at most; far less than 2 s per block.
+    c.run_until(start + 36_000);
+    c.assert_agreement();
+    assert!(
+        c.height(3) + 1 >= c.height(0),
+        "synced: {} vs {}",
+        c.height(3),
+        c.height(0)
+    );
+    assert!(c.height(3) > behind);
+    assert!(!c.blocks_sent.is_empty(), "the laggard was served");
+    assert!(
+        c.blocks_sent.iter().all(|(n, _)| *n == 1),
+        "replies of more than one block: {:?}",
+        c.blocks_sent
+    );
+    // With a budget of about three blocks, no reply exceeds it unless it
+    // holds a single block.
+    let one_block = c.blocks_sent.iter().map(|(_, b)| *b).max().unwrap();
+    let mut c = Cluster::unbooted(4);
+    c.config.sync_batch_bytes = 3 * one_block;
+    for i in 0..4 {
+        c.boot(i);
+    }
+    let start = c.now_ms;
+    c.cut.insert(3);
+    c.run_until(start + 30_000);
+    c.cut.clear();
+    c.run_until(start + 36_000);
+    assert!(c.height(3) + 1 >= c.height(0));
+    assert!(
+        c.blocks_sent
+            .iter()
+            .all(|(n, bytes)| *n == 1 || *bytes <= 3 * one_block),
+        "{:?}",
+        c.blocks_sent
+    );
+    assert!(
+        c.blocks_sent.iter().any(|(n, _)| *n > 1),
+        "some reply held several blocks: {:?}",
+        c.blocks_sent
+    );
+}
+
 #[test]
 fn node_5_sync_rejects_a_block_whose_certificate_does_not_verify() {
     let mut c = Cluster::new(4);
@@ -461,7 +667,7 @@ fn node_6_double_signing_becomes_evidence_in_a_block_and_is_slashed() {
 
 mod mempool {
     use blyan_state_machine::ledger::Ledger;
-    use blyan_state_machine::node::{Mempool, MempoolConfig, MempoolError};
+    use blyan_state_machine::node::{DropReason, Mempool, MempoolConfig, MempoolError};
     use blyan_state_machine::params::Params;
     use blyan_state_machine::testkit::{address, testnet};
     use blyan_state_machine::tx::{SignedTx, TxBody, TxKind};
@@ -538,6 +744,19 @@ mod mempool {
         let replaced = mp.insert(tx(&chain, &net.accounts[3], 0, 3), &l);
         assert!(replaced.is_ok(), "{replaced:?}");
         assert_eq!(mp.len(), 2);
+        // NODE-MP-8: both removals are reported, with their reasons.
+        let replacement = tx(&chain, &net.accounts[3], 0, 3).id();
+        assert_eq!(
+            mp.take_dropped(),
+            vec![
+                (cheap.id(), DropReason::Evicted),
+                (
+                    tx(&chain, &net.accounts[3], 0, 2).id(),
+                    DropReason::Replaced(hex::encode(replacement))
+                ),
+            ]
+        );
+        assert!(mp.take_dropped().is_empty(), "taken once");
         assert!(matches!(
             mp.insert(
                 tx(&chain, &net.accounts[1], 0, 5).clone_with_tip(&chain, &net.accounts[1], 4),
@@ -545,6 +764,36 @@ mod mempool {
             ),
             Err(MempoolError::ReplacementUnderpriced { .. })
         ));
+    }
+
+    /// NODE-MP-7: at `gap_admission_limit`, a transaction that cannot run
+    /// yet is refused with the nonce that can; runs are still extended and
+    /// pooled nonces still replaced. Below it, gaps are tolerated.
+    #[test]
+    fn node_mp_7_a_loaded_pool_refuses_nonce_gaps_with_the_nonce_to_send() {
+        let net = testnet(1, 4, Params::default());
+        let chain = net.genesis.chain_id.clone();
+        let l = Ledger::from_genesis(&net.genesis).unwrap();
+        let mut mp = Mempool::new(MempoolConfig {
+            gap_admission_limit: 2,
+            ..MempoolConfig::default()
+        });
+        let a = &net.accounts;
+        mp.insert(tx(&chain, &a[0], 5, 1), &l).unwrap(); // a gap, tolerated
+        mp.insert(tx(&chain, &a[1], 0, 1), &l).unwrap();
+        assert_eq!(
+            mp.insert(tx(&chain, &a[2], 1, 1), &l),
+            Err(MempoolError::NonceGap { next: 0, got: 1 })
+        );
+        mp.insert(tx(&chain, &a[1], 1, 1), &l).unwrap(); // extends the run
+        assert_eq!(
+            mp.insert(tx(&chain, &a[1], 3, 1), &l),
+            Err(MempoolError::NonceGap { next: 2, got: 3 })
+        );
+        mp.insert(tx(&chain, &a[2], 0, 1), &l).unwrap(); // runnable
+        mp.insert(tx(&chain, &a[0], 5, 2), &l).unwrap(); // replaces a pooled nonce
+        assert_eq!(mp.len(), 4);
+        assert_eq!(mp.take_dropped().len(), 1);
     }
 
     trait WithTip {
