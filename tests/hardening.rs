@@ -6,7 +6,10 @@
 //!   up and votes within a bound;
 //! - NODE-SYNC-5: a validator that was down while the network committed
 //!   blocks whose 32-block sync reply exceeds a P2P frame (4 MiB) catches up
-//!   after it restarts.
+//!   after it restarts;
+//! - the chaos soak (`blyan chaos`, runtime/src/chaos.rs), two minutes at
+//!   about 200 tx/s with kills and floods: every node ends on the same chain
+//!   holding every acknowledged transfer.
 //!
 //! Waiting is by polling: each wait has a bound that is a liveness
 //! requirement of the issue (generous for a loaded 2-core machine), never a
@@ -14,6 +17,7 @@
 
 mod support;
 
+use blyan_runtime::chaos::{ChaosOptions, Flood, flood_sources};
 use blyan_runtime::client::{get_json, post_json};
 use blyan_runtime::devnet::{DevnetOptions, write_layout};
 use blyan_state_machine::encoding::Canonical;
@@ -23,12 +27,10 @@ use blyan_state_machine::testkit::{address, key};
 use blyan_state_machine::tx::{NodeInfo, SignedTx, TxBody, TxKind};
 use blyan_state_machine::types::BLY;
 use serde_json::Value;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use support::{Processes, eventually, free_addrs};
+use support::{Processes, blyan_bin, eventually, free_addrs};
 
 const VALIDATORS: usize = 4;
 const VICTIM: usize = 3;
@@ -94,72 +96,6 @@ fn dump_logs(dir: &Path) -> String {
         .collect()
 }
 
-/// Idle TCP connections to `target` from each of `sources`, `per_source` at
-/// a time, each held until the server closes it and then reopened (after
-/// 20 ms, so the flood itself does not starve the machine's 2 cores).
-struct Flood {
-    stop: Arc<AtomicBool>,
-    opened: Arc<AtomicU64>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Flood {
-    fn start(targets: &[SocketAddr], sources: &[IpAddr], per_source: usize) -> Flood {
-        let stop = Arc::new(AtomicBool::new(false));
-        let opened = Arc::new(AtomicU64::new(0));
-        let mut tasks = Vec::new();
-        for target in targets {
-            for source in sources {
-                for _ in 0..per_source {
-                    let (stop, opened, target, source) =
-                        (stop.clone(), opened.clone(), *target, *source);
-                    tasks.push(tokio::spawn(async move {
-                        use tokio::io::AsyncReadExt;
-                        while !stop.load(Ordering::Relaxed) {
-                            let socket = tokio::net::TcpSocket::new_v4().unwrap();
-                            if socket.bind(SocketAddr::new(source, 0)).is_ok()
-                                && let Ok(mut s) = socket.connect(target).await
-                            {
-                                opened.fetch_add(1, Ordering::Relaxed);
-                                let mut buf = [0u8; 64];
-                                // Idle: send nothing; wait for the server to close.
-                                loop {
-                                    if stop.load(Ordering::Relaxed) {
-                                        return;
-                                    }
-                                    match tokio::time::timeout(
-                                        Duration::from_millis(500),
-                                        s.read(&mut buf),
-                                    )
-                                    .await
-                                    {
-                                        Ok(Ok(0)) | Ok(Err(_)) => break,
-                                        Ok(Ok(_)) | Err(_) => {}
-                                    }
-                                }
-                            }
-                            tokio::time::sleep(Duration::from_millis(20)).await;
-                        }
-                    }));
-                }
-            }
-        }
-        Flood {
-            stop,
-            opened,
-            tasks,
-        }
-    }
-
-    async fn stop(self) -> u64 {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.tasks {
-            let _ = t.await;
-        }
-        self.opened.load(Ordering::Relaxed)
-    }
-}
-
 /// Four validators' configurations (300 ms blocks, no inference); returns
 /// the chain id, each node's `(p2p, http)` address, API URLs and processes.
 fn layout(
@@ -205,8 +141,7 @@ async fn a_validator_restarted_while_its_peers_are_flooded_reconnects_and_votes(
         .iter()
         .map(|(p2p, _)| p2p.parse().unwrap())
         .collect();
-    let sources: Vec<IpAddr> = (2..18).map(|i| IpAddr::from([127, 0, 0, i])).collect();
-    let flood = Flood::start(&targets, &sources, 8);
+    let flood = Flood::start(&targets, &flood_sources(), 8);
     // The flood reaches every target's limits before the restart.
     for url in &urls[..VICTIM] {
         eventually("the flood to hit the per-source handshake cap", || async {
@@ -384,4 +319,34 @@ async fn a_validator_down_during_big_blocks_catches_up_after_restart() {
             "{url}"
         );
     }
+}
+
+/// The CI version of the chaos soak: 2 minutes, 200 tx/s offered, 500 ms
+/// blocks, a validator SIGKILLed and restarted every 20–30 s, floods on and
+/// off. `blyan chaos` fails (non-zero exit) on any broken promise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_minute_chaos_soak_ends_with_one_chain_holding_every_acknowledged_transfer() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = ChaosOptions {
+        dir: dir.path().join("soak"),
+        binary: blyan_bin(),
+        duration_s: 120,
+        rate: 200,
+        block_interval_ms: 500,
+        accounts: 1_000,
+        kill_min_s: 20,
+        kill_max_s: 30,
+        flood: true,
+        seed: 18,
+    };
+    let report = match blyan_runtime::chaos::run(&opts).await {
+        Ok(r) => r,
+        Err(e) => panic!("chaos soak failed: {e}\n{}", dump_logs(&opts.dir)),
+    };
+    eprintln!("{}", report.table());
+    assert!(report.kills >= 3, "{report:?}");
+    assert_eq!(report.catch_up_s.len() as u64, report.kills);
+    assert!(report.flood_periods >= 2, "{report:?}");
+    assert!(report.acknowledged > 0 && report.heights_compared == report.final_height);
+    assert!(report.tx_spot_checks > 0);
 }

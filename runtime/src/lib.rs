@@ -23,6 +23,7 @@ pub mod api;
 pub mod bench;
 pub mod bench_open;
 pub mod blobs;
+pub mod chaos;
 pub mod client;
 pub mod config;
 pub mod devnet;

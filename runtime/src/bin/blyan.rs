@@ -3,13 +3,16 @@
 //! ```text
 //! blyan devnet [--dir DIR] [--validators 4] [--base-port 7100] [--block-interval-ms 2000]
 //! blyan node --config FILE
-//! blyan keys new --out FILE      (password: --password or BLYAN_KEY_PASSWORD)
+//! blyan keys new --out FILE      (password: --password-file FILE, BLYAN_KEY_PASSWORD,
+//!                                 a prompt on a terminal, or --password for scripts)
 //! blyan keys show --key FILE
 //! blyan tx transfer --to ADDR --amount BLY --key FILE --node URL [--wait]
 //! blyan status --node URL
 //! blyan bench [--block-interval-ms 2000] [--rate 1000[,2000…]] [--duration 30] [--warmup 5]
 //!             [--accounts 4000] [--connections 8] [--generator-threads 1] [--drain 60] [--dir DIR]
 //!             [--timeout-propose-ms MS]
+//! blyan chaos --dir DIR [--duration 600] [--rate 1000] [--block-interval-ms 2000]
+//!             [--accounts 4000] [--kill-min-s 30] [--kill-max-s 60] [--no-flood] [--seed 1]
 //! blyan bench-open --dir DIR [--blocks 100000] [--txs-per-block 1] [--runs 3] [--skip-replay]
 //! blyan store verify --config FILE
 //! ```
@@ -18,10 +21,11 @@
 use blyan_runtime::Error;
 use blyan_runtime::bench;
 use blyan_runtime::client;
-use blyan_runtime::config::FileConfig;
+use blyan_runtime::config::{DEFAULT_PASSWORD_ENV, FileConfig};
 use blyan_runtime::devnet::{DEFAULT_BASE_PORT, Devnet, DevnetOptions};
 use blyan_runtime::keystore::{
-    DEFAULT_ITERATIONS, KeyFile, generate_key, read_key_file, write_key_file,
+    DEFAULT_ITERATIONS, KeyFile, Password, PasswordSources, Prompt, generate_key, read_key_file,
+    resolve_password, write_key_file,
 };
 use blyan_runtime::node::{NodeSetup, RunningNode, bind};
 use blyan_state_machine::encoding::Canonical;
@@ -96,6 +100,36 @@ enum Command {
         #[arg(long)]
         skip_replay: bool,
     },
+    /// Chaos soak: a 4-process devnet under load while validators are
+    /// SIGKILLed and restarted and idle-connection floods come and go; fails
+    /// unless every node ends on the same chain with every acknowledged
+    /// transfer (runtime/src/chaos.rs).
+    Chaos {
+        /// A fresh directory (devnet, node logs); kept.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Seconds of load and faults.
+        #[arg(long, default_value_t = 600)]
+        duration: u64,
+        /// Offered transfers per second.
+        #[arg(long, default_value_t = 1_000)]
+        rate: u64,
+        #[arg(long, default_value_t = blyan_runtime::config::DEFAULT_BLOCK_INTERVAL_MS)]
+        block_interval_ms: u64,
+        /// Load accounts (each has one transfer in flight at a time).
+        #[arg(long, default_value_t = 4_000)]
+        accounts: u32,
+        #[arg(long, default_value_t = 30)]
+        kill_min_s: u64,
+        #[arg(long, default_value_t = 60)]
+        kill_max_s: u64,
+        /// No idle-connection floods.
+        #[arg(long)]
+        no_flood: bool,
+        /// Seed of the nemesis's choices.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
     /// Store maintenance.
     Store {
         #[command(subcommand)]
@@ -154,16 +188,15 @@ enum KeysCommand {
     New {
         #[arg(long)]
         out: PathBuf,
-        /// Password (default: the BLYAN_KEY_PASSWORD environment variable).
-        #[arg(long)]
-        password: Option<String>,
+        #[command(flatten)]
+        password: PasswordArgs,
     },
     /// Print a key file's address (and public key, given the password).
     Show {
         #[arg(long)]
         key: PathBuf,
-        #[arg(long)]
-        password: Option<String>,
+        #[command(flatten)]
+        password: PasswordArgs,
     },
     /// List the key files in a directory (file, address).
     List {
@@ -177,8 +210,8 @@ enum KeysCommand {
 struct TxArgs {
     #[arg(long)]
     key: PathBuf,
-    #[arg(long)]
-    password: Option<String>,
+    #[command(flatten)]
+    password: PasswordArgs,
     #[arg(long, default_value = "http://127.0.0.1:7101")]
     node: String,
     /// Priority fee per gas, in base units.
@@ -222,7 +255,7 @@ enum TxCommand {
 /// Signs `kind` with the key file, submits it to `args.node` and, with
 /// `--wait`, polls until it is committed, printing progress.
 async fn submit_tx(kind: TxKind, args: TxArgs) -> Result<(), Error> {
-    let key = read_key_file(&args.key, &password(args.password))?;
+    let key = read_key_file(&args.key, &password(&args.password, Prompt::Once)?)?;
     let from = Address::from_public_key(key.verifying_key());
     let node = &args.node;
     let (s, account) = client::get_json(node, &format!("/account/{from}")).await?;
@@ -277,9 +310,39 @@ async fn submit_tx(kind: TxKind, args: TxArgs) -> Result<(), Error> {
     Err(Error::Http("not committed within 120 s".into()))
 }
 
-fn password(p: Option<String>) -> String {
-    p.or_else(|| std::env::var("BLYAN_KEY_PASSWORD").ok())
-        .unwrap_or_default()
+/// Where a key file's password comes from (KEY-2, `keystore`): the first of
+/// `--password`, `--password-file`, BLYAN_KEY_PASSWORD, a prompt.
+#[derive(clap::Args)]
+struct PasswordArgs {
+    /// Password, for scripts and the devnet (other local users can see
+    /// command lines: prefer --password-file or BLYAN_KEY_PASSWORD).
+    #[arg(long, conflicts_with = "password_file")]
+    password: Option<String>,
+    /// File whose first line is the password.
+    #[arg(long)]
+    password_file: Option<PathBuf>,
+}
+
+impl PasswordArgs {
+    fn sources(&self) -> PasswordSources<'_> {
+        PasswordSources {
+            given: self.password.as_deref(),
+            file: self.password_file.as_deref(),
+            env: Some(DEFAULT_PASSWORD_ENV),
+        }
+    }
+
+    /// Whether any source but the prompt gives a password.
+    fn given(&self) -> bool {
+        self.password.is_some()
+            || self.password_file.is_some()
+            || std::env::var_os(DEFAULT_PASSWORD_ENV).is_some()
+    }
+}
+
+/// KEY-2: the password, or an error naming where it may come from.
+fn password(p: &PasswordArgs, prompt: Prompt) -> Result<Password, Error> {
+    resolve_password(p.sources(), prompt)
 }
 
 /// Parses a decimal BLY amount into base units (10^18 per BLY), exactly.
@@ -411,6 +474,51 @@ async fn run(cli: Cli) -> Result<(), Error> {
             )?;
             print!("{}", blyan_runtime::bench_open::table(&report));
         }
+        Command::Chaos {
+            dir,
+            duration,
+            rate,
+            block_interval_ms,
+            accounts,
+            kill_min_s,
+            kill_max_s,
+            no_flood,
+            seed,
+        } => {
+            init_logging_or(tracing::Level::WARN);
+            if kill_min_s == 0 || kill_min_s > kill_max_s {
+                return Err(Error::Config(
+                    "need 0 < --kill-min-s <= --kill-max-s".into(),
+                ));
+            }
+            let opts = blyan_runtime::chaos::ChaosOptions {
+                dir,
+                binary: std::env::current_exe().map_err(|e| Error::io("current_exe", e))?,
+                duration_s: duration,
+                rate,
+                block_interval_ms,
+                accounts,
+                kill_min_s,
+                kill_max_s,
+                flood: !no_flood,
+                seed,
+            };
+            println!(
+                "chaos soak: 4 validators, {rate} tx/s offered for {duration} s, a kill every {kill_min_s}-{kill_max_s} s, floods {}; logs in {}",
+                if no_flood { "off" } else { "on" },
+                opts.dir.display()
+            );
+            match blyan_runtime::chaos::run(&opts).await {
+                Ok(report) => {
+                    print!("{}", report.table());
+                    println!("chaos soak passed");
+                }
+                Err(e) => {
+                    eprintln!("chaos soak FAILED: {e}");
+                    return Err(e);
+                }
+            }
+        }
         Command::Store {
             command: StoreCommand::Verify { config },
         } => {
@@ -433,8 +541,9 @@ async fn run(cli: Cli) -> Result<(), Error> {
         }
         Command::Keys { command } => match command {
             KeysCommand::New { out, password: p } => {
+                let password = password(&p, Prompt::Twice)?;
                 let key = generate_key()?;
-                let file = write_key_file(&out, &key, &password(p), DEFAULT_ITERATIONS)?;
+                let file = write_key_file(&out, &key, &password, DEFAULT_ITERATIONS)?;
                 println!("address {}", file.address);
                 println!("public key {}", hex::encode(public_key_of(&key)));
                 println!("written to {}", out.display());
@@ -444,8 +553,8 @@ async fn run(cli: Cli) -> Result<(), Error> {
                     .map_err(|e| Error::Config(format!("{}: {e}", key.display())))?;
                 let file = KeyFile::from_json(&text)?;
                 println!("address {}", file.address);
-                if p.is_some() || std::env::var("BLYAN_KEY_PASSWORD").is_ok() {
-                    let k = file.decrypt(&password(p))?;
+                if p.given() {
+                    let k = file.decrypt(&password(&p, Prompt::Never)?)?;
                     println!("public key {}", hex::encode(public_key_of(&k)));
                 }
             }
