@@ -18,6 +18,15 @@ pub enum Error {
     KeyFileWeakKdf(u32),
     #[error("decrypted key is not a valid secp256k1 secret key")]
     InvalidSecretKey,
+    #[error(
+        "no key file password: give --password-file FILE or set {env} \
+         (--password PASSWORD for scripts), or run on a terminal to be asked"
+    )]
+    PasswordMissing { env: String },
+    #[error("a new key file needs a non-empty password")]
+    PasswordEmpty,
+    #[error("the passwords typed differ")]
+    PasswordMismatch,
     #[error("operating-system randomness unavailable: {0}")]
     Randomness(String),
     #[error("storage: {0}")]
