@@ -350,3 +350,103 @@ async fn a_two_minute_chaos_soak_ends_with_one_chain_holding_every_acknowledged_
     assert!(report.acknowledged > 0 && report.heights_compared == report.final_height);
     assert!(report.tx_spot_checks > 0);
 }
+
+fn transfer_with_tip(
+    chain_id: &str,
+    sender: &k256::ecdsa::SigningKey,
+    nonce: u64,
+    tip: u128,
+) -> SignedTx {
+    let kind = TxKind::Transfer {
+        to: address(&key(7_999)),
+        amount: BLY,
+    };
+    TxBody {
+        nonce,
+        gas_limit: intrinsic_gas(&kind),
+        max_fee_per_gas: 1_000_000_000_000,
+        max_priority_fee_per_gas: tip,
+        kind,
+    }
+    .sign(chain_id, sender)
+}
+
+/// NODE-MP-7/8 over HTTP on a one-validator devnet: a replaced transaction
+/// is reported `dropped` (410, with the reason) by `GET /tx/{id}`; once the
+/// pool holds `gap_admission_limit` transactions, one that cannot run yet is
+/// refused at admission (503 `nonce_gap`, naming the nonce to send), while
+/// runnable ones are still admitted and commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_transaction_is_reported_dropped_and_a_gap_under_load_is_refused() {
+    use blyan_runtime::devnet::Devnet;
+    let dir = tempfile::tempdir().unwrap();
+    let senders: Vec<_> = (0..3).map(|i| key(7_100 + i)).collect();
+    let mut opts = DevnetOptions::new(dir.path().join("devnet"), 1);
+    opts.base_port = None;
+    opts.block_interval_ms = 300;
+    opts.inference.enabled = false;
+    opts.node.mempool.gap_admission_limit = 2;
+    opts.extra_balances = senders
+        .iter()
+        .map(|k| GenesisBalance {
+            address: address(k),
+            amount: 1_000 * BLY,
+        })
+        .collect();
+    let net = Devnet::start(opts).await.unwrap();
+    let url = net.nodes[0].api_url();
+    let chain_id = net.genesis.chain_id.clone();
+    let submit = |t: SignedTx| {
+        let url = url.clone();
+        async move {
+            let body = serde_json::json!({ "tx": format!("0x{}", hex::encode(t.encode())) });
+            post_json(&url, "/tx", &body).await.unwrap()
+        }
+    };
+    let (a, b, c) = (&senders[0], &senders[1], &senders[2]);
+    // A gap (nonce 1 before 0) is tolerated in an empty pool: it waits.
+    let x = transfer_with_tip(&chain_id, a, 1, 1);
+    let (s, v) = submit(x.clone()).await;
+    assert_eq!(s, 200, "{v}");
+    // Replaced by a higher tip: the first is dropped, and says so.
+    let x2 = transfer_with_tip(&chain_id, a, 1, 2);
+    let (s, v) = submit(x2.clone()).await;
+    assert_eq!(s, 200, "{v}");
+    let x_id = format!("0x{}", hex::encode(x.id()));
+    let (s, v) = get_json(&url, &format!("/tx/{x_id}")).await.unwrap();
+    assert_eq!(s, 410, "{v}");
+    assert_eq!(v["status"], "dropped", "{v}");
+    assert!(
+        v["message"].as_str().unwrap().contains("replaced by"),
+        "{v}"
+    );
+    // Another gap fills the pool to its gap limit (2).
+    let (s, v) = submit(transfer_with_tip(&chain_id, b, 1, 1)).await;
+    assert_eq!(s, 200, "{v}");
+    // Now a gap is refused at admission, with the nonce that would be taken.
+    let (s, v) = submit(transfer_with_tip(&chain_id, c, 3, 1)).await;
+    assert_eq!(s, 503, "{v}");
+    assert_eq!(v["reason"], "nonce_gap", "{v}");
+    assert!(v["message"].as_str().unwrap().contains("is 0"), "{v}");
+    // Runnable transactions still get in, and the waiting one follows its
+    // predecessor into a block.
+    let (s, v) = submit(transfer_with_tip(&chain_id, c, 0, 1)).await;
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = submit(transfer_with_tip(&chain_id, a, 0, 1)).await;
+    assert_eq!(s, 200, "{v}");
+    let x2_id = format!("0x{}", hex::encode(x2.id()));
+    let committed = eventually(
+        "the replacement to commit after its predecessor",
+        || async {
+            match get_json(&url, &format!("/tx/{x2_id}")).await {
+                Ok((200, v)) => Some(v),
+                _ => None,
+            }
+        },
+    )
+    .await;
+    assert_eq!(committed["status"], "committed", "{committed}");
+    let (s, _) = get_json(&url, &format!("/tx/{x_id}")).await.unwrap();
+    assert_eq!(s, 410, "the replaced one stays dropped");
+    net.stop().await;
+}
