@@ -38,6 +38,7 @@ pub mod ratelimit;
 pub mod registry;
 pub mod service;
 pub mod store;
+pub mod template;
 pub mod tls;
 pub mod transport;
 

@@ -258,14 +258,15 @@ pub struct CompletionsBody {
 }
 
 /// Qwen's ChatML template: each message as `<|im_start|>role\ncontent<|im_end|>\n`,
-/// then the assistant's turn opened.
+/// then the assistant's turn opened; markers in role and content are escaped
+/// (API-CHAT-6, [`crate::template`]).
 pub fn chat_template(messages: &[Message]) -> String {
     let mut out = String::new();
     for m in messages {
         out.push_str("<|im_start|>");
-        out.push_str(&m.role);
+        out.push_str(&crate::template::escape_markers(&m.role));
         out.push('\n');
-        out.push_str(&m.content);
+        out.push_str(&crate::template::escape_markers(&m.content));
         out.push_str("<|im_end|>\n");
     }
     out.push_str("<|im_start|>assistant\n");
