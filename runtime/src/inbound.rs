@@ -242,3 +242,95 @@ mod tests {
         }
     }
 }
+
+/// NODE-SYNC-6: what serving catch-up may cost per peer. A `BlockRequest`
+/// costs this node a store read and up to `sync_batch_bytes` sent; without a
+/// bound, one peer asking in a loop turns each small request into megabytes
+/// out. Each peer has a token bucket of bytes (refilled at `rate_bytes_per_s`
+/// up to `burst_bytes`); a reply is served only while the peer's balance is
+/// positive and is charged its byte budget (`max_bytes`, the most it can
+/// hold). An honest laggard, which asks for the next batch only after
+/// applying the last, is slowed only beyond the rate. Pure: time is an input.
+#[derive(Debug)]
+pub struct SyncServeBudget {
+    rate_bytes_per_s: u64,
+    burst_bytes: u64,
+    max_peers: usize,
+    /// Peer → (balance in bytes, may be negative; last refill ms).
+    peers: BTreeMap<[u8; 20], (i128, u64)>,
+}
+
+impl SyncServeBudget {
+    pub fn new(rate_bytes_per_s: u64, burst_bytes: u64, max_peers: usize) -> SyncServeBudget {
+        assert!(rate_bytes_per_s > 0 && burst_bytes > 0 && max_peers > 0);
+        SyncServeBudget {
+            rate_bytes_per_s,
+            burst_bytes,
+            max_peers,
+            peers: BTreeMap::new(),
+        }
+    }
+
+    /// Whether to serve `peer` a reply of at most `bytes` at `now_ms`; if
+    /// so, it is charged.
+    pub fn take(&mut self, peer: [u8; 20], bytes: u64, now_ms: u64) -> bool {
+        if !self.peers.contains_key(&peer) && self.peers.len() >= self.max_peers {
+            // Bounded: forget the peer refilled longest ago.
+            let oldest = self
+                .peers
+                .iter()
+                .min_by_key(|(p, (_, t))| (*t, **p))
+                .map(|(p, _)| *p)
+                .expect("full is non-empty");
+            self.peers.remove(&oldest);
+        }
+        let burst = i128::from(self.burst_bytes);
+        let (balance, last_ms) = self.peers.entry(peer).or_insert((burst, now_ms));
+        let elapsed_ms = now_ms.saturating_sub(*last_ms);
+        let refill = i128::from(self.rate_bytes_per_s) * i128::from(elapsed_ms) / 1_000;
+        *balance = (*balance + refill).min(burst);
+        *last_ms = now_ms.max(*last_ms);
+        if *balance <= 0 {
+            return false;
+        }
+        *balance -= i128::from(bytes);
+        true
+    }
+}
+
+#[cfg(test)]
+mod serve_tests {
+    use super::*;
+
+    #[test]
+    fn sync_6_a_peer_is_served_up_to_its_burst_then_at_its_rate() {
+        // 10 MB/s, burst 30 MB, replies charged 3 MB.
+        let mut b = SyncServeBudget::new(10_000_000, 30_000_000, 8);
+        let p = [1u8; 20];
+        let served = (0..100).filter(|_| b.take(p, 3_000_000, 1_000)).count();
+        assert_eq!(served, 10, "the burst, then nothing at the same instant");
+        // 0.1 s refills 1 MB: positive, so one more reply (balance -2 MB) ...
+        assert!(b.take(p, 3_000_000, 1_100));
+        assert!(!b.take(p, 3_000_000, 1_100));
+        // ... and nothing until the debt is repaid.
+        assert!(!b.take(p, 3_000_000, 1_300), "balance 0 at 1.3 s");
+        assert!(b.take(p, 3_000_000, 1_400), "balance 1 MB at 1.4 s");
+        // Another peer is not affected.
+        assert!(b.take([2u8; 20], 3_000_000, 1_400));
+        // Over a long run the rate holds: 10 s at 10 MB/s is about 33 replies.
+        let mut n = 0;
+        for t in (2_000..12_000).step_by(10) {
+            n += usize::from(b.take(p, 3_000_000, t));
+        }
+        assert!((32..=35).contains(&n), "{n} replies in 10 s");
+    }
+
+    #[test]
+    fn sync_6_tracked_peers_are_bounded() {
+        let mut b = SyncServeBudget::new(1, 10, 2);
+        for i in 0..10u8 {
+            assert!(b.take([i; 20], 1, u64::from(i)));
+        }
+        assert!(b.peers.len() <= 2);
+    }
+}

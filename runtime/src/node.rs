@@ -108,7 +108,11 @@ impl RunningNode {
             .local_addr()
             .map_err(|e| Error::io("http listener", e))?;
         let mut tasks = JoinSet::new();
-        let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
+        let transport_config =
+            TransportConfig::new(setup.genesis.chain_id.clone(), setup.peers.clone());
+        let (inbound_tx, inbound_rx) = mpsc::channel(
+            INBOUND_QUEUE.max(crate::transport::inbound_queue_len(&transport_config)),
+        );
         let blobs_dir = crate::blobs::blob_dir(&setup.data_dir);
         let cache_bytes = setup.expert_cache_bytes;
         let blobs = Arc::new(
@@ -128,7 +132,7 @@ impl RunningNode {
         let transport = GrpcTransport::start(
             p2p,
             setup.key.clone(),
-            TransportConfig::new(setup.genesis.chain_id.clone(), setup.peers.clone()),
+            transport_config,
             inbound_tx,
             Some(blobs.clone()),
             &mut tasks,

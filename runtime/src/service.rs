@@ -179,6 +179,13 @@ impl TimerSet {
 /// Channel bounds of the service.
 pub const REQUEST_QUEUE: usize = 1_024;
 pub const INBOUND_QUEUE: usize = 4_096;
+/// NODE-SYNC-6: catch-up bytes served to one peer per second, and its burst
+/// (each reply is charged `sync_batch_bytes`, 3 MiB: about 10 replies a
+/// second, 20 at once).
+pub const SYNC_SERVE_BYTES_PER_S: u64 = 32 * 1024 * 1024;
+pub const SYNC_SERVE_BURST_BYTES: u64 = 64 * 1024 * 1024;
+// NODE-NET-8: the channel holds at least every peer's quota
+// (`transport::inbound_queue_len`), so a peer within its quota never waits.
 /// Peer transactions taken off the inbound channel ahead of the consensus
 /// messages behind them and not yet fed to the node.
 pub const GOSSIP_BACKLOG: usize = 1_024;
@@ -266,6 +273,8 @@ pub struct NodeService {
     submitted_ms: BTreeMap<Hash32, u64>,
     halted: Option<String>,
     dropped: Arc<std::sync::Mutex<DroppedTxs>>,
+    /// NODE-SYNC-6: what serving catch-up may cost per peer.
+    serve_budget: crate::inbound::SyncServeBudget,
 }
 
 impl NodeService {
@@ -326,6 +335,11 @@ impl NodeService {
             submitted_ms: BTreeMap::new(),
             halted: None,
             dropped: Arc::new(std::sync::Mutex::new(DroppedTxs::default())),
+            serve_budget: crate::inbound::SyncServeBudget::new(
+                SYNC_SERVE_BYTES_PER_S,
+                SYNC_SERVE_BURST_BYTES,
+                1_024,
+            ),
             store,
         };
         let handle = NodeHandle {
@@ -381,15 +395,19 @@ impl NodeService {
                 // gossip waits in a bounded backlog behind them (each costs
                 // a signature verification, and a proposal or vote must not
                 // queue behind hundreds of those).
-                Some((from, message)) = inbound.recv(), if gossip.len() < GOSSIP_BACKLOG => {
-                    if matches!(message, WireMessage::Tx(_)) {
-                        gossip.push_back((from, message));
+                Some(item) = inbound.recv(), if gossip.len() < GOSSIP_BACKLOG => {
+                    if matches!(item.message, WireMessage::Tx(_)) {
+                        gossip.push_back(item);
                     } else {
+                        // The sender's quota permit (NODE-NET-8) is released
+                        // once the message has been handled.
+                        let (from, message, _permit) = item.split();
                         self.step(NodeInput::Message { from, message }, None);
                     }
                 }
                 () = std::future::ready(()), if !gossip.is_empty() => {
-                    let (from, message) = gossip.pop_front().expect("backlog is not empty");
+                    let (from, message, _permit) =
+                        gossip.pop_front().expect("backlog is not empty").split();
                     self.step(NodeInput::Message { from, message }, None);
                 }
                 Some(req) = requests.recv() => self.on_request(req),
@@ -446,7 +464,24 @@ impl NodeService {
 
     /// Performs outputs in order (NODE-HOST-1), then publishes a snapshot.
     /// Returns the client-transaction verdicts.
-    fn perform(&mut self, out: Vec<NodeOutput>) -> Vec<(Hash32, Result<(), MempoolError>)> {
+    fn perform(&mut self, mut out: Vec<NodeOutput>) -> Vec<(Hash32, Result<(), MempoolError>)> {
+        // NODE-SYNC-6: catch-up replies within each peer's byte budget.
+        let now = now_ms();
+        let (budget, counters) = (&mut self.serve_budget, self.outbound.counters());
+        out.retain(|o| match o {
+            NodeOutput::ServeBlocks { to, max_bytes, .. } => {
+                let served = budget.take(to.0, *max_bytes, now);
+                if !served {
+                    if let Some(c) = &counters {
+                        c.sync_serves_throttled
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    debug!(peer = %to, "block request over the peer's sync budget; not served");
+                }
+                served
+            }
+            _ => true,
+        });
         // The block that led to the node's current ledger, if committed in
         // this step: the store saves it without executing it again.
         let last_hash = self.node.ledger().last_block_hash();

@@ -160,8 +160,47 @@ const MAX_PAYLOAD_BYTES: usize = MAX_FRAME_BYTES - HEADER_BYTES;
 /// overhead (well under 64 KiB for 32 blocks), fits in one frame.
 pub const MAX_SYNC_BATCH_BYTES: u64 = (MAX_PAYLOAD_BYTES - 8 - 64 * 1024) as u64;
 
-/// A message received from an authenticated peer.
-pub type Inbound = (PeerId, WireMessage);
+/// A message received from an authenticated peer. NODE-NET-8: it holds one
+/// of its sender's [`TransportConfig::inbound_messages_per_peer`] permits
+/// until the node drops it (after handling it), so one peer's backlog never
+/// takes another's room in the node's queue.
+#[derive(Debug)]
+pub struct Inbound {
+    pub from: PeerId,
+    pub message: WireMessage,
+    _quota: Option<OwnedSemaphorePermit>,
+}
+
+impl Inbound {
+    /// A message counted against no quota (tests, local injection).
+    pub fn new(from: PeerId, message: WireMessage) -> Inbound {
+        Inbound {
+            from,
+            message,
+            _quota: None,
+        }
+    }
+
+    /// The sender, the message, and the quota permit to hold until the
+    /// message has been handled.
+    pub fn split(self) -> (PeerId, WireMessage, QuotaPermit) {
+        (self.from, self.message, QuotaPermit(self._quota))
+    }
+}
+
+/// A peer's inbound-quota permit (NODE-NET-8); released when dropped.
+#[derive(Debug)]
+pub struct QuotaPermit(#[allow(dead_code)] Option<OwnedSemaphorePermit>);
+
+/// NODE-NET-8: the node's inbound channel must hold this many messages so
+/// that a peer within its quota never waits on another's backlog.
+pub fn inbound_queue_len(config: &TransportConfig) -> usize {
+    config
+        .peers
+        .len()
+        .max(1)
+        .saturating_mul(config.inbound_messages_per_peer)
+}
 
 /// What the node service needs from a transport. Sends never block and may
 /// be lost.
@@ -215,6 +254,10 @@ pub struct TransportConfig {
     /// NODE-NET-6b: handshakes in flight from one source address (an IPv6
     /// /64 counts as one); more are refused at once (default 4).
     pub max_handshakes_per_source: usize,
+    /// NODE-NET-8: messages of one peer in the node's inbound queue (and
+    /// its gossip backlog) at once; beyond it that peer's own stream waits
+    /// (default 1024).
+    pub inbound_messages_per_peer: usize,
     /// What the transport refused or dropped, for `/metrics` (NODE-NET-7).
     pub counters: Arc<NetCounters>,
     /// First reconnect delay (default 100 ms), doubled up to `reconnect_max_ms` (default 5000 ms).
@@ -233,6 +276,7 @@ impl TransportConfig {
             handshake_timeout_ms: 3_000,
             max_pending_handshakes: 64,
             max_handshakes_per_source: 4,
+            inbound_messages_per_peer: 1_024,
             counters: Arc::new(NetCounters::default()),
             reconnect_min_ms: 100,
             reconnect_max_ms: 5_000,
@@ -262,6 +306,11 @@ pub struct NetCounters {
     pub outbound_queue_full: AtomicU64,
     /// Batches lost with a peer connection (the protocol retransmits).
     pub outbound_batches_lost: AtomicU64,
+    /// NODE-NET-8: times a peer's frame waited because that peer's inbound
+    /// quota was used up (its stream is slowed, nobody else's).
+    pub inbound_quota_waits: AtomicU64,
+    /// NODE-SYNC-6: block requests not served: the peer's byte budget was spent.
+    pub sync_serves_throttled: AtomicU64,
 }
 
 impl NetCounters {
@@ -269,7 +318,7 @@ impl NetCounters {
     pub fn metrics_text(&self) -> String {
         use std::fmt::Write as _;
         let mut s = String::new();
-        let rows: [(&str, &str, &AtomicU64); 8] = [
+        let rows: [(&str, &str, &AtomicU64); 10] = [
             (
                 "blyan_p2p_handshakes_failed_total",
                 "Inbound TLS handshakes that failed or timed out.",
@@ -304,6 +353,16 @@ impl NetCounters {
                 "blyan_p2p_outbound_queue_full_total",
                 "Outgoing messages dropped on a full peer queue.",
                 &self.outbound_queue_full,
+            ),
+            (
+                "blyan_p2p_sync_serves_throttled_total",
+                "Block requests not served: the peer's catch-up byte budget was spent (NODE-SYNC-6).",
+                &self.sync_serves_throttled,
+            ),
+            (
+                "blyan_p2p_inbound_quota_waits_total",
+                "Peer frames that waited on their sender's inbound quota (NODE-NET-8).",
+                &self.inbound_quota_waits,
             ),
             (
                 "blyan_p2p_outbound_batches_lost_total",
@@ -596,6 +655,8 @@ struct Shared {
     blocked: Arc<RwLock<BTreeSet<PeerId>>>,
     blobs: Option<Arc<BlobStore>>,
     counters: Arc<NetCounters>,
+    /// NODE-NET-8: each known peer's inbound quota.
+    quotas: BTreeMap<PeerId, Arc<Semaphore>>,
 }
 
 impl Shared {
@@ -644,8 +705,32 @@ async fn deliver(
     });
     match checked {
         Ok(messages) => {
+            let quota = shared
+                .quotas
+                .get(&tls)
+                .expect("an authenticated peer is a known peer")
+                .clone();
             for m in messages {
-                if shared.inbound.send((tls, m)).await.is_err() {
+                let permit = match quota.clone().try_acquire_owned() {
+                    Ok(p) => p,
+                    Err(_) => {
+                        shared
+                            .counters
+                            .inbound_quota_waits
+                            .fetch_add(1, Ordering::Relaxed);
+                        quota
+                            .clone()
+                            .acquire_owned()
+                            .await
+                            .map_err(|_| Status::unavailable("the node is stopping"))?
+                    }
+                };
+                let item = Inbound {
+                    from: tls,
+                    message: m,
+                    _quota: Some(permit),
+                };
+                if shared.inbound.send(item).await.is_err() {
                     return Err(Status::unavailable("the node is stopping"));
                 }
             }
@@ -1007,6 +1092,15 @@ impl GrpcTransport {
             blocked: blocked.clone(),
             blobs,
             counters: config.counters.clone(),
+            quotas: allowed
+                .iter()
+                .map(|p| {
+                    (
+                        *p,
+                        Arc::new(Semaphore::new(config.inbound_messages_per_peer)),
+                    )
+                })
+                .collect(),
         });
         let connected = Arc::new(AtomicUsize::new(0));
         let mut transport = GrpcTransport {

@@ -204,3 +204,102 @@ key_file = "key.json"
     .unwrap();
     assert_eq!(c.transport_peers().unwrap()[0].id(), Some(address(&key(0))));
 }
+
+/// NODE-NET-8: one peer that floods the node cannot crowd another out of
+/// the node's inbound queue. The node (key 0) reads nothing while peer 1
+/// sends far more than its quota; peer 2's one message still gets into the
+/// queue, within the first `quota + 1` items (before the per-peer quotas,
+/// peer 1's flood filled the whole shared queue ahead of it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn net_8_a_flooding_peer_cannot_crowd_another_out_of_the_inbound_queue() {
+    use blyan_runtime::transport::{
+        GrpcTransport, Outbound, Peer, TransportConfig, inbound_queue_len,
+    };
+    use std::time::{Duration, Instant};
+    use tokio::sync::mpsc;
+    let mut listeners = Vec::new();
+    for _ in 0..3 {
+        listeners.push(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap());
+    }
+    let peers: Vec<Peer> = listeners
+        .iter()
+        .enumerate()
+        .map(|(i, l)| Peer {
+            addr: l.local_addr().unwrap().to_string(),
+            public_key: public_key_of(&key(i as u64)),
+        })
+        .collect();
+    const QUOTA: usize = 64;
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut transports = Vec::new();
+    let mut receivers = Vec::new();
+    for (i, l) in listeners.into_iter().enumerate() {
+        let mut config = TransportConfig::new(CHAIN.into(), peers.clone());
+        config.inbound_messages_per_peer = QUOTA;
+        let (tx, rx) = mpsc::channel(inbound_queue_len(&config));
+        transports
+            .push(GrpcTransport::start(l, key(i as u64), config, tx, None, &mut tasks).unwrap());
+        receivers.push(rx);
+    }
+    let node = address(&key(0));
+    let counters = transports[0].counters().unwrap();
+    // Peer 1 floods: ten times the whole queue.
+    let flood = 10
+        * inbound_queue_len(&TransportConfig {
+            inbound_messages_per_peer: QUOTA,
+            ..TransportConfig::new(CHAIN.into(), peers.clone())
+        });
+    for h in 0..flood as u64 {
+        transports[1].send(node, &WireMessage::BlockRequest { from_height: h });
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while counters
+        .inbound_quota_waits
+        .load(std::sync::atomic::Ordering::Relaxed)
+        == 0
+    {
+        assert!(Instant::now() < deadline, "peer 1 never reached its quota");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Peer 2 sends one message.
+    let marker = WireMessage::BlockRequest {
+        from_height: u64::MAX,
+    };
+    transports[2].send(node, &marker);
+    let rx = &mut receivers[0];
+    // Without reading, the queue comes to hold peer 1's quota and peer 2's
+    // message (before the quotas: peer 1 filled all of it, and peer 2 waited).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while rx.len() < QUOTA + 1 {
+        assert!(
+            Instant::now() < deadline,
+            "peer 2's message never got in: {} queued",
+            rx.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(rx.len(), QUOTA + 1, "peer 1 holds no more than its quota");
+    let mut read = 0usize;
+    let mut from_1 = 0usize;
+    loop {
+        let item = tokio::time::timeout(Duration::from_secs(60), rx.recv())
+            .await
+            .expect("the node's queue delivers")
+            .expect("open");
+        read += 1;
+        if item.from == address(&key(2)) {
+            assert_eq!(item.message, marker);
+            break;
+        }
+        from_1 += 1;
+        // Hold nothing: each item read releases its quota permit.
+        drop(item);
+        assert!(
+            read <= QUOTA + 1,
+            "peer 2's message is not among the first {} items ({from_1} from peer 1)",
+            QUOTA + 1
+        );
+    }
+    assert!(read <= QUOTA + 1);
+    tasks.abort_all();
+}
