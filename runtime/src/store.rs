@@ -69,6 +69,9 @@ pub const SCHEMA_VERSION: u32 = 4;
 /// The oldest layout [`ChainStore::open`] upgrades rather than refuses.
 const UPGRADABLE_SCHEMA_VERSION: u32 = 3;
 
+/// fjall's journal bound (its minimum): what an open may have to replay.
+pub const MAX_JOURNAL_BYTES: u64 = 64 * 1024 * 1024;
+
 const META_SCHEMA: &[u8] = b"schema_version";
 const META_GENESIS: &[u8] = b"genesis_hash";
 const META_HEIGHT: &[u8] = b"height";
@@ -193,7 +196,12 @@ impl ChainStore {
         genesis: &Genesis,
         replay: bool,
     ) -> Result<(ChainStore, Ledger), Error> {
-        let db = Database::builder(path).open().map_err(storage)?;
+        // NODE-STORE-6: fjall replays its journal on open; a 64 MiB bound
+        // (default 512 MiB) keeps that part of a restart short too.
+        let db = Database::builder(path)
+            .max_journaling_size(MAX_JOURNAL_BYTES)
+            .open()
+            .map_err(storage)?;
         let ks = |name: &str| {
             db.keyspace(name, KeyspaceCreateOptions::default)
                 .map_err(storage)

@@ -221,6 +221,12 @@ fn a_well_formed_but_changed_state_value_is_refused() {
     }
 }
 
+/// `ChainStore::open` or `ChainStore::open_replaying`.
+type Opener = fn(
+    &std::path::Path,
+    &Genesis,
+) -> Result<(ChainStore, blyan_state_machine::ledger::Ledger), Error>;
+
 /// Writes `key → value` into `keyspace` of the store at `dir`, behind its back.
 fn overwrite(dir: &std::path::Path, keyspace: &str, key: &[u8], value: &[u8]) {
     let db = fjall::Database::builder(dir).open().unwrap();
@@ -234,15 +240,7 @@ fn overwrite(dir: &std::path::Path, keyspace: &str, key: &[u8], value: &[u8]) {
 /// The message of the `Corrupt` error that opening (with `open`) a 3-block
 /// store with `key → value` written into `keyspace` gives, or that reading the
 /// next height's records then gives.
-fn corrupt_with(
-    keyspace: &str,
-    key: &[u8],
-    value: &[u8],
-    open: fn(
-        &std::path::Path,
-        &Genesis,
-    ) -> Result<(ChainStore, blyan_state_machine::ledger::Ledger), Error>,
-) -> String {
+fn corrupt_with(keyspace: &str, key: &[u8], value: &[u8], open: Opener) -> String {
     {
         let dir = tempfile::tempdir().unwrap();
         let (genesis, _, _) = build(dir.path(), 3);
