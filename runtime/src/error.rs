@@ -87,6 +87,8 @@ pub enum Error {
     BlobCorrupt { id: String, what: String },
     #[error("blob {0} is not available from the peer")]
     BlobUnavailable(String),
+    #[error("blob store quota: {0}")]
+    BlobQuotaExceeded(String),
     // API services (inference.rs, registry.rs).
     #[error("inference: {0}")]
     Inference(String),
@@ -96,6 +98,8 @@ pub enum Error {
     Timeout(String),
     #[error("bad request: {0}")]
     BadRequest(String),
+    #[error("forbidden: {0}")]
+    Forbidden(String),
 }
 
 impl Error {

@@ -1261,6 +1261,9 @@ pub async fn fetch_blob_with(
         (false, Some(m), _) => m,
         (false, None, _) => client.blob_manifest(id).await?,
     };
+    // NODE-NET-8: a manifest must name the blob: a lying peer's is refused
+    // before anything of it is kept.
+    manifest.verify(id)?;
     let from_chunk = match known.2 {
         Some(missing) => missing.first().copied().unwrap_or(0),
         None => 0,

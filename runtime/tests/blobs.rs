@@ -145,22 +145,19 @@ fn received_chunks_are_checked_against_the_manifest_and_the_whole_hash() {
     assert!(store.put_chunk(&id, &m, 1, chunk(1)).unwrap());
     assert_eq!(store.get(&id).unwrap().unwrap(), bytes);
 
-    // A self-consistent manifest for other bytes under this id: every chunk
-    // matches the manifest, the whole does not match the id: all discarded.
+    // NODE-NET-8: a self-consistent manifest for other bytes under this id
+    // does not name it: refused before anything is stored.
     let lie = payload(CHUNK_BYTES + 1, 4);
     let lie_m = BlobManifest::of(&lie);
     let wrong_id = BlobId::of(b"some other blob");
-    assert!(
-        !store
-            .put_chunk(&wrong_id, &lie_m, 0, &lie[..CHUNK_BYTES])
-            .unwrap()
-    );
     let e = store
-        .put_chunk(&wrong_id, &lie_m, 1, &lie[CHUNK_BYTES..])
+        .put_chunk(&wrong_id, &lie_m, 0, &lie[..CHUNK_BYTES])
         .unwrap_err();
-    assert!(matches!(e, Error::BlobHashMismatch(_)), "{e}");
+    assert!(matches!(e, Error::BlobManifestInvalid(_)), "{e}");
     assert_eq!(store.missing_chunks(&wrong_id).unwrap(), None);
     assert!(!store.has(&wrong_id).unwrap());
+    // The id is the manifest's hash.
+    assert_eq!(BlobId::of(&lie), lie_m.id());
 }
 
 #[test]
@@ -220,6 +217,130 @@ async fn pair() -> Pair {
     }
 }
 
+/// `n` transports for validators `key(1)..=key(n)` on loopback, each with
+/// its own blob store.
+struct Net {
+    transports: Vec<Arc<GrpcTransport>>,
+    stores: Vec<Arc<BlobStore>>,
+    _tasks: JoinSet<()>,
+    _inbound: Vec<mpsc::Receiver<blyan_runtime::transport::Inbound>>,
+    _dir: tempfile::TempDir,
+}
+
+async fn net(n: u64) -> Net {
+    let dir = tempfile::tempdir().unwrap();
+    let mut listeners = Vec::new();
+    for _ in 0..n {
+        listeners.push(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap());
+    }
+    let peers = (1..=n)
+        .zip(&listeners)
+        .map(|(i, l)| Peer {
+            addr: l.local_addr().unwrap().to_string(),
+            public_key: public_key_of(&key(i)),
+        })
+        .collect();
+    let config = TransportConfig::new("blyan-test".into(), peers);
+    let mut tasks = JoinSet::new();
+    let (mut transports, mut stores, mut inbound) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, l) in (1..=n).zip(listeners) {
+        let store = open(&dir, &format!("s{i}"));
+        let (tx, rx) = mpsc::channel(64);
+        let t = GrpcTransport::start(
+            l,
+            key(i),
+            config.clone(),
+            tx,
+            Some(store.clone()),
+            &mut tasks,
+        )
+        .unwrap();
+        transports.push(t);
+        stores.push(store);
+        inbound.push(rx);
+    }
+    Net {
+        transports,
+        stores,
+        _tasks: tasks,
+        _inbound: inbound,
+        _dir: dir,
+    }
+}
+
+/// NODE-NET-8 (issue 18 item 12): a lying peer's manifest, fetched first,
+/// must not block the honest peer's chunks afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn node_net_8_a_lying_peers_manifest_does_not_block_an_honest_peer() {
+    let n = net(3).await;
+    let (fetcher, honest, liar) = (&n.stores[0], &n.stores[1], &n.stores[2]);
+    let bytes = payload(3 * CHUNK_BYTES + 17, 9);
+    let id = honest.put(&bytes).unwrap();
+    // The liar claims the same id with a manifest of other bytes, whose
+    // chunk 0 it can serve.
+    let lie = payload(3 * CHUNK_BYTES + 17, 10);
+    let lie_m = BlobManifest::of(&lie);
+    liar.put_manifest_unchecked_for_test(&id, &lie_m).unwrap();
+    liar.corrupt_chunk_for_test(&id, 0, &lie[..CHUNK_BYTES])
+        .unwrap();
+    let t = &n.transports[0];
+    // The liar's fetch stops after its one chunk, or is refused outright.
+    let _ = t.fetch_blob(address(&key(3)), &id, fetcher, None).await;
+    let done = t
+        .fetch_blob(address(&key(2)), &id, fetcher, None)
+        .await
+        .unwrap();
+    assert!(done.complete, "{done:?}");
+    assert_eq!(fetcher.get(&id).unwrap().unwrap(), bytes);
+}
+
+/// NODE-NET-8 (issue 18 item 12): the store itself: chunks stored under a
+/// lying manifest first must not block the true manifest's chunks.
+#[test]
+fn node_net_8_a_lying_manifest_cannot_block_the_true_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir, "blobs");
+    let bytes = payload(2 * CHUNK_BYTES + 5, 11);
+    let id = BlobId::of(&bytes);
+    let m = BlobManifest::of(&bytes);
+    let chunk = |i: usize| &bytes[i * CHUNK_BYTES..((i + 1) * CHUNK_BYTES).min(bytes.len())];
+    let mut lie = m.clone();
+    lie.chunk_hashes[1] = [0x11; 32];
+    // Before the fix this was stored and every true chunk 1 was refused.
+    let _ = store.put_chunk(&id, &lie, 0, chunk(0));
+    for i in 0..3 {
+        store
+            .put_chunk(&id, &m, i as u32, chunk(i))
+            .unwrap_or_else(|e| panic!("true chunk {i} refused: {e}"));
+    }
+    assert_eq!(store.get(&id).unwrap().unwrap(), bytes);
+}
+
+/// NODE-NET-9 (issue 18 item 12): storing a blob's chunks one by one looks
+/// each chunk up a bounded number of times, not once per chunk per chunk.
+#[test]
+fn node_net_9_storing_chunks_is_not_quadratic() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir, "blobs");
+    let chunks = 32usize;
+    let bytes: Vec<u8> = (0..chunks * CHUNK_BYTES)
+        .map(|i| (i / CHUNK_BYTES) as u8)
+        .collect();
+    let id = BlobId::of(&bytes);
+    let m = BlobManifest::of(&bytes);
+    let before = store.chunk_probes_for_test();
+    for (i, c) in bytes.chunks(CHUNK_BYTES).enumerate() {
+        let complete = store.put_chunk(&id, &m, i as u32, c).unwrap();
+        assert_eq!(complete, i + 1 == chunks);
+    }
+    let probes = store.chunk_probes_for_test() - before;
+    assert!(
+        probes <= 2 * chunks as u64,
+        "{probes} chunk lookups to store {chunks} chunks"
+    );
+    assert_eq!(store.get(&id).unwrap().unwrap(), bytes);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_interrupted_fetch_resumes_from_the_first_missing_chunk() {
     let p = pair().await;
@@ -256,28 +377,170 @@ async fn an_interrupted_fetch_resumes_from_the_first_missing_chunk() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_peer_chunk_that_does_not_match_the_manifest_is_refused() {
+async fn a_manifest_that_does_not_name_the_blob_is_refused_and_the_fetch_completes() {
     let p = pair().await;
     let bytes = payload(3 * CHUNK_BYTES, 6);
     let id = p.b_store.put(&bytes).unwrap();
-    // A holds a manifest for the id that disagrees with the peer's chunk 1
-    // (seeded through chunk 2, which both agree on).
+    // A manifest for the id that disagrees with the peer's chunk 1 (before
+    // NODE-NET-8 it was stored with chunk 2, and every fetch then stopped at
+    // chunk 1 for good).
     let mut m = BlobManifest::of(&bytes);
     m.chunk_hashes[1] = [0x11; 32];
-    assert!(
-        !p.a_store
-            .put_chunk(&id, &m, 2, &bytes[2 * CHUNK_BYTES..])
-            .unwrap()
-    );
-    let e =
+    let e = p
+        .a_store
+        .put_chunk(&id, &m, 2, &bytes[2 * CHUNK_BYTES..])
+        .unwrap_err();
+    assert!(matches!(e, Error::BlobManifestInvalid(_)), "{e}");
+    assert_eq!(p.a_store.missing_chunks(&id).unwrap(), None);
+    let done =
         p.a.fetch_blob(address(&key(2)), &id, &p.a_store, None)
             .await
-            .unwrap_err();
-    assert!(
-        matches!(e, Error::BlobChunkRejected { index: 1, .. }),
-        "{e}"
+            .unwrap();
+    assert!(done.complete);
+    assert_eq!(p.a_store.get(&id).unwrap().unwrap(), bytes);
+}
+
+/// NODE-NET-10: the store's quota, pending payloads' quota, and the
+/// garbage collection of payloads whose block never committed.
+#[test]
+fn node_net_10_quotas_and_garbage_collection_of_pending_payloads() {
+    use blyan_runtime::blobs::{GarbageReport, Pending};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q");
+    let quota = 3 * CHUNK_BYTES as u64;
+    let store = BlobStore::open_with_limits(&path, 1 << 20, quota).unwrap();
+    let (a, b, c) = (
+        payload(CHUNK_BYTES + 1, 20),
+        payload(CHUNK_BYTES + 1, 21),
+        payload(CHUNK_BYTES, 22),
     );
-    // Chunk 0 (matching) was kept; chunk 1 was not.
-    assert_eq!(p.a_store.missing_chunks(&id).unwrap(), Some(vec![1]));
-    assert!(!p.a_store.has(&id).unwrap());
+    let pending = |block: u8, expires_at_ms| Pending {
+        pol_block: [block; 32],
+        expires_at_ms,
+    };
+    let max_pending = 2 * CHUNK_BYTES as u64;
+    let id_a = store
+        .put_pending(&a, pending(1, 1_000), max_pending)
+        .unwrap();
+    assert!(store.is_pending(&id_a).unwrap());
+    // A second pending payload would exceed the pending quota.
+    let e = store
+        .put_pending(&b, pending(2, 1_000), max_pending)
+        .unwrap_err();
+    assert!(matches!(e, Error::BlobQuotaExceeded(_)), "{e}");
+    assert!(
+        store
+            .check_pending_room(b.len() as u64, max_pending)
+            .is_err()
+    );
+    assert!(!store.has(&BlobId::of(&b)).unwrap(), "nothing was written");
+    // Kept blobs count against the store's quota.
+    let id_c = store.put(&c).unwrap();
+    let e = store.put(&b).unwrap_err();
+    assert!(matches!(e, Error::BlobQuotaExceeded(_)), "{e}");
+    assert_eq!(
+        store.usage_bytes(),
+        (a.len() as u64 + c.len() as u64, a.len() as u64)
+    );
+    // Before its deadline a pending payload stays; at it, it goes.
+    assert_eq!(
+        store.collect_garbage(999, |_| false).unwrap(),
+        GarbageReport::default()
+    );
+    assert_eq!(store.collect_garbage(1_000, |_| false).unwrap().deleted, 1);
+    assert!(!store.has(&id_a).unwrap());
+    assert_eq!(store.get(&id_a).unwrap(), None);
+    assert_eq!(store.usage_bytes(), (c.len() as u64, 0));
+    // One whose block committed is kept for good.
+    let id_b = store
+        .put_pending(&b, pending(2, 1_000), max_pending)
+        .unwrap();
+    let report = store.collect_garbage(5_000, |blk| *blk == [2; 32]).unwrap();
+    assert_eq!(
+        report,
+        GarbageReport {
+            kept: 1,
+            deleted: 0
+        }
+    );
+    assert!(store.has(&id_b).unwrap() && !store.is_pending(&id_b).unwrap());
+    assert!(store.has(&id_c).unwrap());
+    // The accounting survives a restart.
+    drop(store);
+    let store = BlobStore::open_with_limits(&path, 1 << 20, quota).unwrap();
+    assert_eq!(store.usage_bytes(), ((b.len() + c.len()) as u64, 0));
+    assert_eq!(store.get(&id_b).unwrap().unwrap(), b);
+}
+
+/// NODE-NET-8/9: a partly fetched blob resumes after a restart, and the
+/// count of chunks present survives it.
+#[test]
+fn node_net_9_a_partial_blob_completes_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = payload(3 * CHUNK_BYTES + 3, 30);
+    let (id, m) = (BlobId::of(&bytes), BlobManifest::of(&bytes));
+    let chunks: Vec<&[u8]> = bytes.chunks(CHUNK_BYTES).collect();
+    let store = open(&dir, "p");
+    assert!(!store.put_chunk(&id, &m, 3, chunks[3]).unwrap());
+    assert!(!store.put_chunk(&id, &m, 0, chunks[0]).unwrap());
+    assert!(
+        !store.put_chunk(&id, &m, 0, chunks[0]).unwrap(),
+        "a repeat counts once"
+    );
+    drop(store);
+    let store = open(&dir, "p");
+    assert_eq!(store.missing_chunks(&id).unwrap(), Some(vec![1, 2]));
+    assert!(!store.put_chunk(&id, &m, 1, chunks[1]).unwrap());
+    assert!(store.put_chunk(&id, &m, 2, chunks[2]).unwrap());
+    assert_eq!(store.get(&id).unwrap().unwrap(), bytes);
+}
+
+/// NODE-NET-8: a schema-1 store (blobs named by the SHA3-256 of their
+/// payload) is migrated on open: complete blobs are renamed, incomplete
+/// ones dropped.
+#[test]
+fn node_net_8_a_schema_1_store_is_migrated() {
+    use sha3::{Digest, Sha3_256};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v1");
+    let whole = payload(2 * CHUNK_BYTES + 9, 40);
+    let part = payload(2 * CHUNK_BYTES, 41);
+    let old_id = |b: &[u8]| -> [u8; 32] { Sha3_256::digest(b).into() };
+    let key = |id: &[u8; 32], i: u32| [id.as_slice(), &i.to_be_bytes()].concat();
+    {
+        let db = fjall::Database::builder(&path).open().unwrap();
+        let ks = |n: &str| {
+            db.keyspace(n, fjall::KeyspaceCreateOptions::default)
+                .unwrap()
+        };
+        let (meta, manifests, chunks, complete) = (
+            ks("blob_meta"),
+            ks("blob_manifests"),
+            ks("blob_chunks"),
+            ks("blob_complete"),
+        );
+        meta.insert(b"schema_version", 1u32.to_be_bytes()).unwrap();
+        for (p, done) in [(&whole, true), (&part, false)] {
+            let id = old_id(p);
+            manifests.insert(id, BlobManifest::of(p).encode()).unwrap();
+            let n = if done { 3 } else { 1 };
+            for (i, c) in p.chunks(CHUNK_BYTES).enumerate().take(n) {
+                chunks.insert(key(&id, i as u32), c).unwrap();
+            }
+            if done {
+                complete.insert(id, b"").unwrap();
+            }
+        }
+        db.persist(fjall::PersistMode::SyncAll).unwrap();
+    }
+    let store = open(&dir, "v1");
+    assert_eq!(store.get(&BlobId::of(&whole)).unwrap().unwrap(), whole);
+    assert_eq!(store.manifest(&BlobId(old_id(&whole))).unwrap(), None);
+    assert_eq!(store.missing_chunks(&BlobId(old_id(&part))).unwrap(), None);
+    assert_eq!(store.missing_chunks(&BlobId::of(&part)).unwrap(), None);
+    assert_eq!(store.usage_bytes(), (whole.len() as u64, 0));
+    drop(store);
+    // Reopening (schema 2 now) changes nothing.
+    let store = open(&dir, "v1");
+    assert_eq!(store.get(&BlobId::of(&whole)).unwrap().unwrap(), whole);
 }
