@@ -16,6 +16,7 @@
 //! public_per_min = 100               # default, per client IP
 //! token_per_min = 1000               # default, per token from POST /p2p/register
 //! unlimited_tokens = []              # operator-issued tokens with no limit
+//! trusted_proxies = []               # API-RATE-6: IPs/CIDRs whose X-Forwarded-For is believed
 //!
 //! [inference]                        # the local engine behind /chat
 //! enabled = true                     # default
@@ -159,6 +160,9 @@ impl FileConfig {
                 "rate_limits.max_tracked_keys must be positive".into(),
             ));
         }
+        c.rate_limits
+            .validate()
+            .map_err(|e| Error::Config(format!("rate_limits.{e}")))?;
         let inf = &c.inference;
         if inf.queue_len == 0 || inf.max_tokens_limit == 0 || inf.timeout_ms == 0 {
             return Err(Error::Config(

@@ -19,8 +19,11 @@
 //! | `GET /openapi.json` | the OpenAPI 3 document generated from the handlers ([`openapi`]) |
 //!
 //! Every route but `/health` and `/metrics` is rate limited
-//! ([`crate::ratelimit`], API-RATE-*): 100 requests/min per client IP, 1,000
-//! per token from `/p2p/register` (`Authorization: Bearer <token>`).
+//! ([`crate::ratelimit`], API-RATE-*): 100 requests/min per client address
+//! (an IPv6 client by its /64; behind a trusted proxy, from
+//! `X-Forwarded-For`), 1,000 per token from `/p2p/register`
+//! (`Authorization: Bearer <token>`); a bad token counts against the
+//! address before it is answered `401`.
 //!
 //! Errors are `{"code": <seed appendix A code>, "reason": "<snake_case>",
 //! "message": "<readable>"}` with a 4xx/5xx status: malformed input (bad
@@ -164,6 +167,7 @@ pub struct ApiConfig {
     pub max_body_bytes: usize,
     pub rate_limits: RateLimitConfig,
     pub registry: RegistryConfig,
+    pub mine: pol::MineConfig,
 }
 
 impl Default for ApiConfig {
@@ -172,6 +176,7 @@ impl Default for ApiConfig {
             max_body_bytes: MAX_BODY_BYTES,
             rate_limits: RateLimitConfig::default(),
             registry: RegistryConfig::default(),
+            mine: pol::MineConfig::default(),
         }
     }
 }
@@ -213,6 +218,7 @@ pub struct ApiState {
     pub registry: Arc<Registry>,
     pub limits: Arc<Limits>,
     pub metrics: Arc<ApiMetrics>,
+    pub mine: pol::MineConfig,
 }
 
 impl FromRef<ApiState> for NodeHandle {
@@ -232,8 +238,10 @@ pub fn router(
         blobs,
         registry: Arc::new(Registry::new(
             node.chain_id.clone(),
+            node.address,
             config.registry.clone(),
         )),
+        mine: config.mine.clone(),
         node,
         inference,
         limits: Arc::new(Limits::new(&config.rate_limits)),
@@ -274,8 +282,22 @@ pub fn router(
         .with_state(state)
 }
 
-/// API-RATE-1/2: who the caller is, from the bearer token or the client IP.
-fn caller(state: &ApiState, req: &axum::extract::Request) -> Result<Caller, ApiError> {
+/// API-RATE-1/2/5/6: who the caller is, from the bearer token or the client
+/// address; a bad token is an error to answer after counting the request
+/// against the address (the `Caller` returned with it).
+fn caller(state: &ApiState, req: &axum::extract::Request) -> Result<Caller, (Caller, ApiError)> {
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |c| c.0.ip());
+    let forwarded: Vec<&str> = req
+        .headers()
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let forwarded = (!forwarded.is_empty()).then(|| forwarded.join(","));
+    let public = Caller::Public(state.limits.client_ip(peer, forwarded.as_deref()));
     let auth = req.headers().get(header::AUTHORIZATION);
     if let Some(value) = auth {
         let token = value
@@ -284,12 +306,12 @@ fn caller(state: &ApiState, req: &axum::extract::Request) -> Result<Caller, ApiE
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::trim)
             .ok_or_else(|| {
-                ApiError::new(
+                (public.clone(), ApiError::new(
                     StatusCode::UNAUTHORIZED,
                     code::VALIDATION_FAILED,
                     "invalid_token",
                     "Authorization must be `Bearer <token from POST /p2p/register>`",
-                )
+                ))
             })?;
         if state.limits.is_unlimited_token(token) {
             return Ok(Caller::Unlimited);
@@ -299,19 +321,18 @@ fn caller(state: &ApiState, req: &axum::extract::Request) -> Result<Caller, ApiE
             Registry::token_key(token),
         ) {
             (Some(_), Some(key)) => Ok(Caller::Token(key)),
-            _ => Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                code::VALIDATION_FAILED,
-                "invalid_token",
-                "unknown or revoked token; register again with POST /p2p/register",
+            _ => Err((
+                public,
+                ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    code::VALIDATION_FAILED,
+                    "invalid_token",
+                    "unknown or revoked token; register again with POST /p2p/register",
+                ),
             )),
         };
     }
-    let ip = req
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |c| c.0.ip());
-    Ok(Caller::Public(ip))
+    Ok(public)
 }
 
 /// The middleware in front of every route: rate limits (API-RATE-*) and the
@@ -324,10 +345,13 @@ async fn limit_and_measure(
     let start = Instant::now();
     let exempt = matches!(req.uri().path(), "/health" | "/metrics");
     if !exempt {
-        let refusal = match caller(&state, &req) {
-            Err(e) => Some(e.into_response()),
-            Ok(c) => match state.limits.check(&c) {
-                Ok(()) => None,
+        // API-RATE-5: a bad token is counted against the address first.
+        let (c, unauthorized) = match caller(&state, &req) {
+            Ok(c) => (c, None),
+            Err((c, e)) => (c, Some(e)),
+        };
+        let refusal = match state.limits.check(&c) {
+                Ok(()) => unauthorized.map(IntoResponse::into_response),
                 Err(Refusal::Limited { retry_after }) => {
                     state.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
                     let secs = retry_after.as_millis().div_ceil(1000).max(1);
@@ -349,7 +373,6 @@ async fn limit_and_measure(
                             .into_response(),
                     )
                 }
-            },
         };
         if let Some(r) = refusal {
             state.metrics.observe(start.elapsed());

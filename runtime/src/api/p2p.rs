@@ -1,11 +1,19 @@
 //! `POST /p2p/register` and `GET /nodes` ([`crate::registry`], API-REG-*).
+//!
+//! `POST /p2p/register` answers `403 not_registered_on_chain` for a node
+//! without a `RegisterNode` record (API-REG-6). `GET /nodes?after=&limit=`
+//! (API-REG-8) answers `{announced, on_chain, next_after, height}`: both
+//! lists hold only addresses greater than `after` and at most `limit` (1..=
+//! [`MAX_NODES_PAGE`], default 100) entries; `next_after` is the cursor for
+//! the next page (`null` on the last), and both lists are complete up to
+//! it, so following it visits every node once.
 
 use super::{ApiError, ApiResult, ApiState, code, hex0x, parse_json, snapshot};
 use crate::Error;
 use crate::registry::Announcement;
 use axum::body::Bytes;
-use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use blyan_state_machine::types::Address;
@@ -24,9 +32,11 @@ pub struct RegisterBody {
     /// Expert or block ids the node serves (e.g. `"layer3.expert7"` or a PoL block id).
     #[serde(default)]
     pub available_experts: Vec<String>,
-    /// Milliseconds since the Unix epoch; within 30 s of the receiver's clock.
+    /// Milliseconds since the Unix epoch; within 30 s of the receiver's
+    /// clock, and greater than the node's previous announcement's (API-REG-4).
     pub timestamp_ms: u64,
-    /// `0x` + 128 hex digits: ECDSA over the API-REG-1 signing bytes.
+    /// `0x` + 128 hex digits: ECDSA over the API-REG-1 signing bytes, which
+    /// name the receiver (the `address` of its `GET /status`, API-REG-5).
     pub signature: String,
 }
 
@@ -37,7 +47,8 @@ pub struct RegisterAnswer {
     /// Use as `Authorization: Bearer <auth_token>` (1,000 requests/min).
     pub auth_token: String,
     pub node_id: String,
-    /// Whether the node also holds an on-chain registration (TX-9).
+    /// Whether the node holds an on-chain registration (TX-9); always true,
+    /// since API-REG-6 requires it.
     pub on_chain: bool,
 }
 
@@ -51,7 +62,8 @@ fn hex_array<const N: usize>(s: &str, what: &str) -> Result<[u8; N], ApiError> {
 /// Announce an inference node and get an API token.
 #[utoipa::path(post, path = "/p2p/register", request_body = RegisterBody,
     responses((status = 200, body = RegisterAnswer), (status = 400, body = super::openapi::ErrorBody),
-              (status = 429, body = super::openapi::ErrorBody), (status = 503, body = super::openapi::ErrorBody)))]
+              (status = 403, body = super::openapi::ErrorBody), (status = 429, body = super::openapi::ErrorBody),
+              (status = 503, body = super::openapi::ErrorBody)))]
 pub async fn register(
     State(state): State<ApiState>,
     body: Result<Bytes, BytesRejection>,
@@ -75,10 +87,18 @@ pub async fn register(
         timestamp_ms: b.timestamp_ms,
         signature: hex_array(&b.signature, "signature")?,
     };
+    // API-REG-6: only a node registered on chain may announce.
+    let on_chain = snapshot(&state.node).ledger.node(&node_id).is_some();
     let token = state
         .registry
-        .register(&a, crate::transport::now_ms())
+        .register(&a, crate::transport::now_ms(), on_chain)
         .map_err(|e| match e {
+            Error::Forbidden(m) => ApiError::new(
+                StatusCode::FORBIDDEN,
+                code::VALIDATION_FAILED,
+                "not_registered_on_chain",
+                m,
+            ),
             Error::BadRequest(m) => ApiError::new(
                 StatusCode::BAD_REQUEST,
                 code::VALIDATION_FAILED,
@@ -93,7 +113,6 @@ pub async fn register(
                 other.to_string(),
             ),
         })?;
-    let on_chain = snapshot(&state.node).ledger.node(&node_id).is_some();
     Ok(axum::Json(RegisterAnswer {
         registered: true,
         auth_token: token,
@@ -103,13 +122,63 @@ pub async fn register(
     .into_response())
 }
 
-/// Announced inference nodes, and the nodes registered on chain (TX-9).
-#[utoipa::path(get, path = "/nodes", responses((status = 200, body = Object)))]
-pub async fn nodes(State(state): State<ApiState>) -> ApiResult {
+/// Most nodes of each list one `GET /nodes` page returns (API-REG-8).
+pub const MAX_NODES_PAGE: usize = 100;
+
+/// `?after=<address>&limit=<n>` (API-REG-8).
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct NodesPage {
+    /// Return nodes with addresses greater than this one.
+    pub after: Option<String>,
+    /// At most this many of each list (1..=100, default 100).
+    pub limit: Option<usize>,
+}
+
+/// Announced inference nodes, and the nodes registered on chain (TX-9), a
+/// page at a time (API-REG-8).
+#[utoipa::path(get, path = "/nodes", params(NodesPage),
+    responses((status = 200, body = Object), (status = 400, body = super::openapi::ErrorBody)))]
+pub async fn nodes(State(state): State<ApiState>, Query(page): Query<NodesPage>) -> ApiResult {
+    let limit = page.limit.unwrap_or(MAX_NODES_PAGE);
+    if limit == 0 || limit > MAX_NODES_PAGE {
+        return Err(ApiError::bad_request(format!(
+            "limit must be between 1 and {MAX_NODES_PAGE}"
+        )));
+    }
+    let after: Option<Address> = page
+        .after
+        .as_deref()
+        .map(|a| {
+            a.parse()
+                .map_err(|e: blyan_state_machine::types::AddressParseError| {
+                    ApiError::bad_request(format!("after: {e}"))
+                })
+        })
+        .transpose()?;
     let snap = snapshot(&state.node);
-    let on_chain: Vec<_> = snap
+    let mut announced = state
+        .registry
+        .page(after.as_ref(), limit, crate::transport::now_ms());
+    let mut on_chain: Vec<_> = snap
         .ledger
         .nodes()
+        .filter(|(addr, _)| after.is_none_or(|a| **addr > a))
+        .take(limit)
+        .collect();
+    // Each full list may have more after its last entry: the next page
+    // starts at the smaller of those, and both lists stop there.
+    let ends = [
+        (announced.len() == limit).then(|| announced.last().map(|n| n.node_id)),
+        (on_chain.len() == limit).then(|| on_chain.last().map(|(a, _)| **a)),
+    ];
+    let next_after = ends.into_iter().flatten().flatten().min();
+    if let Some(end) = next_after {
+        announced.retain(|n| n.node_id <= end);
+        on_chain.retain(|(a, _)| **a <= end);
+    }
+    let on_chain: Vec<_> = on_chain
+        .into_iter()
         .map(|(addr, r)| {
             json!({
                 "node_id": addr,
@@ -121,8 +190,9 @@ pub async fn nodes(State(state): State<ApiState>) -> ApiResult {
         })
         .collect();
     Ok(axum::Json(json!({
-        "announced": state.registry.nodes(),
+        "announced": announced,
         "on_chain": on_chain,
+        "next_after": next_after,
         "height": snap.height(),
     }))
     .into_response())

@@ -7,14 +7,25 @@
 //!   so `/mine` takes that transaction plus the payload: `{"tx": "0x…",
 //!   "block_data": "0x<hex payload>", "candidate_loss": 1.23}`. The node
 //!   checks the payload against the block it registers (size, SHA3-256
-//!   Merkle root POL-3, CIDv1 POL-4), keeps it in its blob store (synced to
-//!   disk first) so peers and validators can fetch it, and submits the
-//!   transaction. Any mismatch is
-//!   `400` and nothing is stored or submitted.
+//!   Merkle root POL-3, CIDv1 POL-4), submits the transaction, and once the
+//!   mempool admitted it keeps the payload in its blob store (synced to
+//!   disk) so peers and validators can fetch it (API-MINE-3). Any mismatch
+//!   is `400` and nothing is stored or submitted.
 //! - **API-MINE-2** The answer is `{block_hash, tx_id, status: "pending",
 //!   reward_bly: 0}`: a delta's reward is known only after validators
 //!   re-evaluate it (POL-31..35); `candidate_loss` is the miner's claim and
 //!   is echoed, never trusted.
+//! - **API-MINE-3** Admission before storage: the payload is written only
+//!   after the mempool admitted the transaction (signature, nonce, fee,
+//!   NODE-MP-*); a refused transaction stores nothing. A transaction the
+//!   pool already holds (`duplicate`) is admitted, so an interrupted
+//!   `/mine` can be retried. The payload is stored *pending* (NODE-NET-10):
+//!   pending payloads total at most [`MineConfig::pending_quota_bytes`] (and
+//!   [`crate::blobs::MAX_PENDING_BLOBS`]), checked before the transaction is
+//!   submitted (`507 blob_quota_exceeded`), and each `/mine` first collects
+//!   the garbage: a pending payload whose PoL block entered the DAG is kept
+//!   for good; one whose block did not within [`MineConfig::pending_ttl_ms`]
+//!   is deleted.
 
 use super::{
     ApiError, ApiResult, ApiState, code, decode_tx, hex0x, parse_hash, parse_json, snapshot, submit,
@@ -32,6 +43,36 @@ use serde_json::{Value, json};
 
 /// Most PoL blocks one `GET /pol/blocks` page returns.
 pub const MAX_PAGE: usize = 100;
+
+/// `/mine` settings (API-MINE-3).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MineConfig {
+    /// Most bytes of payloads whose transactions have not committed.
+    pub pending_quota_bytes: u64,
+    /// How long a payload waits for its transaction to commit.
+    pub pending_ttl_ms: u64,
+}
+
+impl Default for MineConfig {
+    fn default() -> Self {
+        MineConfig {
+            pending_quota_bytes: 1024 * 1024 * 1024,
+            pending_ttl_ms: 60 * 60 * 1000,
+        }
+    }
+}
+
+fn blob_error(e: crate::Error) -> ApiError {
+    match e {
+        crate::Error::BlobQuotaExceeded(m) => ApiError::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            code::NODE_OFFLINE,
+            "blob_quota_exceeded",
+            m,
+        ),
+        other => ApiError::offline(format!("could not store the payload: {other}")),
+    }
+}
 
 /// `/mine` request.
 #[derive(serde::Deserialize, utoipa::ToSchema)]
@@ -59,8 +100,8 @@ pub struct MineAnswer {
     pub candidate_loss: Option<f64>,
     pub payload_bytes: u64,
     pub payload_cid: String,
-    /// The payload's id in this node's blob store (SHA3-256), which peers
-    /// fetch it by; `None` if the node keeps no blobs.
+    /// The payload's id in this node's blob store (NODE-NET-8: SHA3-256 of
+    /// its manifest), which peers fetch it by; `None` if the node keeps no blobs.
     pub blob_id: Option<String>,
 }
 
@@ -90,7 +131,8 @@ pub fn check_payload(block: &PolBlock, payload: &[u8]) -> Result<(), String> {
 #[utoipa::path(post, path = "/mine", request_body = MineBody,
     responses((status = 200, body = MineAnswer), (status = 400, body = super::openapi::ErrorBody),
               (status = 409, body = super::openapi::ErrorBody), (status = 413, body = super::openapi::ErrorBody),
-              (status = 422, body = super::openapi::ErrorBody), (status = 429, body = super::openapi::ErrorBody)))]
+              (status = 422, body = super::openapi::ErrorBody), (status = 429, body = super::openapi::ErrorBody),
+              (status = 503, body = super::openapi::ErrorBody), (status = 507, body = super::openapi::ErrorBody)))]
 pub async fn mine(State(state): State<ApiState>, body: Result<Bytes, BytesRejection>) -> ApiResult {
     let b: MineBody = parse_json(
         body,
@@ -120,19 +162,46 @@ pub async fn mine(State(state): State<ApiState>, body: Result<Bytes, BytesReject
     let payload = hex::decode(b.block_data.trim_start_matches("0x"))
         .map_err(|e| ApiError::bad_request(format!("block_data is not hex: {e}")))?;
     check_payload(&block, &payload).map_err(ApiError::bad_request)?;
+    let task_failed =
+        |e: tokio::task::JoinError| ApiError::offline(format!("blob store task failed: {e}"));
+    let quota = state.mine.pending_quota_bytes;
+    // API-MINE-3: collect the garbage, then check there is room, before
+    // the transaction is submitted.
+    if let Some(blobs) = &state.blobs {
+        let (blobs, snap) = (blobs.clone(), snapshot(&state.node));
+        let now_ms = crate::transport::now_ms();
+        let size = payload.len() as u64;
+        tokio::task::spawn_blocking(move || {
+            blobs.collect_garbage(now_ms, |b| snap.ledger.pol().block(b).is_some())?;
+            blobs.check_pending_room(size, quota)
+        })
+        .await
+        .map_err(task_failed)?
+        .map_err(blob_error)?;
+    }
+    // API-MINE-3: admitted (or already held) before anything is stored.
+    let tx_id = tx.id();
+    match submit(&state.node, tx).await {
+        Ok(_) => {}
+        Err(e) if e.reason == "duplicate" => {}
+        Err(e) => return Err(e),
+    }
     let blob_id = match &state.blobs {
         Some(blobs) => {
             let blobs = blobs.clone();
-            let payload = payload.clone();
-            let id = tokio::task::spawn_blocking(move || blobs.put(&payload))
-                .await
-                .map_err(|e| ApiError::offline(format!("blob store task failed: {e}")))?
-                .map_err(|e| ApiError::offline(format!("could not store the payload: {e}")))?;
+            let pending = crate::blobs::Pending {
+                pol_block: block.id(),
+                expires_at_ms: crate::transport::now_ms().saturating_add(state.mine.pending_ttl_ms),
+            };
+            let id =
+                tokio::task::spawn_blocking(move || blobs.put_pending(&payload, pending, quota))
+                    .await
+                    .map_err(task_failed)?
+                    .map_err(blob_error)?;
             Some(id.to_string())
         }
         None => None,
     };
-    let tx_id = submit(&state.node, tx).await?;
     Ok(axum::Json(MineAnswer {
         block_hash: hex0x(&block.id()),
         tx_id: hex0x(&tx_id),
