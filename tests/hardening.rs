@@ -17,6 +17,7 @@
 
 mod support;
 
+use blyan_runtime::bench_sync::big_tx;
 use blyan_runtime::chaos::{ChaosOptions, Flood, flood_sources};
 use blyan_runtime::client::{get_json, post_json};
 use blyan_runtime::devnet::{DevnetOptions, write_layout};
@@ -24,7 +25,7 @@ use blyan_state_machine::encoding::Canonical;
 use blyan_state_machine::genesis::GenesisBalance;
 use blyan_state_machine::ledger::intrinsic_gas;
 use blyan_state_machine::testkit::{address, key};
-use blyan_state_machine::tx::{NodeInfo, SignedTx, TxBody, TxKind};
+use blyan_state_machine::tx::{SignedTx, TxBody, TxKind};
 use blyan_state_machine::types::BLY;
 use serde_json::Value;
 use std::net::SocketAddr;
@@ -196,34 +197,6 @@ async fn a_validator_restarted_while_its_peers_are_flooded_reconnects_and_votes(
         "the flood opened only {opened} connections\n{}",
         dump_logs(dir.path())
     );
-}
-
-/// A RegisterNode transaction of ~32 KB (1,024 block ids) whose bond is too
-/// small: it fails in execution (TX-12), keeps its fee and is included, so
-/// blocks of such transactions are big without changing the node registry.
-fn big_tx(chain_id: &str, sender: &k256::ecdsa::SigningKey, nonce: u64) -> SignedTx {
-    let kind = TxKind::RegisterNode {
-        info: Box::new(NodeInfo {
-            endpoint: format!("big-{nonce}.example:1"),
-            blocks: (0..1024u32)
-                .map(|i| {
-                    let mut h = [0u8; 32];
-                    h[..4].copy_from_slice(&i.to_be_bytes());
-                    h[4..12].copy_from_slice(&nonce.to_be_bytes());
-                    h
-                })
-                .collect(),
-        }),
-        bond: 1,
-    };
-    TxBody {
-        nonce,
-        gas_limit: intrinsic_gas(&kind),
-        max_fee_per_gas: 1_000_000_000_000,
-        max_priority_fee_per_gas: 1,
-        kind,
-    }
-    .sign(chain_id, sender)
 }
 
 /// NODE-SYNC-5: catch-up over blocks too big for a 32-block reply.

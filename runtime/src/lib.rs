@@ -22,6 +22,7 @@
 pub mod api;
 pub mod bench;
 pub mod bench_open;
+pub mod bench_sync;
 pub mod blobs;
 pub mod chaos;
 pub mod client;

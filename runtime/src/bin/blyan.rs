@@ -13,6 +13,7 @@
 //!             [--timeout-propose-ms MS]
 //! blyan chaos --dir DIR [--duration 600] [--rate 1000] [--block-interval-ms 2000]
 //!             [--accounts 4000] [--kill-min-s 30] [--kill-max-s 60] [--no-flood] [--seed 1]
+//! blyan bench-sync --dir DIR [--blocks 100] [--block-interval-ms 1000]
 //! blyan bench-open --dir DIR [--blocks 100000] [--txs-per-block 1] [--runs 3] [--skip-replay]
 //! blyan store verify --config FILE
 //! ```
@@ -129,6 +130,18 @@ enum Command {
         /// Seed of the nemesis's choices.
         #[arg(long, default_value_t = 1)]
         seed: u64,
+    },
+    /// Catch-up over big blocks: a validator down while the others commit
+    /// `--blocks` blocks of about 1 MiB, then restarted and timed
+    /// (NODE-SYNC-5/6).
+    BenchSync {
+        /// A fresh directory (devnet, node logs); kept.
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 100)]
+        blocks: u64,
+        #[arg(long, default_value_t = 1_000)]
+        block_interval_ms: u64,
     },
     /// Store maintenance.
     Store {
@@ -518,6 +531,21 @@ async fn run(cli: Cli) -> Result<(), Error> {
                     return Err(e);
                 }
             }
+        }
+        Command::BenchSync {
+            dir,
+            blocks,
+            block_interval_ms,
+        } => {
+            init_logging_or(tracing::Level::WARN);
+            let opts = blyan_runtime::bench_sync::SyncBenchOptions {
+                dir,
+                binary: std::env::current_exe().map_err(|e| Error::io("current_exe", e))?,
+                blocks,
+                block_interval_ms,
+            };
+            let report = blyan_runtime::bench_sync::run(&opts).await?;
+            print!("{}", report.table());
         }
         Command::Store {
             command: StoreCommand::Verify { config },
