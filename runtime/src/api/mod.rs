@@ -306,12 +306,15 @@ fn caller(state: &ApiState, req: &axum::extract::Request) -> Result<Caller, (Cal
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::trim)
             .ok_or_else(|| {
-                (public.clone(), ApiError::new(
-                    StatusCode::UNAUTHORIZED,
-                    code::VALIDATION_FAILED,
-                    "invalid_token",
-                    "Authorization must be `Bearer <token from POST /p2p/register>`",
-                ))
+                (
+                    public.clone(),
+                    ApiError::new(
+                        StatusCode::UNAUTHORIZED,
+                        code::VALIDATION_FAILED,
+                        "invalid_token",
+                        "Authorization must be `Bearer <token from POST /p2p/register>`",
+                    ),
+                )
             })?;
         if state.limits.is_unlimited_token(token) {
             return Ok(Caller::Unlimited);
@@ -351,28 +354,25 @@ async fn limit_and_measure(
             Err((c, e)) => (c, Some(e)),
         };
         let refusal = match state.limits.check(&c) {
-                Ok(()) => unauthorized.map(IntoResponse::into_response),
-                Err(Refusal::Limited { retry_after }) => {
-                    state.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
-                    let secs = retry_after.as_millis().div_ceil(1000).max(1);
-                    let mut r = ApiError::new(
+            Ok(()) => unauthorized.map(IntoResponse::into_response),
+            Err(Refusal::Limited { retry_after }) => {
+                state.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
+                let secs = retry_after.as_millis().div_ceil(1000).max(1);
+                let mut r = ApiError::new(
                         StatusCode::TOO_MANY_REQUESTS,
                         code::VALIDATION_FAILED,
                         "rate_limited",
                         format!("rate limit reached; retry in {secs} s (a token from POST /p2p/register raises the limit)"),
                     )
                     .into_response();
-                    r.headers_mut()
-                        .insert(header::RETRY_AFTER, header::HeaderValue::from(secs as u64));
-                    Some(r)
-                }
-                Err(Refusal::Saturated) => {
-                    state.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
-                    Some(
-                        ApiError::offline("too many clients are tracked; retry later")
-                            .into_response(),
-                    )
-                }
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, header::HeaderValue::from(secs as u64));
+                Some(r)
+            }
+            Err(Refusal::Saturated) => {
+                state.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
+                Some(ApiError::offline("too many clients are tracked; retry later").into_response())
+            }
         };
         if let Some(r) = refusal {
             state.metrics.observe(start.elapsed());
