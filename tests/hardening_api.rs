@@ -92,9 +92,13 @@ async fn post_raw(stream: &mut TcpStream, url: &str, path: &str, body: &Value) {
     stream.write_all(body.as_bytes()).await.unwrap();
 }
 
+/// A stream of thousands of chunks: greedy decoding of this prompt by the
+/// embedded model runs 2,777 tokens before its end of text (hundreds of
+/// KB of events, far more than the socket, hyper and the two bounded
+/// queues hold).
 fn long_stream() -> Value {
     json!({
-        "messages": [{ "role": "user", "content": "hello" }],
+        "messages": [{ "role": "user", "content": "zz" }],
         "max_tokens": 4_000,
         "stream": true,
     })
@@ -108,14 +112,36 @@ fn long_stream() -> Value {
 async fn api_chat_4_a_stalled_stream_reader_does_not_block_other_clients() {
     let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().unwrap();
-    let net = devnet(dir.path(), long_jobs()).await;
+    // Small socket buffers on both ends (API-HTTP-5), so the stream backs
+    // up into the server after tens of KB instead of the kernel's
+    // autotuned MBs (more than this model's longest answer).
+    let net = devnet_with(
+        dir.path(),
+        long_jobs(),
+        HttpConfig {
+            send_buffer_bytes: Some(16 * 1024),
+            ..HttpConfig::default()
+        },
+    )
+    .await;
     let url = net.nodes[0].api_url();
 
-    // A small receive window, so the stream backs up into the server soon.
     let socket = TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let mut stalled = socket.connect(net.nodes[0].http_addr).await.unwrap();
     post_raw(&mut stalled, &url, "/v1/chat/completions", &long_stream()).await;
+    // Read up to a second event: the job is running (the next one queues
+    // behind it). From here on this client reads nothing.
+    within("the stream's first events", async {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 256];
+        while String::from_utf8_lossy(&seen).matches("data: ").count() < 2 {
+            let n = stalled.read(&mut buf).await.unwrap();
+            assert!(n > 0, "{}", String::from_utf8_lossy(&seen));
+            seen.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
 
     let (s, a) = within(
         "a /chat behind a stalled stream",

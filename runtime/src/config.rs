@@ -32,6 +32,7 @@
 //! request_timeout_ms = 60000         # default: body read and response head within 60 s (> inference.timeout_ms)
 //! max_connections = 4096             # default: open connections in all (at most half the fd limit)
 //! max_connections_per_ip = 512       # default: open connections per client IP
+//! # send_buffer_bytes = 262144       # default: unset, the kernel autotunes SO_SNDBUF
 //!
 //! [[peers]]                          # the seed list: validators dialled and the only
 //!                                    # nodes admitted by the mutual-TLS handshake

@@ -21,6 +21,12 @@
 //!   read from it, and counted in `/metrics`
 //!   (`blyan_http_connections_refused_total{reason}`). The global cap is
 //!   also held to half the process's file-descriptor limit.
+//! - **API-HTTP-5** `send_buffer_bytes`, when set, fixes each connection's
+//!   kernel send buffer (`SO_SNDBUF`; unset, Linux autotunes it up to
+//!   `net.ipv4.tcp_wmem`'s maximum, 4 MiB by default). It bounds the kernel
+//!   memory a client that stops reading pins, and how far a stream runs
+//!   ahead of its reader before the engine finds the reader stalled
+//!   (API-CHAT-4).
 //! - **API-HTTP-4** At start-up the process raises its `RLIMIT_NOFILE` soft
 //!   limit to the hard limit ([`raise_nofile_limit`], once per process),
 //!   through `rustix` (already in the dependency tree via `tempfile`; the
@@ -63,6 +69,10 @@ pub struct HttpConfig {
     /// bench` opens up to 256 keep-alive connections per node from one
     /// address.
     pub max_connections_per_ip: usize,
+    /// API-HTTP-5: `SO_SNDBUF` of each connection; `None`: the kernel's
+    /// autotuning.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub send_buffer_bytes: Option<usize>,
 }
 
 impl Default for HttpConfig {
@@ -72,6 +82,7 @@ impl Default for HttpConfig {
             request_timeout_ms: 60_000,
             max_connections: 4_096,
             max_connections_per_ip: 512,
+            send_buffer_bytes: None,
         }
     }
 }
@@ -84,9 +95,10 @@ impl HttpConfig {
             || self.request_timeout_ms == 0
             || self.max_connections == 0
             || self.max_connections_per_ip == 0
+            || self.send_buffer_bytes == Some(0)
         {
             return Err(crate::Error::Config(
-                "http.header_read_timeout_ms, request_timeout_ms, max_connections and max_connections_per_ip must be positive".into(),
+                "http.header_read_timeout_ms, request_timeout_ms, max_connections, max_connections_per_ip and send_buffer_bytes must be positive".into(),
             ));
         }
         if let Some(t) = inference_timeout_ms
@@ -360,6 +372,11 @@ pub async fn serve(
         stats.accepted.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "could not set TCP_NODELAY on an API connection");
+        }
+        if let Some(n) = config.send_buffer_bytes
+            && let Err(e) = socket2::SockRef::from(&tcp).set_send_buffer_size(n)
+        {
+            tracing::debug!(error = %e, "could not set SO_SNDBUF on an API connection");
         }
         let router = router.clone();
         let stats = stats.clone();

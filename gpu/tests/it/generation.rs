@@ -161,3 +161,32 @@ fn qwen_style_tokenizer_json_matches_the_tokenizers_library() {
         assert_eq!(tok.decode(&got).expect("decode"), text);
     }
 }
+
+/// `generate_until` asks after every token and stops at the first `Break`
+/// (API-CHAT-4 in the runtime cancels jobs this way).
+#[test]
+fn generate_until_stops_at_the_first_break() {
+    let m = default_model();
+    let tok = m.tokenizer.as_ref().expect("tokenizer");
+    let req = GenerateRequest {
+        prompt_ids: tok.encode("hello").expect("encode"),
+        max_tokens: 20,
+        sampling: SamplingParams::default(),
+        stop: vec![],
+        stop_ids: vec![],
+    };
+    let mut steps = 0;
+    let out = blyan_gpu::generate::generate_until(&m.model, Some(tok), &req, |_| {
+        steps += 1;
+        if steps == 3 {
+            std::ops::ControlFlow::Break(())
+        } else {
+            std::ops::ControlFlow::Continue(())
+        }
+    })
+    .expect("generate");
+    assert_eq!(out.finish_reason, FinishReason::Cancelled);
+    assert_eq!((steps, out.completion_tokens), (3, 3));
+    let full = generate(&m.model, Some(tok), &req, |_| {}).expect("generate");
+    assert_eq!(out.tokens, full.tokens[..3], "the same tokens, cut");
+}
