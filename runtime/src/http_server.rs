@@ -21,16 +21,16 @@
 //!   read from it, and counted in `/metrics`
 //!   (`blyan_http_connections_refused_total{reason}`). The global cap is
 //!   also held to half the process's file-descriptor limit.
+//! - **API-HTTP-4** At start-up the process raises its `RLIMIT_NOFILE` soft
+//!   limit to the hard limit ([`raise_nofile_limit`], once per process),
+//!   through `rustix` (already in the dependency tree via `tempfile`; the
+//!   workspace forbids `unsafe`, so no direct `libc` call).
 //! - **API-HTTP-5** `send_buffer_bytes`, when set, fixes each connection's
 //!   kernel send buffer (`SO_SNDBUF`; unset, Linux autotunes it up to
 //!   `net.ipv4.tcp_wmem`'s maximum, 4 MiB by default). It bounds the kernel
 //!   memory a client that stops reading pins, and how far a stream runs
 //!   ahead of its reader before the engine finds the reader stalled
 //!   (API-CHAT-4).
-//! - **API-HTTP-4** At start-up the process raises its `RLIMIT_NOFILE` soft
-//!   limit to the hard limit ([`raise_nofile_limit`], once per process),
-//!   through `rustix` (already in the dependency tree via `tempfile`; the
-//!   workspace forbids `unsafe`, so no direct `libc` call).
 //!
 //! Every accepted connection gets `TCP_NODELAY` (without it a keep-alive
 //! client waits on Nagle's algorithm and delayed ACKs, tens of ms per
