@@ -5,7 +5,9 @@
 //! genesis_file = "genesis.json"      # relative paths are relative to this file
 //! data_dir = "data"                  # fjall store
 //! key_file = "key.json"              # keystore.rs format
-//! key_password_env = "BLYAN_KEY_PASSWORD"  # default; the variable holds the password ("" if unset)
+//! key_password_env = "BLYAN_KEY_PASSWORD"  # default: the variable that holds the password
+//! # key_password_file = "password.txt"  # or the password is this file's first line (KEY-2);
+//! #                                      # neither set: a prompt on a terminal, else an error
 //! p2p_addr = "0.0.0.0:7100"          # default
 //! http_addr = "127.0.0.1:8100"       # default
 //! block_interval_ms = 2000           # default (the seed's 2.0 s block time)
@@ -79,6 +81,10 @@ pub struct FileConfig {
     pub key_file: PathBuf,
     #[serde(default = "default_password_env")]
     pub key_password_env: String,
+    /// KEY-2: a file whose first line is the key's password (taken before
+    /// the environment variable).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_password_file: Option<PathBuf>,
     #[serde(default = "default_p2p")]
     pub p2p_addr: String,
     #[serde(default = "default_http")]
@@ -131,6 +137,7 @@ impl FileConfig {
         for p in [&mut c.genesis_file, &mut c.data_dir, &mut c.key_file]
             .into_iter()
             .chain(c.inference.model_dir.as_mut())
+            .chain(c.key_password_file.as_mut())
         {
             if p.is_relative() {
                 *p = base.join(&*p);

@@ -248,6 +248,7 @@ fn file_config(
         data_dir: "data".into(),
         key_file: "key.json".into(),
         key_password_env: crate::config::DEFAULT_PASSWORD_ENV.into(),
+        key_password_file: None,
         p2p_addr: peers[i].addr.clone(),
         http_addr: http_addr.to_string(),
         block_interval_ms: opts.block_interval_ms,

@@ -53,7 +53,16 @@ impl NodeSetup {
         }
         let key_text =
             std::fs::read_to_string(&c.key_file).map_err(|e| Error::io(c.key_file.display(), e))?;
-        let password = std::env::var(&c.key_password_env).unwrap_or_default();
+        // KEY-2: a file, the environment, or a prompt on a terminal; never
+        // silently empty.
+        let password = crate::keystore::resolve_password(
+            crate::keystore::PasswordSources {
+                given: None,
+                file: c.key_password_file.as_deref(),
+                env: Some(&c.key_password_env),
+            },
+            crate::keystore::Prompt::Once,
+        )?;
         let key = KeyFile::from_json(&key_text)?.decrypt(&password)?;
         Ok(NodeSetup {
             genesis,

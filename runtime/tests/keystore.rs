@@ -141,3 +141,36 @@ fn wycheproof_aes_256_gcm_96_bit_nonce() {
     }
     assert!(n >= 50, "{n}");
 }
+
+/// KEY-2 for `blyan node`: a node whose configuration names no password
+/// source that gives one does not start with an empty password; it refuses
+/// with an error naming the options. A `key_password_file` works.
+#[test]
+fn key_2_a_node_without_a_password_refuses_to_start_and_a_password_file_works() {
+    use blyan_runtime::config::FileConfig;
+    use blyan_runtime::devnet::{DEVNET_PASSWORD, DevnetOptions, write_layout};
+    use blyan_runtime::node::NodeSetup;
+    let dir = tempfile::tempdir().unwrap();
+    let opts = DevnetOptions::new(dir.path().join("devnet"), 1);
+    let addrs = vec![("127.0.0.1:1".to_string(), "127.0.0.1:2".to_string())];
+    let (_, configs) = write_layout(&opts, &addrs).unwrap();
+    let mut c = FileConfig::load(&configs[0]).unwrap();
+    c.key_password_env = "BLYAN_TEST_PASSWORD_NEVER_SET_9F2C".into();
+    match NodeSetup::from_config(&c) {
+        Err(e) => {
+            let m = e.to_string();
+            assert!(m.contains("password"), "{m}");
+        }
+        Ok(_) => panic!("a node started with no password given"),
+    }
+    let file = dir.path().join("password.txt");
+    std::fs::write(&file, format!("{DEVNET_PASSWORD}\n")).unwrap();
+    c.key_password_file = Some(file);
+    let setup = NodeSetup::from_config(&c).unwrap();
+    assert_eq!(
+        blyan_state_machine::testkit::address(&setup.key),
+        blyan_runtime::keystore::KeyFile::from_json(&std::fs::read_to_string(&c.key_file).unwrap())
+            .unwrap()
+            .address
+    );
+}
