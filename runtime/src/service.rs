@@ -184,7 +184,7 @@ pub const INBOUND_QUEUE: usize = 4_096;
 /// second, 20 at once).
 pub const SYNC_SERVE_BYTES_PER_S: u64 = 32 * 1024 * 1024;
 pub const SYNC_SERVE_BURST_BYTES: u64 = 64 * 1024 * 1024;
-// NODE-NET-8: the channel holds at least every peer's quota
+// NODE-NET-11: the channel holds at least every peer's quota
 // (`transport::inbound_queue_len`), so a peer within its quota never waits.
 /// Peer transactions taken off the inbound channel ahead of the consensus
 /// messages behind them and not yet fed to the node.
@@ -399,7 +399,7 @@ impl NodeService {
                     if matches!(item.message, WireMessage::Tx(_)) {
                         gossip.push_back(item);
                     } else {
-                        // The sender's quota permit (NODE-NET-8) is released
+                        // The sender's quota permit (NODE-NET-11) is released
                         // once the message has been handled.
                         let (from, message, _permit) = item.split();
                         self.step(NodeInput::Message { from, message }, None);

@@ -160,7 +160,7 @@ const MAX_PAYLOAD_BYTES: usize = MAX_FRAME_BYTES - HEADER_BYTES;
 /// overhead (well under 64 KiB for 32 blocks), fits in one frame.
 pub const MAX_SYNC_BATCH_BYTES: u64 = (MAX_PAYLOAD_BYTES - 8 - 64 * 1024) as u64;
 
-/// A message received from an authenticated peer. NODE-NET-8: it holds one
+/// A message received from an authenticated peer. NODE-NET-11: it holds one
 /// of its sender's [`TransportConfig::inbound_messages_per_peer`] permits
 /// until the node drops it (after handling it), so one peer's backlog never
 /// takes another's room in the node's queue.
@@ -188,11 +188,11 @@ impl Inbound {
     }
 }
 
-/// A peer's inbound-quota permit (NODE-NET-8); released when dropped.
+/// A peer's inbound-quota permit (NODE-NET-11); released when dropped.
 #[derive(Debug)]
 pub struct QuotaPermit(#[allow(dead_code)] Option<OwnedSemaphorePermit>);
 
-/// NODE-NET-8: the node's inbound channel must hold this many messages so
+/// NODE-NET-11: the node's inbound channel must hold this many messages so
 /// that a peer within its quota never waits on another's backlog.
 pub fn inbound_queue_len(config: &TransportConfig) -> usize {
     config
@@ -254,7 +254,7 @@ pub struct TransportConfig {
     /// NODE-NET-6b: handshakes in flight from one source address (an IPv6
     /// /64 counts as one); more are refused at once (default 4).
     pub max_handshakes_per_source: usize,
-    /// NODE-NET-8: messages of one peer in the node's inbound queue (and
+    /// NODE-NET-11: messages of one peer in the node's inbound queue (and
     /// its gossip backlog) at once; beyond it that peer's own stream waits
     /// (default 1024).
     pub inbound_messages_per_peer: usize,
@@ -306,7 +306,7 @@ pub struct NetCounters {
     pub outbound_queue_full: AtomicU64,
     /// Batches lost with a peer connection (the protocol retransmits).
     pub outbound_batches_lost: AtomicU64,
-    /// NODE-NET-8: times a peer's frame waited because that peer's inbound
+    /// NODE-NET-11: times a peer's frame waited because that peer's inbound
     /// quota was used up (its stream is slowed, nobody else's).
     pub inbound_quota_waits: AtomicU64,
     /// NODE-SYNC-6: block requests not served: the peer's byte budget was spent.
@@ -361,7 +361,7 @@ impl NetCounters {
             ),
             (
                 "blyan_p2p_inbound_quota_waits_total",
-                "Peer frames that waited on their sender's inbound quota (NODE-NET-8).",
+                "Peer frames that waited on their sender's inbound quota (NODE-NET-11).",
                 &self.inbound_quota_waits,
             ),
             (
@@ -655,7 +655,7 @@ struct Shared {
     blocked: Arc<RwLock<BTreeSet<PeerId>>>,
     blobs: Option<Arc<BlobStore>>,
     counters: Arc<NetCounters>,
-    /// NODE-NET-8: each known peer's inbound quota.
+    /// NODE-NET-11: each known peer's inbound quota.
     quotas: BTreeMap<PeerId, Arc<Semaphore>>,
 }
 

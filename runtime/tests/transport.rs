@@ -205,13 +205,13 @@ key_file = "key.json"
     assert_eq!(c.transport_peers().unwrap()[0].id(), Some(address(&key(0))));
 }
 
-/// NODE-NET-8: one peer that floods the node cannot crowd another out of
+/// NODE-NET-11: one peer that floods the node cannot crowd another out of
 /// the node's inbound queue. The node (key 0) reads nothing while peer 1
 /// sends far more than its quota; peer 2's one message still gets into the
 /// queue, within the first `quota + 1` items (before the per-peer quotas,
 /// peer 1's flood filled the whole shared queue ahead of it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn net_8_a_flooding_peer_cannot_crowd_another_out_of_the_inbound_queue() {
+async fn net_11_a_flooding_peer_cannot_crowd_another_out_of_the_inbound_queue() {
     use blyan_runtime::transport::{
         GrpcTransport, Outbound, Peer, TransportConfig, inbound_queue_len,
     };
