@@ -111,8 +111,10 @@ pub struct ChatResult {
     pub completion_tokens: usize,
     /// `stop` or `length`.
     pub finish_reason: &'static str,
-    /// The MoE experts that served the request (`layer.expert`); empty for a
-    /// dense model.
+    /// The MoE experts that served the request (`layer.expert`). Always
+    /// empty for now: the local engine does not report its routing yet (the
+    /// inference-network issue routes requests through experts and will
+    /// fill it).
     pub experts_used: Vec<String>,
 }
 

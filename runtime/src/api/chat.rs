@@ -72,6 +72,8 @@ pub struct ChatAnswer {
     pub tokens_used: usize,
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
+    /// The seed's field; always `[]` for now (the local engine does not
+    /// report MoE routing yet).
     pub experts_used: Vec<String>,
     /// API-CHAT-2, in BLY (display; `cost_base_units` is exact).
     pub cost_bly: f64,
