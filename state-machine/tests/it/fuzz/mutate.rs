@@ -138,7 +138,7 @@ pub fn mutation_sets(n: usize) -> impl Strategy<Value = Vec<Vec<Mutation>>> {
     prop::collection::vec(mutations(), 1..=n)
 }
 
-fn write_int(out: &mut Vec<u8>, slot: IntSlot, value: IntValue) {
+fn write_int(out: &mut [u8], slot: IntSlot, value: IntValue) {
     let w = slot.width;
     if out.len() < w {
         return;

@@ -19,7 +19,7 @@ use std::time::Instant;
 
 /// Cases of a cheap decoder when `BLYAN_FUZZ_CASES` is not set: small
 /// enough that the whole suite stays within about a minute in CI.
-pub const DEFAULT_CASES: u64 = 600;
+pub const DEFAULT_CASES: u64 = 2000;
 
 fn env_u64(name: &str) -> Option<u64> {
     let v = std::env::var(name).ok()?;
