@@ -976,6 +976,11 @@ fn fuzz_api() {
             );
             if let Some((status, body)) = api.call("GET", &path, Vec::new()) {
                 prop_assert!(status < 500 || status == 503, "GET {path}: {status}");
+                // Every error is the API's JSON error, path and query
+                // rejections included.
+                if status >= 400 {
+                    check_answer(status, &body)?;
+                }
                 if status >= 400 && serde_json::from_slice::<Value>(&body).is_err() {
                     example.lock().unwrap().get_or_insert_with(|| {
                         let path: String = path.chars().take(120).collect();

@@ -8,12 +8,13 @@
 //! the next page (`null` on the last), and both lists are complete up to
 //! it, so following it visits every node once.
 
+use super::Query;
 use super::{ApiError, ApiResult, ApiState, code, hex0x, parse_json, snapshot};
 use crate::Error;
 use crate::registry::Announcement;
 use axum::body::Bytes;
+use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use blyan_state_machine::types::Address;

@@ -30,9 +30,10 @@
 use super::{
     ApiError, ApiResult, ApiState, code, decode_tx, hex0x, parse_hash, parse_json, snapshot, submit,
 };
+use super::{Path, Query};
 use axum::body::Bytes;
+use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use blyan_state_machine::pol::{
