@@ -10,7 +10,7 @@
 
 mod support;
 
-use blyan_runtime::client::{get_json, post_json};
+use blyan_runtime::client::{get_json, height, post_json};
 use blyan_runtime::devnet::{DevnetOptions, write_layout};
 use blyan_state_machine::encoding::Canonical;
 use blyan_state_machine::genesis::GenesisBalance;
@@ -22,17 +22,6 @@ use support::{Processes, eventually, free_addrs};
 
 const VALIDATORS: usize = 4;
 const VICTIM: usize = 3;
-
-async fn status(url: &str) -> Option<Value> {
-    match get_json(url, "/status").await {
-        Ok((200, v)) => Some(v),
-        _ => None,
-    }
-}
-
-async fn height(url: &str) -> Option<u64> {
-    status(url).await.and_then(|v| v["height"].as_u64())
-}
 
 async fn is_committed(url: &str, id: &str) -> bool {
     matches!(get_json(url, &format!("/tx/{id}")).await, Ok((200, _)))

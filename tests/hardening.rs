@@ -19,7 +19,7 @@ mod support;
 
 use blyan_runtime::bench_sync::big_tx;
 use blyan_runtime::chaos::{ChaosOptions, Flood, flood_sources};
-use blyan_runtime::client::{get_json, post_json};
+use blyan_runtime::client::{get_json, height, post_json, status};
 use blyan_runtime::devnet::{DevnetOptions, write_layout};
 use blyan_state_machine::encoding::Canonical;
 use blyan_state_machine::genesis::GenesisBalance;
@@ -27,46 +27,13 @@ use blyan_state_machine::ledger::intrinsic_gas;
 use blyan_state_machine::testkit::{address, key};
 use blyan_state_machine::tx::{SignedTx, TxBody, TxKind};
 use blyan_state_machine::types::BLY;
-use serde_json::Value;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
-use support::{Processes, blyan_bin, eventually, free_addrs};
+use support::{Processes, blyan_bin, eventually, free_addrs, within};
 
 const VALIDATORS: usize = 4;
 const VICTIM: usize = 3;
-
-async fn status(url: &str) -> Option<Value> {
-    match get_json(url, "/status").await {
-        Ok((200, v)) => Some(v),
-        _ => None,
-    }
-}
-
-async fn height(url: &str) -> Option<u64> {
-    status(url).await.and_then(|v| v["height"].as_u64())
-}
-
-/// Polls `f` every 200 ms until it returns `Some`; panics once `bound` has
-/// passed (the liveness bound).
-async fn within<T, Fut: std::future::Future<Output = Option<T>>>(
-    bound: Duration,
-    what: &str,
-    mut f: impl FnMut() -> Fut,
-) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            start.elapsed() < bound,
-            "{what}: not within {} s",
-            bound.as_secs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
 
 /// A counter from a node's `/metrics`.
 async fn metric(url: &str, name: &str) -> Option<u64> {

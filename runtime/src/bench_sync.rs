@@ -8,7 +8,7 @@
 
 use crate::Error;
 use crate::chaos::{Nodes, VALIDATORS, free_addrs};
-use crate::client::{get_json, post_json};
+use crate::client::{get_json, height, post_json};
 use crate::devnet::{DevnetOptions, write_layout};
 use blyan_state_machine::encoding::Canonical;
 use blyan_state_machine::genesis::GenesisBalance;
@@ -84,13 +84,6 @@ impl SyncBenchReport {
             self.catch_up_s,
             mib / self.catch_up_s.max(1e-9)
         )
-    }
-}
-
-async fn height(url: &str) -> Option<u64> {
-    match get_json(url, "/status").await {
-        Ok((200, v)) => v["height"].as_u64(),
-        _ => None,
     }
 }
 

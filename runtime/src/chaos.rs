@@ -30,7 +30,7 @@
 //!   and every restart caught up within [`CATCH_UP_BOUND_S`].
 
 use crate::Error;
-use crate::client::{Connection, get_json};
+use crate::client::{Connection, get_json, height};
 use crate::devnet::{DEVNET_PASSWORD, DevnetOptions, write_layout};
 use blyan_state_machine::encoding::Canonical;
 use blyan_state_machine::genesis::GenesisBalance;
@@ -327,13 +327,6 @@ pub fn free_addrs(n: usize) -> Result<Vec<(String, String)>, Error> {
         .chunks(2)
         .map(|c| (c[0].clone(), c[1].clone()))
         .collect())
-}
-
-async fn height(url: &str) -> Option<u64> {
-    match get_json(url, "/status").await {
-        Ok((200, v)) => v["height"].as_u64(),
-        _ => None,
-    }
 }
 
 /// A transfer in flight: who sent it, its nonce, its body, when last sent.

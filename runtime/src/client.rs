@@ -258,6 +258,19 @@ fn dechunk(mut body: &[u8]) -> Result<Vec<u8>, Error> {
 }
 
 /// `GET` returning JSON.
+/// `GET /status` of a node, if it answers 200.
+pub async fn status(base: &str) -> Option<Value> {
+    match get_json(base, "/status").await {
+        Ok((200, v)) => Some(v),
+        _ => None,
+    }
+}
+
+/// The committed height a node reports on `GET /status`, if it answers.
+pub async fn height(base: &str) -> Option<u64> {
+    status(base).await.and_then(|v| v["height"].as_u64())
+}
+
 pub async fn get_json(base: &str, path: &str) -> Result<(u16, Value), Error> {
     let (status, body) = request(base, "GET", path, None).await?;
     let v = serde_json::from_slice(&body)

@@ -16,6 +16,16 @@ pub const DEADLINE: Duration = Duration::from_secs(240);
 /// Polls `f` every 100 ms until it returns `Some`, or panics after [`DEADLINE`].
 pub async fn eventually<T, Fut: Future<Output = Option<T>>>(
     what: &str,
+    f: impl FnMut() -> Fut,
+) -> T {
+    within(DEADLINE, what, f).await
+}
+
+/// Polls `f` every 100 ms until it returns `Some`; panics once `bound` has
+/// passed (a liveness bound the test states, never a speed claim).
+pub async fn within<T, Fut: Future<Output = Option<T>>>(
+    bound: Duration,
+    what: &str,
     mut f: impl FnMut() -> Fut,
 ) -> T {
     let start = Instant::now();
@@ -23,7 +33,11 @@ pub async fn eventually<T, Fut: Future<Output = Option<T>>>(
         if let Some(v) = f().await {
             return v;
         }
-        assert!(start.elapsed() < DEADLINE, "gave up waiting for {what}");
+        assert!(
+            start.elapsed() < bound,
+            "gave up waiting for {what} (bound {} s)",
+            bound.as_secs()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
