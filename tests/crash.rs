@@ -18,14 +18,10 @@ use blyan_state_machine::testkit::{address, key, transfer};
 use blyan_state_machine::types::BLY;
 use serde_json::{Value, json};
 use std::path::Path;
-use support::{Processes, eventually, free_addrs};
+use support::{Processes, eventually, free_addrs, is_committed};
 
 const VALIDATORS: usize = 4;
 const VICTIM: usize = 3;
-
-async fn is_committed(url: &str, id: &str) -> bool {
-    matches!(get_json(url, &format!("/tx/{id}")).await, Ok((200, _)))
-}
 
 /// Submits `count` transfers from `sender` (nonces from 0) to the live nodes
 /// in turn; returns the ids the nodes accepted. A node that refuses or cannot

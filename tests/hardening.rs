@@ -30,20 +30,10 @@ use blyan_state_machine::types::BLY;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
-use support::{Processes, blyan_bin, eventually, free_addrs, within};
+use support::{Processes, blyan_bin, eventually, free_addrs, is_committed, metric, within};
 
 const VALIDATORS: usize = 4;
 const VICTIM: usize = 3;
-
-/// A counter from a node's `/metrics`.
-async fn metric(url: &str, name: &str) -> Option<u64> {
-    let r = blyan_runtime::client::send(url, "GET", "/metrics", &[], None)
-        .await
-        .ok()?;
-    let text = String::from_utf8(r.body).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-}
 
 fn dump_logs(dir: &Path) -> String {
     (0..VALIDATORS)
@@ -206,22 +196,14 @@ async fn a_validator_down_during_big_blocks_catches_up_after_restart() {
         if nonce % 20 == 19 {
             let last = ids.last().unwrap().clone();
             eventually("a batch of big transactions to commit", || async {
-                matches!(
-                    get_json(&urls[0], &format!("/tx/{last}")).await,
-                    Ok((200, _))
-                )
-                .then_some(())
+                is_committed(&urls[0], &last).await.then_some(())
             })
             .await;
         }
     }
     let last = ids.last().unwrap().clone();
     eventually("every big transaction to commit", || async {
-        matches!(
-            get_json(&urls[0], &format!("/tx/{last}")).await,
-            Ok((200, _))
-        )
-        .then_some(())
+        is_committed(&urls[0], &last).await.then_some(())
     })
     .await;
     // The blocks the victim lacks: their canonical size, from node 0.

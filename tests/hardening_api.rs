@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
-use support::{DEADLINE, eventually};
+use support::{DEADLINE, eventually, metric_value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -70,9 +70,7 @@ async fn metric(url: &str, name: &str) -> Option<u64> {
         .await
         .unwrap();
     assert_eq!(r.status, 200);
-    let text = String::from_utf8(r.body).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    metric_value(&String::from_utf8(r.body).unwrap(), name)
 }
 
 fn host(url: &str) -> &str {
@@ -376,8 +374,7 @@ async fn get_from(from: [u8; 4], to: SocketAddr, path: &str) -> Option<(u16, Str
 async fn metric_from(from: [u8; 4], to: SocketAddr, name: &str) -> Option<u64> {
     let (status, text) = get_from(from, to, "/metrics").await?;
     assert_eq!(status, 200, "{text}");
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    metric_value(&text, name)
 }
 
 /// Open file descriptors of this process (the node runs in it).

@@ -2,7 +2,7 @@
 //! module and uses part of it).
 #![allow(dead_code)]
 
-use blyan_runtime::client::get_json;
+use blyan_runtime::client::{get_json, send};
 use blyan_runtime::devnet::DEVNET_PASSWORD;
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -150,4 +150,22 @@ pub fn free_addrs(n: usize) -> Vec<(String, String)> {
         .chunks(2)
         .map(|c| (c[0].clone(), c[1].clone()))
         .collect()
+}
+
+/// Whether `GET /tx/{id}` on `url` answers 200 (the transaction is committed).
+pub async fn is_committed(url: &str, id: &str) -> bool {
+    matches!(get_json(url, &format!("/tx/{id}")).await, Ok((200, _)))
+}
+
+/// The value of the sample `name` (with its labels, if any) in a Prometheus
+/// text exposition.
+pub fn metric_value(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// The sample `name` of a node's `/metrics`, if it answers.
+pub async fn metric(url: &str, name: &str) -> Option<u64> {
+    let r = send(url, "GET", "/metrics", &[], None).await.ok()?;
+    metric_value(&String::from_utf8(r.body).ok()?, name)
 }
