@@ -35,6 +35,16 @@ stage "venv (torch $(python -c 'import torch; print(torch.__version__)'))"
 if [ "${1:-}" = "--venv" ]; then
     exit 0
 fi
+# Test-only Python packages (not needed by `runtime/devnet`): the OpenAI SDK
+# for the paid-inference end-to-end test, selenium for the explorer's browser
+# tests, kubernetes-validate for the deployment manifests, psycopg2 to read
+# back the PostgreSQL usage sink.
+TEST_PINS="openai==3.63.0 selenium==4.51.0 kubernetes-validate==1.37.0 psycopg2-binary==2.9.13"
+if ! python -c 'import openai, selenium, kubernetes_validate, psycopg2' 2>/dev/null; then
+    # shellcheck disable=SC2086
+    python -m pip install --quiet $TEST_PINS
+fi
+stage "test packages (openai, selenium, kubernetes-validate, psycopg2)"
 
 export LIBTORCH_USE_PYTORCH=1
 export BLYAN_PARITY_DIR="${BLYAN_PARITY_DIR:-$PWD/target/blyan-parity}"
