@@ -134,6 +134,7 @@ pub fn generate() -> Vec<Scenario> {
         staking_and_slashing(),
         inference_and_nodes(),
         pol_delta(),
+        paid_inference(),
     ]
 }
 
@@ -270,6 +271,87 @@ fn inference_and_nodes() -> Scenario {
     record(
         "inference_and_nodes",
         "GPU node registration and deregistration, receipt settlement once.",
+        net.genesis,
+        steps,
+    )
+}
+
+/// TX-13..TX-15: an allowance opened, usage settled over a two-node route,
+/// a replayed request and an over-cap batch refused, revocation, and the
+/// refund after the grace period (ALW-4).
+fn paid_inference() -> Scenario {
+    use blyan_state_machine::allowance::{AllowanceTerms, RouteShare, Settlement, UsageItem};
+    let mut params = small_params();
+    params.allowance_grace_blocks = 2;
+    params.max_allowance_blocks = 100;
+    let net = testnet(4, 3, params);
+    let a = &net.accounts;
+    let opening = tx(
+        CHAIN,
+        &a[0],
+        0,
+        TxKind::OpenAllowance(Box::new(AllowanceTerms {
+            cap: 5 * BLY,
+            node_caps: Vec::new(),
+            expires_at: 50,
+        })),
+        FEE,
+    );
+    let id = opening.id();
+    let mut route = vec![
+        RouteShare {
+            node: address(&a[1]),
+            work: 2,
+        },
+        RouteShare {
+            node: address(&a[2]),
+            work: 1,
+        },
+    ];
+    route.sort_by_key(|s| s.node);
+    let item = |request: u8, prompt: u64, completion: u64| UsageItem {
+        request_id: [request; 32],
+        model: [0x77; 32],
+        prompt_tokens: prompt,
+        completion_tokens: completion,
+        route: route.clone(),
+    };
+    let settle = |nonce: u64, items: Vec<UsageItem>| {
+        tx(
+            CHAIN,
+            &a[1],
+            nonce,
+            TxKind::SettleUsage(Box::new(Settlement {
+                allowance: id,
+                items,
+            })),
+            FEE,
+        )
+    };
+    let steps = vec![
+        Step::Txs(vec![opening]),
+        Step::Txs(vec![
+            settle(0, vec![item(1, 700, 301), item(2, 13, 0)]),
+            // INV-RECEIPT-ONCE: request 2 again fails and pays its fee.
+            settle(1, vec![item(2, 13, 0)]),
+            // INV-ALW-CAP: 4.5 BLY more than the 3.986 left.
+            settle(2, vec![item(3, 4_000, 500)]),
+        ]),
+        Step::Txs(vec![tx(
+            CHAIN,
+            &a[0],
+            1,
+            TxKind::CloseAllowance { allowance: id },
+            FEE,
+        )]),
+        // Within the grace period, then the refund.
+        Step::Txs(vec![settle(3, vec![item(4, 100, 100)])]),
+        Step::Txs(vec![]),
+        Step::Txs(vec![]),
+    ];
+    record(
+        "paid_inference",
+        "Allowance opened, usage settled over a route, replay and over-cap refused, revoked, refunded after the grace period.",
         net.genesis,
         steps,
     )
@@ -498,6 +580,11 @@ pub fn signing_vectors() -> Vec<SigningVector> {
         quality_milli: 1_000,
         expires_at_height: 100,
     };
+    // API-KEY-1: the grant an allowance owner signs.
+    let grant = blyan_state_machine::allowance::ApiKeyGrant {
+        allowance: [0x5a; 32],
+        key_index: 3,
+    };
     // CONS-SIG-2: votes and proposals sign the same way under their own tags.
     use blyan_state_machine::consensus::{Proposal, Vote, VoteType};
     let vote = Vote {
@@ -531,6 +618,12 @@ pub fn signing_vectors() -> Vec<SigningVector> {
             Domain::Receipt,
             format!("{receipt:?}"),
             receipt.encode(),
+        ),
+        vector(
+            "api_key_grant",
+            Domain::ApiKey,
+            format!("{grant:?}"),
+            grant.encode(),
         ),
         vector(
             "consensus_precommit",

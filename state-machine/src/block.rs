@@ -149,4 +149,10 @@ pub enum Event {
     RewardsMinted { recipient: Address, amount: Amount },
     /// POL-38: a PoL decision or expiry at the end of the block.
     Pol(Box<crate::pol::PolEvent>),
+    /// ALW-4: an allowance's grace period ended; the rest went back to its owner.
+    AllowanceReleased {
+        allowance: Hash32,
+        owner: Address,
+        refund: Amount,
+    },
 }

@@ -63,6 +63,26 @@ pub enum TxError {
     NodeInfoTooLarge,
     #[error("arithmetic overflow")]
     Overflow,
+    #[error("allowance: {0}")]
+    AllowanceTerms(String),
+    #[error("no such allowance")]
+    AllowanceUnknown,
+    #[error("only the allowance's owner may close it")]
+    AllowanceNotOwner,
+    #[error("allowance already closed at height {0}")]
+    AllowanceClosed(Height),
+    #[error("allowance settlement window ended at height {0}")]
+    AllowanceSettlementOver(Height),
+    #[error("usage item {index}: {reason}")]
+    UsageItem { index: usize, reason: String },
+    #[error("usage settlement of {items} items, not 1..={max}")]
+    UsageBatchSize { items: usize, max: usize },
+    #[error("request {0} already settled against this allowance (INV-RECEIPT-ONCE)")]
+    UsageAlreadySettled(String),
+    #[error("usage costs {cost}, more than the {available} left for this node (INV-ALW-CAP)")]
+    AllowanceExceeded { cost: Amount, available: Amount },
+    #[error("node may not settle this allowance: {0}")]
+    AllowanceNodeNotAllowed(String),
     #[error("proof-of-learning: {0}")]
     Pol(String),
     #[error("rewards: {0}")]

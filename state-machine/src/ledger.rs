@@ -6,6 +6,7 @@
 //! (BLOCK-7). Cloning is O(1) (persistent maps), which is also how failed
 //! transactions roll back their effects while keeping their fee (TX-12).
 
+use crate::allowance::{Allowance, AllowanceTerms, Settlement};
 use crate::block::{Block, BlockBody, BlockHeader, BlockOutcome, Event, Misbehaviour, Receipt};
 use crate::consensus::{DuplicateVote, K256Scheme, SignatureScheme};
 use crate::encoding::Canonical;
@@ -46,6 +47,13 @@ pub fn next_base_fee(parent_base_fee: u128, parent_gas_used: u64, parent_gas_lim
     }
 }
 
+fn usage_settled_key(allowance: &Hash32, request: &Hash32) -> StateKey {
+    let mut k = Vec::with_capacity(64);
+    k.extend_from_slice(allowance);
+    k.extend_from_slice(request);
+    StateKey::new(ns::USAGE_SETTLED, k)
+}
+
 /// FEE-4: gas a transaction of this kind uses (exactly; execution is not metered).
 pub fn intrinsic_gas(kind: &TxKind) -> u64 {
     match kind {
@@ -58,6 +66,15 @@ pub fn intrinsic_gas(kind: &TxKind) -> u64 {
             .saturating_add(gas::REGISTER_NODE_PER_BLOCK.saturating_mul(info.blocks.len() as u64)),
         TxKind::DeregisterNode => gas::DEREGISTER_NODE,
         TxKind::Pol(p) => Params::pol_gas(p),
+        TxKind::OpenAllowance(t) => gas::OPEN_ALLOWANCE
+            .saturating_add(gas::OPEN_ALLOWANCE_PER_NODE.saturating_mul(t.node_caps.len() as u64)),
+        TxKind::CloseAllowance { .. } => gas::CLOSE_ALLOWANCE,
+        TxKind::SettleUsage(s) => {
+            let shares: u64 = s.items.iter().map(|i| i.route.len() as u64).sum();
+            gas::SETTLE_USAGE
+                .saturating_add(gas::SETTLE_USAGE_PER_ITEM.saturating_mul(s.items.len() as u64))
+                .saturating_add(gas::SETTLE_USAGE_PER_SHARE.saturating_mul(shares))
+        }
     }
 }
 
@@ -166,6 +183,13 @@ pub struct Ledger {
     liveness: OrdMap<Address, Liveness>,
     nodes: OrdMap<Address, NodeRecord>,
     settled_receipts: OrdMap<(Address, Hash32), Height>,
+    /// ALW-1: inference allowances by id.
+    allowances: OrdMap<Hash32, Allowance>,
+    /// TX-15: settled requests by (allowance, request id), dropped with the allowance.
+    usage_settled: OrdMap<(Hash32, Hash32), Height>,
+    /// ALW-4: allowances by the height their rest is refunded at. Derived
+    /// from `allowances` (not committed state).
+    allowance_releases: OrdMap<(Height, Hash32), ()>,
     /// STAKE-5: (address, voting power) in ascending address order.
     active_set: Vec<(Address, u64)>,
     /// The set that was active in the previous block (signers of its commit).
@@ -226,6 +250,9 @@ impl Ledger {
             liveness: OrdMap::new(),
             nodes: OrdMap::new(),
             settled_receipts: OrdMap::new(),
+            allowances: OrdMap::new(),
+            usage_settled: OrdMap::new(),
+            allowance_releases: OrdMap::new(),
             active_set: Vec::new(),
             last_active_set: Vec::new(),
             set_history: OrdMap::new(),
@@ -347,6 +374,14 @@ impl Ledger {
     pub fn rewards(&self) -> &RewardState {
         &self.rewards
     }
+    /// ALW-1: the allowance with this id.
+    pub fn allowance(&self, id: &Hash32) -> Option<&Allowance> {
+        self.allowances.get(id)
+    }
+    /// TX-15: the height `(allowance, request)` was settled at, if it was.
+    pub fn usage_settled(&self, allowance: &Hash32, request: &Hash32) -> Option<Height> {
+        self.usage_settled.get(&(*allowance, *request)).copied()
+    }
     pub fn node(&self, address: &Address) -> Option<&NodeRecord> {
         self.nodes.get(address)
     }
@@ -425,6 +460,23 @@ impl Ledger {
             None => self.nodes.remove(&address),
         };
     }
+    fn set_allowance(&mut self, id: Hash32, allowance: Option<Allowance>) {
+        self.touch(StateKey::new(ns::ALLOWANCE, id));
+        let grace = self.params.allowance_grace_blocks;
+        if let Some(old) = self.allowances.get(&id) {
+            self.allowance_releases.remove(&(old.release_at(grace), id));
+        }
+        match allowance {
+            Some(a) => {
+                self.allowance_releases
+                    .insert((a.release_at(grace), id), ());
+                self.allowances.insert(id, a);
+            }
+            None => {
+                self.allowances.remove(&id);
+            }
+        }
+    }
     fn credit(&mut self, address: Address, amount: Amount) {
         let mut acc = self.account(&address);
         acc.balance = acc
@@ -467,6 +519,16 @@ impl Ledger {
         );
         keys.extend(self.nodes.keys().map(|a| StateKey::new(ns::NODE, a.0)));
         keys.extend(self.unbonding.keys().map(|k| k.state_key()));
+        keys.extend(
+            self.allowances
+                .keys()
+                .map(|id| StateKey::new(ns::ALLOWANCE, *id)),
+        );
+        keys.extend(
+            self.usage_settled
+                .keys()
+                .map(|(a, r)| usage_settled_key(a, r)),
+        );
         keys.extend(self.settled_receipts.keys().map(|(client, id)| {
             let mut k = client.0.to_vec();
             k.extend_from_slice(id);
@@ -529,6 +591,9 @@ impl Ledger {
         ledger.liveness = OrdMap::new();
         ledger.nodes = OrdMap::new();
         ledger.settled_receipts = OrdMap::new();
+        ledger.allowances = OrdMap::new();
+        ledger.usage_settled = OrdMap::new();
+        ledger.allowance_releases = OrdMap::new();
         ledger.set_history = OrdMap::new();
         ledger.smt = SparseMerkleTree::new();
         ledger.touched = Touched::new();
@@ -575,6 +640,26 @@ impl Ledger {
                     };
                     let v = UnbondingEntry::decode(&v).map_err(|_| dec("unbonding"))?;
                     ledger.unbonding.insert(key, v);
+                }
+                ns::ALLOWANCE => {
+                    let id: Hash32 = k
+                        .key
+                        .as_slice()
+                        .try_into()
+                        .map_err(|_| dec("allowance key"))?;
+                    let v = Allowance::decode(&v).map_err(|_| dec("allowance"))?;
+                    let release = v.release_at(genesis.params.allowance_grace_blocks);
+                    ledger.allowance_releases.insert((release, id), ());
+                    ledger.allowances.insert(id, v);
+                }
+                ns::USAGE_SETTLED => {
+                    if k.key.len() != 64 {
+                        return Err(dec("settled usage key"));
+                    }
+                    let a: Hash32 = k.key[0..32].try_into().expect("32");
+                    let r: Hash32 = k.key[32..64].try_into().expect("32");
+                    let h = Height::decode(&v).map_err(|_| dec("settled usage"))?;
+                    ledger.usage_settled.insert((a, r), h);
                 }
                 ns::RECEIPT => {
                     if k.key.len() != 52 {
@@ -661,6 +746,18 @@ impl Ledger {
                     seq: u64::from_be_bytes(k[28..36].try_into().ok()?),
                 };
                 self.unbonding.get(&ukey).map(|v| v.encode())
+            }
+            ns::ALLOWANCE => {
+                let id: Hash32 = key.key.as_slice().try_into().ok()?;
+                self.allowances.get(&id).map(|v| v.encode())
+            }
+            ns::USAGE_SETTLED => {
+                if key.key.len() != 64 {
+                    return None;
+                }
+                let a: Hash32 = key.key[0..32].try_into().ok()?;
+                let r: Hash32 = key.key[32..64].try_into().ok()?;
+                self.usage_settled.get(&(a, r)).map(|h| h.encode())
             }
             ns::RECEIPT => {
                 if key.key.len() != 52 {
@@ -1041,7 +1138,7 @@ impl Ledger {
             TxKind::Transfer { .. } => None,
             _ => Some(self.clone()),
         };
-        let failure = match self.execute_kind(sender, tx, h.height) {
+        let failure = match self.execute_kind(sender, tx, tx_id, h.height) {
             Ok(()) => None,
             Err(e) => {
                 if let Some(snapshot) = snapshot {
@@ -1068,6 +1165,7 @@ impl Ledger {
         &mut self,
         sender: Address,
         tx: &SignedTx,
+        tx_id: Hash32,
         height: Height,
     ) -> Result<(), TxError> {
         match &tx.body.kind {
@@ -1086,6 +1184,11 @@ impl Ledger {
             TxKind::RegisterNode { info, bond } => self.register_node(sender, info, *bond, height),
             TxKind::DeregisterNode => self.deregister_node(sender, height),
             TxKind::Pol(p) => self.apply_pol(sender, p, height),
+            TxKind::OpenAllowance(t) => {
+                self.open_allowance(sender, tx.public_key, tx_id, t, height)
+            }
+            TxKind::CloseAllowance { allowance } => self.close_allowance(sender, allowance, height),
+            TxKind::SettleUsage(s) => self.settle_usage(sender, s, height),
         }
     }
 
@@ -1440,6 +1543,7 @@ impl Ledger {
                 amount: e.amount,
             });
         }
+        self.release_allowances(h.height, events);
         self.end_block_pol(h.height, events);
         let punished = events
             .iter()
@@ -1606,6 +1710,186 @@ impl Ledger {
         self.settled_receipts
             .insert((client, rc.request_id), height);
         Ok(())
+    }
+
+    /// TX-13: escrow an allowance; its id is the transaction's id.
+    fn open_allowance(
+        &mut self,
+        sender: Address,
+        public_key: PublicKey,
+        id: Hash32,
+        terms: &AllowanceTerms,
+        height: Height,
+    ) -> Result<(), TxError> {
+        crate::allowance::check_terms(terms, height, self.params.max_allowance_blocks)
+            .map_err(TxError::AllowanceTerms)?;
+        assert!(
+            !self.allowances.contains_key(&id),
+            "transaction ids are unique (TX-1 nonces)"
+        );
+        self.debit(sender, terms.cap)?;
+        self.globals.locked += terms.cap;
+        self.set_allowance(
+            id,
+            Some(Allowance {
+                owner: sender,
+                owner_public_key: public_key,
+                cap: terms.cap,
+                spent: 0,
+                node_caps: terms.node_caps.clone(),
+                node_spent: Vec::new(),
+                opened_at: height,
+                expires_at: terms.expires_at,
+                closed_at: None,
+                settled_requests: 0,
+            }),
+        );
+        Ok(())
+    }
+
+    /// TX-14: revoke; keys stop at once, settlement runs on for the grace
+    /// period and the rest is refunded after it (ALW-4).
+    fn close_allowance(
+        &mut self,
+        sender: Address,
+        id: &Hash32,
+        height: Height,
+    ) -> Result<(), TxError> {
+        let mut a = self
+            .allowances
+            .get(id)
+            .cloned()
+            .ok_or(TxError::AllowanceUnknown)?;
+        if a.owner != sender {
+            return Err(TxError::AllowanceNotOwner);
+        }
+        if let Some(c) = a.closed_at {
+            return Err(TxError::AllowanceClosed(c));
+        }
+        a.closed_at = Some(height);
+        self.set_allowance(*id, Some(a));
+        Ok(())
+    }
+
+    /// TX-15: settle served requests against an allowance. The whole batch
+    /// or nothing: every item well formed and not settled before
+    /// (INV-RECEIPT-ONCE), the total within what is left for the sender
+    /// (INV-ALW-CAP), inside the settlement window (ALW-4). The cost is
+    /// burned from the escrow; the route's nodes claim inference rewards
+    /// capped by it (RWD-10, ALW-6); usage counts grow (POL-16).
+    fn settle_usage(
+        &mut self,
+        sender: Address,
+        s: &Settlement,
+        height: Height,
+    ) -> Result<(), TxError> {
+        use crate::allowance::{MAX_SETTLE_ITEMS, price, split};
+        if s.items.is_empty() || s.items.len() > MAX_SETTLE_ITEMS {
+            return Err(TxError::UsageBatchSize {
+                items: s.items.len(),
+                max: MAX_SETTLE_ITEMS,
+            });
+        }
+        let mut a = self
+            .allowances
+            .get(&s.allowance)
+            .cloned()
+            .ok_or(TxError::AllowanceUnknown)?;
+        let last = a.release_at(self.params.allowance_grace_blocks) - 1;
+        if height > last {
+            return Err(TxError::AllowanceSettlementOver(last));
+        }
+        let available = a
+            .available_to(&sender)
+            .map_err(|e| TxError::AllowanceNodeNotAllowed(e.to_string()))?;
+        let unit_price = self.params.inference_price_per_1k_tokens;
+        let mut seen = std::collections::BTreeSet::new();
+        let mut cost: Amount = 0;
+        for (index, item) in s.items.iter().enumerate() {
+            item.check(&sender)
+                .map_err(|reason| TxError::UsageItem { index, reason })?;
+            if !seen.insert(item.request_id)
+                || self
+                    .usage_settled
+                    .contains_key(&(s.allowance, item.request_id))
+            {
+                return Err(TxError::UsageAlreadySettled(hex::encode(item.request_id)));
+            }
+            cost = cost
+                .checked_add(price(item.tokens(), unit_price))
+                .ok_or(TxError::Overflow)?;
+        }
+        if cost > available {
+            return Err(TxError::AllowanceExceeded { cost, available });
+        }
+        a.charge(sender, cost);
+        a.settled_requests += s.items.len() as u64;
+        self.globals.locked -= cost;
+        self.globals.burned += cost;
+        let mut usage: BTreeMap<Hash32, u64> = BTreeMap::new();
+        for item in &s.items {
+            let item_cost = price(item.tokens(), unit_price);
+            let payments = split(item_cost, &item.route);
+            let tokens = split(u128::from(item.tokens()), &item.route);
+            for ((node, paid), (_, t)) in payments.into_iter().zip(tokens) {
+                let t = u64::try_from(t).expect("a share of a u64");
+                match self.rewards.accrue_inference(
+                    &self.params.rewards,
+                    node,
+                    t,
+                    1_000,
+                    paid,
+                    &mut self.touched,
+                ) {
+                    // RWD-P1: past the pool's claimant limit a claim is forfeited.
+                    Ok(_) | Err(crate::rewards::RewardError::TooManyClaimants(_)) => {}
+                    Err(e) => return Err(TxError::Reward(e.to_string())),
+                }
+            }
+            let u = usage.entry(item.model).or_default();
+            *u = u.saturating_add(item.tokens());
+            self.touch(usage_settled_key(&s.allowance, &item.request_id));
+            self.usage_settled
+                .insert((s.allowance, item.request_id), height);
+        }
+        for (model, tokens) in usage {
+            self.pol
+                .record_model_usage(height, &model, tokens, &mut self.touched);
+        }
+        self.set_allowance(s.allowance, Some(a));
+        Ok(())
+    }
+
+    /// ALW-4: refund what is left of allowances whose grace period ended, and
+    /// forget their settled requests (a settlement against a released
+    /// allowance fails: it is unknown).
+    fn release_allowances(&mut self, height: Height, events: &mut Vec<Event>) {
+        let due: Vec<Hash32> = self
+            .allowance_releases
+            .range(..(height + 1, [0; 32]))
+            .map(|((_, id), ())| *id)
+            .collect();
+        for id in due {
+            let a = self.allowances.get(&id).cloned().expect("indexed");
+            let refund = a.remaining();
+            self.globals.locked -= refund;
+            self.credit(a.owner, refund);
+            let settled: Vec<(Hash32, Hash32)> = self
+                .usage_settled
+                .range((id, [0; 32])..=(id, [0xff; 32]))
+                .map(|(k, _)| *k)
+                .collect();
+            for (al, r) in settled {
+                self.touch(usage_settled_key(&al, &r));
+                self.usage_settled.remove(&(al, r));
+            }
+            self.set_allowance(id, None);
+            events.push(Event::AllowanceReleased {
+                allowance: id,
+                owner: a.owner,
+                refund,
+            });
+        }
     }
 
     /// TX-9: register a GPU node, locking its bond.

@@ -11,6 +11,7 @@
 //! and simulation possible.
 #![forbid(unsafe_code)]
 
+pub mod allowance;
 pub mod block;
 pub mod consensus;
 pub mod crypto;

@@ -28,6 +28,12 @@ pub mod gas {
     pub const POL_REVEAL_DELTA: u64 = 80_000;
     pub const POL_ATTEST_COMMIT: u64 = 30_000;
     pub const POL_ATTEST_REVEAL: u64 = 40_000;
+    pub const OPEN_ALLOWANCE: u64 = 60_000;
+    pub const OPEN_ALLOWANCE_PER_NODE: u64 = 1_000;
+    pub const CLOSE_ALLOWANCE: u64 = 30_000;
+    pub const SETTLE_USAGE: u64 = 40_000;
+    pub const SETTLE_USAGE_PER_ITEM: u64 = 2_000;
+    pub const SETTLE_USAGE_PER_SHARE: u64 = 500;
 }
 
 /// Every protocol parameter, chosen at genesis (PARAM-1).
@@ -77,6 +83,15 @@ pub struct Params {
     pub pol: crate::pol::PolParams,
     /// Reward policy (spec/rewards.md RWD-P1).
     pub rewards: crate::rewards::RewardParams,
+    /// ALW-5: what clients pay per 1,000 tokens (prompt plus completion)
+    /// served under an allowance (the seed's 1 BLY, §8.2).
+    #[serde(with = "crate::types::amount_str")]
+    pub inference_price_per_1k_tokens: Amount,
+    /// ALW-4: blocks after an allowance's end during which usage served
+    /// before it may still be settled; the rest is refunded after them.
+    pub allowance_grace_blocks: u64,
+    /// TX-13: longest an allowance may last, in blocks.
+    pub max_allowance_blocks: u64,
 }
 
 impl Default for Params {
@@ -100,6 +115,11 @@ impl Default for Params {
             node_min_bond: 100 * BLY,
             pol: crate::pol::PolParams::default(),
             rewards: crate::rewards::RewardParams::default(),
+            inference_price_per_1k_tokens: BLY,
+            // 10 minutes at the seed's 2 s blocks.
+            allowance_grace_blocks: 300,
+            // 30 days at 2 s blocks.
+            max_allowance_blocks: 1_296_000,
         }
     }
 }
@@ -107,7 +127,7 @@ impl Default for Params {
 impl Params {
     /// PARAM-2: relations the parameters must satisfy; checked at genesis.
     pub fn validate(&self) -> Result<(), String> {
-        let checks: [(bool, &str); 9] = [
+        let checks: [(bool, &str); 11] = [
             (
                 self.block_gas_limit >= 2 * gas::POL_REGISTER_BLOCK,
                 "block_gas_limit too small",
@@ -140,6 +160,14 @@ impl Params {
             (
                 self.min_validator_stake >= crate::types::BLY,
                 "min_validator_stake must be at least 1 BLY (one unit of voting power)",
+            ),
+            (
+                self.allowance_grace_blocks > 0,
+                "allowance_grace_blocks must be positive (ALW-4: settling needs a window)",
+            ),
+            (
+                self.max_allowance_blocks > 0,
+                "max_allowance_blocks must be positive",
             ),
         ];
         if let Some((_, why)) = checks.iter().find(|(ok, _)| !ok) {

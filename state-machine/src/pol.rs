@@ -1371,6 +1371,33 @@ impl PolState {
         Ok(())
     }
 
+    /// POL-16 from settled usage (TX-15): adds `tokens` to the usage count
+    /// of every layer and router of `model` (a dense forward pass runs every
+    /// layer for every token). Experts are not counted: which experts a token
+    /// used is not reported in a settlement. Unknown models change nothing.
+    pub fn record_model_usage(
+        &mut self,
+        height: Height,
+        model: &Hash32,
+        tokens: u64,
+        touched: &mut Touched,
+    ) {
+        let targets: Vec<TargetKey> = self
+            .registry
+            .keys()
+            .filter(|t| {
+                t.model_id == *model && matches!(t.kind, PolBlockType::Layer | PolBlockType::Router)
+            })
+            .cloned()
+            .collect();
+        for target in targets {
+            let record = self.registry.get_mut(&target).expect("listed");
+            record.usage_count = record.usage_count.saturating_add(tokens);
+            record.last_updated = height;
+            touched.insert(StateKey::new(ns::POL_REGISTRY, target.key_bytes()));
+        }
+    }
+
     /// Assigns (`assign = true`) or unassigns a serving node (sorted, bounded).
     pub fn set_node_assignment(
         &mut self,

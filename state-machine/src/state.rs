@@ -23,6 +23,10 @@ pub mod ns {
     pub const RECEIPT: u8 = 0x06;
     /// Downtime window of a validator by address.
     pub const LIVENESS: u8 = 0x07;
+    /// Inference allowances by id (ALW-1).
+    pub const ALLOWANCE: u8 = 0x08;
+    /// Settled usage by (allowance id, request id) (INV-RECEIPT-ONCE, TX-15).
+    pub const USAGE_SETTLED: u8 = 0x09;
     /// PoL DAG blocks by block id.
     pub const POL_BLOCK: u8 = 0x10;
     /// PoL delta commitments by commitment hash.

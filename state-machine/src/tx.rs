@@ -19,6 +19,8 @@ pub enum Domain {
     /// An inference node's signed announcement to a node's API
     /// (`POST /p2p/register`, runtime API-REG-1); never part of consensus.
     NodeAnnouncement,
+    /// An API key: an allowance owner's grant (spec/api.md API-KEY-1).
+    ApiKey,
 }
 
 impl Domain {
@@ -32,6 +34,7 @@ impl Domain {
             Domain::PeerMessage => b"blyan/peer-msg/1",
             Domain::VrfInput => b"blyan/vrf-in/v1\0",
             Domain::NodeAnnouncement => b"blyan/node-ann/1",
+            Domain::ApiKey => b"blyan/api-key/v1",
         }
     }
 }
@@ -156,6 +159,12 @@ pub enum TxKind {
     DeregisterNode,
     /// TX-7: Proof-of-Learning operations (spec/pol.md).
     Pol(Box<crate::pol::PolTx>),
+    /// TX-13: escrow an inference allowance (its id is this transaction's id).
+    OpenAllowance(Box<crate::allowance::AllowanceTerms>),
+    /// TX-14: revoke an allowance (owner only); the rest is refunded after the grace period.
+    CloseAllowance { allowance: Hash32 },
+    /// TX-15: settle a batch of served requests against an allowance.
+    SettleUsage(Box<crate::allowance::Settlement>),
 }
 
 /// The signed part of a transaction (TX-1). The chain id is not stored: it is

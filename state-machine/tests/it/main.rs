@@ -1,4 +1,5 @@
 //! One integration-test binary for the crate (keeps link time down).
+mod allowance;
 mod consensus;
 mod crypto;
 mod fees;
