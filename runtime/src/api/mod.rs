@@ -16,6 +16,7 @@
 //! | `POST /mine` | a PoL block's payload and its signed registering transaction ([`pol`]) |
 //! | `GET /pol/blocks`, `GET /pol/blocks/{id}`, `GET /pol/experts` | the PoL DAG and expert registry |
 //! | `POST /p2p/register`, `GET /nodes` | inference-node announcements and tokens ([`p2p`]) |
+//! | `GET /`, `GET /ui/{file}`, `GET /explorer/*` | the web explorer and chat page and their read routes ([`explorer`]) |
 //! | `GET /openapi.json` | the OpenAPI 3 document generated from the handlers ([`openapi`]) |
 //!
 //! Every route but `/health` and `/metrics` is rate limited
@@ -35,6 +36,7 @@
 //! asked for MoE `404`/3001 EXPERT_NOT_FOUND.
 
 pub mod chat;
+pub mod explorer;
 pub mod openapi;
 pub mod p2p;
 pub mod pol;
@@ -292,7 +294,10 @@ pub fn router(
         limits: Arc::new(Limits::new(&config.rate_limits)),
         metrics: Arc::new(ApiMetrics::default()),
     };
+    // The web explorer (API-UI-*): `/`, `/ui/*` and `/explorer/*`.
+    let explorer = explorer::routes(&state);
     Router::new()
+        .merge(explorer)
         .route("/tx", post(submit_tx))
         .route("/tx/{id}", get(get_tx))
         .route("/account/{address}", get(get_account))
@@ -391,7 +396,9 @@ async fn limit_and_measure(
     next: Next,
 ) -> Response {
     let start = Instant::now();
-    let exempt = matches!(req.uri().path(), "/health" | "/metrics");
+    // API-UI-1: the explorer's page and assets are constant bytes.
+    let path = req.uri().path();
+    let exempt = matches!(path, "/health" | "/metrics" | "/") || path.starts_with("/ui/");
     if !exempt {
         // API-RATE-5: a bad token is counted against the address first.
         let (c, unauthorized) = match caller(&state, &req) {

@@ -2,7 +2,7 @@
 //! handlers' `#[utoipa::path]` annotations and the request/response types.
 //! A test checks that every route the router serves is documented.
 
-use super::{chat, p2p, pol};
+use super::{chat, explorer, p2p, pol};
 use axum::response::IntoResponse;
 use utoipa::OpenApi;
 
@@ -41,9 +41,21 @@ pub struct ErrorBody {
         pol::experts,
         p2p::register,
         p2p::nodes,
+        explorer::index_page,
+        explorer::asset,
+        explorer::overview,
+        explorer::blocks,
+        explorer::block,
+        explorer::tx,
+        explorer::account,
+        explorer::validators,
+        explorer::rewards_page,
+        explorer::pol,
+        explorer::search,
+        explorer::stream,
         document,
     ),
-    components(schemas(ErrorBody))
+    components(schemas(ErrorBody, explorer::BlockSummary))
 )]
 pub struct ApiDoc;
 
