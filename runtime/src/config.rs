@@ -29,6 +29,10 @@
 //! queue_len = 16
 //! max_tokens_limit = 512
 //!
+//! [logs]                             # usage records (usage.rs, API-USAGE-*)
+//! # postgres_url = "host=/run/postgresql user=blyan dbname=blyan"  # default: unset, no mirror
+//! retention_ms = 2592000000          # default: the seed's 30 days
+//!
 //! [http]                             # the HTTP API server (API-HTTP-*)
 //! header_read_timeout_ms = 10000     # default: a request head within 10 s (also the keep-alive idle limit)
 //! request_timeout_ms = 60000         # default: body read and response head within 60 s (> inference.timeout_ms)
@@ -104,6 +108,9 @@ pub struct FileConfig {
     /// The HTTP server's timeouts and connection caps (API-HTTP-*).
     #[serde(default)]
     pub http: crate::http_server::HttpConfig,
+    /// Usage records: retention and the PostgreSQL mirror (API-USAGE-*).
+    #[serde(default)]
+    pub logs: crate::usage::LogsConfig,
     #[serde(default)]
     pub peers: Vec<PeerConfig>,
 }
@@ -178,6 +185,9 @@ impl FileConfig {
             ));
         }
         c.http.check(inf.enabled.then_some(inf.timeout_ms))?;
+        c.logs
+            .validate()
+            .map_err(|e| Error::Config(format!("logs.{e}")))?;
         c.transport_peers()?;
         Ok(c)
     }

@@ -257,6 +257,7 @@ fn file_config(
         rate_limits: opts.rate_limits.clone(),
         inference: opts.inference.clone(),
         http: opts.http.clone(),
+        logs: crate::usage::LogsConfig::default(),
         peers: peers
             .iter()
             .map(|p| PeerConfig {
@@ -375,6 +376,7 @@ impl Devnet {
                 rate_limits: opts.rate_limits.clone(),
                 inference: opts.inference.clone(),
                 http: opts.http.clone(),
+                logs: crate::usage::LogsConfig::default(),
             };
             let node = RunningNode::start(setup, p2p, http).await?;
             for p in &payloads {

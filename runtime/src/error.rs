@@ -100,6 +100,11 @@ pub enum Error {
     BadRequest(String),
     #[error("forbidden: {0}")]
     Forbidden(String),
+    // Usage records (usage.rs).
+    #[error("usage record refused: {0}")]
+    UsageRecordInvalid(String),
+    #[error("postgres: {0}")]
+    Postgres(String),
 }
 
 impl Error {

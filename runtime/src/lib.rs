@@ -13,6 +13,7 @@
 //!   announced inference nodes, and [`inference`], the local engine behind
 //!   `/chat`); [`client`]: a minimal HTTP client;
 //! - [`model`]: the served model on chain (genesis registration, check);
+//! - [`usage`]: usage records of served requests (fjall, PostgreSQL mirror);
 //! - [`config`], [`node`] (wiring), [`devnet`], [`bench`] (the load
 //!   benchmark), and the `blyan` binary.
 //!
@@ -42,5 +43,6 @@ pub mod store;
 pub mod template;
 pub mod tls;
 pub mod transport;
+pub mod usage;
 
 pub use error::Error;

@@ -36,6 +36,8 @@ pub struct NodeSetup {
     pub inference: crate::inference::InferenceConfig,
     /// The HTTP server's timeouts and connection caps (API-HTTP-*).
     pub http: crate::http_server::HttpConfig,
+    /// Usage records: retention and the PostgreSQL mirror (API-USAGE-*).
+    pub logs: crate::usage::LogsConfig,
 }
 
 impl NodeSetup {
@@ -79,6 +81,7 @@ impl NodeSetup {
             expert_cache_bytes: c.expert_cache_bytes,
             inference: c.inference.clone(),
             http: c.http.clone(),
+            logs: c.logs.clone(),
         })
     }
 }
@@ -94,6 +97,8 @@ pub struct RunningNode {
     pub transport: Arc<GrpcTransport>,
     /// The node's blob store ([`crate::blobs::blob_dir`]), served to peers.
     pub blobs: Arc<BlobStore>,
+    /// The node's usage records ([`crate::usage::usage_dir`]).
+    pub usage: crate::usage::UsageLog,
     shutdown: watch::Sender<bool>,
     node_task: Option<tokio::task::JoinHandle<()>>,
     tasks: JoinSet<()>,
@@ -158,7 +163,21 @@ impl RunningNode {
         } else {
             None
         };
+        // API-USAGE-*: the usage records, in their own database.
+        setup
+            .logs
+            .validate()
+            .map_err(|e| Error::Config(format!("logs.{e}")))?;
+        let usage_dir = crate::usage::usage_dir(&setup.data_dir);
+        let usage_config = setup.logs.usage_config();
+        let usage = tokio::task::spawn_blocking(move || {
+            crate::usage::UsageLog::open(&usage_dir, usage_config)
+        })
+        .await
+        .map_err(|e| Error::Node(format!("usage log task failed: {e}")))??;
+        let postgres_url = setup.logs.postgres_url.clone();
         let api_config = api::ApiConfig {
+            usage: Some(usage.clone()),
             max_body_bytes: setup.max_body_bytes,
             rate_limits: setup.rate_limits.clone(),
             ..api::ApiConfig::default()
@@ -183,6 +202,19 @@ impl RunningNode {
             .build()
             .map_err(|e| Error::io("node task runtime", e))?;
         let node_shutdown = shutdown_rx.clone();
+        // API-USAGE-4/5: hourly pruning; the PostgreSQL mirror if configured.
+        tasks.spawn(crate::usage::run_pruning(
+            usage.clone(),
+            crate::usage::PRUNE_INTERVAL_MS,
+            shutdown_rx.clone(),
+        ));
+        if let Some(url) = postgres_url {
+            tasks.spawn(crate::usage::mirror_to_postgres(
+                usage.clone(),
+                crate::usage::MirrorOptions::new(url, handle.address),
+                shutdown_rx.clone(),
+            )?);
+        }
         let node_task = tokio::task::spawn_blocking(move || {
             node_runtime.block_on(service.run(requests, inbound_rx, node_shutdown));
         });
@@ -206,6 +238,7 @@ impl RunningNode {
             handle,
             transport,
             blobs,
+            usage,
             shutdown,
             node_task: Some(node_task),
             tasks,

@@ -214,6 +214,8 @@ pub struct ApiConfig {
     pub max_body_bytes: usize,
     pub rate_limits: RateLimitConfig,
     pub registry: RegistryConfig,
+    /// Usage records (API-USAGE-*), appended by the chat handlers.
+    pub usage: Option<crate::usage::UsageLog>,
     pub mine: pol::MineConfig,
 }
 
@@ -224,6 +226,7 @@ impl Default for ApiConfig {
             rate_limits: RateLimitConfig::default(),
             registry: RegistryConfig::default(),
             mine: pol::MineConfig::default(),
+            usage: None,
         }
     }
 }
@@ -265,6 +268,8 @@ pub struct ApiState {
     pub registry: Arc<Registry>,
     pub limits: Arc<Limits>,
     pub metrics: Arc<ApiMetrics>,
+    /// Usage records (API-USAGE-*); `None` in tests that start no node.
+    pub usage: Option<crate::usage::UsageLog>,
     pub mine: pol::MineConfig,
 }
 
@@ -293,6 +298,7 @@ pub fn router(
         inference,
         limits: Arc::new(Limits::new(&config.rate_limits)),
         metrics: Arc::new(ApiMetrics::default()),
+        usage: config.usage.clone(),
     };
     // The web explorer (API-UI-*): `/`, `/ui/*` and `/explorer/*`.
     let explorer = explorer::routes(&state);
@@ -909,6 +915,9 @@ pub(crate) async fn get_metrics(
     text.push_str(&api_metrics_text(&state.metrics));
     if let Some(engine) = &state.inference {
         text.push_str(&inference_metrics_text(&engine.stats));
+    }
+    if let Some(usage) = &state.usage {
+        text.push_str(&usage.metrics_text());
     }
     if let Some(axum::Extension(http)) = http {
         text.push_str(&http.metrics_text());
