@@ -34,6 +34,7 @@ async function route() {
     main.innerHTML = `<h1>Not found</h1><p>No page <code>${esc(hash)}</code>.</p>`;
     return;
   }
+  delete main.dataset.renderMs;
   const started = performance.now();
   try {
     await page({ main, arg, signal, live, setHead });
