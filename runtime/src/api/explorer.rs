@@ -332,9 +332,16 @@ pub fn routes(state: &ApiState) -> Router<ApiState> {
         let (explorer, node) = (explorer.clone(), state.node.clone());
         let mut rx = node.snapshot.clone();
         rt.spawn(async move {
+            // The node publishes after every step; only a commit or a
+            // finality sample is news to the index.
+            let mut seen = (u64::MAX, u64::MAX);
             while rx.changed().await.is_ok() {
                 let snap = rx.borrow_and_update().clone();
-                explorer.catch_up(&node, &snap);
+                let now = (snap.height(), snap.finality.count);
+                if now != seen {
+                    seen = now;
+                    explorer.catch_up(&node, &snap);
+                }
             }
         });
     }
@@ -1211,9 +1218,9 @@ async fn next_event(mut st: StreamState) -> Option<(Result<Event, Infallible>, S
     }
     loop {
         let snap = st.rx.borrow_and_update().clone();
-        st.explorer.catch_up(&st.node, &snap);
         let head = snap.height();
         if head > st.sent {
+            st.explorer.catch_up(&st.node, &snap);
             if head - st.sent > MAX_STREAM_LAG_BLOCKS {
                 st.done = true;
                 let e = Event::default().event("lagged").data(
