@@ -29,6 +29,11 @@
 //! queue_len = 16
 //! max_tokens_limit = 512
 //!
+//! [api]                              # paid inference (spec/api.md API-KEY-*, API-PAY-*)
+//! free_inference = false             # default: /chat and /v1/* need an API key (the devnet: true)
+//! settle_interval_blocks = 10        # default: settle served usage at least this often (< allowance_grace_blocks)
+//! max_unsettled_requests = 100000    # default: paid requests awaiting settlement before new ones get 503
+//!
 //! [logs]                             # usage records (usage.rs, API-USAGE-*)
 //! # postgres_url = "host=/run/postgresql user=blyan dbname=blyan"  # default: unset, no mirror
 //! retention_ms = 2592000000          # default: the seed's 30 days
@@ -111,6 +116,9 @@ pub struct FileConfig {
     /// Usage records: retention and the PostgreSQL mirror (API-USAGE-*).
     #[serde(default)]
     pub logs: crate::usage::LogsConfig,
+    /// Paid inference (API-KEY-*, API-PAY-*).
+    #[serde(default)]
+    pub api: crate::billing::PaymentConfig,
     #[serde(default)]
     pub peers: Vec<PeerConfig>,
 }

@@ -15,6 +15,15 @@
 //!   `BLYAN_KEY_PASSWORD=devnet blyan node --config node-<i>/config.toml`
 //!   also runs, and its store.
 //!
+//! - `api-key.txt`: an API key of an allowance the faucet funds at the
+//!   first start ([`DEVNET_ALLOWANCE_BLY`]); `blyan devnet` prints it as
+//!   `api key: <key>` (spec/api.md API-KEY-*).
+//!
+//! The devnet serves inference without a key too (`[api] free_inference`),
+//! settles paid usage every [`DEVNET_SETTLE_INTERVAL_BLOCKS`] blocks and
+//! pays rewards every [`DEVNET_REWARD_EPOCH_BLOCKS`] blocks, so payouts
+//! show within a minute or two.
+//!
 //! An existing directory is reused (same genesis and keys; the nodes replay
 //! their stores), so a devnet survives a restart.
 //!
@@ -41,6 +50,12 @@ pub const DEVNET_PASSWORD: &str = "devnet";
 pub const FAUCET_BLY: u128 = 1_000_000_000;
 /// Default first port: node `i` listens for peers on `base + 2i` and HTTP on `base + 2i + 1`.
 pub const DEFAULT_BASE_PORT: u16 = 7100;
+/// The cap of the allowance behind the devnet's API key, in BLY.
+pub const DEVNET_ALLOWANCE_BLY: u128 = 1_000;
+/// The devnet's reward epoch (RWD-5), in blocks: a minute of 2 s blocks.
+pub const DEVNET_REWARD_EPOCH_BLOCKS: u64 = 30;
+/// How often devnet nodes settle paid usage (API-PAY-3), in blocks.
+pub const DEVNET_SETTLE_INTERVAL_BLOCKS: u64 = 5;
 
 /// How to start a devnet.
 #[derive(Clone, Debug)]
@@ -62,6 +77,9 @@ pub struct DevnetOptions {
     pub inference: crate::inference::InferenceConfig,
     /// Every node's HTTP server limits (API-HTTP-*; default: the node's).
     pub http: crate::http_server::HttpConfig,
+    /// Paid inference (default: free use allowed, settlement every
+    /// [`DEVNET_SETTLE_INTERVAL_BLOCKS`]).
+    pub payments: crate::billing::PaymentConfig,
 }
 
 impl DevnetOptions {
@@ -79,6 +97,11 @@ impl DevnetOptions {
             rate_limits: crate::ratelimit::RateLimitConfig::default(),
             inference: crate::inference::InferenceConfig::default(),
             http: crate::http_server::HttpConfig::default(),
+            payments: crate::billing::PaymentConfig {
+                free_inference: true,
+                settle_interval_blocks: DEVNET_SETTLE_INTERVAL_BLOCKS,
+                ..crate::billing::PaymentConfig::default()
+            },
         }
     }
 }
@@ -175,7 +198,11 @@ fn prepare(
                 stake: 10_000 * BLY,
             })
             .collect(),
-        params: Params::default(),
+        params: {
+            let mut p = Params::default();
+            p.rewards.epoch_length_blocks = DEVNET_REWARD_EPOCH_BLOCKS;
+            p
+        },
         pol_blocks: model_pol_blocks(dir, address(&faucet))?,
     };
     genesis
@@ -258,6 +285,7 @@ fn file_config(
         inference: opts.inference.clone(),
         http: opts.http.clone(),
         logs: crate::usage::LogsConfig::default(),
+        api: opts.payments.clone(),
         peers: peers
             .iter()
             .map(|p| PeerConfig {
@@ -377,6 +405,7 @@ impl Devnet {
                 inference: opts.inference.clone(),
                 http: opts.http.clone(),
                 logs: crate::usage::LogsConfig::default(),
+                payments: opts.payments.clone(),
             };
             let node = RunningNode::start(setup, p2p, http).await?;
             for p in &payloads {
@@ -391,6 +420,83 @@ impl Devnet {
             faucet,
             faucet_key_file,
         })
+    }
+
+    /// The devnet's API key (API-KEY-1): read back from `api-key.txt` if its
+    /// allowance is still usable, else the faucet opens a new allowance of
+    /// [`DEVNET_ALLOWANCE_BLY`] (TX-13, lasting `max_allowance_blocks`) through
+    /// node 0, waits for it to commit, and signs key 0 for it.
+    pub async fn api_key(&self) -> Result<String, Error> {
+        use blyan_state_machine::allowance::{AllowanceTerms, ApiKey, authorize};
+        use blyan_state_machine::tx::{TxBody, TxKind};
+        let node = &self.nodes[0];
+        let path = self.dir.join("api-key.txt");
+        let usable = |key: &str| {
+            let snap = crate::api::snapshot(&node.handle);
+            ApiKey::parse(key).is_ok_and(|k| {
+                authorize(
+                    &self.genesis.chain_id,
+                    &k,
+                    snap.ledger.allowance(&k.grant.allowance),
+                    &node.address,
+                    snap.ledger.height(),
+                )
+                .is_ok()
+            })
+        };
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            let key = text.trim().to_string();
+            // A restarted devnet replays its blocks first.
+            for _ in 0..100 {
+                if usable(&key) {
+                    return Ok(key);
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+        let faucet = read_key_file(&self.faucet_key_file, DEVNET_PASSWORD)?;
+        let snap = crate::api::snapshot(&node.handle);
+        let kind = TxKind::OpenAllowance(Box::new(AllowanceTerms {
+            cap: DEVNET_ALLOWANCE_BLY * BLY,
+            node_caps: Vec::new(),
+            expires_at: snap.ledger.height() + self.genesis.params.max_allowance_blocks,
+        }));
+        let tx = TxBody {
+            nonce: snap.ledger.account(&self.faucet).nonce,
+            gas_limit: blyan_state_machine::ledger::intrinsic_gas(&kind),
+            max_fee_per_gas: snap.ledger.next_block_base_fee().saturating_mul(2) + 1,
+            max_priority_fee_per_gas: 1,
+            kind,
+        }
+        .sign(&self.genesis.chain_id, &faucet);
+        let id = crate::api::submit(&node.handle, tx)
+            .await
+            .map_err(|e| Error::Node(format!("opening the devnet's allowance: {}", e.message)))?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            if let Some(loc) = node.handle.reader.tx(&id)? {
+                if let Some(why) = loc.receipt.failure {
+                    return Err(Error::Node(format!("the devnet's allowance failed: {why}")));
+                }
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(Error::Node(
+                    "the devnet's allowance did not commit in 120 s".into(),
+                ));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        let key = ApiKey::issue(&self.genesis.chain_id, &faucet, id, 0).to_key_string();
+        write(&path, &format!("{key}\n"))?;
+        // The key is usable once node 0's snapshot holds the allowance.
+        for _ in 0..100 {
+            if usable(&key) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        Ok(key)
     }
 
     /// Stops every node.

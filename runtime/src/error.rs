@@ -98,6 +98,9 @@ pub enum Error {
     Timeout(String),
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// API-PAY-1: the caller's allowance cannot pay for the request.
+    #[error("payment required: {0}")]
+    PaymentRequired(String),
     #[error("forbidden: {0}")]
     Forbidden(String),
     // Usage records (usage.rs).

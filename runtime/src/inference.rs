@@ -101,6 +101,9 @@ pub struct ChatRequest {
     pub top_p: f64,
     pub seed: u64,
     pub stop: Vec<String>,
+    /// API-PAY-1: most tokens the job may use, prompt included (what the
+    /// caller's allowance can pay for); `None`: no limit beyond `max_tokens`.
+    pub max_total_tokens: Option<u64>,
 }
 
 /// What a job produced.
@@ -111,6 +114,9 @@ pub struct ChatResult {
     pub completion_tokens: usize,
     /// `stop` or `length`.
     pub finish_reason: &'static str,
+    /// API-PAY-1: the completion was cut by `max_total_tokens`, not by
+    /// `max_tokens` or a stop.
+    pub capped: bool,
     /// The MoE experts that served the request (`layer.expert`). Always
     /// empty for now: the local engine does not report its routing yet (the
     /// inference-network issue routes requests through experts and will
@@ -424,9 +430,27 @@ mod engine {
                 config.max_prompt_tokens
             )));
         }
+        // API-PAY-1: the paid budget covers the prompt and the completion.
+        let mut max_tokens = req.max_tokens;
+        let mut capped = false;
+        if let Some(total) = req.max_total_tokens {
+            let left = usize::try_from(total)
+                .unwrap_or(usize::MAX)
+                .saturating_sub(prompt_ids.len());
+            if left == 0 {
+                return Err(Error::PaymentRequired(format!(
+                    "the prompt is {} tokens; the allowance pays for {total} tokens in all",
+                    prompt_ids.len()
+                )));
+            }
+            if left < max_tokens {
+                max_tokens = left;
+                capped = true;
+            }
+        }
         let request = GenerateRequest {
             prompt_ids,
-            max_tokens: req.max_tokens,
+            max_tokens,
             sampling: SamplingParams {
                 temperature: req.temperature,
                 top_k: 0,
@@ -476,6 +500,7 @@ mod engine {
             prompt_tokens: out.prompt_tokens,
             completion_tokens: out.completion_tokens,
             finish_reason: out.finish_reason.as_str(),
+            capped: capped && out.finish_reason.as_str() == "length",
             experts_used: Vec::new(),
         })
     }
@@ -608,6 +633,7 @@ mod tests {
             top_p: 1.0,
             seed: 0,
             stop: Vec::new(),
+            max_total_tokens: None,
         }
     }
 

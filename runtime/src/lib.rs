@@ -22,8 +22,10 @@
 
 pub mod api;
 pub mod bench;
+pub mod bench_chat;
 pub mod bench_open;
 pub mod bench_sync;
+pub mod billing;
 pub mod blobs;
 pub mod chaos;
 pub mod client;

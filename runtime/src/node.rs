@@ -38,6 +38,8 @@ pub struct NodeSetup {
     pub http: crate::http_server::HttpConfig,
     /// Usage records: retention and the PostgreSQL mirror (API-USAGE-*).
     pub logs: crate::usage::LogsConfig,
+    /// Paid inference (API-KEY-*, API-PAY-*).
+    pub payments: crate::billing::PaymentConfig,
 }
 
 impl NodeSetup {
@@ -82,6 +84,7 @@ impl NodeSetup {
             inference: c.inference.clone(),
             http: c.http.clone(),
             logs: c.logs.clone(),
+            payments: c.api.clone(),
         })
     }
 }
@@ -163,6 +166,10 @@ impl RunningNode {
         } else {
             None
         };
+        setup
+            .payments
+            .check(setup.genesis.params.allowance_grace_blocks)
+            .map_err(Error::Config)?;
         // API-USAGE-*: the usage records, in their own database.
         setup
             .logs
@@ -180,8 +187,11 @@ impl RunningNode {
             usage: Some(usage.clone()),
             max_body_bytes: setup.max_body_bytes,
             rate_limits: setup.rate_limits.clone(),
+            payments: setup.payments.clone(),
             ..api::ApiConfig::default()
         };
+        let settle_key = setup.key.clone();
+        let price_per_1k = setup.genesis.params.inference_price_per_1k_tokens;
         let data_dir = setup.data_dir.clone();
         let setup_http = setup.http.clone();
         let (service, handle, requests) = tokio::task::spawn_blocking(move || {
@@ -218,7 +228,26 @@ impl RunningNode {
         let node_task = tokio::task::spawn_blocking(move || {
             node_runtime.block_on(service.run(requests, inbound_rx, node_shutdown));
         });
-        let router = api::router(handle.clone(), &api_config, inference, Some(blobs.clone()));
+        // API-PAY-*: one meter shared by the API (charges) and the settler.
+        let meter = Arc::new(crate::billing::Meter::new(
+            handle.address,
+            price_per_1k,
+            api_config.payments.max_unsettled_requests,
+        ));
+        tasks.spawn(crate::billing::run_settler(
+            handle.clone(),
+            settle_key,
+            meter.clone(),
+            api_config.payments.settle_interval_blocks,
+            shutdown_rx.clone(),
+        ));
+        let router = api::router_with_meter(
+            handle.clone(),
+            &api_config,
+            inference,
+            Some(blobs.clone()),
+            meter,
+        );
         // API-HTTP-*: header and request timeouts, connection caps,
         // TCP_NODELAY, a raised RLIMIT_NOFILE (crate::http_server).
         let http_stats = Arc::new(crate::http_server::HttpStats::default());

@@ -30,9 +30,11 @@
 //!   client address is taken from `X-Forwarded-For`: the rightmost entry
 //!   not itself a trusted proxy, walking right to left and stopping at an
 //!   entry that does not parse (the hop before it is then the client).
-//!   Tying the authenticated tier to funded API keys is left to paid
-//!   inference; today a token needs an on-chain node registration
-//!   (API-REG-6).
+//!
+//! The authenticated tier (`token_per_min`) belongs to valid API keys whose
+//! allowance has funds for this node (spec/api.md API-KEY-3); a token from
+//! `POST /p2p/register` no longer raises a caller's limit, and an exhausted
+//! key counts against its address.
 
 use crate::inbound::source_key;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
@@ -145,7 +147,7 @@ impl RateLimitConfig {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Caller {
     Public(IpAddr),
-    /// A registered token (its SHA3-256, so tokens are not kept in clear twice).
+    /// A valid API key with funds, by its id (API-KEY-5: SHA3-256 of the key).
     Token([u8; 32]),
     Unlimited,
 }

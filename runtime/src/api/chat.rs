@@ -8,10 +8,13 @@
 //!   `400`. `use_moe: true` against a dense model is `404`/3001
 //!   EXPERT_NOT_FOUND.
 //! - **API-CHAT-2** Cost: `ceil((prompt + completion tokens) ×
-//!   per_1k_tokens / 1000)` base units, with `per_1k_tokens` from the chain
-//!   parameters (seed 8.2: 1 BLY per 1,000 tokens). It is reported, not
-//!   charged: payment is settled on chain with a client-signed receipt
-//!   (TX-8) once routing across nodes lands.
+//!   inference_price_per_1k_tokens / 1000)` base units (ALW-5; the chain
+//!   parameter, seed 8.2: 1 BLY per 1,000 tokens). With an API key it is
+//!   charged to the key's allowance and settled on chain in batches
+//!   ([`crate::billing`], API-PAY-*); without one (free mode only) it is
+//!   reported, not charged. Every answer carries a `blyan` object: the
+//!   cost, whether it was charged, the request id it settles under, and
+//!   the route (the nodes that served, with their work).
 //! - **API-CHAT-3** A full engine queue is `503`/4001 at once; a request
 //!   not finished within the inference timeout is `504`/4001.
 //! - **API-CHAT-4** A client never holds the engine: a stream whose reader
@@ -25,14 +28,18 @@
 
 use super::{ApiError, ApiResult, ApiState, code, hex0x, parse_json, snapshot};
 use crate::Error;
+use crate::billing::{Payer, Reservation};
 use crate::inference::{ChatRequest, ChatResult, InferenceHandle};
+use axum::Extension;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::response::sse::{Event, Sse};
+use blyan_state_machine::ledger::Ledger;
 use blyan_state_machine::types::Amount;
+use blyan_state_machine::types::Hash32;
 use serde_json::json;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -82,6 +89,9 @@ pub struct ChatAnswer {
     /// `stop` or `length`.
     pub finish_reason: String,
     pub model: String,
+    /// API-CHAT-2: cost, whether it was charged, request id, route.
+    #[schema(value_type = Object)]
+    pub blyan: serde_json::Value,
 }
 
 fn inference(state: &ApiState) -> Result<&InferenceHandle, ApiError> {
@@ -135,12 +145,19 @@ fn check(
         top_p,
         seed: seed.unwrap_or(0),
         stop,
+        max_total_tokens: None,
     })
 }
 
 fn engine_error(e: Error) -> ApiError {
     match e {
         Error::BadRequest(m) => ApiError::bad_request(m),
+        Error::PaymentRequired(m) => ApiError::new(
+            StatusCode::PAYMENT_REQUIRED,
+            code::VALIDATION_FAILED,
+            "insufficient_quota",
+            m,
+        ),
         Error::Busy(m) => ApiError::offline(m),
         Error::Timeout(m) => ApiError::new(
             StatusCode::GATEWAY_TIMEOUT,
@@ -171,10 +188,9 @@ pub fn bly(base_units: Amount) -> f64 {
     format!("{whole}.{frac:018}").parse().unwrap_or(f64::NAN)
 }
 
-fn answer(state: &ApiState, engine: &InferenceHandle, r: ChatResult) -> ChatAnswer {
-    let per_1k = snapshot(&state.node).ledger.params().rewards.per_1k_tokens;
+fn answer(engine: &InferenceHandle, r: ChatResult, bill: &Bill) -> ChatAnswer {
     let tokens = r.prompt_tokens + r.completion_tokens;
-    let cost = cost_base_units(tokens, per_1k);
+    let cost = bill.cost;
     ChatAnswer {
         text: r.text,
         tokens_used: tokens,
@@ -185,7 +201,169 @@ fn answer(state: &ApiState, engine: &InferenceHandle, r: ChatResult) -> ChatAnsw
         cost_base_units: cost.to_string(),
         finish_reason: r.finish_reason.to_string(),
         model: engine.model.name.clone(),
+        blyan: bill.json(),
     }
+}
+
+/// The meta block id of the model `engine` serves: the registered meta
+/// block whose payload is the block directory's manifest (GEN-MODEL-2).
+pub fn served_model_id(ledger: &Ledger, engine: &InferenceHandle) -> Option<Hash32> {
+    let dir = engine.config.model_dir.as_ref()?;
+    let manifest = std::fs::read(dir.join("manifest.json")).ok()?;
+    let cid = blyan_state_machine::pol::cid_v1_raw_sha256(&manifest);
+    ledger
+        .pol()
+        .blocks()
+        .find(|(_, b)| {
+            b.block_type == blyan_state_machine::pol::PolBlockType::Meta && b.payload_cid == cid
+        })
+        .map(|(id, _)| *id)
+}
+
+/// API-KEY-4, API-PAY-1: who pays for a request, decided before it is queued.
+enum Payment {
+    Free,
+    Paid(Payer, Reservation),
+}
+
+fn admit(
+    state: &ApiState,
+    payer: Option<Payer>,
+    prompt_bytes: usize,
+    max_tokens: usize,
+) -> Result<Payment, ApiError> {
+    match payer {
+        None if state.free_inference => Ok(Payment::Free),
+        None => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            code::VALIDATION_FAILED,
+            "missing_api_key",
+            "this node serves inference to API keys: send `Authorization: Bearer <key>` (create one with `blyan keys api-key`)",
+        )),
+        Some(p) => {
+            let want = (prompt_bytes as u64).saturating_add(max_tokens as u64);
+            let r = state
+                .meter
+                .reserve(&p, want)
+                .map_err(crate::billing::MeterRefusal::into_api_error)?;
+            Ok(Payment::Paid(p, r))
+        }
+    }
+}
+
+/// What a finished (or failed) request cost and who served it.
+pub struct Bill {
+    pub cost: Amount,
+    pub charged: bool,
+    pub request_id: Option<Hash32>,
+    pub route: Vec<(blyan_state_machine::types::Address, u64)>,
+    pub capped: bool,
+}
+
+impl Bill {
+    fn json(&self) -> serde_json::Value {
+        json!({
+            "cost_base_units": self.cost.to_string(),
+            "cost_bly": bly(self.cost),
+            "charged": self.charged,
+            "request_id": self.request_id.map(|id| hex0x(&id)),
+            "cap_reached": self.capped,
+            "route": self.route.iter().map(|(n, w)| json!({ "node": n.to_string(), "work": w })).collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// The usage record's outcome of a request (spec/api.md API-USAGE-1).
+fn outcome(r: Result<&ChatResult, &Error>) -> String {
+    match r {
+        Ok(r) if r.capped => "cap_reached".into(),
+        Ok(r) => r.finish_reason.into(),
+        Err(Error::Timeout(_)) => "cancelled:deadline".into(),
+        Err(Error::Inference(m)) if m.contains("went away") => "cancelled:client_gone".into(),
+        Err(Error::Inference(m)) if m.contains("unread") => "cancelled:stalled_reader".into(),
+        Err(Error::PaymentRequired(_)) => "error:insufficient_quota".into(),
+        Err(Error::BadRequest(_)) => "error:bad_request".into(),
+        Err(Error::Busy(_)) => "error:busy".into(),
+        Err(_) => "error:inference_failed".into(),
+    }
+}
+
+/// API-PAY-2: releases the reservation and records the usage of a served
+/// request (an error: not charged), and appends the request's usage record
+/// (API-USAGE-*; keyless requests under the all-zero key id).
+fn finish(
+    state: &ApiState,
+    engine: &InferenceHandle,
+    payment: Payment,
+    r: Result<&ChatResult, &Error>,
+    started: std::time::Instant,
+) -> Bill {
+    let layers = engine.model.layers.max(1) as u64;
+    let served = r.ok();
+    let tokens = served.map_or(0, |r| (r.prompt_tokens + r.completion_tokens) as u64);
+    let route = if served.is_some() {
+        vec![(state.node.address, layers.saturating_mul(tokens))]
+    } else {
+        Vec::new()
+    };
+    let capped = served.is_some_and(|r| r.capped);
+    let (bill, key_id, allowance) = match payment {
+        Payment::Free => (
+            Bill {
+                cost: state.meter.price(tokens),
+                charged: false,
+                request_id: None,
+                route,
+                capped,
+            },
+            [0; 32],
+            None,
+        ),
+        Payment::Paid(payer, reservation) => {
+            let counts = served.map(|r| (r.prompt_tokens as u64, r.completion_tokens as u64));
+            let model = state.served_model.unwrap_or([0; 32]);
+            let (cost, charged, request_id) =
+                match state.meter.complete(reservation, model, counts, layers) {
+                    Some((id, cost)) => (cost, true, Some(id)),
+                    None => (0, false, None),
+                };
+            (
+                Bill {
+                    cost,
+                    charged,
+                    request_id,
+                    route,
+                    capped,
+                },
+                payer.key_id,
+                Some(payer.allowance),
+            )
+        }
+    };
+    if let Some(log) = &state.usage {
+        let rec = crate::usage::UsageRecord {
+            request_id: bill
+                .request_id
+                .unwrap_or_else(|| state.meter.next_request_id()),
+            key_id,
+            allowance,
+            model: engine.model.name.clone(),
+            prompt_tokens: served.map_or(0, |r| r.prompt_tokens as u64),
+            completion_tokens: served.map_or(0, |r| r.completion_tokens as u64),
+            route: bill.route.iter().map(|(n, _)| *n).collect(),
+            cost_base_units: if bill.charged { bill.cost } else { 0 },
+            latency_ms: started.elapsed().as_millis() as u64,
+            outcome: outcome(r),
+            time_ms: crate::usage::now_ms(),
+        };
+        let log = log.clone();
+        tokio::spawn(async move {
+            if let Err(e) = log.append_async(rec).await {
+                tracing::error!(error = %e, "usage record not stored");
+            }
+        });
+    }
+    bill
 }
 
 /// Generate text from a prompt with the node's local model.
@@ -194,7 +372,11 @@ fn answer(state: &ApiState, engine: &InferenceHandle, r: ChatResult) -> ChatAnsw
               (status = 404, description = "use_moe on a dense model", body = super::openapi::ErrorBody),
               (status = 429, body = super::openapi::ErrorBody), (status = 503, body = super::openapi::ErrorBody),
               (status = 504, body = super::openapi::ErrorBody)))]
-pub async fn chat(State(state): State<ApiState>, body: Result<Bytes, BytesRejection>) -> ApiResult {
+pub async fn chat(
+    State(state): State<ApiState>,
+    payer: Option<Extension<Payer>>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult {
     let b: ChatBody = parse_json(
         body,
         r#"{"prompt": "...", "max_tokens": 64, "temperature": 0.0, "use_moe": false}"#,
@@ -220,8 +402,16 @@ pub async fn chat(State(state): State<ApiState>, body: Result<Bytes, BytesReject
         b.seed,
         b.stop,
     )?;
-    let result = engine.generate(req, None).await.map_err(engine_error)?;
-    Ok(axum::Json(answer(&state, engine, result)).into_response())
+    let mut req = req;
+    let payment = admit(&state, payer.map(|e| e.0), req.prompt.len(), req.max_tokens)?;
+    if let Payment::Paid(_, r) = &payment {
+        req.max_total_tokens = Some(r.max_total_tokens);
+    }
+    let started = std::time::Instant::now();
+    let result = engine.generate(req, None).await;
+    let bill = finish(&state, engine, payment, result.as_ref(), started);
+    let result = result.map_err(engine_error)?;
+    Ok(axum::Json(answer(engine, result, &bill)).into_response())
 }
 
 /// One OpenAI chat message.
@@ -257,6 +447,17 @@ pub struct CompletionsBody {
     pub stop: Option<Stop>,
     #[serde(default)]
     pub stream: bool,
+    /// OpenAI's `{"include_usage": true}`: one more chunk before `[DONE]`,
+    /// with empty `choices` and the request's `usage`.
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+}
+
+/// OpenAI's `stream_options`.
+#[derive(serde::Deserialize, utoipa::ToSchema)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
 }
 
 /// Qwen's ChatML template: each message as `<|im_start|>role\ncontent<|im_end|>\n`,
@@ -289,6 +490,7 @@ fn unix_secs() -> u64 {
               (status = 503, body = super::openapi::ErrorBody), (status = 504, body = super::openapi::ErrorBody)))]
 pub async fn completions(
     State(state): State<ApiState>,
+    payer: Option<Extension<Payer>>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
     let b: CompletionsBody = parse_json(
@@ -299,16 +501,23 @@ pub async fn completions(
     if b.messages.is_empty() {
         return Err(ApiError::bad_request("messages is empty"));
     }
+    // API-KEY-7: `model` is optional; given, it is the served model's name
+    // or its meta block id (as `GET /v1/models` lists it).
     if let Some(m) = &b.model
         && m != &engine.model.name
+        && state.served_model.is_none_or(|id| *m != hex0x(&id))
     {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             code::EXPERT_NOT_FOUND,
             "model_not_found",
-            format!("this node serves {:?}, not {m:?}", engine.model.name),
+            format!(
+                "The model `{m}` does not exist or this node does not serve it (it serves {:?}; see GET /v1/models)",
+                engine.model.name
+            ),
         ));
     }
+    let include_usage = b.stream_options.as_ref().is_some_and(|o| o.include_usage);
     let stop = match b.stop {
         None => Vec::new(),
         Some(Stop::One(s)) => vec![s],
@@ -330,8 +539,16 @@ pub async fn completions(
     );
     let created = unix_secs();
     let model = engine.model.name.clone();
+    let mut req = req;
+    let payment = admit(&state, payer.map(|e| e.0), req.prompt.len(), req.max_tokens)?;
+    if let Payment::Paid(_, r) = &payment {
+        req.max_total_tokens = Some(r.max_total_tokens);
+    }
     if !b.stream {
-        let r = engine.generate(req, None).await.map_err(engine_error)?;
+        let started = std::time::Instant::now();
+        let r = engine.generate(req, None).await;
+        let bill = finish(&state, &engine, payment, r.as_ref(), started);
+        let r = r.map_err(engine_error)?;
         return Ok(axum::Json(json!({
             "id": id,
             "object": "chat.completion",
@@ -347,6 +564,7 @@ pub async fn completions(
                 "completion_tokens": r.completion_tokens,
                 "total_tokens": r.prompt_tokens + r.completion_tokens,
             },
+            "blyan": bill.json(),
         }))
         .into_response());
     }
@@ -358,18 +576,23 @@ pub async fn completions(
     let chunk = {
         let (id, model) = (id.clone(), model.clone());
         move |delta: serde_json::Value, finish: Option<&str>| {
-            json!({
+            let mut c = json!({
                 "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
                 "choices": [{ "index": 0, "delta": delta, "finish_reason": finish }],
-            })
+            });
+            if include_usage {
+                c["usage"] = serde_json::Value::Null;
+            }
+            c
         }
     };
     // API-CHAT-4: every send fails once the client is gone (axum dropped the
-    // SSE body and with it `events_rx`); the task then returns, dropping the
-    // piece receiver and the pending reply, which cancels the job at its
-    // next token. While the client does not read, `events_tx.send` waits
-    // here (never in the engine), the piece channel fills and the engine
-    // cancels the job.
+    // SSE body and with it `events_rx`); the task then closes the piece
+    // receiver, which cancels the job at its next token, and waits for the
+    // job's end only to release its reservation (API-PAY-2). While the
+    // client does not read, `events_tx.send` waits here (never in the
+    // engine), the piece channel fills and the engine cancels the job.
+    let started = std::time::Instant::now();
     tokio::spawn(async move {
         let first = chunk(json!({ "role": "assistant", "content": "" }), None);
         if events_tx
@@ -377,21 +600,33 @@ pub async fn completions(
             .await
             .is_err()
         {
+            // Not started: release the reservation, charge nothing.
+            let gone = Error::Inference("the client went away before the first chunk".into());
+            finish(&state, &engine, payment, Err(&gone), started);
             return;
         }
         let generation = engine.generate(req, Some(pieces_tx));
         tokio::pin!(generation);
+        // The generation runs to its end even if the client leaves (the
+        // engine cancels it at its next token, API-CHAT-4): the request is
+        // then billed as failed (nothing charged) and its reservation freed.
+        let mut client_gone = false;
         let result = loop {
             tokio::select! {
-                Some(piece) = pieces_rx.recv() => {
+                Some(piece) = pieces_rx.recv(), if !client_gone => {
                     let c = chunk(json!({ "content": piece }), None);
                     if events_tx.send(Event::default().data(c.to_string())).await.is_err() {
-                        return;
+                        client_gone = true;
+                        pieces_rx.close();
                     }
                 }
                 r = &mut generation => break r,
             }
         };
+        let bill = finish(&state, &engine, payment, result.as_ref(), started);
+        if client_gone {
+            return;
+        }
         // Pieces sent just before the result.
         while let Ok(piece) = pieces_rx.try_recv() {
             let c = chunk(json!({ "content": piece }), None);
@@ -405,19 +640,28 @@ pub async fn completions(
         }
         match result {
             Ok(r) => {
-                let mut last = chunk(json!({}), Some(r.finish_reason));
-                last["usage"] = json!({
+                let usage = json!({
                     "prompt_tokens": r.prompt_tokens,
                     "completion_tokens": r.completion_tokens,
                     "total_tokens": r.prompt_tokens + r.completion_tokens,
                 });
+                let mut last = chunk(json!({}), Some(r.finish_reason));
+                last["blyan"] = bill.json();
                 let _ = events_tx
                     .send(Event::default().data(last.to_string()))
                     .await;
+                if include_usage {
+                    // OpenAI's usage chunk: empty choices, the usage.
+                    let mut u = chunk(json!({}), None);
+                    u["choices"] = json!([]);
+                    u["usage"] = usage;
+                    u["blyan"] = bill.json();
+                    let _ = events_tx.send(Event::default().data(u.to_string())).await;
+                }
             }
             Err(e) => {
                 let e = engine_error(e);
-                let body = json!({ "error": { "code": e.code, "reason": e.reason, "message": e.message } });
+                let body = json!({ "error": { "code": e.reason, "type": "server_error", "message": e.message } });
                 let _ = events_tx
                     .send(Event::default().event("error").data(body.to_string()))
                     .await;
@@ -430,6 +674,109 @@ pub async fn completions(
     });
     Ok(Sse::new(stream).into_response())
 }
+
+/// The OpenAI model object of one registered meta block.
+fn model_object(id: String, created_ms: u64, served: bool) -> serde_json::Value {
+    json!({ "id": id, "object": "model", "created": created_ms / 1000, "owned_by": "blyan", "served_here": served })
+}
+
+/// API-KEY-7: the models this network registers (PoL meta blocks), in
+/// OpenAI's list shape. The model this node serves is listed under its
+/// name; the others under `0x<meta block id>`.
+#[utoipa::path(get, path = "/v1/models",
+    responses((status = 200, description = "OpenAI's `list` of `model` objects", body = Object)))]
+pub async fn models(State(state): State<ApiState>) -> ApiResult {
+    let snap = snapshot(&state.node);
+    let created_ms = snap.ledger.globals().time_ms;
+    let mut data = Vec::new();
+    if let Some(engine) = &state.inference {
+        data.push(model_object(engine.model.name.clone(), created_ms, true));
+    }
+    for (id, b) in snap.ledger.pol().blocks() {
+        if b.block_type == blyan_state_machine::pol::PolBlockType::Meta
+            && Some(*id) != state.served_model
+        {
+            data.push(model_object(hex0x(id), created_ms, false));
+        }
+        if data.len() >= MAX_LISTED_MODELS {
+            break;
+        }
+    }
+    Ok(axum::Json(json!({ "object": "list", "data": data })).into_response())
+}
+
+/// ALW-1: an allowance as the chain holds it, plus this node's charges
+/// not yet settled on chain (`pending_here_base_units`).
+#[utoipa::path(get, path = "/allowance/{id}", params(("id" = String, Path, description = "0x-hex allowance id (its opening transaction's id)")),
+    responses((status = 200, body = Object), (status = 404, body = super::openapi::ErrorBody), (status = 400, body = super::openapi::ErrorBody)))]
+pub async fn get_allowance(
+    State(state): State<ApiState>,
+    super::Path(id): super::Path<String>,
+) -> ApiResult {
+    let id = super::parse_hash(&id)?;
+    let snap = snapshot(&state.node);
+    let a = snap.ledger.allowance(&id).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            code::VALIDATION_FAILED,
+            "allowance_not_found",
+            "no such allowance (never opened, not yet committed, or released after its grace period)",
+        )
+    })?;
+    let caps = |v: &[blyan_state_machine::allowance::NodeCap]| {
+        v.iter()
+            .map(|c| json!({ "node": c.node.to_string(), "amount": c.cap.to_string() }))
+            .collect::<Vec<_>>()
+    };
+    let height = snap.ledger.height();
+    Ok(axum::Json(json!({
+        "id": hex0x(&id),
+        "owner": a.owner.to_string(),
+        "cap": a.cap.to_string(),
+        "spent": a.spent.to_string(),
+        "remaining": a.remaining().to_string(),
+        "node_caps": caps(&a.node_caps),
+        "node_spent": caps(&a.node_spent),
+        "opened_at": a.opened_at,
+        "expires_at": a.expires_at,
+        "closed_at": a.closed_at,
+        "settled_requests": a.settled_requests,
+        "release_at": a.release_at(snap.ledger.params().allowance_grace_blocks),
+        "pending_here_base_units": state.meter.pending_cost(&id, height).to_string(),
+        "height": height,
+    }))
+    .into_response())
+}
+
+/// API-USAGE-3: the caller's usage records (its key's, by key id), newest
+/// first, paginated; needs the key (`401` without one).
+#[utoipa::path(get, path = "/v1/usage",
+    params(("since_ms" = Option<u64>, Query, description = "only records at or after this unix time (ms)"),
+           ("cursor" = Option<String>, Query, description = "a previous page's next_cursor"),
+           ("limit" = Option<usize>, Query, description = "1..=1000, default 100")),
+    responses((status = 200, body = Object), (status = 401, body = super::openapi::ErrorBody), (status = 400, body = super::openapi::ErrorBody)))]
+pub async fn usage(
+    State(state): State<ApiState>,
+    payer: Option<Extension<Payer>>,
+    super::Query(query): super::Query<crate::usage::UsageQuery>,
+) -> ApiResult {
+    let Some(Extension(payer)) = payer else {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            code::VALIDATION_FAILED,
+            "missing_api_key",
+            "usage records are the key holder's: send `Authorization: Bearer <key>`",
+        ));
+    };
+    let log = state
+        .usage
+        .clone()
+        .ok_or_else(|| ApiError::offline("this node keeps no usage records"))?;
+    crate::usage::list_usage(log, payer.key_id, query).await
+}
+
+/// Bound on `GET /v1/models`' list.
+pub const MAX_LISTED_MODELS: usize = 256;
 
 #[cfg(test)]
 mod tests {

@@ -217,6 +217,8 @@ pub struct ApiConfig {
     /// Usage records (API-USAGE-*), appended by the chat handlers.
     pub usage: Option<crate::usage::UsageLog>,
     pub mine: pol::MineConfig,
+    /// Paid inference (API-KEY-*, API-PAY-*).
+    pub payments: crate::billing::PaymentConfig,
 }
 
 impl Default for ApiConfig {
@@ -227,6 +229,7 @@ impl Default for ApiConfig {
             registry: RegistryConfig::default(),
             mine: pol::MineConfig::default(),
             usage: None,
+            payments: crate::billing::PaymentConfig::default(),
         }
     }
 }
@@ -271,6 +274,14 @@ pub struct ApiState {
     /// Usage records (API-USAGE-*); `None` in tests that start no node.
     pub usage: Option<crate::usage::UsageLog>,
     pub mine: pol::MineConfig,
+    /// API-KEY-4: whether requests without a key are served.
+    pub free_inference: bool,
+    /// API-PAY-*: this node's charges against allowances (shared with the
+    /// settler, [`crate::billing::run_settler`]).
+    pub meter: Arc<crate::billing::Meter>,
+    /// The PoL meta block id of the model the engine serves, if the chain
+    /// registers it (usage items and `/v1/models`).
+    pub served_model: Option<Hash32>,
 }
 
 impl FromRef<ApiState> for NodeHandle {
@@ -286,7 +297,33 @@ pub fn router(
     inference: Option<InferenceHandle>,
     blobs: Option<Arc<crate::blobs::BlobStore>>,
 ) -> Router {
+    let price = snapshot(&node)
+        .ledger
+        .params()
+        .inference_price_per_1k_tokens;
+    let meter = Arc::new(crate::billing::Meter::new(
+        node.address,
+        price,
+        config.payments.max_unsettled_requests,
+    ));
+    router_with_meter(node, config, inference, blobs, meter)
+}
+
+/// [`router`] with the meter the node's settler shares.
+pub fn router_with_meter(
+    node: NodeHandle,
+    config: &ApiConfig,
+    inference: Option<InferenceHandle>,
+    blobs: Option<Arc<crate::blobs::BlobStore>>,
+    meter: Arc<crate::billing::Meter>,
+) -> Router {
+    let served_model = inference
+        .as_ref()
+        .and_then(|e| chat::served_model_id(&snapshot(&node).ledger, e));
     let state = ApiState {
+        free_inference: config.payments.free_inference,
+        meter,
+        served_model,
         blobs,
         registry: Arc::new(Registry::new(
             node.chain_id.clone(),
@@ -315,6 +352,9 @@ pub fn router(
         .route("/metrics", get(get_metrics))
         .route("/chat", post(chat::chat))
         .route("/v1/chat/completions", post(chat::completions))
+        .route("/v1/models", get(chat::models))
+        .route("/v1/usage", get(chat::usage))
+        .route("/allowance/{id}", get(chat::get_allowance))
         .route("/mine", post(pol::mine))
         .route("/pol/blocks", get(pol::list_blocks))
         .route("/pol/blocks/{id}", get(pol::get_block))
@@ -341,7 +381,12 @@ pub fn router(
 /// API-RATE-1/2/5/6: who the caller is, from the bearer token or the client
 /// address; a bad token is an error to answer after counting the request
 /// against the address (the `Caller` returned with it).
-fn caller(state: &ApiState, req: &axum::extract::Request) -> Result<Caller, (Caller, ApiError)> {
+type CallerAndKey = (Caller, Option<crate::billing::Payer>);
+
+fn caller(
+    state: &ApiState,
+    req: &axum::extract::Request,
+) -> Result<CallerAndKey, (Caller, ApiError)> {
     let peer = req
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
@@ -367,31 +412,45 @@ fn caller(state: &ApiState, req: &axum::extract::Request) -> Result<Caller, (Cal
                     ApiError::new(
                         StatusCode::UNAUTHORIZED,
                         code::VALIDATION_FAILED,
-                        "invalid_token",
-                        "Authorization must be `Bearer <token from POST /p2p/register>`",
+                        "invalid_api_key",
+                        "Authorization must be `Bearer <API key>` (blyan keys api-key)",
                     ),
                 )
             })?;
         if state.limits.is_unlimited_token(token) {
-            return Ok(Caller::Unlimited);
+            return Ok((Caller::Unlimited, None));
         }
-        return match (
-            state.registry.token_owner(token),
-            Registry::token_key(token),
-        ) {
-            (Some(_), Some(key)) => Ok(Caller::Token(key)),
-            _ => Err((
-                public,
-                ApiError::new(
-                    StatusCode::UNAUTHORIZED,
-                    code::VALIDATION_FAILED,
-                    "invalid_token",
-                    "unknown or revoked token; register again with POST /p2p/register",
-                ),
-            )),
-        };
+        // API-KEY-3: an API key, checked against this node's chain state.
+        if token.starts_with(blyan_state_machine::allowance::API_KEY_PREFIX)
+            || state.registry.token_owner(token).is_none()
+        {
+            let snap = snapshot(&state.node);
+            return match crate::billing::check_key(
+                &snap.ledger,
+                &state.node.chain_id,
+                &state.node.address,
+                token,
+            ) {
+                // API-RATE-1: the authenticated tier belongs to valid keys
+                // with funds; an exhausted key counts as public.
+                Ok(payer) if payer.available > 0 => Ok((Caller::Token(payer.key_id), Some(payer))),
+                Ok(payer) => Ok((public, Some(payer))),
+                Err(refusal) => Err((
+                    public,
+                    ApiError::new(
+                        StatusCode::UNAUTHORIZED,
+                        code::VALIDATION_FAILED,
+                        "invalid_api_key",
+                        refusal.to_string(),
+                    ),
+                )),
+            };
+        }
+        // A token from POST /p2p/register identifies a registered node but
+        // no longer raises its limit (API-RATE-1): counted by address.
+        return Ok((public, None));
     }
-    Ok(public)
+    Ok((public, None))
 }
 
 /// The middleware in front of every route: rate limits (API-RATE-*) and the
@@ -407,10 +466,16 @@ async fn limit_and_measure(
     let exempt = matches!(path, "/health" | "/metrics" | "/") || path.starts_with("/ui/");
     if !exempt {
         // API-RATE-5: a bad token is counted against the address first.
-        let (c, unauthorized) = match caller(&state, &req) {
-            Ok(c) => (c, None),
-            Err((c, e)) => (c, Some(e)),
+        let (c, payer, unauthorized) = match caller(&state, &req) {
+            Ok((c, p)) => (c, p, None),
+            Err((c, e)) => (c, None, Some(e)),
         };
+        // Handlers find the checked key in the request's extensions.
+        let mut req = req;
+        if let Some(p) = payer {
+            req.extensions_mut().insert(p);
+        }
+        let openai = req.uri().path().starts_with("/v1/");
         let refusal = match state.limits.check(&c) {
             Ok(()) => unauthorized.map(IntoResponse::into_response),
             Err(Refusal::Limited { retry_after }) => {
@@ -420,7 +485,7 @@ async fn limit_and_measure(
                         StatusCode::TOO_MANY_REQUESTS,
                         code::VALIDATION_FAILED,
                         "rate_limited",
-                        format!("rate limit reached; retry in {secs} s (a token from POST /p2p/register raises the limit)"),
+                        format!("rate limit reached; retry in {secs} s (an API key with funds raises the limit)"),
                     )
                     .into_response();
                 r.headers_mut()
@@ -434,12 +499,57 @@ async fn limit_and_measure(
         };
         if let Some(r) = refusal {
             state.metrics.observe(start.elapsed());
-            return r;
+            return if openai { openai_error(r).await } else { r };
         }
+        let response = next.run(req).await;
+        state.metrics.observe(start.elapsed());
+        return if openai {
+            openai_error(response).await
+        } else {
+            response
+        };
     }
     let response = next.run(req).await;
     state.metrics.observe(start.elapsed());
     response
+}
+
+/// API-KEY-6: on `/v1/*` an error answer takes OpenAI's shape,
+/// `{"error": {"message", "type", "code"}}`, so OpenAI SDKs raise their
+/// usual exceptions; `code` is the seed shape's `reason`.
+async fn openai_error(response: Response) -> Response {
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, 64 * 1024).await else {
+        return (status, "error body unreadable").into_response();
+    };
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+        return Response::from_parts(parts, axum::body::Body::from(bytes));
+    };
+    let kind = match status.as_u16() {
+        401 => "authentication_error",
+        402 => "insufficient_quota",
+        429 => "rate_limit_error",
+        s if s >= 500 => "server_error",
+        _ => "invalid_request_error",
+    };
+    let body = json!({ "error": {
+        "message": v["message"].as_str().unwrap_or_default(),
+        "type": kind,
+        "code": v["reason"].as_str().unwrap_or_default(),
+        "param": null,
+    }});
+    parts.headers.remove(header::CONTENT_LENGTH);
+    let mut r = (status, axum::Json(body)).into_response();
+    for (k, v) in parts.headers.iter() {
+        if k != header::CONTENT_TYPE {
+            r.headers_mut().insert(k.clone(), v.clone());
+        }
+    }
+    r
 }
 
 pub(crate) fn snapshot(node: &NodeHandle) -> Arc<Snapshot> {
@@ -604,11 +714,23 @@ pub(crate) async fn get_account(
     let snap = snapshot(&node);
     let account = snap.ledger.account(&address);
     let stake = snap.ledger.validator(&address).map_or(0, |v| v.bonded);
+    // RWD-5: what the address has claimed in the current reward epoch, per
+    // pool (paid at the epoch's end; signing and attestation are weights).
+    let claims: serde_json::Map<String, Value> = blyan_state_machine::rewards::RewardPool::ALL
+        .into_iter()
+        .map(|p| {
+            (
+                format!("{p:?}").to_lowercase(),
+                Value::String(snap.ledger.rewards().claim(p, &address).to_string()),
+            )
+        })
+        .collect();
     Ok(axum::Json(json!({
         "address": address,
         "balance": account.balance.to_string(),
         "nonce": account.nonce,
         "stake": stake.to_string(),
+        "reward_claims": claims,
         "height": snap.height(),
     }))
     .into_response())

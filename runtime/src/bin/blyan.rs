@@ -148,6 +148,23 @@ enum Command {
         #[command(subcommand)]
         command: StoreCommand,
     },
+    /// Inference API throughput and latency, with and without an API key
+    /// (paid inference's metering cost), on an in-process devnet
+    /// (runtime/src/bench_chat.rs).
+    BenchChat {
+        #[arg(long, default_value_t = 100)]
+        clients: usize,
+        /// Seconds per mode.
+        #[arg(long, default_value_t = 30)]
+        duration: u64,
+        #[arg(long, default_value_t = 8)]
+        max_tokens: usize,
+        #[arg(long, default_value_t = blyan_runtime::config::DEFAULT_BLOCK_INTERVAL_MS)]
+        block_interval_ms: u64,
+        /// Parent directory of the devnet (kept); default: a temporary one, removed.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// Load benchmark: pre-signed transfers over `POST /tx` to a fresh
     /// in-process 4-validator devnet per offered rate (see runtime/BENCH.md).
     Bench {
@@ -216,6 +233,32 @@ enum KeysCommand {
         #[arg(long, default_value = ".")]
         dir: PathBuf,
     },
+    /// Create an API key (spec/api.md API-KEY-1) for an allowance the key
+    /// file owns: for `--allowance ID`, or for a new allowance of `--cap`
+    /// BLY opened first (TX-13, waits for the commit). Prints `api key: <key>`.
+    ApiKey {
+        #[arg(long)]
+        key: PathBuf,
+        #[command(flatten)]
+        password: PasswordArgs,
+        #[arg(long, default_value = "http://127.0.0.1:7101")]
+        node: String,
+        /// An existing allowance (0x-hex id, the opening transaction's id).
+        #[arg(long, conflicts_with = "cap")]
+        allowance: Option<String>,
+        /// Open a new allowance with this cap, in BLY.
+        #[arg(long, required_unless_present = "allowance")]
+        cap: Option<String>,
+        /// The new allowance's lifetime in blocks (default: the chain's maximum).
+        #[arg(long)]
+        blocks: Option<u64>,
+        /// Per-node caps of the new allowance: `0xADDRESS=BLY`, repeatable.
+        #[arg(long = "node-cap")]
+        node_caps: Vec<String>,
+        /// Which key of the allowance (distinct keys, distinct usage records).
+        #[arg(long, default_value_t = 0)]
+        index: u32,
+    },
 }
 
 /// What every transaction command needs besides its kind.
@@ -263,11 +306,20 @@ enum TxCommand {
         #[command(flatten)]
         args: TxArgs,
     },
+    /// Revoke an inference allowance (TX-14): its API keys stop at once;
+    /// the unspent rest returns after the settlement grace period.
+    CloseAllowance {
+        /// The allowance's id (0x-hex).
+        #[arg(long)]
+        allowance: String,
+        #[command(flatten)]
+        args: TxArgs,
+    },
 }
 
 /// Signs `kind` with the key file, submits it to `args.node` and, with
 /// `--wait`, polls until it is committed, printing progress.
-async fn submit_tx(kind: TxKind, args: TxArgs) -> Result<(), Error> {
+async fn submit_tx(kind: TxKind, args: TxArgs) -> Result<String, Error> {
     let key = read_key_file(&args.key, &password(&args.password, Prompt::Once)?)?;
     let from = Address::from_public_key(key.verifying_key());
     let node = &args.node;
@@ -297,14 +349,17 @@ async fn submit_tx(kind: TxKind, args: TxArgs) -> Result<(), Error> {
     let id = reply["id"].as_str().unwrap_or_default().to_string();
     println!("submitted {id}");
     if !args.wait {
-        return Ok(());
+        return Ok(id);
     }
     let start_height = status["height"].as_u64().unwrap_or(0);
     for i in 0..600u32 {
         let (s, r) = client::get_json(node, &format!("/tx/{id}")).await?;
         if s == 200 {
             println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
-            return Ok(());
+            if let Some(why) = r["receipt"]["failure"].as_str().or(r["failure"].as_str()) {
+                return Err(Error::Http(format!("transaction {id} failed: {why}")));
+            }
+            return Ok(id);
         }
         if i % 10 == 9 {
             let (_, st) = client::get_json(node, "/status").await?;
@@ -321,6 +376,28 @@ async fn submit_tx(kind: TxKind, args: TxArgs) -> Result<(), Error> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     Err(Error::Http("not committed within 120 s".into()))
+}
+
+/// A 0x-hex 32-byte id.
+fn parse_hash32(s: &str) -> Result<[u8; 32], Error> {
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(s.trim_start_matches("0x"), &mut out)
+        .map_err(|e| Error::Config(format!("{s:?} is not a 0x-hex 32-byte id: {e}")))?;
+    Ok(out)
+}
+
+/// `0xADDRESS=BLY` (TX-13 node caps).
+fn parse_node_cap(s: &str) -> Result<blyan_state_machine::allowance::NodeCap, Error> {
+    let (node, cap) = s
+        .split_once('=')
+        .ok_or_else(|| Error::Config(format!("--node-cap {s:?}: expected 0xADDRESS=BLY")))?;
+    let node: Address = node
+        .parse()
+        .map_err(|e| Error::Config(format!("--node-cap {s:?}: {e}")))?;
+    Ok(blyan_state_machine::allowance::NodeCap {
+        node,
+        cap: parse_bly(cap)?,
+    })
 }
 
 /// Where a key file's password comes from (KEY-2, `keystore`): the first of
@@ -436,6 +513,8 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 devnet.faucet_key_file.display(),
                 blyan_runtime::devnet::DEVNET_PASSWORD
             );
+            // API-KEY-*: a key of an allowance the faucet funds (output, not a log).
+            println!("api key: {}", devnet.api_key().await?);
             tokio::signal::ctrl_c()
                 .await
                 .map_err(|e| Error::io("ctrl-c handler", e))?;
@@ -586,6 +665,60 @@ async fn run(cli: Cli) -> Result<(), Error> {
                     println!("public key {}", hex::encode(public_key_of(&k)));
                 }
             }
+            KeysCommand::ApiKey {
+                key,
+                password: p,
+                node,
+                allowance,
+                cap,
+                blocks,
+                node_caps,
+                index,
+            } => {
+                let (s, status) = client::get_json(&node, "/status").await?;
+                expect_ok(s, &status)?;
+                let chain_id = status["chain_id"].as_str().unwrap_or_default().to_string();
+                let password = password(&p, Prompt::Once)?;
+                let signer = read_key_file(&key, &password)?;
+                let id = match (allowance, cap) {
+                    (Some(a), _) => parse_hash32(&a)?,
+                    (None, Some(cap)) => {
+                        let (s, params) = client::get_json(&node, "/params").await?;
+                        expect_ok(s, &params)?;
+                        let max_blocks = params["max_allowance_blocks"].as_u64().unwrap_or(1);
+                        let height = status["height"].as_u64().unwrap_or(0);
+                        let mut caps = node_caps
+                            .iter()
+                            .map(|c| parse_node_cap(c))
+                            .collect::<Result<Vec<_>, _>>()?;
+                        caps.sort_by_key(|c| c.node);
+                        let terms = blyan_state_machine::allowance::AllowanceTerms {
+                            cap: parse_bly(&cap)?,
+                            node_caps: caps,
+                            expires_at: height + blocks.unwrap_or(max_blocks).min(max_blocks),
+                        };
+                        let args = TxArgs {
+                            key: key.clone(),
+                            password: PasswordArgs {
+                                password: Some(password.to_string()),
+                                password_file: None,
+                            },
+                            node: node.clone(),
+                            tip: 1_000_000_000,
+                            wait: true,
+                        };
+                        let id = submit_tx(TxKind::OpenAllowance(Box::new(terms)), args).await?;
+                        parse_hash32(&id)?
+                    }
+                    (None, None) => {
+                        return Err(Error::Config("give --allowance or --cap".into()));
+                    }
+                };
+                let api_key =
+                    blyan_state_machine::allowance::ApiKey::issue(&chain_id, &signer, id, index);
+                println!("allowance 0x{}", hex::encode(id));
+                println!("api key: {}", api_key.to_key_string());
+            }
             KeysCommand::List { dir } => {
                 let entries = std::fs::read_dir(&dir)
                     .map_err(|e| Error::Config(format!("{}: {e}", dir.display())))?;
@@ -620,7 +753,29 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 let amount = parse_bly(&amount)?;
                 submit_tx(TxKind::Unbond { amount }, args).await?;
             }
+            TxCommand::CloseAllowance { allowance, args } => {
+                let allowance = parse_hash32(&allowance)?;
+                submit_tx(TxKind::CloseAllowance { allowance }, args).await?;
+            }
         },
+        Command::BenchChat {
+            clients,
+            duration,
+            max_tokens,
+            block_interval_ms,
+            dir,
+        } => {
+            let report =
+                blyan_runtime::bench_chat::run(blyan_runtime::bench_chat::ChatBenchOptions {
+                    dir,
+                    clients,
+                    duration_s: duration,
+                    max_tokens,
+                    block_interval_ms,
+                })
+                .await?;
+            print!("{report}");
+        }
         Command::Bench {
             block_interval_ms,
             rate,

@@ -1,0 +1,200 @@
+//! `blyan bench-chat`: API-level inference throughput and latency on an
+//! in-process 4-validator devnet (embedded model, CPU), with `clients`
+//! concurrent clients spread over the four nodes, once without a key (free
+//! use) and once with the devnet's API key, so the cost of key checks and
+//! metering shows (spec/api.md API-PAY-*). Each client sends unstreamed
+//! `/v1/chat/completions` requests back to back for `duration_s`.
+//!
+//! Reported per mode: answered requests per second (200s), p50/p99 latency
+//! of the 200s, and how many were refused busy (503: the engine's queue is
+//! full, API-CHAT-3) or otherwise failed. After the keyed run it waits for
+//! settlement and checks that the allowance's `spent` equals the sum of the
+//! charged costs the answers reported.
+
+use crate::Error;
+use crate::client::{get_json, send};
+use crate::devnet::{Devnet, DevnetOptions};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct ChatBenchOptions {
+    /// Parent directory of the devnet (kept); `None`: a temporary one.
+    pub dir: Option<PathBuf>,
+    pub clients: usize,
+    pub duration_s: u64,
+    pub max_tokens: usize,
+    pub block_interval_ms: u64,
+}
+
+/// One mode's numbers.
+#[derive(Clone, Debug, Default)]
+pub struct ModeResult {
+    pub ok: u64,
+    pub busy: u64,
+    pub failed: u64,
+    pub latencies_ms: Vec<f64>,
+    pub charged_base_units: u128,
+    pub elapsed_s: f64,
+}
+
+impl ModeResult {
+    fn percentile(&self, p: f64) -> f64 {
+        if self.latencies_ms.is_empty() {
+            return f64::NAN;
+        }
+        let mut v = self.latencies_ms.clone();
+        v.sort_by(f64::total_cmp);
+        let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+        v[i]
+    }
+
+    pub fn line(&self, mode: &str) -> String {
+        format!(
+            "{mode:<8} {:>8.1} req/s  p50 {:>8.1} ms  p99 {:>8.1} ms  ok {:>6}  busy(503) {:>6}  failed {:>4}",
+            self.ok as f64 / self.elapsed_s,
+            self.percentile(0.5),
+            self.percentile(0.99),
+            self.ok,
+            self.busy,
+            self.failed
+        )
+    }
+}
+
+async fn one_mode(urls: &[String], key: Option<&str>, o: &ChatBenchOptions) -> ModeResult {
+    let body = serde_json::json!({
+        "messages": [{ "role": "user", "content": "Benchmark: say hello." }],
+        "max_tokens": o.max_tokens,
+    })
+    .to_string();
+    let deadline = Instant::now() + Duration::from_secs(o.duration_s);
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for c in 0..o.clients {
+        let url = urls[c % urls.len()].clone();
+        let body = body.clone();
+        let auth = key.map(|k| format!("Bearer {k}"));
+        tasks.spawn(async move {
+            let mut r = ModeResult::default();
+            while Instant::now() < deadline {
+                let mut headers = vec![("content-type", "application/json")];
+                if let Some(a) = &auth {
+                    headers.push(("authorization", a.as_str()));
+                }
+                let t = Instant::now();
+                match send(
+                    &url,
+                    "POST",
+                    "/v1/chat/completions",
+                    &headers,
+                    Some(body.as_bytes()),
+                )
+                .await
+                {
+                    Ok(resp) if resp.status == 200 => {
+                        r.ok += 1;
+                        r.latencies_ms.push(t.elapsed().as_secs_f64() * 1e3);
+                        let v: serde_json::Value =
+                            serde_json::from_slice(&resp.body).unwrap_or_default();
+                        if v["blyan"]["charged"] == true {
+                            r.charged_base_units += v["blyan"]["cost_base_units"]
+                                .as_str()
+                                .and_then(|s| s.parse::<u128>().ok())
+                                .unwrap_or(0);
+                        }
+                    }
+                    Ok(resp) if resp.status == 503 => {
+                        r.busy += 1;
+                        // Back off a little, as a client honouring 503 would.
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    _ => r.failed += 1,
+                }
+            }
+            r
+        });
+    }
+    let mut total = ModeResult::default();
+    while let Some(r) = tasks.join_next().await {
+        let r = r.unwrap_or_default();
+        total.ok += r.ok;
+        total.busy += r.busy;
+        total.failed += r.failed;
+        total.charged_base_units += r.charged_base_units;
+        total.latencies_ms.extend(r.latencies_ms);
+    }
+    total.elapsed_s = start.elapsed().as_secs_f64();
+    total
+}
+
+/// Runs both modes and returns the report.
+pub async fn run(o: ChatBenchOptions) -> Result<String, Error> {
+    let tmp;
+    let parent = match &o.dir {
+        Some(d) => d.clone(),
+        None => {
+            tmp = tempfile_dir()?;
+            tmp.clone()
+        }
+    };
+    let mut opts = DevnetOptions::new(parent.join("devnet"), 4);
+    opts.base_port = None;
+    opts.block_interval_ms = o.block_interval_ms;
+    opts.rate_limits = crate::ratelimit::RateLimitConfig::unlimited();
+    let devnet = Devnet::start(opts).await?;
+    let urls: Vec<String> = devnet.nodes.iter().map(|n| n.api_url()).collect();
+    let key = devnet.api_key().await?;
+    let allowance = blyan_state_machine::allowance::ApiKey::parse(&key)
+        .map_err(|e| Error::Config(e.to_string()))?
+        .grant
+        .allowance;
+    let spent = |v: &serde_json::Value| -> u128 {
+        v["spent"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0)
+    };
+    let path = format!("/allowance/0x{}", hex::encode(allowance));
+    let (_, before) = get_json(&urls[0], &path).await?;
+    let mut report = format!(
+        "bench-chat: {} clients over 4 nodes, {} s per mode, max_tokens {}, embedded model on CPU\n",
+        o.clients, o.duration_s, o.max_tokens
+    );
+    let free = one_mode(&urls, None, &o).await;
+    report.push_str(&free.line("no key"));
+    report.push('\n');
+    let keyed = one_mode(&urls, Some(&key), &o).await;
+    report.push_str(&keyed.line("api key"));
+    report.push('\n');
+    // Settlement check: what the answers said they charged is what the chain burned.
+    let want = spent(&before) + keyed.charged_base_units;
+    let t = Instant::now();
+    let mut got = 0;
+    while t.elapsed() < Duration::from_secs(120) {
+        let (_, a) = get_json(&urls[0], &path).await?;
+        got = spent(&a);
+        if got == want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    report.push_str(&format!(
+        "settled: allowance spent {} base units, answers reported {} charged: {}\n",
+        got - spent(&before),
+        keyed.charged_base_units,
+        if got == want { "equal" } else { "DIFFERENT" }
+    ));
+    devnet.stop().await;
+    if o.dir.is_none() {
+        let _ = std::fs::remove_dir_all(&parent);
+    }
+    Ok(report)
+}
+
+fn tempfile_dir() -> Result<PathBuf, Error> {
+    let d = std::env::temp_dir().join(format!("blyan-bench-chat-{}", std::process::id()));
+    std::fs::create_dir_all(&d).map_err(|e| Error::io(d.display(), e))?;
+    Ok(d)
+}
