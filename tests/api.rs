@@ -293,8 +293,16 @@ async fn register_issues_tokens_and_rate_limits_answer_429() {
     let r = send(&url, "GET", "/health", &[], None).await.unwrap();
     assert_eq!(r.status, 200);
 
-    // The token has its own, higher quota.
-    let bearer = format!("Bearer {token}");
+    // API-RATE-1: a token from POST /p2p/register no longer raises the
+    // limit; it counts against the address, whose quota is spent.
+    let registry_bearer = format!("Bearer {token}");
+    let r = send(&url, "GET", "/status", &[("Authorization", registry_bearer.as_str())], None)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 429, "{}", String::from_utf8_lossy(&r.body));
+    // A funded API key has its own, higher quota (spec/api.md API-KEY-3).
+    let api_key = net.api_key().await.unwrap();
+    let bearer = format!("Bearer {api_key}");
     let auth = [("Authorization", bearer.as_str())];
     let r = send(&url, "GET", "/nodes", &auth, None).await.unwrap();
     assert_eq!(r.status, 200);
@@ -356,7 +364,7 @@ async fn register_issues_tokens_and_rate_limits_answer_429() {
     // Metrics count the refusals and the API latency.
     let r = send(&url, "GET", "/metrics", &[], None).await.unwrap();
     let text = String::from_utf8(r.body).unwrap();
-    assert!(text.contains("blyan_api_rate_limited_total 4"), "{text}");
+    assert!(text.contains("blyan_api_rate_limited_total 5"), "{text}");
     assert!(
         text.contains("blyan_api_request_duration_ms_count"),
         "{text}"

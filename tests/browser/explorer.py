@@ -20,6 +20,7 @@ import urllib.request
 
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -78,14 +79,24 @@ def main():
 
     def wait(cond, what):
         try:
-            return WebDriverWait(driver, WAIT_S, poll_frequency=0.05).until(lambda d: cond(d))
+            # Live updates re-render the page: an element read while it is
+            # replaced is stale; try again at the next poll.
+            return WebDriverWait(driver, WAIT_S, poll_frequency=0.05,
+                                 ignored_exceptions=(StaleElementReferenceException,
+                                                     NoSuchElementException)).until(lambda d: cond(d))
         except Exception as e:  # noqa: BLE001 - report which step stalled
             drain_console(what)
             fail(f"gave up waiting for {what} ({WAIT_S} s): {type(e).__name__}; console: {console}")
 
     def text(css):
-        els = driver.find_elements(By.CSS_SELECTOR, css)
-        return els[0].text.strip() if els else None
+        # Re-find on a stale element (the page re-rendered in between).
+        for _ in range(20):
+            try:
+                els = driver.find_elements(By.CSS_SELECTOR, css)
+                return els[0].text.strip() if els else None
+            except StaleElementReferenceException:
+                time.sleep(0.05)
+        return None
 
     def shot(name):
         for label, (w, h) in (("desktop", DESKTOP), ("phone", PHONE)):

@@ -514,6 +514,9 @@ async fn limit_and_measure(
     response
 }
 
+/// Largest error body [`openai_error`] rewrites.
+const MAX_ERROR_BODY_BYTES: usize = 1024 * 1024;
+
 /// API-KEY-6: on `/v1/*` an error answer takes OpenAI's shape,
 /// `{"error": {"message", "type", "code"}}`, so OpenAI SDKs raise their
 /// usual exceptions; `code` is the seed shape's `reason`.
@@ -523,8 +526,15 @@ async fn openai_error(response: Response) -> Response {
         return response;
     }
     let (mut parts, body) = response.into_parts();
-    let Ok(bytes) = axum::body::to_bytes(body, 64 * 1024).await else {
-        return (status, "error body unreadable").into_response();
+    let bytes = match axum::body::to_bytes(body, MAX_ERROR_BODY_BYTES).await {
+        Ok(b) => b,
+        Err(e) => {
+            let body = json!({ "error": {
+                "message": format!("error body unreadable: {e}"),
+                "type": "server_error", "code": "internal_error", "param": null,
+            }});
+            return (status, axum::Json(body)).into_response();
+        }
     };
     let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
         return Response::from_parts(parts, axum::body::Body::from(bytes));
