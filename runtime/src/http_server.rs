@@ -53,6 +53,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tracing::Instrument as _;
 
 /// The HTTP server's limits (`[http]` in the node's TOML).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -382,41 +383,44 @@ pub async fn serve(
         let stats = stats.clone();
         let mut shutdown = shutdown.clone();
         let done = done_rx.clone();
-        tokio::spawn(async move {
-            stats.open.fetch_add(1, Ordering::Relaxed);
-            let service =
-                hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
-                    req.extensions_mut().insert(ConnectInfo(remote));
-                    tower::ServiceExt::oneshot(router.clone(), req)
-                });
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(header_timeout);
-            let conn = builder.serve_connection(TokioIo::new(tcp), service);
-            tokio::pin!(conn);
-            let mut draining = false;
-            loop {
-                tokio::select! {
-                    r = conn.as_mut() => {
-                        if let Err(e) = r {
-                            if e.is_timeout() {
-                                stats.header_timeouts.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(
+            async move {
+                stats.open.fetch_add(1, Ordering::Relaxed);
+                let service =
+                    hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
+                        req.extensions_mut().insert(ConnectInfo(remote));
+                        tower::ServiceExt::oneshot(router.clone(), req)
+                    });
+                let mut builder = hyper::server::conn::http1::Builder::new();
+                builder
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(header_timeout);
+                let conn = builder.serve_connection(TokioIo::new(tcp), service);
+                tokio::pin!(conn);
+                let mut draining = false;
+                loop {
+                    tokio::select! {
+                        r = conn.as_mut() => {
+                            if let Err(e) = r {
+                                if e.is_timeout() {
+                                    stats.header_timeouts.fetch_add(1, Ordering::Relaxed);
+                                }
+                                tracing::trace!(error = %e, %remote, "HTTP connection ended");
                             }
-                            tracing::trace!(error = %e, %remote, "HTTP connection ended");
+                            break;
                         }
-                        break;
-                    }
-                    () = stopped(&mut shutdown), if !draining => {
-                        draining = true;
-                        conn.as_mut().graceful_shutdown();
+                        () = stopped(&mut shutdown), if !draining => {
+                            draining = true;
+                            conn.as_mut().graceful_shutdown();
+                        }
                     }
                 }
+                stats.open.fetch_sub(1, Ordering::Relaxed);
+                drop(slot);
+                drop(done);
             }
-            stats.open.fetch_sub(1, Ordering::Relaxed);
-            drop(slot);
-            drop(done);
-        });
+            .in_current_span(),
+        );
     }
     drop(listener);
     drop(done_rx);

@@ -142,6 +142,8 @@ struct Job {
     pieces: Option<mpsc::Sender<String>>,
     deadline: Instant,
     reply: oneshot::Sender<Result<ChatResult, Error>>,
+    /// OPS-TRACE-3: the `inference.job` span; the engine's spans are its children.
+    span: tracing::Span,
 }
 
 /// The API's side of the engine; cheap to clone.
@@ -205,6 +207,8 @@ pub struct EngineStats {
     cancelled_disconnected: AtomicU64,
     cancelled_deadline: AtomicU64,
     expired_in_queue: AtomicU64,
+    /// Requests, tokens, queue and latency (OPS-MET-2).
+    pub ops: crate::metrics::InferenceMetrics,
 }
 
 /// A copy of [`EngineStats`]' counters.
@@ -275,9 +279,13 @@ impl InferenceHandle {
         let engine_config = config.clone();
         let stats = Arc::new(EngineStats::default());
         let engine_stats = stats.clone();
+        // OPS-LOG-2: the engine thread logs in its node's span.
+        let span = tracing::Span::current();
         std::thread::Builder::new()
             .name("inference".into())
-            .spawn(move || engine::serve(engine_config, rx, ready_tx, engine_stats))
+            .spawn(move || {
+                span.in_scope(|| engine::serve(engine_config, rx, ready_tx, engine_stats))
+            })
             .map_err(|e| Error::Inference(format!("cannot start the inference thread: {e}")))?;
         let model = ready_rx
             .await
@@ -310,6 +318,26 @@ impl InferenceHandle {
         request: ChatRequest,
         pieces: Option<mpsc::Sender<String>>,
     ) -> Result<ChatResult, Error> {
+        use tracing::Instrument;
+        let span = tracing::info_span!(
+            "inference.job",
+            model = %self.model.name,
+            max_tokens = request.max_tokens,
+        );
+        let result = self
+            .generate_in(request, pieces, span.clone())
+            .instrument(span)
+            .await;
+        self.stats.ops.request(outcome_of(&result));
+        result
+    }
+
+    async fn generate_in(
+        &self,
+        request: ChatRequest,
+        pieces: Option<mpsc::Sender<String>>,
+        span: tracing::Span,
+    ) -> Result<ChatResult, Error> {
         let timeout = Duration::from_millis(self.config.timeout_ms);
         let (reply, answer) = oneshot::channel();
         let job = Job {
@@ -317,8 +345,20 @@ impl InferenceHandle {
             pieces,
             deadline: Instant::now() + timeout,
             reply,
+            span,
         };
-        self.jobs.try_send(job).map_err(|e| match e {
+        // OPS-TRACE-3: the routing decision. This node serves from its own
+        // engine; routing through other nodes' experts is not built yet.
+        let route = tracing::info_span!(
+            "inference.route",
+            route = "local",
+            queued = self.queued(),
+            capacity = self.config.queue_len,
+        );
+        let entered = route.enter();
+        let sent = self.jobs.try_send(job);
+        drop(entered);
+        sent.map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => {
                 Error::Busy("the inference queue is full; retry later".into())
             }
@@ -334,6 +374,31 @@ impl InferenceHandle {
                 self.config.timeout_ms
             ))),
         }
+    }
+
+    /// Jobs waiting in the queue (the running one excluded).
+    pub fn queued(&self) -> usize {
+        self.jobs.max_capacity() - self.jobs.capacity()
+    }
+
+    /// OPS-MET-2: requests, tokens, queue depth and engine latency.
+    pub fn render_metrics(&self, s: &mut String) {
+        self.stats
+            .ops
+            .render(s, self.queued(), self.jobs.max_capacity());
+    }
+}
+
+/// How a request ended, for `blyan_inference_requests_total`.
+fn outcome_of(r: &Result<ChatResult, Error>) -> crate::metrics::InferenceOutcome {
+    use crate::metrics::InferenceOutcome as O;
+    match r {
+        Ok(_) => O::Ok,
+        Err(Error::Busy(_)) => O::Busy,
+        Err(Error::Timeout(_)) => O::Timeout,
+        Err(Error::BadRequest(_) | Error::PaymentRequired(_)) => O::Rejected,
+        Err(Error::Inference(m)) if m.starts_with("cancelled") => O::Cancelled,
+        Err(_) => O::Error,
     }
 }
 
@@ -465,6 +530,13 @@ mod engine {
             .as_deref()
             .is_some_and(|m| req.prompt.contains(m));
         let mut cancelled = None;
+        // OPS-TRACE-3: the pipeline stage this engine runs: all the layers.
+        let stage = tracing::info_span!(
+            "stage",
+            stage = 0,
+            layers = %format!("0..{}", loaded.model.cfg.num_hidden_layers),
+        );
+        let _stage = stage.enter();
         let out = generate_until(&loaded.model, Some(tokenizer), &request, |piece| {
             if inject_panic {
                 panic!("fault injection: the prompt contains inference.panic_on_prompt");
@@ -580,8 +652,26 @@ mod engine {
                 ))));
                 continue;
             };
+            // OPS-TRACE-3: the engine's work, a child of the request's job.
+            let span = tracing::info_span!(
+                parent: &job.span,
+                "engine.generate",
+                prompt_tokens = tracing::field::Empty,
+                completion_tokens = tracing::field::Empty,
+            );
+            let _in = span.enter();
+            let started = Instant::now();
+            stats.ops.set_running(true);
             // API-CHAT-5: a panic ends this job, not the engine.
-            match catch_unwind(AssertUnwindSafe(|| run(model, &config, &job, &stats))) {
+            let outcome = catch_unwind(AssertUnwindSafe(|| run(model, &config, &job, &stats)));
+            stats.ops.set_running(false);
+            stats.ops.engine_ms.observe(started.elapsed());
+            if let Ok(Ok(r)) = &outcome {
+                stats.ops.tokens(r.prompt_tokens, r.completion_tokens);
+                span.record("prompt_tokens", r.prompt_tokens);
+                span.record("completion_tokens", r.completion_tokens);
+            }
+            match outcome {
                 Ok(result) => {
                     let _ = job.reply.send(result);
                 }

@@ -14,6 +14,8 @@
 //!   `/chat`); [`client`]: a minimal HTTP client;
 //! - [`model`]: the served model on chain (genesis registration, check);
 //! - [`usage`]: usage records of served requests (fjall, PostgreSQL mirror);
+//! - [`metrics`]: the operations series of `/metrics`; [`telemetry`]: logs
+//!   (text or JSON, named by node) and OpenTelemetry traces;
 //! - [`config`], [`node`] (wiring), [`devnet`], [`bench`] (the load
 //!   benchmark), and the `blyan` binary.
 //!
@@ -36,12 +38,14 @@ pub mod http_server;
 pub mod inbound;
 pub mod inference;
 pub mod keystore;
+pub mod metrics;
 pub mod model;
 pub mod node;
 pub mod ratelimit;
 pub mod registry;
 pub mod service;
 pub mod store;
+pub mod telemetry;
 pub mod template;
 pub mod tls;
 pub mod transport;

@@ -115,11 +115,29 @@ pub async fn bind(addr: &str) -> Result<TcpListener, Error> {
 }
 
 impl RunningNode {
+    /// Starts the node; its tasks and threads run in the node's span
+    /// ([`crate::telemetry::node_span`], OPS-LOG-2).
     pub async fn start(
         setup: NodeSetup,
         p2p: TcpListener,
         http: TcpListener,
     ) -> Result<RunningNode, Error> {
+        use tracing::Instrument;
+        let address =
+            blyan_state_machine::types::Address::from_public_key(setup.key.verifying_key());
+        let span = crate::telemetry::node_span(&address);
+        Self::start_in_span(setup, p2p, http, span.clone())
+            .instrument(span)
+            .await
+    }
+
+    async fn start_in_span(
+        setup: NodeSetup,
+        p2p: TcpListener,
+        http: TcpListener,
+        span: tracing::Span,
+    ) -> Result<RunningNode, Error> {
+        use tracing::Instrument;
         let p2p_addr = p2p.local_addr().map_err(|e| Error::io("p2p listener", e))?;
         let http_addr = http
             .local_addr()
@@ -132,9 +150,10 @@ impl RunningNode {
         );
         let blobs_dir = crate::blobs::blob_dir(&setup.data_dir);
         let cache_bytes = setup.expert_cache_bytes;
+        let blobs_span = span.clone();
         let blobs = Arc::new(
             tokio::task::spawn_blocking(move || {
-                BlobStore::open_with_cache(&blobs_dir, cache_bytes)
+                blobs_span.in_scope(|| BlobStore::open_with_cache(&blobs_dir, cache_bytes))
             })
             .await
             .map_err(|e| Error::Node(format!("blob store task failed: {e}")))??,
@@ -194,11 +213,23 @@ impl RunningNode {
         let price_per_1k = setup.genesis.params.inference_price_per_1k_tokens;
         let data_dir = setup.data_dir.clone();
         let setup_http = setup.http.clone();
+        let peers_configured = setup
+            .peers
+            .iter()
+            .filter(|p| p.id() != Some(address_of(&setup.key)))
+            .count();
+        let open_span = span.clone();
         let (service, handle, requests) = tokio::task::spawn_blocking(move || {
-            NodeService::open(setup.node, setup.key, &setup.genesis, &data_dir, outbound)
+            open_span.in_scope(|| {
+                NodeService::open(setup.node, setup.key, &setup.genesis, &data_dir, outbound)
+            })
         })
         .await
         .map_err(|e| Error::Node(format!("start-up task failed: {e}")))??;
+        handle
+            .chain_metrics
+            .peers_configured
+            .store(peers_configured, std::sync::atomic::Ordering::Relaxed);
         let (shutdown, shutdown_rx) = watch::channel(false);
         // NODE-HOST-2: the node task gets an OS thread of its own (a
         // current-thread runtime on the blocking pool). Its steps are
@@ -213,20 +244,31 @@ impl RunningNode {
             .map_err(|e| Error::io("node task runtime", e))?;
         let node_shutdown = shutdown_rx.clone();
         // API-USAGE-4/5: hourly pruning; the PostgreSQL mirror if configured.
-        tasks.spawn(crate::usage::run_pruning(
-            usage.clone(),
-            crate::usage::PRUNE_INTERVAL_MS,
-            shutdown_rx.clone(),
-        ));
-        if let Some(url) = postgres_url {
-            tasks.spawn(crate::usage::mirror_to_postgres(
+        tasks.spawn(
+            crate::usage::run_pruning(
                 usage.clone(),
-                crate::usage::MirrorOptions::new(url, handle.address),
+                crate::usage::PRUNE_INTERVAL_MS,
                 shutdown_rx.clone(),
-            )?);
+            )
+            .in_current_span(),
+        );
+        if let Some(url) = postgres_url {
+            tasks.spawn(
+                crate::usage::mirror_to_postgres(
+                    usage.clone(),
+                    crate::usage::MirrorOptions::new(url, handle.address),
+                    shutdown_rx.clone(),
+                )?
+                .in_current_span(),
+            );
         }
+        let node_span = span.clone();
         let node_task = tokio::task::spawn_blocking(move || {
-            node_runtime.block_on(service.run(requests, inbound_rx, node_shutdown));
+            node_runtime.block_on(
+                service
+                    .run(requests, inbound_rx, node_shutdown)
+                    .instrument(node_span),
+            );
         });
         // API-PAY-*: one meter shared by the API (charges) and the settler.
         let meter = Arc::new(crate::billing::Meter::new(
@@ -234,13 +276,16 @@ impl RunningNode {
             price_per_1k,
             api_config.payments.max_unsettled_requests,
         ));
-        tasks.spawn(crate::billing::run_settler(
-            handle.clone(),
-            settle_key,
-            meter.clone(),
-            api_config.payments.settle_interval_blocks,
-            shutdown_rx.clone(),
-        ));
+        tasks.spawn(
+            crate::billing::run_settler(
+                handle.clone(),
+                settle_key,
+                meter.clone(),
+                api_config.payments.settle_interval_blocks,
+                shutdown_rx.clone(),
+            )
+            .in_current_span(),
+        );
         let router = api::router_with_meter(
             handle.clone(),
             &api_config,
@@ -252,13 +297,10 @@ impl RunningNode {
         // TCP_NODELAY, a raised RLIMIT_NOFILE (crate::http_server).
         let http_stats = Arc::new(crate::http_server::HttpStats::default());
         let router = crate::http_server::with_limits(router, &setup_http, http_stats.clone());
-        tasks.spawn(crate::http_server::serve(
-            http,
-            router,
-            setup_http,
-            http_stats,
-            shutdown_rx,
-        ));
+        tasks.spawn(
+            crate::http_server::serve(http, router, setup_http, http_stats, shutdown_rx)
+                .in_current_span(),
+        );
         info!(address = %handle.address, %p2p_addr, %http_addr, "node running");
         Ok(RunningNode {
             address: handle.address,
@@ -308,4 +350,9 @@ impl Drop for RunningNode {
             t.abort();
         }
     }
+}
+
+/// The address of a node key.
+fn address_of(key: &SigningKey) -> blyan_state_machine::types::Address {
+    blyan_state_machine::types::Address::from_public_key(key.verifying_key())
 }

@@ -56,6 +56,8 @@ pub enum Request {
     SubmitTx {
         tx: Box<SignedTx>,
         reply: oneshot::Sender<Result<Hash32, MempoolError>>,
+        /// OPS-TRACE-3: the submitting request's span, when traced.
+        trace: crate::telemetry::TraceLink,
     },
 }
 
@@ -119,6 +121,8 @@ pub struct NodeHandle {
     pub net: Option<Arc<crate::transport::NetCounters>>,
     /// NODE-MP-8: transactions dropped from the pool unincluded.
     pub dropped: Arc<std::sync::Mutex<DroppedTxs>>,
+    /// What the node task observes at each commit (OPS-MET-3).
+    pub chain_metrics: Arc<crate::metrics::ChainMetrics>,
 }
 
 /// A bounded set of pending timers keyed by [`Timer`].
@@ -189,6 +193,13 @@ pub const SYNC_SERVE_BURST_BYTES: u64 = 64 * 1024 * 1024;
 /// Peer transactions taken off the inbound channel ahead of the consensus
 /// messages behind them and not yet fed to the node.
 pub const GOSSIP_BACKLOG: usize = 1_024;
+
+/// A client transaction's id, where its verdict goes, and its request's span.
+type ClientReply = (
+    Hash32,
+    oneshot::Sender<Result<Hash32, MempoolError>>,
+    crate::telemetry::TraceLink,
+);
 
 /// The [`Io`] the host loop performs against.
 struct HostIo<'a> {
@@ -269,8 +280,10 @@ pub struct NodeService {
     latest: Option<Arc<CommittedBlock>>,
     committed_txs: u64,
     finality: Histogram,
-    /// Submission time of client transactions not yet committed (bounded).
-    submitted_ms: BTreeMap<Hash32, u64>,
+    /// Submission time of client transactions not yet committed (bounded),
+    /// with the submitting request's span when traced (OPS-TRACE-3).
+    submitted_ms: BTreeMap<Hash32, (u64, crate::telemetry::TraceLink)>,
+    chain_metrics: Arc<crate::metrics::ChainMetrics>,
     halted: Option<String>,
     dropped: Arc<std::sync::Mutex<DroppedTxs>>,
     /// NODE-SYNC-6: what serving catch-up may cost per peer.
@@ -288,6 +301,7 @@ impl NodeService {
         data_dir: &Path,
         outbound: Arc<dyn Outbound>,
     ) -> Result<(NodeService, NodeHandle, mpsc::Receiver<Request>), Error> {
+        let config_mempool_txs = config.mempool.max_txs;
         // NODE-STORE-6: the node resumes from the verified stored state and
         // consensus sets; nothing is replayed (restart cost is O(state)).
         let (store, ledger) = ChainStore::open(data_dir, genesis)?;
@@ -313,6 +327,11 @@ impl NodeService {
             .map_err(|e| Error::Corrupt(format!("resuming from the stored state: {e}")))?,
         };
         let (requests_tx, requests_rx) = mpsc::channel(REQUEST_QUEUE);
+        let chain_metrics = Arc::new(crate::metrics::ChainMetrics::new(
+            node.ledger(),
+            config_mempool_txs,
+            data_dir,
+        ));
         let mut service = NodeService {
             snapshot: watch::channel(Arc::new(Snapshot {
                 ledger: node.ledger().clone(),
@@ -333,6 +352,7 @@ impl NodeService {
             committed_txs: 0,
             finality: Histogram::default(),
             submitted_ms: BTreeMap::new(),
+            chain_metrics: chain_metrics.clone(),
             halted: None,
             dropped: Arc::new(std::sync::Mutex::new(DroppedTxs::default())),
             serve_budget: crate::inbound::SyncServeBudget::new(
@@ -350,6 +370,7 @@ impl NodeService {
             address: service.node.address(),
             net: service.outbound.counters(),
             dropped: service.dropped.clone(),
+            chain_metrics,
         };
         let records = service.store.records(service.node.height())?;
         info!(
@@ -428,9 +449,13 @@ impl NodeService {
 
     fn on_request(&mut self, req: Request) {
         match req {
-            Request::SubmitTx { tx, reply } => {
+            Request::SubmitTx { tx, reply, trace } => {
                 let id = tx.id();
-                self.step(NodeInput::ClientTx(*tx), Some((id, reply)));
+                // OPS-TRACE-3: admission, a child of the submitting request.
+                let span = tracing::info_span!("mempool.admit", tx = %hex::encode(&id[..8]));
+                trace.adopt(&span);
+                let _in = span.enter();
+                self.step(NodeInput::ClientTx(*tx), Some((id, reply, trace.clone())));
             }
         }
     }
@@ -440,12 +465,12 @@ impl NodeService {
     fn step(
         &mut self,
         input: NodeInput,
-        reply: Option<(Hash32, oneshot::Sender<Result<Hash32, MempoolError>>)>,
+        reply: Option<ClientReply>,
     ) {
         let now = now_ms();
         let out = self.node.handle(now, input);
         let results = self.perform(out);
-        if let Some((id, reply)) = reply {
+        if let Some((id, reply, trace)) = reply {
             let verdict = results
                 .into_iter()
                 .find(|(r, _)| *r == id)
@@ -453,7 +478,7 @@ impl NodeService {
             match verdict {
                 Some(v) => {
                     if v.is_ok() && self.submitted_ms.len() < MAX_TRACKED_TXS {
-                        self.submitted_ms.insert(id, now);
+                        self.submitted_ms.insert(id, (now, trace));
                     }
                     let _ = reply.send(v);
                 }
@@ -528,11 +553,25 @@ impl NodeService {
                 "committed"
             );
             self.committed_txs += outcome.receipts.len() as u64;
+            self.chain_metrics
+                .committed(&block, &outcome, self.node.ledger());
             // The receipts carry the ids (hashing 2,000 transactions again
             // cost ~1 ms of the commit step).
             for r in &outcome.receipts {
-                if let Some(t) = self.submitted_ms.remove(&r.tx_id) {
-                    self.finality.observe(now.saturating_sub(t));
+                if let Some((t, trace)) = self.submitted_ms.remove(&r.tx_id) {
+                    let finality_ms = now.saturating_sub(t);
+                    self.finality.observe(finality_ms);
+                    if trace.is_set() {
+                        // OPS-TRACE-3: the commit, in the submission's trace.
+                        let span = tracing::info_span!(
+                            "tx.commit",
+                            tx = %hex::encode(&r.tx_id[..8]),
+                            height = b.header.height,
+                            finality_ms,
+                        );
+                        trace.adopt(&span);
+                        span.in_scope(|| {});
+                    }
                 }
             }
             self.latest = Some(Arc::new(block));
@@ -541,7 +580,7 @@ impl NodeService {
         // per commit, not on every step (a scan of up to MAX_TRACKED_TXS).
         if any_committed {
             self.submitted_ms
-                .retain(|_, t| now.saturating_sub(*t) < TRACKED_TX_MAX_AGE_MS);
+                .retain(|_, (t, _)| now.saturating_sub(*t) < TRACKED_TX_MAX_AGE_MS);
         }
         self.publish();
         tx_results

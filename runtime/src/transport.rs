@@ -112,7 +112,7 @@ use tonic::codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, En
 use tonic::transport::server::Connected;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 /// Largest frame accepted or sent (the length prefix excluded).
 pub const MAX_FRAME_BYTES: usize = 4 * 1024 * 1024;
@@ -800,35 +800,38 @@ async fn fetch_blob_stream(
     let from = u32::from_be_bytes(body[32..36].try_into().expect("4 bytes"));
     let store = blob_store(&shared)?;
     let (tx, rx) = mpsc::channel(BLOB_STREAM_BUFFER_CHUNKS);
-    tokio::spawn(async move {
-        let mut index = from;
-        loop {
-            let s = store.clone();
-            let chunk = tokio::task::spawn_blocking(move || s.get_chunk(&id, index)).await;
-            let item = match chunk {
-                Ok(Ok(Some(c))) => {
-                    let mut m = Vec::with_capacity(4 + c.len());
-                    m.extend_from_slice(&index.to_be_bytes());
-                    m.extend_from_slice(&c);
-                    Ok(Bytes::from(m))
+    tokio::spawn(
+        async move {
+            let mut index = from;
+            loop {
+                let s = store.clone();
+                let chunk = tokio::task::spawn_blocking(move || s.get_chunk(&id, index)).await;
+                let item = match chunk {
+                    Ok(Ok(Some(c))) => {
+                        let mut m = Vec::with_capacity(4 + c.len());
+                        m.extend_from_slice(&index.to_be_bytes());
+                        m.extend_from_slice(&c);
+                        Ok(Bytes::from(m))
+                    }
+                    Ok(Ok(None)) if index == from => {
+                        Err(Status::not_found(format!("blob {id} chunk {index}")))
+                    }
+                    Ok(Ok(None)) => return, // Past the last chunk (or not held): the stream ends.
+                    Ok(Err(e)) => {
+                        warn!(error = %e, "blob chunk not served");
+                        Err(Status::data_loss(e.to_string()))
+                    }
+                    Err(e) => Err(Status::internal(e.to_string())),
+                };
+                let stop = item.is_err();
+                if tx.send(item).await.is_err() || stop {
+                    return; // The client went away, or an error ended the stream.
                 }
-                Ok(Ok(None)) if index == from => {
-                    Err(Status::not_found(format!("blob {id} chunk {index}")))
-                }
-                Ok(Ok(None)) => return, // Past the last chunk (or not held): the stream ends.
-                Ok(Err(e)) => {
-                    warn!(error = %e, "blob chunk not served");
-                    Err(Status::data_loss(e.to_string()))
-                }
-                Err(e) => Err(Status::internal(e.to_string())),
-            };
-            let stop = item.is_err();
-            if tx.send(item).await.is_err() || stop {
-                return; // The client went away, or an error ended the stream.
+                index += 1;
             }
-            index += 1;
         }
-    });
+        .in_current_span(),
+    );
     Ok(tonic::Response::new(
         tokio_stream::wrappers::ReceiverStream::new(rx),
     ))
@@ -1125,55 +1128,62 @@ impl GrpcTransport {
             let (tx, rx) = mpsc::channel(transport.config.outbound_queue_messages);
             let id = p.id().expect("checked above");
             transport.queues.insert(id, tx);
-            tasks.spawn(write_loop(
-                transport.dialer(&p),
-                rx,
-                transport.connected.clone(),
-            ));
+            // OPS-LOG-2: the caller's (node) span follows every task.
+            tasks.spawn(
+                write_loop(transport.dialer(&p), rx, transport.connected.clone()).in_current_span(),
+            );
         }
         let (conn_tx, conn_rx) = mpsc::channel::<Result<PeerStream, std::io::Error>>(16);
-        tasks.spawn(accept_loop(
-            listener,
-            tokio_rustls::TlsAcceptor::from(server_tls),
-            AcceptLimits {
-                connections: Arc::new(Semaphore::new(transport.config.max_inbound_connections)),
-                per_peer: Arc::new(Mutex::new(BTreeMap::new())),
-                max_per_peer: transport.config.max_connections_per_peer,
-                handshake_timeout_ms: transport.config.handshake_timeout_ms,
-                handshakes: Arc::new(Mutex::new(HandshakeBudget::new(
-                    transport.config.max_pending_handshakes,
-                    transport.config.max_handshakes_per_source,
-                ))),
-                handshake_tasks: Arc::new(Mutex::new(BTreeMap::new())),
-            },
-            transport.config.chain_id.clone(),
-            transport.allowed.clone(),
-            transport.config.counters.clone(),
-            conn_tx,
-        ));
+        tasks.spawn(
+            accept_loop(
+                listener,
+                tokio_rustls::TlsAcceptor::from(server_tls),
+                AcceptLimits {
+                    connections: Arc::new(Semaphore::new(transport.config.max_inbound_connections)),
+                    per_peer: Arc::new(Mutex::new(BTreeMap::new())),
+                    max_per_peer: transport.config.max_connections_per_peer,
+                    handshake_timeout_ms: transport.config.handshake_timeout_ms,
+                    handshakes: Arc::new(Mutex::new(HandshakeBudget::new(
+                        transport.config.max_pending_handshakes,
+                        transport.config.max_handshakes_per_source,
+                    ))),
+                    handshake_tasks: Arc::new(Mutex::new(BTreeMap::new())),
+                },
+                transport.config.chain_id.clone(),
+                transport.allowed.clone(),
+                transport.config.counters.clone(),
+                conn_tx,
+            )
+            .in_current_span(),
+        );
         let service = PeerService { shared };
-        tasks.spawn(async move {
-            let served = tonic::transport::Server::builder()
-                .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
-                .concurrency_limit_per_connection(MAX_STREAMS_PER_CONNECTION as usize)
-                .http2_max_header_list_size(16 * 1024)
-                .http2_keepalive_interval(Some(Duration::from_secs(20)))
-                .initial_stream_window_size(H2_STREAM_WINDOW_BYTES)
-                .initial_connection_window_size(H2_CONNECTION_WINDOW_BYTES)
-                .add_service(service)
-                // A shutdown signal that never fires: with one, tonic ties
-                // each connection task to this server, so aborting this task
-                // (the node stopping) closes its connections; without one
-                // they would outlive it.
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::ReceiverStream::new(conn_rx),
-                    std::future::pending::<()>(),
-                )
-                .await;
-            if let Err(e) = served {
-                tracing::error!(error = %error_chain(&e), "P2P server failed");
+        let rpc_span = tracing::Span::current();
+        tasks.spawn(
+            async move {
+                let served = tonic::transport::Server::builder()
+                    .trace_fn(move |_| rpc_span.clone())
+                    .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+                    .concurrency_limit_per_connection(MAX_STREAMS_PER_CONNECTION as usize)
+                    .http2_max_header_list_size(16 * 1024)
+                    .http2_keepalive_interval(Some(Duration::from_secs(20)))
+                    .initial_stream_window_size(H2_STREAM_WINDOW_BYTES)
+                    .initial_connection_window_size(H2_CONNECTION_WINDOW_BYTES)
+                    .add_service(service)
+                    // A shutdown signal that never fires: with one, tonic ties
+                    // each connection task to this server, so aborting this task
+                    // (the node stopping) closes its connections; without one
+                    // they would outlive it.
+                    .serve_with_incoming_shutdown(
+                        tokio_stream::wrappers::ReceiverStream::new(conn_rx),
+                        std::future::pending::<()>(),
+                    )
+                    .await;
+                if let Err(e) = served {
+                    tracing::error!(error = %error_chain(&e), "P2P server failed");
+                }
             }
-        });
+            .in_current_span(),
+        );
         Ok(Arc::new(transport))
     }
 
@@ -1664,57 +1674,60 @@ async fn accept_loop(
         // The task map's lock is held across the spawn, so the task's own
         // removal (its guard) cannot run before the insertion.
         let mut tasks = limits.handshake_tasks.lock().expect("handshake tasks lock");
-        let task = tokio::spawn(async move {
-            // Moved in whole, so an abort before the first poll still ends
-            // the ticket.
-            let guard = guard;
-            let tls = match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    counters.handshakes_failed.fetch_add(1, Ordering::Relaxed);
-                    warn!(%remote, error = %e, "TLS handshake refused");
+        let task = tokio::spawn(
+            async move {
+                // Moved in whole, so an abort before the first poll still ends
+                // the ticket.
+                let guard = guard;
+                let tls = match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        counters.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+                        warn!(%remote, error = %e, "TLS handshake refused");
+                        return;
+                    }
+                    Err(_) => {
+                        counters.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+                        debug!(%remote, "TLS handshake timed out; connection dropped");
+                        return;
+                    }
+                };
+                // Authenticated or not, the handshake is over: its budget is free.
+                drop(guard);
+                let peer =
+                    match peer_identity(tls.get_ref().1.peer_certificates(), &chain_id, &allowed) {
+                        Ok(p) => p,
+                        Err(e) => {
+                            counters.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+                            warn!(%remote, error = %e, "TLS peer refused after the handshake");
+                            return;
+                        }
+                    };
+                let Some(slot) = PeerSlot::take(&per_peer, peer, max_per_peer) else {
+                    counters
+                        .connections_refused_slots
+                        .fetch_add(1, Ordering::Relaxed);
+                    warn!(%remote, %peer, max_per_peer, "peer holds too many connections; refused");
                     return;
-                }
-                Err(_) => {
-                    counters.handshakes_failed.fetch_add(1, Ordering::Relaxed);
-                    debug!(%remote, "TLS handshake timed out; connection dropped");
+                };
+                let Ok(permit) = connections.try_acquire_owned() else {
+                    counters
+                        .connections_refused_slots
+                        .fetch_add(1, Ordering::Relaxed);
+                    warn!(%remote, %peer, "too many established inbound connections; refused");
                     return;
-                }
-            };
-            // Authenticated or not, the handshake is over: its budget is free.
-            drop(guard);
-            let peer = match peer_identity(tls.get_ref().1.peer_certificates(), &chain_id, &allowed)
-            {
-                Ok(p) => p,
-                Err(e) => {
-                    counters.handshakes_failed.fetch_add(1, Ordering::Relaxed);
-                    warn!(%remote, error = %e, "TLS peer refused after the handshake");
-                    return;
-                }
-            };
-            let Some(slot) = PeerSlot::take(&per_peer, peer, max_per_peer) else {
-                counters
-                    .connections_refused_slots
-                    .fetch_add(1, Ordering::Relaxed);
-                warn!(%remote, %peer, max_per_peer, "peer holds too many connections; refused");
-                return;
-            };
-            let Ok(permit) = connections.try_acquire_owned() else {
-                counters
-                    .connections_refused_slots
-                    .fetch_add(1, Ordering::Relaxed);
-                warn!(%remote, %peer, "too many established inbound connections; refused");
-                return;
-            };
-            debug!(%remote, %peer, "inbound peer connection authenticated");
-            let stream = PeerStream {
-                inner: tls,
-                peer,
-                _permit: permit,
-                _slot: slot,
-            };
-            let _ = out.send(Ok(stream)).await;
-        });
+                };
+                debug!(%remote, %peer, "inbound peer connection authenticated");
+                let stream = PeerStream {
+                    inner: tls,
+                    peer,
+                    _permit: permit,
+                    _slot: slot,
+                };
+                let _ = out.send(Ok(stream)).await;
+            }
+            .in_current_span(),
+        );
         tasks.insert(ticket, task.abort_handle());
         drop(tasks);
     }

@@ -75,7 +75,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Notify, watch};
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 
 /// Version of the usage database's layout (meta key `schema`).
 pub const SCHEMA_VERSION: u32 = 1;
@@ -997,11 +997,14 @@ async fn mirror_session(
     let t = opts.op_timeout_ms;
     let (mut client, connection) =
         within(t, "connect", config.connect(tokio_postgres::NoTls)).await?;
-    let _conn = AbortOnDrop(tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            warn!(error = %e, "PostgreSQL connection closed");
+    let _conn = AbortOnDrop(tokio::spawn(
+        async move {
+            if let Err(e) = connection.await {
+                warn!(error = %e, "PostgreSQL connection closed");
+            }
         }
-    }));
+        .in_current_span(),
+    ));
     within(t, "create table", client.batch_execute(PG_CREATE_TABLE)).await?;
     let insert = within(t, "prepare insert", client.prepare(PG_INSERT)).await?;
     log.inner.stats.mirror_up.store(true, Ordering::Relaxed);

@@ -28,6 +28,7 @@
 
 use super::{ApiError, ApiResult, ApiState, code, hex0x, parse_json, snapshot};
 use crate::Error;
+// OPS-LOG-2, OPS-TRACE-3: spawned work stays in the request's (and node's) span.
 use crate::billing::{Payer, Reservation};
 use crate::inference::{ChatRequest, ChatResult, InferenceHandle};
 use axum::Extension;
@@ -44,6 +45,7 @@ use serde_json::json;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::mpsc;
+use tracing::Instrument as _;
 
 /// Most stop strings one request may give.
 pub const MAX_STOP: usize = 4;
@@ -357,11 +359,14 @@ fn finish(
             time_ms: crate::usage::now_ms(),
         };
         let log = log.clone();
-        tokio::spawn(async move {
-            if let Err(e) = log.append_async(rec).await {
-                tracing::error!(error = %e, "usage record not stored");
+        tokio::spawn(
+            async move {
+                if let Err(e) = log.append_async(rec).await {
+                    tracing::error!(error = %e, "usage record not stored");
+                }
             }
-        });
+            .in_current_span(),
+        );
     }
     bill
 }
@@ -668,7 +673,7 @@ pub async fn completions(
             }
         }
         let _ = events_tx.send(Event::default().data("[DONE]")).await;
-    });
+    }.in_current_span());
     let stream = futures_util::stream::unfold(events_rx, |mut rx| async move {
         rx.recv().await.map(|e| (Ok::<Event, Infallible>(e), rx))
     });

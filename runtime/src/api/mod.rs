@@ -375,6 +375,8 @@ pub fn router_with_meter(
             limit_and_measure,
         ))
         .layer(DefaultBodyLimit::max(config.max_body_bytes))
+        // OPS-TRACE-3: one span per request (method, route, status; no headers).
+        .layer(axum::middleware::from_fn(crate::telemetry::request_span))
         .with_state(state)
 }
 
@@ -613,11 +615,19 @@ pub(crate) fn decode_tx(hex_tx: &str) -> Result<SignedTx, ApiError> {
 
 /// Hands `tx` to the node and waits for the mempool's verdict.
 pub(crate) async fn submit(node: &NodeHandle, tx: SignedTx) -> Result<Hash32, ApiError> {
+    use tracing::Instrument;
+    // OPS-TRACE-3: the transaction path's first span.
+    let span = tracing::info_span!("tx.submit", tx = %hex::encode(&tx.id()[..8]));
+    submit_in_span(node, tx).instrument(span).await
+}
+
+async fn submit_in_span(node: &NodeHandle, tx: SignedTx) -> Result<Hash32, ApiError> {
     let (reply, verdict) = oneshot::channel();
     node.requests
         .try_send(Request::SubmitTx {
             tx: Box::new(tx),
             reply,
+            trace: crate::telemetry::TraceLink::current(),
         })
         .map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => ApiError::offline("node is busy; retry later"),
@@ -1045,8 +1055,11 @@ pub(crate) async fn get_metrics(
     let halted = halted(&state.node, &snap).is_some();
     let mut text = metrics_text(&snap, halted);
     text.push_str(&api_metrics_text(&state.metrics));
+    // OPS-MET-*: chain, PoL and disk series, and the engine's load.
+    state.node.chain_metrics.render(&mut text, &snap.ledger);
     if let Some(engine) = &state.inference {
         text.push_str(&inference_metrics_text(&engine.stats));
+        engine.render_metrics(&mut text);
     }
     if let Some(usage) = &state.usage {
         text.push_str(&usage.metrics_text());

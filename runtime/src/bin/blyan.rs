@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! blyan devnet [--dir DIR] [--validators 4] [--base-port 7100] [--block-interval-ms 2000]
-//! blyan node --config FILE
+//! blyan node --config FILE [--check-config]
+//!   (both: [--log-format text|json] [--log FILTER] [--otlp-endpoint URL])
 //! blyan keys new --out FILE      (password: --password-file FILE, BLYAN_KEY_PASSWORD,
 //!                                 a prompt on a terminal, or --password for scripts)
 //! blyan keys show --key FILE
@@ -17,7 +18,10 @@
 //! blyan bench-open --dir DIR [--blocks 100000] [--txs-per-block 1] [--runs 3] [--skip-replay]
 //! blyan store verify --config FILE
 //! ```
-//! Log level: `BLYAN_LOG` (error, warn, info (default), debug, trace).
+//! Logs go to stderr: `--log` takes per-module filter directives
+//! (`info,blyan_runtime::transport=debug`); without it `RUST_LOG`, else
+//! `BLYAN_LOG` (one level: error, warn, info (default), debug, trace).
+//! `blyan node` and `blyan devnet` stop cleanly on SIGTERM or Ctrl-C.
 
 use blyan_runtime::Error;
 use blyan_runtime::bench;
@@ -29,6 +33,7 @@ use blyan_runtime::keystore::{
     resolve_password, write_key_file,
 };
 use blyan_runtime::node::{NodeSetup, RunningNode, bind};
+use blyan_runtime::telemetry::{self, LogFormat, Telemetry, TelemetryOptions};
 use blyan_state_machine::encoding::Canonical;
 use blyan_state_machine::ledger::intrinsic_gas;
 use blyan_state_machine::tx::{TxBody, TxKind, public_key_of};
@@ -38,6 +43,7 @@ use serde_json::{Value, json};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
+use tracing::Instrument as _;
 
 #[derive(Parser)]
 #[command(name = "blyan", version, about = "Blyan node, devnet and wallet")]
@@ -60,11 +66,20 @@ enum Command {
         base_port: u16,
         #[arg(long, default_value_t = blyan_runtime::config::DEFAULT_BLOCK_INTERVAL_MS)]
         block_interval_ms: u64,
+        #[command(flatten)]
+        log: LogArgs,
     },
     /// Run one node from a TOML configuration file.
     Node {
         #[arg(long)]
         config: PathBuf,
+        /// Check the configuration (the file, the genesis, the key file and
+        /// its password, the data and model directories) and exit: 0 if the
+        /// node could start from it, 1 with the reason otherwise.
+        #[arg(long)]
+        check_config: bool,
+        #[command(flatten)]
+        log: LogArgs,
     },
     /// Key files.
     Keys {
@@ -400,6 +415,106 @@ fn parse_node_cap(s: &str) -> Result<blyan_state_machine::allowance::NodeCap, Er
     })
 }
 
+/// Logs and traces of a long-running command (spec/ops.md OPS-LOG-*, OPS-TRACE-*).
+#[derive(clap::Args, Clone)]
+struct LogArgs {
+    /// Log line format: `text` for people, `json` for log pipelines (ELK).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "BLYAN_LOG_FORMAT")]
+    log_format: LogFormat,
+    /// Log filter: a level or per-module directives, e.g.
+    /// `info,blyan_runtime::transport=debug` (default: RUST_LOG, else BLYAN_LOG, else info).
+    #[arg(long = "log", value_name = "FILTER")]
+    filter: Option<String>,
+    /// Export tracing spans over OTLP/gRPC to this collector, e.g.
+    /// http://127.0.0.1:4317 (Jaeger, the OpenTelemetry Collector). Off by default.
+    #[arg(long, value_name = "URL", env = "BLYAN_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+}
+
+impl LogArgs {
+    fn init(&self, service_name: &str) -> Result<Telemetry, Error> {
+        let mut o = TelemetryOptions::new(tracing::Level::INFO);
+        o.format = self.log_format;
+        o.directives = self.filter.clone();
+        o.otlp_endpoint = self.otlp_endpoint.clone();
+        o.service_name = service_name.into();
+        telemetry::init(&o)
+    }
+}
+
+/// OPS-LIFE-1: resolves at SIGTERM (systemd, Kubernetes, container
+/// runtimes) or Ctrl-C.
+async fn shutdown_signal() -> Result<&'static str, Error> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| Error::io("SIGTERM handler", e))?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.map(|()| "interrupt").map_err(|e| Error::io("ctrl-c handler", e)),
+        _ = term.recv() => Ok("SIGTERM"),
+    }
+}
+
+/// How long a stopping node waits for its node task (then its other tasks
+/// are aborted): the bound on a clean stop (OPS-LIFE-1).
+const STOP_WAIT_MS: u64 = 5_000;
+
+/// OPS-LIFE-3: `blyan node --check-config`: everything the node reads at
+/// start, without starting it (the store is not opened: a running node
+/// holds its lock).
+fn check_config(path: &std::path::Path) -> Result<String, Error> {
+    let c = FileConfig::load(path)?;
+    let setup = NodeSetup::from_config(&c)?;
+    let data = &c.data_dir;
+    if data.exists() {
+        let meta = std::fs::metadata(data).map_err(|e| Error::io(data.display(), e))?;
+        if !meta.is_dir() {
+            return Err(Error::Config(format!(
+                "data_dir {} is not a directory",
+                data.display()
+            )));
+        }
+        if meta.permissions().readonly() {
+            return Err(Error::Config(format!(
+                "data_dir {} is read-only",
+                data.display()
+            )));
+        }
+    } else {
+        let parent = data
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
+        if !parent.is_dir() {
+            return Err(Error::Config(format!(
+                "data_dir {} does not exist and its parent {} is not a directory",
+                data.display(),
+                parent.display()
+            )));
+        }
+    }
+    if c.inference.enabled
+        && let Some(m) = &c.inference.model_dir
+        && !m.is_dir()
+    {
+        return Err(Error::Config(format!(
+            "inference.model_dir {} is not a directory",
+            m.display()
+        )));
+    }
+    for (what, addr) in [("p2p_addr", &c.p2p_addr), ("http_addr", &c.http_addr)] {
+        if addr.parse::<std::net::SocketAddr>().is_err() && !addr.contains(':') {
+            return Err(Error::Config(format!("{what} {addr:?} is not host:port")));
+        }
+    }
+    let address = Address::from_public_key(setup.key.verifying_key());
+    Ok(format!(
+        "configuration {} is valid: chain {}, node {address}, {} peers, data {}",
+        path.display(),
+        setup.genesis.chain_id,
+        setup.peers.len(),
+        data.display()
+    ))
+}
+
 /// Where a key file's password comes from (KEY-2, `keystore`): the first of
 /// `--password`, `--password-file`, BLYAN_KEY_PASSWORD, a prompt.
 #[derive(clap::Args)]
@@ -461,20 +576,9 @@ fn parse_bly(s: &str) -> Result<Amount, Error> {
         .ok_or_else(bad)
 }
 
-fn init_logging() {
-    init_logging_or(tracing::Level::INFO)
-}
-
-fn init_logging_or(default: tracing::Level) {
-    let level = match std::env::var("BLYAN_LOG").as_deref() {
-        Ok("error") => tracing::Level::ERROR,
-        Ok("warn") => tracing::Level::WARN,
-        Ok("info") => tracing::Level::INFO,
-        Ok("debug") => tracing::Level::DEBUG,
-        Ok("trace") => tracing::Level::TRACE,
-        _ => default,
-    };
-    tracing_subscriber::fmt().with_max_level(level).init();
+/// Text logs at `default` unless `RUST_LOG` or `BLYAN_LOG` say otherwise.
+fn init_logging_or(default: tracing::Level) -> Result<Telemetry, Error> {
+    telemetry::init(&TelemetryOptions::new(default))
 }
 
 fn expect_ok(status: u16, body: &Value) -> Result<(), Error> {
@@ -492,10 +596,12 @@ async fn run(cli: Cli) -> Result<(), Error> {
             validators,
             base_port,
             block_interval_ms,
+            log,
         } => {
-            init_logging();
+            let _telemetry = log.init("blyan-devnet")?;
             let mut opts = DevnetOptions::new(dir, validators);
-            opts.base_port = Some(base_port);
+            // 0: ephemeral ports (tests; the lines below say which).
+            opts.base_port = (base_port != 0).then_some(base_port);
             opts.block_interval_ms = block_interval_ms;
             let devnet = Devnet::start(opts).await?;
             println!("data directory: {}", devnet.dir.display());
@@ -515,14 +621,21 @@ async fn run(cli: Cli) -> Result<(), Error> {
             );
             // API-KEY-*: a key of an allowance the faucet funds (output, not a log).
             println!("api key: {}", devnet.api_key().await?);
-            tokio::signal::ctrl_c()
-                .await
-                .map_err(|e| Error::io("ctrl-c handler", e))?;
-            println!("stopping");
+            let why = shutdown_signal().await?;
+            println!("stopping ({why})");
             devnet.stop().await;
+            println!("stopped");
         }
-        Command::Node { config } => {
-            init_logging();
+        Command::Node {
+            config,
+            check_config: true,
+            ..
+        } => {
+            // Output, not a log: the verdict is the command's answer.
+            println!("{}", check_config(&config)?);
+        }
+        Command::Node { config, log, .. } => {
+            let _telemetry = log.init("blyan-node")?;
             let c = FileConfig::load(&config)?;
             let setup = NodeSetup::from_config(&c)?;
             let node =
@@ -534,14 +647,28 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 node.api_url(),
                 node.p2p_addr
             );
-            tokio::select! {
-                r = tokio::signal::ctrl_c() => r.map_err(|e| Error::io("ctrl-c handler", e))?,
-                _ = async { while node.is_running() { tokio::time::sleep(Duration::from_millis(500)).await } } => {
-                    node.stop(1_000).await;
-                    return Err(Error::Node("node halted; see the log".into()));
+            // OPS-LOG-2: these lines name the node too.
+            let span = telemetry::node_span(&node.address);
+            async {
+                tokio::select! {
+                    why = shutdown_signal() => {
+                        let why = why?;
+                        tracing::info!(signal = why, wait_ms = STOP_WAIT_MS, "stopping");
+                    }
+                    _ = async { while node.is_running() { tokio::time::sleep(Duration::from_millis(500)).await } } => {
+                        node.stop(1_000).await;
+                        return Err(Error::Node("node halted; see the log".into()));
+                    }
                 }
+                // OPS-LIFE-1: the node task stops at its next input (a store
+                // write in progress completes: every write is one synced batch).
+                node.stop(STOP_WAIT_MS).await;
+                tracing::info!("stopped");
+                Ok(())
             }
-            node.stop(5_000).await;
+            .instrument(span)
+            .await?;
+            println!("stopped");
         }
         Command::BenchOpen {
             dir,
@@ -551,7 +678,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             runs,
             skip_replay,
         } => {
-            init_logging_or(tracing::Level::WARN);
+            let _telemetry = init_logging_or(tracing::Level::WARN)?;
             println!(
                 "generating {blocks} certified blocks of {txs_per_block} transfer(s) into {} ...",
                 dir.display()
@@ -577,7 +704,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             no_flood,
             seed,
         } => {
-            init_logging_or(tracing::Level::WARN);
+            let _telemetry = init_logging_or(tracing::Level::WARN)?;
             if kill_min_s == 0 || kill_min_s > kill_max_s {
                 return Err(Error::Config(
                     "need 0 < --kill-min-s <= --kill-max-s".into(),
@@ -616,7 +743,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             blocks,
             block_interval_ms,
         } => {
-            init_logging_or(tracing::Level::WARN);
+            let _telemetry = init_logging_or(tracing::Level::WARN)?;
             let opts = blyan_runtime::bench_sync::SyncBenchOptions {
                 dir,
                 binary: std::env::current_exe().map_err(|e| Error::io("current_exe", e))?,
@@ -629,7 +756,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
         Command::Store {
             command: StoreCommand::Verify { config },
         } => {
-            init_logging_or(tracing::Level::WARN);
+            let _telemetry = init_logging_or(tracing::Level::WARN)?;
             let c = FileConfig::load(&config)?;
             let text = std::fs::read_to_string(&c.genesis_file)
                 .map_err(|e| Error::io(c.genesis_file.display(), e))?;
@@ -788,7 +915,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             dir,
             timeout_propose_ms,
         } => {
-            init_logging_or(tracing::Level::WARN);
+            let _telemetry = init_logging_or(tracing::Level::WARN)?;
             let (parent, temporary) = match dir {
                 Some(d) => (d, false),
                 None => (
