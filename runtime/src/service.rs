@@ -462,11 +462,7 @@ impl NodeService {
 
     /// Feeds one input and performs the outputs; `reply` gets the verdict on
     /// a client transaction.
-    fn step(
-        &mut self,
-        input: NodeInput,
-        reply: Option<ClientReply>,
-    ) {
+    fn step(&mut self, input: NodeInput, reply: Option<ClientReply>) {
         let now = now_ms();
         let out = self.node.handle(now, input);
         let results = self.perform(out);
