@@ -296,9 +296,15 @@ async fn register_issues_tokens_and_rate_limits_answer_429() {
     // API-RATE-1: a token from POST /p2p/register no longer raises the
     // limit; it counts against the address, whose quota is spent.
     let registry_bearer = format!("Bearer {token}");
-    let r = send(&url, "GET", "/status", &[("Authorization", registry_bearer.as_str())], None)
-        .await
-        .unwrap();
+    let r = send(
+        &url,
+        "GET",
+        "/status",
+        &[("Authorization", registry_bearer.as_str())],
+        None,
+    )
+    .await
+    .unwrap();
     assert_eq!(r.status, 429, "{}", String::from_utf8_lossy(&r.body));
     // A funded API key has its own, higher quota (spec/api.md API-KEY-3).
     let api_key = net.api_key().await.unwrap();

@@ -546,3 +546,69 @@ async fn paid_inference_end_to_end() {
     assert!(limited, "an exhausted key gets the public tier");
     net.devnet.stop().await;
 }
+
+/// `blyan devnet` prints `api key: <key>` after the node lines, once the
+/// API answers; the key works at once (and again after a restart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blyan_devnet_prints_a_working_api_key() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    // Eight consecutive ports: find a base whose ports are all free now.
+    let base = (0..200)
+        .map(|i| 20_000 + ((std::process::id() as u16 % 1_000) * 20 + i * 8) % 40_000)
+        .find(|b| (0..8).all(|p| std::net::TcpListener::bind(("127.0.0.1", b + p)).is_ok()))
+        .unwrap();
+    for round in 0..2 {
+        let mut child = std::process::Command::new(support::blyan_bin())
+            .args(["devnet", "--dir"])
+            .arg(dir.path().join("devnet"))
+            .args([
+                "--base-port",
+                &base.to_string(),
+                "--block-interval-ms",
+                "300",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let lines = tokio::task::spawn_blocking(move || {
+            let mut lines = Vec::new();
+            for line in BufReader::new(stdout).lines() {
+                let line = line.unwrap();
+                let done = line.starts_with("api key: ");
+                lines.push(line);
+                if done {
+                    break;
+                }
+            }
+            lines
+        });
+        let lines = tokio::time::timeout(Duration::from_secs(180), lines)
+            .await
+            .expect("an `api key:` line within 180 s")
+            .unwrap();
+        let node_lines = lines.iter().filter(|l| l.starts_with("node ")).count();
+        let key_at = lines.iter().position(|l| l.starts_with("api key: "));
+        assert_eq!(node_lines, 4, "{lines:?}");
+        let key_at = key_at.unwrap_or_else(|| panic!("no api key line (round {round}): {lines:?}"));
+        assert!(lines.iter().rposition(|l| l.starts_with("node ")).unwrap() < key_at);
+        let key = lines[key_at].trim_start_matches("api key: ").to_string();
+        assert!(!key.contains(' ') && ApiKey::parse(&key).is_ok(), "{key}");
+        let url = format!("http://127.0.0.1:{}", base + 1);
+        let auth = [("authorization", format!("Bearer {key}"))];
+        let (s, body) = http(&url, "GET", "/v1/models", &auth, "").await;
+        assert_eq!(s, 200, "{body}");
+        let (s, v, _) = chat(
+            &url,
+            Some(&key),
+            &json!({ "prompt": "hi", "max_tokens": 2 }),
+            "/chat",
+        )
+        .await;
+        assert_eq!((s, &v["blyan"]["charged"]), (200, &json!(true)), "{v}");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
