@@ -28,8 +28,11 @@ fi
 PY_PINS="torch==2.11.0 transformers==5.24.0 safetensors==0.8.0 numpy==2.4.6"
 if ! python -c 'import torch, transformers, safetensors, numpy; assert torch.__version__.startswith("2.11.0"); assert transformers.__version__ == "5.24.0"' 2>/dev/null; then
     python -m pip install --quiet --upgrade pip
+    # Not quiet: the torch wheel and its CUDA libraries are ~4.6 GB, minutes
+    # of download; pip shows each file and its progress (a bar on a terminal).
+    echo "gpu/ci.sh: installing $PY_PINS (torch is ~4.6 GB with its CUDA libraries; first run only)" >&2
     # shellcheck disable=SC2086
-    python -m pip install --quiet $PY_PINS
+    python -m pip install --progress-bar on $PY_PINS
 fi
 stage "venv (torch $(python -c 'import torch; print(torch.__version__)'))"
 if [ "${1:-}" = "--venv" ]; then

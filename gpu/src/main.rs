@@ -1,10 +1,13 @@
-//! `blyan-gpu`: generate, logits, bench, split.
+//! `blyan-gpu`: generate, logits, bench, check, split (`blyan-gpu --help`,
+//! `blyan-gpu <command> --help`).
 //!
 //! `logits` prints exactly one JSON object on stdout,
 //! `{"logits": [[...], ...]}`, one row of `vocab_size` f32 values per given
 //! input id (no start token), and exits non-zero if any value is not finite.
 
 use std::collections::BTreeMap;
+
+use clap::{Parser, Subcommand};
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -15,89 +18,136 @@ use blyan_gpu::generate::{GenerateRequest, generate, held_back};
 use blyan_gpu::sample::SamplingParams;
 use blyan_gpu::{GpuError, LoadedModel, Result, parse_device, parse_dtype};
 
-const USAGE: &str = "usage:
-  blyan-gpu generate [--model DIR] --prompt TEXT [--max-tokens N] [--temperature T]
-                     [--top-p P] [--top-k K] [--seed S] [--stop STR]... [--device cpu|cuda] [--dtype f32|bf16]
-  blyan-gpu logits [--model DIR] --input-ids 1,2,3 [--dtype f32|bf16] [--device cpu|cuda]
-  blyan-gpu bench [--model DIR] [--device cpu|cuda] [--dtype f32|bf16] [--qwen3-8b]
-                  [--prompt-len N] [--decode-tokens N] [--batch 1,16] [--attn kernel|sdpa|bmm]
-                  [--blas default|cublas|cublaslt] [--block-mb 52 (only: time loading one block)]
-                  [--threads N (libtorch intra-op threads)]
-                  [--no-graph] [--matmuls-only] [--no-fused]
-  blyan-gpu check [--model DIR] [--device cpu|cuda] [--dtype f32|bf16] [--tol X] [--attn kernel|sdpa|bmm] [--no-fused]
-  blyan-gpu split --model DIR --out DIR
-Without --model, the embedded default model (random weights, byte tokenizer) is used.";
-
-/// `--key value` options; repeated keys keep every value.
-struct Args {
-    opts: BTreeMap<String, Vec<String>>,
-    flags: Vec<String>,
+/// The model every command loads.
+#[derive(clap::Args, Debug)]
+struct ModelArgs {
+    /// A Hugging Face directory (config.json, safetensors, tokenizer.json) or
+    /// a block directory from `split`; default: the embedded model (random
+    /// weights, byte tokenizer).
+    #[arg(long, value_name = "DIR")]
+    model: Option<PathBuf>,
+    /// `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// `f32` or `bf16`.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
 }
 
-const FLAGS: &[&str] = &["--qwen3-8b", "--no-graph", "--matmuls-only", "--no-fused"];
-
-impl Args {
-    fn parse(raw: &[String]) -> Result<Self> {
-        let mut opts: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        let mut flags = Vec::new();
-        let mut it = raw.iter();
-        while let Some(key) = it.next() {
-            if !key.starts_with("--") {
-                return Err(GpuError::Invalid(format!("unexpected argument {key:?}")));
-            }
-            if FLAGS.contains(&key.as_str()) {
-                flags.push(key.clone());
-                continue;
-            }
-            let value = it
-                .next()
-                .ok_or_else(|| GpuError::Invalid(format!("{key} needs a value")))?;
-            opts.entry(key.clone()).or_default().push(value.clone());
-        }
-        Ok(Args { opts, flags })
-    }
-    fn get(&self, key: &str) -> Option<&str> {
-        self.opts
-            .get(key)
-            .and_then(|v| v.last())
-            .map(String::as_str)
-    }
-    fn all(&self, key: &str) -> Vec<String> {
-        self.opts.get(key).cloned().unwrap_or_default()
-    }
-    fn flag(&self, key: &str) -> bool {
-        self.flags.iter().any(|f| f == key)
-    }
-    fn num<T: std::str::FromStr>(&self, key: &str, default: T) -> Result<T> {
-        match self.get(key) {
-            None => Ok(default),
-            Some(s) => s
-                .parse()
-                .map_err(|_| GpuError::Invalid(format!("{key}: cannot parse {s:?}"))),
-        }
-    }
-    fn check_known(&self, known: &[&str]) -> Result<()> {
-        for key in self.opts.keys().chain(self.flags.iter()) {
-            if !known.contains(&key.as_str()) {
-                return Err(GpuError::Invalid(format!("unknown option {key}")));
-            }
-        }
-        Ok(())
-    }
+#[derive(Parser, Debug)]
+#[command(
+    name = "blyan-gpu",
+    version,
+    about = "Blyan's inference engine on libtorch: generate text, print logits, benchmark, check, split into blocks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
 }
 
-fn load(args: &Args) -> Result<LoadedModel> {
-    let device = parse_device(args.get("--device").unwrap_or("cpu"))?;
-    let kind = parse_dtype(args.get("--dtype").unwrap_or("f32"))?;
-    let dir = args.get("--model").map(PathBuf::from);
-    LoadedModel::load(dir.as_deref(), device, kind)
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Generate text: the text streams to stdout, then the finish reason and
+    /// token usage go to stderr as one JSON object.
+    Generate {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 64)]
+        max_tokens: usize,
+        /// 0: greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f64,
+        /// 0: no top-k cut.
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Stop at this string (repeatable).
+        #[arg(long)]
+        stop: Vec<String>,
+    },
+    /// Print `{"logits": [[...], ...]}` on stdout, one row of vocab_size
+    /// f32 values per input id (no start token); fails if any is not finite.
+    Logits {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Comma-separated token ids, e.g. 1,2,3.
+        #[arg(long, value_name = "IDS")]
+        input_ids: String,
+    },
+    /// Decode-engine throughput (or, with --block-mb, the time to load one block).
+    Bench {
+        #[arg(long, value_name = "DIR")]
+        model: Option<PathBuf>,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Default: bf16 with --qwen3-8b, else f32.
+        #[arg(long)]
+        dtype: Option<String>,
+        /// A Qwen3-8B-shaped model with random weights.
+        #[arg(long)]
+        qwen3_8b: bool,
+        /// Default: 2048 with --qwen3-8b, else 128.
+        #[arg(long)]
+        prompt_len: Option<u64>,
+        /// Default: 128 with --qwen3-8b, else 64.
+        #[arg(long)]
+        decode_tokens: Option<u64>,
+        /// Batch sizes, comma-separated (default 1,16).
+        #[arg(long)]
+        batch: Option<String>,
+        /// `kernel`, `sdpa` (default) or `bmm`.
+        #[arg(long)]
+        attn: Option<String>,
+        /// `default`, `cublas` or `cublaslt`.
+        #[arg(long)]
+        blas: Option<String>,
+        /// Only time loading one block of this many MB.
+        #[arg(long)]
+        block_mb: Option<f64>,
+        /// libtorch intra-op threads.
+        #[arg(long)]
+        threads: Option<u64>,
+        #[arg(long)]
+        no_graph: bool,
+        #[arg(long)]
+        matmuls_only: bool,
+        #[arg(long)]
+        no_fused: bool,
+    },
+    /// The decode engine (CUDA graph) against the reference path.
+    Check {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Largest tolerated difference (default: by dtype).
+        #[arg(long)]
+        tol: Option<f64>,
+        /// `kernel`, `sdpa` (default) or `bmm`.
+        #[arg(long)]
+        attn: Option<String>,
+        #[arg(long)]
+        no_fused: bool,
+    },
+    /// Split a model directory into content-addressed blocks.
+    Split {
+        #[arg(long, value_name = "DIR")]
+        model: PathBuf,
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
 }
 
-fn cmd_logits(args: &Args) -> Result<()> {
-    args.check_known(&["--model", "--input-ids", "--dtype", "--device"])?;
-    let ids_text = args
-        .get("--input-ids")
-        .ok_or_else(|| GpuError::Invalid("--input-ids is required".into()))?;
+fn load(args: &ModelArgs) -> Result<LoadedModel> {
+    let device = parse_device(&args.device)?;
+    let kind = parse_dtype(&args.dtype)?;
+    LoadedModel::load(args.model.as_deref(), device, kind)
+}
+
+fn cmd_logits(args: &ModelArgs, ids_text: &str) -> Result<()> {
     let ids = ids_text
         .split(',')
         .map(|s| {
@@ -121,22 +171,13 @@ fn cmd_logits(args: &Args) -> Result<()> {
     Ok(())
 }
 
-fn cmd_generate(args: &Args) -> Result<()> {
-    args.check_known(&[
-        "--model",
-        "--prompt",
-        "--max-tokens",
-        "--temperature",
-        "--top-p",
-        "--top-k",
-        "--seed",
-        "--stop",
-        "--device",
-        "--dtype",
-    ])?;
-    let prompt = args
-        .get("--prompt")
-        .ok_or_else(|| GpuError::Invalid("--prompt is required".into()))?;
+fn cmd_generate(
+    args: &ModelArgs,
+    prompt: &str,
+    sampling: SamplingParams,
+    max_tokens: usize,
+    stop: Vec<String>,
+) -> Result<()> {
     let m = load(args)?;
     let tok = m
         .tokenizer
@@ -144,14 +185,9 @@ fn cmd_generate(args: &Args) -> Result<()> {
         .ok_or_else(|| GpuError::Tokenizer("the model directory has no tokenizer.json".into()))?;
     let req = GenerateRequest {
         prompt_ids: tok.encode(prompt)?,
-        max_tokens: args.num("--max-tokens", 64usize)?,
-        sampling: SamplingParams {
-            temperature: args.num("--temperature", 0.0f64)?,
-            top_k: args.num("--top-k", 0usize)?,
-            top_p: args.num("--top-p", 1.0f64)?,
-            seed: args.num("--seed", 0u64)?,
-        },
-        stop: args.all("--stop"),
+        max_tokens,
+        sampling,
+        stop,
         stop_ids: m.model.cfg.eos_token_ids.clone(),
     };
     let mut stdout = std::io::stdout().lock();
@@ -221,15 +257,7 @@ fn engine_for(model: &blyan_gpu::model::Qwen3, req: &GenerateRequest) -> Result<
     DecodeEngine::from_model(model, 1, max_len)
 }
 
-fn cmd_split(args: &Args) -> Result<()> {
-    args.check_known(&["--model", "--out"])?;
-    let model = args
-        .get("--model")
-        .ok_or_else(|| GpuError::Invalid("--model is required".into()))?;
-    let out = args
-        .get("--out")
-        .ok_or_else(|| GpuError::Invalid("--out is required".into()))?;
-    let (model, out) = (PathBuf::from(model), PathBuf::from(out));
+fn cmd_split(model: PathBuf, out: PathBuf) -> Result<()> {
     let blocks = blyan_gpu::blocks::split(&model, &out)?;
     let tok = model.join("tokenizer.json");
     if tok.is_file() {
@@ -241,44 +269,108 @@ fn cmd_split(args: &Args) -> Result<()> {
     Ok(())
 }
 
-fn run(raw: &[String]) -> Result<()> {
-    let Some((cmd, rest)) = raw.split_first() else {
-        return Err(GpuError::Invalid(USAGE.into()));
-    };
-    let args = Args::parse(rest)?;
-    match cmd.as_str() {
-        "logits" => cmd_logits(&args),
-        "generate" => cmd_generate(&args),
-        "bench" => blyan_gpu::engine::bench_cli(&args_map(&args), args.flag("--qwen3-8b")),
-        "check" => blyan_gpu::engine::check_cli(&args_map(&args)),
-        "split" => cmd_split(&args),
-        "-h" | "--help" | "help" => {
-            println!("{USAGE}");
-            Ok(())
-        }
-        other => Err(GpuError::Invalid(format!(
-            "unknown command {other:?}\n{USAGE}"
-        ))),
-    }
-}
-
-fn args_map(args: &Args) -> BTreeMap<String, String> {
-    let mut m: BTreeMap<String, String> = args
-        .opts
+/// The `--key value` map the engine's bench and check read.
+fn opts(pairs: &[(&str, Option<String>)], flags: &[(&str, bool)]) -> BTreeMap<String, String> {
+    let mut m: BTreeMap<String, String> = pairs
         .iter()
-        .filter_map(|(k, v)| v.last().map(|last| (k.clone(), last.clone())))
+        .filter_map(|(k, v)| v.clone().map(|v| (k.to_string(), v)))
         .collect();
-    for flag in ["--no-graph", "--matmuls-only", "--no-fused"] {
-        if args.flag(flag) {
-            m.insert(flag.into(), "1".into());
+    for (k, on) in flags {
+        if *on {
+            m.insert(k.to_string(), "1".into());
         }
     }
     m
 }
 
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Logits { model, input_ids } => cmd_logits(&model, &input_ids),
+        Command::Generate {
+            model,
+            prompt,
+            max_tokens,
+            temperature,
+            top_p,
+            top_k,
+            seed,
+            stop,
+        } => cmd_generate(
+            &model,
+            &prompt,
+            SamplingParams {
+                temperature,
+                top_k,
+                top_p,
+                seed,
+            },
+            max_tokens,
+            stop,
+        ),
+        Command::Bench {
+            model,
+            device,
+            dtype,
+            qwen3_8b,
+            prompt_len,
+            decode_tokens,
+            batch,
+            attn,
+            blas,
+            block_mb,
+            threads,
+            no_graph,
+            matmuls_only,
+            no_fused,
+        } => {
+            let s = |v: Option<u64>| v.map(|n| n.to_string());
+            let m = opts(
+                &[
+                    ("--model", model.map(|p| p.display().to_string())),
+                    ("--device", Some(device)),
+                    ("--dtype", dtype),
+                    ("--prompt-len", s(prompt_len)),
+                    ("--decode-tokens", s(decode_tokens)),
+                    ("--batch", batch),
+                    ("--attn", attn),
+                    ("--blas", blas),
+                    ("--block-mb", block_mb.map(|m| m.to_string())),
+                    ("--threads", s(threads)),
+                ],
+                &[
+                    ("--no-graph", no_graph),
+                    ("--matmuls-only", matmuls_only),
+                    ("--no-fused", no_fused),
+                ],
+            );
+            blyan_gpu::engine::bench_cli(&m, qwen3_8b)
+        }
+        Command::Check {
+            model,
+            tol,
+            attn,
+            no_fused,
+        } => {
+            let m = opts(
+                &[
+                    ("--model", model.model.map(|p| p.display().to_string())),
+                    ("--device", Some(model.device)),
+                    ("--dtype", Some(model.dtype)),
+                    ("--tol", tol.map(|t| t.to_string())),
+                    ("--attn", attn),
+                ],
+                &[("--no-fused", no_fused)],
+            );
+            blyan_gpu::engine::check_cli(&m)
+        }
+        Command::Split { model, out } => cmd_split(model, out),
+    }
+}
+
 fn main() -> ExitCode {
-    let raw: Vec<String> = std::env::args().skip(1).collect();
-    match run(&raw) {
+    // Usage errors and --help/--version are clap's (exit 2 and 0).
+    let cli = Cli::parse();
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("blyan-gpu: error: {e}");

@@ -103,3 +103,45 @@ fn generate_with_the_default_model() {
     assert_eq!(usage["usage"]["completion_tokens"], 5);
     assert_eq!(usage["usage"]["prompt_tokens"], 2);
 }
+
+/// The CLI parses with clap: `--help` answers (it used to say "--help needs
+/// a value"), usage errors exit 2 with a message, and `generate` keeps its
+/// flags and output (text on stdout, stats on stderr).
+#[test]
+fn help_and_usage_errors_come_from_clap() {
+    let out = bin().args(["generate", "--help"]).output().expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--prompt",
+        "--max-tokens",
+        "--temperature",
+        "--stop",
+        "--device",
+    ] {
+        assert!(help.contains(flag), "{flag} missing from:\n{help}");
+    }
+    let out = bin().arg("--help").output().expect("run");
+    assert!(out.status.success());
+    for cmd in ["generate", "logits", "bench", "check", "split"] {
+        assert!(String::from_utf8_lossy(&out.stdout).contains(cmd), "{cmd}");
+    }
+    let out = bin()
+        .args(["generate", "--prompt", "hi", "--max-tokenz", "3"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--max-tokenz"));
+    let out = bin().args(["generate"]).output().expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--prompt"));
+    let out = bin()
+        .args(["generate", "--prompt", "hi", "--max-tokens", "x"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+}
