@@ -69,6 +69,24 @@ enum Command {
         #[command(flatten)]
         log: LogArgs,
     },
+    /// Write a devnet directory (genesis, keys, one config.toml per
+    /// validator) for validators run as separate processes or containers,
+    /// and exit (the compose file and the Kubernetes manifests under
+    /// runtime/deploy/ start from one). Reuses an existing directory's keys.
+    DevnetLayout {
+        #[arg(long, default_value = "devnet")]
+        dir: PathBuf,
+        /// Each validator's P2P address as the others reach it (and as it
+        /// binds, unless BLYAN_P2P_ADDR says otherwise), comma-separated, one
+        /// per validator: e.g. validator-0:7100,validator-1:7100,...
+        #[arg(long, value_delimiter = ',', required = true)]
+        p2p_addrs: Vec<String>,
+        /// The HTTP API address every validator binds.
+        #[arg(long, default_value = "0.0.0.0:8100")]
+        http_addr: String,
+        #[arg(long, default_value_t = blyan_runtime::config::DEFAULT_BLOCK_INTERVAL_MS)]
+        block_interval_ms: u64,
+    },
     /// Run one node from a TOML configuration file.
     Node {
         #[arg(long)]
@@ -625,6 +643,27 @@ async fn run(cli: Cli) -> Result<(), Error> {
             println!("stopping ({why})");
             devnet.stop().await;
             println!("stopped");
+        }
+        Command::DevnetLayout {
+            dir,
+            p2p_addrs,
+            http_addr,
+            block_interval_ms,
+        } => {
+            if p2p_addrs.is_empty() {
+                return Err(Error::Config("--p2p-addrs names no validator".into()));
+            }
+            let mut opts = DevnetOptions::new(dir, p2p_addrs.len());
+            opts.block_interval_ms = block_interval_ms;
+            let addrs: Vec<(String, String)> = p2p_addrs
+                .iter()
+                .map(|p| (p.clone(), http_addr.clone()))
+                .collect();
+            let (genesis, configs) = blyan_runtime::devnet::write_layout(&opts, &addrs)?;
+            println!("chain {} ({} validators)", genesis.chain_id, configs.len());
+            for c in configs {
+                println!("{}", c.display());
+            }
         }
         Command::Node {
             config,
