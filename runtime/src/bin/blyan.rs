@@ -40,6 +40,7 @@ use blyan_state_machine::tx::{TxBody, TxKind, public_key_of};
 use blyan_state_machine::types::{Address, Amount, BLY};
 use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -640,9 +641,10 @@ async fn run(cli: Cli) -> Result<(), Error> {
             // API-KEY-*: a key of an allowance the faucet funds (output, not a log).
             println!("api key: {}", devnet.api_key().await?);
             let why = shutdown_signal().await?;
-            println!("stopping ({why})");
+            // A reader that went away must not turn a clean stop into a panic.
+            let _ = writeln!(std::io::stdout(), "stopping ({why})");
             devnet.stop().await;
-            println!("stopped");
+            let _ = writeln!(std::io::stdout(), "stopped");
         }
         Command::DevnetLayout {
             dir,
@@ -707,7 +709,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             }
             .instrument(span)
             .await?;
-            println!("stopped");
+            let _ = writeln!(std::io::stdout(), "stopped");
         }
         Command::BenchOpen {
             dir,
