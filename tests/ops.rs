@@ -194,6 +194,27 @@ fn prometheus_config_and_alert_rules_pass_promtool() {
     assert!(!ok, "a broken rule passed:\n{out}");
 }
 
+/// `amtool check-config` accepts the Alertmanager configuration (routing
+/// to the PagerDuty receiver), and refuses a route to a receiver that does
+/// not exist.
+#[test]
+fn alertmanager_config_passes_amtool() {
+    let am = deploy().join("alertmanager/alertmanager.yml");
+    let (ok, out) = run(Command::new("amtool").arg("check-config").arg(&am));
+    assert!(ok, "amtool check-config:\n{out}");
+    let text = std::fs::read_to_string(&am).unwrap();
+    assert!(text.contains("pagerduty_configs"), "a PagerDuty receiver");
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("alertmanager.yml");
+    std::fs::write(
+        &broken,
+        text.replacen("receiver: ", "receiver: no-such-", 1),
+    )
+    .unwrap();
+    let (ok, out) = run(Command::new("amtool").arg("check-config").arg(&broken));
+    assert!(!ok, "a route to an unknown receiver passed:\n{out}");
+}
+
 /// Metric names (`blyan_*`) an expression text mentions.
 fn metric_names(text: &str) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
