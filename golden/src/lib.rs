@@ -19,6 +19,8 @@ use blyan_state_machine::tx::{InferenceReceipt, NodeInfo, SignedTx, TxKind};
 use blyan_state_machine::types::BLY;
 use serde::{Deserialize, Serialize};
 
+pub mod delta_format;
+
 const CHAIN: &str = "blyan-test";
 const FEE: u128 = 100_000_000_000;
 

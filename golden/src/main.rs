@@ -30,6 +30,16 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
             println!("wrote {}", path.display());
+            let path = dir().join("pol_delta_format.json");
+            let text =
+                serde_json::to_string_pretty(&blyan_golden::delta_format::delta_format_vector())
+                    .expect("serialisable")
+                    + "\n";
+            if let Err(e) = std::fs::write(&path, text) {
+                eprintln!("cannot write {}: {e}", path.display());
+                return ExitCode::FAILURE;
+            }
+            println!("wrote {}", path.display());
             ExitCode::SUCCESS
         }
         "check" => {

@@ -91,3 +91,44 @@ fn signing_vectors_are_pinned_and_verify() {
         3
     );
 }
+
+/// POL-DELTA-1..6: the delta payload vector regenerates byte for byte, its
+/// bytes decode to the recorded rows, and its address is POL-3/POL-4's.
+#[test]
+fn delta_format_vector_is_pinned_and_decodes() {
+    use blyan_state_machine::pol::delta::{DeltaPayload, payload_address};
+    let text = std::fs::read_to_string(path("pol_delta_format")).unwrap();
+    let recorded: blyan_golden::delta_format::DeltaFormatVector =
+        serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        recorded,
+        blyan_golden::delta_format::delta_format_vector(),
+        "the delta format changed; if deliberate, run `cargo run -p blyan-golden -- regen` and say why in the commit"
+    );
+    let bytes = hex::decode(&recorded.payload_hex).unwrap();
+    let decoded = DeltaPayload::decode(&bytes).unwrap();
+    assert_eq!(decoded.encode().unwrap(), bytes);
+    let address = payload_address(&bytes);
+    assert_eq!(address.size_bytes, recorded.size_bytes);
+    assert_eq!(hex::encode(address.merkle_root), recorded.merkle_root);
+    assert_eq!(address.cid, recorded.cid);
+    assert_eq!(decoded.tensors.len(), recorded.tensors.len());
+    for (t, r) in decoded.tensors.iter().zip(&recorded.tensors) {
+        assert_eq!(t.name, r.name);
+        assert_eq!(t.dtype.name(), r.dtype);
+        assert_eq!(t.shape.dims(), r.shape);
+        assert_eq!(t.kept_per_row, r.kept_per_row);
+        for (i, row) in r.rows.iter().enumerate() {
+            let (bits, columns, values) = t.row(i as u32);
+            assert_eq!(format!("{bits:#010x}"), row.scale_bits);
+            assert_eq!(columns, &row.columns[..]);
+            assert_eq!(values, &row.values[..]);
+        }
+        // Only kept entries may change.
+        let cols = t.shape.cols() as usize;
+        for (i, (b, a)) in r.base_bits.iter().zip(&r.applied_bits).enumerate() {
+            let kept = t.row((i / cols) as u32).1.contains(&((i % cols) as u32));
+            assert!(kept || a == b, "{}[{i}] changed but is not kept", t.name);
+        }
+    }
+}

@@ -1662,5 +1662,7 @@ pub fn within_tolerance(value: u64, median: u64, tolerance_ppm: u64) -> bool {
     distance * u128::from(PPM) <= u128::from(tolerance_ppm) * u128::from(median)
 }
 
+pub mod delta;
+
 #[cfg(test)]
 mod tests;
