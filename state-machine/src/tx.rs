@@ -21,6 +21,15 @@ pub enum Domain {
     NodeAnnouncement,
     /// An API key: an allowance owner's grant (spec/api.md API-KEY-1).
     ApiKey,
+    /// An inference node's heartbeat (spec/inference.md RT-HB-1); never
+    /// part of consensus.
+    Heartbeat,
+    /// A pipeline stage's commitment to its outputs (spec/inference.md
+    /// RT-COMMIT-4).
+    StageCommitment,
+    /// A router's record of a settled verification fault (spec/inference.md
+    /// RT-FAULT-1).
+    FaultRecord,
 }
 
 impl Domain {
@@ -35,6 +44,9 @@ impl Domain {
             Domain::VrfInput => b"blyan/vrf-in/v1\0",
             Domain::NodeAnnouncement => b"blyan/node-ann/1",
             Domain::ApiKey => b"blyan/api-key/v1",
+            Domain::Heartbeat => b"blyan/heartbt/v1",
+            Domain::StageCommitment => b"blyan/stage-cm/1",
+            Domain::FaultRecord => b"blyan/fault-rc/1",
         }
     }
 }

@@ -60,6 +60,11 @@ fn sig_1_domains_are_distinct_and_bind_the_chain() {
         Domain::Receipt,
         Domain::PeerMessage,
         Domain::VrfInput,
+        Domain::NodeAnnouncement,
+        Domain::ApiKey,
+        Domain::Heartbeat,
+        Domain::StageCommitment,
+        Domain::FaultRecord,
     ];
     for (i, a) in all.iter().enumerate() {
         for b in &all[i + 1..] {
