@@ -60,6 +60,16 @@ pub enum GpuError {
     Graph(String),
     #[error("non-finite value in output at row {row}, column {column}")]
     NonFinite { row: usize, column: usize },
+    #[error("delta payload: {0}")]
+    Delta(#[from] blyan_state_machine::pol::delta::DeltaError),
+    #[error("POL-DELTA-6: delta tensor {name} does not apply: {reason}")]
+    DeltaNotApplicable { name: String, reason: String },
+    #[error("delta tensor {name}: value at row {row}, column {column} is not finite")]
+    DeltaNonFinite {
+        name: String,
+        row: usize,
+        column: usize,
+    },
     #[error("torch: {0}")]
     Torch(#[from] tch::TchError),
 }

@@ -14,6 +14,8 @@
 //!
 //! - splits a checkpoint into content-addressed blocks (SHA3-256, CIDv1)
 //!   and loads them memory-mapped ([`blocks`]).
+//! - compresses weight updates into INT8 sparse delta payloads and applies
+//!   them to a head ([`delta`], spec/pol.md POL-DELTA-*).
 //!
 //! What it does not do (yet): Qwen3-MoE and GPT-OSS (the config loader
 //! rejects them with `UnsupportedArchitecture`).
@@ -24,6 +26,7 @@ pub mod batch;
 pub mod blocks;
 pub mod config;
 pub mod default_model;
+pub mod delta;
 pub mod engine;
 pub mod error;
 pub mod generate;

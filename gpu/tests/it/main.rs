@@ -3,6 +3,7 @@
 mod blocks;
 mod cli;
 mod common;
+mod delta;
 mod engine;
 mod errors;
 mod generation;
