@@ -113,7 +113,7 @@ pub fn commit_chunk(
     if top_k == 0 || top_k > MAX_TOP_K {
         return Err(Error::InvalidHidden("top_k must be in 1..=4096"));
     }
-    if states.is_empty() || states.len() % hidden as usize != 0 {
+    if states.is_empty() || !states.len().is_multiple_of(hidden as usize) {
         return Err(Error::InvalidHidden(
             "length is not a positive multiple of hidden",
         ));
@@ -270,7 +270,7 @@ impl Committer {
     /// Adds `states` (whole token rows) and returns the chunks completed.
     /// Refused input leaves the committer unchanged.
     pub fn push(&mut self, states: &[f32]) -> Result<Vec<ChunkCommitment>> {
-        if states.len() % self.hidden as usize != 0 {
+        if !states.len().is_multiple_of(self.hidden as usize) {
             return Err(Error::InvalidHidden("length is not a multiple of hidden"));
         }
         if let Some(index) = states.iter().position(|x| !x.is_finite()) {
@@ -281,7 +281,7 @@ impl Committer {
         for row in states.chunks(self.hidden as usize) {
             self.buf.extend_from_slice(row);
             let end = self.chunk_start + self.tokens_in_buf();
-            if end % interval == 0 {
+            if end.is_multiple_of(interval) {
                 out.push(self.flush()?);
             }
         }
