@@ -297,3 +297,48 @@ fn rt_hb_config_is_checked() {
     }
     assert_eq!(HeartbeatConfig::default().expiry_ms(), 15_000);
 }
+
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+        /// RT-HB-6..8 under random traffic: the bounds hold, bytes are
+        /// accounted exactly, a listed entry is exactly one accepted less
+        /// than `expiry_ms` ago, and timestamps only increase.
+        #[test]
+        fn rt_hb_7_8_bounds_and_expiry_hold_under_random_traffic(
+            ops in prop::collection::vec((1u64..=6, 0u64..4_000, 0u64..3_000), 1..30),
+            max_nodes in 1usize..5,
+        ) {
+            let one = hb(1, 1_000).encode().len() - 64 + ENTRY_OVERHEAD_BYTES;
+            let config = HeartbeatConfig { max_nodes, max_bytes: 3 * one, ..HeartbeatConfig::default() };
+            let mut t = table(config.clone());
+            let mut now = 20_000u64;
+            let mut accepted: std::collections::BTreeMap<Address, (u64, u64)> = Default::default();
+            for (node, advance, behind) in ops {
+                now += advance;
+                let ts = now - behind;
+                let addr = address(&key(node));
+                let before = t.live(&addr, now).map(|e| e.heartbeat.timestamp_ms);
+                match t.accept(now, &hb(node, ts), all) {
+                    Ok(_) => {
+                        prop_assert!(before.is_none_or(|b| ts > b));
+                        accepted.insert(addr, (now, ts));
+                    }
+                    Err(Error::Replayed { last_ms, .. }) => prop_assert!(ts <= last_ms),
+                    Err(e) => prop_assert!(false, "unexpected {e}"),
+                }
+                prop_assert!(t.len() <= max_nodes.min(3));
+                prop_assert!(t.bytes() <= 3 * one);
+                prop_assert_eq!(t.bytes(), t.page(None, usize::MAX, 0).iter().map(|(_, e)| e.bytes).sum::<usize>());
+                for (a, e) in t.iter_live(now) {
+                    prop_assert!(now < e.received_ms + config.expiry_ms());
+                    prop_assert_eq!(accepted[a], (e.received_ms, e.heartbeat.timestamp_ms));
+                }
+            }
+        }
+    }
+}
