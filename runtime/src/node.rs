@@ -196,8 +196,10 @@ impl RunningNode {
             .map_err(|e| Error::Config(format!("logs.{e}")))?;
         let usage_dir = crate::usage::usage_dir(&setup.data_dir);
         let usage_config = setup.logs.usage_config();
+        // OPS-LOG-2: fjall logs the database's creation on this thread.
+        let usage_span = span.clone();
         let usage = tokio::task::spawn_blocking(move || {
-            crate::usage::UsageLog::open(&usage_dir, usage_config)
+            usage_span.in_scope(|| crate::usage::UsageLog::open(&usage_dir, usage_config))
         })
         .await
         .map_err(|e| Error::Node(format!("usage log task failed: {e}")))??;
