@@ -207,6 +207,8 @@ def main():
         check(pieces >= 3, f"the answer arrived in pieces (DOM updates: {pieces})")
         check(tokens and tokens.endswith("tokens"), f"tokens shown (meta: {meta})")
         check(cost and cost.endswith("BLY"), f"cost shown (meta: {meta})")
+        # Without a key the devnet serves for free: reported, not charged.
+        check("not charged (free use)" in (meta or ""), f"free use shown as not charged (meta: {meta})")
         shot("chat")
         drain_console("chat")
         check(not console, f"JavaScript console errors: {console}")

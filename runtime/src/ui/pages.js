@@ -398,7 +398,9 @@ export async function chat({ main, signal }) {
     if (failure) parts.push(`<span class="bad">${esc(failure)}</span>`);
     if (usage) parts.push(`<span class="chat-tokens">${esc(usage.total_tokens)} tokens</span> (${esc(usage.prompt_tokens)} prompt + ${esc(usage.completion_tokens)} completion)`);
     if (blyan) {
-      parts.push(`cost <b class="chat-cost">${esc(bly(blyan.cost_base_units, 18))} BLY</b>`);
+      // API-CHAT-2: free (keyless) use is reported, not charged.
+      const charged = blyan.charged ? 'charged to your allowance' : 'not charged (free use)';
+      parts.push(`cost <b class="chat-cost">${esc(bly(blyan.cost_base_units, 18))} BLY</b> <span class="muted">${charged}</span>`);
       const route = blyan.route || [];
       parts.push(`route <span class="chat-route">${route.length ? route.map((s) => `${addrLink(s.node)} (${esc(s.work)})`).join(' → ') : 'this node'}</span>`);
     } else if (usage) {
