@@ -176,13 +176,6 @@ fn engine_error(e: Error) -> ApiError {
     }
 }
 
-/// API-CHAT-2: the cost of `tokens` in base units, rounded up.
-pub fn cost_base_units(tokens: usize, per_1k_tokens: Amount) -> Amount {
-    (tokens as u128)
-        .saturating_mul(per_1k_tokens)
-        .div_ceil(1000)
-}
-
 /// Base units as a BLY decimal, for display.
 pub fn bly(base_units: Amount) -> f64 {
     let whole = base_units / blyan_state_machine::types::BLY;
@@ -790,14 +783,17 @@ mod tests {
     #[test]
     fn api_chat_2_cost_rounds_up_per_token() {
         let per_1k = blyan_state_machine::types::BLY; // 1 BLY per 1,000 tokens
-        assert_eq!(cost_base_units(1_000, per_1k), per_1k);
-        assert_eq!(cost_base_units(1, per_1k), per_1k / 1000);
+        assert_eq!(blyan_state_machine::allowance::price(1_000, per_1k), per_1k);
         assert_eq!(
-            cost_base_units(1, 1),
+            blyan_state_machine::allowance::price(1, per_1k),
+            per_1k / 1000
+        );
+        assert_eq!(
+            blyan_state_machine::allowance::price(1, 1),
             1,
             "a fraction of a base unit rounds up"
         );
-        assert_eq!(cost_base_units(0, per_1k), 0);
+        assert_eq!(blyan_state_machine::allowance::price(0, per_1k), 0);
         assert_eq!(bly(per_1k / 1000 * 64), 0.064);
     }
 

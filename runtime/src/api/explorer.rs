@@ -866,12 +866,7 @@ pub async fn account(
     axum::Extension(ex): Ex,
     Path(address): Path<String>,
 ) -> ApiResult {
-    let address: Address =
-        address
-            .parse()
-            .map_err(|e: blyan_state_machine::types::AddressParseError| {
-                ApiError::bad_request(e.to_string())
-            })?;
+    let address = super::parse_address(&address, "address")?;
     let snap = ex.current(&state.node);
     let l = &snap.ledger;
     let account = l.account(&address);
@@ -940,14 +935,7 @@ pub struct AddressPage {
 }
 
 fn parse_after(after: Option<&str>) -> Result<Option<Address>, ApiError> {
-    after
-        .map(|a| {
-            a.parse()
-                .map_err(|e: blyan_state_machine::types::AddressParseError| {
-                    ApiError::bad_request(format!("after: {e}"))
-                })
-        })
-        .transpose()
+    after.map(|a| super::parse_address(a, "after")).transpose()
 }
 
 /// Validators by address: bonded stake, voting power, jailed or tombstoned,

@@ -572,6 +572,14 @@ pub(crate) fn hex0x(bytes: &[u8]) -> String {
     format!("0x{}", hex::encode(bytes))
 }
 
+/// A `0x` + 40-hex address; `400` naming `what` otherwise.
+pub(crate) fn parse_address(s: &str, what: &str) -> Result<Address, ApiError> {
+    s.parse()
+        .map_err(|e: blyan_state_machine::types::AddressParseError| {
+            ApiError::bad_request(format!("{what}: {e}"))
+        })
+}
+
 pub(crate) fn parse_hash(s: &str) -> Result<Hash32, ApiError> {
     let mut out = [0u8; 32];
     hex::decode_to_slice(s.trim_start_matches("0x"), &mut out)
@@ -725,12 +733,7 @@ pub(crate) async fn get_account(
     State(node): State<NodeHandle>,
     Path(address): Path<String>,
 ) -> ApiResult {
-    let address: Address =
-        address
-            .parse()
-            .map_err(|e: blyan_state_machine::types::AddressParseError| {
-                ApiError::bad_request(e.to_string())
-            })?;
+    let address = parse_address(&address, "address")?;
     let snap = snapshot(&node);
     let account = snap.ledger.account(&address);
     let stake = snap.ledger.validator(&address).map_or(0, |v| v.bonded);

@@ -73,12 +73,7 @@ pub async fn register(
         body,
         r#"{"node_id", "public_key", "host", "port", "available_experts", "timestamp_ms", "signature"}"#,
     )?;
-    let node_id: Address =
-        b.node_id
-            .parse()
-            .map_err(|e: blyan_state_machine::types::AddressParseError| {
-                ApiError::bad_request(format!("node_id: {e}"))
-            })?;
+    let node_id = super::parse_address(&b.node_id, "node_id")?;
     let a = Announcement {
         node_id,
         public_key: hex_array(&b.public_key, "public_key")?,
@@ -150,12 +145,7 @@ pub async fn nodes(State(state): State<ApiState>, Query(page): Query<NodesPage>)
     let after: Option<Address> = page
         .after
         .as_deref()
-        .map(|a| {
-            a.parse()
-                .map_err(|e: blyan_state_machine::types::AddressParseError| {
-                    ApiError::bad_request(format!("after: {e}"))
-                })
-        })
+        .map(|a| super::parse_address(a, "after"))
         .transpose()?;
     let snap = snapshot(&state.node);
     let mut announced = state
