@@ -200,3 +200,200 @@ async fn unauthenticated_peers_and_misdirected_frames_are_refused_and_the_node_k
     assert_eq!(target.handle.address, target.address);
     net.stop().await;
 }
+
+/// `GET {path}` on `url`, JSON (the devnet of this test has no rate limits).
+async fn get(url: &str, path: &str) -> serde_json::Value {
+    let (s, v) = blyan_runtime::client::get_json(url, path).await.unwrap();
+    assert_eq!(s, 200, "{path}: {v}");
+    v
+}
+
+/// Submits `tx` through `url` and waits for it to commit successfully.
+async fn commit(url: &str, tx: &blyan_state_machine::tx::SignedTx, what: &str) {
+    use blyan_state_machine::encoding::Canonical;
+    let body = serde_json::json!({ "tx": format!("0x{}", hex::encode(tx.encode())) });
+    let (s, e) = blyan_runtime::client::post_json(url, "/tx", &body)
+        .await
+        .unwrap();
+    assert_eq!(s, 200, "{what}: {e}");
+    let path = format!("/tx/0x{}", hex::encode(tx.id()));
+    let r = eventually(what, || async {
+        let (s, v) = blyan_runtime::client::get_json(url, &path).await.unwrap();
+        (s == 200).then_some(v)
+    })
+    .await;
+    assert_eq!(r["success"], true, "{what}: {r}");
+}
+
+/// NODE-ADMIT-1..5: a node that is neither a validator nor registered is
+/// refused at the TLS handshake by every validator and cannot follow the
+/// chain; once its `RegisterNode` (TX-9, with its P2P endpoint) commits,
+/// every validator admits and dials it with no restart, and it follows as a
+/// non-voting full node (same blocks, verified); once it deregisters (TX-10)
+/// it is refused again and falls behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_registered_on_chain_is_admitted_without_restarts_and_a_stranger_is_refused() {
+    use blyan_runtime::node::{NodeSetup, RunningNode, bind};
+    use blyan_state_machine::testkit::{transfer, tx};
+    use blyan_state_machine::tx::{NodeInfo, TxKind};
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = DevnetOptions::new(dir.path().join("devnet"), 4);
+    opts.base_port = None;
+    opts.block_interval_ms = 300;
+    opts.rate_limits = blyan_runtime::ratelimit::RateLimitConfig::unlimited();
+    opts.inference.enabled = false;
+    let net = Devnet::start(opts).await.unwrap();
+    let url = net.nodes[0].api_url();
+    let chain = net.genesis.chain_id.clone();
+    eventually("the network to commit a block", || async {
+        (height(&url).await >= 1).then_some(())
+    })
+    .await;
+
+    // A node with a fresh key, configured with the validators as seeds.
+    let node_key = key(7_777);
+    let node = address(&node_key);
+    let rejected = || -> u64 {
+        net.nodes
+            .iter()
+            .map(|n| n.transport.rejected_handshakes())
+            .sum()
+    };
+    let rejected_before = rejected();
+    let p2p = bind("127.0.0.1:0").await.unwrap();
+    let http = bind("127.0.0.1:0").await.unwrap();
+    let setup = NodeSetup {
+        genesis: net.genesis.clone(),
+        key: node_key.clone(),
+        data_dir: dir.path().join("follower"),
+        node: blyan_state_machine::node::NodeConfig {
+            block_interval_ms: 300,
+            ..Default::default()
+        },
+        peers: net.peers.clone(),
+        max_body_bytes: blyan_runtime::api::MAX_BODY_BYTES,
+        rate_limits: blyan_runtime::ratelimit::RateLimitConfig::unlimited(),
+        expert_cache_bytes: blyan_runtime::blobs::DEFAULT_CACHE_BYTES,
+        inference: blyan_runtime::inference::InferenceConfig {
+            enabled: false,
+            ..Default::default()
+        },
+        http: Default::default(),
+        logs: Default::default(),
+        payments: Default::default(),
+    };
+    let follower = RunningNode::start(setup, p2p, http).await.unwrap();
+    let furl = follower.api_url();
+    let p2p_endpoint = follower.p2p_addr.to_string();
+
+    // Unregistered: the validators refuse its handshakes, and it stays at
+    // genesis while the network moves on.
+    eventually(
+        "the validators to refuse the stranger's handshakes",
+        || async { (rejected() >= rejected_before + 2).then_some(()) },
+    )
+    .await;
+    let h = height(&url).await;
+    eventually("three more blocks", || async {
+        (height(&url).await >= h + 3).then_some(())
+    })
+    .await;
+    assert_eq!(
+        height(&furl).await,
+        0,
+        "an unregistered node followed the chain"
+    );
+    for n in &net.nodes {
+        assert!(!n.transport.admitted().contains(&node));
+    }
+
+    // Funded by the faucet, it registers itself on chain (TX-9).
+    let faucet = read_key_file(&net.faucet_key_file, DEVNET_PASSWORD).unwrap();
+    let nonce = get(&url, &format!("/account/{}", net.faucet)).await["nonce"]
+        .as_u64()
+        .unwrap();
+    let bly = blyan_state_machine::types::BLY;
+    commit(
+        &url,
+        &transfer(&chain, &faucet, nonce, node, 1_000 * bly),
+        "the funding to commit",
+    )
+    .await;
+    let register = TxKind::RegisterNode {
+        info: Box::new(NodeInfo {
+            endpoint: p2p_endpoint.clone(),
+            blocks: Vec::new(),
+        }),
+        bond: net.genesis.params.node_min_bond,
+    };
+    commit(
+        &url,
+        &tx(&chain, &node_key, 0, register, 100_000_000_000),
+        "the registration to commit",
+    )
+    .await;
+
+    // Admitted by every validator, with nobody restarted.
+    for n in &net.nodes {
+        eventually("every validator to admit the registered node", || async {
+            n.transport.admitted().contains(&node).then_some(())
+        })
+        .await;
+    }
+    // It follows: it reaches the network's height and holds the same blocks.
+    let target = height(&url).await;
+    eventually(
+        "the registered node to reach the network's height",
+        || async { (height(&furl).await >= target).then_some(()) },
+    )
+    .await;
+    let status = get(&furl, "/status").await;
+    assert_eq!(status["validator"], false, "{status}");
+    let theirs = get(&url, &format!("/block/{target}")).await;
+    let ours = get(&furl, &format!("/block/{target}")).await;
+    assert_eq!(ours["hash"], theirs["hash"], "{ours} vs {theirs}");
+    assert!(ours["hash"].is_string(), "{ours}");
+    // And keeps following, by the blocks pushed to it (NODE-ADMIT-5).
+    let next = target + 5;
+    eventually("the registered node to follow five more blocks", || async {
+        (height(&furl).await >= next).then_some(())
+    })
+    .await;
+
+    // It deregisters (TX-10): refused again, it falls behind.
+    commit(
+        &url,
+        &tx(
+            &chain,
+            &node_key,
+            1,
+            TxKind::DeregisterNode,
+            100_000_000_000,
+        ),
+        "the deregistration to commit",
+    )
+    .await;
+    for n in &net.nodes {
+        eventually("every validator to drop the deregistered node", || async {
+            (!n.transport.admitted().contains(&node)).then_some(())
+        })
+        .await;
+    }
+    let left_at = height(&furl).await;
+    eventually("the network to move five blocks past the node", || async {
+        (height(&url).await >= left_at + 5).then_some(())
+    })
+    .await;
+    let stopped_at = height(&furl).await;
+    let h = height(&url).await;
+    eventually("five more blocks", || async {
+        (height(&url).await >= h + 5).then_some(())
+    })
+    .await;
+    assert!(
+        height(&furl).await <= stopped_at + 1,
+        "a deregistered node kept following"
+    );
+    follower.stop(1_000).await;
+    net.stop().await;
+}

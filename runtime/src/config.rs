@@ -45,8 +45,10 @@
 //! max_connections_per_ip = 512       # default: open connections per client IP
 //! # send_buffer_bytes = 262144       # default: unset, the kernel autotunes SO_SNDBUF
 //!
-//! [[peers]]                          # the seed list: validators dialled and the only
-//!                                    # nodes admitted by the mutual-TLS handshake
+//! [[peers]]                          # the seeds: dialled at start and always admitted; the
+//!                                    # handshake also admits every validator and every node
+//!                                    # registered on chain (TX-9), and dials registered
+//!                                    # nodes' endpoints (spec/node.md NODE-ADMIT-*)
 //! addr = "127.0.0.1:7101"
 //! public_key = "02…"                 # SEC1 compressed, hex
 //! ```

@@ -113,6 +113,9 @@ pub struct Devnet {
     pub nodes: Vec<RunningNode>,
     pub faucet: Address,
     pub faucet_key_file: PathBuf,
+    /// Every validator's P2P address and key: the seeds a further node
+    /// configures (NODE-ADMIT-3).
+    pub peers: Vec<Peer>,
 }
 
 fn write(path: &Path, text: &str) -> Result<(), Error> {
@@ -419,6 +422,7 @@ impl Devnet {
             nodes,
             faucet,
             faucet_key_file,
+            peers,
         })
     }
 

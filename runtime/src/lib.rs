@@ -22,6 +22,7 @@
 //! Not yet: TLS on the HTTP API (run it behind a reverse proxy).
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod api;
 pub mod bench;
 pub mod bench_chat;

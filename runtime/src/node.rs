@@ -221,13 +221,15 @@ impl RunningNode {
             .filter(|p| p.id() != Some(address_of(&setup.key)))
             .count();
         let open_span = span.clone();
-        let (service, handle, requests) = tokio::task::spawn_blocking(move || {
+        let seeds = setup.peers.clone();
+        let (mut service, handle, requests) = tokio::task::spawn_blocking(move || {
             open_span.in_scope(|| {
                 NodeService::open(setup.node, setup.key, &setup.genesis, &data_dir, outbound)
             })
         })
         .await
         .map_err(|e| Error::Node(format!("start-up task failed: {e}")))??;
+        service.set_seeds(seeds);
         handle
             .chain_metrics
             .peers_configured

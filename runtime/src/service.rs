@@ -288,6 +288,9 @@ pub struct NodeService {
     dropped: Arc<std::sync::Mutex<DroppedTxs>>,
     /// NODE-SYNC-6: what serving catch-up may cost per peer.
     serve_budget: crate::inbound::SyncServeBudget,
+    /// NODE-ADMIT-*: the configured seed peers; `None` until set (then the
+    /// transport's peer plan follows every commit).
+    seeds: Option<Vec<crate::transport::Peer>>,
 }
 
 impl NodeService {
@@ -361,6 +364,7 @@ impl NodeService {
                 1_024,
             ),
             store,
+            seeds: None,
         };
         let handle = NodeHandle {
             requests: requests_tx,
@@ -383,6 +387,25 @@ impl NodeService {
         let out = service.node.start(now_ms(), &records, candidates);
         service.perform(out);
         Ok((service, handle, requests_rx))
+    }
+
+    /// NODE-ADMIT-1..4: from now on the transport admits and dials the
+    /// peers the committed chain names besides `seeds`, starting with the
+    /// stored state.
+    pub fn set_seeds(&mut self, seeds: Vec<crate::transport::Peer>) {
+        self.seeds = Some(seeds);
+        self.apply_peer_plan();
+    }
+
+    fn apply_peer_plan(&self) {
+        if let Some(seeds) = &self.seeds {
+            let plan = crate::admission::PeerPlan::from_chain(
+                self.node.address(),
+                seeds,
+                self.node.ledger(),
+            );
+            self.outbound.apply_plan(&plan);
+        }
     }
 
     /// Runs until `shutdown` changes, every input channel closes, or the node
@@ -515,6 +538,14 @@ impl NodeService {
             self.store
                 .stage_applied(last_hash, outcome, self.node.ledger().clone());
         }
+        // NODE-ADMIT-1..4: the plan of the new state before this step's
+        // messages go out (the next height's proposal goes to its validators).
+        if out
+            .iter()
+            .any(|o| matches!(o, NodeOutput::Committed { .. }))
+        {
+            self.apply_peer_plan();
+        }
         let mut io = HostIo {
             outbound: &*self.outbound,
             timers: &mut self.timers,
@@ -569,6 +600,11 @@ impl NodeService {
                         span.in_scope(|| {});
                     }
                 }
+            }
+            // NODE-ADMIT-5: validators push each committed block to followers.
+            if self.node.is_validator() {
+                self.outbound
+                    .push_to_followers(&WireMessage::Blocks(vec![block.clone()]));
             }
             self.latest = Some(Arc::new(block));
         }

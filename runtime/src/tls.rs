@@ -215,16 +215,54 @@ fn schemes(provider: &CryptoProvider) -> &WebPkiSupportedAlgorithms {
     &provider.signature_verification_algorithms
 }
 
+/// NODE-ADMIT-1: the nodes a handshake admits, shared by the verifier, the
+/// accept loop, the writers and frame checks, and replaced by the transport
+/// after every commit ([`crate::admission::PeerPlan`]).
+#[derive(Clone, Debug, Default)]
+pub struct Admitted(Arc<std::sync::RwLock<BTreeSet<PeerId>>>);
+
+impl Admitted {
+    pub fn new(set: BTreeSet<PeerId>) -> Admitted {
+        Admitted(Arc::new(std::sync::RwLock::new(set)))
+    }
+    pub fn contains(&self, peer: &PeerId) -> bool {
+        self.0.read().expect("admitted lock").contains(peer)
+    }
+    /// A copy of the set as it is now.
+    pub fn snapshot(&self) -> BTreeSet<PeerId> {
+        self.0.read().expect("admitted lock").clone()
+    }
+    pub fn len(&self) -> usize {
+        self.0.read().expect("admitted lock").len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn replace(&self, set: BTreeSet<PeerId>) {
+        *self.0.write().expect("admitted lock") = set;
+    }
+    /// `f` over the set as it is now (the lock held only for the call).
+    pub fn with<T>(&self, f: impl FnOnce(&BTreeSet<PeerId>) -> T) -> T {
+        f(&self.0.read().expect("admitted lock"))
+    }
+}
+
 /// The verifier for both directions (see the module docs).
 #[derive(Debug)]
 pub struct PeerCertVerifier {
     chain_id: String,
-    allowed: BTreeSet<PeerId>,
+    allowed: Admitted,
     provider: Arc<CryptoProvider>,
 }
 
 impl PeerCertVerifier {
+    /// A verifier admitting exactly `allowed`.
     pub fn new(chain_id: String, allowed: BTreeSet<PeerId>) -> PeerCertVerifier {
+        PeerCertVerifier::shared(chain_id, Admitted::new(allowed))
+    }
+
+    /// A verifier admitting whatever `allowed` holds at each handshake.
+    pub fn shared(chain_id: String, allowed: Admitted) -> PeerCertVerifier {
         PeerCertVerifier {
             chain_id,
             allowed,
@@ -239,7 +277,8 @@ impl PeerCertVerifier {
         now: UnixTime,
     ) -> Result<PeerId, rustls::Error> {
         let result = if intermediates.is_empty() {
-            verify_certificate(end_entity, &self.chain_id, &self.allowed, now_s(now))
+            self.allowed
+                .with(|allowed| verify_certificate(end_entity, &self.chain_id, allowed, now_s(now)))
         } else {
             Err(Error::PeerCertificate(format!(
                 "{} intermediate certificates; a peer sends exactly one self-signed certificate",

@@ -15,8 +15,9 @@
 //!   big-endian)`, response = one message per chunk from `from_chunk` on,
 //!   `index (4, big-endian) ‖ chunk bytes` (at most 1 MiB).
 //!
-//! **Authentication, two layers.** The TLS handshake proves which configured
-//! validator is at the other end (both directions; anyone else fails the
+//! **Authentication, two layers.** The TLS handshake proves which admitted
+//! node (a seed, a validator or a registered node: NODE-ADMIT-1,
+//! [`crate::admission`]) is at the other end (both directions; anyone else fails the
 //! handshake and is logged and counted, [`NetCounters::handshakes_failed`]).
 //! On top, every frame still carries its sender, a timestamp and a signature
 //! (the issue requires messages that authenticate on their own, e.g. when
@@ -55,7 +56,7 @@
 //!   [`TransportConfig::max_handshakes_per_source`] per source address, the
 //!   oldest evicted when full) and must finish within
 //!   [`TransportConfig::handshake_timeout_ms`] (NODE-NET-6, [`crate::inbound`]);
-//!   established connections, which only configured peers reach, are capped
+//!   established connections, which only admitted peers reach, are capped
 //!   apart ([`TransportConfig::max_inbound_connections`]), at most
 //!   [`TransportConfig::max_connections_per_peer`] per validator, so a flood
 //!   of handshakes never keeps a restarted validator out;
@@ -86,9 +87,10 @@
 //! window is a duplicate that consensus ignores.
 
 use crate::Error;
+use crate::admission::PeerPlan;
 use crate::blobs::{BlobId, BlobManifest, BlobStore, CHUNK_BYTES};
 use crate::inbound::{Admission, HandshakeBudget};
-use crate::tls::{NodeCertificate, PeerCertVerifier, SERVER_NAME, peer_identity};
+use crate::tls::{Admitted, NodeCertificate, PeerCertVerifier, SERVER_NAME, peer_identity};
 use blyan_state_machine::crypto::{sign, verify_signature};
 use blyan_state_machine::encoding::Canonical;
 use blyan_state_machine::node::{PeerId, WireMessage};
@@ -106,7 +108,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tonic::codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::transport::server::Connected;
@@ -213,9 +215,13 @@ pub trait Outbound: Send + Sync + 'static {
     fn counters(&self) -> Option<Arc<NetCounters>> {
         None
     }
+    /// NODE-ADMIT-1..4: admit and dial the peers the committed chain names.
+    fn apply_plan(&self, _plan: &PeerPlan) {}
+    /// NODE-ADMIT-5: `message` to every dialled peer that is not a validator.
+    fn push_to_followers(&self, _message: &WireMessage) {}
 }
 
-/// A configured peer.
+/// A configured peer (a seed, NODE-ADMIT-3).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Peer {
     /// `host:port` of its P2P listener.
@@ -240,7 +246,7 @@ pub struct TransportConfig {
     /// a few seconds of gossiped transactions under load).
     pub outbound_queue_messages: usize,
     /// Established (authenticated) inbound connections at once, all peers
-    /// together (default 64). Only configured peers can hold one (NODE-NET-6a).
+    /// together (default 64). Only admitted peers can hold one (NODE-NET-6a).
     pub max_inbound_connections: usize,
     /// Established inbound connections one validator may hold (default 4:
     /// one is normal; a few cover reconnects and blob fetches).
@@ -474,6 +480,17 @@ pub fn open(
     peers: &BTreeMap<PublicKey, PeerId>,
     now_ms: u64,
 ) -> Result<(PeerId, Vec<WireMessage>), Error> {
+    open_with(frame, chain_id, now_ms, |pk| peers.get(pk).copied())
+}
+
+/// [`open`] with the sender looked up by `peer_of` (NODE-ADMIT-1: the
+/// transport derives the address from the key and checks it is admitted).
+pub fn open_with(
+    frame: &[u8],
+    chain_id: &str,
+    now_ms: u64,
+    peer_of: impl FnOnce(&PublicKey) -> Option<PeerId>,
+) -> Result<(PeerId, Vec<WireMessage>), Error> {
     if frame.len() > MAX_FRAME_BYTES {
         return Err(Error::FrameTooLarge {
             len: frame.len(),
@@ -492,7 +509,7 @@ pub fn open(
     let public_key: PublicKey = frame[1..34].try_into().expect("33 bytes");
     let timestamp_ms = u64::from_be_bytes(frame[34..42].try_into().expect("8 bytes"));
     let signature: [u8; 64] = frame[42..106].try_into().expect("64 bytes");
-    let Some(&from) = peers.get(&public_key) else {
+    let Some(from) = peer_of(&public_key) else {
         return Err(Error::UnknownPeer(hex::encode(public_key)));
     };
     if timestamp_ms.abs_diff(now_ms) > MAX_CLOCK_SKEW_MS {
@@ -650,18 +667,30 @@ impl AsyncWrite for PeerStream {
 /// What the server side shares between connections and calls.
 struct Shared {
     chain_id: String,
-    known: BTreeMap<PublicKey, PeerId>,
+    /// NODE-ADMIT-1: whose frames are accepted.
+    admitted: Admitted,
     inbound: mpsc::Sender<Inbound>,
     blocked: Arc<RwLock<BTreeSet<PeerId>>>,
     blobs: Option<Arc<BlobStore>>,
     counters: Arc<NetCounters>,
-    /// NODE-NET-11: each known peer's inbound quota.
-    quotas: BTreeMap<PeerId, Arc<Semaphore>>,
+    /// NODE-NET-11: each admitted peer's inbound quota, made on its first
+    /// frame and forgotten when it leaves the admitted set.
+    quotas: Mutex<BTreeMap<PeerId, Arc<Semaphore>>>,
+    quota_messages: usize,
 }
 
 impl Shared {
     fn is_blocked(&self, peer: &PeerId) -> bool {
         self.blocked.read().expect("blocked lock").contains(peer)
+    }
+
+    fn quota(&self, peer: PeerId) -> Arc<Semaphore> {
+        self.quotas
+            .lock()
+            .expect("quotas lock")
+            .entry(peer)
+            .or_insert_with(|| Arc::new(Semaphore::new(self.quota_messages)))
+            .clone()
     }
 }
 
@@ -693,7 +722,10 @@ async fn deliver(
         return Ok(tonic::Response::new(Bytes::new()));
     }
     let frame = r.into_inner();
-    let checked = open(&frame, &shared.chain_id, &shared.known, now_ms()).and_then(|(from, m)| {
+    // NODE-ADMIT-1: the signer's address, if the node admits it now (a peer
+    // that left the admitted set has its frames refused from the next one).
+    let admitted = |pk: &PublicKey| Address::from_sec1(pk).filter(|a| shared.admitted.contains(a));
+    let checked = open_with(&frame, &shared.chain_id, now_ms(), admitted).and_then(|(from, m)| {
         if from == tls {
             Ok(m)
         } else {
@@ -705,11 +737,7 @@ async fn deliver(
     });
     match checked {
         Ok(messages) => {
-            let quota = shared
-                .quotas
-                .get(&tls)
-                .expect("an authenticated peer is a known peer")
-                .clone();
+            let quota = shared.quota(tls);
             for m in messages {
                 let permit = match quota.clone().try_acquire_owned() {
                     Ok(p) => p,
@@ -1053,17 +1081,39 @@ pub struct GrpcTransport {
     config: TransportConfig,
     cert: NodeCertificate,
     verifier: Arc<PeerCertVerifier>,
-    allowed: BTreeSet<PeerId>,
-    queues: BTreeMap<PeerId, mpsc::Sender<Outgoing>>,
+    /// NODE-ADMIT-1: seeds at start, then the chain's plan after each commit.
+    admitted: Admitted,
+    /// NODE-ADMIT-3: one writer (task and bounded queue) per dialled peer.
+    writers: RwLock<BTreeMap<PeerId, Writer>>,
+    /// NODE-ADMIT-4: consensus messages go to these only; `None` until the
+    /// first plan (then every dialled peer).
+    validators: RwLock<Option<BTreeSet<PeerId>>>,
+    /// NODE-ADMIT-5: dialled peers that are not validators.
+    followers: RwLock<BTreeSet<PeerId>>,
     connected: Arc<AtomicUsize>,
     blocked: Arc<RwLock<BTreeSet<PeerId>>>,
     shared: Arc<Shared>,
+    /// Closed (its sender dropped) when the node's tasks are aborted: every
+    /// writer task ends with it.
+    stopped: watch::Receiver<()>,
+    /// The runtime writers run on (the one that started the transport, not
+    /// the node task's own thread, NODE-HOST-2).
+    runtime: tokio::runtime::Handle,
+}
+
+/// A dialled peer's writer: where it dials and its send queue (dropping the
+/// queue's sender ends the task).
+struct Writer {
+    addr: String,
+    queue: mpsc::Sender<Outgoing>,
 }
 
 impl GrpcTransport {
     /// Starts serving on `listener` (frames delivered to `inbound`, blobs
-    /// served from `blobs`) and a writer task per peer other than this node,
-    /// all spawned into `tasks`.
+    /// served from `blobs`) and a writer task per configured peer other than
+    /// this node; the node's tasks go into `tasks` (aborting them stops the
+    /// writers too). [`GrpcTransport::apply_plan`] later admits and dials the
+    /// peers the chain names.
     pub fn start(
         listener: TcpListener,
         key: SigningKey,
@@ -1073,66 +1123,56 @@ impl GrpcTransport {
         tasks: &mut JoinSet<()>,
     ) -> Result<Arc<GrpcTransport>, Error> {
         let me = public_key_of(&key);
-        let mut known = BTreeMap::new();
+        let mut seeds = BTreeMap::new();
         for p in &config.peers {
             let id = p.id().ok_or_else(|| {
                 Error::Config(format!("peer {} has an invalid public key", p.addr))
             })?;
-            known.insert(p.public_key, id);
+            if p.public_key != me {
+                seeds.insert(id, p.addr.clone());
+            }
         }
-        let allowed: BTreeSet<PeerId> = known.values().copied().collect();
-        let verifier = Arc::new(PeerCertVerifier::new(
+        let admitted = Admitted::new(config.peers.iter().filter_map(Peer::id).collect());
+        let verifier = Arc::new(PeerCertVerifier::shared(
             config.chain_id.clone(),
-            allowed.clone(),
+            admitted.clone(),
         ));
         let cert = NodeCertificate::generate(&key, &config.chain_id)?;
         let server_tls = Arc::new(crate::tls::server_config(&cert, verifier.clone())?);
         let blocked = Arc::new(RwLock::new(BTreeSet::new()));
         let shared = Arc::new(Shared {
             chain_id: config.chain_id.clone(),
-            known,
+            admitted: admitted.clone(),
             inbound,
             blocked: blocked.clone(),
             blobs,
             counters: config.counters.clone(),
-            quotas: allowed
-                .iter()
-                .map(|p| {
-                    (
-                        *p,
-                        Arc::new(Semaphore::new(config.inbound_messages_per_peer)),
-                    )
-                })
-                .collect(),
+            quotas: Mutex::new(BTreeMap::new()),
+            quota_messages: config.inbound_messages_per_peer,
+        });
+        let (stop_tx, stopped) = watch::channel(());
+        // Holds the writers' stop signal for as long as the node's tasks run.
+        tasks.spawn(async move {
+            let _stop = stop_tx;
+            std::future::pending::<()>().await
         });
         let connected = Arc::new(AtomicUsize::new(0));
-        let mut transport = GrpcTransport {
+        let transport = GrpcTransport {
             key,
             config,
             cert,
             verifier,
-            allowed,
-            queues: BTreeMap::new(),
+            admitted: admitted.clone(),
+            writers: RwLock::new(BTreeMap::new()),
+            validators: RwLock::new(None),
+            followers: RwLock::new(BTreeSet::new()),
             connected,
             blocked,
             shared: shared.clone(),
+            stopped,
+            runtime: tokio::runtime::Handle::current(),
         };
-        let peers: Vec<Peer> = transport
-            .config
-            .peers
-            .iter()
-            .filter(|p| p.public_key != me)
-            .cloned()
-            .collect();
-        for p in peers {
-            let (tx, rx) = mpsc::channel(transport.config.outbound_queue_messages);
-            let id = p.id().expect("checked above");
-            transport.queues.insert(id, tx);
-            // OPS-LOG-2: the caller's (node) span follows every task.
-            tasks.spawn(
-                write_loop(transport.dialer(&p), rx, transport.connected.clone()).in_current_span(),
-            );
-        }
+        transport.set_dialled(&seeds);
         let (conn_tx, conn_rx) = mpsc::channel::<Result<PeerStream, std::io::Error>>(16);
         tasks.spawn(
             accept_loop(
@@ -1150,7 +1190,7 @@ impl GrpcTransport {
                     handshake_tasks: Arc::new(Mutex::new(BTreeMap::new())),
                 },
                 transport.config.chain_id.clone(),
-                transport.allowed.clone(),
+                admitted,
                 transport.config.counters.clone(),
                 conn_tx,
             )
@@ -1187,14 +1227,70 @@ impl GrpcTransport {
         Ok(Arc::new(transport))
     }
 
-    fn dialer(&self, p: &Peer) -> Dialer {
+    /// NODE-ADMIT-1..5: applies the plan the chain gives after a commit:
+    /// the admitted set (handshakes and frames from now on), the dialled
+    /// peers (writers started for new ones or a changed address, stopped for
+    /// peers no longer dialled) and who receives consensus messages.
+    pub fn apply_plan(&self, plan: &PeerPlan) {
+        if self.admitted.with(|a| a != &plan.admitted) {
+            info!(admitted = plan.admitted.len(), "P2P admitted set changed");
+            self.admitted.replace(plan.admitted.clone());
+            self.shared
+                .quotas
+                .lock()
+                .expect("quotas lock")
+                .retain(|p, _| plan.admitted.contains(p));
+        }
+        self.set_dialled(&plan.dialled);
+        *self.validators.write().expect("validators lock") = Some(plan.validators.clone());
+        *self.followers.write().expect("followers lock") = plan.followers().copied().collect();
+    }
+
+    /// Starts a writer for each peer of `dialled` without one (or whose
+    /// address changed) and drops the writers of the others.
+    fn set_dialled(&self, dialled: &BTreeMap<PeerId, String>) {
+        let mut writers = self.writers.write().expect("writers lock");
+        writers.retain(|id, w| dialled.get(id) == Some(&w.addr));
+        for (id, addr) in dialled {
+            if writers.contains_key(id) {
+                continue;
+            }
+            let (tx, rx) = mpsc::channel(self.config.outbound_queue_messages);
+            let mut stopped = self.stopped.clone();
+            let task = write_loop(self.dialer(addr, *id), rx, self.connected.clone());
+            // OPS-LOG-2: the caller's (node) span follows every task.
+            self.runtime.spawn(
+                async move {
+                    tokio::select! {
+                        _ = stopped.changed() => {}
+                        () = task => {}
+                    }
+                }
+                .in_current_span(),
+            );
+            writers.insert(
+                *id,
+                Writer {
+                    addr: addr.clone(),
+                    queue: tx,
+                },
+            );
+        }
+    }
+
+    /// Nodes admitted now (NODE-ADMIT-1).
+    pub fn admitted(&self) -> BTreeSet<PeerId> {
+        self.admitted.snapshot()
+    }
+
+    fn dialer(&self, addr: &str, peer: PeerId) -> Dialer {
         Dialer {
-            addr: p.addr.clone(),
-            peer: p.id().expect("checked at start"),
+            addr: addr.to_string(),
+            peer,
             cert: self.cert.clone(),
             verifier: self.verifier.clone(),
             chain_id: self.config.chain_id.clone(),
-            allowed: self.allowed.clone(),
+            allowed: self.admitted.clone(),
             signer: self.key.clone(),
             blocked: self.blocked.clone(),
             backoff_min_ms: self.config.reconnect_min_ms,
@@ -1235,13 +1331,14 @@ impl GrpcTransport {
         store: &Arc<BlobStore>,
         max_chunks: Option<u32>,
     ) -> Result<FetchProgress, Error> {
-        let peer = self
-            .config
-            .peers
-            .iter()
-            .find(|p| p.id() == Some(from))
+        let addr = self
+            .writers
+            .read()
+            .expect("writers lock")
+            .get(&from)
+            .map(|w| w.addr.clone())
             .ok_or_else(|| Error::UnknownPeer(from.to_string()))?;
-        let client = self.dialer(peer).connect().await?;
+        let client = self.dialer(&addr, from).connect().await?;
         fetch_blob_with(&client, id, store, max_chunks).await
     }
 }
@@ -1329,9 +1426,43 @@ impl Outbound for GrpcTransport {
         }
     }
     fn broadcast(&self, message: &WireMessage) {
+        let Some(f) = self.encode(message) else {
+            return;
+        };
+        let to: Vec<PeerId> = self
+            .writers
+            .read()
+            .expect("writers lock")
+            .keys()
+            .copied()
+            .collect();
+        // NODE-ADMIT-4: proposals and votes go to validators only.
+        let consensus = message.consensus_height().is_some();
+        let validators = self.validators.read().expect("validators lock");
+        for p in &to {
+            if consensus && validators.as_ref().is_some_and(|v| !v.contains(p)) {
+                continue;
+            }
+            self.enqueue(p, &f);
+        }
+    }
+    fn apply_plan(&self, plan: &PeerPlan) {
+        GrpcTransport::apply_plan(self, plan);
+    }
+    fn push_to_followers(&self, message: &WireMessage) {
+        let followers: Vec<PeerId> = self
+            .followers
+            .read()
+            .expect("followers lock")
+            .iter()
+            .copied()
+            .collect();
+        if followers.is_empty() {
+            return;
+        }
         if let Some(f) = self.encode(message) {
-            for to in self.queues.keys() {
-                self.enqueue(to, &f);
+            for p in &followers {
+                self.enqueue(p, &f);
             }
         }
     }
@@ -1348,8 +1479,8 @@ impl GrpcTransport {
         if self.blocked.read().expect("blocked lock").contains(to) {
             return;
         }
-        if let Some(q) = self.queues.get(to)
-            && q.try_send(message.clone()).is_err()
+        if let Some(w) = self.writers.read().expect("writers lock").get(to)
+            && w.queue.try_send(message.clone()).is_err()
         {
             self.config
                 .counters
@@ -1396,7 +1527,7 @@ struct Dialer {
     cert: NodeCertificate,
     verifier: Arc<PeerCertVerifier>,
     chain_id: String,
-    allowed: BTreeSet<PeerId>,
+    allowed: Admitted,
     signer: SigningKey,
     blocked: Arc<RwLock<BTreeSet<PeerId>>>,
     backoff_min_ms: u64,
@@ -1411,7 +1542,7 @@ impl Dialer {
             Some(&self.cert),
             self.verifier.clone(),
             &self.chain_id,
-            &self.allowed,
+            &self.allowed.snapshot(),
             self.peer,
         )
         .await
@@ -1609,11 +1740,10 @@ async fn accept_loop(
     acceptor: tokio_rustls::TlsAcceptor,
     limits: AcceptLimits,
     chain_id: String,
-    allowed: BTreeSet<PeerId>,
+    allowed: Admitted,
     counters: Arc<NetCounters>,
     out: mpsc::Sender<Result<PeerStream, std::io::Error>>,
 ) {
-    let allowed = Arc::new(allowed);
     loop {
         let (stream, remote) = match listener.accept().await {
             Ok(x) => x,
@@ -1694,15 +1824,17 @@ async fn accept_loop(
                 };
                 // Authenticated or not, the handshake is over: its budget is free.
                 drop(guard);
-                let peer =
-                    match peer_identity(tls.get_ref().1.peer_certificates(), &chain_id, &allowed) {
-                        Ok(p) => p,
-                        Err(e) => {
-                            counters.handshakes_failed.fetch_add(1, Ordering::Relaxed);
-                            warn!(%remote, error = %e, "TLS peer refused after the handshake");
-                            return;
-                        }
-                    };
+                let identity = allowed.with(|allowed| {
+                    peer_identity(tls.get_ref().1.peer_certificates(), &chain_id, allowed)
+                });
+                let peer = match identity {
+                    Ok(p) => p,
+                    Err(e) => {
+                        counters.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+                        warn!(%remote, error = %e, "TLS peer refused after the handshake");
+                        return;
+                    }
+                };
                 let Some(slot) = PeerSlot::take(&per_peer, peer, max_per_peer) else {
                     counters
                         .connections_refused_slots

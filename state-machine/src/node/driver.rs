@@ -1001,6 +1001,17 @@ impl Node {
         blocks: Vec<CommittedBlock>,
         out: &mut Vec<NodeOutput>,
     ) {
+        // NODE-SYNC-7: a first block above the next height (a block pushed to
+        // a follower, NODE-ADMIT-5, after it missed some) applies nothing but
+        // shows the sender has committed everything before it: ask it for
+        // the gap, at most once per `sync_retry_ms` (NODE-SYNC-2).
+        if blocks
+            .first()
+            .is_some_and(|b| b.block.header.height > self.height())
+        {
+            self.request_blocks(now_ms, from, out);
+            return;
+        }
         self.sync_requested_ms = None;
         // NODE-SYNC-5: the sender may have cut the batch by count or by
         // bytes. A batch that could have been cut by bytes is one the next

@@ -616,6 +616,66 @@ fn node_5_sync_rejects_a_block_whose_certificate_does_not_verify() {
     assert_eq!(fresh.ledger().height(), 1);
 }
 
+/// NODE-SYNC-7: a follower handed a block above its next height (a pushed
+/// block after it missed some) applies nothing and asks the sender for the
+/// gap, at most once per `sync_retry_ms`; the gap's blocks then apply.
+#[test]
+fn node_sync_7_a_block_above_the_next_height_asks_its_sender_for_the_gap() {
+    let mut c = Cluster::new(4);
+    let start = c.now_ms;
+    c.run_until(start + 8_000);
+    assert!(c.height(0) >= 3, "{} blocks", c.height(0));
+    let third = c.stores[0].block(3).unwrap().unwrap();
+    // A follower: a key outside the validator set.
+    let mut follower = Node::from_genesis(
+        NodeConfig::default(),
+        blyan_state_machine::testkit::key(4_242),
+        &c.net.genesis,
+    )
+    .unwrap();
+    let _ = follower.start(c.now_ms, &[], Vec::new());
+    let push = |node: &mut Node, now: u64| {
+        node.handle(
+            now,
+            NodeInput::Message {
+                from: c.addresses[0],
+                message: WireMessage::Blocks(vec![third.clone()]),
+            },
+        )
+    };
+    let asked = |out: &[NodeOutput]| {
+        out.iter().any(|o| {
+            matches!(o, NodeOutput::Send { to, message: WireMessage::BlockRequest { from_height: 1 } }
+                if *to == c.addresses[0])
+        })
+    };
+    let out = push(&mut follower, c.now_ms);
+    assert_eq!(follower.ledger().height(), 0);
+    assert!(asked(&out), "no request for the gap: {out:?}");
+    // Pushed again within sync_retry_ms: no second request.
+    let out = push(&mut follower, c.now_ms + 1);
+    assert!(!asked(&out), "asked twice within sync_retry_ms: {out:?}");
+    // After sync_retry_ms, it asks again.
+    let retry = NodeConfig::default().sync_retry_ms;
+    let out = push(&mut follower, c.now_ms + retry + 1);
+    assert!(asked(&out), "no request after sync_retry_ms: {out:?}");
+    // The gap's blocks apply, then the pushed one does.
+    let gap: Vec<_> = (1..=2)
+        .map(|h| c.stores[0].block(h).unwrap().unwrap())
+        .collect();
+    let _ = follower.handle(
+        c.now_ms + retry + 2,
+        NodeInput::Message {
+            from: c.addresses[0],
+            message: WireMessage::Blocks(gap),
+        },
+    );
+    assert_eq!(follower.ledger().height(), 2);
+    let _ = push(&mut follower, c.now_ms + retry + 3);
+    assert_eq!(follower.ledger().height(), 3);
+    assert!(!follower.is_validator());
+}
+
 #[test]
 fn node_6_double_signing_becomes_evidence_in_a_block_and_is_slashed() {
     use blyan_state_machine::consensus::{K256Scheme, SignatureScheme, Signed, Vote, VoteType};
