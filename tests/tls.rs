@@ -225,6 +225,81 @@ async fn commit(url: &str, tx: &blyan_state_machine::tx::SignedTx, what: &str) {
     assert_eq!(r["success"], true, "{what}: {r}");
 }
 
+/// A node of `net`'s chain with key `key`, the validators as seeds, no rate
+/// limits and the given engine settings.
+fn node_setup(
+    net: &Devnet,
+    data_dir: std::path::PathBuf,
+    key: k256::ecdsa::SigningKey,
+    inference: blyan_runtime::inference::InferenceConfig,
+) -> blyan_runtime::node::NodeSetup {
+    blyan_runtime::node::NodeSetup {
+        genesis: net.genesis.clone(),
+        key,
+        data_dir,
+        node: blyan_state_machine::node::NodeConfig {
+            block_interval_ms: 300,
+            ..Default::default()
+        },
+        peers: net.peers.clone(),
+        max_body_bytes: blyan_runtime::api::MAX_BODY_BYTES,
+        rate_limits: blyan_runtime::ratelimit::RateLimitConfig::unlimited(),
+        expert_cache_bytes: blyan_runtime::blobs::DEFAULT_CACHE_BYTES,
+        inference,
+        http: Default::default(),
+        logs: Default::default(),
+        payments: Default::default(),
+    }
+}
+
+/// A 4-validator devnet with 300 ms blocks, no rate limits and no engines.
+async fn quick_devnet(dir: &std::path::Path) -> Devnet {
+    let mut opts = DevnetOptions::new(dir.join("devnet"), 4);
+    opts.base_port = None;
+    opts.block_interval_ms = 300;
+    opts.rate_limits = blyan_runtime::ratelimit::RateLimitConfig::unlimited();
+    opts.inference.enabled = false;
+    let net = Devnet::start(opts).await.unwrap();
+    let url = net.nodes[0].api_url();
+    eventually("the network to commit a block", || async {
+        (height(&url).await >= 1).then_some(())
+    })
+    .await;
+    net
+}
+
+/// Funds `node_key` from the faucet and registers it on chain (TX-9) with
+/// P2P endpoint `endpoint`, through `url`; waits for both to commit.
+async fn register(net: &Devnet, url: &str, node_key: &k256::ecdsa::SigningKey, endpoint: &str) {
+    use blyan_state_machine::testkit::{transfer, tx};
+    use blyan_state_machine::tx::{NodeInfo, TxKind};
+    let chain = &net.genesis.chain_id;
+    let faucet = read_key_file(&net.faucet_key_file, DEVNET_PASSWORD).unwrap();
+    let nonce = get(url, &format!("/account/{}", net.faucet)).await["nonce"]
+        .as_u64()
+        .unwrap();
+    let bly = blyan_state_machine::types::BLY;
+    commit(
+        url,
+        &transfer(chain, &faucet, nonce, address(node_key), 1_000 * bly),
+        "the funding to commit",
+    )
+    .await;
+    let register = TxKind::RegisterNode {
+        info: Box::new(NodeInfo {
+            endpoint: endpoint.to_string(),
+            blocks: Vec::new(),
+        }),
+        bond: net.genesis.params.node_min_bond,
+    };
+    commit(
+        url,
+        &tx(chain, node_key, 0, register, 100_000_000_000),
+        "the registration to commit",
+    )
+    .await;
+}
+
 /// NODE-ADMIT-1..5: a node that is neither a validator nor registered is
 /// refused at the TLS handshake by every validator and cannot follow the
 /// chain; once its `RegisterNode` (TX-9, with its P2P endpoint) commits,
@@ -233,22 +308,13 @@ async fn commit(url: &str, tx: &blyan_state_machine::tx::SignedTx, what: &str) {
 /// it is refused again and falls behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_registered_on_chain_is_admitted_without_restarts_and_a_stranger_is_refused() {
-    use blyan_runtime::node::{NodeSetup, RunningNode, bind};
-    use blyan_state_machine::testkit::{transfer, tx};
-    use blyan_state_machine::tx::{NodeInfo, TxKind};
+    use blyan_runtime::node::{RunningNode, bind};
+    use blyan_state_machine::testkit::tx;
+    use blyan_state_machine::tx::TxKind;
     let dir = tempfile::tempdir().unwrap();
-    let mut opts = DevnetOptions::new(dir.path().join("devnet"), 4);
-    opts.base_port = None;
-    opts.block_interval_ms = 300;
-    opts.rate_limits = blyan_runtime::ratelimit::RateLimitConfig::unlimited();
-    opts.inference.enabled = false;
-    let net = Devnet::start(opts).await.unwrap();
+    let net = quick_devnet(dir.path()).await;
     let url = net.nodes[0].api_url();
     let chain = net.genesis.chain_id.clone();
-    eventually("the network to commit a block", || async {
-        (height(&url).await >= 1).then_some(())
-    })
-    .await;
 
     // A node with a fresh key, configured with the validators as seeds.
     let node_key = key(7_777);
@@ -262,26 +328,11 @@ async fn a_node_registered_on_chain_is_admitted_without_restarts_and_a_stranger_
     let rejected_before = rejected();
     let p2p = bind("127.0.0.1:0").await.unwrap();
     let http = bind("127.0.0.1:0").await.unwrap();
-    let setup = NodeSetup {
-        genesis: net.genesis.clone(),
-        key: node_key.clone(),
-        data_dir: dir.path().join("follower"),
-        node: blyan_state_machine::node::NodeConfig {
-            block_interval_ms: 300,
-            ..Default::default()
-        },
-        peers: net.peers.clone(),
-        max_body_bytes: blyan_runtime::api::MAX_BODY_BYTES,
-        rate_limits: blyan_runtime::ratelimit::RateLimitConfig::unlimited(),
-        expert_cache_bytes: blyan_runtime::blobs::DEFAULT_CACHE_BYTES,
-        inference: blyan_runtime::inference::InferenceConfig {
-            enabled: false,
-            ..Default::default()
-        },
-        http: Default::default(),
-        logs: Default::default(),
-        payments: Default::default(),
+    let engine = blyan_runtime::inference::InferenceConfig {
+        enabled: false,
+        ..Default::default()
     };
+    let setup = node_setup(&net, dir.path().join("follower"), node_key.clone(), engine);
     let follower = RunningNode::start(setup, p2p, http).await.unwrap();
     let furl = follower.api_url();
     let p2p_endpoint = follower.p2p_addr.to_string();
@@ -308,30 +359,7 @@ async fn a_node_registered_on_chain_is_admitted_without_restarts_and_a_stranger_
     }
 
     // Funded by the faucet, it registers itself on chain (TX-9).
-    let faucet = read_key_file(&net.faucet_key_file, DEVNET_PASSWORD).unwrap();
-    let nonce = get(&url, &format!("/account/{}", net.faucet)).await["nonce"]
-        .as_u64()
-        .unwrap();
-    let bly = blyan_state_machine::types::BLY;
-    commit(
-        &url,
-        &transfer(&chain, &faucet, nonce, node, 1_000 * bly),
-        "the funding to commit",
-    )
-    .await;
-    let register = TxKind::RegisterNode {
-        info: Box::new(NodeInfo {
-            endpoint: p2p_endpoint.clone(),
-            blocks: Vec::new(),
-        }),
-        bond: net.genesis.params.node_min_bond,
-    };
-    commit(
-        &url,
-        &tx(&chain, &node_key, 0, register, 100_000_000_000),
-        "the registration to commit",
-    )
-    .await;
+    register(&net, &url, &node_key, &p2p_endpoint).await;
 
     // Admitted by every validator, with nobody restarted.
     for n in &net.nodes {
@@ -396,4 +424,118 @@ async fn a_node_registered_on_chain_is_admitted_without_restarts_and_a_stranger_
     );
     follower.stop(1_000).await;
     net.stop().await;
+}
+
+/// RT-HB-10..12: a registered inference node that advertises sends every
+/// validator a signed heartbeat each interval; their `GET /nodes` lists it
+/// live with the layers and blocks of the model it serves, the age of its
+/// last heartbeat, their own measured round trip and delivery rate to it,
+/// and its load; three missed intervals after it stops, it is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_advertising_inference_node_is_listed_live_and_expires_when_it_stops() {
+    use blyan_runtime::node::{RunningNode, bind};
+    let dir = tempfile::tempdir().unwrap();
+    let net = quick_devnet(dir.path()).await;
+    let url = net.nodes[0].api_url();
+    let node_key = key(8_888);
+    let node = address(&node_key);
+    let p2p = bind("127.0.0.1:0").await.unwrap();
+    let http = bind("127.0.0.1:0").await.unwrap();
+    register(
+        &net,
+        &url,
+        &node_key,
+        &p2p.local_addr().unwrap().to_string(),
+    )
+    .await;
+    let interval_ms = 300;
+    let engine = blyan_runtime::inference::InferenceConfig {
+        model_dir: Some(blyan_runtime::devnet::model_dir(&net.dir)),
+        advertise: true,
+        heartbeat_interval_ms: interval_ms,
+        ..Default::default()
+    };
+    let inference = RunningNode::start(
+        node_setup(&net, dir.path().join("inference"), node_key, engine),
+        p2p,
+        http,
+    )
+    .await
+    .unwrap();
+    // The model the chain registers: its meta block and its layer blocks.
+    let blocks = get(&url, "/pol/blocks?limit=100").await;
+    let listed = blocks["blocks"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{blocks}"));
+    let meta = listed
+        .iter()
+        .find(|b| b["block_type"] == "meta")
+        .unwrap_or_else(|| panic!("no meta block: {blocks}"))["id"]
+        .clone();
+    let mut layer_blocks: Vec<String> = listed
+        .iter()
+        .filter(|b| {
+            b["block_type"] == "layer"
+                && b["model_id"].as_str().map(|m| format!("0x{m}")).as_deref() == meta.as_str()
+        })
+        .map(|b| b["id"].as_str().unwrap().to_string())
+        .collect();
+    layer_blocks.sort();
+    assert!(!layer_blocks.is_empty(), "{blocks}");
+    for v in &net.nodes {
+        let vurl = v.api_url();
+        let entry = eventually("the validator to list the inference node live", || async {
+            let nodes = get(&vurl, "/nodes").await;
+            nodes["live"]
+                .as_array()
+                .and_then(|l| l.iter().find(|n| n["node_id"] == json_addr(&node)).cloned())
+                .filter(|n| n["latency_ms"].is_number())
+        })
+        .await;
+        let holding = &entry["holdings"][0];
+        assert_eq!(holding["model"], meta, "{entry}");
+        assert_eq!(holding["dense"], true, "{entry}");
+        let got: Vec<String> = holding["blocks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b.as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(got, layer_blocks, "{entry}");
+        let layers = holding["layers"].as_array().unwrap();
+        assert_eq!(layers[0], 0, "{entry}");
+        assert_eq!(
+            layers[1].as_u64().unwrap() + 1,
+            layer_blocks.len() as u64,
+            "{entry}"
+        );
+        assert!(
+            entry["last_heartbeat_age_ms"].as_u64().unwrap() < 3 * interval_ms,
+            "{entry}"
+        );
+        let rate = entry["delivery_success_rate"].as_f64().unwrap();
+        assert!(rate > 0.0 && rate <= 1.0, "{entry}");
+        assert_eq!(entry["quarantined"], false, "{entry}");
+        assert!(
+            entry["load"]["free_slots"].as_u64().unwrap() >= 1,
+            "{entry}"
+        );
+    }
+    // It stops: after three missed intervals no validator lists it.
+    inference.stop(1_000).await;
+    for v in &net.nodes {
+        let vurl = v.api_url();
+        eventually("the stopped node's entry to expire", || async {
+            let nodes = get(&vurl, "/nodes").await;
+            let live = nodes["live"].as_array().unwrap().clone();
+            (!live.iter().any(|n| n["node_id"] == json_addr(&node))).then_some(())
+        })
+        .await;
+    }
+    net.stop().await;
+}
+
+/// An address as the API writes it.
+fn json_addr(a: &PeerId) -> serde_json::Value {
+    serde_json::to_value(a).unwrap()
 }

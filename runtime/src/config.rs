@@ -28,6 +28,8 @@
 //! timeout_ms = 30000                 # seed appendix B inference_timeout
 //! queue_len = 16
 //! max_tokens_limit = 512
+//! advertise = false                  # default: send no heartbeats (RT-HB-11); an inference node: true
+//! heartbeat_interval_ms = 5000       # default; a peer drops this node after 3 missed intervals
 //!
 //! [api]                              # paid inference (spec/api.md API-KEY-*, API-PAY-*)
 //! free_inference = false             # default: /chat and /v1/* need an API key (the devnet: true)

@@ -73,6 +73,12 @@ pub struct InferenceConfig {
     #[doc(hidden)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub panic_on_prompt: Option<String>,
+    /// RT-HB-11: send every dialled peer a signed heartbeat (what this node
+    /// holds, its load) every `heartbeat_interval_ms`. Off by default: a
+    /// validator advertises nothing unless configured to.
+    pub advertise: bool,
+    /// RT-HB-7/11: the heartbeat interval (an entry expires after three).
+    pub heartbeat_interval_ms: u64,
 }
 
 impl Default for InferenceConfig {
@@ -87,6 +93,8 @@ impl Default for InferenceConfig {
             max_tokens_limit: 512,
             max_prompt_tokens: 2048,
             panic_on_prompt: None,
+            advertise: false,
+            heartbeat_interval_ms: blyan_route::heartbeat::DEFAULT_HEARTBEAT_INTERVAL_MS,
         }
     }
 }

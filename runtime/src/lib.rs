@@ -35,6 +35,7 @@ pub mod client;
 pub mod config;
 pub mod devnet;
 pub mod error;
+pub mod heartbeats;
 pub mod http_server;
 pub mod inbound;
 pub mod inference;

@@ -41,6 +41,11 @@ impl MsHistogram {
         }
     }
 
+    /// Time observed in all, µs.
+    pub fn sum_us(&self) -> u64 {
+        self.sum_us.load(Ordering::Relaxed)
+    }
+
     pub fn observe(&self, elapsed: std::time::Duration) {
         let ms = elapsed.as_millis() as u64;
         for (le, b) in self.bounds_ms.iter().zip(&self.buckets) {
@@ -161,6 +166,19 @@ impl InferenceMetrics {
 
     pub fn set_running(&self, running: bool) {
         self.running.store(running as u64, Ordering::Relaxed);
+    }
+
+    /// Whether a job is on the engine now.
+    pub fn is_running(&self) -> bool {
+        self.running.load(Ordering::Relaxed) > 0
+    }
+
+    /// RT-HB-11: engine time per token served so far, µs (0 before the
+    /// first token).
+    pub fn compute_per_token_us(&self) -> u64 {
+        let tokens = self.prompt_tokens.load(Ordering::Relaxed)
+            + self.completion_tokens.load(Ordering::Relaxed);
+        self.engine_ms.sum_us().checked_div(tokens).unwrap_or(0)
     }
 
     pub fn requests(&self, outcome: InferenceOutcome) -> u64 {

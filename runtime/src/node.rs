@@ -204,7 +204,7 @@ impl RunningNode {
         .await
         .map_err(|e| Error::Node(format!("usage log task failed: {e}")))??;
         let postgres_url = setup.logs.postgres_url.clone();
-        let api_config = api::ApiConfig {
+        let mut api_config = api::ApiConfig {
             usage: Some(usage.clone()),
             max_body_bytes: setup.max_body_bytes,
             rate_limits: setup.rate_limits.clone(),
@@ -212,6 +212,13 @@ impl RunningNode {
             ..api::ApiConfig::default()
         };
         let settle_key = setup.key.clone();
+        let advertise_key = setup.key.clone();
+        let heartbeat_config = blyan_route::heartbeat::HeartbeatConfig {
+            heartbeat_interval_ms: setup.inference.heartbeat_interval_ms,
+            ..Default::default()
+        };
+        let advertise = setup.inference.advertise;
+        let setup_heartbeat_interval_ms = setup.inference.heartbeat_interval_ms;
         let price_per_1k = setup.genesis.params.inference_price_per_1k_tokens;
         let data_dir = setup.data_dir.clone();
         let setup_http = setup.http.clone();
@@ -263,6 +270,27 @@ impl RunningNode {
                     crate::usage::MirrorOptions::new(url, handle.address),
                     shutdown_rx.clone(),
                 )?
+                .in_current_span(),
+            );
+        }
+        // RT-HB-10..12: every node keeps the table of live inference nodes;
+        // an inference node that advertises sends its heartbeats.
+        let heartbeats = crate::heartbeats::Heartbeats::new(
+            handle.clone(),
+            transport.peer_stats(),
+            heartbeat_config,
+        )?;
+        transport.set_heartbeat_sink(heartbeats.clone());
+        api_config.heartbeats = Some(heartbeats);
+        if advertise && let Some(engine) = &inference {
+            tasks.spawn(
+                crate::heartbeats::run_advertiser(
+                    transport.clone(),
+                    handle.clone(),
+                    engine.clone(),
+                    advertise_key,
+                    setup_heartbeat_interval_ms,
+                )
                 .in_current_span(),
             );
         }

@@ -317,6 +317,8 @@ pub struct NetCounters {
     pub inbound_quota_waits: AtomicU64,
     /// NODE-SYNC-6: block requests not served: the peer's byte budget was spent.
     pub sync_serves_throttled: AtomicU64,
+    /// RT-HB-10: heartbeats refused by this node's table.
+    pub heartbeats_refused: AtomicU64,
 }
 
 impl NetCounters {
@@ -324,7 +326,7 @@ impl NetCounters {
     pub fn metrics_text(&self) -> String {
         use std::fmt::Write as _;
         let mut s = String::new();
-        let rows: [(&str, &str, &AtomicU64); 10] = [
+        let rows: [(&str, &str, &AtomicU64); 11] = [
             (
                 "blyan_p2p_handshakes_failed_total",
                 "Inbound TLS handshakes that failed or timed out.",
@@ -374,6 +376,11 @@ impl NetCounters {
                 "blyan_p2p_outbound_batches_lost_total",
                 "Outgoing batches lost with a peer connection.",
                 &self.outbound_batches_lost,
+            ),
+            (
+                "blyan_p2p_heartbeats_refused_total",
+                "Inference-node heartbeats refused by this node's table (RT-HB-1..6, RT-HB-10).",
+                &self.heartbeats_refused,
             ),
         ];
         for (name, help, v) in rows {
@@ -536,6 +543,40 @@ pub fn open_with(
 pub const SERVICE_NAME: &str = "blyan.p2p.v1.Peer";
 const PATH_DELIVER: &str = "/blyan.p2p.v1.Peer/Deliver";
 const PATH_BLOB_MANIFEST: &str = "/blyan.p2p.v1.Peer/BlobManifest";
+const PATH_HEARTBEAT: &str = "/blyan.p2p.v1.Peer/Heartbeat";
+/// RT-HB-1: the largest heartbeat body (`blyan_route::heartbeat::MAX_HEARTBEAT_BYTES`).
+pub const MAX_HEARTBEAT_MESSAGE_BYTES: usize = blyan_route::heartbeat::MAX_HEARTBEAT_BYTES;
+
+/// RT-HB-10: where heartbeats received on the `Heartbeat` method go (the
+/// node's table, [`crate::heartbeats::Heartbeats`]). `from` is the
+/// TLS-authenticated peer.
+pub trait HeartbeatSink: Send + Sync + 'static {
+    fn heartbeat(&self, from: PeerId, body: &[u8]) -> Result<(), String>;
+}
+
+/// What this node measured of its frames to one dialled peer (NODE-NET-7):
+/// round trips of `Deliver` calls and how many were delivered or lost.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerStats {
+    /// Exponentially weighted mean (weight 1/8) of the round trip, µs.
+    pub rtt_us: Option<u64>,
+    pub delivered: u64,
+    pub failed: u64,
+}
+
+impl PeerStats {
+    fn delivered_in(&mut self, rtt: Duration) {
+        let us = u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX);
+        self.rtt_us = Some(match self.rtt_us {
+            None => us,
+            Some(old) => old - old / 8 + us / 8,
+        });
+        self.delivered += 1;
+    }
+}
+
+/// Every dialled peer's [`PeerStats`], shared with the heartbeat table.
+pub type PeerStatsMap = Arc<Mutex<BTreeMap<PeerId, PeerStats>>>;
 const PATH_FETCH_BLOB: &str = "/blyan.p2p.v1.Peer/FetchBlob";
 
 /// The gRPC codec of this service: messages are raw bytes, their layout
@@ -677,6 +718,8 @@ struct Shared {
     /// frame and forgotten when it leaves the admitted set.
     quotas: Mutex<BTreeMap<PeerId, Arc<Semaphore>>>,
     quota_messages: usize,
+    /// RT-HB-10: `None` until the node sets its table.
+    heartbeats: RwLock<Option<Arc<dyn HeartbeatSink>>>,
 }
 
 impl Shared {
@@ -811,6 +854,33 @@ async fn blob_manifest(
     }
 }
 
+/// RT-HB-10: a heartbeat from the TLS peer, handed to the node's table.
+async fn heartbeat(
+    shared: Arc<Shared>,
+    r: tonic::Request<Bytes>,
+) -> Result<tonic::Response<Bytes>, Status> {
+    let from = tls_peer(&r)?;
+    if shared.is_blocked(&from) {
+        return Ok(tonic::Response::new(Bytes::new()));
+    }
+    let sink = shared
+        .heartbeats
+        .read()
+        .expect("heartbeat sink lock")
+        .clone()
+        .ok_or_else(|| Status::unavailable("this node keeps no heartbeat table yet"))?;
+    let body = r.into_inner();
+    sink.heartbeat(from, &body).map_err(|e| {
+        shared
+            .counters
+            .heartbeats_refused
+            .fetch_add(1, Ordering::Relaxed);
+        debug!(peer = %from, error = %e, "heartbeat refused");
+        Status::invalid_argument(e)
+    })?;
+    Ok(tonic::Response::new(Bytes::new()))
+}
+
 type ChunkStream = tokio_stream::wrappers::ReceiverStream<Result<Bytes, Status>>;
 
 async fn fetch_blob_stream(
@@ -901,6 +971,12 @@ impl tower::Service<http::Request<tonic::body::Body>> for PeerService {
                     .max_decoding_message_size(64)
                     .send_compressed(CompressionEncoding::Gzip);
                 let svc = tower::service_fn(move |r| blob_manifest(shared.clone(), r));
+                Ok(grpc.unary(svc, req).await)
+            }),
+            PATH_HEARTBEAT => Box::pin(async move {
+                let mut grpc = tonic::server::Grpc::new(BytesCodec)
+                    .max_decoding_message_size(MAX_HEARTBEAT_MESSAGE_BYTES);
+                let svc = tower::service_fn(move |r| heartbeat(shared.clone(), r));
                 Ok(grpc.unary(svc, req).await)
             }),
             PATH_FETCH_BLOB => Box::pin(async move {
@@ -1005,6 +1081,18 @@ impl PeerClient {
     }
 
     /// The peer's manifest of blob `id`.
+    /// RT-HB-10: sends one signed heartbeat (its encoded bytes).
+    pub async fn heartbeat(&self, body: Bytes) -> Result<(), Status> {
+        let mut grpc = self
+            .grpc()
+            .max_encoding_message_size(MAX_HEARTBEAT_MESSAGE_BYTES);
+        Self::ready(&mut grpc).await?;
+        let path = http::uri::PathAndQuery::from_static(PATH_HEARTBEAT);
+        grpc.unary(tonic::Request::new(body), path, BytesCodec)
+            .await
+            .map(|_| ())
+    }
+
     pub async fn blob_manifest(&self, id: &BlobId) -> Result<BlobManifest, Error> {
         let mut grpc = self
             .grpc()
@@ -1099,6 +1187,11 @@ pub struct GrpcTransport {
     /// The runtime writers run on (the one that started the transport, not
     /// the node task's own thread, NODE-HOST-2).
     runtime: tokio::runtime::Handle,
+    /// Frame round trips and deliveries per dialled peer.
+    stats: PeerStatsMap,
+    /// RT-HB-11: one client per peer heartbeats are sent to (reconnected
+    /// after a failure).
+    heartbeat_clients: Mutex<BTreeMap<PeerId, PeerClient>>,
 }
 
 /// A dialled peer's writer: where it dials and its send queue (dropping the
@@ -1149,6 +1242,7 @@ impl GrpcTransport {
             counters: config.counters.clone(),
             quotas: Mutex::new(BTreeMap::new()),
             quota_messages: config.inbound_messages_per_peer,
+            heartbeats: RwLock::new(None),
         });
         let (stop_tx, stopped) = watch::channel(());
         // Holds the writers' stop signal for as long as the node's tasks run.
@@ -1171,6 +1265,8 @@ impl GrpcTransport {
             shared: shared.clone(),
             stopped,
             runtime: tokio::runtime::Handle::current(),
+            stats: Arc::new(Mutex::new(BTreeMap::new())),
+            heartbeat_clients: Mutex::new(BTreeMap::new()),
         };
         transport.set_dialled(&seeds);
         let (conn_tx, conn_rx) = mpsc::channel::<Result<PeerStream, std::io::Error>>(16);
@@ -1251,6 +1347,14 @@ impl GrpcTransport {
     fn set_dialled(&self, dialled: &BTreeMap<PeerId, String>) {
         let mut writers = self.writers.write().expect("writers lock");
         writers.retain(|id, w| dialled.get(id) == Some(&w.addr));
+        self.stats
+            .lock()
+            .expect("peer stats lock")
+            .retain(|id, _| dialled.contains_key(id));
+        self.heartbeat_clients
+            .lock()
+            .expect("heartbeat clients lock")
+            .retain(|id, _| writers.contains_key(id));
         for (id, addr) in dialled {
             if writers.contains_key(id) {
                 continue;
@@ -1283,6 +1387,62 @@ impl GrpcTransport {
         self.admitted.snapshot()
     }
 
+    /// Peers dialled now (NODE-ADMIT-3), in address order.
+    pub fn dialled_peers(&self) -> Vec<PeerId> {
+        self.writers
+            .read()
+            .expect("writers lock")
+            .keys()
+            .copied()
+            .collect()
+    }
+
+    /// What this node measured of its frames to each dialled peer.
+    pub fn peer_stats(&self) -> PeerStatsMap {
+        self.stats.clone()
+    }
+
+    /// RT-HB-10: where received heartbeats go from now on.
+    pub fn set_heartbeat_sink(&self, sink: Arc<dyn HeartbeatSink>) {
+        *self.shared.heartbeats.write().expect("heartbeat sink lock") = Some(sink);
+    }
+
+    /// RT-HB-11: sends `body` (a signed heartbeat) to dialled peer `to`.
+    pub async fn send_heartbeat(&self, to: PeerId, body: Bytes) -> Result<(), Error> {
+        let cached = self
+            .heartbeat_clients
+            .lock()
+            .expect("heartbeat clients lock")
+            .get(&to)
+            .cloned();
+        let client = match cached {
+            Some(c) => c,
+            None => {
+                let addr = self
+                    .writers
+                    .read()
+                    .expect("writers lock")
+                    .get(&to)
+                    .map(|w| w.addr.clone())
+                    .ok_or_else(|| Error::UnknownPeer(to.to_string()))?;
+                let c = self.dialer(&addr, to).connect().await?;
+                self.heartbeat_clients
+                    .lock()
+                    .expect("heartbeat clients lock")
+                    .insert(to, c.clone());
+                c
+            }
+        };
+        let sent = client.heartbeat(body).await;
+        if sent.as_ref().is_err_and(is_connection_failure) {
+            self.heartbeat_clients
+                .lock()
+                .expect("heartbeat clients lock")
+                .remove(&to);
+        }
+        sent.map_err(rpc)
+    }
+
     fn dialer(&self, addr: &str, peer: PeerId) -> Dialer {
         Dialer {
             addr: addr.to_string(),
@@ -1296,6 +1456,7 @@ impl GrpcTransport {
             backoff_min_ms: self.config.reconnect_min_ms,
             backoff_max_ms: self.config.reconnect_max_ms,
             counters: self.config.counters.clone(),
+            stats: self.stats.clone(),
         }
     }
 
@@ -1533,6 +1694,7 @@ struct Dialer {
     backoff_min_ms: u64,
     backoff_max_ms: u64,
     counters: Arc<NetCounters>,
+    stats: PeerStatsMap,
 }
 
 impl Dialer {
@@ -1680,7 +1842,17 @@ async fn write_loop(
                 &parts,
             ))
             .slice(4..);
-            match client.deliver(frame).await {
+            let sent_at = std::time::Instant::now();
+            let delivered = client.deliver(frame).await;
+            {
+                let mut stats = dialer.stats.lock().expect("peer stats lock");
+                let s = stats.entry(dialer.peer).or_default();
+                match &delivered {
+                    Ok(()) => s.delivered_in(sent_at.elapsed()),
+                    Err(_) => s.failed += 1,
+                }
+            }
+            match delivered {
                 Ok(()) => {}
                 Err(s) if is_connection_failure(&s) => {
                     dialer

@@ -219,6 +219,8 @@ pub struct ApiConfig {
     pub mine: pol::MineConfig,
     /// Paid inference (API-KEY-*, API-PAY-*).
     pub payments: crate::billing::PaymentConfig,
+    /// RT-HB-12: the table of live inference nodes `GET /nodes` lists.
+    pub heartbeats: Option<Arc<crate::heartbeats::Heartbeats>>,
 }
 
 impl Default for ApiConfig {
@@ -230,6 +232,7 @@ impl Default for ApiConfig {
             mine: pol::MineConfig::default(),
             usage: None,
             payments: crate::billing::PaymentConfig::default(),
+            heartbeats: None,
         }
     }
 }
@@ -282,6 +285,8 @@ pub struct ApiState {
     /// The PoL meta block id of the model the engine serves, if the chain
     /// registers it (usage items and `/v1/models`).
     pub served_model: Option<Hash32>,
+    /// RT-HB-12: live inference nodes (`None` in tests that start no node).
+    pub heartbeats: Option<Arc<crate::heartbeats::Heartbeats>>,
 }
 
 impl FromRef<ApiState> for NodeHandle {
@@ -336,6 +341,7 @@ pub fn router_with_meter(
         limits: Arc::new(Limits::new(&config.rate_limits)),
         metrics: Arc::new(ApiMetrics::default()),
         usage: config.usage.clone(),
+        heartbeats: config.heartbeats.clone(),
     };
     // The web explorer (API-UI-*): `/`, `/ui/*` and `/explorer/*`.
     let explorer = explorer::routes(&state);

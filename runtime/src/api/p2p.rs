@@ -2,11 +2,14 @@
 //!
 //! `POST /p2p/register` answers `403 not_registered_on_chain` for a node
 //! without a `RegisterNode` record (API-REG-6). `GET /nodes?after=&limit=`
-//! (API-REG-8) answers `{announced, on_chain, next_after, height}`: both
-//! lists hold only addresses greater than `after` and at most `limit` (1..=
-//! [`MAX_NODES_PAGE`], default 100) entries; `next_after` is the cursor for
-//! the next page (`null` on the last), and both lists are complete up to
-//! it, so following it visits every node once.
+//! (API-REG-8, RT-HB-12) answers `{live, announced, on_chain, next_after,
+//! height}`: `live` are the inference nodes whose heartbeats this node
+//! holds (RT-HB-*: holdings, age of the last heartbeat, this node's
+//! measured round trip and delivery success rate to them, load,
+//! quarantine); every list holds only addresses greater than `after` and
+//! at most `limit` (1..= [`MAX_NODES_PAGE`], default 100) entries;
+//! `next_after` is the cursor for the next page (`null` on the last), and
+//! every list is complete up to it, so following it visits every node once.
 
 use super::Query;
 use super::{ApiError, ApiResult, ApiState, code, hex0x, parse_json, snapshot};
@@ -148,9 +151,13 @@ pub async fn nodes(State(state): State<ApiState>, Query(page): Query<NodesPage>)
         .map(|a| super::parse_address(a, "after"))
         .transpose()?;
     let snap = snapshot(&state.node);
-    let mut announced = state
-        .registry
-        .page(after.as_ref(), limit, crate::transport::now_ms());
+    let now = crate::transport::now_ms();
+    let mut live = state
+        .heartbeats
+        .as_ref()
+        .map(|h| h.page(after, limit, now))
+        .unwrap_or_default();
+    let mut announced = state.registry.page(after.as_ref(), limit, now);
     let mut on_chain: Vec<_> = snap
         .ledger
         .nodes()
@@ -160,14 +167,17 @@ pub async fn nodes(State(state): State<ApiState>, Query(page): Query<NodesPage>)
     // Each full list may have more after its last entry: the next page
     // starts at the smaller of those, and both lists stop there.
     let ends = [
+        (live.len() == limit).then(|| live.last().map(|n| n.address)),
         (announced.len() == limit).then(|| announced.last().map(|n| n.node_id)),
         (on_chain.len() == limit).then(|| on_chain.last().map(|(a, _)| **a)),
     ];
     let next_after = ends.into_iter().flatten().flatten().min();
     if let Some(end) = next_after {
+        live.retain(|n| n.address <= end);
         announced.retain(|n| n.node_id <= end);
         on_chain.retain(|(a, _)| **a <= end);
     }
+    let live: Vec<_> = live.iter().map(live_json).collect();
     let on_chain: Vec<_> = on_chain
         .into_iter()
         .map(|(addr, r)| {
@@ -181,10 +191,46 @@ pub async fn nodes(State(state): State<ApiState>, Query(page): Query<NodesPage>)
         })
         .collect();
     Ok(axum::Json(json!({
+        "live": live,
         "announced": announced,
         "on_chain": on_chain,
         "next_after": next_after,
         "height": snap.height(),
     }))
     .into_response())
+}
+
+/// RT-HB-12: one live inference node as `GET /nodes` shows it.
+fn live_json(n: &crate::heartbeats::LiveNode) -> serde_json::Value {
+    let hb = &n.entry.heartbeat;
+    let holdings: Vec<_> = hb
+        .holdings
+        .iter()
+        .map(|h| {
+            json!({
+                "model": hex0x(&h.model),
+                "layers": [h.first_layer, h.last_layer],
+                "dense": h.dense,
+                "experts": h.experts,
+                "blocks": h.blocks.iter().map(|b| hex0x(b)).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let frames = n.delivered + n.failed;
+    json!({
+        "node_id": n.address,
+        "holdings": holdings,
+        "last_heartbeat_age_ms": n.age_ms,
+        // This node's own measurements of its frames to the node (null if
+        // it does not dial it, or sent it nothing yet).
+        "latency_ms": n.rtt_us.map(|us| us as f64 / 1000.0),
+        "delivery_success_rate": (frames > 0).then(|| n.delivered as f64 / frames as f64),
+        "load": {
+            "queue_depth": hb.queue_depth,
+            "free_slots": hb.free_slots,
+            "compute_per_token_us": hb.compute_per_token_us,
+        },
+        "quarantined": n.quarantined_until_ms.is_some(),
+        "quarantined_until_ms": n.quarantined_until_ms,
+    })
 }
