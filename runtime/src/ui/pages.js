@@ -231,10 +231,23 @@ export async function nodes({ main, arg, signal }) {
   const r = await api(`/nodes?limit=50${after}`, { signal });
   const now = Date.now();
   const chain = r.on_chain.map((n) => [addrLink(n.node_id), esc(n.endpoint), esc(n.blocks.length), esc(bly(n.bond)), blockLink(n.registered_at)]);
+  // RT-HB-12: inference nodes whose heartbeats this node holds.
+  const live = (r.live || []).map((n) => [
+    addrLink(n.node_id),
+    n.holdings.length ? n.holdings.map((h) => `${esc(short(h.model))} layers ${esc(h.layers[0])}–${esc(h.layers[1])}${h.experts.length ? `, ${esc(h.experts.length)} experts` : ''}`).join('<br>') : '<span class="muted">nothing</span>',
+    esc(dur(n.last_heartbeat_age_ms)),
+    n.latency_ms == null ? '–' : esc(`${n.latency_ms.toFixed(2)} ms`),
+    n.delivery_success_rate == null ? '–' : esc(`${(100 * n.delivery_success_rate).toFixed(1)} %`),
+    esc(`${n.load.queue_depth} queued, ${n.load.free_slots} free`),
+    n.quarantined ? '<span class="bad">quarantined</span>' : '<span class="good">ok</span>',
+  ]);
   const ann = r.announced.map((n) => [addrLink(n.node_id), esc(`${n.host}:${n.port}`), esc(n.available_experts.length), esc(dur(now - n.announced_at_ms))]);
   const routes = recentRoutes();
   main.innerHTML = `
     <h1>Nodes</h1>
+    <h2>Live inference nodes</h2>
+    ${live.length ? table(['Node', 'Holdings', 'Last heartbeat', 'Latency from here', 'Delivered', 'Load', 'Health'], live)
+      : '<p class="muted">No inference node has sent this node a heartbeat in the last three intervals.</p>'}
     <h2>Registered on chain</h2>
     ${table(['Node', 'Endpoint', 'Blocks held', 'Bond (BLY)', 'Since'], chain)}
     <h2>Announced to this node</h2>
