@@ -1922,6 +1922,15 @@ impl Ledger {
                 registered_at: height,
             }),
         );
+        // POL-17: the registry's node assignments follow registrations.
+        self.pol.assign_registered_node(
+            &self.params.pol,
+            height,
+            sender,
+            &info.blocks,
+            true,
+            &mut self.touched,
+        );
         Ok(())
     }
 
@@ -1933,6 +1942,15 @@ impl Ledger {
             .cloned()
             .ok_or(TxError::NodeNotRegistered)?;
         self.set_node(sender, None);
+        // POL-17: unassigned from what it registered.
+        self.pol.assign_registered_node(
+            &self.params.pol,
+            height,
+            sender,
+            &node.info.blocks,
+            false,
+            &mut self.touched,
+        );
         self.globals.locked -= node.bond;
         self.enqueue_unbonding(sender, node.bond, height, true);
         Ok(())

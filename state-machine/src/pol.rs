@@ -1407,9 +1407,21 @@ impl PolState {
         assign: bool,
         touched: &mut Touched,
     ) -> Result<(), PolError> {
+        self.assign_node(ctx.params, ctx.height, target, node, assign, touched)
+    }
+
+    fn assign_node(
+        &mut self,
+        params: &PolParams,
+        height: Height,
+        target: &TargetKey,
+        node: Address,
+        assign: bool,
+        touched: &mut Touched,
+    ) -> Result<(), PolError> {
         let record = self.registry.get(target).ok_or(PolError::UnknownTarget)?;
         let found = record.node_assignments.binary_search(&node);
-        let max = ctx.params.max_node_assignments;
+        let max = params.max_node_assignments;
         if assign && found.is_err() && record.node_assignments.len() >= max as usize {
             return Err(PolError::TooManyAssignments(max));
         }
@@ -1421,9 +1433,49 @@ impl PolState {
             }
             _ => return Ok(()),
         }
-        record.last_updated = ctx.height;
+        record.last_updated = height;
         touched.insert(StateKey::new(ns::POL_REGISTRY, target.key_bytes()));
         Ok(())
+    }
+
+    /// POL-17: a node's registration (TX-9, `assign = true`) assigns it to
+    /// the target of every layer, expert or router block among `blocks`, in
+    /// the order listed; its deregistration (TX-10) unassigns it from them.
+    /// Ids that are not such a block of this DAG, and targets already
+    /// holding `max_node_assignments` nodes, are skipped (the registration
+    /// still succeeds). Returns how many targets changed.
+    pub fn assign_registered_node(
+        &mut self,
+        params: &PolParams,
+        height: Height,
+        node: Address,
+        blocks: &[Hash32],
+        assign: bool,
+        touched: &mut Touched,
+    ) -> usize {
+        let targets: Vec<TargetKey> = blocks
+            .iter()
+            .filter_map(|id| self.blocks.get(id))
+            .filter(|b| {
+                matches!(
+                    b.block_type,
+                    PolBlockType::Layer | PolBlockType::Expert | PolBlockType::Router
+                )
+            })
+            .map(|b| b.target_key(b.block_type))
+            .collect();
+        let mut changed = 0;
+        for target in targets {
+            let before = self.registry.get(&target).map(|r| r.node_assignments.len());
+            if self
+                .assign_node(params, height, &target, node, assign, touched)
+                .is_ok()
+                && self.registry.get(&target).map(|r| r.node_assignments.len()) != before
+            {
+                changed += 1;
+            }
+        }
+        changed
     }
 
     // -- committed bytes (POL-K1) -------------------------------------------------

@@ -888,3 +888,65 @@ fn state_4_a_ledger_loaded_from_its_entries_is_the_same_ledger() {
     let other = Ledger::from_entries(&net.genesis, changed, last.last_block_hash()).unwrap();
     assert_ne!(other.state_root(), last.state_root());
 }
+
+/// POL-17: a registration assigns the node to the targets of the layer
+/// blocks it lists (ids of no block are skipped), a deregistration removes
+/// it, and the state root follows.
+#[test]
+fn pol_17_node_assignments_follow_registrations() {
+    use blyan_state_machine::pol::{PolBlockType, TargetKey};
+    use blyan_state_machine::testkit::pol_block;
+    let mut net = testnet(4, 1, Params::default());
+    let who = address(&net.validators[0]);
+    let meta = pol_block(PolBlockType::Meta, [0; 32], Vec::new(), b"meta", who);
+    let meta_id = meta.id();
+    let mut layer = pol_block(PolBlockType::Layer, meta_id, vec![meta_id], b"layer 0", who);
+    layer.layer = Some(0);
+    let layer_id = layer.id();
+    net.genesis.pol_blocks = vec![meta, layer];
+    let l0 = Ledger::from_genesis(&net.genesis).unwrap();
+    let target = TargetKey {
+        model_id: meta_id,
+        kind: PolBlockType::Layer,
+        layer: Some(0),
+        expert: None,
+    };
+    assert!(
+        l0.pol()
+            .record(&target)
+            .unwrap()
+            .node_assignments
+            .is_empty()
+    );
+    let n = &net.accounts[0];
+    let info = NodeInfo {
+        endpoint: "10.0.0.1:7100".into(),
+        blocks: vec![[7; 32], layer_id],
+    };
+    let reg = tx(
+        CHAIN,
+        n,
+        0,
+        TxKind::RegisterNode {
+            info: Box::new(info),
+            bond: 100 * BLY,
+        },
+        FEE,
+    );
+    let (_, l1) = next_block(&l0, &[reg]).unwrap();
+    assert!(l1.node(&address(n)).is_some());
+    let record = l1.pol().record(&target).unwrap();
+    assert_eq!(record.node_assignments, vec![address(n)]);
+    assert_eq!(record.last_updated, 1);
+    let (_, l2) = next_block(&l1, &[tx(CHAIN, n, 1, TxKind::DeregisterNode, FEE)]).unwrap();
+    assert!(
+        l2.pol()
+            .record(&target)
+            .unwrap()
+            .node_assignments
+            .is_empty()
+    );
+    // The assignment is committed state: the roots differ while it holds.
+    let (_, unregistered) = next_block(&l0, &[]).unwrap();
+    assert_ne!(l1.state_root(), unregistered.state_root());
+}
