@@ -252,13 +252,14 @@ fn node_setup(
     }
 }
 
-/// A 4-validator devnet with 300 ms blocks, no rate limits and no engines.
-async fn quick_devnet(dir: &std::path::Path) -> Devnet {
+/// A 4-validator devnet with 300 ms blocks and no rate limits; the
+/// validators run the embedded model's engine if `engines`.
+async fn quick_devnet(dir: &std::path::Path, engines: bool) -> Devnet {
     let mut opts = DevnetOptions::new(dir.join("devnet"), 4);
     opts.base_port = None;
     opts.block_interval_ms = 300;
     opts.rate_limits = blyan_runtime::ratelimit::RateLimitConfig::unlimited();
-    opts.inference.enabled = false;
+    opts.inference.enabled = engines;
     let net = Devnet::start(opts).await.unwrap();
     let url = net.nodes[0].api_url();
     eventually("the network to commit a block", || async {
@@ -312,7 +313,7 @@ async fn a_node_registered_on_chain_is_admitted_without_restarts_and_a_stranger_
     use blyan_state_machine::testkit::tx;
     use blyan_state_machine::tx::TxKind;
     let dir = tempfile::tempdir().unwrap();
-    let net = quick_devnet(dir.path()).await;
+    let net = quick_devnet(dir.path(), false).await;
     let url = net.nodes[0].api_url();
     let chain = net.genesis.chain_id.clone();
 
@@ -435,7 +436,7 @@ async fn a_node_registered_on_chain_is_admitted_without_restarts_and_a_stranger_
 async fn an_advertising_inference_node_is_listed_live_and_expires_when_it_stops() {
     use blyan_runtime::node::{RunningNode, bind};
     let dir = tempfile::tempdir().unwrap();
-    let net = quick_devnet(dir.path()).await;
+    let net = quick_devnet(dir.path(), false).await;
     let url = net.nodes[0].api_url();
     let node_key = key(8_888);
     let node = address(&node_key);
@@ -538,4 +539,161 @@ async fn an_advertising_inference_node_is_listed_live_and_expires_when_it_stops(
 /// An address as the API writes it.
 fn json_addr(a: &PeerId) -> serde_json::Value {
     serde_json::to_value(a).unwrap()
+}
+
+/// A sample of `/metrics` at `url`: the value of the line starting `series `.
+async fn metric(url: &str, series: &str) -> f64 {
+    let r = blyan_runtime::client::send(url, "GET", "/metrics", &[], None)
+        .await
+        .unwrap();
+    let text = String::from_utf8(r.body).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("no {series} in /metrics"))
+        .parse()
+        .unwrap()
+}
+
+/// The text and final `blyan` object of a streamed chat completion.
+async fn streamed(url: &str, body: &serde_json::Value) -> (String, serde_json::Value) {
+    let r = blyan_runtime::client::send(
+        url,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        Some(body.to_string().as_bytes()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200);
+    let text = String::from_utf8(r.body).unwrap();
+    let events: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(events.last(), Some(&"[DONE]"), "{text}");
+    let mut joined = String::new();
+    let mut blyan = serde_json::Value::Null;
+    for e in &events[..events.len() - 1] {
+        let chunk: serde_json::Value = serde_json::from_str(e).unwrap();
+        if let Some(piece) = chunk["choices"][0]["delta"]["content"].as_str() {
+            joined.push_str(piece);
+        }
+        if !chunk["blyan"].is_null() {
+            blyan = chunk["blyan"].clone();
+        }
+    }
+    (joined, blyan)
+}
+
+/// RT-STAGE-1..5: a validator's chat requests are served by a registered
+/// inference node that advertises the model (the answer's route names it,
+/// its engine counts the request, the text equals the validator's own
+/// engine's); when that node's engine fails after its first token, the
+/// validator's stream continues on the next holder (here its own engine)
+/// and the client receives exactly the uninterrupted answer (RT-STAGE-4).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chat_is_routed_to_a_holder_and_fails_over_by_replay() {
+    use blyan_runtime::node::{RunningNode, bind};
+    let dir = tempfile::tempdir().unwrap();
+    let net = quick_devnet(dir.path(), true).await;
+    let v0 = &net.nodes[0];
+    let url = v0.api_url();
+    let node_key = key(9_999);
+    let node = address(&node_key);
+    let p2p = bind("127.0.0.1:0").await.unwrap();
+    let http = bind("127.0.0.1:0").await.unwrap();
+    register(
+        &net,
+        &url,
+        &node_key,
+        &p2p.local_addr().unwrap().to_string(),
+    )
+    .await;
+    let marker = "ENGINE-FAULT";
+    let engine = blyan_runtime::inference::InferenceConfig {
+        model_dir: Some(blyan_runtime::devnet::model_dir(&net.dir)),
+        advertise: true,
+        heartbeat_interval_ms: 300,
+        panic_on_prompt: Some(marker.into()),
+        ..Default::default()
+    };
+    let holder = RunningNode::start(
+        node_setup(&net, dir.path().join("holder"), node_key, engine),
+        p2p,
+        http,
+    )
+    .await
+    .unwrap();
+    let hurl = holder.api_url();
+    eventually("validator 0 to list the holder live", || async {
+        let nodes = get(&url, "/nodes").await;
+        nodes["live"]
+            .as_array()
+            .and_then(|l| l.iter().find(|n| n["node_id"] == json_addr(&node)).cloned())
+    })
+    .await;
+
+    // Served by the holder.
+    let ask = serde_json::json!({ "prompt": "The network routes", "max_tokens": 24 });
+    let (s, routed) = blyan_runtime::client::post_json(&url, "/chat", &ask)
+        .await
+        .unwrap();
+    assert_eq!(s, 200, "{routed}");
+    assert_eq!(
+        routed["blyan"]["route"][0]["node"],
+        json_addr(&node),
+        "{routed}"
+    );
+    assert!(metric(&hurl, "blyan_inference_requests_total{outcome=\"ok\"}").await >= 1.0);
+    assert!(metric(&url, "blyan_inference_routed_total{served=\"remote\"}").await >= 1.0);
+
+    // The holder's engine fails after its first token: the stream goes on.
+    let faulty = serde_json::json!({
+        "messages": [{ "role": "user", "content": format!("{marker} and go on") }],
+        "max_tokens": 24,
+        "stream": true,
+    });
+    let (failed_over, blyan) = streamed(&url, &faulty).await;
+    assert_eq!(blyan["route"][0]["node"], json_addr(&v0.address), "{blyan}");
+    assert!(metric(&url, "blyan_inference_failovers_total").await >= 1.0);
+    assert!(metric(&hurl, "blyan_inference_panics_total").await >= 1.0);
+
+    // The holder leaves: validator 0 serves from its own engine, and the
+    // answers are the ones it gave through the route.
+    holder.stop(1_000).await;
+    eventually("the holder's entry to expire", || async {
+        let nodes = get(&url, "/nodes").await;
+        let live = nodes["live"].as_array().unwrap().clone();
+        (!live.iter().any(|n| n["node_id"] == json_addr(&node))).then_some(())
+    })
+    .await;
+    let (s, local) = blyan_runtime::client::post_json(&url, "/chat", &ask)
+        .await
+        .unwrap();
+    assert_eq!(s, 200, "{local}");
+    assert_eq!(
+        local["blyan"]["route"][0]["node"],
+        json_addr(&v0.address),
+        "{local}"
+    );
+    assert_eq!(
+        local["text"], routed["text"],
+        "routed and local answers differ"
+    );
+    let mut unstreamed = faulty.clone();
+    unstreamed["stream"] = serde_json::json!(false);
+    let (s, reference) =
+        blyan_runtime::client::post_json(&url, "/v1/chat/completions", &unstreamed)
+            .await
+            .unwrap();
+    assert_eq!(s, 200, "{reference}");
+    assert_eq!(
+        failed_over,
+        reference["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap(),
+        "the failed-over stream differs from the uninterrupted answer"
+    );
+    net.stop().await;
 }

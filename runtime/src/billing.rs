@@ -286,12 +286,25 @@ impl Meter {
     }
 
     /// API-PAY-2: releases `r` and records the usage (if the request was
-    /// served). Returns the request's id and price.
+    /// served by this node). Returns the request's id and price.
     pub fn complete(
         &self,
         r: Reservation,
         model: Hash32,
         served: Option<(u64, u64)>,
+        route_work: u64,
+    ) -> Option<(Hash32, Amount)> {
+        self.complete_by(r, model, served, self.node, route_work)
+    }
+
+    /// [`Meter::complete`] for a request served by `node` (RT-STAGE-5: the
+    /// route's share goes to the node that computed it).
+    pub fn complete_by(
+        &self,
+        r: Reservation,
+        model: Hash32,
+        served: Option<(u64, u64)>,
+        node: Address,
         route_work: u64,
     ) -> Option<(Hash32, Amount)> {
         let mut accounts = self.accounts.lock().expect("meter lock");
@@ -318,7 +331,7 @@ impl Meter {
             prompt_tokens: prompt,
             completion_tokens: completion,
             route: vec![RouteShare {
-                node: self.node,
+                node,
                 work: route_work.max(1).saturating_mul(tokens),
             }],
         });

@@ -21,12 +21,16 @@ use blyan_route::heartbeat::{
     Entry, Heartbeat, HeartbeatConfig, HeartbeatTable, Holding, SignedHeartbeat,
 };
 use blyan_route::quarantine::{Quarantine, QuarantineConfig};
+use blyan_route::route::{
+    Candidate, LoadBook, ModelShape, Plan, PlanConfig, Planner, candidates_from_table,
+};
 use blyan_state_machine::ledger::Ledger;
 use blyan_state_machine::node::PeerId;
 use blyan_state_machine::pol::PolBlockType;
 use blyan_state_machine::tx::public_key_of;
 use blyan_state_machine::types::{Address, Hash32};
 use k256::ecdsa::SigningKey;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -153,6 +157,62 @@ impl Heartbeats {
                 }
             })
             .collect()
+    }
+
+    /// RT-ROUTE-1/2: a route for `shape` over the live holders of its model
+    /// and `local` (this node's own engine, if it is a candidate), without
+    /// `excluded` and quarantined nodes; `rtt_us` is this node's measured
+    /// round trip per peer.
+    pub fn plan(
+        &self,
+        shape: ModelShape,
+        local: Option<Candidate>,
+        excluded: &BTreeSet<Address>,
+        load: &LoadBook,
+        rtt_us: &BTreeMap<Address, u64>,
+        now_ms: u64,
+    ) -> Result<Plan, String> {
+        let config = PlanConfig::default();
+        let mut candidates = {
+            let table = self.table.lock().expect("heartbeat table lock");
+            candidates_from_table(&table, &shape.model, now_ms, rtt_us, &config)
+        };
+        candidates.extend(local);
+        let quarantine = self.quarantine.lock().expect("quarantine lock");
+        Planner::new(
+            shape,
+            &candidates,
+            &quarantine,
+            excluded,
+            now_ms,
+            load,
+            config,
+        )
+        .and_then(|p| p.plan())
+        .map_err(|e| e.to_string())
+    }
+
+    /// Whether any live node other than `excluded` holds all `layers` of
+    /// `model` as one dense holding (RT-STAGE-2: what can serve a request
+    /// today).
+    pub fn whole_model_holders(
+        &self,
+        model: &Hash32,
+        layers: u32,
+        excluded: &BTreeSet<Address>,
+        now_ms: u64,
+    ) -> usize {
+        let table = self.table.lock().expect("heartbeat table lock");
+        let quarantine = self.quarantine.lock().expect("quarantine lock");
+        table
+            .iter_live(now_ms)
+            .filter(|(a, _)| !excluded.contains(a) && !quarantine.is_quarantined(a, now_ms))
+            .filter(|(_, e)| {
+                e.heartbeat.holdings.iter().any(|h| {
+                    &h.model == model && h.dense && h.first_layer == 0 && h.last_layer + 1 == layers
+                })
+            })
+            .count()
     }
 
     /// Heartbeats accepted and refused since start (`/metrics`).

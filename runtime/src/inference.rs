@@ -99,8 +99,10 @@ impl Default for InferenceConfig {
     }
 }
 
-/// One generation request, already validated against the limits.
-#[derive(Clone, Debug, PartialEq)]
+/// One generation request, already validated against the limits (also
+/// the body of a `Generate` call to a peer, RT-STAGE-1, as JSON).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ChatRequest {
     pub prompt: String,
     pub max_tokens: usize,
@@ -355,8 +357,9 @@ impl InferenceHandle {
             reply,
             span,
         };
-        // OPS-TRACE-3: the routing decision. This node serves from its own
-        // engine; routing through other nodes' experts is not built yet.
+        // OPS-TRACE-3: the engine's side of the routing decision: this job
+        // runs on this node's own engine (the router, router.rs, chose it,
+        // or a peer's Generate call asked for it, RT-STAGE-1).
         let route = tracing::info_span!(
             "inference.route",
             route = "local",

@@ -45,6 +45,7 @@ pub mod model;
 pub mod node;
 pub mod ratelimit;
 pub mod registry;
+pub mod router;
 pub mod service;
 pub mod store;
 pub mod telemetry;

@@ -281,7 +281,22 @@ impl RunningNode {
             heartbeat_config,
         )?;
         transport.set_heartbeat_sink(heartbeats.clone());
-        api_config.heartbeats = Some(heartbeats);
+        api_config.heartbeats = Some(heartbeats.clone());
+        // RT-STAGE-1..5: peers' Generate calls are served by the engine, and
+        // this node's chat requests are routed to the model's holders.
+        if let Some(engine) = &inference {
+            let ledger = handle.snapshot.borrow().ledger.clone();
+            transport.set_stage_sink(Arc::new(crate::router::StageServer {
+                engine: engine.clone(),
+                model: crate::api::chat::served_model_id(&ledger, engine),
+            }));
+            api_config.router = Some(Arc::new(crate::router::Router::new(
+                handle.address,
+                transport.clone(),
+                heartbeats,
+                advertise,
+            )));
+        }
         if advertise && let Some(engine) = &inference {
             tasks.spawn(
                 crate::heartbeats::run_advertiser(

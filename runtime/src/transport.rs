@@ -544,6 +544,20 @@ pub const SERVICE_NAME: &str = "blyan.p2p.v1.Peer";
 const PATH_DELIVER: &str = "/blyan.p2p.v1.Peer/Deliver";
 const PATH_BLOB_MANIFEST: &str = "/blyan.p2p.v1.Peer/BlobManifest";
 const PATH_HEARTBEAT: &str = "/blyan.p2p.v1.Peer/Heartbeat";
+const PATH_GENERATE: &str = "/blyan.p2p.v1.Peer/Generate";
+/// RT-STAGE-1: the largest `Generate` request (a rendered prompt and its
+/// settings) and the largest event of its answer stream.
+pub const MAX_GENERATE_MESSAGE_BYTES: usize = 1024 * 1024;
+/// RT-STAGE-1: events of one `Generate` answer buffered on the serving side
+/// before it waits for the router to read.
+pub const GENERATE_STREAM_BUFFER: usize = 64;
+
+/// RT-STAGE-1: what serves `Generate` requests (the node's engine,
+/// [`crate::router::serve_generate`]): given the TLS peer and the request
+/// bytes, a bounded channel of answer events.
+pub trait StageSink: Send + Sync + 'static {
+    fn generate(&self, from: PeerId, request: Bytes) -> mpsc::Receiver<Result<Bytes, Status>>;
+}
 /// RT-HB-1: the largest heartbeat body (`blyan_route::heartbeat::MAX_HEARTBEAT_BYTES`).
 pub const MAX_HEARTBEAT_MESSAGE_BYTES: usize = blyan_route::heartbeat::MAX_HEARTBEAT_BYTES;
 
@@ -720,6 +734,8 @@ struct Shared {
     quota_messages: usize,
     /// RT-HB-10: `None` until the node sets its table.
     heartbeats: RwLock<Option<Arc<dyn HeartbeatSink>>>,
+    /// RT-STAGE-1: `None` on a node that serves no engine to peers.
+    stages: RwLock<Option<Arc<dyn StageSink>>>,
 }
 
 impl Shared {
@@ -883,6 +899,27 @@ async fn heartbeat(
 
 type ChunkStream = tokio_stream::wrappers::ReceiverStream<Result<Bytes, Status>>;
 
+/// RT-STAGE-1: a generation for the TLS peer, streamed back as events.
+async fn generate_stream(
+    shared: Arc<Shared>,
+    r: tonic::Request<Bytes>,
+) -> Result<tonic::Response<ChunkStream>, Status> {
+    let from = tls_peer(&r)?;
+    if shared.is_blocked(&from) {
+        return Err(Status::unavailable("partitioned"));
+    }
+    let sink = shared
+        .stages
+        .read()
+        .expect("stage sink lock")
+        .clone()
+        .ok_or_else(|| Status::unimplemented("this node serves no engine to peers"))?;
+    let rx = sink.generate(from, r.into_inner());
+    Ok(tonic::Response::new(
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+    ))
+}
+
 async fn fetch_blob_stream(
     shared: Arc<Shared>,
     r: tonic::Request<Bytes>,
@@ -978,6 +1015,12 @@ impl tower::Service<http::Request<tonic::body::Body>> for PeerService {
                     .max_decoding_message_size(MAX_HEARTBEAT_MESSAGE_BYTES);
                 let svc = tower::service_fn(move |r| heartbeat(shared.clone(), r));
                 Ok(grpc.unary(svc, req).await)
+            }),
+            PATH_GENERATE => Box::pin(async move {
+                let mut grpc = tonic::server::Grpc::new(BytesCodec)
+                    .max_decoding_message_size(MAX_GENERATE_MESSAGE_BYTES);
+                let svc = tower::service_fn(move |r| generate_stream(shared.clone(), r));
+                Ok(grpc.server_streaming(svc, req).await)
             }),
             PATH_FETCH_BLOB => Box::pin(async move {
                 let mut grpc = tonic::server::Grpc::new(BytesCodec)
@@ -1081,6 +1124,19 @@ impl PeerClient {
     }
 
     /// The peer's manifest of blob `id`.
+    /// RT-STAGE-1: asks the peer to generate; its answer events as a stream.
+    pub async fn generate(&self, request: Bytes) -> Result<tonic::Streaming<Bytes>, Status> {
+        let mut grpc = self
+            .grpc()
+            .max_encoding_message_size(MAX_GENERATE_MESSAGE_BYTES)
+            .max_decoding_message_size(MAX_GENERATE_MESSAGE_BYTES);
+        Self::ready(&mut grpc).await?;
+        let path = http::uri::PathAndQuery::from_static(PATH_GENERATE);
+        grpc.server_streaming(tonic::Request::new(request), path, BytesCodec)
+            .await
+            .map(|r| r.into_inner())
+    }
+
     /// RT-HB-10: sends one signed heartbeat (its encoded bytes).
     pub async fn heartbeat(&self, body: Bytes) -> Result<(), Status> {
         let mut grpc = self
@@ -1243,6 +1299,7 @@ impl GrpcTransport {
             quotas: Mutex::new(BTreeMap::new()),
             quota_messages: config.inbound_messages_per_peer,
             heartbeats: RwLock::new(None),
+            stages: RwLock::new(None),
         });
         let (stop_tx, stopped) = watch::channel(());
         // Holds the writers' stop signal for as long as the node's tasks run.
@@ -1402,6 +1459,46 @@ impl GrpcTransport {
         self.stats.clone()
     }
 
+    /// RT-STAGE-1: what serves peers' `Generate` requests from now on.
+    pub fn set_stage_sink(&self, sink: Arc<dyn StageSink>) {
+        *self.shared.stages.write().expect("stage sink lock") = Some(sink);
+    }
+
+    /// RT-STAGE-1: a client for dialled peer `to` (the heartbeat client,
+    /// connected on first use).
+    pub async fn client(&self, to: PeerId) -> Result<PeerClient, Error> {
+        let cached = self
+            .heartbeat_clients
+            .lock()
+            .expect("heartbeat clients lock")
+            .get(&to)
+            .cloned();
+        if let Some(c) = cached {
+            return Ok(c);
+        }
+        let addr = self
+            .writers
+            .read()
+            .expect("writers lock")
+            .get(&to)
+            .map(|w| w.addr.clone())
+            .ok_or_else(|| Error::UnknownPeer(to.to_string()))?;
+        let c = self.dialer(&addr, to).connect().await?;
+        self.heartbeat_clients
+            .lock()
+            .expect("heartbeat clients lock")
+            .insert(to, c.clone());
+        Ok(c)
+    }
+
+    /// Forgets the cached client of `to` (after a connection failure).
+    pub fn forget_client(&self, to: &PeerId) {
+        self.heartbeat_clients
+            .lock()
+            .expect("heartbeat clients lock")
+            .remove(to);
+    }
+
     /// RT-HB-10: where received heartbeats go from now on.
     pub fn set_heartbeat_sink(&self, sink: Arc<dyn HeartbeatSink>) {
         *self.shared.heartbeats.write().expect("heartbeat sink lock") = Some(sink);
@@ -1409,36 +1506,10 @@ impl GrpcTransport {
 
     /// RT-HB-11: sends `body` (a signed heartbeat) to dialled peer `to`.
     pub async fn send_heartbeat(&self, to: PeerId, body: Bytes) -> Result<(), Error> {
-        let cached = self
-            .heartbeat_clients
-            .lock()
-            .expect("heartbeat clients lock")
-            .get(&to)
-            .cloned();
-        let client = match cached {
-            Some(c) => c,
-            None => {
-                let addr = self
-                    .writers
-                    .read()
-                    .expect("writers lock")
-                    .get(&to)
-                    .map(|w| w.addr.clone())
-                    .ok_or_else(|| Error::UnknownPeer(to.to_string()))?;
-                let c = self.dialer(&addr, to).connect().await?;
-                self.heartbeat_clients
-                    .lock()
-                    .expect("heartbeat clients lock")
-                    .insert(to, c.clone());
-                c
-            }
-        };
+        let client = self.client(to).await?;
         let sent = client.heartbeat(body).await;
         if sent.as_ref().is_err_and(is_connection_failure) {
-            self.heartbeat_clients
-                .lock()
-                .expect("heartbeat clients lock")
-                .remove(&to);
+            self.forget_client(&to);
         }
         sent.map_err(rpc)
     }
@@ -1790,7 +1861,7 @@ async fn next_batch(
 
 /// Whether a failed call means the connection is gone (reconnect) rather
 /// than that the peer refused this one frame (log and go on).
-fn is_connection_failure(s: &Status) -> bool {
+pub fn is_connection_failure(s: &Status) -> bool {
     matches!(
         s.code(),
         Code::Unavailable | Code::Unknown | Code::Cancelled

@@ -291,13 +291,14 @@ fn finish(
     engine: &InferenceHandle,
     payment: Payment,
     r: Result<&ChatResult, &Error>,
+    served_by: blyan_state_machine::types::Address,
     started: std::time::Instant,
 ) -> Bill {
     let layers = engine.model.layers.max(1) as u64;
     let served = r.ok();
     let tokens = served.map_or(0, |r| (r.prompt_tokens + r.completion_tokens) as u64);
     let route = if served.is_some() {
-        vec![(state.node.address, layers.saturating_mul(tokens))]
+        vec![(served_by, layers.saturating_mul(tokens))]
     } else {
         Vec::new()
     };
@@ -318,7 +319,10 @@ fn finish(
             let counts = served.map(|r| (r.prompt_tokens as u64, r.completion_tokens as u64));
             let model = state.served_model.unwrap_or([0; 32]);
             let (cost, charged, request_id) =
-                match state.meter.complete(reservation, model, counts, layers) {
+                match state
+                    .meter
+                    .complete_by(reservation, model, counts, served_by, layers)
+                {
                     Some((id, cost)) => (cost, true, Some(id)),
                     None => (0, false, None),
                 };
@@ -364,6 +368,29 @@ fn finish(
     bill
 }
 
+/// RT-STAGE-2: serves `req` through the node's router (on the best holder
+/// of the model, failing over, RT-STAGE-4) or, without one, on the local
+/// engine; returns the result and the node that computed it.
+async fn serve(
+    state: &ApiState,
+    engine: &InferenceHandle,
+    req: crate::inference::ChatRequest,
+    pieces: Option<mpsc::Sender<String>>,
+) -> (
+    Result<ChatResult, Error>,
+    blyan_state_machine::types::Address,
+) {
+    match &state.router {
+        Some(router) => {
+            let routed = router
+                .generate(engine, state.served_model, req, pieces)
+                .await;
+            (routed.result, routed.served_by)
+        }
+        None => (engine.generate(req, pieces).await, state.node.address),
+    }
+}
+
 /// Generate text from a prompt with the node's local model.
 #[utoipa::path(post, path = "/chat", request_body = ChatBody,
     responses((status = 200, body = ChatAnswer), (status = 400, body = super::openapi::ErrorBody),
@@ -406,8 +433,8 @@ pub async fn chat(
         req.max_total_tokens = Some(r.max_total_tokens);
     }
     let started = std::time::Instant::now();
-    let result = engine.generate(req, None).await;
-    let bill = finish(&state, engine, payment, result.as_ref(), started);
+    let (result, served_by) = serve(&state, engine, req, None).await;
+    let bill = finish(&state, engine, payment, result.as_ref(), served_by, started);
     let result = result.map_err(engine_error)?;
     Ok(axum::Json(answer(engine, result, &bill)).into_response())
 }
@@ -544,8 +571,8 @@ pub async fn completions(
     }
     if !b.stream {
         let started = std::time::Instant::now();
-        let r = engine.generate(req, None).await;
-        let bill = finish(&state, &engine, payment, r.as_ref(), started);
+        let (r, served_by) = serve(&state, &engine, req, None).await;
+        let bill = finish(&state, &engine, payment, r.as_ref(), served_by, started);
         let r = r.map_err(engine_error)?;
         return Ok(axum::Json(json!({
             "id": id,
@@ -600,10 +627,10 @@ pub async fn completions(
         {
             // Not started: release the reservation, charge nothing.
             let gone = Error::Inference("the client went away before the first chunk".into());
-            finish(&state, &engine, payment, Err(&gone), started);
+            finish(&state, &engine, payment, Err(&gone), state.node.address, started);
             return;
         }
-        let generation = engine.generate(req, Some(pieces_tx));
+        let generation = serve(&state, &engine, req, Some(pieces_tx));
         tokio::pin!(generation);
         // The generation runs to its end even if the client leaves (the
         // engine cancels it at its next token, API-CHAT-4): the request is
@@ -621,7 +648,8 @@ pub async fn completions(
                 r = &mut generation => break r,
             }
         };
-        let bill = finish(&state, &engine, payment, result.as_ref(), started);
+        let (result, served_by) = result;
+        let bill = finish(&state, &engine, payment, result.as_ref(), served_by, started);
         if client_gone {
             return;
         }

@@ -221,6 +221,8 @@ pub struct ApiConfig {
     pub payments: crate::billing::PaymentConfig,
     /// RT-HB-12: the table of live inference nodes `GET /nodes` lists.
     pub heartbeats: Option<Arc<crate::heartbeats::Heartbeats>>,
+    /// RT-STAGE-2: routes chat requests to the holders of the model.
+    pub router: Option<Arc<crate::router::Router>>,
 }
 
 impl Default for ApiConfig {
@@ -233,6 +235,7 @@ impl Default for ApiConfig {
             usage: None,
             payments: crate::billing::PaymentConfig::default(),
             heartbeats: None,
+            router: None,
         }
     }
 }
@@ -287,6 +290,8 @@ pub struct ApiState {
     pub served_model: Option<Hash32>,
     /// RT-HB-12: live inference nodes (`None` in tests that start no node).
     pub heartbeats: Option<Arc<crate::heartbeats::Heartbeats>>,
+    /// RT-STAGE-2: `None`: every request is served by the local engine.
+    pub router: Option<Arc<crate::router::Router>>,
 }
 
 impl FromRef<ApiState> for NodeHandle {
@@ -342,6 +347,7 @@ pub fn router_with_meter(
         metrics: Arc::new(ApiMetrics::default()),
         usage: config.usage.clone(),
         heartbeats: config.heartbeats.clone(),
+        router: config.router.clone(),
     };
     // The web explorer (API-UI-*): `/`, `/ui/*` and `/explorer/*`.
     let explorer = explorer::routes(&state);
@@ -1079,5 +1085,32 @@ pub(crate) async fn get_metrics(
     if let Some(net) = &state.node.net {
         text.push_str(&net.metrics_text());
     }
+    routing_metrics_text(&state, &mut text);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+/// RT-HB-12, RT-STAGE-*: the live-node table and where requests were served.
+fn routing_metrics_text(state: &ApiState, text: &mut String) {
+    use std::fmt::Write as _;
+    if let Some(h) = &state.heartbeats {
+        let (live, bytes) = h.size(crate::transport::now_ms());
+        let (accepted, refused) = h.counts();
+        let _ = write!(
+            text,
+            "# HELP blyan_inference_nodes_live Inference nodes with a live heartbeat here (RT-HB-7).\n# TYPE blyan_inference_nodes_live gauge\nblyan_inference_nodes_live {live}\n\
+             # HELP blyan_inference_heartbeat_table_bytes Bytes the heartbeat table holds (RT-HB-8).\n# TYPE blyan_inference_heartbeat_table_bytes gauge\nblyan_inference_heartbeat_table_bytes {bytes}\n\
+             # HELP blyan_inference_heartbeats_total Heartbeats received, by result.\n# TYPE blyan_inference_heartbeats_total counter\n\
+             blyan_inference_heartbeats_total{{result=\"accepted\"}} {accepted}\nblyan_inference_heartbeats_total{{result=\"refused\"}} {refused}\n"
+        );
+    }
+    if let Some(r) = &state.router {
+        let (local, remote, failovers) = r.counts();
+        let _ = write!(
+            text,
+            "# HELP blyan_inference_routed_total Chat requests served, by where (RT-STAGE-2).\n# TYPE blyan_inference_routed_total counter\n\
+             blyan_inference_routed_total{{served=\"local\"}} {local}\nblyan_inference_routed_total{{served=\"remote\"}} {remote}\n\
+             # HELP blyan_inference_failovers_total Routed stages that failed and were replaced (RT-STAGE-4).\n# TYPE blyan_inference_failovers_total counter\n\
+             blyan_inference_failovers_total {failovers}\n"
+        );
+    }
 }

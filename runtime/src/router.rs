@@ -1,0 +1,664 @@
+//! Routing requests to the nodes that hold the model (spec/inference.md
+//! RT-STAGE-1..5): the first step of the inference network, in which a
+//! route has one stage and that stage is a node holding every layer.
+//!
+//! - RT-STAGE-1: a node serves peers' `Generate` calls ([`StageServer`],
+//!   the transport's `blyan.p2p.v1.Peer/Generate`, mutual TLS) from its
+//!   engine: a JSON request (model id, [`ChatRequest`]), answered by a
+//!   bounded stream of events: `p` ‖ text piece, then `r` ‖ JSON result or
+//!   `e` ‖ JSON error. Dropping the stream cancels the job at its next token.
+//! - RT-STAGE-2: the router ([`Router::generate`]) plans with the pure
+//!   planner (RT-ROUTE-1/2) over the live heartbeats; only a plan of one
+//!   stage is executed (a holder of every layer); anything else is served
+//!   by the local engine.
+//! - RT-STAGE-3: the local engine is a candidate on an inference node
+//!   (`[inference] advertise`), and on any other node only when no live
+//!   node other than the failed ones holds the whole model: a validator
+//!   serves from its own engine only as a fallback.
+//! - RT-STAGE-4 (replay failover): when the chosen node fails (connection,
+//!   engine error, busy, an answer stream that ends without a result), the
+//!   router excludes it and runs the same request (same seed, same
+//!   sampling) on the next choice, at most [`MAX_ATTEMPTS`] times in all.
+//!   Text already sent to the client is not sent again: the new stream's
+//!   text must begin with it (else the request fails as diverged), and only
+//!   what follows is forwarded; under greedy decoding on the same model and
+//!   dtype the client sees the uninterrupted answer.
+//! - RT-STAGE-5: the answer's route names the node that served it (its
+//!   share of the settlement is its work: layers × tokens).
+
+use crate::Error;
+use crate::heartbeats::Heartbeats;
+use crate::inference::{ChatRequest, ChatResult, InferenceHandle};
+use crate::transport::{GENERATE_STREAM_BUFFER, GrpcTransport, StageSink, now_ms};
+use blyan_route::route::{Candidate, LoadBook, ModelShape};
+use blyan_state_machine::node::PeerId;
+use blyan_state_machine::types::{Address, Hash32};
+use bytes::Bytes;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tonic::Status;
+use tracing::{Instrument, debug, info, warn};
+
+/// RT-STAGE-4: nodes tried for one request, the local engine included.
+pub const MAX_ATTEMPTS: usize = 3;
+
+/// RT-STAGE-1: the body of a `Generate` call.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StageRequest {
+    /// The meta block id (`0x…`) of the model the router routed for.
+    model: String,
+    request: ChatRequest,
+}
+
+/// RT-STAGE-1: the `r` event.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct StageResult {
+    text: String,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+    finish_reason: String,
+    capped: bool,
+    experts_used: Vec<String>,
+}
+
+/// RT-STAGE-1: the `e` event.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct StageError {
+    /// `busy`, `timeout`, `bad_request`, `payment` or `inference`.
+    kind: String,
+    message: String,
+}
+
+fn event(tag: u8, body: &[u8]) -> Bytes {
+    let mut v = Vec::with_capacity(1 + body.len());
+    v.push(tag);
+    v.extend_from_slice(body);
+    Bytes::from(v)
+}
+
+fn error_event(e: &Error) -> Bytes {
+    let kind = match e {
+        Error::Busy(_) => "busy",
+        Error::Timeout(_) => "timeout",
+        Error::BadRequest(_) => "bad_request",
+        Error::PaymentRequired(_) => "payment",
+        _ => "inference",
+    };
+    let body = StageError {
+        kind: kind.into(),
+        message: e.to_string(),
+    };
+    event(
+        b'e',
+        &serde_json::to_vec(&body).expect("a StageError serialises"),
+    )
+}
+
+/// RT-STAGE-1: serves peers' `Generate` calls from this node's engine.
+pub struct StageServer {
+    pub engine: InferenceHandle,
+    /// The meta block id of the model the engine serves, if registered.
+    pub model: Option<Hash32>,
+}
+
+impl StageSink for StageServer {
+    fn generate(&self, from: PeerId, request: Bytes) -> mpsc::Receiver<Result<Bytes, Status>> {
+        let (tx, rx) = mpsc::channel(GENERATE_STREAM_BUFFER);
+        let engine = self.engine.clone();
+        let model = self.model;
+        tokio::spawn(
+            async move {
+                let parsed: Result<StageRequest, _> = serde_json::from_slice(&request);
+                let req = match parsed {
+                    Ok(r) if model.is_some_and(|m| r.model == crate::api::hex0x(&m)) => r.request,
+                    Ok(r) => {
+                        let e = Error::BadRequest(format!(
+                            "this node does not serve model {}",
+                            r.model
+                        ));
+                        let _ = tx.send(Ok(error_event(&e))).await;
+                        return;
+                    }
+                    Err(e) => {
+                        let e = Error::BadRequest(format!("Generate request: {e}"));
+                        let _ = tx.send(Ok(error_event(&e))).await;
+                        return;
+                    }
+                };
+                debug!(router = %from, max_tokens = req.max_tokens, "serving a routed request");
+                let (pieces_tx, mut pieces_rx) =
+                    mpsc::channel::<String>(crate::inference::STREAM_PIECES);
+                let generation = engine.generate(req, Some(pieces_tx));
+                tokio::pin!(generation);
+                let result = loop {
+                    tokio::select! {
+                        Some(piece) = pieces_rx.recv() => {
+                            if tx.send(Ok(event(b'p', piece.as_bytes()))).await.is_err() {
+                                // The router went away: the engine cancels
+                                // the job at its next token (API-CHAT-4).
+                                pieces_rx.close();
+                            }
+                        }
+                        r = &mut generation => break r,
+                    }
+                };
+                while let Ok(piece) = pieces_rx.try_recv() {
+                    if tx.send(Ok(event(b'p', piece.as_bytes()))).await.is_err() {
+                        return;
+                    }
+                }
+                let last = match result {
+                    Ok(r) => event(
+                        b'r',
+                        &serde_json::to_vec(&StageResult {
+                            text: r.text,
+                            prompt_tokens: r.prompt_tokens,
+                            completion_tokens: r.completion_tokens,
+                            finish_reason: r.finish_reason.to_string(),
+                            capped: r.capped,
+                            experts_used: r.experts_used,
+                        })
+                        .expect("a StageResult serialises"),
+                    ),
+                    Err(e) => error_event(&e),
+                };
+                let _ = tx.send(Ok(last)).await;
+            }
+            .in_current_span(),
+        );
+        rx
+    }
+}
+
+/// How a routed request ended.
+pub struct Routed {
+    pub result: Result<ChatResult, Error>,
+    /// The node whose engine produced the result (this node if local).
+    pub served_by: Address,
+    /// Nodes that failed before it, in order (RT-STAGE-4).
+    pub failed: Vec<Address>,
+}
+
+/// Why one attempt did not produce the answer.
+enum Failure {
+    /// The node failed: try another (RT-STAGE-4).
+    Node(String),
+    /// The request itself cannot be served (bad request, the client went
+    /// away, the replay diverged): no other node will do better.
+    Request(Error),
+}
+
+/// Where to run one attempt.
+enum Choice {
+    Local,
+    Remote(Address),
+}
+
+/// RT-STAGE-2..5: the node's router.
+pub struct Router {
+    me: Address,
+    transport: Arc<GrpcTransport>,
+    heartbeats: Arc<Heartbeats>,
+    /// RT-STAGE-3: the local engine is always a candidate.
+    advertise: bool,
+    /// RT-ROUTE-5: requests in flight per node.
+    load: Mutex<LoadBook>,
+    routed_local: AtomicU64,
+    routed_remote: AtomicU64,
+    failovers: AtomicU64,
+}
+
+impl std::fmt::Debug for Router {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (local, remote, failovers) = self.counts();
+        f.debug_struct("Router")
+            .field("me", &self.me)
+            .field("advertise", &self.advertise)
+            .field("routed_local", &local)
+            .field("routed_remote", &remote)
+            .field("failovers", &failovers)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Two handles are equal when they are the same router (for `ApiConfig`).
+impl PartialEq for Router {
+    fn eq(&self, other: &Router) -> bool {
+        std::ptr::eq(self, other)
+    }
+}
+
+/// Text already sent to the client, and the check a replay must pass
+/// (RT-STAGE-4).
+#[derive(Debug, Default)]
+struct Sent {
+    text: String,
+}
+
+impl Sent {
+    /// The part of `got` (everything an attempt produced so far) the client
+    /// has not seen, or an error if `got` contradicts what it has seen.
+    fn fresh<'a>(&self, got: &'a str, before: usize) -> Result<&'a str, Error> {
+        let seen = &self.text;
+        if got.len() <= seen.len() {
+            if !seen.starts_with(got) {
+                return Err(Error::Inference(
+                    "the replayed answer diverged from the text already sent".into(),
+                ));
+            }
+            return Ok("");
+        }
+        if !got.starts_with(seen.as_str()) {
+            return Err(Error::Inference(
+                "the replayed answer diverged from the text already sent".into(),
+            ));
+        }
+        Ok(&got[seen.len().max(before)..])
+    }
+}
+
+impl Router {
+    pub fn new(
+        me: Address,
+        transport: Arc<GrpcTransport>,
+        heartbeats: Arc<Heartbeats>,
+        advertise: bool,
+    ) -> Router {
+        Router {
+            me,
+            transport,
+            heartbeats,
+            advertise,
+            load: Mutex::new(LoadBook::default()),
+            routed_local: AtomicU64::new(0),
+            routed_remote: AtomicU64::new(0),
+            failovers: AtomicU64::new(0),
+        }
+    }
+
+    /// Requests served here and by other nodes, and failovers (`/metrics`).
+    pub fn counts(&self) -> (u64, u64, u64) {
+        (
+            self.routed_local.load(Ordering::Relaxed),
+            self.routed_remote.load(Ordering::Relaxed),
+            self.failovers.load(Ordering::Relaxed),
+        )
+    }
+
+    /// RT-STAGE-2/3: where the next attempt runs.
+    fn choose(
+        &self,
+        engine: &InferenceHandle,
+        model: Hash32,
+        excluded: &BTreeSet<Address>,
+    ) -> Choice {
+        let now = now_ms();
+        let layers = u32::try_from(engine.model.layers.max(1)).unwrap_or(u32::MAX);
+        let remote = self
+            .heartbeats
+            .whole_model_holders(&model, layers, excluded, now);
+        let local_ok = !excluded.contains(&self.me) && (self.advertise || remote == 0);
+        if remote == 0 {
+            return Choice::Local;
+        }
+        let ops = &engine.stats.ops;
+        let local = local_ok.then(|| Candidate {
+            node: self.me,
+            first_layer: 0,
+            last_layer: layers - 1,
+            dense: true,
+            experts: Vec::new(),
+            rtt_us: 0,
+            compute_per_layer_us: ops.compute_per_token_us().div_ceil(u64::from(layers)),
+            queue_depth: u32::try_from(engine.queued() + usize::from(ops.is_running()))
+                .unwrap_or(u32::MAX),
+        });
+        let rtt: BTreeMap<Address, u64> = self
+            .transport
+            .peer_stats()
+            .lock()
+            .expect("peer stats lock")
+            .iter()
+            .filter_map(|(p, s)| s.rtt_us.map(|r| (*p, r)))
+            .collect();
+        let shape = ModelShape {
+            model,
+            layers,
+            experts_per_layer: 0,
+        };
+        let load = self.load.lock().expect("load book lock").clone();
+        match self
+            .heartbeats
+            .plan(shape, local, excluded, &load, &rtt, now)
+        {
+            Ok(plan) if plan.stages.len() == 1 && plan.stages[0].node != self.me => {
+                Choice::Remote(plan.stages[0].node)
+            }
+            Ok(_) => Choice::Local,
+            Err(e) => {
+                debug!(error = %e, "no route; serving locally");
+                Choice::Local
+            }
+        }
+    }
+
+    /// RT-STAGE-2..5: serves `req` for the model of meta block `model` on
+    /// the best node, failing over as RT-STAGE-4 says. `pieces` receives
+    /// streamed text as [`InferenceHandle::generate`]'s does.
+    pub async fn generate(
+        &self,
+        engine: &InferenceHandle,
+        model: Option<Hash32>,
+        req: ChatRequest,
+        pieces: Option<mpsc::Sender<String>>,
+    ) -> Routed {
+        let mut failed = Vec::new();
+        let Some(model) = model else {
+            self.routed_local.fetch_add(1, Ordering::Relaxed);
+            let result = engine.generate(req, pieces).await;
+            return Routed {
+                result,
+                served_by: self.me,
+                failed,
+            };
+        };
+        let mut excluded = BTreeSet::new();
+        let mut sent = Sent::default();
+        for attempt in 0..MAX_ATTEMPTS {
+            let last = attempt + 1 == MAX_ATTEMPTS;
+            let choice = if last {
+                Choice::Local
+            } else {
+                self.choose(engine, model, &excluded)
+            };
+            let (node, outcome) = match choice {
+                Choice::Local => (self.me, self.local(engine, &req, &pieces, &mut sent).await),
+                Choice::Remote(node) => {
+                    let plan_node = node;
+                    {
+                        let mut load = self.load.lock().expect("load book lock");
+                        *load = with_inflight(&load, plan_node, true);
+                    }
+                    let r = self
+                        .remote(engine, node, model, &req, &pieces, &mut sent)
+                        .await;
+                    {
+                        let mut load = self.load.lock().expect("load book lock");
+                        *load = with_inflight(&load, plan_node, false);
+                    }
+                    (node, r)
+                }
+            };
+            match outcome {
+                Ok(result) => {
+                    let counter = if node == self.me {
+                        &self.routed_local
+                    } else {
+                        &self.routed_remote
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    return Routed {
+                        result: Ok(result),
+                        served_by: node,
+                        failed,
+                    };
+                }
+                Err(Failure::Request(e)) => {
+                    return Routed {
+                        result: Err(e),
+                        served_by: node,
+                        failed,
+                    };
+                }
+                Err(Failure::Node(why)) => {
+                    self.failovers.fetch_add(1, Ordering::Relaxed);
+                    warn!(node = %node, error = %why, attempt, "routed stage failed; failing over (RT-STAGE-4)");
+                    excluded.insert(node);
+                    failed.push(node);
+                }
+            }
+        }
+        unreachable!("the last attempt is local and always returns")
+    }
+
+    /// One attempt on the local engine, forwarding only text the client has
+    /// not seen. Its errors are the request's answer (no failover from the
+    /// local engine: it is chosen last, or when it is the best).
+    async fn local(
+        &self,
+        engine: &InferenceHandle,
+        req: &ChatRequest,
+        pieces: &Option<mpsc::Sender<String>>,
+        sent: &mut Sent,
+    ) -> Result<ChatResult, Failure> {
+        let Some(client) = pieces else {
+            return engine
+                .generate(req.clone(), None)
+                .await
+                .map_err(Failure::Request);
+        };
+        if sent.text.is_empty() {
+            let r = engine.generate(req.clone(), Some(client.clone())).await;
+            return r.map_err(Failure::Request);
+        }
+        // A replay: the engine's pieces pass through the prefix check.
+        let (tx, mut rx) = mpsc::channel::<String>(crate::inference::STREAM_PIECES);
+        let generation = engine.generate(req.clone(), Some(tx));
+        tokio::pin!(generation);
+        let mut got = String::new();
+        let before = sent.text.len();
+        let result = loop {
+            tokio::select! {
+                Some(p) = rx.recv() => {
+                    got.push_str(&p);
+                    forward(sent, &got, before, client).await?;
+                }
+                r = &mut generation => break r,
+            }
+        };
+        while let Ok(p) = rx.try_recv() {
+            got.push_str(&p);
+            forward(sent, &got, before, client).await?;
+        }
+        result.map_err(Failure::Request)
+    }
+
+    /// One attempt on `node` over the transport (RT-STAGE-1).
+    async fn remote(
+        &self,
+        engine: &InferenceHandle,
+        node: Address,
+        model: Hash32,
+        req: &ChatRequest,
+        pieces: &Option<mpsc::Sender<String>>,
+        sent: &mut Sent,
+    ) -> Result<ChatResult, Failure> {
+        let span = tracing::info_span!("inference.route", route = "remote", node = %node);
+        let body = serde_json::to_vec(&StageRequest {
+            model: crate::api::hex0x(&model),
+            request: req.clone(),
+        })
+        .expect("a StageRequest serialises");
+        let deadline = Duration::from_millis(engine.config.timeout_ms);
+        let run = async {
+            let client = self
+                .transport
+                .client(node)
+                .await
+                .map_err(|e| Failure::Node(e.to_string()))?;
+            let mut stream = client.generate(Bytes::from(body)).await.map_err(|s| {
+                if crate::transport::is_connection_failure(&s) {
+                    self.transport.forget_client(&node);
+                }
+                Failure::Node(format!("{:?}: {}", s.code(), s.message()))
+            })?;
+            let mut got = String::new();
+            let before = sent.text.len();
+            loop {
+                let ev = match stream.message().await {
+                    Ok(Some(ev)) => ev,
+                    Ok(None) => {
+                        return Err(Failure::Node(
+                            "the answer stream ended without a result".into(),
+                        ));
+                    }
+                    Err(s) => {
+                        if crate::transport::is_connection_failure(&s) {
+                            self.transport.forget_client(&node);
+                        }
+                        return Err(Failure::Node(format!("{:?}: {}", s.code(), s.message())));
+                    }
+                };
+                let (tag, rest) = ev
+                    .split_first()
+                    .ok_or_else(|| Failure::Node("an empty event".into()))?;
+                match tag {
+                    b'p' => {
+                        let piece = std::str::from_utf8(rest)
+                            .map_err(|_| Failure::Node("a piece that is not UTF-8".into()))?;
+                        got.push_str(piece);
+                        if let Some(client) = pieces {
+                            forward(sent, &got, before, client).await?;
+                        }
+                    }
+                    b'r' => {
+                        let r: StageResult = serde_json::from_slice(rest)
+                            .map_err(|e| Failure::Node(format!("result: {e}")))?;
+                        if pieces.is_some() && !r.text.starts_with(got.as_str()) {
+                            return Err(Failure::Node(
+                                "the result contradicts the streamed text".into(),
+                            ));
+                        }
+                        let finish_reason = match r.finish_reason.as_str() {
+                            "stop" => "stop",
+                            "length" => "length",
+                            other => return Err(Failure::Node(format!("finish reason {other:?}"))),
+                        };
+                        return Ok(ChatResult {
+                            text: r.text,
+                            prompt_tokens: r.prompt_tokens,
+                            completion_tokens: r.completion_tokens,
+                            finish_reason,
+                            capped: r.capped,
+                            experts_used: r.experts_used,
+                        });
+                    }
+                    b'e' => {
+                        let e: StageError = serde_json::from_slice(rest)
+                            .map_err(|e| Failure::Node(format!("error event: {e}")))?;
+                        return Err(match e.kind.as_str() {
+                            "bad_request" => Failure::Request(Error::BadRequest(e.message)),
+                            "payment" => Failure::Request(Error::PaymentRequired(e.message)),
+                            _ => Failure::Node(format!("{}: {}", e.kind, e.message)),
+                        });
+                    }
+                    other => return Err(Failure::Node(format!("unknown event tag {other}"))),
+                }
+            }
+        };
+        match tokio::time::timeout(deadline, run.instrument(span)).await {
+            Ok(r) => {
+                if r.is_ok() {
+                    info!(node = %node, "request served by a peer");
+                }
+                r
+            }
+            Err(_) => Err(Failure::Node("the routed stage missed its deadline".into())),
+        }
+    }
+}
+
+/// Sends the client what it has not seen of `got`; a client gone ends the
+/// request.
+async fn forward(
+    sent: &mut Sent,
+    got: &str,
+    before: usize,
+    client: &mpsc::Sender<String>,
+) -> Result<(), Failure> {
+    let fresh = sent.fresh(got, before).map_err(Failure::Request)?;
+    if fresh.is_empty() {
+        return Ok(());
+    }
+    client.try_send(fresh.to_string()).map_err(|_| {
+        Failure::Request(Error::Inference(
+            "the client went away or left the stream unread".into(),
+        ))
+    })?;
+    sent.text.push_str(fresh);
+    Ok(())
+}
+
+/// RT-ROUTE-5: `load` with one more (or one fewer) request in flight at `node`.
+fn with_inflight(load: &LoadBook, node: Address, add: bool) -> LoadBook {
+    let plan = blyan_route::route::Plan {
+        model: [0; 32],
+        stages: vec![blyan_route::route::Stage {
+            node,
+            first_layer: 0,
+            last_layer: 0,
+            experts: Vec::new(),
+            estimated_us: 0,
+        }],
+        estimated_us: 0,
+    };
+    let mut l = load.clone();
+    if add {
+        l.assign(&plan);
+    } else {
+        l.release(&plan);
+    }
+    l
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sent(s: &str) -> Sent {
+        Sent { text: s.into() }
+    }
+
+    #[test]
+    fn rt_stage_4_a_replay_forwards_only_what_the_client_has_not_seen() {
+        let s = sent("Hello, wor");
+        // Still inside what was sent: nothing new, and it must agree.
+        assert_eq!(s.fresh("Hel", 10).unwrap(), "");
+        assert_eq!(s.fresh("Hello, wor", 10).unwrap(), "");
+        // Past it: only the rest.
+        assert_eq!(s.fresh("Hello, world", 10).unwrap(), "ld");
+        // A replay that contradicts what was sent fails.
+        assert!(s.fresh("Help", 10).is_err());
+        assert!(s.fresh("Hello, Word!", 10).is_err());
+        // Nothing sent yet: everything is fresh.
+        assert_eq!(sent("").fresh("abc", 0).unwrap(), "abc");
+    }
+
+    #[test]
+    fn rt_stage_1_events_round_trip() {
+        let e = error_event(&Error::Busy("full".into()));
+        assert_eq!(e[0], b'e');
+        let parsed: StageError = serde_json::from_slice(&e[1..]).unwrap();
+        assert_eq!(parsed.kind, "busy");
+        let req = StageRequest {
+            model: "0x00".into(),
+            request: ChatRequest {
+                prompt: "hi".into(),
+                max_tokens: 3,
+                temperature: 0.0,
+                top_p: 1.0,
+                seed: 7,
+                stop: vec!["\n".into()],
+                max_total_tokens: Some(10),
+            },
+        };
+        let bytes = serde_json::to_vec(&req).unwrap();
+        let back: StageRequest = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(back.request, req.request);
+        assert!(serde_json::from_slice::<StageRequest>(b"{\"model\":\"x\"}").is_err());
+    }
+}
