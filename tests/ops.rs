@@ -420,7 +420,11 @@ async fn a_devnet_process_exports_metrics_spans_and_json_logs_and_stops_on_sigte
     }
     let url = banner
         .iter()
-        .find_map(|l| l.strip_prefix("node 0: api ")?.split_whitespace().next())
+        .find_map(|l| {
+            l.strip_prefix("node 0: validator  api ")?
+                .split_whitespace()
+                .next()
+        })
         .unwrap_or_else(|| panic!("no node 0 line in {banner:?}"))
         .to_string();
     let api_key = banner

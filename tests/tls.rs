@@ -640,11 +640,7 @@ async fn chat_is_routed_to_a_holder_and_fails_over_by_replay() {
         .await
         .unwrap();
     assert_eq!(s, 200, "{routed}");
-    assert_eq!(
-        routed["blyan"]["route"][0]["node"],
-        json_addr(&node),
-        "{routed}"
-    );
+    assert_eq!(server_of(&routed["blyan"]), json_addr(&node), "{routed}");
     assert!(metric(&hurl, "blyan_inference_requests_total{outcome=\"ok\"}").await >= 1.0);
     assert!(metric(&url, "blyan_inference_routed_total{served=\"remote\"}").await >= 1.0);
 
@@ -655,7 +651,7 @@ async fn chat_is_routed_to_a_holder_and_fails_over_by_replay() {
         "stream": true,
     });
     let (failed_over, blyan) = streamed(&url, &faulty).await;
-    assert_eq!(blyan["route"][0]["node"], json_addr(&v0.address), "{blyan}");
+    assert_eq!(server_of(&blyan), json_addr(&v0.address), "{blyan}");
     assert!(metric(&url, "blyan_inference_failovers_total").await >= 1.0);
     assert!(metric(&hurl, "blyan_inference_panics_total").await >= 1.0);
 
@@ -673,7 +669,7 @@ async fn chat_is_routed_to_a_holder_and_fails_over_by_replay() {
         .unwrap();
     assert_eq!(s, 200, "{local}");
     assert_eq!(
-        local["blyan"]["route"][0]["node"],
+        server_of(&local["blyan"]),
         json_addr(&v0.address),
         "{local}"
     );
@@ -696,4 +692,119 @@ async fn chat_is_routed_to_a_holder_and_fails_over_by_replay() {
         "the failed-over stream differs from the uninterrupted answer"
     );
     net.stop().await;
+}
+
+/// `blyan devnet --inference-nodes 2` in process: the devnet registers two
+/// inference nodes on chain and starts them; every validator lists both
+/// live and routes chat to them; with one stopped, requests go to the
+/// other and the devnet keeps committing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_devnet_with_inference_nodes_routes_chat_to_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = DevnetOptions::new(dir.path().join("devnet"), 4);
+    opts.base_port = None;
+    opts.block_interval_ms = 300;
+    opts.rate_limits = blyan_runtime::ratelimit::RateLimitConfig::unlimited();
+    opts.inference_nodes = 2;
+    let mut net = Devnet::start(opts).await.unwrap();
+    assert_eq!(net.inference.len(), 2);
+    let holders: Vec<serde_json::Value> = net
+        .inference
+        .iter()
+        .map(|n| json_addr(&n.address))
+        .collect();
+    let url = net.nodes[0].api_url();
+    for v in &net.nodes {
+        let vurl = v.api_url();
+        eventually(
+            "every validator to list both inference nodes live",
+            || async {
+                let nodes = get(&vurl, "/nodes").await;
+                let live = nodes["live"].as_array().unwrap().clone();
+                holders
+                    .iter()
+                    .all(|h| live.iter().any(|n| &n["node_id"] == h))
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+    let ask = serde_json::json!({ "prompt": "Where am I served?", "max_tokens": 8 });
+    let (s, a) = blyan_runtime::client::post_json(&url, "/chat", &ask)
+        .await
+        .unwrap();
+    assert_eq!(s, 200, "{a}");
+    let by = server_of(&a["blyan"]);
+    assert!(
+        holders.contains(&by),
+        "served by {by}, not an inference node: {a}"
+    );
+    // Paid (an API key of the faucet's allowance): the validator settles
+    // the usage with the serving node's share (RT-STAGE-5), so that node's
+    // inference reward claim rises.
+    let key = net.api_key().await.unwrap();
+    let bearer = format!("Bearer {key}");
+    let r = blyan_runtime::client::send(
+        &url,
+        "POST",
+        "/chat",
+        &[("Authorization", bearer.as_str())],
+        Some(ask.to_string().as_bytes()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200);
+    let paid: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(paid["blyan"]["charged"], true, "{paid}");
+    let payee = server_of(&paid["blyan"]).as_str().unwrap().to_string();
+    assert!(holders.contains(&serde_json::json!(payee)), "{paid}");
+    // (A claim, or, once the short devnet reward epoch ends, the payout.)
+    let balance = |a: &serde_json::Value| a["balance"].as_str().unwrap().parse::<u128>().unwrap();
+    let before = balance(&get(&url, &format!("/account/{payee}")).await);
+    eventually("the serving node's inference claim or payout", || async {
+        let acct = get(&url, &format!("/account/{payee}")).await;
+        let claim = acct["reward_claims"]["inference"]
+            .as_str()
+            .and_then(|c| c.parse::<u128>().ok())
+            .unwrap_or(0);
+        (claim > 0 || balance(&acct) > before).then_some(())
+    })
+    .await;
+    // Stop the node that served: the other one serves the next requests.
+    let gone = net
+        .inference
+        .iter()
+        .position(|n| json_addr(&n.address) == by)
+        .unwrap();
+    let stopped = net.inference.remove(gone);
+    stopped.stop(1_000).await;
+    let other = json_addr(&net.inference[0].address);
+    eventually(
+        "a request served by the remaining inference node",
+        || async {
+            let (s, a) = blyan_runtime::client::post_json(&url, "/chat", &ask)
+                .await
+                .unwrap();
+            (s == 200 && server_of(&a["blyan"]) == other).then_some(())
+        },
+    )
+    .await;
+    let h = height(&url).await;
+    eventually("the devnet to keep committing", || async {
+        (height(&url).await >= h + 3).then_some(())
+    })
+    .await;
+    net.stop().await;
+}
+
+/// The node that computed an answer: the route's share with the most work
+/// (RT-STAGE-5: the router adds 1 per token, the server its layers per token).
+fn server_of(blyan: &serde_json::Value) -> serde_json::Value {
+    blyan["route"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no route in {blyan}"))
+        .iter()
+        .max_by_key(|s| s["work"].as_u64().unwrap())
+        .unwrap_or_else(|| panic!("an empty route in {blyan}"))["node"]
+        .clone()
 }

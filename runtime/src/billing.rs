@@ -297,8 +297,11 @@ impl Meter {
         self.complete_by(r, model, served, self.node, route_work)
     }
 
-    /// [`Meter::complete`] for a request served by `node` (RT-STAGE-5: the
-    /// route's share goes to the node that computed it).
+    /// [`Meter::complete`] for a request computed by `node` (RT-STAGE-5):
+    /// its share is `route_work` per token; when it is not this node, this
+    /// node (the router: tokenizer, sampling, the client's stream, and the
+    /// settler, which TX-15 requires on the route) adds a share of 1 per
+    /// token ([`route_of`]).
     pub fn complete_by(
         &self,
         r: Reservation,
@@ -330,10 +333,7 @@ impl Meter {
             model,
             prompt_tokens: prompt,
             completion_tokens: completion,
-            route: vec![RouteShare {
-                node,
-                work: route_work.max(1).saturating_mul(tokens),
-            }],
+            route: route_of(self.node, node, route_work, tokens),
         });
         a.unsettled_cost += cost;
         self.counters
@@ -585,9 +585,44 @@ pub const SETTLER_POLL_MS: u64 = 500;
 /// The tip a settlement pays per gas unit.
 pub const SETTLE_TIP_PER_GAS: u128 = 1;
 
+/// RT-STAGE-5, ALW-6: the route of a request the router `me` took and
+/// `server` computed: `server` earns `route_work` (its layers) per token;
+/// a router that is not the server earns 1 per token; sorted by node.
+pub fn route_of(me: Address, server: Address, route_work: u64, tokens: u64) -> Vec<RouteShare> {
+    let mut route = vec![RouteShare {
+        node: server,
+        work: route_work.max(1).saturating_mul(tokens),
+    }];
+    if me != server {
+        route.push(RouteShare {
+            node: me,
+            work: tokens.max(1),
+        });
+        route.sort_by_key(|s| s.node);
+    }
+    route
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// RT-STAGE-5: the server's share is its layers per token; a router that
+    /// is not the server (the settler, TX-15) adds 1 per token; sorted.
+    #[test]
+    fn rt_stage_5_route_of_names_server_and_router() {
+        let (a, b) = (Address([1; 20]), Address([2; 20]));
+        let local = route_of(a, a, 4, 10);
+        assert_eq!(local.len(), 1);
+        assert_eq!((local[0].node, local[0].work), (a, 40));
+        for (me, server) in [(a, b), (b, a)] {
+            let r = route_of(me, server, 4, 10);
+            assert_eq!(r.len(), 2);
+            assert!(r[0].node < r[1].node, "sorted");
+            let work = |n| r.iter().find(|s| s.node == n).unwrap().work;
+            assert_eq!((work(server), work(me)), (40, 10));
+        }
+    }
     use blyan_state_machine::types::BLY;
 
     fn payer(available: Amount) -> Payer {

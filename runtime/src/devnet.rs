@@ -56,6 +56,9 @@ pub const DEVNET_ALLOWANCE_BLY: u128 = 1_000;
 pub const DEVNET_REWARD_EPOCH_BLOCKS: u64 = 30;
 /// How often devnet nodes settle paid usage (API-PAY-3), in blocks.
 pub const DEVNET_SETTLE_INTERVAL_BLOCKS: u64 = 5;
+/// The devnet's inference nodes heartbeat every second (RT-HB-11), so a
+/// stopped one leaves the validators' routes within 3 s.
+pub const DEVNET_HEARTBEAT_INTERVAL_MS: u64 = 1_000;
 
 /// How to start a devnet.
 #[derive(Clone, Debug)]
@@ -80,6 +83,10 @@ pub struct DevnetOptions {
     /// Paid inference (default: free use allowed, settlement every
     /// [`DEVNET_SETTLE_INTERVAL_BLOCKS`]).
     pub payments: crate::billing::PaymentConfig,
+    /// Inference nodes started besides the validators (RT-STAGE-*): each
+    /// registered on chain (TX-9) by the devnet, advertising the whole
+    /// model, so the validators route chat requests to them.
+    pub inference_nodes: usize,
 }
 
 impl DevnetOptions {
@@ -102,6 +109,7 @@ impl DevnetOptions {
                 settle_interval_blocks: DEVNET_SETTLE_INTERVAL_BLOCKS,
                 ..crate::billing::PaymentConfig::default()
             },
+            inference_nodes: 0,
         }
     }
 }
@@ -116,6 +124,9 @@ pub struct Devnet {
     /// Every validator's P2P address and key: the seeds a further node
     /// configures (NODE-ADMIT-3).
     pub peers: Vec<Peer>,
+    /// The inference nodes ([`DevnetOptions::inference_nodes`]), after the
+    /// validators in the devnet's numbering.
+    pub inference: Vec<RunningNode>,
 }
 
 fn write(path: &Path, text: &str) -> Result<(), Error> {
@@ -416,14 +427,187 @@ impl Devnet {
             }
             nodes.push(node);
         }
-        Ok(Devnet {
+        let mut net = Devnet {
             dir,
             genesis,
             nodes,
             faucet,
             faucet_key_file,
             peers,
-        })
+            inference: Vec::new(),
+        };
+        net.start_inference_nodes(&opts).await?;
+        Ok(net)
+    }
+
+    /// Starts `opts.inference_nodes` inference nodes: keys in
+    /// `inference-<j>/key.json` (made once, reused), P2P and HTTP ports after
+    /// the validators', the validators as seeds, the devnet's model with
+    /// `advertise` on (1 s heartbeats); each is funded by the faucet and
+    /// registered on chain (TX-9) through node 0 unless it already is, so
+    /// every validator admits and dials it (NODE-ADMIT-1/3).
+    async fn start_inference_nodes(&mut self, opts: &DevnetOptions) -> Result<(), Error> {
+        use blyan_state_machine::tx::{NodeInfo, TxKind};
+        let mut started = Vec::new();
+        for j in 0..opts.inference_nodes {
+            let nd = self.dir.join(format!("inference-{j}"));
+            std::fs::create_dir_all(&nd).map_err(|e| Error::io(nd.display(), e))?;
+            let key_path = nd.join("key.json");
+            let key = if key_path.is_file() {
+                read_key_file(&key_path, DEVNET_PASSWORD)?
+            } else {
+                let k = generate_key()?;
+                write_key_file(&key_path, &k, DEVNET_PASSWORD, MIN_ITERATIONS)?;
+                k
+            };
+            let i = opts.validators + j;
+            let (p2p, http) = match opts.base_port {
+                Some(p) => {
+                    let p2p = p as usize + 2 * i;
+                    (format!("127.0.0.1:{p2p}"), format!("127.0.0.1:{}", p2p + 1))
+                }
+                None => ("127.0.0.1:0".to_string(), "127.0.0.1:0".to_string()),
+            };
+            let (p2p, http) = (bind(&p2p).await?, bind(&http).await?);
+            let endpoint = p2p
+                .local_addr()
+                .map_err(|e| Error::io("p2p listener", e))?
+                .to_string();
+            started.push((key, nd, endpoint, p2p, http));
+        }
+        if started.is_empty() {
+            return Ok(());
+        }
+        // Fund, then register, those not registered with this endpoint.
+        let node0 = &self.nodes[0];
+        let ledger = crate::api::snapshot(&node0.handle).ledger.clone();
+        let todo: Vec<usize> = (0..started.len())
+            .filter(|&j| {
+                let (key, _, endpoint, _, _) = &started[j];
+                ledger
+                    .node(&Address::from_public_key(key.verifying_key()))
+                    .is_none_or(|r| &r.info.endpoint != endpoint)
+            })
+            .collect();
+        let faucet = read_key_file(&self.faucet_key_file, DEVNET_PASSWORD)?;
+        let first_nonce = ledger.account(&self.faucet).nonce;
+        let fundings = (first_nonce..)
+            .zip(&todo)
+            .map(|(nonce, &j)| {
+                let to = Address::from_public_key(started[j].0.verifying_key());
+                let kind = TxKind::Transfer {
+                    to,
+                    amount: 1_000 * BLY,
+                };
+                self.sign(&faucet, nonce, kind, &ledger)
+            })
+            .collect();
+        self.commit_all(fundings, "funding the inference nodes")
+            .await?;
+        let ledger = crate::api::snapshot(&self.nodes[0].handle).ledger.clone();
+        let mut registrations = Vec::new();
+        for &j in &todo {
+            let (key, _, endpoint, _, _) = &started[j];
+            let me = Address::from_public_key(key.verifying_key());
+            let mut own_nonce = ledger.account(&me).nonce;
+            if ledger.node(&me).is_some() {
+                // Registered at another endpoint (ephemeral ports): leave and
+                // register again.
+                registrations.push(self.sign(key, own_nonce, TxKind::DeregisterNode, &ledger));
+                own_nonce += 1;
+            }
+            let kind = TxKind::RegisterNode {
+                info: Box::new(NodeInfo {
+                    endpoint: endpoint.clone(),
+                    blocks: Vec::new(),
+                }),
+                bond: self.genesis.params.node_min_bond,
+            };
+            registrations.push(self.sign(key, own_nonce, kind, &ledger));
+        }
+        self.commit_all(registrations, "registering the inference nodes")
+            .await?;
+        for (key, nd, _, p2p, http) in started {
+            let setup = NodeSetup {
+                genesis: self.genesis.clone(),
+                key,
+                data_dir: nd.join("data"),
+                node: NodeConfig {
+                    block_interval_ms: opts.block_interval_ms,
+                    ..opts.node.clone()
+                },
+                peers: self.peers.clone(),
+                max_body_bytes: crate::api::MAX_BODY_BYTES,
+                expert_cache_bytes: crate::blobs::DEFAULT_CACHE_BYTES,
+                rate_limits: opts.rate_limits.clone(),
+                inference: crate::inference::InferenceConfig {
+                    enabled: true,
+                    model_dir: Some(model_dir(&self.dir)),
+                    advertise: true,
+                    heartbeat_interval_ms: DEVNET_HEARTBEAT_INTERVAL_MS,
+                    ..opts.inference.clone()
+                },
+                http: opts.http.clone(),
+                logs: crate::usage::LogsConfig::default(),
+                payments: opts.payments.clone(),
+            };
+            self.inference
+                .push(RunningNode::start(setup, p2p, http).await?);
+        }
+        Ok(())
+    }
+
+    /// A transaction of `key` paying twice the next base fee.
+    fn sign(
+        &self,
+        key: &SigningKey,
+        nonce: u64,
+        kind: blyan_state_machine::tx::TxKind,
+        ledger: &blyan_state_machine::ledger::Ledger,
+    ) -> blyan_state_machine::tx::SignedTx {
+        blyan_state_machine::tx::TxBody {
+            nonce,
+            gas_limit: blyan_state_machine::ledger::intrinsic_gas(&kind),
+            max_fee_per_gas: ledger.next_block_base_fee().saturating_mul(2) + 1,
+            max_priority_fee_per_gas: 1,
+            kind,
+        }
+        .sign(&self.genesis.chain_id, key)
+    }
+
+    /// Submits `txs` through node 0 and waits (at most 120 s) until every
+    /// one has committed successfully.
+    async fn commit_all(
+        &self,
+        txs: Vec<blyan_state_machine::tx::SignedTx>,
+        what: &str,
+    ) -> Result<(), Error> {
+        let node = &self.nodes[0];
+        let mut ids = Vec::new();
+        for tx in txs {
+            let id = crate::api::submit(&node.handle, tx)
+                .await
+                .map_err(|e| Error::Node(format!("{what}: {}", e.message)))?;
+            ids.push(id);
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        for id in ids {
+            loop {
+                if let Some(loc) = node.handle.reader.tx(&id)? {
+                    if let Some(why) = loc.receipt.failure {
+                        return Err(Error::Node(format!("{what}: {why}")));
+                    }
+                    break;
+                }
+                if std::time::Instant::now() > deadline {
+                    return Err(Error::Node(format!("{what}: not committed in 120 s")));
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+        // The node's published state holds the last of them.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        Ok(())
     }
 
     /// The devnet's API key (API-KEY-1): read back from `api-key.txt` if its
@@ -432,7 +616,7 @@ impl Devnet {
     /// node 0, waits for it to commit, and signs key 0 for it.
     pub async fn api_key(&self) -> Result<String, Error> {
         use blyan_state_machine::allowance::{AllowanceTerms, ApiKey, authorize};
-        use blyan_state_machine::tx::{TxBody, TxKind};
+        use blyan_state_machine::tx::TxKind;
         let node = &self.nodes[0];
         let path = self.dir.join("api-key.txt");
         let usable = |key: &str| {
@@ -465,32 +649,15 @@ impl Devnet {
             node_caps: Vec::new(),
             expires_at: snap.ledger.height() + self.genesis.params.max_allowance_blocks,
         }));
-        let tx = TxBody {
-            nonce: snap.ledger.account(&self.faucet).nonce,
-            gas_limit: blyan_state_machine::ledger::intrinsic_gas(&kind),
-            max_fee_per_gas: snap.ledger.next_block_base_fee().saturating_mul(2) + 1,
-            max_priority_fee_per_gas: 1,
+        let tx = self.sign(
+            &faucet,
+            snap.ledger.account(&self.faucet).nonce,
             kind,
-        }
-        .sign(&self.genesis.chain_id, &faucet);
-        let id = crate::api::submit(&node.handle, tx)
-            .await
-            .map_err(|e| Error::Node(format!("opening the devnet's allowance: {}", e.message)))?;
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-        loop {
-            if let Some(loc) = node.handle.reader.tx(&id)? {
-                if let Some(why) = loc.receipt.failure {
-                    return Err(Error::Node(format!("the devnet's allowance failed: {why}")));
-                }
-                break;
-            }
-            if std::time::Instant::now() > deadline {
-                return Err(Error::Node(
-                    "the devnet's allowance did not commit in 120 s".into(),
-                ));
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        }
+            &snap.ledger,
+        );
+        let id = tx.id();
+        self.commit_all(vec![tx], "opening the devnet's allowance")
+            .await?;
         let key = ApiKey::issue(&self.genesis.chain_id, &faucet, id, 0).to_key_string();
         write(&path, &format!("{key}\n"))?;
         // The key is usable once node 0's snapshot holds the allowance.
@@ -505,6 +672,9 @@ impl Devnet {
 
     /// Stops every node.
     pub async fn stop(self) {
+        for n in self.inference {
+            n.stop(5_000).await;
+        }
         for n in self.nodes {
             n.stop(5_000).await;
         }

@@ -297,8 +297,11 @@ fn finish(
     let layers = engine.model.layers.max(1) as u64;
     let served = r.ok();
     let tokens = served.map_or(0, |r| (r.prompt_tokens + r.completion_tokens) as u64);
-    let route = if served.is_some() {
-        vec![(served_by, layers.saturating_mul(tokens))]
+    let route: Vec<_> = if served.is_some() {
+        crate::billing::route_of(state.node.address, served_by, layers, tokens)
+            .into_iter()
+            .map(|s| (s.node, s.work))
+            .collect()
     } else {
         Vec::new()
     };

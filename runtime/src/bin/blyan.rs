@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! blyan devnet [--dir DIR] [--validators 4] [--base-port 7100] [--block-interval-ms 2000]
+//!              [--inference-nodes N]
 //! blyan node --config FILE [--check-config]
 //!   (both: [--log-format text|json] [--log FILTER] [--otlp-endpoint URL])
 //! blyan keys new --out FILE      (password: --password-file FILE, BLYAN_KEY_PASSWORD,
@@ -67,6 +68,12 @@ enum Command {
         base_port: u16,
         #[arg(long, default_value_t = blyan_runtime::config::DEFAULT_BLOCK_INTERVAL_MS)]
         block_interval_ms: u64,
+        /// Inference nodes to start besides the validators: registered on
+        /// chain by the devnet, each serving the whole model; the
+        /// validators route chat requests to them (spec/inference.md
+        /// RT-STAGE-*). 0: the validators serve from their own engines.
+        #[arg(long, default_value_t = 0)]
+        inference_nodes: usize,
         #[command(flatten)]
         log: LogArgs,
     },
@@ -615,18 +622,24 @@ async fn run(cli: Cli) -> Result<(), Error> {
             validators,
             base_port,
             block_interval_ms,
+            inference_nodes,
             log,
         } => {
             let _telemetry = log.init("blyan-devnet")?;
             let mut opts = DevnetOptions::new(dir, validators);
+            opts.inference_nodes = inference_nodes;
             // 0: ephemeral ports (tests; the lines below say which).
             opts.base_port = (base_port != 0).then_some(base_port);
             opts.block_interval_ms = block_interval_ms;
             let devnet = Devnet::start(opts).await?;
             println!("data directory: {}", devnet.dir.display());
-            for (i, n) in devnet.nodes.iter().enumerate() {
+            let pid = std::process::id();
+            let roles = std::iter::repeat("validator")
+                .zip(&devnet.nodes)
+                .chain(std::iter::repeat("inference").zip(&devnet.inference));
+            for (i, (role, n)) in roles.enumerate() {
                 println!(
-                    "node {i}: api {}  p2p {}  address {}",
+                    "node {i}: {role}  api {}  p2p {}  address {}  pid {pid}",
                     n.api_url(),
                     n.p2p_addr,
                     n.address
