@@ -10,6 +10,12 @@
 //! full, API-CHAT-3) or otherwise failed. After the keyed run it waits for
 //! settlement and checks that the allowance's `spent` equals the sum of the
 //! charged costs the answers reported.
+//!
+//! With `inference_nodes` > 0 the devnet also runs that many inference nodes
+//! (RT-STAGE-*): the validators route every request to them over the P2P
+//! transport, so comparing a run with 0 against one with 1 (at `clients` =
+//! 1: batch 1) shows what a one-stage remote route costs per request. The
+//! report counts the answers by the node that computed them.
 
 use crate::Error;
 use crate::client::{get_json, send};
@@ -26,6 +32,8 @@ pub struct ChatBenchOptions {
     pub duration_s: u64,
     pub max_tokens: usize,
     pub block_interval_ms: u64,
+    /// Inference nodes besides the validators (0: validators serve locally).
+    pub inference_nodes: usize,
 }
 
 /// One mode's numbers.
@@ -37,6 +45,8 @@ pub struct ModeResult {
     pub latencies_ms: Vec<f64>,
     pub charged_base_units: u128,
     pub elapsed_s: f64,
+    /// Answers by the node that computed them (the route's largest share).
+    pub served_by: std::collections::BTreeMap<String, u64>,
 }
 
 impl ModeResult {
@@ -51,14 +61,20 @@ impl ModeResult {
     }
 
     pub fn line(&self, mode: &str) -> String {
+        let servers: Vec<String> = self
+            .served_by
+            .iter()
+            .map(|(n, c)| format!("{}…={c}", n.get(..10).unwrap_or(n)))
+            .collect();
         format!(
-            "{mode:<8} {:>8.1} req/s  p50 {:>8.1} ms  p99 {:>8.1} ms  ok {:>6}  busy(503) {:>6}  failed {:>4}",
+            "{mode:<8} {:>8.1} req/s  p50 {:>8.1} ms  p99 {:>8.1} ms  ok {:>6}  busy(503) {:>6}  failed {:>4}  served by {}",
             self.ok as f64 / self.elapsed_s,
             self.percentile(0.5),
             self.percentile(0.99),
             self.ok,
             self.busy,
-            self.failed
+            self.failed,
+            servers.join(" ")
         )
     }
 }
@@ -98,6 +114,13 @@ async fn one_mode(urls: &[String], key: Option<&str>, o: &ChatBenchOptions) -> M
                         r.latencies_ms.push(t.elapsed().as_secs_f64() * 1e3);
                         let v: serde_json::Value =
                             serde_json::from_slice(&resp.body).unwrap_or_default();
+                        let server = v["blyan"]["route"]
+                            .as_array()
+                            .and_then(|r| r.iter().max_by_key(|s| s["work"].as_u64()))
+                            .and_then(|s| s["node"].as_str())
+                            .unwrap_or("?")
+                            .to_string();
+                        *r.served_by.entry(server).or_default() += 1;
                         if v["blyan"]["charged"] == true {
                             r.charged_base_units += v["blyan"]["cost_base_units"]
                                 .as_str()
@@ -124,6 +147,9 @@ async fn one_mode(urls: &[String], key: Option<&str>, o: &ChatBenchOptions) -> M
         total.failed += r.failed;
         total.charged_base_units += r.charged_base_units;
         total.latencies_ms.extend(r.latencies_ms);
+        for (n, c) in r.served_by {
+            *total.served_by.entry(n).or_default() += c;
+        }
     }
     total.elapsed_s = start.elapsed().as_secs_f64();
     total
@@ -143,7 +169,19 @@ pub async fn run(o: ChatBenchOptions) -> Result<String, Error> {
     opts.base_port = None;
     opts.block_interval_ms = o.block_interval_ms;
     opts.rate_limits = crate::ratelimit::RateLimitConfig::unlimited();
+    opts.inference_nodes = o.inference_nodes;
     let devnet = Devnet::start(opts).await?;
+    if o.inference_nodes > 0 {
+        // The validators route only to nodes whose heartbeats they hold.
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(60) {
+            let (_, v) = get_json(&devnet.nodes[0].api_url(), "/nodes").await?;
+            if v["live"].as_array().map_or(0, Vec::len) >= o.inference_nodes {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
     let urls: Vec<String> = devnet.nodes.iter().map(|n| n.api_url()).collect();
     let key = devnet.api_key().await?;
     let allowance = blyan_state_machine::allowance::ApiKey::parse(&key)
@@ -159,8 +197,8 @@ pub async fn run(o: ChatBenchOptions) -> Result<String, Error> {
     let path = format!("/allowance/0x{}", hex::encode(allowance));
     let (_, before) = get_json(&urls[0], &path).await?;
     let mut report = format!(
-        "bench-chat: {} clients over 4 nodes, {} s per mode, max_tokens {}, embedded model on CPU\n",
-        o.clients, o.duration_s, o.max_tokens
+        "bench-chat: {} clients over 4 validators, {} inference nodes, {} s per mode, max_tokens {}, embedded model on CPU\n",
+        o.clients, o.inference_nodes, o.duration_s, o.max_tokens
     );
     let free = one_mode(&urls, None, &o).await;
     report.push_str(&free.line("no key"));

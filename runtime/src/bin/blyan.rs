@@ -205,6 +205,9 @@ enum Command {
         /// Parent directory of the devnet (kept); default: a temporary one, removed.
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// Inference nodes the validators route to (RT-STAGE-*); 0: local engines.
+        #[arg(long, default_value_t = 0)]
+        inference_nodes: usize,
     },
     /// Load benchmark: pre-signed transfers over `POST /tx` to a fresh
     /// in-process 4-validator devnet per offered rate (see runtime/BENCH.md).
@@ -945,6 +948,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             max_tokens,
             block_interval_ms,
             dir,
+            inference_nodes,
         } => {
             let report =
                 blyan_runtime::bench_chat::run(blyan_runtime::bench_chat::ChatBenchOptions {
@@ -953,6 +957,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
                     duration_s: duration,
                     max_tokens,
                     block_interval_ms,
+                    inference_nodes,
                 })
                 .await?;
             print!("{report}");
