@@ -808,3 +808,125 @@ fn server_of(blyan: &serde_json::Value) -> serde_json::Value {
         .unwrap_or_else(|| panic!("an empty route in {blyan}"))["node"]
         .clone()
 }
+
+/// RT-STAGE-6: a holder that alters its answers (the test-only
+/// `perturb_outputs`) is caught by spot checks (rate 1 here), convicted by
+/// a third computation and quarantined by the router; every answer after
+/// that is correct. Reports how many answers were wrong before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_perturbing_holder_is_quarantined_and_later_answers_are_correct() {
+    use blyan_runtime::node::{RunningNode, bind};
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = DevnetOptions::new(dir.path().join("devnet"), 4);
+    opts.base_port = None;
+    opts.block_interval_ms = 300;
+    opts.rate_limits = blyan_runtime::ratelimit::RateLimitConfig::unlimited();
+    opts.inference.spot_check_rate_ppm = 1_000_000;
+    let net = Devnet::start(opts).await.unwrap();
+    let url = net.nodes[0].api_url();
+    eventually("the network to commit a block", || async {
+        (height(&url).await >= 1).then_some(())
+    })
+    .await;
+    let ask = serde_json::json!({ "prompt": "Check me", "max_tokens": 12 });
+    // The reference: validator 0's own engine, before any holder exists.
+    let (s, reference) = blyan_runtime::client::post_json(&url, "/chat", &ask)
+        .await
+        .unwrap();
+    assert_eq!(s, 200, "{reference}");
+    let mut holders = Vec::new();
+    for (i, perturb) in [(0u64, true), (1, false)] {
+        let node_key = key(11_000 + i);
+        let p2p = bind("127.0.0.1:0").await.unwrap();
+        let http = bind("127.0.0.1:0").await.unwrap();
+        register(
+            &net,
+            &url,
+            &node_key,
+            &p2p.local_addr().unwrap().to_string(),
+        )
+        .await;
+        let engine = blyan_runtime::inference::InferenceConfig {
+            model_dir: Some(blyan_runtime::devnet::model_dir(&net.dir)),
+            advertise: true,
+            heartbeat_interval_ms: 300,
+            perturb_outputs: perturb,
+            ..Default::default()
+        };
+        let data = dir.path().join(format!("holder-{i}"));
+        holders.push(
+            RunningNode::start(node_setup(&net, data, node_key, engine), p2p, http)
+                .await
+                .unwrap(),
+        );
+    }
+    let liar = json_addr(&holders[0].address);
+    let honest = json_addr(&holders[1].address);
+    eventually("validator 0 to list both holders live", || async {
+        let nodes = get(&url, "/nodes").await;
+        let live = nodes["live"].as_array().unwrap().clone();
+        [&liar, &honest]
+            .iter()
+            .all(|h| live.iter().any(|n| &&n["node_id"] == h))
+            .then_some(())
+    })
+    .await;
+    let quarantined = || async {
+        let nodes = get(&url, "/nodes").await;
+        nodes["live"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["node_id"] == liar && n["quarantined"] == true)
+    };
+    let (mut wrong, mut asked) = (0, 0);
+    while !quarantined().await {
+        assert!(
+            asked < 40,
+            "not quarantined after {asked} requests ({wrong} wrong)"
+        );
+        let (s, a) = blyan_runtime::client::post_json(&url, "/chat", &ask)
+            .await
+            .unwrap();
+        assert_eq!(s, 200, "{a}");
+        asked += 1;
+        if a["text"] != reference["text"] {
+            wrong += 1;
+            assert_eq!(
+                server_of(&a["blyan"]),
+                liar,
+                "a wrong answer not from the liar: {a}"
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    println!("RT-STAGE-6: quarantined after {asked} requests, {wrong} of them answered wrongly");
+    // Convicted as a stage that answered wrongly, or as a checker that
+    // contradicted an honest stage (both by the referee's third computation).
+    eventually("the conviction to be counted", || async {
+        let fault = |o: &str| format!("blyan_inference_spot_checks_total{{outcome=\"{o}\"}}");
+        let stage = metric(&url, &fault("stage_fault")).await;
+        let checker = metric(&url, &fault("checker_fault")).await;
+        (stage + checker >= 1.0).then_some(())
+    })
+    .await;
+    for _ in 0..5 {
+        let (s, a) = blyan_runtime::client::post_json(&url, "/chat", &ask)
+            .await
+            .unwrap();
+        assert_eq!(s, 200, "{a}");
+        assert_eq!(
+            a["text"], reference["text"],
+            "a wrong answer after the quarantine: {a}"
+        );
+        assert_ne!(
+            server_of(&a["blyan"]),
+            liar,
+            "routed to a quarantined node: {a}"
+        );
+    }
+    for h in holders {
+        h.stop(1_000).await;
+    }
+    net.stop().await;
+}

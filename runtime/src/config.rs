@@ -30,6 +30,7 @@
 //! max_tokens_limit = 512
 //! advertise = false                  # default: send no heartbeats (RT-HB-11); an inference node: true
 //! heartbeat_interval_ms = 5000       # default; a peer drops this node after 3 missed intervals
+//! spot_check_rate_ppm = 50000       # default: 5 % of routed answers recomputed elsewhere (RT-STAGE-6)
 //!
 //! [api]                              # paid inference (spec/api.md API-KEY-*, API-PAY-*)
 //! free_inference = false             # default: /chat and /v1/* need an API key (the devnet: true)

@@ -215,6 +215,39 @@ impl Heartbeats {
             .count()
     }
 
+    /// RT-QUAR-1: excludes `node` from this node's routes until the
+    /// returned time.
+    pub fn quarantine(&self, node: Address, now_ms: u64) -> u64 {
+        let (until, _) = self
+            .quarantine
+            .lock()
+            .expect("quarantine lock")
+            .quarantine(node, now_ms);
+        until
+    }
+
+    /// The live, unquarantined nodes holding every one of `layers` of
+    /// `model` as one dense holding, in address order (RT-STAGE-6's holders).
+    pub fn whole_model_holder_list(
+        &self,
+        model: &Hash32,
+        layers: u32,
+        now_ms: u64,
+    ) -> Vec<Address> {
+        let table = self.table.lock().expect("heartbeat table lock");
+        let quarantine = self.quarantine.lock().expect("quarantine lock");
+        table
+            .iter_live(now_ms)
+            .filter(|(a, _)| !quarantine.is_quarantined(a, now_ms))
+            .filter(|(_, e)| {
+                e.heartbeat.holdings.iter().any(|h| {
+                    &h.model == model && h.dense && h.first_layer == 0 && h.last_layer + 1 == layers
+                })
+            })
+            .map(|(a, _)| *a)
+            .collect()
+    }
+
     /// Heartbeats accepted and refused since start (`/metrics`).
     pub fn counts(&self) -> (u64, u64) {
         (

@@ -79,6 +79,14 @@ pub struct InferenceConfig {
     pub advertise: bool,
     /// RT-HB-7/11: the heartbeat interval (an entry expires after three).
     pub heartbeat_interval_ms: u64,
+    /// RT-STAGE-6: share of routed requests this node's router recomputes
+    /// on another holder, in ppm (default 50,000: the 0.05).
+    pub spot_check_rate_ppm: u32,
+    /// Fault injection for tests (RT-STAGE-6): answers peers' `Generate`
+    /// calls with altered text (`!` prepended). Never set it on a real node.
+    #[doc(hidden)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub perturb_outputs: bool,
 }
 
 impl Default for InferenceConfig {
@@ -95,6 +103,8 @@ impl Default for InferenceConfig {
             panic_on_prompt: None,
             advertise: false,
             heartbeat_interval_ms: blyan_route::heartbeat::DEFAULT_HEARTBEAT_INTERVAL_MS,
+            spot_check_rate_ppm: blyan_route::spot::DEFAULT_SPOT_CHECK_RATE_PPM,
+            perturb_outputs: false,
         }
     }
 }

@@ -289,13 +289,15 @@ impl RunningNode {
             transport.set_stage_sink(Arc::new(crate::router::StageServer {
                 engine: engine.clone(),
                 model: crate::api::chat::served_model_id(&ledger, engine),
+                perturb: engine.config.perturb_outputs,
             }));
             api_config.router = Some(Arc::new(crate::router::Router::new(
                 handle.address,
                 transport.clone(),
                 heartbeats,
                 advertise,
-            )));
+                engine.config.spot_check_rate_ppm,
+            )?));
         }
         if advertise && let Some(engine) = &inference {
             tasks.spawn(

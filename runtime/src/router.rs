@@ -25,6 +25,16 @@
 //!   dtype the client sees the uninterrupted answer.
 //! - RT-STAGE-5: the answer's route names the node that served it (its
 //!   share of the settlement is its work: layers × tokens).
+//! - RT-STAGE-6 (spot checks of whole-model stages): a remote answer is
+//!   checked iff RT-SPOT-1 draws it (the router's secret key, the request's
+//!   id, stage 0, position 0, `spot_check_rate_ppm`); the checker and then
+//!   the referee are drawn by RT-SPOT-2 among the live holders and this
+//!   node (its own engine), never the stage; outputs are compared exactly
+//!   (text and token counts: one stage is a whole generation, and the f32
+//!   CPU engines agree token for token); a mismatch is settled by the
+//!   referee's third computation (RT-SPOT-4) and the loser quarantined in
+//!   this node's table (RT-QUAR-1; never this node itself). Checks run after
+//!   the answer, off the client's path.
 
 use crate::Error;
 use crate::heartbeats::Heartbeats;
@@ -103,6 +113,15 @@ pub struct StageServer {
     pub engine: InferenceHandle,
     /// The meta block id of the model the engine serves, if registered.
     pub model: Option<Hash32>,
+    /// Test-only fault injection ([`crate::inference::InferenceConfig::perturb_outputs`]).
+    pub perturb: bool,
+}
+
+/// RT-STAGE-6's test fault: what a lying stage sends instead of `text`
+/// (applied to the first piece and to the result, so the stream stays
+/// consistent with the result).
+fn perturbed(text: String) -> String {
+    format!("!{text}")
 }
 
 impl StageSink for StageServer {
@@ -110,6 +129,7 @@ impl StageSink for StageServer {
         let (tx, rx) = mpsc::channel(GENERATE_STREAM_BUFFER);
         let engine = self.engine.clone();
         let model = self.model;
+        let perturb = self.perturb;
         tokio::spawn(
             async move {
                 let parsed: Result<StageRequest, _> = serde_json::from_slice(&request);
@@ -134,9 +154,11 @@ impl StageSink for StageServer {
                     mpsc::channel::<String>(crate::inference::STREAM_PIECES);
                 let generation = engine.generate(req, Some(pieces_tx));
                 tokio::pin!(generation);
+                let mut first = perturb;
                 let result = loop {
                     tokio::select! {
                         Some(piece) = pieces_rx.recv() => {
+                            let piece = if std::mem::take(&mut first) { perturbed(piece) } else { piece };
                             if tx.send(Ok(event(b'p', piece.as_bytes()))).await.is_err() {
                                 // The router went away: the engine cancels
                                 // the job at its next token (API-CHAT-4).
@@ -147,6 +169,7 @@ impl StageSink for StageServer {
                     }
                 };
                 while let Ok(piece) = pieces_rx.try_recv() {
+                    let piece = if std::mem::take(&mut first) { perturbed(piece) } else { piece };
                     if tx.send(Ok(event(b'p', piece.as_bytes()))).await.is_err() {
                         return;
                     }
@@ -155,7 +178,7 @@ impl StageSink for StageServer {
                     Ok(r) => event(
                         b'r',
                         &serde_json::to_vec(&StageResult {
-                            text: r.text,
+                            text: if perturb { perturbed(r.text) } else { r.text },
                             prompt_tokens: r.prompt_tokens,
                             completion_tokens: r.completion_tokens,
                             finish_reason: r.finish_reason.to_string(),
@@ -210,7 +233,17 @@ pub struct Router {
     routed_local: AtomicU64,
     routed_remote: AtomicU64,
     failovers: AtomicU64,
+    /// RT-SPOT-1: this router's secret (fresh per start, never sent).
+    spot_key: [u8; 32],
+    spot_rate_ppm: u32,
+    /// Spot checks by outcome: agree, stage fault, checker fault, undecided.
+    spot_checks: [AtomicU64; 4],
+    /// Numbers the requests whose ids key the spot-check draw.
+    seq: AtomicU64,
 }
+
+/// RT-STAGE-6 outcomes, in `/metrics` order.
+pub const SPOT_OUTCOMES: [&str; 4] = ["agree", "stage_fault", "checker_fault", "undecided"];
 
 impl std::fmt::Debug for Router {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -267,8 +300,14 @@ impl Router {
         transport: Arc<GrpcTransport>,
         heartbeats: Arc<Heartbeats>,
         advertise: bool,
-    ) -> Router {
-        Router {
+        spot_rate_ppm: u32,
+    ) -> Result<Router, Error> {
+        let spot_key = crate::keystore::generate_key()?.to_bytes().into();
+        Ok(Router {
+            spot_key,
+            spot_rate_ppm,
+            spot_checks: Default::default(),
+            seq: AtomicU64::new(0),
             me,
             transport,
             heartbeats,
@@ -277,7 +316,12 @@ impl Router {
             routed_local: AtomicU64::new(0),
             routed_remote: AtomicU64::new(0),
             failovers: AtomicU64::new(0),
-        }
+        })
+    }
+
+    /// Spot checks by outcome ([`SPOT_OUTCOMES`] order).
+    pub fn spot_counts(&self) -> [u64; 4] {
+        std::array::from_fn(|i| self.spot_checks[i].load(Ordering::Relaxed))
     }
 
     /// Requests served here and by other nodes, and failovers (`/metrics`).
@@ -350,7 +394,7 @@ impl Router {
     /// the best node, failing over as RT-STAGE-4 says. `pieces` receives
     /// streamed text as [`InferenceHandle::generate`]'s does.
     pub async fn generate(
-        &self,
+        self: &Arc<Self>,
         engine: &InferenceHandle,
         model: Option<Hash32>,
         req: ChatRequest,
@@ -401,6 +445,9 @@ impl Router {
                         &self.routed_remote
                     };
                     counter.fetch_add(1, Ordering::Relaxed);
+                    if node != self.me {
+                        self.maybe_spot_check(engine, model, &req, node, &result);
+                    }
                     return Routed {
                         result: Ok(result),
                         served_by: node,
@@ -423,6 +470,122 @@ impl Router {
             }
         }
         unreachable!("the last attempt is local and always returns")
+    }
+
+    /// RT-STAGE-6: draws whether `stage`'s answer to `req` is checked and,
+    /// if so, checks it in the background.
+    fn maybe_spot_check(
+        self: &Arc<Self>,
+        engine: &InferenceHandle,
+        model: Hash32,
+        req: &ChatRequest,
+        stage: Address,
+        answer: &ChatResult,
+    ) {
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        let request_id = blyan_state_machine::crypto::sha3_256_parts(&[
+            b"blyan/route-req/1",
+            &self.me.0,
+            &n.to_be_bytes(),
+        ]);
+        if !blyan_route::spot::should_check(&self.spot_key, &request_id, 0, 0, self.spot_rate_ppm) {
+            return;
+        }
+        let (router, engine, req, answer) =
+            (self.clone(), engine.clone(), req.clone(), answer.clone());
+        tokio::spawn(
+            async move {
+                let outcome = router
+                    .spot_check(&engine, model, &req, stage, &answer, request_id)
+                    .await;
+                router.spot_checks[outcome].fetch_add(1, Ordering::Relaxed);
+            }
+            .in_current_span(),
+        );
+    }
+
+    /// RT-STAGE-6, RT-SPOT-2..5: the check itself; returns the index of its
+    /// outcome in [`SPOT_OUTCOMES`].
+    async fn spot_check(
+        &self,
+        engine: &InferenceHandle,
+        model: Hash32,
+        req: &ChatRequest,
+        stage: Address,
+        answer: &ChatResult,
+        request_id: Hash32,
+    ) -> usize {
+        use blyan_route::spot::{Role, choose_peer};
+        let layers = u32::try_from(engine.model.layers.max(1)).unwrap_or(u32::MAX);
+        let mut holders = self
+            .heartbeats
+            .whole_model_holder_list(&model, layers, now_ms());
+        holders.push(self.me);
+        let same = |a: &ChatResult, b: &ChatResult| {
+            a.text == b.text
+                && a.prompt_tokens == b.prompt_tokens
+                && a.completion_tokens == b.completion_tokens
+        };
+        let pick = |role, exclude: &[Address]| {
+            choose_peer(&self.spot_key, &request_id, 0, role, &holders, exclude)
+        };
+        let Some(checker) = pick(Role::Checker, &[stage]) else {
+            return 3;
+        };
+        let Some(checked) = self.compute(engine, checker, model, req).await else {
+            return 3;
+        };
+        if same(answer, &checked) {
+            return 0;
+        }
+        let Some(referee) = pick(Role::Referee, &[stage, checker]) else {
+            warn!(%stage, %checker, "spot check mismatch and no referee: undecided (RT-SPOT-4)");
+            return 3;
+        };
+        let Some(third) = self.compute(engine, referee, model, req).await else {
+            return 3;
+        };
+        let now = now_ms();
+        match (same(&third, answer), same(&third, &checked)) {
+            (false, true) => {
+                let until = self.heartbeats.quarantine(stage, now);
+                warn!(%stage, %checker, %referee, until_ms = until, "stage answered wrongly; quarantined (RT-SPOT-4/5)");
+                1
+            }
+            (true, false) => {
+                if checker != self.me {
+                    let until = self.heartbeats.quarantine(checker, now);
+                    warn!(%stage, %checker, %referee, until_ms = until, "checker answered wrongly; quarantined (RT-SPOT-4/5)");
+                }
+                2
+            }
+            _ => {
+                warn!(%stage, %checker, %referee, "spot check undecided (RT-SPOT-4)");
+                3
+            }
+        }
+    }
+
+    /// One computation of `req` on `node` (this node: its engine) for a
+    /// check; `None` if it failed.
+    async fn compute(
+        &self,
+        engine: &InferenceHandle,
+        node: Address,
+        model: Hash32,
+        req: &ChatRequest,
+    ) -> Option<ChatResult> {
+        let r = if node == self.me {
+            engine.generate(req.clone(), None).await.ok()
+        } else {
+            self.remote(engine, node, model, req, &None, &mut Sent::default())
+                .await
+                .ok()
+        };
+        if r.is_none() {
+            debug!(%node, "a spot-check computation failed");
+        }
+        r
     }
 
     /// One attempt on the local engine, forwarding only text the client has

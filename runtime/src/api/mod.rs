@@ -1112,5 +1112,15 @@ fn routing_metrics_text(state: &ApiState, text: &mut String) {
              # HELP blyan_inference_failovers_total Routed stages that failed and were replaced (RT-STAGE-4).\n# TYPE blyan_inference_failovers_total counter\n\
              blyan_inference_failovers_total {failovers}\n"
         );
+        let _ = writeln!(
+            text,
+            "# HELP blyan_inference_spot_checks_total Routed answers recomputed by another holder, by outcome (RT-STAGE-6).\n# TYPE blyan_inference_spot_checks_total counter"
+        );
+        for (label, n) in crate::router::SPOT_OUTCOMES.iter().zip(r.spot_counts()) {
+            let _ = writeln!(
+                text,
+                "blyan_inference_spot_checks_total{{outcome=\"{label}\"}} {n}"
+            );
+        }
     }
 }
