@@ -930,3 +930,126 @@ async fn a_perturbing_holder_is_quarantined_and_later_answers_are_correct() {
     }
     net.stop().await;
 }
+
+/// Issue 15 item 2 on the chain-driven admission (NODE-ADMIT-1..4, spec
+/// NODE-ADMIT-3: a validator publishes its P2P address by `RegisterNode`):
+/// a node with a fresh key joins a running 4-validator network by
+/// transactions alone: it registers its endpoint and bonds; it catches up,
+/// becomes active at the next epoch boundary and its precommits appear in
+/// the certificates; after it unbonds and deregisters it leaves every
+/// validator's admitted set. Nobody's configuration changes; nobody restarts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_validator_joins_and_leaves_a_running_network_by_transactions_alone() {
+    use blyan_runtime::node::{RunningNode, bind};
+    use blyan_state_machine::testkit::tx;
+    use blyan_state_machine::tx::TxKind;
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = DevnetOptions::new(dir.path().join("devnet"), 4);
+    opts.base_port = None;
+    opts.block_interval_ms = 300;
+    opts.rate_limits = blyan_runtime::ratelimit::RateLimitConfig::unlimited();
+    opts.inference.enabled = false;
+    opts.epoch_length_blocks = Some(10);
+    let net = Devnet::start(opts).await.unwrap();
+    let url = net.nodes[0].api_url();
+    let chain = net.genesis.chain_id.clone();
+    eventually("the network to commit a block", || async {
+        (height(&url).await >= 1).then_some(())
+    })
+    .await;
+    let node_key = key(12_345);
+    let node = address(&node_key);
+    let p2p = bind("127.0.0.1:0").await.unwrap();
+    let http = bind("127.0.0.1:0").await.unwrap();
+    let endpoint = p2p.local_addr().unwrap().to_string();
+    let engine = blyan_runtime::inference::InferenceConfig {
+        enabled: false,
+        ..Default::default()
+    };
+    let joiner = RunningNode::start(
+        node_setup(&net, dir.path().join("joiner"), node_key.clone(), engine),
+        p2p,
+        http,
+    )
+    .await
+    .unwrap();
+    let jurl = joiner.api_url();
+    // Its endpoint in state (TX-9), then its stake (TX-5).
+    register(&net, &url, &node_key, &endpoint).await;
+    let bly = blyan_state_machine::types::BLY;
+    commit(
+        &url,
+        &tx(
+            &chain,
+            &node_key,
+            1,
+            TxKind::Bond { amount: 500 * bly },
+            100_000_000_000,
+        ),
+        "the bond to commit",
+    )
+    .await;
+    let bonded_at = height(&url).await;
+    // Active from an epoch boundary on, it votes: its address is among a
+    // later certificate's signers.
+    eventually("the joiner to be active and sign a certificate", || async {
+        let h = height(&url).await;
+        for at in (bonded_at + 1)..=h {
+            let b = get(&url, &format!("/block/{at}")).await;
+            let signers = b["certificate"]["signers"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            if signers.iter().any(|s| s == &json_addr(&node)) {
+                return Some(());
+            }
+        }
+        None
+    })
+    .await;
+    let status = get(&jurl, "/status").await;
+    assert_eq!(status["validator"], true, "{status}");
+    assert!(
+        status["height"].as_u64().unwrap() + 3 >= height(&url).await,
+        "{status}"
+    );
+    // It leaves: unbond everything and deregister.
+    commit(
+        &url,
+        &tx(
+            &chain,
+            &node_key,
+            2,
+            TxKind::Unbond { amount: 500 * bly },
+            100_000_000_000,
+        ),
+        "the unbond to commit",
+    )
+    .await;
+    commit(
+        &url,
+        &tx(
+            &chain,
+            &node_key,
+            3,
+            TxKind::DeregisterNode,
+            100_000_000_000,
+        ),
+        "the deregistration to commit",
+    )
+    .await;
+    for v in &net.nodes {
+        eventually("every validator to drop the leaver", || async {
+            (!v.transport.admitted().contains(&node)).then_some(())
+        })
+        .await;
+    }
+    // The four keep committing without it.
+    let h = height(&url).await;
+    eventually("the network to keep committing", || async {
+        (height(&url).await >= h + 12).then_some(())
+    })
+    .await;
+    joiner.stop(1_000).await;
+    net.stop().await;
+}

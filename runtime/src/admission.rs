@@ -39,7 +39,8 @@ impl PeerPlan {
     ///   registered nodes.
     /// - NODE-ADMIT-2: a validator is a record with stake that is not
     ///   tombstoned (bonded candidates included: they must sync before they
-    ///   become active).
+    ///   become active), or a member of the active set (one that unbonded
+    ///   votes until the epoch boundary).
     /// - NODE-ADMIT-3: dialled = seeds at their configured address, then
     ///   registered nodes at their on-chain endpoint (at most
     ///   [`MAX_DIALLED_REGISTERED`], by address); a seed's configured
@@ -58,6 +59,12 @@ impl PeerPlan {
                 plan.validators.insert(*address);
                 plan.admitted.insert(*address);
             }
+        }
+        // Members of the set that votes next stay until it changes, even
+        // if they unbonded (their stake counts until the epoch boundary).
+        for (address, _) in ledger.active_set() {
+            plan.validators.insert(*address);
+            plan.admitted.insert(*address);
         }
         let mut registered = 0;
         for (address, record) in ledger.nodes() {
@@ -173,5 +180,36 @@ mod tests {
             );
         }
         assert!(plan.dialled.is_empty(), "no seeds, no registrations");
+    }
+
+    #[test]
+    fn node_admit_2_an_unbonded_member_of_the_active_set_stays_until_it_changes() {
+        let net = testnet(4, 0, Params::default());
+        let chain = &net.genesis.chain_id;
+        let ledger = Ledger::from_genesis(&net.genesis).unwrap();
+        let leaver = &net.validators[3];
+        let bonded = ledger.validator(&address(leaver)).unwrap().bonded;
+        let unbond = testkit::tx(
+            chain,
+            leaver,
+            0,
+            TxKind::Unbond { amount: bonded },
+            100_000_000_000,
+        );
+        let (_, ledger) = next_block(&ledger, &[unbond]).unwrap();
+        assert_eq!(
+            ledger.validator(&address(leaver)).map_or(0, |v| v.bonded),
+            0
+        );
+        assert!(
+            ledger
+                .active_set()
+                .iter()
+                .any(|(a, _)| *a == address(leaver)),
+            "still in the set until the epoch boundary"
+        );
+        let plan = PeerPlan::from_chain(address(&key(0)), &[], &ledger);
+        assert!(plan.validators.contains(&address(leaver)));
+        assert!(plan.admitted.contains(&address(leaver)));
     }
 }

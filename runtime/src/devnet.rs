@@ -83,6 +83,10 @@ pub struct DevnetOptions {
     /// Paid inference (default: free use allowed, settlement every
     /// [`DEVNET_SETTLE_INTERVAL_BLOCKS`]).
     pub payments: crate::billing::PaymentConfig,
+    /// The staking epoch of a new devnet's genesis (STAKE-5: bonding takes
+    /// effect at its boundary); `None`: the chain default (100 blocks).
+    /// Ignored when the directory already holds a devnet.
+    pub epoch_length_blocks: Option<u64>,
     /// Inference nodes started besides the validators (RT-STAGE-*): each
     /// registered on chain (TX-9) by the devnet, advertising the whole
     /// model, so the validators route chat requests to them.
@@ -110,6 +114,7 @@ impl DevnetOptions {
                 ..crate::billing::PaymentConfig::default()
             },
             inference_nodes: 0,
+            epoch_length_blocks: None,
         }
     }
 }
@@ -142,6 +147,7 @@ fn prepare(
     dir: &Path,
     validators: usize,
     extra_balances: &[GenesisBalance],
+    epoch_length_blocks: Option<u64>,
 ) -> Result<(Genesis, Vec<SigningKey>), Error> {
     let genesis_path = dir.join("genesis.json");
     if genesis_path.exists() {
@@ -215,6 +221,9 @@ fn prepare(
         params: {
             let mut p = Params::default();
             p.rewards.epoch_length_blocks = DEVNET_REWARD_EPOCH_BLOCKS;
+            if let Some(e) = epoch_length_blocks {
+                p.epoch_length_blocks = e;
+            }
             p
         },
         pol_blocks: model_pol_blocks(dir, address(&faucet))?,
@@ -327,7 +336,12 @@ pub fn write_layout(
         )));
     }
     std::fs::create_dir_all(&opts.dir).map_err(|e| Error::io(opts.dir.display(), e))?;
-    let (genesis, keys) = prepare(&opts.dir, opts.validators, &opts.extra_balances)?;
+    let (genesis, keys) = prepare(
+        &opts.dir,
+        opts.validators,
+        &opts.extra_balances,
+        opts.epoch_length_blocks,
+    )?;
     let peers: Vec<Peer> = keys
         .iter()
         .zip(addrs)
@@ -363,7 +377,12 @@ impl Devnet {
             .dir
             .canonicalize()
             .map_err(|e| Error::io(opts.dir.display(), e))?;
-        let (genesis, keys) = prepare(&dir, opts.validators, &opts.extra_balances)?;
+        let (genesis, keys) = prepare(
+            &dir,
+            opts.validators,
+            &opts.extra_balances,
+            opts.epoch_length_blocks,
+        )?;
         let faucet_key_file = dir.join("faucet.json");
         let faucet = crate::keystore::KeyFile::from_json(
             &std::fs::read_to_string(&faucet_key_file)
