@@ -642,6 +642,29 @@ async fn chat_is_routed_to_a_holder_and_fails_over_by_replay() {
     assert_eq!(s, 200, "{routed}");
     assert_eq!(server_of(&routed["blyan"]), json_addr(&node), "{routed}");
     assert!(metric(&hurl, "blyan_inference_requests_total{outcome=\"ok\"}").await >= 1.0);
+    // RT-STAGE-7: the body's route, the OpenAI header, the stage histogram.
+    let stage = &routed["route"][0];
+    assert_eq!(stage["node"], json_addr(&node), "{routed}");
+    assert_eq!(stage["layers"][0], 0, "{routed}");
+    assert!(stage["ms"].is_u64(), "{routed}");
+    let openai = serde_json::json!({
+        "messages": [{ "role": "user", "content": "The network routes" }],
+        "max_tokens": 4,
+    });
+    let r = blyan_runtime::client::send(
+        &url,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        Some(openai.to_string().as_bytes()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200);
+    let header: serde_json::Value =
+        serde_json::from_str(r.header("x-blyan-route").expect("an x-blyan-route header")).unwrap();
+    assert_eq!(header[0]["node"], json_addr(&node), "{header}");
+    assert!(metric(&url, "blyan_inference_remote_stage_ms_count").await >= 1.0);
     assert!(metric(&url, "blyan_inference_routed_total{served=\"remote\"}").await >= 1.0);
 
     // The holder's engine fails after its first token: the stream goes on.
@@ -652,6 +675,15 @@ async fn chat_is_routed_to_a_holder_and_fails_over_by_replay() {
     });
     let (failed_over, blyan) = streamed(&url, &faulty).await;
     assert_eq!(server_of(&blyan), json_addr(&v0.address), "{blyan}");
+    // The final chunk's stages: the failed holder, then validator 0.
+    let stages = blyan["stages"].as_array().unwrap();
+    assert_eq!(stages.len(), 2, "{blyan}");
+    assert_eq!(
+        (&stages[0]["node"], &stages[0]["failed"]),
+        (&json_addr(&node), &serde_json::json!(true)),
+        "{blyan}"
+    );
+    assert_eq!(stages[1]["node"], json_addr(&v0.address), "{blyan}");
     assert!(metric(&url, "blyan_inference_failovers_total").await >= 1.0);
     assert!(metric(&hurl, "blyan_inference_panics_total").await >= 1.0);
 

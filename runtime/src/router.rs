@@ -204,6 +204,8 @@ pub struct Routed {
     pub served_by: Address,
     /// Nodes that failed before it, in order (RT-STAGE-4).
     pub failed: Vec<Address>,
+    /// Time of the attempt that produced the result, ms (RT-STAGE-7).
+    pub stage_ms: u64,
 }
 
 /// Why one attempt did not produce the answer.
@@ -240,6 +242,8 @@ pub struct Router {
     spot_checks: [AtomicU64; 4],
     /// Numbers the requests whose ids key the spot-check draw.
     seq: AtomicU64,
+    /// RT-STAGE-7: time of remote stages that produced an answer.
+    pub remote_stage_ms: crate::metrics::MsHistogram,
 }
 
 /// RT-STAGE-6 outcomes, in `/metrics` order.
@@ -308,6 +312,7 @@ impl Router {
             spot_rate_ppm,
             spot_checks: Default::default(),
             seq: AtomicU64::new(0),
+            remote_stage_ms: crate::metrics::MsHistogram::new(&crate::metrics::ENGINE_BUCKETS_MS),
             me,
             transport,
             heartbeats,
@@ -331,6 +336,15 @@ impl Router {
             self.routed_remote.load(Ordering::Relaxed),
             self.failovers.load(Ordering::Relaxed),
         )
+    }
+
+    /// RT-STAGE-7: the node the next request for `model` would be sent to
+    /// now (for a stream's `x-blyan-route` header, sent before the answer).
+    pub fn planned(&self, engine: &InferenceHandle, model: Option<Hash32>) -> Address {
+        match model.map(|m| self.choose(engine, m, &BTreeSet::new())) {
+            Some(Choice::Remote(node)) => node,
+            _ => self.me,
+        }
     }
 
     /// RT-STAGE-2/3: where the next attempt runs.
@@ -403,11 +417,13 @@ impl Router {
         let mut failed = Vec::new();
         let Some(model) = model else {
             self.routed_local.fetch_add(1, Ordering::Relaxed);
+            let t = std::time::Instant::now();
             let result = engine.generate(req, pieces).await;
             return Routed {
                 result,
                 served_by: self.me,
                 failed,
+                stage_ms: t.elapsed().as_millis() as u64,
             };
         };
         let mut excluded = BTreeSet::new();
@@ -419,6 +435,7 @@ impl Router {
             } else {
                 self.choose(engine, model, &excluded)
             };
+            let attempt_started = std::time::Instant::now();
             let (node, outcome) = match choice {
                 Choice::Local => (self.me, self.local(engine, &req, &pieces, &mut sent).await),
                 Choice::Remote(node) => {
@@ -445,13 +462,16 @@ impl Router {
                         &self.routed_remote
                     };
                     counter.fetch_add(1, Ordering::Relaxed);
+                    let elapsed = attempt_started.elapsed();
                     if node != self.me {
+                        self.remote_stage_ms.observe(elapsed);
                         self.maybe_spot_check(engine, model, &req, node, &result);
                     }
                     return Routed {
                         result: Ok(result),
                         served_by: node,
                         failed,
+                        stage_ms: elapsed.as_millis() as u64,
                     };
                 }
                 Err(Failure::Request(e)) => {
@@ -459,6 +479,7 @@ impl Router {
                         result: Err(e),
                         served_by: node,
                         failed,
+                        stage_ms: attempt_started.elapsed().as_millis() as u64,
                     };
                 }
                 Err(Failure::Node(why)) => {

@@ -94,6 +94,11 @@ pub struct ChatAnswer {
     /// API-CHAT-2: cost, whether it was charged, request id, route.
     #[schema(value_type = Object)]
     pub blyan: serde_json::Value,
+    /// RT-STAGE-7: the stages that served, in order:
+    /// `{"node", "layers": [first, last], "ms"}`; a stage that failed over
+    /// first is listed before with `"failed": true`.
+    #[schema(value_type = Vec<Object>)]
+    pub route: serde_json::Value,
 }
 
 fn inference(state: &ApiState) -> Result<&InferenceHandle, ApiError> {
@@ -197,6 +202,7 @@ fn answer(engine: &InferenceHandle, r: ChatResult, bill: &Bill) -> ChatAnswer {
         finish_reason: r.finish_reason.to_string(),
         model: engine.model.name.clone(),
         blyan: bill.json(),
+        route: bill.stages.clone(),
     }
 }
 
@@ -248,6 +254,8 @@ fn admit(
 
 /// What a finished (or failed) request cost and who served it.
 pub struct Bill {
+    /// RT-STAGE-7: the route's stages ([`Served::stages`]); `null` until set.
+    pub stages: serde_json::Value,
     pub cost: Amount,
     pub charged: bool,
     pub request_id: Option<Hash32>,
@@ -264,6 +272,7 @@ impl Bill {
             "request_id": self.request_id.map(|id| hex0x(&id)),
             "cap_reached": self.capped,
             "route": self.route.iter().map(|(n, w)| json!({ "node": n.to_string(), "work": w })).collect::<Vec<_>>(),
+            "stages": self.stages,
         })
     }
 }
@@ -309,6 +318,7 @@ fn finish(
     let (bill, key_id, allowance) = match payment {
         Payment::Free => (
             Bill {
+                stages: serde_json::Value::Null,
                 cost: state.meter.price(tokens),
                 charged: false,
                 request_id: None,
@@ -331,6 +341,7 @@ fn finish(
                 };
             (
                 Bill {
+                    stages: serde_json::Value::Null,
                     cost,
                     charged,
                     request_id,
@@ -382,16 +393,46 @@ async fn serve(
 ) -> (
     Result<ChatResult, Error>,
     blyan_state_machine::types::Address,
+    serde_json::Value,
 ) {
-    match &state.router {
+    let routed = match &state.router {
         Some(router) => {
-            let routed = router
+            router
                 .generate(engine, state.served_model, req, pieces)
-                .await;
-            (routed.result, routed.served_by)
+                .await
         }
-        None => (engine.generate(req, pieces).await, state.node.address),
-    }
+        None => {
+            let t = std::time::Instant::now();
+            crate::router::Routed {
+                result: engine.generate(req, pieces).await,
+                served_by: state.node.address,
+                failed: Vec::new(),
+                stage_ms: t.elapsed().as_millis() as u64,
+            }
+        }
+    };
+    let stages = stages_json(engine, &routed);
+    (routed.result, routed.served_by, stages)
+}
+
+/// RT-STAGE-7: a route's stages as answers show them (one stage holding
+/// every layer today; failed-over stages first, marked).
+fn stages_json(engine: &InferenceHandle, r: &crate::router::Routed) -> serde_json::Value {
+    let last = engine.model.layers.saturating_sub(1);
+    let mut stages: Vec<serde_json::Value> = r
+        .failed
+        .iter()
+        .map(|n| json!({ "node": n.to_string(), "layers": [0, last], "failed": true }))
+        .collect();
+    stages.push(json!({ "node": r.served_by.to_string(), "layers": [0, last], "ms": r.stage_ms }));
+    serde_json::Value::Array(stages)
+}
+
+/// RT-STAGE-7: the `x-blyan-route` header value (compact JSON).
+fn route_header(stages: &serde_json::Value) -> (axum::http::HeaderName, axum::http::HeaderValue) {
+    let value = axum::http::HeaderValue::from_str(&stages.to_string())
+        .unwrap_or_else(|_| axum::http::HeaderValue::from_static("[]"));
+    (axum::http::HeaderName::from_static("x-blyan-route"), value)
 }
 
 /// Generate text from a prompt with the node's local model.
@@ -436,8 +477,9 @@ pub async fn chat(
         req.max_total_tokens = Some(r.max_total_tokens);
     }
     let started = std::time::Instant::now();
-    let (result, served_by) = serve(&state, engine, req, None).await;
-    let bill = finish(&state, engine, payment, result.as_ref(), served_by, started);
+    let (result, served_by, stages) = serve(&state, engine, req, None).await;
+    let mut bill = finish(&state, engine, payment, result.as_ref(), served_by, started);
+    bill.stages = stages;
     let result = result.map_err(engine_error)?;
     Ok(axum::Json(answer(engine, result, &bill)).into_response())
 }
@@ -574,27 +616,32 @@ pub async fn completions(
     }
     if !b.stream {
         let started = std::time::Instant::now();
-        let (r, served_by) = serve(&state, &engine, req, None).await;
-        let bill = finish(&state, &engine, payment, r.as_ref(), served_by, started);
+        let (r, served_by, stages) = serve(&state, &engine, req, None).await;
+        let mut bill = finish(&state, &engine, payment, r.as_ref(), served_by, started);
+        bill.stages = stages;
+        let header = route_header(&bill.stages);
         let r = r.map_err(engine_error)?;
-        return Ok(axum::Json(json!({
-            "id": id,
-            "object": "chat.completion",
-            "created": created,
-            "model": model,
-            "choices": [{
-                "index": 0,
-                "message": { "role": "assistant", "content": r.text },
-                "finish_reason": r.finish_reason,
-            }],
-            "usage": {
-                "prompt_tokens": r.prompt_tokens,
-                "completion_tokens": r.completion_tokens,
-                "total_tokens": r.prompt_tokens + r.completion_tokens,
-            },
-            "blyan": bill.json(),
-        }))
-        .into_response());
+        return Ok((
+            [header],
+            axum::Json(json!({
+                "id": id,
+                "object": "chat.completion",
+                "created": created,
+                "model": model,
+                "choices": [{
+                    "index": 0,
+                    "message": { "role": "assistant", "content": r.text },
+                    "finish_reason": r.finish_reason,
+                }],
+                "usage": {
+                    "prompt_tokens": r.prompt_tokens,
+                    "completion_tokens": r.completion_tokens,
+                    "total_tokens": r.prompt_tokens + r.completion_tokens,
+                },
+                "blyan": bill.json(),
+            })),
+        )
+            .into_response());
     }
     // Streaming: the engine's pieces become chunks; the last chunk carries
     // the finish reason and usage; then `[DONE]`. Errors after the stream
@@ -620,6 +667,16 @@ pub async fn completions(
     // job's end only to release its reservation (API-PAY-2). While the
     // client does not read, `events_tx.send` waits here (never in the
     // engine), the piece channel fills and the engine cancels the job.
+    // RT-STAGE-7: a stream's header names the planned stage; its final
+    // chunk's `blyan.stages` the one actually used, failovers included.
+    let planned = match &state.router {
+        Some(r) => r.planned(&engine, state.served_model),
+        None => state.node.address,
+    };
+    let last = engine.model.layers.saturating_sub(1);
+    let header = route_header(
+        &json!([{ "node": planned.to_string(), "layers": [0, last], "planned": true }]),
+    );
     let started = std::time::Instant::now();
     tokio::spawn(async move {
         let first = chunk(json!({ "role": "assistant", "content": "" }), None);
@@ -651,8 +708,9 @@ pub async fn completions(
                 r = &mut generation => break r,
             }
         };
-        let (result, served_by) = result;
-        let bill = finish(&state, &engine, payment, result.as_ref(), served_by, started);
+        let (result, served_by, stages) = result;
+        let mut bill = finish(&state, &engine, payment, result.as_ref(), served_by, started);
+        bill.stages = stages;
         if client_gone {
             return;
         }
@@ -701,7 +759,7 @@ pub async fn completions(
     let stream = futures_util::stream::unfold(events_rx, |mut rx| async move {
         rx.recv().await.map(|e| (Ok::<Event, Infallible>(e), rx))
     });
-    Ok(Sse::new(stream).into_response())
+    Ok(([header], Sse::new(stream)).into_response())
 }
 
 /// The OpenAI model object of one registered meta block.

@@ -1116,6 +1116,11 @@ fn routing_metrics_text(state: &ApiState, text: &mut String) {
             text,
             "# HELP blyan_inference_spot_checks_total Routed answers recomputed by another holder, by outcome (RT-STAGE-6).\n# TYPE blyan_inference_spot_checks_total counter"
         );
+        r.remote_stage_ms.render(
+            text,
+            "blyan_inference_remote_stage_ms",
+            "Time of routed stages on other nodes that produced an answer, ms (RT-STAGE-7).",
+        );
         for (label, n) in crate::router::SPOT_OUTCOMES.iter().zip(r.spot_counts()) {
             let _ = writeln!(
                 text,
