@@ -16,6 +16,8 @@
 //!   and loads them memory-mapped ([`blocks`]).
 //! - compresses weight updates into INT8 sparse delta payloads and applies
 //!   them to a head ([`delta`], spec/pol.md POL-DELTA-*).
+//! - trains a delta for one layer and measures validation loss ([`pol`],
+//!   spec/pol.md POL-TRAIN-*, POL-EVAL-*).
 //!
 //! What it does not do (yet): Qwen3-MoE and GPT-OSS (the config loader
 //! rejects them with `UnsupportedArchitecture`).
@@ -31,6 +33,7 @@ pub mod engine;
 pub mod error;
 pub mod generate;
 pub mod model;
+pub mod pol;
 pub mod rng;
 pub mod sample;
 pub mod stage;

@@ -490,17 +490,16 @@ impl Meter {
 /// snapshot; once `settle_interval_blocks` passed since the last round (or
 /// at once if none is in flight and usage waits longer than that), it
 /// submits the meter's unsettled usage as `SettleUsage` transactions signed
-/// by `key`, then follows each until it commits, fails, is dropped, or
+/// by the node's key ([`crate::own_tx`]), then follows each until it commits, fails, is dropped, or
 /// `SETTLE_WAIT_BLOCKS` pass.
 pub async fn run_settler(
     node: crate::service::NodeHandle,
-    key: k256::ecdsa::SigningKey,
+    own: std::sync::Arc<crate::own_tx::OwnTxs>,
     meter: std::sync::Arc<Meter>,
     interval_blocks: u64,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
-    use blyan_state_machine::tx::{TxBody, TxKind};
-    let me = node.address;
+    use blyan_state_machine::tx::TxKind;
     let mut last_round: Height = 0;
     // (tx id, submitted at height)
     let mut waiting: Vec<(Hash32, Height)> = Vec::new();
@@ -532,6 +531,7 @@ pub async fn run_settler(
                         .reason(&tx)
                         .is_some();
                     if dropped || height > at + SETTLE_WAIT_BLOCKS {
+                        own.reset();
                         if let Some(s) = meter.withdraw(&tx) {
                             meter.requeue(s);
                         }
@@ -551,25 +551,13 @@ pub async fn run_settler(
             continue;
         }
         last_round = height;
-        let mut nonce = snap.ledger.account(&me).nonce;
-        let base_fee = snap.ledger.next_block_base_fee();
         for s in batches {
+            // NODE-OWN-1: the nonce comes from the node's one sequence.
             let kind = TxKind::SettleUsage(Box::new(s.clone()));
-            let tx = TxBody {
-                nonce,
-                gas_limit: blyan_state_machine::ledger::intrinsic_gas(&kind),
-                // Room for the base fee to rise for a while (FEE-2: at most
-                // 12.5% a block), and a small tip.
-                max_fee_per_gas: base_fee.saturating_mul(2).max(1) + SETTLE_TIP_PER_GAS,
-                max_priority_fee_per_gas: SETTLE_TIP_PER_GAS,
-                kind,
-            }
-            .sign(&node.chain_id, &key);
-            match crate::api::submit(&node, tx).await {
+            match own.submit(&node, kind).await {
                 Ok(id) => {
                     meter.submitted(id, s);
                     waiting.push((id, height));
-                    nonce += 1;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e.message, "settlement not accepted by the pool; retrying next round");
@@ -582,8 +570,6 @@ pub async fn run_settler(
 
 /// How often the settler looks at the chain.
 pub const SETTLER_POLL_MS: u64 = 500;
-/// The tip a settlement pays per gas unit.
-pub const SETTLE_TIP_PER_GAS: u128 = 1;
 
 /// RT-STAGE-5, ALW-6: the route of a request the router `me` took and
 /// `server` computed: `server` earns `route_work` (its layers) per token;

@@ -38,7 +38,12 @@
 //! - `blob_chunks`: id ‖ index (big-endian u32) → chunk bytes;
 //! - `blob_complete`: id → empty: every chunk is present and verified;
 //! - `blob_present`: id → big-endian u32: chunks stored of an incomplete blob;
-//! - `blob_pending`: id → deadline (ms, big-endian u64) ‖ PoL block id (32).
+//! - `blob_pending`: id → deadline (ms, big-endian u64) ‖ PoL block id (32);
+//! - `blob_pol_roots`: PoL payload Merkle root (POL-3, 32) → id, for every
+//!   complete blob (**NODE-NET-12**: a PoL block names its payload by that
+//!   root, so a node finds, and peers answer, a block's payload by it).
+//!   A store opened without the index (written before it existed) is
+//!   indexed once on open, blob by blob.
 //!
 //! Schema 1 named a blob by the SHA3-256 of its payload; opening a schema-1
 //! store renames its complete blobs (chunk by chunk, resumable after a
@@ -48,6 +53,7 @@
 //! that also guards the byte accounting.
 
 use crate::Error;
+use blyan_state_machine::pol::payload_merkle_root;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use sha3::{Digest, Sha3_256};
 use std::fmt;
@@ -81,6 +87,8 @@ pub fn blob_dir(data_dir: &Path) -> std::path::PathBuf {
 pub const BLOB_SCHEMA_VERSION: u32 = 2;
 
 const META_SCHEMA: &[u8] = b"schema_version";
+/// Set once every complete blob is in `blob_pol_roots` (NODE-NET-12).
+const META_POL_ROOTS_INDEXED: &[u8] = b"pol_roots_indexed";
 
 fn sha3(bytes: &[u8]) -> [u8; 32] {
     Sha3_256::digest(bytes).into()
@@ -275,6 +283,7 @@ pub struct BlobStore {
     complete: Keyspace,
     present: Keyspace,
     pending: Keyspace,
+    pol_roots: Keyspace,
     max_stored_bytes: u64,
     /// Serialises writes and guards the accounting (NODE-NET-9/10).
     usage: Mutex<Usage>,
@@ -337,6 +346,7 @@ impl BlobStore {
             complete: ks("blob_complete")?,
             present: ks("blob_present")?,
             pending: ks("blob_pending")?,
+            pol_roots: ks("blob_pol_roots")?,
             max_stored_bytes,
             usage: Mutex::new(Usage::default()),
             verified: Mutex::new(Default::default()),
@@ -374,6 +384,11 @@ impl BlobStore {
                     }
                 }
             }
+        }
+        if meta.get(META_POL_ROOTS_INDEXED).map_err(storage)?.is_none() {
+            store.index_pol_roots()?;
+            meta.insert(META_POL_ROOTS_INDEXED, Vec::new())
+                .map_err(storage)?;
         }
         store.recount()?;
         Ok(store)
@@ -415,6 +430,34 @@ impl BlobStore {
             b.commit().map_err(storage)?;
         }
         Ok(())
+    }
+
+    /// NODE-NET-12: indexes every complete blob by its PoL payload root
+    /// (once, for a store written before the index existed).
+    fn index_pol_roots(&self) -> Result<(), Error> {
+        let mut ids = Vec::new();
+        for kv in self.complete.iter() {
+            ids.push(id_of_key(&kv.key().map_err(storage)?)?);
+        }
+        for id in ids {
+            if let Some(bytes) = self.get(&id)? {
+                self.pol_roots
+                    .insert(payload_merkle_root(&bytes), id.0)
+                    .map_err(storage)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// NODE-NET-12: the complete blob whose PoL payload root (POL-3) is `root`.
+    pub fn by_pol_root(&self, root: &[u8; 32]) -> Result<Option<BlobId>, Error> {
+        match self.pol_roots.get(root).map_err(storage)? {
+            Some(v) => {
+                let id = id_of_key(&v)?;
+                Ok(self.has(&id)?.then_some(id))
+            }
+            None => Ok(None),
+        }
     }
 
     /// Recomputes the accounting from the stored manifests and pending marks.
@@ -534,6 +577,7 @@ impl BlobStore {
             b.insert(&self.chunks, chunk_key(&id, i as u32), c.to_vec());
         }
         b.insert(&self.complete, id.0, Vec::new());
+        b.insert(&self.pol_roots, payload_merkle_root(bytes), id.0.to_vec());
         b.remove(&self.present, id.0);
         match (pending, marked) {
             (Some((p, _)), _) => b.insert(&self.pending, id.0, p.encode()),
@@ -599,6 +643,9 @@ impl BlobStore {
             let mut b = self.db.batch().durability(Some(PersistMode::SyncAll));
             b.remove(&self.pending, id.0);
             if !keep {
+                if let Some(bytes) = self.get(&id)? {
+                    b.remove(&self.pol_roots, payload_merkle_root(&bytes));
+                }
                 b.remove(&self.manifests, id.0);
                 b.remove(&self.complete, id.0);
                 b.remove(&self.present, id.0);
@@ -811,6 +858,13 @@ impl BlobStore {
         b.commit().map_err(storage)?;
         if !known {
             usage.stored_bytes += manifest.total_bytes;
+        }
+        drop(usage);
+        if complete && let Some(bytes) = self.get(id)? {
+            // NODE-NET-12: the whole payload is needed for its PoL root.
+            self.pol_roots
+                .insert(payload_merkle_root(&bytes), id.0)
+                .map_err(storage)?;
         }
         Ok(complete)
     }

@@ -54,6 +54,8 @@ pub const DEFAULT_BASE_PORT: u16 = 7100;
 pub const DEVNET_ALLOWANCE_BLY: u128 = 1_000;
 /// The devnet's reward epoch (RWD-5), in blocks: a minute of 2 s blocks.
 pub const DEVNET_REWARD_EPOCH_BLOCKS: u64 = 30;
+/// The devnet's attestation commit and reveal windows (POL-30/32), each.
+pub const DEVNET_ATTEST_WINDOW_BLOCKS: u64 = 6;
 /// How often devnet nodes settle paid usage (API-PAY-3), in blocks.
 pub const DEVNET_SETTLE_INTERVAL_BLOCKS: u64 = 5;
 /// The devnet's inference nodes heartbeat every second (RT-HB-11), so a
@@ -221,6 +223,10 @@ fn prepare(
         params: {
             let mut p = Params::default();
             p.rewards.epoch_length_blocks = DEVNET_REWARD_EPOCH_BLOCKS;
+            // POL-30/32: short attestation windows, so a delta is decided
+            // within a minute (the chain default is 150 + 150 blocks).
+            p.pol.attest_commit_window_blocks = DEVNET_ATTEST_WINDOW_BLOCKS;
+            p.pol.attest_reveal_window_blocks = DEVNET_ATTEST_WINDOW_BLOCKS;
             if let Some(e) = epoch_length_blocks {
                 p.epoch_length_blocks = e;
             }
@@ -252,9 +258,11 @@ fn model_pol_blocks(
     if blocks != target {
         std::fs::rename(&blocks, &target).map_err(|e| Error::io(target.display(), e))?;
     }
-    Ok(crate::model::blocks_of_dir(&target, submitter)?
-        .registered
+    let registered = crate::model::blocks_of_dir(&target, submitter)?.registered;
+    let model_id = registered[0].block.id();
+    Ok(registered
         .into_iter()
+        .chain(crate::model::corpus_blocks(model_id, submitter))
         .map(|m| m.block)
         .collect())
 }
@@ -268,17 +276,20 @@ fn model_pol_blocks(
     Ok(Vec::new())
 }
 
-/// GEN-MODEL-1: every payload of the model's block directory (registered
-/// blocks and those only the manifest commits to), for the blob stores.
+/// GEN-MODEL-1/3: every payload of the model's block directory (registered
+/// blocks and those only the manifest commits to) and of the corpus, for
+/// the blob stores.
 fn model_payloads(dir: &Path) -> Result<Vec<Vec<u8>>, Error> {
     let target = model_dir(dir);
     if !target.join("manifest.json").is_file() {
         return Ok(Vec::new());
     }
     let blocks = crate::model::blocks_of_dir(&target, Address::ZERO)?;
+    let model_id = blocks.registered[0].block.id();
     Ok(blocks
         .registered
         .into_iter()
+        .chain(crate::model::corpus_blocks(model_id, Address::ZERO))
         .map(|m| m.payload)
         .chain(blocks.others.into_iter().map(|(_, p)| p))
         .collect())

@@ -33,6 +33,7 @@ pub mod blobs;
 pub mod chaos;
 pub mod client;
 pub mod config;
+pub mod corpus;
 pub mod devnet;
 pub mod error;
 pub mod heartbeats;
@@ -43,6 +44,11 @@ pub mod keystore;
 pub mod metrics;
 pub mod model;
 pub mod node;
+pub mod own_tx;
+#[cfg(feature = "inference")]
+pub mod pol_cli;
+#[cfg(feature = "inference")]
+pub mod pol_eval;
 pub mod ratelimit;
 pub mod registry;
 pub mod router;

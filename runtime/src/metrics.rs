@@ -259,6 +259,35 @@ struct ChainInner {
     delta_commits_expired: u64,
 }
 
+/// API-POL-2: most decisions a node remembers.
+pub const MAX_DECISIONS: usize = 4_096;
+
+/// The last [`MAX_DECISIONS`] delta decisions, by delta id, with the height
+/// of the block that decided them (in memory: a restarted node answers
+/// accepted deltas from the DAG only).
+#[derive(Debug, Default)]
+pub struct DecisionLog {
+    by_id: std::collections::BTreeMap<[u8; 32], (u64, blyan_state_machine::pol::DeltaDecision)>,
+    order: std::collections::VecDeque<[u8; 32]>,
+}
+
+impl DecisionLog {
+    pub fn push(&mut self, height: u64, d: blyan_state_machine::pol::DeltaDecision) {
+        if self.by_id.insert(d.delta_id, (height, d.clone())).is_none() {
+            self.order.push_back(d.delta_id);
+        }
+        while self.order.len() > MAX_DECISIONS {
+            if let Some(old) = self.order.pop_front() {
+                self.by_id.remove(&old);
+            }
+        }
+    }
+
+    pub fn get(&self, id: &[u8; 32]) -> Option<&(u64, blyan_state_machine::pol::DeltaDecision)> {
+        self.by_id.get(id)
+    }
+}
+
 /// What the node task observes at each commit (OPS-MET-3), shared with
 /// `/metrics`. Updated once per committed block under one short lock.
 #[derive(Debug)]
@@ -266,10 +295,12 @@ pub struct ChainMetrics {
     inner: Mutex<ChainInner>,
     /// Wall time between two commits this process saw.
     pub block_interval_ms: MsHistogram,
-    /// Time to evaluate a PoL delta (a validator's measured loss). Empty
-    /// until the node evaluates deltas itself (issue 14): exported now so
-    /// dashboards and rules need not change then.
+    /// Time to evaluate a PoL delta (a validator's measured loss,
+    /// POL-EVAL-4: fetching what it needs and both losses).
     pub evaluation_ms: MsHistogram,
+    /// API-POL-2: the latest decisions this process saw, for
+    /// `GET /pol/deltas/{id}`.
+    pub decisions: Mutex<DecisionLog>,
     /// The mempool's bound, in transactions.
     pub mempool_capacity_txs: usize,
     /// Validators this node dials (the configured peers but itself); set
@@ -287,6 +318,7 @@ impl ChainMetrics {
         };
         ChainMetrics {
             inner: Mutex::new(inner),
+            decisions: Mutex::new(DecisionLog::default()),
             block_interval_ms: MsHistogram::new(&BLOCK_INTERVAL_BUCKETS_MS),
             evaluation_ms: MsHistogram::new(&EVALUATION_BUCKETS_MS),
             mempool_capacity_txs,
@@ -321,6 +353,12 @@ impl ChainMetrics {
         }
         for e in &outcome.events {
             let Event::Pol(p) = e else { continue };
+            if let PolEvent::DeltaDecided(d) = &**p {
+                self.decisions
+                    .lock()
+                    .expect("decisions lock")
+                    .push(block.block.header.height, d.clone());
+            }
             match &**p {
                 PolEvent::DeltaDecided(d) => match &d.outcome {
                     DeltaOutcome::Accepted { .. } => g.deltas_accepted += 1,

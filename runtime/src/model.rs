@@ -17,6 +17,9 @@
 //!   every layer block of the directory is registered with its CID; any
 //!   mismatch refuses start-up. (The block store itself checks each file's
 //!   SHA3-256 against the manifest when it opens them.)
+//! - **GEN-MODEL-3** After the layers, a devnet's genesis registers the
+//!   shipped corpus as two DATA blocks of the model (POL-DATA-2): the
+//!   training pool, then the validation pool (POL-VAL-1).
 
 use crate::Error;
 use blyan_state_machine::genesis::Genesis;
@@ -136,6 +139,23 @@ pub fn write_default_blocks(dir: &Path) -> Result<std::path::PathBuf, Error> {
     let (from, to) = (hf.join("tokenizer.json"), blocks.join("tokenizer.json"));
     std::fs::copy(&from, &to).map_err(|e| Error::io(from.display(), e))?;
     Ok(blocks)
+}
+
+/// GEN-MODEL-3, POL-DATA-2: the shipped corpus as DATA blocks of model
+/// `model_id` (POL-11: `depends_on = [model_id]`), the training pool first,
+/// then the validation pool.
+pub fn corpus_blocks(model_id: [u8; 32], submitter: Address) -> Vec<ModelBlock> {
+    use blyan_state_machine::pol::validation::DataRole;
+    [DataRole::Train, DataRole::Validation]
+        .into_iter()
+        .map(|role| {
+            let payload = crate::corpus::payload(role);
+            ModelBlock {
+                block: pol_block(PolBlockType::Data, model_id, None, &payload, submitter),
+                payload,
+            }
+        })
+        .collect()
 }
 
 /// GEN-MODEL-2: the block directory `dir` is the model `genesis` registers.

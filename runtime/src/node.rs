@@ -211,7 +211,14 @@ impl RunningNode {
             payments: setup.payments.clone(),
             ..api::ApiConfig::default()
         };
-        let settle_key = setup.key.clone();
+        // NODE-OWN-1: one nonce sequence for every transaction the node signs.
+        let own = Arc::new(crate::own_tx::OwnTxs::new(setup.key.clone()));
+        #[cfg(feature = "inference")]
+        let evaluator_setup = crate::pol_eval::EvaluatorSetup {
+            genesis: setup.genesis.clone(),
+            model_dir: setup.inference.model_dir.clone(),
+            key: setup.key.clone(),
+        };
         let advertise_key = setup.key.clone();
         let heartbeat_config = blyan_route::heartbeat::HeartbeatConfig {
             heartbeat_interval_ms: setup.inference.heartbeat_interval_ms,
@@ -328,9 +335,22 @@ impl RunningNode {
         tasks.spawn(
             crate::billing::run_settler(
                 handle.clone(),
-                settle_key,
+                own.clone(),
                 meter.clone(),
                 api_config.payments.settle_interval_blocks,
+                shutdown_rx.clone(),
+            )
+            .in_current_span(),
+        );
+        // POL-EVAL-*: a validator evaluates revealed deltas and attests.
+        #[cfg(feature = "inference")]
+        tasks.spawn(
+            crate::pol_eval::run_evaluator(
+                handle.clone(),
+                transport.clone(),
+                blobs.clone(),
+                own.clone(),
+                evaluator_setup,
                 shutdown_rx.clone(),
             )
             .in_current_span(),

@@ -13,7 +13,10 @@
 //!   manifest ([`crate::blobs::BlobManifest::encode`]);
 //! - `FetchBlob` (server streaming): request = `blob id (32) ‖ from_chunk (4,
 //!   big-endian)`, response = one message per chunk from `from_chunk` on,
-//!   `index (4, big-endian) ‖ chunk bytes` (at most 1 MiB).
+//!   `index (4, big-endian) ‖ chunk bytes` (at most 1 MiB);
+//! - `BlobByRoot` (unary, NODE-NET-12): request = a PoL payload Merkle root
+//!   (POL-3, 32 bytes), response = the id (32 bytes) of the complete blob
+//!   with that payload, or `NotFound`.
 //!
 //! **Authentication, two layers.** The TLS handshake proves which admitted
 //! node (a seed, a validator or a registered node: NODE-ADMIT-1,
@@ -545,6 +548,7 @@ const PATH_DELIVER: &str = "/blyan.p2p.v1.Peer/Deliver";
 const PATH_BLOB_MANIFEST: &str = "/blyan.p2p.v1.Peer/BlobManifest";
 const PATH_HEARTBEAT: &str = "/blyan.p2p.v1.Peer/Heartbeat";
 const PATH_GENERATE: &str = "/blyan.p2p.v1.Peer/Generate";
+const PATH_BLOB_BY_ROOT: &str = "/blyan.p2p.v1.Peer/BlobByRoot";
 /// RT-STAGE-1: the largest `Generate` request (a rendered prompt and its
 /// settings) and the largest event of its answer stream.
 pub const MAX_GENERATE_MESSAGE_BYTES: usize = 1024 * 1024;
@@ -870,6 +874,28 @@ async fn blob_manifest(
     }
 }
 
+/// NODE-NET-12: the id of the blob whose PoL payload root is the request.
+async fn blob_by_root(
+    shared: Arc<Shared>,
+    r: tonic::Request<Bytes>,
+) -> Result<tonic::Response<Bytes>, Status> {
+    tls_peer(&r)?;
+    let body = r.into_inner();
+    let root: [u8; 32] = body
+        .as_ref()
+        .try_into()
+        .map_err(|_| Status::invalid_argument("a payload root is 32 bytes"))?;
+    let store = blob_store(&shared)?;
+    let id = tokio::task::spawn_blocking(move || store.by_pol_root(&root))
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| Status::internal(e.to_string()))?;
+    match id {
+        Some(id) => Ok(tonic::Response::new(Bytes::copy_from_slice(&id.0))),
+        None => Err(Status::not_found("no payload with this root")),
+    }
+}
+
 /// RT-HB-10: a heartbeat from the TLS peer, handed to the node's table.
 async fn heartbeat(
     shared: Arc<Shared>,
@@ -1008,6 +1034,11 @@ impl tower::Service<http::Request<tonic::body::Body>> for PeerService {
                     .max_decoding_message_size(64)
                     .send_compressed(CompressionEncoding::Gzip);
                 let svc = tower::service_fn(move |r| blob_manifest(shared.clone(), r));
+                Ok(grpc.unary(svc, req).await)
+            }),
+            PATH_BLOB_BY_ROOT => Box::pin(async move {
+                let mut grpc = tonic::server::Grpc::new(BytesCodec).max_decoding_message_size(64);
+                let svc = tower::service_fn(move |r| blob_by_root(shared.clone(), r));
                 Ok(grpc.unary(svc, req).await)
             }),
             PATH_HEARTBEAT => Box::pin(async move {
@@ -1166,6 +1197,25 @@ impl PeerClient {
         match r {
             Ok(m) => BlobManifest::decode(&m.into_inner()),
             Err(s) if s.code() == Code::NotFound => Err(Error::BlobUnavailable(id.to_string())),
+            Err(s) => Err(rpc(s)),
+        }
+    }
+
+    /// NODE-NET-12: the peer's blob whose PoL payload root is `root`, if any.
+    pub async fn blob_by_root(&self, root: &[u8; 32]) -> Result<Option<BlobId>, Error> {
+        let mut grpc = self.grpc().max_decoding_message_size(64);
+        Self::ready(&mut grpc).await.map_err(rpc)?;
+        let path = http::uri::PathAndQuery::from_static(PATH_BLOB_BY_ROOT);
+        let r = grpc
+            .unary(
+                tonic::Request::new(Bytes::copy_from_slice(root)),
+                path,
+                BytesCodec,
+            )
+            .await;
+        match r {
+            Ok(m) => Ok(Some(parse_blob_id(&m.into_inner()).map_err(rpc)?)),
+            Err(s) if s.code() == Code::NotFound => Ok(None),
             Err(s) => Err(rpc(s)),
         }
     }
@@ -1572,6 +1622,72 @@ impl GrpcTransport {
             .ok_or_else(|| Error::UnknownPeer(from.to_string()))?;
         let client = self.dialer(&addr, from).connect().await?;
         fetch_blob_with(&client, id, store, max_chunks).await
+    }
+}
+
+impl GrpcTransport {
+    /// NODE-NET-12: the payload whose PoL Merkle root (POL-3) is `root`:
+    /// from `store` if it holds it, else from the first peer (in address
+    /// order) that has it, fetched chunk by chunk into `store` (each chunk
+    /// verified, NODE-NET-8) and checked against `root` before it is
+    /// returned. A peer that fails or lies is skipped.
+    pub async fn fetch_payload(
+        &self,
+        root: &[u8; 32],
+        store: &Arc<BlobStore>,
+    ) -> Result<Vec<u8>, Error> {
+        let blocking = |e: tokio::task::JoinError| Error::Node(format!("blob store task: {e}"));
+        let read = |id: BlobId| {
+            let s = store.clone();
+            async move {
+                tokio::task::spawn_blocking(move || s.get(&id))
+                    .await
+                    .map_err(blocking)?
+            }
+        };
+        let (s, r) = (store.clone(), *root);
+        if let Some(id) = tokio::task::spawn_blocking(move || s.by_pol_root(&r))
+            .await
+            .map_err(blocking)??
+            && let Some(bytes) = read(id).await?
+        {
+            return Ok(bytes);
+        }
+        let peers: Vec<(PeerId, String)> = self
+            .writers
+            .read()
+            .expect("writers lock")
+            .iter()
+            .map(|(p, w)| (*p, w.addr.clone()))
+            .collect();
+        let mut last = String::from("no peer is connected");
+        for (peer, addr) in peers {
+            let attempt = async {
+                let client = self.dialer(&addr, peer).connect().await?;
+                let Some(id) = client.blob_by_root(root).await? else {
+                    return Ok(None);
+                };
+                fetch_blob_with(&client, &id, store, None).await?;
+                let bytes = read(id).await?.ok_or_else(|| {
+                    Error::BlobUnavailable(format!("{id} incomplete after the fetch"))
+                })?;
+                if blyan_state_machine::pol::payload_merkle_root(&bytes) != *root {
+                    return Err(Error::BlobUnavailable(format!(
+                        "peer {peer} answered blob {id}, whose payload has another root"
+                    )));
+                }
+                Ok::<_, Error>(Some(bytes))
+            };
+            match attempt.await {
+                Ok(Some(bytes)) => return Ok(bytes),
+                Ok(None) => last = format!("{peer} has no such payload"),
+                Err(e) => last = format!("{peer}: {e}"),
+            }
+        }
+        Err(Error::BlobUnavailable(format!(
+            "payload with root {}: not found ({last})",
+            hex::encode(root)
+        )))
     }
 }
 

@@ -1715,6 +1715,7 @@ pub fn within_tolerance(value: u64, median: u64, tolerance_ppm: u64) -> bool {
 }
 
 pub mod delta;
+pub mod validation;
 
 #[cfg(test)]
 mod tests;

@@ -370,6 +370,8 @@ pub fn router_with_meter(
         .route("/mine", post(pol::mine))
         .route("/pol/blocks", get(pol::list_blocks))
         .route("/pol/blocks/{id}", get(pol::get_block))
+        .route("/pol/blocks/{id}/payload", get(pol::get_payload))
+        .route("/pol/deltas/{id}", get(pol::delta_status))
         .route("/pol/experts", get(pol::experts))
         .route("/p2p/register", post(p2p::register))
         .route("/nodes", get(p2p::nodes))

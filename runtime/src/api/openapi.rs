@@ -38,6 +38,8 @@ pub struct ErrorBody {
         pol::mine,
         pol::list_blocks,
         pol::get_block,
+        pol::get_payload,
+        pol::delta_status,
         pol::experts,
         p2p::register,
         p2p::nodes,

@@ -300,3 +300,152 @@ pub async fn experts(State(state): State<ApiState>) -> ApiResult {
     let records: Vec<Value> = snap.ledger.pol().records().map(expert_json).collect();
     Ok(axum::Json(json!({ "experts": records, "height": snap.height() })).into_response())
 }
+
+/// API-POL-1: the largest payload `GET /pol/blocks/{id}/payload` serves
+/// (larger ones travel only between peers, chunk by chunk).
+pub const MAX_HTTP_PAYLOAD_BYTES: u64 = 256 << 20;
+
+fn not_found(reason: &'static str, message: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        code::INVALID_BLOCK,
+        reason,
+        message.to_string(),
+    )
+}
+
+/// API-POL-1: the payload of a PoL block in the DAG or of a pending delta,
+/// from this node's blob store, as `application/octet-stream`. The client
+/// checks it against the block's `payload_merkle_root` (POL-3) and CID.
+#[utoipa::path(get, path = "/pol/blocks/{id}/payload", params(("id" = String, Path, description = "0x-hex block id (or pending delta id)")),
+    responses((status = 200, description = "the payload bytes", content_type = "application/octet-stream"),
+              (status = 404, body = super::openapi::ErrorBody), (status = 413, body = super::openapi::ErrorBody)))]
+pub async fn get_payload(State(state): State<ApiState>, Path(id): Path<String>) -> ApiResult {
+    let id = parse_hash(&id)?;
+    let snap = snapshot(&state.node);
+    let pol = snap.ledger.pol();
+    let block = pol
+        .block(&id)
+        .cloned()
+        .or_else(|| pol.pending_delta(&id).map(|p| p.block.clone()))
+        .ok_or_else(|| {
+            not_found(
+                "pol_block_not_found",
+                "no PoL block or pending delta with this id",
+            )
+        })?;
+    if block.payload_size_bytes > MAX_HTTP_PAYLOAD_BYTES {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            code::INVALID_BLOCK,
+            "payload_too_large",
+            format!(
+                "the payload is {} bytes; this route serves at most {MAX_HTTP_PAYLOAD_BYTES} (peers fetch larger ones over P2P)",
+                block.payload_size_bytes
+            ),
+        ));
+    }
+    let blobs = state
+        .blobs
+        .clone()
+        .ok_or_else(|| not_found("payload_not_held", "this node keeps no payloads"))?;
+    let root = block.payload_merkle_root;
+    let bytes = tokio::task::spawn_blocking(move || -> Result<Option<Vec<u8>>, crate::Error> {
+        match blobs.by_pol_root(&root)? {
+            Some(blob) => blobs.get(&blob),
+            None => Ok(None),
+        }
+    })
+    .await
+    .map_err(|e| ApiError::offline(format!("blob store task failed: {e}")))?
+    .map_err(|e| ApiError::offline(format!("blob store: {e}")))?
+    .ok_or_else(|| not_found("payload_not_held", "this node does not hold the payload"))?;
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
+        bytes,
+    )
+        .into_response())
+}
+
+/// API-POL-2: where a delta stands. `pending`: revealed, validators commit
+/// their measured losses (commit window); `attesting`: they reveal them
+/// (reveal window); then the decision: `accepted`, `rejected` (not enough
+/// improvement, or no quorum) or `stale` (the head moved first), with the
+/// decided losses (micro-nats per token) and improvement (ppm).
+#[utoipa::path(get, path = "/pol/deltas/{id}", params(("id" = String, Path, description = "0x-hex delta id")),
+    responses((status = 200, body = Object), (status = 404, body = super::openapi::ErrorBody)))]
+pub async fn delta_status(State(state): State<ApiState>, Path(id): Path<String>) -> ApiResult {
+    use blyan_state_machine::pol::{DeltaOutcome, RejectReason};
+    let id = parse_hash(&id)?;
+    let snap = snapshot(&state.node);
+    let height = snap.height();
+    let pol = snap.ledger.pol();
+    if let Some(p) = pol.pending_delta(&id) {
+        let status = if height < p.commit_end_height {
+            "pending"
+        } else {
+            "attesting"
+        };
+        return Ok(axum::Json(json!({
+            "delta": hex0x(&id),
+            "status": status,
+            "reason": null,
+            "height": height,
+            "revealed_height": p.revealed_height,
+            "commit_end_height": p.commit_end_height,
+            "reveal_end_height": p.reveal_end_height,
+            "attestations_committed": p.attestations.len(),
+            "attestations_revealed": p.attestations.iter().filter(|a| a.revealed.is_some()).count(),
+        }))
+        .into_response());
+    }
+    let logged = state
+        .node
+        .chain_metrics
+        .decisions
+        .lock()
+        .expect("decisions lock")
+        .get(&id)
+        .cloned();
+    if let Some((decided_height, d)) = logged {
+        let (status, reason) = match &d.outcome {
+            DeltaOutcome::Accepted { .. } => ("accepted", None),
+            DeltaOutcome::Rejected(RejectReason::Stale) => ("stale", Some("stale")),
+            DeltaOutcome::Rejected(RejectReason::NoQuorum) => ("rejected", Some("no_quorum")),
+            DeltaOutcome::Rejected(RejectReason::InsufficientImprovement) => {
+                ("rejected", Some("insufficient_improvement"))
+            }
+        };
+        return Ok(axum::Json(json!({
+            "delta": hex0x(&id),
+            "status": status,
+            "reason": reason,
+            "height": height,
+            "decided_height": decided_height,
+            "improvement_ppm": d.improvement_ppm,
+            "loss_micronats": d.agreed_loss_micronats,
+            "head_loss_micronats": d.agreed_head_loss_micronats,
+            "honest_attestors": d.honest_attestors.iter().map(|(a, _)| a.to_string()).collect::<Vec<_>>(),
+            "target_layer": d.target.layer,
+            "submitter": d.submitter.to_string(),
+        }))
+        .into_response());
+    }
+    match pol.block(&id) {
+        // Decided before this process started: the DAG says accepted.
+        Some(b) if b.block_type == blyan_state_machine::pol::PolBlockType::Delta => {
+            Ok(axum::Json(json!({
+                "delta": hex0x(&id),
+                "status": "accepted",
+                "reason": null,
+                "height": height,
+                "improvement_ppm": null,
+            }))
+            .into_response())
+        }
+        _ => Err(not_found(
+            "delta_not_found",
+            "no pending delta, recent decision or accepted delta with this id",
+        )),
+    }
+}

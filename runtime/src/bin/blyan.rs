@@ -117,6 +117,13 @@ enum Command {
         #[command(subcommand)]
         command: TxCommand,
     },
+    /// Proof-of-Learning: train a delta, submit it, follow it (POL-TRAIN-2,
+    /// POL-SUBMIT-1).
+    #[cfg(feature = "inference")]
+    Pol {
+        #[command(subcommand)]
+        command: PolCommand,
+    },
     /// Print a node's status.
     Status {
         #[arg(long, default_value = "http://127.0.0.1:7101")]
@@ -302,6 +309,70 @@ enum KeysCommand {
         /// Which key of the allowance (distinct keys, distinct usage records).
         #[arg(long, default_value_t = 0)]
         index: u32,
+    },
+}
+
+#[cfg(feature = "inference")]
+#[derive(Subcommand)]
+enum PolCommand {
+    /// Train a delta for one layer of the chain's model on its training
+    /// pool and write it (block and payload) to --out.
+    Train {
+        #[arg(long, default_value = "http://127.0.0.1:7101")]
+        node: String,
+        /// The submitter's key file (the delta's id covers its address).
+        #[arg(long)]
+        key: PathBuf,
+        #[command(flatten)]
+        password: PasswordArgs,
+        /// Where to write the delta file.
+        #[arg(long)]
+        out: PathBuf,
+        /// The target layer.
+        #[arg(long, default_value_t = blyan_runtime::pol_cli::DEFAULT_LAYER)]
+        layer: u32,
+        /// The model's block directory (default: the embedded model).
+        #[arg(long)]
+        model_dir: Option<PathBuf>,
+        #[arg(long, default_value_t = 200)]
+        steps: u32,
+        /// Sequences per step.
+        #[arg(long, default_value_t = 8)]
+        batch: u32,
+        /// Tokens per sequence.
+        #[arg(long, default_value_t = 128)]
+        seq_tokens: u32,
+        #[arg(long, default_value_t = 3e-3)]
+        learning_rate: f64,
+        /// Entries kept per row of the compressed update, in ppm (POL-DELTA-7).
+        #[arg(long, default_value_t = blyan_runtime::pol_cli::DEFAULT_DENSITY_PPM)]
+        density_ppm: u32,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+    /// Commit, then reveal a delta file; with --wait, follow it to its
+    /// decision and print it as one JSON line.
+    Submit {
+        #[arg(long, default_value = "http://127.0.0.1:7101")]
+        node: String,
+        #[arg(long)]
+        key: PathBuf,
+        #[command(flatten)]
+        password: PasswordArgs,
+        #[arg(long)]
+        delta: PathBuf,
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Where a delta stands: pending, attesting, accepted, rejected or stale.
+    Status {
+        /// The delta's id (0x-hex).
+        delta: String,
+        #[arg(long, default_value = "http://127.0.0.1:7101")]
+        node: String,
     },
 }
 
@@ -922,6 +993,61 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 for (p, a) in found {
                     println!("{a}  {}", p.display());
                 }
+            }
+        },
+        #[cfg(feature = "inference")]
+        Command::Pol { command } => match command {
+            PolCommand::Train {
+                node,
+                key,
+                password: pw,
+                out,
+                layer,
+                model_dir,
+                steps,
+                batch,
+                seq_tokens,
+                learning_rate,
+                density_ppm,
+                seed,
+                device,
+            } => {
+                let key = read_key_file(&key, &password(&pw, Prompt::Once)?)?;
+                let options = blyan_gpu::pol::TrainOptions {
+                    steps,
+                    batch,
+                    seq_tokens,
+                    learning_rate,
+                    seed,
+                    device: blyan_gpu::parse_device(&device)
+                        .map_err(|e| Error::Config(e.to_string()))?,
+                    ..Default::default()
+                };
+                let args = blyan_runtime::pol_cli::TrainArgs {
+                    node,
+                    out,
+                    layer: Some(layer),
+                    model_dir,
+                    density_ppm,
+                    options,
+                };
+                let summary = blyan_runtime::pol_cli::train(args, &key).await?;
+                println!("{summary}");
+            }
+            PolCommand::Submit {
+                node,
+                key,
+                password: pw,
+                delta,
+                wait,
+            } => {
+                let key = read_key_file(&key, &password(&pw, Prompt::Once)?)?;
+                let out = blyan_runtime::pol_cli::submit(&node, &key, &delta, wait).await?;
+                println!("{out}");
+            }
+            PolCommand::Status { delta, node } => {
+                let v = blyan_runtime::pol_cli::status(&node, &delta).await?;
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             }
         },
         Command::Tx { command } => match command {

@@ -1,0 +1,478 @@
+//! Proof-of-Learning in floats: training a delta for one layer of a model
+//! and measuring a model's validation loss (spec/pol.md POL-TRAIN-*,
+//! POL-EVAL-*).
+//!
+//! What it does:
+//! - loads a model's weights as a name → tensor map (a block directory or
+//!   the embedded model) and applies accepted delta payloads to it in order
+//!   (the head of a target is its genesis block plus its accepted deltas);
+//! - [`train_layer`]: full fine-tuning of one decoder layer's tensors with
+//!   tch autograd and AdamW, batches drawn by a seeded SplitMix64 from the
+//!   training tokens; returns the dense update per tensor, which
+//!   [`crate::delta::compress`] turns into a payload;
+//! - [`mean_loss_micronats`]: mean next-token cross-entropy over windows,
+//!   CPU, f32, the per-token losses summed on the host in f64 in window
+//!   order (POL-EVAL-2), so the same machine gives the same bits.
+//!
+//! What it does not do: choose the windows (the core's POL-VAL-3 does), or
+//! decide anything (validators reveal what this measures, POL-32).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use tch::{Device, Kind, Tensor};
+
+use crate::config::ModelConfig;
+use crate::error::{GpuError, Result};
+use crate::model::{LayerRange, Qwen3};
+use crate::rng::SplitMix64;
+
+/// A model's weights on the CPU in f32, by transformers' names.
+pub struct Weights {
+    pub cfg: ModelConfig,
+    pub tensors: BTreeMap<String, Tensor>,
+}
+
+impl Weights {
+    /// The weights of a block directory (`manifest.json`, every block
+    /// verified against its SHA3-256) or, with `None`, the embedded model.
+    pub fn load(dir: Option<&Path>) -> Result<Weights> {
+        match dir {
+            Some(dir) => {
+                let mut store = crate::blocks::BlockStore::open(dir)?;
+                store.load_all()?;
+                let cfg = store.model_config()?;
+                let names: Vec<String> = store
+                    .blocks
+                    .iter()
+                    .flat_map(|b| b.tensors.iter().cloned())
+                    .collect();
+                let mut tensors = BTreeMap::new();
+                for n in names {
+                    use crate::weights::TensorSource;
+                    let t = store.tensor(&n)?.to_kind(Kind::Float).copy();
+                    tensors.insert(n, t);
+                }
+                Ok(Weights { cfg, tensors })
+            }
+            None => {
+                let cfg = crate::default_model::default_config();
+                let tensors =
+                    crate::default_model::random_weights(&cfg, crate::default_model::DEFAULT_SEED);
+                Ok(Weights { cfg, tensors })
+            }
+        }
+    }
+
+    /// The names of layer `layer`'s tensors (prefix `model.layers.{layer}.`),
+    /// sorted; an error if the model has no such layer.
+    pub fn layer_names(&self, layer: u32) -> Result<Vec<String>> {
+        let prefix = format!("model.layers.{layer}.");
+        let names: Vec<String> = self
+            .tensors
+            .keys()
+            .filter(|n| n.starts_with(&prefix))
+            .cloned()
+            .collect();
+        if names.is_empty() {
+            return Err(GpuError::Invalid(format!(
+                "the model has no layer {layer} (it has {})",
+                self.cfg.num_hidden_layers
+            )));
+        }
+        Ok(names)
+    }
+
+    /// POL-DELTA-6: applies a payload to these weights (an inapplicable
+    /// payload is an error and changes nothing).
+    pub fn apply_delta(&mut self, payload: &[u8]) -> Result<()> {
+        self.tensors = crate::delta::apply_bytes(&self.tensors, payload)?;
+        Ok(())
+    }
+
+    /// A copy sharing every tensor's storage (deltas replace tensors, never
+    /// write into them).
+    pub fn shallow(&self) -> Weights {
+        Weights {
+            cfg: self.cfg.clone(),
+            tensors: self
+                .tensors
+                .iter()
+                .map(|(n, t)| (n.clone(), t.shallow_clone()))
+                .collect(),
+        }
+    }
+
+    /// The model on the CPU in f32.
+    pub fn model(&self) -> Result<Qwen3> {
+        Qwen3::load(
+            &self.cfg,
+            &self.tensors,
+            LayerRange::full(&self.cfg),
+            Device::Cpu,
+            Kind::Float,
+        )
+    }
+}
+
+/// POL-EVAL-2: mean next-token cross-entropy of `model` over `windows`
+/// (each at least 2 tokens), in micro-nats per token, rounded to nearest.
+/// Per-token losses come from one f32 forward pass per window; they are
+/// summed on the host in f64 in window order, then token order.
+pub fn mean_loss_micronats(model: &Qwen3, windows: &[Vec<i64>]) -> Result<u64> {
+    let _guard = tch::no_grad_guard();
+    let mut sum = 0f64;
+    let mut count = 0u64;
+    for w in windows {
+        if w.len() < 2 {
+            return Err(GpuError::Invalid("a window needs at least 2 tokens".into()));
+        }
+        model.check_ids(w)?;
+        let losses = token_losses(model, &Tensor::from_slice(w).unsqueeze(0))?;
+        let values: Vec<f32> = Vec::<f32>::try_from(losses.flatten(0, -1))
+            .map_err(|e| GpuError::Invalid(format!("loss readback: {e}")))?;
+        for v in values {
+            if !v.is_finite() {
+                return Err(GpuError::Invalid("a non-finite loss".into()));
+            }
+            sum += f64::from(v);
+            count += 1;
+        }
+    }
+    if count == 0 {
+        return Err(GpuError::Invalid("no windows".into()));
+    }
+    let micro = (sum / count as f64 * 1e6).round();
+    assert!(micro >= 0.0, "cross-entropy is never negative");
+    Ok(micro as u64)
+}
+
+/// What a validator reveals for a delta (POL-32), measured in one run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Evaluation {
+    pub head_loss_micronats: u64,
+    pub loss_micronats: u64,
+}
+
+/// POL-EVAL-1: the head of a target is `base` with the target's accepted
+/// deltas applied in acceptance order (`accepted`, oldest first); the
+/// candidate is the head with `delta` applied. Both losses on `windows`.
+/// POL-EVAL-3: a delta that does not decode or apply is worth
+/// `loss_micronats = u64::MAX` (an improvement of 0), and so is one whose
+/// loss is not finite; an accepted delta that
+/// does not apply is an error (this node's weights are not the chain's).
+pub fn evaluate_delta(
+    base: &Weights,
+    accepted: &[Vec<u8>],
+    delta: &[u8],
+    windows: &[Vec<i64>],
+) -> Result<Evaluation> {
+    let mut head = base.shallow();
+    for payload in accepted {
+        head.apply_delta(payload)?;
+    }
+    let head_loss_micronats = mean_loss_micronats(&head.model()?, windows)?;
+    let mut candidate = head;
+    let loss_micronats = match candidate.apply_delta(delta) {
+        // A candidate whose loss is not finite is worth nothing too.
+        Ok(()) => mean_loss_micronats(&candidate.model()?, windows).unwrap_or(u64::MAX),
+        Err(_) => u64::MAX,
+    };
+    Ok(Evaluation {
+        head_loss_micronats,
+        loss_micronats,
+    })
+}
+
+/// Per-token losses `[batch, seq - 1]` (f32) of token ids `[batch, seq]`.
+fn token_losses(model: &Qwen3, ids: &Tensor) -> Result<Tensor> {
+    let (_, s) = ids.size2().expect("ids are [batch, seq]");
+    let logits = model.forward(ids, &mut crate::model::KvCache::new())?;
+    let logp = logits.narrow(1, 0, s - 1).log_softmax(-1, Kind::Float);
+    let target = ids
+        .narrow(1, 1, s - 1)
+        .to_device(logp.device())
+        .unsqueeze(-1);
+    Ok(logp.gather(-1, &target, false).squeeze_dim(-1).neg())
+}
+
+/// Training settings (POL-TRAIN-1).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainOptions {
+    pub steps: u32,
+    /// Sequences per step.
+    pub batch: u32,
+    /// Tokens per sequence (predictions per sequence: `seq_tokens - 1`).
+    pub seq_tokens: u32,
+    pub learning_rate: f64,
+    pub weight_decay: f64,
+    pub seed: u64,
+    pub device: Device,
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        TrainOptions {
+            steps: 200,
+            batch: 8,
+            seq_tokens: 128,
+            learning_rate: 3e-3,
+            weight_decay: 0.0,
+            seed: 1,
+            device: Device::Cpu,
+        }
+    }
+}
+
+/// One training step's report, for a progress bar.
+#[derive(Clone, Copy, Debug)]
+pub struct StepReport {
+    pub step: u32,
+    pub loss: f64,
+    pub tokens: u64,
+}
+
+/// The result of [`train_layer`]: the dense update of each tensor of the
+/// layer (trained − head, f32 on the CPU), by name.
+pub struct Trained {
+    pub updates: BTreeMap<String, Tensor>,
+    pub first_loss: f64,
+    pub last_loss: f64,
+}
+
+impl Trained {
+    /// POL-DELTA-7: the update as a payload at `density_ppm` (bases f32).
+    pub fn compress(&self, density_ppm: u32) -> Result<Vec<u8>> {
+        let updates: Vec<crate::delta::NamedUpdate<'_>> = self
+            .updates
+            .iter()
+            .map(|(n, u)| crate::delta::NamedUpdate {
+                name: n,
+                update: u,
+                base_kind: Kind::Float,
+            })
+            .collect();
+        crate::delta::compress_to_bytes(&updates, density_ppm)
+    }
+
+    /// Bytes of the dense update in bf16 (what compression is measured against).
+    pub fn dense_bf16_bytes(&self) -> u64 {
+        self.updates.values().map(|t| t.numel() as u64 * 2).sum()
+    }
+
+    /// `weights` with the dense (uncompressed) update added.
+    pub fn apply_dense(&self, weights: &Weights) -> Weights {
+        let mut out = weights.shallow();
+        for (n, u) in &self.updates {
+            let t = &out.tensors[n] + u;
+            out.tensors.insert(n.clone(), t);
+        }
+        out
+    }
+}
+
+/// POL-TRAIN-1: fine-tunes every tensor of decoder layer `layer` (the rest
+/// frozen) on `tokens` with AdamW (β = 0.9, 0.999, ε = 1e-8), sequences
+/// drawn at offsets from SplitMix64(`seed`). Calls `progress` after each
+/// step.
+pub fn train_layer(
+    weights: &Weights,
+    layer: u32,
+    tokens: &[i64],
+    opts: &TrainOptions,
+    mut progress: impl FnMut(StepReport),
+) -> Result<Trained> {
+    let seq = i64::from(opts.seq_tokens);
+    if opts.steps == 0 || opts.batch == 0 || seq < 2 {
+        return Err(GpuError::Invalid(
+            "training needs steps, batch ≥ 1 and seq_tokens ≥ 2".into(),
+        ));
+    }
+    if (tokens.len() as i64) < seq {
+        return Err(GpuError::Invalid(format!(
+            "the training data has {} tokens, fewer than one sequence of {seq}",
+            tokens.len()
+        )));
+    }
+    let names = weights.layer_names(layer)?;
+    let mut map: BTreeMap<String, Tensor> = weights
+        .tensors
+        .iter()
+        .map(|(n, t)| (n.clone(), t.to_device(opts.device)))
+        .collect();
+    let mut params = Vec::with_capacity(names.len());
+    for n in &names {
+        let leaf = map[n].detach().copy().set_requires_grad(true);
+        map.insert(n.clone(), leaf.shallow_clone());
+        params.push(leaf);
+    }
+    let model = Qwen3::load(
+        &weights.cfg,
+        &map,
+        LayerRange::full(&weights.cfg),
+        opts.device,
+        Kind::Float,
+    )?;
+    let data = Tensor::from_slice(tokens);
+    let mut rng = SplitMix64::new(opts.seed);
+    let starts = tokens.len() as u64 - seq as u64 + 1;
+    let (b1, b2, eps) = (0.9f64, 0.999f64, 1e-8f64);
+    let mut m: Vec<Tensor> = params.iter().map(Tensor::zeros_like).collect();
+    let mut v: Vec<Tensor> = params.iter().map(Tensor::zeros_like).collect();
+    let (mut first_loss, mut last_loss) = (f64::NAN, f64::NAN);
+    for step in 1..=opts.steps {
+        let rows: Vec<Tensor> = (0..opts.batch)
+            .map(|_| data.narrow(0, (rng.next_u64() % starts) as i64, seq))
+            .collect();
+        let ids = Tensor::stack(&rows, 0).to_device(opts.device);
+        let loss = token_losses(&model, &ids)?.mean(Kind::Float);
+        loss.backward();
+        let value = loss.double_value(&[]);
+        if !value.is_finite() {
+            return Err(GpuError::Invalid(format!(
+                "training diverged at step {step} (loss {value})"
+            )));
+        }
+        if step == 1 {
+            first_loss = value;
+        }
+        last_loss = value;
+        tch::no_grad(|| -> Result<()> {
+            let t = f64::from(step as i32);
+            for (i, p) in params.iter_mut().enumerate() {
+                let g = p.grad();
+                if !g.defined() {
+                    return Err(GpuError::Invalid(format!(
+                        "no gradient reached {}",
+                        names[i]
+                    )));
+                }
+                m[i] = &m[i] * b1 + &g * (1.0 - b1);
+                v[i] = &v[i] * b2 + g.square() * (1.0 - b2);
+                let mhat = &m[i] / (1.0 - b1.powf(t));
+                let vhat = &v[i] / (1.0 - b2.powf(t));
+                let step_t = mhat / (vhat.sqrt() + eps) * opts.learning_rate
+                    + &*p * (opts.learning_rate * opts.weight_decay);
+                let _ = p.f_sub_(&step_t)?;
+                p.zero_grad();
+            }
+            Ok(())
+        })?;
+        progress(StepReport {
+            step,
+            loss: value,
+            tokens: u64::from(opts.batch) * seq as u64,
+        });
+    }
+    let updates = names
+        .iter()
+        .zip(&params)
+        .map(|(n, p)| {
+            let trained = p.detach().to_device(Device::Cpu);
+            (n.clone(), trained - &weights.tensors[n])
+        })
+        .collect();
+    Ok(Trained {
+        updates,
+        first_loss,
+        last_loss,
+    })
+}
+
+/// The windows of `tokens` at `starts`, `window_tokens` each (POL-VAL-3's
+/// offsets).
+pub fn windows(tokens: &[i64], starts: &[u64], window_tokens: usize) -> Result<Vec<Vec<i64>>> {
+    starts
+        .iter()
+        .map(|&s| {
+            let s = s as usize;
+            tokens
+                .get(s..s + window_tokens)
+                .map(<[i64]>::to_vec)
+                .ok_or_else(|| GpuError::Invalid(format!("window at {s} is outside the pool")))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text_tokens() -> Vec<i64> {
+        "the cat sat on the mat. the dog sat on the log. "
+            .repeat(40)
+            .bytes()
+            .map(i64::from)
+            .collect()
+    }
+
+    #[test]
+    fn pol_train_1_training_a_layer_lowers_its_loss_and_touches_only_that_layer() {
+        let w = Weights::load(None).unwrap();
+        let tokens = text_tokens();
+        let opts = TrainOptions {
+            steps: 30,
+            batch: 4,
+            seq_tokens: 64,
+            ..TrainOptions::default()
+        };
+        let mut reports = 0;
+        let trained = train_layer(&w, 1, &tokens, &opts, |_| reports += 1).unwrap();
+        assert_eq!(reports, 30);
+        assert!(
+            trained.last_loss < trained.first_loss * 0.9,
+            "{} -> {}",
+            trained.first_loss,
+            trained.last_loss
+        );
+        assert!(
+            trained
+                .updates
+                .keys()
+                .all(|n| n.starts_with("model.layers.1."))
+        );
+        assert_eq!(trained.updates.len(), w.layer_names(1).unwrap().len());
+        // Applying the dense update lowers the loss on the same text.
+        let windows = windows(&tokens, &[0, 100, 700], 64).unwrap();
+        let before = mean_loss_micronats(&w.model().unwrap(), &windows).unwrap();
+        let mut after = Weights {
+            cfg: w.cfg.clone(),
+            tensors: w
+                .tensors
+                .iter()
+                .map(|(n, t)| (n.clone(), t.shallow_clone()))
+                .collect(),
+        };
+        for (n, u) in &trained.updates {
+            let t = &after.tensors[n] + u;
+            after.tensors.insert(n.clone(), t);
+        }
+        let after = mean_loss_micronats(&after.model().unwrap(), &windows).unwrap();
+        assert!(after < before, "{after} !< {before}");
+        // Same seed, same update (CPU).
+        let again = train_layer(&w, 1, &tokens, &opts, |_| {}).unwrap();
+        for (n, u) in &trained.updates {
+            assert!(
+                u.equal(&again.updates[n]),
+                "{n} differs between two seeded runs"
+            );
+        }
+    }
+
+    #[test]
+    fn pol_eval_2_loss_is_reproducible_and_refuses_bad_windows() {
+        let w = Weights::load(None).unwrap();
+        let model = w.model().unwrap();
+        let tokens = text_tokens();
+        let ws = windows(&tokens, &[3, 50], 32).unwrap();
+        let a = mean_loss_micronats(&model, &ws).unwrap();
+        assert_eq!(a, mean_loss_micronats(&model, &ws).unwrap());
+        // A random model is near the uniform loss ln(272) = 5.6 nats.
+        assert!((3_000_000..9_000_000).contains(&a), "{a}");
+        assert!(mean_loss_micronats(&model, &[vec![1]]).is_err());
+        assert!(mean_loss_micronats(&model, &[]).is_err());
+        assert!(mean_loss_micronats(&model, &[vec![1, 999]]).is_err());
+        assert!(windows(&tokens, &[tokens.len() as u64], 2).is_err());
+        assert!(w.layer_names(99).is_err());
+    }
+}
