@@ -93,6 +93,10 @@ pub struct DevnetOptions {
     /// registered on chain (TX-9) by the devnet, advertising the whole
     /// model, so the validators route chat requests to them.
     pub inference_nodes: usize,
+    /// Fault injection for tests (POL-36): validator `.0` reveals losses
+    /// `.1` ppm above what it measured.
+    #[doc(hidden)]
+    pub misreport_loss: Option<(usize, u64)>,
 }
 
 impl DevnetOptions {
@@ -116,6 +120,7 @@ impl DevnetOptions {
                 ..crate::billing::PaymentConfig::default()
             },
             inference_nodes: 0,
+            misreport_loss: None,
             epoch_length_blocks: None,
         }
     }
@@ -446,7 +451,13 @@ impl Devnet {
                 max_body_bytes: crate::api::MAX_BODY_BYTES,
                 expert_cache_bytes: crate::blobs::DEFAULT_CACHE_BYTES,
                 rate_limits: opts.rate_limits.clone(),
-                inference: opts.inference.clone(),
+                inference: crate::inference::InferenceConfig {
+                    misreport_loss_ppm: match opts.misreport_loss {
+                        Some((j, ppm)) if j == i => ppm,
+                        _ => 0,
+                    },
+                    ..opts.inference.clone()
+                },
                 http: opts.http.clone(),
                 logs: crate::usage::LogsConfig::default(),
                 payments: opts.payments.clone(),

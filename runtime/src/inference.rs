@@ -87,6 +87,16 @@ pub struct InferenceConfig {
     #[doc(hidden)]
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub perturb_outputs: bool,
+    /// Fault injection for tests (POL-36): as a validator, commit and
+    /// reveal losses this many ppm above the measured ones. Never set it
+    /// on a real node.
+    #[doc(hidden)]
+    #[serde(skip_serializing_if = "is_zero")]
+    pub misreport_loss_ppm: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 impl Default for InferenceConfig {
@@ -105,6 +115,7 @@ impl Default for InferenceConfig {
             heartbeat_interval_ms: blyan_route::heartbeat::DEFAULT_HEARTBEAT_INTERVAL_MS,
             spot_check_rate_ppm: blyan_route::spot::DEFAULT_SPOT_CHECK_RATE_PPM,
             perturb_outputs: false,
+            misreport_loss_ppm: 0,
         }
     }
 }
@@ -142,6 +153,50 @@ pub struct ChatResult {
     /// inference-network issue routes requests through experts and will
     /// fill it).
     pub experts_used: Vec<String>,
+    /// POL-SERVE-2: the head the whole job ran on ([`HeadSlot`]).
+    pub head: String,
+}
+
+/// POL-SERVE-1: the heads the chain decided for the served model: every
+/// accepted delta of its targets, each target's in acceptance order, and
+/// a name for that set of heads.
+#[derive(Clone, Debug)]
+pub struct HeadUpdate {
+    /// `blyan-head-` and 16 hex digits of SHA3-256 over the targets' head
+    /// block ids in target-key order (`crate::pol_serve::head_name`).
+    pub name: String,
+    pub deltas: Vec<Vec<u8>>,
+}
+
+/// POL-SERVE-1/2: the head an engine should serve and the one it serves.
+/// The engine takes a new head between two jobs, never inside one.
+#[derive(Debug, Default)]
+pub struct HeadSlot {
+    pending: std::sync::Mutex<Option<HeadUpdate>>,
+    serving: std::sync::Mutex<String>,
+    /// Heads taken, and heads that could not be applied (kept the old one).
+    pub swaps: AtomicU64,
+    pub swap_failures: AtomicU64,
+}
+
+impl HeadSlot {
+    /// Asks the engine to serve `u` from its next job on.
+    pub fn set(&self, u: HeadUpdate) {
+        *self.pending.lock().expect("head lock") = Some(u);
+    }
+
+    /// The name of the head being served (empty until the first is set).
+    pub fn serving(&self) -> String {
+        self.serving.lock().expect("head lock").clone()
+    }
+
+    fn take(&self) -> Option<HeadUpdate> {
+        self.pending.lock().expect("head lock").take()
+    }
+
+    fn served(&self, name: &str) {
+        *self.serving.lock().expect("head lock") = name.to_string();
+    }
 }
 
 /// What the engine serves, for `/chat`'s answers and `/status`.
@@ -174,6 +229,8 @@ pub struct InferenceHandle {
     pub config: InferenceConfig,
     /// The engine's state and counters (API-CHAT-4/5), shared with its thread.
     pub stats: Arc<EngineStats>,
+    /// POL-SERVE-1: the head it serves.
+    pub heads: Arc<HeadSlot>,
 }
 
 /// Pieces of streamed text in flight per job; a reader that leaves more
@@ -299,12 +356,16 @@ impl InferenceHandle {
         let engine_config = config.clone();
         let stats = Arc::new(EngineStats::default());
         let engine_stats = stats.clone();
+        let heads = Arc::new(HeadSlot::default());
+        let engine_heads = heads.clone();
         // OPS-LOG-2: the engine thread logs in its node's span.
         let span = tracing::Span::current();
         std::thread::Builder::new()
             .name("inference".into())
             .spawn(move || {
-                span.in_scope(|| engine::serve(engine_config, rx, ready_tx, engine_stats))
+                span.in_scope(|| {
+                    engine::serve(engine_config, rx, ready_tx, engine_stats, engine_heads)
+                })
             })
             .map_err(|e| Error::Inference(format!("cannot start the inference thread: {e}")))?;
         let model = ready_rx
@@ -315,6 +376,7 @@ impl InferenceHandle {
             model,
             config,
             stats,
+            heads,
         })
     }
 
@@ -426,8 +488,8 @@ fn outcome_of(r: &Result<ChatResult, Error>) -> crate::metrics::InferenceOutcome
 #[cfg(feature = "inference")]
 mod engine {
     use super::{
-        Cancel, ChatResult, EngineState, EngineStats, InferenceConfig, Job, ModelInfo,
-        REBUILD_RETRY_MS, STREAM_PIECES,
+        Cancel, ChatResult, EngineState, EngineStats, HeadSlot, HeadUpdate, InferenceConfig, Job,
+        ModelInfo, REBUILD_RETRY_MS, STREAM_PIECES,
     };
     use crate::Error;
     use blyan_gpu::LoadedModel;
@@ -595,6 +657,7 @@ mod engine {
             finish_reason: out.finish_reason.as_str(),
             capped: capped && out.finish_reason.as_str() == "length",
             experts_used: Vec::new(),
+            head: String::new(),
         })
     }
 
@@ -631,11 +694,88 @@ mod engine {
         }
     }
 
+    /// POL-SERVE-1: the model with the genesis weights of `config`'s block
+    /// directory (`base`, loaded once, f32 on the CPU) plus `u`'s deltas, in
+    /// the configured dtype and device.
+    fn with_head(
+        config: &InferenceConfig,
+        base: &mut Option<blyan_gpu::pol::Weights>,
+        u: &HeadUpdate,
+    ) -> Result<blyan_gpu::model::Qwen3, Error> {
+        let dir = config
+            .model_dir
+            .as_deref()
+            .filter(|d| d.join("manifest.json").is_file())
+            .ok_or_else(|| {
+                Error::Inference("following the chain's heads needs a block directory".into())
+            })?;
+        if base.is_none() {
+            *base = Some(blyan_gpu::pol::Weights::load(Some(dir)).map_err(gpu)?);
+        }
+        let mut w = base.as_ref().expect("loaded above").shallow();
+        for d in &u.deltas {
+            w.apply_delta(d).map_err(gpu)?;
+        }
+        let device = blyan_gpu::parse_device(&config.device).map_err(gpu)?;
+        let kind = blyan_gpu::parse_dtype(&config.dtype).map_err(gpu)?;
+        blyan_gpu::model::Qwen3::load(
+            &w.cfg,
+            &w.tensors,
+            blyan_gpu::model::LayerRange::full(&w.cfg),
+            device,
+            kind,
+        )
+        .map_err(gpu)
+    }
+
+    /// POL-SERVE-1/2: takes a pending head (between jobs), or re-applies the
+    /// one served after a rebuild reloaded the genesis weights.
+    fn take_head(
+        config: &InferenceConfig,
+        heads: &HeadSlot,
+        loaded: &mut LoadedModel,
+        base: &mut Option<blyan_gpu::pol::Weights>,
+        applied: &mut Option<HeadUpdate>,
+        reapply: bool,
+    ) {
+        let next = match heads.take() {
+            Some(u) => u,
+            None if reapply => match applied.clone() {
+                Some(u) => u,
+                None => return,
+            },
+            None => return,
+        };
+        if next.deltas.is_empty() && applied.as_ref().is_none_or(|a| a.deltas.is_empty()) {
+            heads.served(&next.name);
+            *applied = Some(next);
+            return;
+        }
+        match catch_unwind(AssertUnwindSafe(|| with_head(config, base, &next))) {
+            Ok(Ok(model)) => {
+                loaded.model = model;
+                heads.swaps.fetch_add(1, Ordering::Relaxed);
+                heads.served(&next.name);
+                tracing::info!(head = %next.name, deltas = next.deltas.len(), "serving a new head");
+                *applied = Some(next);
+            }
+            Ok(Err(e)) => {
+                heads.swap_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(head = %next.name, error = %e, "the new head could not be built; serving the old one");
+            }
+            Err(p) => {
+                heads.swap_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(head = %next.name, panic = %panic_message(&*p), "building the new head panicked; serving the old one");
+            }
+        }
+    }
+
     pub(super) fn serve(
         config: InferenceConfig,
         mut jobs: mpsc::Receiver<Job>,
         ready: oneshot::Sender<Result<ModelInfo, Error>>,
         stats: Arc<EngineStats>,
+        heads: Arc<HeadSlot>,
     ) {
         let mut loaded = match load(&config) {
             Ok((loaded, info)) => {
@@ -650,6 +790,9 @@ mod engine {
         };
         let retry = Duration::from_millis(REBUILD_RETRY_MS);
         let mut last_rebuild = Instant::now();
+        let mut base = None;
+        let mut applied: Option<HeadUpdate> = None;
+        let mut reapply = false;
         while let Some(job) = jobs.blocking_recv() {
             if Instant::now() >= job.deadline {
                 stats.expired_in_queue.fetch_add(1, Ordering::Relaxed);
@@ -666,7 +809,13 @@ mod engine {
             if loaded.is_none() && last_rebuild.elapsed() >= retry {
                 loaded = rebuild(&config, &stats);
                 last_rebuild = Instant::now();
+                reapply = true;
             }
+            if let Some(l) = loaded.as_mut() {
+                take_head(&config, &heads, l, &mut base, &mut applied, reapply);
+                reapply = false;
+            }
+            let head = heads.serving();
             let Some(model) = &loaded else {
                 let _ = job.reply.send(Err(Error::Inference(format!(
                     "the inference engine is down: its rebuild after a panic failed (retried at most every {REBUILD_RETRY_MS} ms)"
@@ -694,7 +843,7 @@ mod engine {
             }
             match outcome {
                 Ok(result) => {
-                    let _ = job.reply.send(result);
+                    let _ = job.reply.send(result.map(|r| ChatResult { head, ..r }));
                 }
                 Err(payload) => {
                     let why = panic_message(&*payload);
@@ -711,6 +860,7 @@ mod engine {
                     }
                     loaded = rebuild(&config, &stats);
                     last_rebuild = Instant::now();
+                    reapply = true;
                 }
             }
         }

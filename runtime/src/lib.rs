@@ -49,6 +49,8 @@ pub mod own_tx;
 pub mod pol_cli;
 #[cfg(feature = "inference")]
 pub mod pol_eval;
+#[cfg(feature = "inference")]
+pub mod pol_serve;
 pub mod ratelimit;
 pub mod registry;
 pub mod router;

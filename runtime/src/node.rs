@@ -218,6 +218,7 @@ impl RunningNode {
             genesis: setup.genesis.clone(),
             model_dir: setup.inference.model_dir.clone(),
             key: setup.key.clone(),
+            misreport_loss_ppm: setup.inference.misreport_loss_ppm,
         };
         let advertise_key = setup.key.clone();
         let heartbeat_config = blyan_route::heartbeat::HeartbeatConfig {
@@ -305,6 +306,24 @@ impl RunningNode {
                 advertise,
                 engine.config.spot_check_rate_ppm,
             )?));
+        }
+        // POL-SERVE-*: the engine serves the chain's heads of its model.
+        #[cfg(feature = "inference")]
+        if let Some(engine) = &inference {
+            let ledger = handle.snapshot.borrow().ledger.clone();
+            if let Some(model_id) = crate::api::chat::served_model_id(&ledger, engine) {
+                tasks.spawn(
+                    crate::pol_serve::run_follower(
+                        handle.clone(),
+                        transport.clone(),
+                        blobs.clone(),
+                        engine.clone(),
+                        model_id,
+                        shutdown_rx.clone(),
+                    )
+                    .in_current_span(),
+                );
+            }
         }
         if advertise && let Some(engine) = &inference {
             tasks.spawn(

@@ -49,6 +49,10 @@ pub struct TrainArgs {
     pub layer: Option<u32>,
     pub model_dir: Option<PathBuf>,
     pub density_ppm: u32,
+    /// The update is multiplied by this before compression (1: as trained;
+    /// a calibration and test aid: negative makes the model worse, small
+    /// positive values give small improvements).
+    pub scale: f64,
     pub options: TrainOptions,
 }
 
@@ -286,6 +290,12 @@ pub async fn train(args: TrainArgs, key: &SigningKey) -> Result<Value, Error> {
         .map_err(gpu)?
     };
     let train_s = train_started.elapsed().as_secs_f64();
+    let mut trained = trained;
+    if args.scale != 1.0 {
+        for u in trained.updates.values_mut() {
+            *u = &*u * args.scale;
+        }
+    }
     let payload = trained.compress(args.density_ppm).map_err(gpu)?;
     // What the trainer can see of the result (validators decide on their own sample).
     let head_loss = report_loss(&weights, &validation_tokens)?;

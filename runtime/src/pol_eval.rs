@@ -58,6 +58,9 @@ pub struct EvaluatorSetup {
     /// The block directory of the model this node evaluates.
     pub model_dir: Option<PathBuf>,
     pub key: SigningKey,
+    /// Fault injection for tests: reveal losses this many ppm above the
+    /// measured ones (`InferenceConfig::misreport_loss_ppm`).
+    pub misreport_loss_ppm: u64,
 }
 
 /// The model, its tokenizer and its validation tokens, loaded once.
@@ -301,8 +304,14 @@ pub async fn run_evaluator(
                 if let Some(t) = tracked.get_mut(&id) {
                     t.running = false;
                     match r {
-                        Ok(e) => {
+                        Ok(mut e) => {
                             info!(delta = %hex::encode(id), head_loss = e.head_loss_micronats, loss = e.loss_micronats, "delta evaluated");
+                            if setup.misreport_loss_ppm > 0 {
+                                let up = |v: u64| v.saturating_add(((u128::from(v) * u128::from(setup.misreport_loss_ppm)) / 1_000_000) as u64);
+                                e.loss_micronats = up(e.loss_micronats);
+                                e.head_loss_micronats = up(e.head_loss_micronats);
+                                warn!(delta = %hex::encode(id), "fault injection: misreporting the losses");
+                            }
                             t.result = Some(e);
                         }
                         Err(why) => {

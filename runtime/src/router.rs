@@ -73,6 +73,9 @@ struct StageResult {
     finish_reason: String,
     capped: bool,
     experts_used: Vec<String>,
+    /// POL-SERVE-2: the head the stage ran on.
+    #[serde(default)]
+    head: String,
 }
 
 /// RT-STAGE-1: the `e` event.
@@ -184,6 +187,7 @@ impl StageSink for StageServer {
                             finish_reason: r.finish_reason.to_string(),
                             capped: r.capped,
                             experts_used: r.experts_used,
+                            head: r.head,
                         })
                         .expect("a StageResult serialises"),
                     ),
@@ -729,6 +733,7 @@ impl Router {
                             finish_reason,
                             capped: r.capped,
                             experts_used: r.experts_used,
+                            head: r.head,
                         });
                     }
                     b'e' => {

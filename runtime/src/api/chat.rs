@@ -91,6 +91,9 @@ pub struct ChatAnswer {
     /// `stop` or `length`.
     pub finish_reason: String,
     pub model: String,
+    /// POL-SERVE-2: the head of the model the answer came from (every
+    /// stage ran on it); changes when the chain accepts a delta.
+    pub head: String,
     /// API-CHAT-2: cost, whether it was charged, request id, route.
     #[schema(value_type = Object)]
     pub blyan: serde_json::Value,
@@ -201,6 +204,7 @@ fn answer(engine: &InferenceHandle, r: ChatResult, bill: &Bill) -> ChatAnswer {
         cost_base_units: cost.to_string(),
         finish_reason: r.finish_reason.to_string(),
         model: engine.model.name.clone(),
+        head: r.head,
         blyan: bill.json(),
         route: bill.stages.clone(),
     }
@@ -628,6 +632,9 @@ pub async fn completions(
                 "object": "chat.completion",
                 "created": created,
                 "model": model,
+                // POL-SERVE-2: OpenAI's name for the backend configuration
+                // that produced the answer: here the model's head.
+                "system_fingerprint": r.head,
                 "choices": [{
                     "index": 0,
                     "message": { "role": "assistant", "content": r.text },
@@ -733,6 +740,7 @@ pub async fn completions(
                     "total_tokens": r.prompt_tokens + r.completion_tokens,
                 });
                 let mut last = chunk(json!({}), Some(r.finish_reason));
+                last["system_fingerprint"] = json!(r.head);
                 last["blyan"] = bill.json();
                 let _ = events_tx
                     .send(Event::default().data(last.to_string()))

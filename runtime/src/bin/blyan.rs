@@ -349,6 +349,10 @@ enum PolCommand {
         density_ppm: u32,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Multiply the trained update by this before compressing it (a
+        /// calibration aid: negative makes the model worse).
+        #[arg(long, default_value_t = 1.0, allow_hyphen_values = true)]
+        scale: f64,
         /// cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: String,
@@ -1010,6 +1014,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 learning_rate,
                 density_ppm,
                 seed,
+                scale,
                 device,
             } => {
                 let key = read_key_file(&key, &password(&pw, Prompt::Once)?)?;
@@ -1029,6 +1034,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
                     layer: Some(layer),
                     model_dir,
                     density_ppm,
+                    scale,
                     options,
                 };
                 let summary = blyan_runtime::pol_cli::train(args, &key).await?;

@@ -1,0 +1,99 @@
+//! The served model follows the chain (spec/pol.md POL-SERVE-*).
+//!
+//! - **POL-SERVE-1** A node serving a registered model (its
+//!   `inference.model_dir` block directory, GEN-MODEL-2) watches the heads
+//!   of that model's targets. When one changes (a delta was accepted,
+//!   POL-35), it fetches every accepted delta of the model by its PoL root
+//!   (its blob store, else peers, NODE-NET-12; each checked against the
+//!   root the chain holds) and hands the engine the genesis weights plus
+//!   those deltas ([`crate::inference::HeadUpdate`]). A node started on a
+//!   chain with accepted deltas builds the same head before its first
+//!   answer, so a restart serves what the chain says.
+//! - **POL-SERVE-2** The engine takes a new head between two jobs, never
+//!   inside one: a request runs on one head from its first token to its
+//!   last, and its answer names it (`head` in `/chat`,
+//!   `system_fingerprint` in `/v1/chat/completions`). The name is
+//!   [`head_name`]: it changes exactly when a head of the model changes.
+//! - **POL-SERVE-3** A delta that cannot be fetched is retried every
+//!   [`FOLLOW_POLL_MS`]; one that cannot be applied leaves the old head
+//!   served and is counted (`HeadSlot::swap_failures`).
+
+use crate::blobs::BlobStore;
+use crate::inference::{HeadUpdate, InferenceHandle};
+use crate::service::NodeHandle;
+use crate::transport::GrpcTransport;
+use blyan_state_machine::crypto::sha3_256_parts;
+use blyan_state_machine::pol::PolState;
+use blyan_state_machine::types::Hash32;
+use std::sync::Arc;
+use tokio::sync::watch;
+use tracing::warn;
+
+/// How often the follower looks at the chain's heads.
+pub const FOLLOW_POLL_MS: u64 = 500;
+
+/// POL-SERVE-2: the name of the model's current heads: `blyan-head-` and
+/// the first 8 bytes, in hex, of SHA3-256 over the head block ids of the
+/// model's targets in target-key order.
+pub fn head_name(pol: &PolState, model_id: &Hash32) -> String {
+    let heads = pol.heads_of_model(model_id);
+    let ids: Vec<&[u8]> = heads.iter().map(|(_, h)| h.block_id.as_slice()).collect();
+    let digest = sha3_256_parts(&ids);
+    format!("blyan-head-{}", hex::encode(&digest[..8]))
+}
+
+/// POL-SERVE-1: the PoL roots of every accepted delta of `model_id`, each
+/// target's oldest first, targets in key order.
+pub fn accepted_roots(pol: &PolState, model_id: &Hash32) -> Vec<Hash32> {
+    pol.heads_of_model(model_id)
+        .iter()
+        .filter_map(|(_, h)| crate::pol_eval::accepted_lineage(pol, &h.block_id))
+        .flat_map(|(roots, _)| roots)
+        .collect()
+}
+
+/// POL-SERVE-1..3: the follower loop.
+pub async fn run_follower(
+    node: NodeHandle,
+    transport: Arc<GrpcTransport>,
+    blobs: Arc<BlobStore>,
+    engine: InferenceHandle,
+    model_id: Hash32,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut requested = String::new();
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(FOLLOW_POLL_MS));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let snap = crate::api::snapshot(&node);
+        let pol = snap.ledger.pol();
+        let name = head_name(pol, &model_id);
+        if name == requested {
+            continue;
+        }
+        let mut deltas = Vec::new();
+        let mut missing = None;
+        for root in accepted_roots(pol, &model_id) {
+            match transport.fetch_payload(&root, &blobs).await {
+                Ok(bytes) => deltas.push(bytes),
+                Err(e) => {
+                    missing = Some(e);
+                    break;
+                }
+            }
+        }
+        if let Some(e) = missing {
+            warn!(head = %name, error = %e, "an accepted delta could not be fetched; retrying");
+            continue;
+        }
+        engine.heads.set(HeadUpdate {
+            name: name.clone(),
+            deltas,
+        });
+        requested = name;
+    }
+}

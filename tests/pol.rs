@@ -1,0 +1,269 @@
+//! Proof-of-Learning end to end (spec/pol.md POL-TRAIN-*, POL-SUBMIT-*,
+//! POL-EVAL-*, POL-VAL-*, POL-SERVE-*; issue 14): a 4-validator devnet whose
+//! validator 3 misreports its losses.
+//!
+//! One devnet, phases in order:
+//! 1. train layer 0 of the embedded model on the shipped training pool
+//!    (`blyan pol train`'s code), submit it (`blyan pol submit --wait`'s
+//!    code): the validators' own evaluations accept it with ≥ 1 % lower
+//!    loss, and the misreporting validator is not among the honest
+//!    attestors;
+//! 2. the served model follows: `/chat` names the new head, and its greedy
+//!    answer equals that of head + delta computed by an independent
+//!    reference (`tests/pol/reference.py`: its own payload parser, a dense
+//!    numpy apply, transformers), which also reproduces the answer before;
+//! 3. the same update scaled to 2 % (a true improvement between 0 and 1 %)
+//!    is rejected, and so is the update negated (worse);
+//! 4. rewards: the decision gives the trainer a learning claim and the data
+//!    block's submitter a dataset claim, the honest attestors attestation
+//!    claims and the liar nothing; the epoch's end pays them.
+
+mod support;
+
+use blyan_runtime::devnet::{DEVNET_PASSWORD, Devnet, DevnetOptions};
+use blyan_runtime::keystore::read_key_file;
+use blyan_runtime::pol_cli::{TrainArgs, submit, train};
+use blyan_state_machine::block::Event;
+use blyan_state_machine::ledger::Ledger;
+use blyan_state_machine::pol::{PolBlockType, PolEvent};
+use blyan_state_machine::rewards::RewardPool;
+use blyan_state_machine::state::Touched;
+use blyan_state_machine::types::{Address, Amount};
+use serde_json::{Value, json};
+use std::path::Path;
+use std::time::Instant;
+use support::eventually;
+
+/// The misreporting validator and how far above its measured losses it reveals.
+const LIAR: usize = 3;
+const LIE_PPM: u64 = 200_000;
+
+fn train_args(node: &str, out: &Path, scale: f64) -> TrainArgs {
+    TrainArgs {
+        node: node.to_string(),
+        out: out.to_path_buf(),
+        layer: None,
+        model_dir: None,
+        density_ppm: blyan_runtime::pol_cli::DEFAULT_DENSITY_PPM,
+        scale,
+        options: blyan_gpu::pol::TrainOptions {
+            steps: 40,
+            ..Default::default()
+        },
+    }
+}
+
+async fn chat(url: &str) -> Value {
+    let body = json!({ "prompt": "Alice was", "max_tokens": 16 });
+    let (s, v) = blyan_runtime::client::post_json(url, "/chat", &body)
+        .await
+        .unwrap();
+    assert_eq!(s, 200, "{v}");
+    v
+}
+
+/// The reference's greedy answers for the head (`accepted` applied) and
+/// for the head with `delta` applied.
+fn reference(hf: &Path, accepted: &[&Path], delta: &Path) -> Value {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = std::process::Command::new(root.join(".venv/bin/python"))
+        .arg(root.join("tests/pol/reference.py"))
+        .arg(hf)
+        .arg(delta)
+        .args(["Alice was", "16"])
+        .args(accepted)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "reference.py failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap()
+}
+
+fn payload_file(delta_file: &Path, out: &Path) {
+    let (_, payload) = blyan_runtime::pol_cli::read_delta_file(delta_file).unwrap();
+    std::fs::write(out, payload).unwrap();
+}
+
+/// The ledger after each block `1..=to`, replayed from genesis, with the
+/// events of each block.
+fn replay(devnet: &Devnet, to: u64) -> Vec<(Ledger, Vec<Event>)> {
+    let reader = devnet.nodes[0].handle.reader.clone();
+    let mut l = Ledger::from_genesis(&devnet.genesis).unwrap();
+    let mut out = vec![(l.clone(), Vec::new())];
+    for h in 1..=to {
+        let b = reader.block(h).unwrap().unwrap().block;
+        let (next, outcome) = l.apply_block(&b).unwrap();
+        l = next;
+        out.push((l.clone(), outcome.events));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pol_loop_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = DevnetOptions::new(dir.path().join("devnet"), 4);
+    opts.base_port = None;
+    opts.block_interval_ms = 500;
+    opts.misreport_loss = Some((LIAR, LIE_PPM));
+    let devnet = Devnet::start(opts).await.unwrap();
+    let url = devnet.nodes[0].api_url();
+    let faucet = read_key_file(&devnet.faucet_key_file, DEVNET_PASSWORD).unwrap();
+    let liar = devnet.nodes[LIAR].address;
+    let hf = devnet.dir.join("model/hf");
+    let model_id = devnet
+        .genesis
+        .pol_blocks
+        .iter()
+        .find(|b| b.block_type == PolBlockType::Meta)
+        .unwrap()
+        .id();
+    let before = chat(&url).await;
+
+    // 1. Train, submit, accepted by the validators' own evaluations.
+    let a_file = dir.path().join("a.json");
+    let summary = train(train_args(&url, &a_file, 1.0), &faucet)
+        .await
+        .unwrap();
+    eprintln!("train: {summary}");
+    assert!(summary["last_loss"].as_f64().unwrap() < summary["first_loss"].as_f64().unwrap());
+    let a = submit(&url, &faucet, &a_file, true).await.unwrap();
+    let decided_at = Instant::now();
+    eprintln!("submit: {a}");
+    assert_eq!(a["status"], "accepted", "{a}");
+    let improvement = a["improvement_ppm"].as_u64().unwrap();
+    assert!(improvement >= 10_000, "{a}");
+    let honest: Vec<String> = a["honest_attestors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(honest.len(), 3, "the three honest validators: {a}");
+    assert!(
+        !honest.contains(&liar.to_string()),
+        "the liar is not honest: {a}"
+    );
+
+    // 2. The served model follows the chain, and is head + delta.
+    let expected_head = {
+        let l = devnet.nodes[0].handle.snapshot.borrow().ledger.clone();
+        blyan_runtime::pol_serve::head_name(l.pol(), &model_id)
+    };
+    assert_ne!(before["head"], json!(expected_head));
+    let after = eventually("node 0 to answer from the new head", || async {
+        let v = chat(&url).await;
+        (v["head"] == json!(expected_head)).then_some(v)
+    })
+    .await;
+    eprintln!(
+        "answers from the new head {:.1} s after submit returned the decision",
+        decided_at.elapsed().as_secs_f64()
+    );
+    let a_payload = dir.path().join("a.bin");
+    payload_file(&a_file, &a_payload);
+    let r = reference(&hf, &[], &a_payload);
+    eprintln!("reference: {r}");
+    assert_eq!(
+        before["text"], r["head_text"],
+        "the reference reproduces the genesis head"
+    );
+    assert_eq!(
+        after["text"], r["delta_text"],
+        "the node serves head + delta"
+    );
+    assert_ne!(r["head_text"], r["delta_text"]);
+
+    // 3. A true improvement between 0 and 1 % is rejected; so is a worse model.
+    let b_file = dir.path().join("b.json");
+    train(train_args(&url, &b_file, 0.02), &faucet)
+        .await
+        .unwrap();
+    let b = submit(&url, &faucet, &b_file, true).await.unwrap();
+    eprintln!("small: {b}");
+    assert_eq!(b["status"], "rejected", "{b}");
+    assert_eq!(b["reason"], "insufficient_improvement", "{b}");
+    let small = b["improvement_ppm"].as_u64().unwrap();
+    assert!(small > 0 && small < 10_000, "{b}");
+    let c_file = dir.path().join("c.json");
+    train(train_args(&url, &c_file, -1.0), &faucet)
+        .await
+        .unwrap();
+    let c = submit(&url, &faucet, &c_file, true).await.unwrap();
+    eprintln!("worse: {c}");
+    assert_eq!(c["status"], "rejected", "{c}");
+    assert_eq!(c["improvement_ppm"], 0, "{c}");
+    // Rejected deltas never became the head.
+    assert_eq!(chat(&url).await["head"], json!(expected_head));
+
+    // 4. Rewards of the accepted delta, and their payment.
+    let decided = a["decided_height"].as_u64().unwrap();
+    let epoch = devnet.genesis.params.rewards.epoch_length_blocks;
+    let paid_at = decided.div_ceil(epoch) * epoch;
+    eventually("the reward epoch to end", || async {
+        (support::height(&url).await >= paid_at).then_some(())
+    })
+    .await;
+    let ledgers = replay(&devnet, paid_at);
+    // What this decision alone gives (RWD-11, RWD-12, RWD-14): its event
+    // accrued on the rewards before its block (an epoch's end in the same
+    // block would pay and reset the claims).
+    let a_id = blyan_runtime::pol_cli::read_delta_file(&a_file)
+        .unwrap()
+        .0
+        .id();
+    let event = ledgers[decided as usize]
+        .1
+        .iter()
+        .find_map(|e| match e {
+            Event::Pol(p) if matches!(&**p, PolEvent::DeltaDecided(d) if d.delta_id == a_id) => {
+                Some((**p).clone())
+            }
+            _ => None,
+        })
+        .expect("the decision's event");
+    let before = &ledgers[decided as usize - 1].0;
+    let mut accrued = before.rewards().clone();
+    accrued
+        .accrue_pol_event(&before.params().rewards, &event, &mut Touched::new())
+        .unwrap();
+    let gain =
+        |pool: RewardPool, a: &Address| accrued.claim(pool, a) - before.rewards().claim(pool, a);
+    let f = devnet.faucet;
+    assert!(
+        gain(RewardPool::Learning, &f) > 0,
+        "the trainer's learning claim"
+    );
+    assert!(
+        gain(RewardPool::Datasets, &f) > 0,
+        "the data block's submitter's dataset claim"
+    );
+    for n in &devnet.nodes {
+        let gained = gain(RewardPool::Attestation, &n.address) > 0;
+        assert_eq!(
+            gained,
+            n.address != liar,
+            "attestation claim of {}",
+            n.address
+        );
+    }
+    let minted = |to: &Address| -> Amount {
+        ledgers[decided as usize..=paid_at as usize]
+            .iter()
+            .flat_map(|(_, ev)| ev)
+            .filter_map(|e| match e {
+                Event::RewardsMinted { recipient, amount } if recipient == to => Some(*amount),
+                _ => None,
+            })
+            .sum()
+    };
+    assert!(minted(&f) > 0, "the trainer and data submitter is paid");
+    for n in devnet.nodes.iter().filter(|n| n.address != liar) {
+        assert!(minted(&n.address) > 0, "{} is paid", n.address);
+    }
+    devnet.stop().await;
+}
