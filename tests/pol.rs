@@ -12,6 +12,7 @@
 //!    answer equals that of head + delta computed by an independent
 //!    reference (`tests/pol/reference.py`: its own payload parser, a dense
 //!    numpy apply, transformers), which also reproduces the answer before;
+//!    a validator restarted on that chain answers from the new head at once;
 //! 3. the same update scaled to 2 % (a true improvement between 0 and 1 %)
 //!    is rejected, and so is the update negated (worse);
 //! 4. rewards: the decision gives the trainer a learning claim and the data
@@ -20,8 +21,10 @@
 
 mod support;
 
+use blyan_runtime::config::FileConfig;
 use blyan_runtime::devnet::{DEVNET_PASSWORD, Devnet, DevnetOptions};
 use blyan_runtime::keystore::read_key_file;
+use blyan_runtime::node::{NodeSetup, RunningNode, bind};
 use blyan_runtime::pol_cli::{TrainArgs, submit, train};
 use blyan_state_machine::block::Event;
 use blyan_state_machine::ledger::Ledger;
@@ -110,7 +113,7 @@ async fn pol_loop_end_to_end() {
     opts.base_port = None;
     opts.block_interval_ms = 500;
     opts.misreport_loss = Some((LIAR, LIE_PPM));
-    let devnet = Devnet::start(opts).await.unwrap();
+    let mut devnet = Devnet::start(opts).await.unwrap();
     let url = devnet.nodes[0].api_url();
     let faucet = read_key_file(&devnet.faucet_key_file, DEVNET_PASSWORD).unwrap();
     let liar = devnet.nodes[LIAR].address;
@@ -177,6 +180,26 @@ async fn pol_loop_end_to_end() {
         "the node serves head + delta"
     );
     assert_ne!(r["head_text"], r["delta_text"]);
+
+    // A validator restarted on this chain serves the head from its first answer.
+    let node1 = devnet.nodes.remove(1);
+    let (p2p, http) = (node1.p2p_addr.to_string(), node1.http_addr.to_string());
+    node1.stop(5_000).await;
+    let mut config = FileConfig::load(&devnet.dir.join("node-1/config.toml")).unwrap();
+    let password = dir.path().join("password");
+    std::fs::write(&password, DEVNET_PASSWORD).unwrap();
+    config.key_password_file = Some(password);
+    let restarted = RunningNode::start(
+        NodeSetup::from_config(&config).unwrap(),
+        bind(&p2p).await.unwrap(),
+        bind(&http).await.unwrap(),
+    )
+    .await
+    .unwrap();
+    let first = chat(&restarted.api_url()).await;
+    assert_eq!(first["head"], json!(expected_head), "{first}");
+    assert_eq!(first["text"], after["text"]);
+    devnet.nodes.insert(1, restarted);
 
     // 3. A true improvement between 0 and 1 % is rejected; so is a worse model.
     let b_file = dir.path().join("b.json");

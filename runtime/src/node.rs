@@ -312,6 +312,16 @@ impl RunningNode {
         if let Some(engine) = &inference {
             let ledger = handle.snapshot.borrow().ledger.clone();
             if let Some(model_id) = crate::api::chat::served_model_id(&ledger, engine) {
+                // Before the first answer: the head the chain holds now (a
+                // restart on a chain with accepted deltas serves them).
+                let first = crate::pol_serve::sync_head(
+                    &handle, &transport, &blobs, engine, &model_id, "",
+                )
+                .await
+                .unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "the chain's head could not be built yet; retrying");
+                    String::new()
+                });
                 tasks.spawn(
                     crate::pol_serve::run_follower(
                         handle.clone(),
@@ -319,6 +329,7 @@ impl RunningNode {
                         blobs.clone(),
                         engine.clone(),
                         model_id,
+                        first,
                         shutdown_rx.clone(),
                     )
                     .in_current_span(),

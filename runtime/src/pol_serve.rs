@@ -52,16 +52,44 @@ pub fn accepted_roots(pol: &PolState, model_id: &Hash32) -> Vec<Hash32> {
         .collect()
 }
 
-/// POL-SERVE-1..3: the follower loop.
+/// POL-SERVE-1: hands the engine the chain's current heads of `model_id`
+/// unless they are `requested` already; the name of what it handed.
+pub async fn sync_head(
+    node: &NodeHandle,
+    transport: &GrpcTransport,
+    blobs: &Arc<BlobStore>,
+    engine: &InferenceHandle,
+    model_id: &Hash32,
+    requested: &str,
+) -> Result<String, crate::Error> {
+    let snap = crate::api::snapshot(node);
+    let pol = snap.ledger.pol();
+    let name = head_name(pol, model_id);
+    if name == requested {
+        return Ok(name);
+    }
+    let mut deltas = Vec::new();
+    for root in accepted_roots(pol, model_id) {
+        deltas.push(transport.fetch_payload(&root, blobs).await?);
+    }
+    engine.heads.set(HeadUpdate {
+        name: name.clone(),
+        deltas,
+    });
+    Ok(name)
+}
+
+/// POL-SERVE-1..3: the follower loop; `requested` is what the node handed
+/// the engine at start.
 pub async fn run_follower(
     node: NodeHandle,
     transport: Arc<GrpcTransport>,
     blobs: Arc<BlobStore>,
     engine: InferenceHandle,
     model_id: Hash32,
+    mut requested: String,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut requested = String::new();
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(FOLLOW_POLL_MS));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -69,31 +97,9 @@ pub async fn run_follower(
             _ = tick.tick() => {}
             _ = shutdown.changed() => return,
         }
-        let snap = crate::api::snapshot(&node);
-        let pol = snap.ledger.pol();
-        let name = head_name(pol, &model_id);
-        if name == requested {
-            continue;
+        match sync_head(&node, &transport, &blobs, &engine, &model_id, &requested).await {
+            Ok(name) => requested = name,
+            Err(e) => warn!(error = %e, "an accepted delta could not be fetched; retrying"),
         }
-        let mut deltas = Vec::new();
-        let mut missing = None;
-        for root in accepted_roots(pol, &model_id) {
-            match transport.fetch_payload(&root, &blobs).await {
-                Ok(bytes) => deltas.push(bytes),
-                Err(e) => {
-                    missing = Some(e);
-                    break;
-                }
-            }
-        }
-        if let Some(e) = missing {
-            warn!(head = %name, error = %e, "an accepted delta could not be fetched; retrying");
-            continue;
-        }
-        engine.heads.set(HeadUpdate {
-            name: name.clone(),
-            deltas,
-        });
-        requested = name;
     }
 }

@@ -1,0 +1,158 @@
+//! Measurements of the PoL loop on the embedded model and the shipped
+//! corpus (spec/pol.md POL-VAL-4, POL-EVAL-2; numbers in runtime/BENCH.md).
+//!
+//! `cargo run -p blyan-runtime --example pol_measure -- holdout [STEPS]`:
+//! trains layer 0 once on the training pool (honest) and once on the
+//! validation pool (fitting what validators sample), then reports each
+//! delta's improvement on ten validation samples (POL-VAL-2/3 seeds) and on
+//! the never-registered hold-out (chapters XI–XII), dense and compressed.
+//!
+//! `cargo run -p blyan-runtime --example pol_measure -- agreement`: one
+//! delta's evaluation (POL-EVAL-1..3) in child processes with different
+//! `ATEN_CPU_CAPABILITY` values and thread counts; prints each child's
+//! losses and the largest difference in ppm of the loss.
+
+use blyan_gpu::pol::{
+    TrainOptions, Weights, evaluate_delta, mean_loss_micronats, train_layer, windows,
+};
+use blyan_runtime::corpus::{HOLDOUT_TEXT, TRAIN_TEXT, VALIDATION_TEXT};
+use blyan_state_machine::pol::improvement_ppm;
+use blyan_state_machine::pol::validation::{
+    VALIDATION_WINDOW_TOKENS, VALIDATION_WINDOWS, sample_windows, validation_seed,
+};
+use std::time::Instant;
+
+fn tokens(text: &str) -> Vec<i64> {
+    let tok = blyan_gpu::tokenizer::Tokenizer::from_json(
+        &blyan_gpu::tokenizer::byte_level_tokenizer_json(blyan_gpu::default_model::EOS_ID),
+    )
+    .unwrap();
+    tok.encode(text).unwrap()
+}
+
+fn sample(pool: &[i64], i: u8) -> Vec<Vec<i64>> {
+    let seed = validation_seed(&[i; 32], &[0x5a; 32]);
+    let starts = sample_windows(
+        &seed,
+        pool.len() as u64,
+        VALIDATION_WINDOWS,
+        VALIDATION_WINDOW_TOKENS,
+    )
+    .unwrap();
+    windows(pool, &starts, VALIDATION_WINDOW_TOKENS as usize).unwrap()
+}
+
+/// Consecutive windows covering `pool`.
+fn all_windows(pool: &[i64]) -> Vec<Vec<i64>> {
+    let w = VALIDATION_WINDOW_TOKENS as usize;
+    let starts: Vec<u64> = (0..pool.len() / w).map(|i| (i * w) as u64).collect();
+    windows(pool, &starts, w).unwrap()
+}
+
+fn holdout(steps: u32) {
+    let base = Weights::load(None).unwrap();
+    let (train, val, hold) = (
+        tokens(TRAIN_TEXT),
+        tokens(VALIDATION_TEXT),
+        tokens(HOLDOUT_TEXT),
+    );
+    let opts = TrainOptions {
+        steps,
+        ..TrainOptions::default()
+    };
+    let base_model = base.model().unwrap();
+    let hold_w = all_windows(&hold);
+    let base_hold = mean_loss_micronats(&base_model, &hold_w).unwrap();
+    println!(
+        "| delta trained on | sample improvement ppm (10 seeds: min / median / max) | hold-out improvement ppm | compressed: sample median / hold-out |"
+    );
+    println!("|---|---|---:|---|");
+    for (name, data) in [
+        ("training pool (honest)", &train),
+        ("validation pool (fitted)", &val),
+    ] {
+        let t0 = Instant::now();
+        let trained = train_layer(&base, 0, data, &opts, |_| {}).unwrap();
+        let secs = t0.elapsed().as_secs_f64();
+        let dense = trained.apply_dense(&base);
+        let payload = trained
+            .compress(blyan_runtime::pol_cli::DEFAULT_DENSITY_PPM)
+            .unwrap();
+        let mut compressed = base.shallow();
+        compressed.apply_delta(&payload).unwrap();
+        let (dm, cm) = (dense.model().unwrap(), compressed.model().unwrap());
+        let mut dense_s = Vec::new();
+        let mut comp_s = Vec::new();
+        for i in 0..10u8 {
+            let w = sample(&val, i);
+            let b = mean_loss_micronats(&base_model, &w).unwrap();
+            dense_s.push(improvement_ppm(b, mean_loss_micronats(&dm, &w).unwrap()));
+            comp_s.push(improvement_ppm(b, mean_loss_micronats(&cm, &w).unwrap()));
+        }
+        dense_s.sort();
+        comp_s.sort();
+        let h_dense = improvement_ppm(base_hold, mean_loss_micronats(&dm, &hold_w).unwrap());
+        let h_comp = improvement_ppm(base_hold, mean_loss_micronats(&cm, &hold_w).unwrap());
+        println!(
+            "| {name} ({steps} steps, {secs:.1} s) | {} / {} / {} | {h_dense} | {} / {h_comp} |",
+            dense_s[0], dense_s[5], dense_s[9], comp_s[5]
+        );
+    }
+}
+
+fn agreement() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(2).map(String::as_str) == Some("--child") {
+        let threads: i32 = args[3].parse().unwrap();
+        blyan_gpu::pol::set_threads(threads);
+        let base = Weights::load(None).unwrap();
+        let train = tokens(TRAIN_TEXT);
+        let opts = TrainOptions {
+            steps: 20,
+            ..TrainOptions::default()
+        };
+        let payload = train_layer(&base, 0, &train, &opts, |_| {})
+            .unwrap()
+            .compress(100_000)
+            .unwrap();
+        let w = sample(&tokens(VALIDATION_TEXT), 7);
+        let e = evaluate_delta(&base, &[], &payload, &w).unwrap();
+        println!("{} {}", e.head_loss_micronats, e.loss_micronats);
+        return;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let mut results = Vec::new();
+    for (cap, threads) in [("default", 1), ("avx2", 1), ("avx2", 2), ("default", 2)] {
+        let out = std::process::Command::new(&exe)
+            .args(["agreement", "--child", &threads.to_string()])
+            .env("ATEN_CPU_CAPABILITY", cap)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let v: Vec<u64> = text.split(' ').map(|x| x.parse().unwrap()).collect();
+        println!(
+            "ATEN_CPU_CAPABILITY={cap:8} threads={threads}: head loss {} µnat, candidate loss {} µnat",
+            v[0], v[1]
+        );
+        results.push(v);
+    }
+    let ppm = |i: usize| {
+        let vals: Vec<u64> = results.iter().map(|v| v[i]).collect();
+        let (lo, hi) = (vals.iter().min().unwrap(), vals.iter().max().unwrap());
+        (hi - lo) as f64 * 1e6 / *lo as f64
+    };
+    println!(
+        "largest difference: head {:.3} ppm, candidate {:.3} ppm (attestation_tolerance_ppm: 10,000)",
+        ppm(0),
+        ppm(1)
+    );
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("holdout") => holdout(args.get(2).and_then(|s| s.parse().ok()).unwrap_or(200)),
+        Some("agreement") => agreement(),
+        _ => eprintln!("usage: pol_measure holdout [STEPS] | agreement"),
+    }
+}
