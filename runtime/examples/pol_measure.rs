@@ -7,6 +7,10 @@
 //! delta's improvement on ten validation samples (POL-VAL-2/3 seeds) and on
 //! the never-registered hold-out (chapters XI–XII), dense and compressed.
 //!
+//! `cargo run -p blyan-runtime --example pol_measure -- densities [STEPS]`:
+//! the honest delta compressed at 1–100 % density: payload size against
+//! the dense bf16 update, and how much of its improvement survives.
+//!
 //! `cargo run -p blyan-runtime --example pol_measure -- agreement`: one
 //! delta's evaluation (POL-EVAL-1..3) in child processes with different
 //! `ATEN_CPU_CAPABILITY` values and thread counts; prints each child's
@@ -100,39 +104,100 @@ fn holdout(steps: u32) {
     }
 }
 
+/// How much of the honest delta's improvement survives compression, by density.
+fn densities(steps: u32) {
+    let base = Weights::load(None).unwrap();
+    let (train, val) = (tokens(TRAIN_TEXT), tokens(VALIDATION_TEXT));
+    let opts = TrainOptions {
+        steps,
+        ..TrainOptions::default()
+    };
+    let trained = train_layer(&base, 0, &train, &opts, |_| {}).unwrap();
+    let w = all_windows(&val);
+    let base_loss = mean_loss_micronats(&base.model().unwrap(), &w).unwrap();
+    let dense = improvement_ppm(
+        base_loss,
+        mean_loss_micronats(&trained.apply_dense(&base).model().unwrap(), &w).unwrap(),
+    );
+    let bf16 = trained.dense_bf16_bytes();
+    println!(
+        "dense update: {bf16} bytes in bf16, improvement {dense} ppm on the whole validation pool"
+    );
+    println!(
+        "| density | payload bytes | smaller than dense bf16 | improvement ppm | kept of dense |"
+    );
+    println!("|---:|---:|---:|---:|---:|");
+    for ppm in [
+        10_000u32, 20_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
+    ] {
+        let payload = trained.compress(ppm).unwrap();
+        let mut c = base.shallow();
+        c.apply_delta(&payload).unwrap();
+        let imp = improvement_ppm(
+            base_loss,
+            mean_loss_micronats(&c.model().unwrap(), &w).unwrap(),
+        );
+        println!(
+            "| {:.0} % | {} | {:.1}× | {imp} | {:.1} % |",
+            f64::from(ppm) / 1e4,
+            payload.len(),
+            bf16 as f64 / payload.len() as f64,
+            imp as f64 * 100.0 / dense as f64
+        );
+    }
+}
+
 fn agreement() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(2).map(String::as_str) == Some("--child") {
         let threads: i32 = args[3].parse().unwrap();
         blyan_gpu::pol::set_threads(threads);
+        let payload = std::fs::read(&args[4]).unwrap();
         let base = Weights::load(None).unwrap();
-        let train = tokens(TRAIN_TEXT);
-        let opts = TrainOptions {
-            steps: 20,
-            ..TrainOptions::default()
-        };
-        let payload = train_layer(&base, 0, &train, &opts, |_| {})
-            .unwrap()
-            .compress(100_000)
-            .unwrap();
         let w = sample(&tokens(VALIDATION_TEXT), 7);
+        let t0 = Instant::now();
         let e = evaluate_delta(&base, &[], &payload, &w).unwrap();
-        println!("{} {}", e.head_loss_micronats, e.loss_micronats);
+        println!(
+            "{} {} {:.3}",
+            e.head_loss_micronats,
+            e.loss_micronats,
+            t0.elapsed().as_secs_f64()
+        );
         return;
     }
+    // One delta, trained here; every child evaluates the same bytes.
+    let base = Weights::load(None).unwrap();
+    let opts = TrainOptions {
+        steps: 20,
+        ..TrainOptions::default()
+    };
+    let payload = train_layer(&base, 0, &tokens(TRAIN_TEXT), &opts, |_| {})
+        .unwrap()
+        .compress(100_000)
+        .unwrap();
+    let file = std::env::temp_dir().join(format!("pol-measure-{}.blyd", std::process::id()));
+    std::fs::write(&file, &payload).unwrap();
     let exe = std::env::current_exe().unwrap();
     let mut results = Vec::new();
-    for (cap, threads) in [("default", 1), ("avx2", 1), ("avx2", 2), ("default", 2)] {
+    for (cap, threads) in [
+        ("default", 1),
+        ("avx2", 1),
+        ("avx2", 2),
+        ("avx512", 2),
+        ("default", 2),
+    ] {
         let out = std::process::Command::new(&exe)
             .args(["agreement", "--child", &threads.to_string()])
+            .arg(&file)
             .env("ATEN_CPU_CAPABILITY", cap)
             .output()
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        let v: Vec<u64> = text.split(' ').map(|x| x.parse().unwrap()).collect();
+        let parts: Vec<&str> = text.split(' ').collect();
+        let v: Vec<u64> = parts[..2].iter().map(|x| x.parse().unwrap()).collect();
         println!(
-            "ATEN_CPU_CAPABILITY={cap:8} threads={threads}: head loss {} µnat, candidate loss {} µnat",
-            v[0], v[1]
+            "ATEN_CPU_CAPABILITY={cap:8} threads={threads}: head loss {} µnat, candidate loss {} µnat, evaluation {} s",
+            v[0], v[1], parts[2]
         );
         results.push(v);
     }
@@ -141,6 +206,7 @@ fn agreement() {
         let (lo, hi) = (vals.iter().min().unwrap(), vals.iter().max().unwrap());
         (hi - lo) as f64 * 1e6 / *lo as f64
     };
+    let _ = std::fs::remove_file(&file);
     println!(
         "largest difference: head {:.3} ppm, candidate {:.3} ppm (attestation_tolerance_ppm: 10,000)",
         ppm(0),
@@ -153,6 +219,7 @@ fn main() {
     match args.get(1).map(String::as_str) {
         Some("holdout") => holdout(args.get(2).and_then(|s| s.parse().ok()).unwrap_or(200)),
         Some("agreement") => agreement(),
-        _ => eprintln!("usage: pol_measure holdout [STEPS] | agreement"),
+        Some("densities") => densities(args.get(2).and_then(|s| s.parse().ok()).unwrap_or(200)),
+        _ => eprintln!("usage: pol_measure holdout [STEPS] | densities [STEPS] | agreement"),
     }
 }
