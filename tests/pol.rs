@@ -17,7 +17,9 @@
 //!    is rejected, and so is the update negated (worse);
 //! 4. rewards: the decision gives the trainer a learning claim and the data
 //!    block's submitter a dataset claim, the honest attestors attestation
-//!    claims and the liar nothing; the epoch's end pays them.
+//!    claims and the liar nothing; the epoch's end pays them;
+//! 5. `blyan pol train | submit --wait | status` and `blyan account` as
+//!    scripts call them, every other choice defaulted.
 
 mod support;
 
@@ -288,5 +290,68 @@ async fn pol_loop_end_to_end() {
     for n in devnet.nodes.iter().filter(|n| n.address != liar) {
         assert!(minted(&n.address) > 0, "{} is paid", n.address);
     }
+
+    // 5. The command line scripts rely on, with every other choice defaulted.
+    let blyan = |args: &[&str]| {
+        let out = std::process::Command::new(support::blyan_bin())
+            .args(args)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "blyan {args:?}:\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    };
+    let key = devnet.faucet_key_file.display().to_string();
+    let d_file = dir.path().join("d.json").display().to_string();
+    blyan(&[
+        "pol",
+        "train",
+        "--node",
+        &url,
+        "--key",
+        &key,
+        "--password",
+        DEVNET_PASSWORD,
+        "--out",
+        &d_file,
+    ]);
+    let out = blyan(&[
+        "pol",
+        "submit",
+        "--node",
+        &url,
+        "--key",
+        &key,
+        "--password",
+        DEVNET_PASSWORD,
+        "--delta",
+        &d_file,
+        "--wait",
+    ]);
+    let last: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    eprintln!("cli: {last}");
+    for field in ["delta", "status", "reason", "improvement_ppm"] {
+        assert!(last.get(field).is_some(), "{field} missing: {last}");
+    }
+    assert_eq!(last["status"], "accepted", "{last}");
+    let status: Value = serde_json::from_str(&blyan(&[
+        "pol",
+        "status",
+        last["delta"].as_str().unwrap(),
+        "--node",
+        &url,
+    ]))
+    .unwrap();
+    assert_eq!(status["status"], "accepted");
+    let account: Value =
+        serde_json::from_str(&blyan(&["account", &f.to_string(), "--node", &url])).unwrap();
+    assert!(
+        account["reward_claims"]["learning"].is_string(),
+        "{account}"
+    );
     devnet.stop().await;
 }

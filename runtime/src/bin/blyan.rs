@@ -124,6 +124,15 @@ enum Command {
         #[command(subcommand)]
         command: PolCommand,
     },
+    /// Print an account: balance, nonce, stake and this epoch's reward
+    /// claims per pool (learning, datasets, attestation, …; paid at the
+    /// reward epoch's end, RWD-5).
+    Account {
+        /// The address (0x-hex).
+        address: Address,
+        #[arg(long, default_value = "http://127.0.0.1:7101")]
+        node: String,
+    },
     /// Print a node's status.
     Status {
         #[arg(long, default_value = "http://127.0.0.1:7101")]
@@ -1157,6 +1166,11 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 let _ = std::fs::remove_dir_all(&parent);
             }
             result?;
+        }
+        Command::Account { address, node } => {
+            let (s, v) = client::get_json(&node, &format!("/account/{address}")).await?;
+            expect_ok(s, &v)?;
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         }
         Command::Status { node } => {
             let (s, v) = client::get_json(&node, "/status").await?;
