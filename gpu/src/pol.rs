@@ -196,6 +196,12 @@ fn token_losses(model: &Qwen3, ids: &Tensor) -> Result<Tensor> {
     Ok(logp.gather(-1, &target, false).squeeze_dim(-1).neg())
 }
 
+/// libtorch's intra-op thread count for this process (POL-EVAL-2 names
+/// it as an input of the bits an evaluation gives).
+pub fn set_threads(n: i32) {
+    tch::set_num_threads(n);
+}
+
 /// Training settings (POL-TRAIN-1).
 #[derive(Clone, Debug, PartialEq)]
 pub struct TrainOptions {
