@@ -548,27 +548,48 @@ async fn the_genesis_registers_the_model_every_node_serves_and_stores() {
         g[0].payload_cid,
         blyan_state_machine::pol::cid_v1_raw_sha256(&manifest)
     );
-    let layers: Vec<u32> = g[1..].iter().map(|b| b.layer.unwrap()).collect();
+    let layers: Vec<u32> = g[1..5].iter().map(|b| b.layer.unwrap()).collect();
     assert_eq!(layers, vec![0, 1, 2, 3], "the embedded model has 4 layers");
     assert!(
-        g[1..]
+        g[1..5]
             .iter()
             .all(|b| b.block_type == PolBlockType::Layer && b.model_id == g[0].id())
     );
+    // GEN-MODEL-3: then the shipped corpus, the training and validation pools.
+    use blyan_state_machine::pol::validation::DataRole;
+    let corpus = [DataRole::Train, DataRole::Validation].map(blyan_runtime::corpus::payload);
+    assert_eq!(g.len(), 7);
+    for (b, payload) in g[5..].iter().zip(&corpus) {
+        assert_eq!(b.block_type, PolBlockType::Data);
+        assert_eq!(
+            (b.model_id, b.depends_on.clone()),
+            (g[0].id(), vec![g[0].id()])
+        );
+        assert_eq!(
+            b.payload_cid,
+            blyan_state_machine::pol::cid_v1_raw_sha256(payload)
+        );
+    }
 
     for node in &net.nodes {
         let url = node.api_url();
         let (_, list) = get_json(&url, "/pol/blocks").await.unwrap();
-        assert_eq!(list["total"], 5, "{list}");
+        assert_eq!(list["total"], 7, "{list}");
         let (_, experts) = get_json(&url, "/pol/experts").await.unwrap();
         assert_eq!(experts["experts"].as_array().unwrap().len(), 4, "{experts}");
         // Every registered payload is in the node's blob store.
         for b in g {
-            let path = if b.block_type == PolBlockType::Meta {
-                model_dir.join("manifest.json")
+            let payload = if b.block_type == PolBlockType::Data {
+                corpus
+                    .iter()
+                    .find(|p| blyan_state_machine::pol::cid_v1_raw_sha256(p) == b.payload_cid)
+                    .expect("a corpus pool")
+                    .clone()
+            } else if b.block_type == PolBlockType::Meta {
+                std::fs::read(model_dir.join("manifest.json")).unwrap()
             } else {
                 let cid = &b.payload_cid;
-                std::fs::read_dir(&model_dir)
+                let path = std::fs::read_dir(&model_dir)
                     .unwrap()
                     .map(|e| e.unwrap().path())
                     .find(|p| {
@@ -577,9 +598,9 @@ async fn the_genesis_registers_the_model_every_node_serves_and_stores() {
                                 &std::fs::read(p).unwrap(),
                             ) == cid
                     })
-                    .expect("the block file of a registered layer")
+                    .expect("the block file of a registered layer");
+                std::fs::read(path).unwrap()
             };
-            let payload = std::fs::read(path).unwrap();
             let id = blyan_runtime::blobs::BlobId::of(&payload);
             assert!(
                 node.blobs.has(&id).unwrap(),
