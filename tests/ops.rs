@@ -421,9 +421,10 @@ async fn a_devnet_process_exports_metrics_spans_and_json_logs_and_stops_on_sigte
     let url = banner
         .iter()
         .find_map(|l| {
-            l.strip_prefix("node 0: validator  api ")?
+            l.strip_prefix("node 0: validator ")?
                 .split_whitespace()
-                .next()
+                .skip_while(|w| *w != "api")
+                .nth(1)
         })
         .unwrap_or_else(|| panic!("no node 0 line in {banner:?}"))
         .to_string();

@@ -726,10 +726,10 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 .chain(std::iter::repeat("inference").zip(&devnet.inference));
             for (i, (role, n)) in roles.enumerate() {
                 println!(
-                    "node {i}: {role}  api {}  p2p {}  address {}  pid {pid}",
+                    "node {i}: {role}  address {}  api {}  p2p {}  pid {pid}",
+                    n.address,
                     n.api_url(),
-                    n.p2p_addr,
-                    n.address
+                    n.p2p_addr
                 );
             }
             println!(
