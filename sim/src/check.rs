@@ -3,6 +3,7 @@
 
 use blyan_state_machine::crypto::sha3_256_parts;
 use blyan_state_machine::ledger::Ledger;
+use blyan_state_machine::pol::DeltaDecision;
 use blyan_state_machine::types::{Hash32, Height};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -14,6 +15,10 @@ pub struct Commit {
     pub tx_ids: Vec<Hash32>,
     /// Simulated time of the commit on this node.
     pub at_ms: u64,
+    /// Transactions whose receipt records a failure (they paid their fee).
+    pub failed_tx_ids: BTreeSet<Hash32>,
+    /// POL-38: the PoL decisions of the block's end, in order.
+    pub pol_decisions: Vec<DeltaDecision>,
 }
 
 /// Everything the checkers need, shared by the node tasks (single-threaded

@@ -129,6 +129,9 @@ pub struct SimConfig {
     pub client_rate_per_s: u64,
     /// A deliberate consensus bug (feature `mutants`).
     pub mutant: Option<String>,
+    /// SIM-WL-2: validators (the last ones) that reveal false losses in
+    /// their PoL attestations; by default the Byzantine ones.
+    pub pol_liars: usize,
 }
 
 impl SimConfig {
@@ -143,6 +146,7 @@ impl SimConfig {
             block_interval_ms: 2_000,
             client_rate_per_s: 5,
             mutant: None,
+            pol_liars: byzantine,
         }
     }
 
@@ -161,6 +165,9 @@ impl SimConfig {
         );
         if let Some(m) = &self.mutant {
             cmd.push_str(&format!(" --mutant {m}"));
+        }
+        if self.pol_liars != self.byzantine {
+            cmd.push_str(&format!(" --pol-liars {}", self.pol_liars));
         }
         cmd
     }

@@ -14,6 +14,8 @@ pub mod check;
 #[cfg(madsim)]
 pub mod config;
 #[cfg(madsim)]
+pub mod pol;
+#[cfg(madsim)]
 pub mod run;
 #[cfg(madsim)]
 pub mod store;

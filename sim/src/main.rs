@@ -24,7 +24,8 @@ mod cli {
     const USAGE: &str = "usage:
   blyan-sim run   --seed N [--validators 4] [--byzantine 1] [--faults all|net|none]
                   [--duration 60s] [--liveness 60s] [--block-interval 2000ms] [--rate 5]
-                  [--mutant half-quorum|ignore-lock|forget-votes] [--check-determinism]
+                  [--mutant half-quorum|ignore-lock|forget-votes] [--pol-liars N]
+                  [--check-determinism]
   blyan-sim sweep --seeds A..B [same options]";
 
     struct Args {
@@ -52,6 +53,7 @@ mod cli {
         let mut faults_name = "all".to_string();
         let mut seeds = 0..0;
         let mut check_determinism = false;
+        let mut pol_liars = None;
         let mut it = args.iter();
         while let Some(flag) = it.next() {
             let mut value = || it.next().ok_or(format!("{flag} needs a value"));
@@ -92,12 +94,17 @@ mod cli {
                         cfg.mutant = Some(m);
                     }
                 }
+                "--pol-liars" => pol_liars = Some(value()?.parse().map_err(|_| "bad --pol-liars")?),
                 "--check-determinism" => check_determinism = true,
                 other => return Err(format!("unknown option {other}")),
             }
         }
         if cfg.validators == 0 || cfg.byzantine >= cfg.validators {
             return Err("need validators > byzantine ≥ 0".into());
+        }
+        cfg.pol_liars = pol_liars.unwrap_or(cfg.byzantine);
+        if cfg.pol_liars > cfg.validators {
+            return Err("need --pol-liars ≤ validators".into());
         }
         Ok(Args {
             cfg,
@@ -109,7 +116,7 @@ mod cli {
 
     fn summary(r: &Report) -> String {
         format!(
-            "seed {}: heights {:?}, {} txs committed, simulated {} ms, finality p50 {} p99 {} ms, liveness {} ms, crashes {}, store errors {}, messages {}",
+            "seed {}: heights {:?}, {} txs committed, simulated {} ms, finality p50 {} p99 {} ms, liveness {} ms, crashes {}, store errors {}, messages {}, pol deltas {} revealed {} accepted {} rejected {}/{}/{} (improvement/quorum/stale)",
             r.seed,
             r.heights,
             r.committed_txs,
@@ -120,6 +127,12 @@ mod cli {
             r.crashes,
             r.store_errors,
             r.messages_sent,
+            r.pol.deltas_built,
+            r.pol.reveals_committed,
+            r.pol.accepted,
+            r.pol.rejected_insufficient,
+            r.pol.rejected_no_quorum,
+            r.pol.rejected_stale,
         )
     }
 
@@ -184,10 +197,12 @@ mod cli {
                 let started = Instant::now();
                 let mut failures = Vec::new();
                 let total = a.seeds.end - a.seeds.start;
+                let mut pol = blyan_sim::pol::PolSummary::default();
                 for seed in a.seeds.clone() {
                     let mut cfg = a.cfg.clone();
                     cfg.seed = seed;
                     let r = run(cfg.clone());
+                    pol.add(&r.pol);
                     if !r.ok() {
                         println!("FAIL {}", summary(&r));
                         for v in &r.violations {
@@ -205,6 +220,15 @@ mod cli {
                     failures,
                     wall,
                     total as f64 * 60.0 / wall
+                );
+                println!(
+                    "pol: {} deltas, {} revealed, {} accepted, rejected {} insufficient, {} without quorum, {} stale",
+                    pol.deltas_built,
+                    pol.reveals_committed,
+                    pol.accepted,
+                    pol.rejected_insufficient,
+                    pol.rejected_no_quorum,
+                    pol.rejected_stale
                 );
                 i32::from(!failures.is_empty())
             }

@@ -3,9 +3,10 @@
 
 use crate::check::{Commit, Observer, quantile};
 use crate::config::SimConfig;
+use crate::pol::{PolOracle, PolSummary, SimModel};
 use crate::store::SimStore;
 use crate::workload::{Client, ClientLog};
-use blyan_state_machine::block::BlockOutcome;
+use blyan_state_machine::block::{BlockOutcome, Event};
 use blyan_state_machine::consensus::{K256Scheme, SignatureScheme, Signed, Vote};
 use blyan_state_machine::encoding::Canonical;
 use blyan_state_machine::genesis::Genesis;
@@ -14,6 +15,8 @@ use blyan_state_machine::node::{
     CommittedBlock, MempoolError, Node, NodeConfig, NodeInput, PeerId, Store, Timer, WireMessage,
 };
 use blyan_state_machine::params::Params;
+use blyan_state_machine::pol::PolEvent;
+use blyan_state_machine::pol::PolParams;
 use blyan_state_machine::testkit::{TestNet, address, testnet};
 use blyan_state_machine::tx::SignedTx;
 use blyan_state_machine::types::{Hash32, Height};
@@ -63,6 +66,9 @@ pub struct World {
     pub stores: Vec<Mutex<SimStore>>,
     pub halted: Vec<AtomicBool>,
     pub client_log: Mutex<ClientLog>,
+    /// SIM-WL-2: the simulated model and what is true about its deltas.
+    pub model: SimModel,
+    pub pol: Mutex<PolOracle>,
 }
 
 impl World {
@@ -141,7 +147,7 @@ impl Io for SimIo {
     fn set_timer(&mut self, timer: Timer, at_ms: u64) {
         self.timers.push((timer, at_ms));
     }
-    fn committed(&mut self, block: &CommittedBlock, _outcome: &BlockOutcome) {
+    fn committed(&mut self, block: &CommittedBlock, outcome: &BlockOutcome) {
         self.committed.push((
             block.block.header.height,
             Commit {
@@ -149,6 +155,23 @@ impl Io for SimIo {
                 state_root: block.block.header.state_root,
                 tx_ids: block.block.body.txs.iter().map(SignedTx::id).collect(),
                 at_ms: 0,
+                failed_tx_ids: outcome
+                    .receipts
+                    .iter()
+                    .filter(|r| r.failure.is_some())
+                    .map(|r| r.tx_id)
+                    .collect(),
+                pol_decisions: outcome
+                    .events
+                    .iter()
+                    .filter_map(|e| match e {
+                        Event::Pol(p) => match p.as_ref() {
+                            PolEvent::DeltaDecided(d) => Some(d.clone()),
+                            PolEvent::DeltaCommitExpired { .. } => None,
+                        },
+                        _ => None,
+                    })
+                    .collect(),
             },
         ));
     }
@@ -424,6 +447,8 @@ pub struct Report {
     pub store_errors: u64,
     pub messages_sent: u64,
     pub liveness_ms: Option<u64>,
+    /// SIM-WL-2: what the PoL workload did and how its deltas were decided.
+    pub pol: PolSummary,
 }
 
 impl Report {
@@ -433,23 +458,42 @@ impl Report {
 }
 
 /// The simulation's genesis: `validators` validators and 8 funded accounts,
-/// short epochs so stake changes take effect during a run.
-pub fn sim_net(validators: usize) -> TestNet {
+/// short epochs so stake changes take effect during a run, and one model
+/// (meta, a trainable layer, validation data) with attestation windows of 3
+/// blocks each so deltas are decided within a run (SIM-WL-2).
+pub fn sim_net(validators: usize) -> (TestNet, SimModel) {
     let params = Params {
         epoch_length_blocks: 10,
         unbonding_period_blocks: 20,
         max_evidence_age_blocks: 10,
         signed_blocks_window: 20,
+        pol: PolParams {
+            attest_commit_window_blocks: 3,
+            attest_reveal_window_blocks: 3,
+            delta_commit_ttl_blocks: 20,
+            ..PolParams::default()
+        },
         ..Params::default()
     };
-    testnet(validators, 8, params)
+    let mut net = testnet(validators, 8, params);
+    let model = SimModel::new(address(&net.accounts[0]));
+    net.genesis.pol_blocks = model.genesis_blocks();
+    (net, model)
 }
 
 /// Runs one simulation inside the current madsim runtime.
 pub async fn simulate(cfg: SimConfig) -> Report {
     assert!(cfg.validators >= 1 && cfg.validators <= 100);
     assert!(cfg.byzantine < cfg.validators);
-    let net = sim_net(cfg.validators);
+    assert!(cfg.pol_liars <= cfg.validators);
+    let (net, model) = sim_net(cfg.validators);
+    let validator_addresses: Vec<PeerId> = net.validators.iter().map(address).collect();
+    let (honest_pol, liars) = validator_addresses.split_at(cfg.validators - cfg.pol_liars);
+    let oracle = PolOracle::new(
+        model.layer.id(),
+        honest_pol.iter().copied().collect(),
+        liars.iter().copied().collect(),
+    );
     let genesis: Genesis = net.genesis.clone();
     let handle = Handle::current();
     NetSim::current().update_config(|c| {
@@ -474,7 +518,9 @@ pub async fn simulate(cfg: SimConfig) -> Report {
             tail_ppm: AtomicU32::new(cfg.faults.tail_ppm),
             store_error_ppm: AtomicU32::new(cfg.faults.store_error_ppm),
         },
-        addresses: net.validators.iter().map(address).collect(),
+        addresses: validator_addresses,
+        model,
+        pol: Mutex::new(oracle),
         stores: (0..cfg.validators)
             .map(|_| Mutex::new(SimStore::default()))
             .collect(),
@@ -695,6 +741,20 @@ fn finish(world: &Arc<World>, converged_ms: Option<u64>, target: Height) -> Repo
     // exactly one of each double spend).
     let log = world.client_log.lock().expect("single-threaded");
     violations.extend(log.check(&canonical));
+    // SIM-CHECK-7: the PoL acceptance rules.
+    let canonical_ledger = obs
+        .honest
+        .iter()
+        .max_by_key(|i| (obs.height(**i), std::cmp::Reverse(**i)))
+        .and_then(|i| obs.ledgers.get(i));
+    let (pol_violations, pol) = crate::pol::check(
+        &world.pol.lock().expect("single-threaded"),
+        &world.model,
+        &world.net.genesis.params.pol,
+        &canonical,
+        canonical_ledger,
+    );
+    violations.extend(pol_violations);
     // SIM-CHECK-4: supply conservation on every honest node.
     for i in &obs.honest {
         if let Some(l) = obs.ledgers.get(i) {
@@ -753,6 +813,7 @@ fn finish(world: &Arc<World>, converged_ms: Option<u64>, target: Height) -> Repo
         store_errors: obs.store_errors,
         messages_sent: obs.messages_sent,
         liveness_ms: converged_ms,
+        pol,
     }
 }
 
@@ -786,6 +847,7 @@ pub fn run(cfg: SimConfig) -> Report {
                 store_errors: 0,
                 messages_sent: 0,
                 liveness_ms: None,
+                pol: PolSummary::default(),
             }
         }
     }

@@ -1,9 +1,11 @@
 //! SIM-WL-*: the client workload. Transfers (with double spends, stale and
 //! far-future nonces, signatures for another chain), stake changes across
-//! epoch boundaries, and PoL block registrations; unresolved transactions
+//! epoch boundaries, PoL block registrations and the PoL delta loop
+//! (SIM-WL-2, `crate::pol`); unresolved transactions
 //! are resubmitted, as a real wallet does, since a mempool is not durable.
 
 use crate::check::Commit;
+use crate::pol::PolWorkload;
 use crate::run::{KIND_CLIENT, PORT, World, client_ip, envelope, validator_ip};
 use blyan_state_machine::encoding::Canonical;
 use blyan_state_machine::pol::{PolBlockType, PolTx};
@@ -89,6 +91,8 @@ impl Client {
         let mut next_nonce: BTreeMap<blyan_state_machine::types::Address, u64> = BTreeMap::new();
         let period_ms = 1_000 / world.cfg.client_rate_per_s.max(1);
         let mut tick: u64 = 0;
+        // SIM-WL-2: two accounts train; every validator attests.
+        let mut pol = PolWorkload::new(accounts[..2].to_vec(), world.net.validators.clone());
         loop {
             sleep(Duration::from_millis(period_ms)).await;
             tick += 1;
@@ -99,6 +103,31 @@ impl Client {
                 continue;
             }
             let mut rng = thread_rng();
+            if tick.is_multiple_of((1_000 / period_ms).max(1)) {
+                let ledger = {
+                    let obs = world.observer.lock().expect("single-threaded");
+                    obs.honest
+                        .iter()
+                        .max_by_key(|i| (obs.height(**i), std::cmp::Reverse(**i)))
+                        .and_then(|i| obs.ledgers.get(i).cloned())
+                };
+                if let Some(ledger) = ledger {
+                    let txs = pol.step(
+                        &chain,
+                        &world.model,
+                        &mut world.pol.lock().expect("single-threaded"),
+                        &ledger,
+                        world.elapsed_ms(),
+                        &mut rng,
+                        &mut |k| {
+                            let e = next_nonce.entry(address(k)).or_insert(0);
+                            *e += 1;
+                            *e - 1
+                        },
+                    );
+                    Self::record_and_submit(&world, &ep, txs);
+                }
+            }
             let r = rng.gen_range(0..100);
             let a = &accounts[rng.gen_range(0..accounts.len())];
             let to = address(&accounts[rng.gen_range(0..accounts.len())]);
@@ -199,6 +228,21 @@ impl Client {
             for t in good.iter().chain(&bad).chain(&late_double_spend) {
                 Self::submit(&world, &ep, t);
             }
+        }
+    }
+
+    /// Each transaction is its own group (resubmitted until it commits).
+    fn record_and_submit(world: &Arc<World>, ep: &Arc<Endpoint>, txs: Vec<SignedTx>) {
+        let now = world.elapsed_ms();
+        let mut log = world.client_log.lock().expect("single-threaded");
+        for t in &txs {
+            let key = (t.sender().expect("valid key"), t.body.nonce);
+            log.groups.insert(key, vec![t.clone()]);
+            log.submitted_ms.entry(t.id()).or_insert(now);
+        }
+        drop(log);
+        for t in &txs {
+            Self::submit(world, ep, t);
         }
     }
 

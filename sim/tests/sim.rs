@@ -55,6 +55,66 @@ fn sim_det_3_golden_digests() {
     });
 }
 
+/// SIM-WL-2 / SIM-CHECK-7: under every fault, with the Byzantine validator
+/// revealing false losses, deltas of every class are decided by the rules:
+/// good ones accepted, marginal and worse ones rejected, stale ones refused,
+/// and the checkers find nothing.
+#[test]
+fn sim_pol_1_deltas_are_decided_by_the_rules_under_faults() {
+    let mut total = blyan_sim::pol::PolSummary::default();
+    for seed in 1..=6 {
+        let r = run(SimConfig {
+            duration_ms: 40_000,
+            ..short(seed)
+        });
+        assert!(r.ok(), "seed {seed}: {:?}", r.violations);
+        total.add(&r.pol);
+    }
+    assert!(total.accepted >= 3, "{total:?}");
+    assert!(total.rejected_insufficient >= 3, "{total:?}");
+    assert!(total.rejected_stale >= 1, "{total:?}");
+    assert!(total.reveals_committed >= 20, "{total:?}");
+}
+
+/// SIM-CHECK-7 can fail: with three of four validators lying (beyond the
+/// third the rule assumes), a delta that is not 1 % better is accepted and
+/// liars earn, and the checkers say so; the seed replays the same violations.
+#[test]
+fn sim_pol_2_a_lying_majority_is_caught_and_replays() {
+    let liars = |seed| SimConfig {
+        faults: Faults::none(),
+        duration_ms: 40_000,
+        pol_liars: 3,
+        ..short(seed)
+    };
+    let failing = (1..20)
+        .map(|seed| run(liars(seed)))
+        .find(|r| r.violations.iter().any(|v| v.contains("POL-35")))
+        .expect("a lying majority gets a bad delta accepted");
+    assert!(
+        failing
+            .violations
+            .iter()
+            .any(|v| v.contains("POL-36: lying validator")),
+        "{:?}",
+        failing.violations
+    );
+    assert!(
+        failing.violations.iter().all(|v| v.starts_with("POL-3")),
+        "only PoL rules fail: {:?}",
+        failing.violations
+    );
+    let again = run(liars(failing.seed));
+    assert_eq!(again.violations, failing.violations);
+    assert_eq!(again.digest, failing.digest);
+    // The same seed with only the Byzantine validator lying passes.
+    let honest = run(SimConfig {
+        pol_liars: 1,
+        ..liars(failing.seed)
+    });
+    assert!(honest.ok(), "{:?}", honest.violations);
+}
+
 /// SIM-MUT-1: with a deliberate consensus bug (a quorum of half the voting
 /// power instead of more than two thirds) the sweep finds a failing seed, and
 /// re-running that seed reproduces the same violation. (The `ignore-lock` and
