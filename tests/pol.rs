@@ -20,6 +20,8 @@
 //!    claims and the liar nothing; the epoch's end pays them;
 //! 5. `blyan pol train | submit --wait | status` and `blyan account` as
 //!    scripts call them, every other choice defaulted.
+//! 6. a LoRA delta (rank 8) for layer 1 through the same commands is
+//!    accepted (POL-TRAIN-3).
 
 mod support;
 
@@ -47,7 +49,7 @@ fn train_args(node: &str, out: &Path, scale: f64) -> TrainArgs {
     TrainArgs {
         node: node.to_string(),
         out: out.to_path_buf(),
-        layer: None,
+        target: None,
         model_dir: None,
         density_ppm: blyan_runtime::pol_cli::DEFAULT_DENSITY_PPM,
         scale,
@@ -352,6 +354,62 @@ async fn pol_loop_end_to_end() {
     assert!(
         account["reward_claims"]["learning"].is_string(),
         "{account}"
+    );
+
+    // 6. POL-TRAIN-3: LoRA of rank 8 on another target, through the CLI.
+    let e_file = dir.path().join("e.json").display().to_string();
+    let trained: Value = serde_json::from_str(
+        blyan(&[
+            "pol",
+            "train",
+            "--node",
+            &url,
+            "--key",
+            &key,
+            "--password",
+            DEVNET_PASSWORD,
+            "--out",
+            &e_file,
+            "--target",
+            "layer.1",
+            "--lora-rank",
+            "8",
+            "--learning-rate",
+            "0.01",
+            "--steps",
+            "60",
+        ])
+        .lines()
+        .last()
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(trained["target"], "layer.1", "{trained}");
+    assert_eq!(trained["lora_rank"], 8, "{trained}");
+    // Seven projections of 128 × 128, 64 × 128 or 128 × 384: r (in + out) each.
+    assert_eq!(
+        trained["trained_parameters"],
+        8 * (256 + 192 * 2 + 256 + 512 * 3)
+    );
+    let out = blyan(&[
+        "pol",
+        "submit",
+        "--node",
+        &url,
+        "--key",
+        &key,
+        "--password",
+        DEVNET_PASSWORD,
+        "--delta",
+        &e_file,
+        "--wait",
+    ]);
+    let lora: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    eprintln!("cli, LoRA: {lora}");
+    assert_eq!(lora["status"], "accepted", "{lora}");
+    assert!(
+        lora["improvement_ppm"].as_u64().unwrap() >= 10_000,
+        "{lora}"
     );
     devnet.stop().await;
 }

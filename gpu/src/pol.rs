@@ -6,7 +6,8 @@
 //! - loads a model's weights as a name → tensor map (a block directory or
 //!   the embedded model) and applies accepted delta payloads to it in order
 //!   (the head of a target is its genesis block plus its accepted deltas);
-//! - [`train_layer`]: full fine-tuning of one decoder layer's tensors with
+//! - [`train_target`]: full fine-tuning of one target's tensors (a decoder
+//!   layer, an expert or a router), or LoRA of rank r on its matrices, with
 //!   tch autograd and AdamW, batches drawn by a seeded SplitMix64 from the
 //!   training tokens; returns the dense update per tensor, which
 //!   [`crate::delta::compress`] turns into a payload;
@@ -64,20 +65,26 @@ impl Weights {
         }
     }
 
-    /// The names of layer `layer`'s tensors (prefix `model.layers.{layer}.`),
-    /// sorted; an error if the model has no such layer.
-    pub fn layer_names(&self, layer: u32) -> Result<Vec<String>> {
-        let prefix = format!("model.layers.{layer}.");
+    /// The names of `target`'s tensors (POL-TRAIN-3: those
+    /// [`crate::blocks::block_of`] puts in the target's block), sorted; an
+    /// error if the model has none.
+    pub fn target_names(&self, target: Target) -> Result<Vec<String>> {
+        let block = target.block_name();
         let names: Vec<String> = self
             .tensors
             .keys()
-            .filter(|n| n.starts_with(&prefix))
+            .filter(|n| crate::blocks::block_of(n) == block)
             .cloned()
             .collect();
         if names.is_empty() {
             return Err(GpuError::Invalid(format!(
-                "the model has no layer {layer} (it has {})",
-                self.cfg.num_hidden_layers
+                "the model has no {block} (it has {} layers{})",
+                self.cfg.num_hidden_layers,
+                if self.cfg.moe.is_some() {
+                    ", MoE"
+                } else {
+                    ", no experts"
+                }
             )));
         }
         Ok(names)
@@ -113,6 +120,86 @@ impl Weights {
             Kind::Float,
         )
     }
+}
+
+/// A PoL target (POL-12): one decoder layer (attention, norms and a dense
+/// MLP), one expert of an MoE layer, or an MoE layer's router. Its tensors
+/// are the block [`crate::blocks::block_of`] names `layer.N`,
+/// `layer.N.expert.E` or `layer.N.router`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Target {
+    Layer(u32),
+    Expert { layer: u32, expert: u32 },
+    Router(u32),
+}
+
+impl Target {
+    /// The block name, as the block directory's manifest spells it.
+    pub fn block_name(self) -> String {
+        match self {
+            Target::Layer(l) => format!("layer.{l}"),
+            Target::Expert { layer, expert } => format!("layer.{layer}.expert.{expert}"),
+            Target::Router(l) => format!("layer.{l}.router"),
+        }
+    }
+
+    /// Parses a block name (`layer.1`, `layer.3.expert.7`, `layer.3.router`).
+    pub fn parse(s: &str) -> Result<Target> {
+        let bad = || {
+            GpuError::Invalid(format!(
+                "{s:?} is not a target (layer.N, layer.N.expert.E or layer.N.router)"
+            ))
+        };
+        let parts: Vec<&str> = s.split('.').collect();
+        let num = |x: &str| x.parse::<u32>().map_err(|_| bad());
+        match parts.as_slice() {
+            ["layer", l] => Ok(Target::Layer(num(l)?)),
+            ["layer", l, "expert", e] => Ok(Target::Expert {
+                layer: num(l)?,
+                expert: num(e)?,
+            }),
+            ["layer", l, "router"] => Ok(Target::Router(num(l)?)),
+            _ => Err(bad()),
+        }
+    }
+
+    /// The target of a chain target key (POL-12); `None` for a key that is
+    /// not a layer, expert or router.
+    pub fn from_key(key: &blyan_state_machine::pol::TargetKey) -> Option<Target> {
+        use blyan_state_machine::pol::PolBlockType as T;
+        match (key.kind, key.layer, key.expert) {
+            (T::Layer, Some(l), None) => Some(Target::Layer(l)),
+            (T::Expert, Some(l), Some(e)) => Some(Target::Expert {
+                layer: l,
+                expert: e,
+            }),
+            (T::Router, Some(l), None) => Some(Target::Router(l)),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.block_name())
+    }
+}
+
+/// POL-DELTA-6: a payload that names a tensor outside its target's block is
+/// inapplicable (a delta for one layer may not rewrite another, or the
+/// embedding). Decodes with the core's bounded decoder.
+pub fn check_payload_target(weights: &Weights, target: Target, payload: &[u8]) -> Result<()> {
+    let names = weights.target_names(target)?;
+    let decoded = blyan_state_machine::pol::delta::DeltaPayload::decode(payload)?;
+    for t in &decoded.tensors {
+        if names.binary_search(&t.name).is_err() {
+            return Err(GpuError::DeltaNotApplicable {
+                name: t.name.clone(),
+                reason: format!("not a tensor of the delta's target {target}"),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// POL-EVAL-2: mean next-token cross-entropy of `model` over `windows`
@@ -157,23 +244,28 @@ pub struct Evaluation {
 /// POL-EVAL-1: the head of a target is `base` with the target's accepted
 /// deltas applied in acceptance order (`accepted`, oldest first); the
 /// candidate is the head with `delta` applied. Both losses on `windows`.
-/// POL-EVAL-3: a delta that does not decode or apply is worth
-/// `loss_micronats = u64::MAX` (an improvement of 0), and so is one whose
-/// loss is not finite; an accepted delta that
-/// does not apply is an error (this node's weights are not the chain's).
+/// POL-EVAL-3: a delta that does not decode or apply, or names a tensor
+/// outside `target` (POL-DELTA-6), is worth `loss_micronats = u64::MAX` (an
+/// improvement of 0), and so is one whose loss is not finite; an accepted
+/// delta that does not apply is an error (this node's weights are not the
+/// chain's).
 pub fn evaluate_delta(
     base: &Weights,
+    target: Target,
     accepted: &[Vec<u8>],
     delta: &[u8],
     windows: &[Vec<i64>],
 ) -> Result<Evaluation> {
     let mut head = base.shallow();
     for payload in accepted {
+        check_payload_target(base, target, payload)?;
         head.apply_delta(payload)?;
     }
     let head_loss_micronats = mean_loss_micronats(&head.model()?, windows)?;
     let mut candidate = head;
-    let loss_micronats = match candidate.apply_delta(delta) {
+    let applied =
+        check_payload_target(base, target, delta).and_then(|()| candidate.apply_delta(delta));
+    let loss_micronats = match applied {
         // A candidate whose loss is not finite is worth nothing too.
         Ok(()) => mean_loss_micronats(&candidate.model()?, windows).unwrap_or(u64::MAX),
         Err(_) => u64::MAX,
@@ -202,7 +294,7 @@ pub fn set_threads(n: i32) {
     tch::set_num_threads(n);
 }
 
-/// Training settings (POL-TRAIN-1).
+/// Training settings (POL-TRAIN-1, POL-TRAIN-3).
 #[derive(Clone, Debug, PartialEq)]
 pub struct TrainOptions {
     pub steps: u32,
@@ -214,6 +306,11 @@ pub struct TrainOptions {
     pub weight_decay: f64,
     pub seed: u64,
     pub device: Device,
+    /// POL-TRAIN-3: LoRA of this rank on the target's matrices; `None` is
+    /// full fine-tuning of every tensor of the target.
+    pub lora_rank: Option<u32>,
+    /// LoRA's α: the adapter's product is scaled by `α / rank`.
+    pub lora_alpha: f64,
 }
 
 impl Default for TrainOptions {
@@ -226,6 +323,8 @@ impl Default for TrainOptions {
             weight_decay: 0.0,
             seed: 1,
             device: Device::Cpu,
+            lora_rank: None,
+            lora_alpha: 16.0,
         }
     }
 }
@@ -238,12 +337,15 @@ pub struct StepReport {
     pub tokens: u64,
 }
 
-/// The result of [`train_layer`]: the dense update of each tensor of the
-/// layer (trained − head, f32 on the CPU), by name.
+/// The result of [`train_target`]: the dense update of each trained tensor
+/// of the target (trained − head, f32 on the CPU), by name. With LoRA the
+/// update of a matrix is `α / r · B A` (rank ≤ r) and norms are untouched.
 pub struct Trained {
     pub updates: BTreeMap<String, Tensor>,
     pub first_loss: f64,
     pub last_loss: f64,
+    /// Parameters the optimiser trained (LoRA factors or whole tensors).
+    pub trained_parameters: u64,
 }
 
 impl Trained {
@@ -277,13 +379,25 @@ impl Trained {
     }
 }
 
-/// POL-TRAIN-1: fine-tunes every tensor of decoder layer `layer` (the rest
-/// frozen) on `tokens` with AdamW (β = 0.9, 0.999, ε = 1e-8), sequences
-/// drawn at offsets from SplitMix64(`seed`). Calls `progress` after each
-/// step.
-pub fn train_layer(
+/// Seed tag of the LoRA A factors' initialisation (POL-TRAIN-3).
+const LORA_INIT_TAG: u64 = 0x4c6f_5241_696e_6974; // "LoRAinit"
+
+/// What the optimiser updates: the target's tensors themselves, or a LoRA
+/// pair `(A [r, in], B [out, r])` per matrix.
+enum Adapters {
+    Full,
+    Lora { matrices: Vec<String>, scale: f64 },
+}
+
+/// POL-TRAIN-1 / POL-TRAIN-3: trains `target` (the rest frozen) on `tokens`
+/// with AdamW (β = 0.9, 0.999, ε = 1e-8), sequences drawn at offsets from
+/// SplitMix64(`seed`). Full fine-tuning updates every tensor of the target;
+/// with `lora_rank = Some(r)` each matrix `W` of the target trains as
+/// `W + α/r · B A` with `B = 0` and `A` uniform in ±1/√in from
+/// SplitMix64(`seed` ^ tag), norms frozen. Calls `progress` after each step.
+pub fn train_target(
     weights: &Weights,
-    layer: u32,
+    target: Target,
     tokens: &[i64],
     opts: &TrainOptions,
     mut progress: impl FnMut(StepReport),
@@ -300,25 +414,93 @@ pub fn train_layer(
             tokens.len()
         )));
     }
-    let names = weights.layer_names(layer)?;
+    let names = weights.target_names(target)?;
     let mut map: BTreeMap<String, Tensor> = weights
         .tensors
         .iter()
         .map(|(n, t)| (n.clone(), t.to_device(opts.device)))
         .collect();
-    let mut params = Vec::with_capacity(names.len());
-    for n in &names {
-        let leaf = map[n].detach().copy().set_requires_grad(true);
-        map.insert(n.clone(), leaf.shallow_clone());
-        params.push(leaf);
-    }
-    let model = Qwen3::load(
-        &weights.cfg,
-        &map,
-        LayerRange::full(&weights.cfg),
-        opts.device,
-        Kind::Float,
-    )?;
+    let mut params = Vec::new();
+    let mut param_names = Vec::new();
+    let adapters = match opts.lora_rank {
+        None => {
+            for n in &names {
+                let leaf = map[n].detach().copy().set_requires_grad(true);
+                map.insert(n.clone(), leaf.shallow_clone());
+                params.push(leaf);
+                param_names.push(n.clone());
+            }
+            Adapters::Full
+        }
+        Some(rank) => {
+            if rank == 0 || !(opts.lora_alpha.is_finite() && opts.lora_alpha > 0.0) {
+                return Err(GpuError::Invalid(
+                    "LoRA needs a rank ≥ 1 and a finite α > 0".into(),
+                ));
+            }
+            let matrices: Vec<String> = names
+                .iter()
+                .filter(|n| map[*n].dim() == 2)
+                .cloned()
+                .collect();
+            if matrices.is_empty() {
+                return Err(GpuError::Invalid(format!(
+                    "{target} has no matrices for LoRA"
+                )));
+            }
+            let mut rng = SplitMix64::new(opts.seed ^ LORA_INIT_TAG);
+            for n in &matrices {
+                let (rows, cols) = map[n].size2().expect("a matrix");
+                let r = i64::from(rank);
+                if r > rows.min(cols) {
+                    return Err(GpuError::Invalid(format!(
+                        "LoRA rank {rank} exceeds {n}'s {rows} × {cols}"
+                    )));
+                }
+                let bound = 1.0 / (cols as f64).sqrt();
+                let a: Vec<f32> = (0..r * cols)
+                    .map(|_| ((rng.next_f64() * 2.0 - 1.0) * bound) as f32)
+                    .collect();
+                let a = Tensor::from_slice(&a)
+                    .view([r, cols])
+                    .to_device(opts.device)
+                    .set_requires_grad(true);
+                let b =
+                    Tensor::zeros([rows, r], (Kind::Float, opts.device)).set_requires_grad(true);
+                params.push(a);
+                params.push(b);
+                param_names.push(format!("{n} (LoRA A)"));
+                param_names.push(format!("{n} (LoRA B)"));
+            }
+            Adapters::Lora {
+                matrices,
+                scale: opts.lora_alpha / f64::from(rank),
+            }
+        }
+    };
+    let trained_parameters = params.iter().map(|p| p.numel() as u64).sum();
+    // The model with the adapters' current values (rebuilt each step for
+    // LoRA; full fine-tuning shares the leaves, so one model serves).
+    let build = |params: &[Tensor]| -> Result<Qwen3> {
+        let mut m: BTreeMap<String, Tensor> = map
+            .iter()
+            .map(|(n, t)| (n.clone(), t.shallow_clone()))
+            .collect();
+        if let Adapters::Lora { matrices, scale } = &adapters {
+            for (i, n) in matrices.iter().enumerate() {
+                let (a, b) = (&params[2 * i], &params[2 * i + 1]);
+                m.insert(n.clone(), &map[n] + b.matmul(a) * *scale);
+            }
+        }
+        Qwen3::load(
+            &weights.cfg,
+            &m,
+            LayerRange::full(&weights.cfg),
+            opts.device,
+            Kind::Float,
+        )
+    };
+    let mut model = build(&params)?;
     let data = Tensor::from_slice(tokens);
     let mut rng = SplitMix64::new(opts.seed);
     let starts = tokens.len() as u64 - seq as u64 + 1;
@@ -326,7 +508,11 @@ pub fn train_layer(
     let mut m: Vec<Tensor> = params.iter().map(Tensor::zeros_like).collect();
     let mut v: Vec<Tensor> = params.iter().map(Tensor::zeros_like).collect();
     let (mut first_loss, mut last_loss) = (f64::NAN, f64::NAN);
+    let mut reached = vec![false; params.len()];
     for step in 1..=opts.steps {
+        if step > 1 && matches!(adapters, Adapters::Lora { .. }) {
+            model = build(&params)?;
+        }
         let rows: Vec<Tensor> = (0..opts.batch)
             .map(|_| data.narrow(0, (rng.next_u64() % starts) as i64, seq))
             .collect();
@@ -348,11 +534,10 @@ pub fn train_layer(
             for (i, p) in params.iter_mut().enumerate() {
                 let g = p.grad();
                 if !g.defined() {
-                    return Err(GpuError::Invalid(format!(
-                        "no gradient reached {}",
-                        names[i]
-                    )));
+                    // An expert no token was routed to in this batch.
+                    continue;
                 }
+                reached[i] = true;
                 m[i] = &m[i] * b1 + &g * (1.0 - b1);
                 v[i] = &v[i] * b2 + g.square() * (1.0 - b2);
                 let mhat = &m[i] / (1.0 - b1.powf(t));
@@ -370,18 +555,35 @@ pub fn train_layer(
             tokens: u64::from(opts.batch) * seq as u64,
         });
     }
-    let updates = names
-        .iter()
-        .zip(&params)
-        .map(|(n, p)| {
-            let trained = p.detach().to_device(Device::Cpu);
-            (n.clone(), trained - &weights.tensors[n])
-        })
-        .collect();
+    if let Some(i) = reached.iter().position(|r| !r) {
+        return Err(GpuError::Invalid(format!(
+            "no gradient reached {} in {} steps (no token was routed through it?)",
+            param_names[i], opts.steps
+        )));
+    }
+    let updates = match &adapters {
+        Adapters::Full => names
+            .iter()
+            .zip(&params)
+            .map(|(n, p)| {
+                let trained = p.detach().to_device(Device::Cpu);
+                (n.clone(), trained - &weights.tensors[n])
+            })
+            .collect(),
+        Adapters::Lora { matrices, scale } => matrices
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let (a, b) = (params[2 * i].detach(), params[2 * i + 1].detach());
+                (n.clone(), (b.matmul(&a) * *scale).to_device(Device::Cpu))
+            })
+            .collect(),
+    };
     Ok(Trained {
         updates,
         first_loss,
         last_loss,
+        trained_parameters,
     })
 }
 
@@ -423,7 +625,7 @@ mod tests {
             ..TrainOptions::default()
         };
         let mut reports = 0;
-        let trained = train_layer(&w, 1, &tokens, &opts, |_| reports += 1).unwrap();
+        let trained = train_target(&w, Target::Layer(1), &tokens, &opts, |_| reports += 1).unwrap();
         assert_eq!(reports, 30);
         assert!(
             trained.last_loss < trained.first_loss * 0.9,
@@ -437,7 +639,13 @@ mod tests {
                 .keys()
                 .all(|n| n.starts_with("model.layers.1."))
         );
-        assert_eq!(trained.updates.len(), w.layer_names(1).unwrap().len());
+        assert_eq!(
+            trained.updates.len(),
+            w.target_names(Target::Layer(1)).unwrap().len()
+        );
+        // q 128·128, k and v 64·128, o 128·128, three MLP matrices 128·384,
+        // four norms 128 + 128 + 32 + 32.
+        assert_eq!(trained.trained_parameters, 196_928);
         // Applying the dense update lowers the loss on the same text.
         let windows = windows(&tokens, &[0, 100, 700], 64).unwrap();
         let before = mean_loss_micronats(&w.model().unwrap(), &windows).unwrap();
@@ -456,7 +664,7 @@ mod tests {
         let after = mean_loss_micronats(&after.model().unwrap(), &windows).unwrap();
         assert!(after < before, "{after} !< {before}");
         // Same seed, same update (CPU).
-        let again = train_layer(&w, 1, &tokens, &opts, |_| {}).unwrap();
+        let again = train_target(&w, Target::Layer(1), &tokens, &opts, |_| {}).unwrap();
         for (n, u) in &trained.updates {
             assert!(
                 u.equal(&again.updates[n]),
@@ -479,6 +687,98 @@ mod tests {
         assert!(mean_loss_micronats(&model, &[]).is_err());
         assert!(mean_loss_micronats(&model, &[vec![1, 999]]).is_err());
         assert!(windows(&tokens, &[tokens.len() as u64], 2).is_err());
-        assert!(w.layer_names(99).is_err());
+        assert!(w.target_names(Target::Layer(99)).is_err());
+        assert!(
+            w.target_names(Target::Router(0)).is_err(),
+            "a dense model has no router"
+        );
+    }
+
+    #[test]
+    fn pol_train_3_lora_trains_a_low_rank_update_of_the_matrices_only() {
+        let w = Weights::load(None).unwrap();
+        let tokens = text_tokens();
+        let opts = TrainOptions {
+            steps: 30,
+            batch: 4,
+            seq_tokens: 64,
+            lora_rank: Some(4),
+            learning_rate: 1e-2,
+            ..TrainOptions::default()
+        };
+        let trained = train_target(&w, Target::Layer(2), &tokens, &opts, |_| {}).unwrap();
+        assert!(
+            trained.last_loss < trained.first_loss * 0.95,
+            "{} -> {}",
+            trained.first_loss,
+            trained.last_loss
+        );
+        // The seven projections of the layer, not its three norms.
+        let matrices: Vec<&String> = trained.updates.keys().collect();
+        assert_eq!(matrices.len(), 7, "{matrices:?}");
+        assert!(
+            matrices
+                .iter()
+                .all(|n| n.starts_with("model.layers.2.") && n.ends_with("proj.weight"))
+        );
+        // r (in + out) per matrix: q 4·(128+128), k,v 4·(128+64), o 4·(128+128),
+        // gate, up 4·(128+384), down 4·(384+128).
+        assert_eq!(
+            trained.trained_parameters,
+            4 * (256 + 192 * 2 + 256 + 512 * 3)
+        );
+        for (n, u) in &trained.updates {
+            assert_eq!(u.size(), w.tensors[n].size(), "{n}");
+            let (_, singular, _) = u.svd(true, false);
+            let top = singular.double_value(&[0]);
+            assert!(top > 0.0, "{n} did not move");
+            // Rank ≤ 4: the fifth singular value is rounding noise.
+            assert!(singular.double_value(&[4]) < top * 1e-4, "{n} has rank > 4");
+        }
+        // The compressed LoRA update lowers the loss, and only on layer 2.
+        let payload = trained.compress(250_000).unwrap();
+        let ws = windows(&tokens, &[0, 100, 700], 64).unwrap();
+        let e = evaluate_delta(&w, Target::Layer(2), &[], &payload, &ws).unwrap();
+        assert!(e.loss_micronats < e.head_loss_micronats, "{e:?}");
+        // The same payload claimed for layer 1 names tensors outside it.
+        let e1 = evaluate_delta(&w, Target::Layer(1), &[], &payload, &ws).unwrap();
+        assert_eq!(e1.loss_micronats, u64::MAX);
+        assert_eq!(e1.head_loss_micronats, e.head_loss_micronats);
+        // Bad settings are refused.
+        for bad in [Some(0), Some(129)] {
+            let o = TrainOptions {
+                lora_rank: bad,
+                ..opts.clone()
+            };
+            assert!(train_target(&w, Target::Layer(2), &tokens, &o, |_| {}).is_err());
+        }
+    }
+
+    #[test]
+    fn pol_train_3_targets_parse_and_name_their_blocks() {
+        for (s, t) in [
+            ("layer.1", Target::Layer(1)),
+            (
+                "layer.3.expert.7",
+                Target::Expert {
+                    layer: 3,
+                    expert: 7,
+                },
+            ),
+            ("layer.0.router", Target::Router(0)),
+        ] {
+            assert_eq!(Target::parse(s).unwrap(), t);
+            assert_eq!(t.to_string(), s);
+        }
+        for bad in [
+            "",
+            "layer",
+            "layer.x",
+            "expert.1.2",
+            "layer.1.expert",
+            "layer.1.router.2",
+        ] {
+            assert!(Target::parse(bad).is_err(), "{bad}");
+        }
     }
 }

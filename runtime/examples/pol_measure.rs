@@ -11,13 +11,17 @@
 //! the honest delta compressed at 1–100 % density: payload size against
 //! the dense bf16 update, and how much of its improvement survives.
 //!
+//! `cargo run -p blyan-runtime --example pol_measure -- lora [STEPS] [LR]`:
+//! full fine-tuning of layer 1 against LoRA of rank 4–32 (POL-TRAIN-3):
+//! parameters, steps/s, improvement dense and compressed at 10 % and 1 %.
+//!
 //! `cargo run -p blyan-runtime --example pol_measure -- agreement`: one
 //! delta's evaluation (POL-EVAL-1..3) in child processes with different
 //! `ATEN_CPU_CAPABILITY` values and thread counts; prints each child's
 //! losses and the largest difference in ppm of the loss.
 
 use blyan_gpu::pol::{
-    TrainOptions, Weights, evaluate_delta, mean_loss_micronats, train_layer, windows,
+    Target, TrainOptions, Weights, evaluate_delta, mean_loss_micronats, train_target, windows,
 };
 use blyan_runtime::corpus::{HOLDOUT_TEXT, TRAIN_TEXT, VALIDATION_TEXT};
 use blyan_state_machine::pol::improvement_ppm;
@@ -76,7 +80,7 @@ fn holdout(steps: u32) {
         ("validation pool (fitted)", &val),
     ] {
         let t0 = Instant::now();
-        let trained = train_layer(&base, 0, data, &opts, |_| {}).unwrap();
+        let trained = train_target(&base, Target::Layer(0), data, &opts, |_| {}).unwrap();
         let secs = t0.elapsed().as_secs_f64();
         let dense = trained.apply_dense(&base);
         let payload = trained
@@ -112,7 +116,7 @@ fn densities(steps: u32) {
         steps,
         ..TrainOptions::default()
     };
-    let trained = train_layer(&base, 0, &train, &opts, |_| {}).unwrap();
+    let trained = train_target(&base, Target::Layer(0), &train, &opts, |_| {}).unwrap();
     let w = all_windows(&val);
     let base_loss = mean_loss_micronats(&base.model().unwrap(), &w).unwrap();
     let dense = improvement_ppm(
@@ -147,6 +151,59 @@ fn densities(steps: u32) {
     }
 }
 
+/// Full fine-tuning against LoRA of several ranks (POL-TRAIN-3): trained
+/// parameters, speed, and the improvement on the whole validation pool,
+/// dense and compressed.
+fn lora(steps: u32, learning_rate: f64) {
+    let base = Weights::load(None).unwrap();
+    let (train, val) = (tokens(TRAIN_TEXT), tokens(VALIDATION_TEXT));
+    let w = all_windows(&val);
+    let base_loss = mean_loss_micronats(&base.model().unwrap(), &w).unwrap();
+    println!(
+        "| layer 1, {steps} steps | learning rate | trained parameters | steps/s | dense improvement ppm | 10 %: bytes, ratio, improvement | 1 %: bytes, ratio, improvement |"
+    );
+    println!("|---|---:|---:|---:|---:|---|---|");
+    for rank in [None, Some(4u32), Some(8), Some(16), Some(32)] {
+        let opts = TrainOptions {
+            steps,
+            lora_rank: rank,
+            learning_rate: if rank.is_some() { learning_rate } else { 3e-3 },
+            ..TrainOptions::default()
+        };
+        let t0 = Instant::now();
+        let trained = train_target(&base, Target::Layer(1), &train, &opts, |_| {}).unwrap();
+        let secs = t0.elapsed().as_secs_f64();
+        let dense = improvement_ppm(
+            base_loss,
+            mean_loss_micronats(&trained.apply_dense(&base).model().unwrap(), &w).unwrap(),
+        );
+        let bf16 = trained.dense_bf16_bytes();
+        let at = |ppm: u32| {
+            let payload = trained.compress(ppm).unwrap();
+            let mut c = base.shallow();
+            c.apply_delta(&payload).unwrap();
+            let imp = improvement_ppm(
+                base_loss,
+                mean_loss_micronats(&c.model().unwrap(), &w).unwrap(),
+            );
+            format!(
+                "{} B, {:.1}×, {imp}",
+                payload.len(),
+                bf16 as f64 / payload.len() as f64
+            )
+        };
+        println!(
+            "| {} | {} | {} | {:.1} | {dense} | {} | {} |",
+            rank.map_or("full".to_string(), |r| format!("LoRA r={r}")),
+            opts.learning_rate,
+            trained.trained_parameters,
+            f64::from(steps) / secs,
+            at(100_000),
+            at(10_000)
+        );
+    }
+}
+
 fn agreement() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(2).map(String::as_str) == Some("--child") {
@@ -156,7 +213,7 @@ fn agreement() {
         let base = Weights::load(None).unwrap();
         let w = sample(&tokens(VALIDATION_TEXT), 7);
         let t0 = Instant::now();
-        let e = evaluate_delta(&base, &[], &payload, &w).unwrap();
+        let e = evaluate_delta(&base, Target::Layer(0), &[], &payload, &w).unwrap();
         println!(
             "{} {} {:.3}",
             e.head_loss_micronats,
@@ -171,7 +228,7 @@ fn agreement() {
         steps: 20,
         ..TrainOptions::default()
     };
-    let payload = train_layer(&base, 0, &tokens(TRAIN_TEXT), &opts, |_| {})
+    let payload = train_target(&base, Target::Layer(0), &tokens(TRAIN_TEXT), &opts, |_| {})
         .unwrap()
         .compress(100_000)
         .unwrap();
@@ -219,7 +276,13 @@ fn main() {
     match args.get(1).map(String::as_str) {
         Some("holdout") => holdout(args.get(2).and_then(|s| s.parse().ok()).unwrap_or(200)),
         Some("agreement") => agreement(),
+        Some("lora") => lora(
+            args.get(2).and_then(|s| s.parse().ok()).unwrap_or(200),
+            args.get(3).and_then(|s| s.parse().ok()).unwrap_or(1e-2),
+        ),
         Some("densities") => densities(args.get(2).and_then(|s| s.parse().ok()).unwrap_or(200)),
-        _ => eprintln!("usage: pol_measure holdout [STEPS] | densities [STEPS] | agreement"),
+        _ => eprintln!(
+            "usage: pol_measure holdout [STEPS] | densities [STEPS] | lora [STEPS] [LR] | agreement"
+        ),
     }
 }

@@ -19,7 +19,7 @@
 
 use crate::Error;
 use crate::client;
-use blyan_gpu::pol::{TrainOptions, Weights};
+use blyan_gpu::pol::{Target, TrainOptions, Weights};
 use blyan_state_machine::encoding::Canonical;
 use blyan_state_machine::ledger::intrinsic_gas;
 use blyan_state_machine::pol::validation::{DataPayload, DataRole};
@@ -46,7 +46,8 @@ pub const SUBMIT_WAIT_S: u64 = 600;
 pub struct TrainArgs {
     pub node: String,
     pub out: PathBuf,
-    pub layer: Option<u32>,
+    /// POL-TRAIN-3: the target (default: layer [`DEFAULT_LAYER`]).
+    pub target: Option<Target>,
     pub model_dir: Option<PathBuf>,
     pub density_ppm: u32,
     /// The update is multiplied by this before compression (1: as trained;
@@ -201,21 +202,27 @@ pub async fn train(args: TrainArgs, key: &SigningKey) -> Result<Value, Error> {
                 "the chain registers no model whose manifest has CID {meta_cid}; is --model-dir the chain's model?"
             ))
         })?;
-    let layer = args.layer.unwrap_or(DEFAULT_LAYER);
+    let target = args.target.unwrap_or(Target::Layer(DEFAULT_LAYER));
+    let (kind, layer, expert) = match target {
+        Target::Layer(l) => ("layer", l, None),
+        Target::Expert { layer, expert } => ("expert", layer, Some(expert)),
+        Target::Router(l) => ("router", l, None),
+    };
     let experts = get_ok(node, "/pol/experts").await?;
     let record = experts["experts"]
         .as_array()
         .into_iter()
         .flatten()
         .find(|r| {
-            r["kind"] == "layer"
+            r["kind"] == kind
                 && r["layer"].as_u64() == Some(u64::from(layer))
+                && r["expert"].as_u64() == expert.map(u64::from)
                 && r["model_id"].as_str() == Some(&format!("0x{}", hex::encode(meta)))
         })
         .cloned()
         .ok_or_else(|| {
             Error::Config(format!(
-                "the chain has no layer {layer} of this model (meta 0x{}); is --model-dir the chain's model?",
+                "the chain has no target {target} of this model (meta 0x{}); is --model-dir the chain's model?",
                 hex::encode(meta)
             ))
         })?;
@@ -242,7 +249,7 @@ pub async fn train(args: TrainArgs, key: &SigningKey) -> Result<Value, Error> {
         weights.apply_delta(&payload).map_err(gpu)?;
     }
     eprintln!(
-        "head of layer {layer}: 0x{} (version {}.{}.{}, {} accepted deltas)",
+        "head of {target}: 0x{} (version {}.{}.{}, {} accepted deltas)",
         hex::encode(head_id),
         head_version.major,
         head_version.minor,
@@ -256,7 +263,11 @@ pub async fn train(args: TrainArgs, key: &SigningKey) -> Result<Value, Error> {
     let validation_tokens = tokenizer.encode(&validation_text).map_err(gpu)?;
     let _ = std::fs::remove_dir_all(&tmp);
     eprintln!(
-        "training layer {layer} on DATA block 0x{} ({} tokens): {} steps of {} × {} tokens",
+        "training {target}{} on DATA block 0x{} ({} tokens): {} steps of {} × {} tokens",
+        match args.options.lora_rank {
+            Some(r) => format!(" (LoRA rank {r})"),
+            None => String::new(),
+        },
         hex::encode(data_id),
         train_tokens.len(),
         args.options.steps,
@@ -271,7 +282,7 @@ pub async fn train(args: TrainArgs, key: &SigningKey) -> Result<Value, Error> {
         tokio::task::spawn_blocking(move || {
             let t0 = Instant::now();
             let mut tokens = 0u64;
-            blyan_gpu::pol::train_layer(&weights, layer, &train_tokens, &opts, |r| {
+            blyan_gpu::pol::train_target(&weights, target, &train_tokens, &opts, |r| {
                 tokens += r.tokens;
                 if r.step == 1 || r.step % 10 == 0 || r.step == steps {
                     let secs = t0.elapsed().as_secs_f64().max(1e-9);
@@ -313,7 +324,7 @@ pub async fn train(args: TrainArgs, key: &SigningKey) -> Result<Value, Error> {
         depends_on: vec![head_id, data_id],
         version,
         layer: Some(layer),
-        expert: None,
+        expert,
         payload_size_bytes: payload.len() as u64,
         payload_merkle_root: payload_merkle_root(&payload),
         payload_cid: cid_v1_raw_sha256(&payload),
@@ -332,7 +343,9 @@ pub async fn train(args: TrainArgs, key: &SigningKey) -> Result<Value, Error> {
     Ok(json!({
         "delta": format!("0x{}", hex::encode(delta_id)),
         "out": args.out.display().to_string(),
-        "layer": layer,
+        "target": target.to_string(),
+        "lora_rank": args.options.lora_rank,
+        "trained_parameters": trained.trained_parameters,
         "steps": steps,
         "train_s": train_s,
         "first_loss": trained.first_loss,

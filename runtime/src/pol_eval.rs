@@ -240,10 +240,12 @@ async fn evaluate(
         &p.delta_id,
         &reveal_block.block.hash(),
     )?;
+    let target = blyan_gpu::pol::Target::from_key(&p.target)
+        .ok_or("the delta's target is not a layer, expert or router")?;
     let base_weights = ctx.base.clone();
     tokio::task::spawn_blocking(move || {
         let base = base_weights.lock().unwrap_or_else(|p| p.into_inner());
-        blyan_gpu::pol::evaluate_delta(&base, &accepted, &delta, &windows)
+        blyan_gpu::pol::evaluate_delta(&base, target, &accepted, &delta, &windows)
     })
     .await
     .map_err(|e| e.to_string())?

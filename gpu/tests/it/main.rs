@@ -9,4 +9,5 @@ mod errors;
 mod generation;
 mod moe;
 mod parity;
+mod pol;
 mod stage;

@@ -340,6 +340,17 @@ enum PolCommand {
         /// The target layer.
         #[arg(long, default_value_t = blyan_runtime::pol_cli::DEFAULT_LAYER)]
         layer: u32,
+        /// The target as a block name instead of --layer: layer.N,
+        /// layer.N.expert.E or layer.N.router (POL-TRAIN-3).
+        #[arg(long, conflicts_with = "layer")]
+        target: Option<String>,
+        /// Train LoRA factors of this rank on the target's matrices instead
+        /// of every tensor of the target (POL-TRAIN-3).
+        #[arg(long)]
+        lora_rank: Option<u32>,
+        /// LoRA's alpha (the product is scaled by alpha / rank).
+        #[arg(long, default_value_t = 16.0)]
+        lora_alpha: f64,
         /// The model's block directory (default: the embedded model).
         #[arg(long)]
         model_dir: Option<PathBuf>,
@@ -1016,6 +1027,9 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 password: pw,
                 out,
                 layer,
+                target,
+                lora_rank,
+                lora_alpha,
                 model_dir,
                 steps,
                 batch,
@@ -1035,12 +1049,19 @@ async fn run(cli: Cli) -> Result<(), Error> {
                     seed,
                     device: blyan_gpu::parse_device(&device)
                         .map_err(|e| Error::Config(e.to_string()))?,
+                    lora_rank,
+                    lora_alpha,
                     ..Default::default()
+                };
+                let target = match target {
+                    Some(t) => blyan_gpu::pol::Target::parse(&t)
+                        .map_err(|e| Error::Config(e.to_string()))?,
+                    None => blyan_gpu::pol::Target::Layer(layer),
                 };
                 let args = blyan_runtime::pol_cli::TrainArgs {
                     node,
                     out,
-                    layer: Some(layer),
+                    target: Some(target),
                     model_dir,
                     density_ppm,
                     scale,
