@@ -143,6 +143,13 @@ impl Target {
         }
     }
 
+    /// The decoder layer the target is in.
+    pub fn layer(self) -> u32 {
+        match self {
+            Target::Layer(l) | Target::Router(l) | Target::Expert { layer: l, .. } => l,
+        }
+    }
+
     /// Parses a block name (`layer.1`, `layer.3.expert.7`, `layer.3.router`).
     pub fn parse(s: &str) -> Result<Target> {
         let bad = || {
@@ -208,15 +215,34 @@ pub fn check_payload_target(weights: &Weights, target: Target, payload: &[u8]) -
 /// summed on the host in f64 in window order, then token order.
 pub fn mean_loss_micronats(model: &Qwen3, windows: &[Vec<i64>]) -> Result<u64> {
     let _guard = tch::no_grad_guard();
-    let mut sum = 0f64;
-    let mut count = 0u64;
+    check_windows(model, windows)?;
+    mean_of(windows.iter().map(|w| {
+        let ids = Tensor::from_slice(w).unsqueeze(0);
+        let logits = model.forward(&ids, &mut crate::model::KvCache::new())?;
+        Ok(losses_of(&logits, &ids))
+    }))
+}
+
+fn check_windows(model: &Qwen3, windows: &[Vec<i64>]) -> Result<()> {
+    if windows.is_empty() {
+        return Err(GpuError::Invalid("no windows".into()));
+    }
     for w in windows {
         if w.len() < 2 {
             return Err(GpuError::Invalid("a window needs at least 2 tokens".into()));
         }
         model.check_ids(w)?;
-        let losses = token_losses(model, &Tensor::from_slice(w).unsqueeze(0))?;
-        let values: Vec<f32> = Vec::<f32>::try_from(losses.flatten(0, -1))
+    }
+    Ok(())
+}
+
+/// POL-EVAL-2's sum: per-window token losses (f32) read back and summed
+/// in f64, window order then token order; the mean in micro-nats.
+fn mean_of(per_window: impl Iterator<Item = Result<Tensor>>) -> Result<u64> {
+    let mut sum = 0f64;
+    let mut count = 0u64;
+    for losses in per_window {
+        let values: Vec<f32> = Vec::<f32>::try_from(losses?.flatten(0, -1))
             .map_err(|e| GpuError::Invalid(format!("loss readback: {e}")))?;
         for v in values {
             if !v.is_finite() {
@@ -234,6 +260,69 @@ pub fn mean_loss_micronats(model: &Qwen3, windows: &[Vec<i64>]) -> Result<u64> {
     Ok(micro as u64)
 }
 
+/// POL-EVAL-8: the hidden states entering decoder layer `layer`, one per
+/// window, computed once by the embedding and the layers below it. A
+/// delta changes only its target's block, inside layer `layer`
+/// (POL-TRAIN-3), so the head and the candidate share these inputs.
+pub struct LayerInputs {
+    layer: i64,
+    hidden: Vec<Tensor>,
+    ids: Vec<Tensor>,
+}
+
+impl LayerInputs {
+    /// Runs `weights`' embedding and layers `0..layer` on every window.
+    pub fn compute(weights: &Weights, layer: u32, windows: &[Vec<i64>]) -> Result<LayerInputs> {
+        let _guard = tch::no_grad_guard();
+        let layer = i64::from(layer);
+        let lower = Qwen3::load(
+            &weights.cfg,
+            &weights.tensors,
+            LayerRange {
+                start: 0,
+                end: layer,
+                embed: true,
+                head: false,
+            },
+            Device::Cpu,
+            Kind::Float,
+        )?;
+        check_windows(&lower, windows)?;
+        let mut hidden = Vec::with_capacity(windows.len());
+        let mut ids = Vec::with_capacity(windows.len());
+        for w in windows {
+            let t = Tensor::from_slice(w).unsqueeze(0);
+            let x = lower.embed(&t)?;
+            hidden.push(lower.forward_layers(&x, &mut crate::model::KvCache::new())?);
+            ids.push(t);
+        }
+        Ok(LayerInputs { layer, hidden, ids })
+    }
+
+    /// POL-EVAL-2's mean loss of `weights` from these inputs up: layers
+    /// `layer..` and the head. Bit for bit the loss of the whole model
+    /// when `weights` agree with the inputs' model below `layer`.
+    pub fn mean_loss_micronats(&self, weights: &Weights) -> Result<u64> {
+        let _guard = tch::no_grad_guard();
+        let upper = Qwen3::load(
+            &weights.cfg,
+            &weights.tensors,
+            LayerRange {
+                start: self.layer,
+                end: weights.cfg.num_hidden_layers,
+                embed: false,
+                head: true,
+            },
+            Device::Cpu,
+            Kind::Float,
+        )?;
+        mean_of(self.hidden.iter().zip(&self.ids).map(|(h, ids)| {
+            let x = upper.forward_layers(h, &mut crate::model::KvCache::new())?;
+            Ok(losses_of(&upper.head(&x)?, ids))
+        }))
+    }
+}
+
 /// What a validator reveals for a delta (POL-32), measured in one run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Evaluation {
@@ -243,7 +332,9 @@ pub struct Evaluation {
 
 /// POL-EVAL-1: the head of a target is `base` with the target's accepted
 /// deltas applied in acceptance order (`accepted`, oldest first); the
-/// candidate is the head with `delta` applied. Both losses on `windows`.
+/// candidate is the head with `delta` applied. Both losses on `windows`,
+/// from the target's layer up on inputs computed once (POL-EVAL-8): the
+/// same bits as two whole-model passes.
 /// POL-EVAL-3: a delta that does not decode or apply, or names a tensor
 /// outside `target` (POL-DELTA-6), is worth `loss_micronats = u64::MAX` (an
 /// improvement of 0), and so is one whose loss is not finite; an accepted
@@ -261,13 +352,15 @@ pub fn evaluate_delta(
         check_payload_target(base, target, payload)?;
         head.apply_delta(payload)?;
     }
-    let head_loss_micronats = mean_loss_micronats(&head.model()?, windows)?;
+    // POL-EVAL-8: the layers below the target's run once.
+    let inputs = LayerInputs::compute(&head, target.layer(), windows)?;
+    let head_loss_micronats = inputs.mean_loss_micronats(&head)?;
     let mut candidate = head;
     let applied =
         check_payload_target(base, target, delta).and_then(|()| candidate.apply_delta(delta));
     let loss_micronats = match applied {
         // A candidate whose loss is not finite is worth nothing too.
-        Ok(()) => mean_loss_micronats(&candidate.model()?, windows).unwrap_or(u64::MAX),
+        Ok(()) => inputs.mean_loss_micronats(&candidate).unwrap_or(u64::MAX),
         Err(_) => u64::MAX,
     };
     Ok(Evaluation {
@@ -278,14 +371,19 @@ pub fn evaluate_delta(
 
 /// Per-token losses `[batch, seq - 1]` (f32) of token ids `[batch, seq]`.
 fn token_losses(model: &Qwen3, ids: &Tensor) -> Result<Tensor> {
-    let (_, s) = ids.size2().expect("ids are [batch, seq]");
     let logits = model.forward(ids, &mut crate::model::KvCache::new())?;
+    Ok(losses_of(&logits, ids))
+}
+
+/// Next-token cross-entropy `[batch, seq - 1]` of `logits` for `ids`.
+fn losses_of(logits: &Tensor, ids: &Tensor) -> Tensor {
+    let (_, s) = ids.size2().expect("ids are [batch, seq]");
     let logp = logits.narrow(1, 0, s - 1).log_softmax(-1, Kind::Float);
     let target = ids
         .narrow(1, 1, s - 1)
         .to_device(logp.device())
         .unsqueeze(-1);
-    Ok(logp.gather(-1, &target, false).squeeze_dim(-1).neg())
+    logp.gather(-1, &target, false).squeeze_dim(-1).neg()
 }
 
 /// libtorch's intra-op thread count for this process (POL-EVAL-2 names
@@ -752,6 +850,37 @@ mod tests {
             };
             assert!(train_target(&w, Target::Layer(2), &tokens, &o, |_| {}).is_err());
         }
+    }
+
+    #[test]
+    fn pol_eval_8_from_the_target_layer_up_gives_the_whole_models_bits() {
+        let w = Weights::load(None).unwrap();
+        let tokens = text_tokens();
+        let ws = windows(&tokens, &[3, 50, 400], 40).unwrap();
+        let whole = mean_loss_micronats(&w.model().unwrap(), &ws).unwrap();
+        for layer in 0..=4 {
+            let inputs = LayerInputs::compute(&w, layer, &ws).unwrap();
+            assert_eq!(
+                inputs.mean_loss_micronats(&w).unwrap(),
+                whole,
+                "layer {layer}"
+            );
+        }
+        // A candidate that differs in layer 2 only, on the head's inputs.
+        let mut candidate = w.shallow();
+        for n in w.target_names(Target::Layer(2)).unwrap() {
+            let t = &w.tensors[&n] * 1.5;
+            candidate.tensors.insert(n, t);
+        }
+        let changed = mean_loss_micronats(&candidate.model().unwrap(), &ws).unwrap();
+        assert_ne!(changed, whole);
+        let inputs = LayerInputs::compute(&w, 2, &ws).unwrap();
+        assert_eq!(inputs.mean_loss_micronats(&candidate).unwrap(), changed);
+        // Inputs above the change would miss it: the layer matters.
+        let above = LayerInputs::compute(&w, 3, &ws).unwrap();
+        assert_eq!(above.mean_loss_micronats(&candidate).unwrap(), whole);
+        assert!(LayerInputs::compute(&w, 5, &ws).is_err());
+        assert!(LayerInputs::compute(&w, 1, &[]).is_err());
     }
 
     #[test]

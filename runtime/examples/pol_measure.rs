@@ -15,6 +15,11 @@
 //! full fine-tuning of layer 1 against LoRA of rank 4–32 (POL-TRAIN-3):
 //! parameters, steps/s, improvement dense and compressed at 10 % and 1 %.
 //!
+//! `cargo run -p blyan-runtime --example pol_measure -- big-eval [WINDOWS]`:
+//! POL-EVAL-8's cost on Qwen3-8B-shaped layers (random weights, CPU): one
+//! layer and the head timed on WINDOWS windows, scaled to a sample of 32,
+//! and an evaluation of 36 layers whole and from layer L up.
+//!
 //! `cargo run -p blyan-runtime --example pol_measure -- agreement`: one
 //! delta's evaluation (POL-EVAL-1..3) in child processes with different
 //! `ATEN_CPU_CAPABILITY` values and thread counts; prints each child's
@@ -204,6 +209,59 @@ fn lora(steps: u32, learning_rate: f64) {
     }
 }
 
+/// POL-EVAL-8 on Qwen3-8B-shaped layers (hidden 4,096, MLP 12,288, 32/8
+/// heads of 128, vocabulary 151,936), random weights, 2 layers: the time of
+/// one layer and of the head on `windows` windows of 129 tokens, and what
+/// an evaluation of a 36-layer model costs whole and from layer L up.
+fn big_eval(windows_n: usize) {
+    let mut cfg = blyan_gpu::default_model::default_config();
+    cfg.vocab_size = 151_936;
+    cfg.hidden_size = 4_096;
+    cfg.intermediate_size = 12_288;
+    cfg.num_hidden_layers = 2;
+    cfg.num_attention_heads = 32;
+    cfg.num_key_value_heads = 8;
+    cfg.head_dim = 128;
+    cfg.layer_sliding = vec![false; 2];
+    let t0 = Instant::now();
+    let tensors = blyan_gpu::default_model::random_weights(&cfg, 1);
+    eprintln!("random weights: {:.1} s", t0.elapsed().as_secs_f64());
+    let w = Weights { cfg, tensors };
+    let pool: Vec<i64> = (0..20_000).map(|i| (i * 7_919) % 151_936).collect();
+    let starts: Vec<u64> = (0..windows_n as u64).map(|i| i * 300).collect();
+    let ws = windows(&pool, &starts, VALIDATION_WINDOW_TOKENS as usize).unwrap();
+    let timed = |f: &dyn Fn()| {
+        f(); // warm-up
+        let t = Instant::now();
+        f();
+        t.elapsed().as_secs_f64()
+    };
+    let compute = |l: u32| {
+        blyan_gpu::pol::LayerInputs::compute(&w, l, &ws).unwrap();
+    };
+    let embed = timed(&|| compute(0));
+    let layer = timed(&|| compute(1)) - embed;
+    let inputs = blyan_gpu::pol::LayerInputs::compute(&w, 2, &ws).unwrap();
+    let head = timed(&|| {
+        inputs.mean_loss_micronats(&w).unwrap();
+    });
+    eprintln!(
+        "measured on {windows_n} windows: embedding {embed:.2} s, one layer {layer:.2} s, head {head:.2} s"
+    );
+    let scale = VALIDATION_WINDOWS as f64 / windows_n as f64;
+    let (layer, head) = (layer * scale, head * scale);
+    println!(
+        "{windows_n} windows of {VALIDATION_WINDOW_TOKENS} tokens, scaled to the sample's {VALIDATION_WINDOWS}: one layer {layer:.1} s, final norm and lm_head {head:.1} s"
+    );
+    println!("| target layer L of 36 | whole model twice | from L up (L once, 36 − L twice) |");
+    println!("|---:|---:|---:|");
+    for l in [0u32, 9, 18, 27, 35] {
+        let whole = 2.0 * (36.0 * layer + head);
+        let from = f64::from(l) * layer + 2.0 * ((36.0 - f64::from(l)) * layer + head);
+        println!("| {l} | {whole:.0} s | {from:.0} s |");
+    }
+}
+
 fn agreement() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(2).map(String::as_str) == Some("--child") {
@@ -276,13 +334,14 @@ fn main() {
     match args.get(1).map(String::as_str) {
         Some("holdout") => holdout(args.get(2).and_then(|s| s.parse().ok()).unwrap_or(200)),
         Some("agreement") => agreement(),
+        Some("big-eval") => big_eval(args.get(2).and_then(|s| s.parse().ok()).unwrap_or(4)),
         Some("lora") => lora(
             args.get(2).and_then(|s| s.parse().ok()).unwrap_or(200),
             args.get(3).and_then(|s| s.parse().ok()).unwrap_or(1e-2),
         ),
         Some("densities") => densities(args.get(2).and_then(|s| s.parse().ok()).unwrap_or(200)),
         _ => eprintln!(
-            "usage: pol_measure holdout [STEPS] | densities [STEPS] | lora [STEPS] [LR] | agreement"
+            "usage: pol_measure holdout [STEPS] | densities [STEPS] | lora [STEPS] [LR] | big-eval [WINDOWS] | agreement"
         ),
     }
 }

@@ -57,6 +57,16 @@ fn pol_train_3_an_expert_and_a_router_train_alone_and_apply_only_to_themselves()
         let other = evaluate_delta(&w, Target::Layer(0), &[], &payload, &ws).expect("evaluate");
         assert_eq!(other.loss_micronats, u64::MAX, "{target}");
     }
+    // POL-EVAL-8 on MoE layers: from the layer up, the whole model's bits.
+    let whole = blyan_gpu::pol::mean_loss_micronats(&w.model().expect("model"), &ws).expect("loss");
+    for layer in 0..3 {
+        let inputs = blyan_gpu::pol::LayerInputs::compute(&w, layer, &ws).expect("inputs");
+        assert_eq!(
+            inputs.mean_loss_micronats(&w).expect("loss"),
+            whole,
+            "layer {layer}"
+        );
+    }
     // A router's tensor is one matrix; a dense layer has none.
     assert_eq!(w.target_names(Target::Router(2)).expect("router").len(), 1);
     assert!(
