@@ -330,9 +330,9 @@ pub struct Evaluation {
     pub loss_micronats: u64,
 }
 
-/// POL-EVAL-1: the head of a target is `base` with the target's accepted
-/// deltas applied in acceptance order (`accepted`, oldest first); the
-/// candidate is the head with `delta` applied. Both losses on `windows`,
+/// POL-EVAL-1: the model is `base` with every target's accepted deltas
+/// applied (`accepted`: each with its target, a target's oldest first);
+/// the candidate is that model with `delta` applied to `target`. Both losses on `windows`,
 /// from the target's layer up on inputs computed once (POL-EVAL-8): the
 /// same bits as two whole-model passes.
 /// POL-EVAL-3: a delta that does not decode or apply, or names a tensor
@@ -343,13 +343,13 @@ pub struct Evaluation {
 pub fn evaluate_delta(
     base: &Weights,
     target: Target,
-    accepted: &[Vec<u8>],
+    accepted: &[(Target, Vec<u8>)],
     delta: &[u8],
     windows: &[Vec<i64>],
 ) -> Result<Evaluation> {
     let mut head = base.shallow();
-    for payload in accepted {
-        check_payload_target(base, target, payload)?;
+    for (t, payload) in accepted {
+        check_payload_target(base, *t, payload)?;
         head.apply_delta(payload)?;
     }
     // POL-EVAL-8: the layers below the target's run once.

@@ -229,32 +229,49 @@ pub async fn train(args: TrainArgs, key: &SigningKey) -> Result<Value, Error> {
     let head_id = hash_of(&record["block_hash"], "head block")?;
     let head_version: SemVer = serde_json::from_value(record["version"].clone())
         .map_err(|e| Error::Http(format!("head version: {e}")))?;
-    // The head: the genesis weights plus the target's accepted deltas.
-    let mut lineage = Vec::new();
-    let mut cur = head_id;
-    loop {
-        let b = pol_block(node, &cur).await?;
-        if b.block_type != PolBlockType::Delta {
-            break;
+    // The model (POL-EVAL-1): the genesis weights plus every target's
+    // accepted deltas, as validators will evaluate it.
+    let meta_hex = format!("0x{}", hex::encode(meta));
+    let mut model_deltas = 0;
+    let mut target_deltas = 0;
+    for r in experts["experts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["model_id"].as_str() == Some(meta_hex.as_str()))
+    {
+        let head = hash_of(&r["block_hash"], "head block")?;
+        let mut lineage = Vec::new();
+        let mut cur = head;
+        loop {
+            let b = pol_block(node, &cur).await?;
+            if b.block_type != PolBlockType::Delta {
+                break;
+            }
+            let base = b
+                .base_block
+                .ok_or_else(|| Error::Http("a delta without a base".into()))?;
+            lineage.push((cur, b));
+            cur = base;
         }
-        let base = b
-            .base_block
-            .ok_or_else(|| Error::Http("a delta without a base".into()))?;
-        lineage.push((cur, b));
-        cur = base;
-    }
-    lineage.reverse();
-    for (id, b) in &lineage {
-        let payload = fetch_payload(node, b, id).await?;
-        weights.apply_delta(&payload).map_err(gpu)?;
+        lineage.reverse();
+        for (id, b) in &lineage {
+            let payload = fetch_payload(node, b, id).await?;
+            weights.apply_delta(&payload).map_err(gpu)?;
+        }
+        model_deltas += lineage.len();
+        if head == head_id {
+            target_deltas = lineage.len();
+        }
     }
     eprintln!(
-        "head of {target}: 0x{} (version {}.{}.{}, {} accepted deltas)",
+        "head of {target}: 0x{} (version {}.{}.{}, {} accepted deltas; {} in the whole model)",
         hex::encode(head_id),
         head_version.major,
         head_version.minor,
         head_version.patch,
-        lineage.len()
+        target_deltas,
+        model_deltas
     );
     let (data_id, train_text) = data_pool(node, &blocks, &meta, DataRole::Train).await?;
     let (_, validation_text) = data_pool(node, &blocks, &meta, DataRole::Validation).await?;

@@ -217,14 +217,28 @@ async fn evaluate(
     if model_id != ctx.model_id {
         return Err("the delta is for another model than this node's".into());
     }
-    let mut accepted = Vec::with_capacity(lineage.len());
-    for root in &lineage {
-        accepted.push(
-            transport
-                .fetch_payload(root, blobs)
-                .await
-                .map_err(|e| format!("accepted delta payload: {e}"))?,
-        );
+    // POL-EVAL-1: every target of the model at its head, the delta's own
+    // target at its base (its head, unless the delta is already stale).
+    let mut accepted = Vec::new();
+    for (key, head) in pol.heads_of_model(&model_id) {
+        let roots = if key == p.target {
+            lineage.clone()
+        } else {
+            accepted_lineage(pol, &head.block_id)
+                .ok_or("a head of the model has no lineage on chain")?
+                .0
+        };
+        let target = blyan_gpu::pol::Target::from_key(&key)
+            .ok_or("a target of the model is not a layer, expert or router")?;
+        for root in &roots {
+            accepted.push((
+                target,
+                transport
+                    .fetch_payload(root, blobs)
+                    .await
+                    .map_err(|e| format!("accepted delta payload: {e}"))?,
+            ));
+        }
     }
     let delta = transport
         .fetch_payload(&p.block.payload_merkle_root, blobs)

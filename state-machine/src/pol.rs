@@ -556,6 +556,10 @@ pub struct PendingDelta {
     pub reveal_end_height: Height,
     /// Sorted by validator, at most `max_attestations_per_delta`.
     pub attestations: Vec<Attestation>,
+    /// POL-33: deltas accepted for any target of the model when this one
+    /// was revealed ([`PolState::model_accepted_count`]). If the count has
+    /// changed by the decision, the model it was evaluated on is gone.
+    pub model_accepted_at_reveal: u64,
 }
 
 /// PoL transactions (POL-T*). The ledger authenticates `sender`.
@@ -771,6 +775,15 @@ impl PolState {
     }
     pub fn head(&self, target: &TargetKey) -> Option<&TargetHead> {
         self.heads.get(target)
+    }
+    /// POL-33: how many deltas have been accepted for all targets of a
+    /// model together (it only grows).
+    pub fn model_accepted_count(&self, model_id: &Hash32) -> u64 {
+        self.heads
+            .iter()
+            .filter(|(t, _)| t.model_id == *model_id)
+            .map(|(_, h)| u64::from(h.accepted_deltas))
+            .fold(0u64, u64::saturating_add)
     }
     /// Heads of every target of a model, in target order.
     pub fn heads_of_model(&self, model_id: &Hash32) -> Vec<(TargetKey, TargetHead)> {
@@ -1057,6 +1070,7 @@ impl PolState {
             commit_end_height,
             reveal_end_height,
             attestations: Vec::new(),
+            model_accepted_at_reveal: self.model_accepted_count(&target.model_id),
         };
         self.pending.insert(delta_id, pending);
         self.pending_by_end
@@ -1288,7 +1302,13 @@ impl PolState {
             decision.improvement_ppm = improvement_ppm(head_loss, loss);
             decision.honest_attestors = tally.honest(loss, head_loss, ctx.params);
         }
-        decision.outcome = if head.block_id != pending.block.base_block.expect("delta") {
+        // POL-33: the target's head moved, or another target of the model
+        // took a delta since the reveal (the model evaluated is not the
+        // model the delta would join).
+        let stale = head.block_id != pending.block.base_block.expect("delta")
+            || self.model_accepted_count(&pending.target.model_id)
+                != pending.model_accepted_at_reveal;
+        decision.outcome = if stale {
             DeltaOutcome::Rejected(RejectReason::Stale) // POL-33
         } else if !quorum {
             DeltaOutcome::Rejected(RejectReason::NoQuorum) // POL-34

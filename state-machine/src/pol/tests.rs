@@ -945,6 +945,54 @@ fn pol_33_second_delta_on_same_base_is_stale_and_first_reveal_wins() {
 }
 
 #[test]
+fn pol_33_a_delta_is_stale_once_another_target_of_its_model_changes() {
+    let mut w = World::new();
+    let a = delta_on(&w.layer, w.layer.id(), &[], addr(2));
+    let b = delta_on(&w.router, w.router.id(), &[], addr(3));
+    let ida = w.submit_delta(1, &a); // revealed 2, decided 6
+    let idb = w.submit_delta(2, &b); // revealed 3, decided 7
+    assert_eq!(
+        w.state
+            .pending_delta(&idb)
+            .unwrap()
+            .model_accepted_at_reveal,
+        0
+    );
+    let all = [
+        (addr(10), 900_000, 1_000_000),
+        (addr(11), 900_000, 1_000_000),
+        (addr(12), 900_000, 1_000_000),
+    ];
+    w.attest(ida, &all, 3);
+    w.attest(idb, &all, 4);
+    assert!(matches!(
+        decision(&w.end(6)).outcome,
+        DeltaOutcome::Accepted { .. }
+    ));
+    assert_eq!(w.state.model_accepted_count(&w.meta.id()), 1);
+    // The router's head is still b's base, but the layer changed under it.
+    let dec = w.end(7);
+    let dec = decision(&dec);
+    assert_eq!(dec.delta_id, idb);
+    assert_eq!(dec.outcome, DeltaOutcome::Rejected(RejectReason::Stale));
+    // Revealed after the change, the same kind of delta is judged on merit.
+    let c = delta_on(&w.router, w.router.id(), &[], addr(4));
+    let idc = w.submit_delta(8, &c); // revealed 9, decided 13
+    assert_eq!(
+        w.state
+            .pending_delta(&idc)
+            .unwrap()
+            .model_accepted_at_reveal,
+        1
+    );
+    w.attest(idc, &all, 10);
+    assert!(matches!(
+        decision(&w.end(13)).outcome,
+        DeltaOutcome::Accepted { .. }
+    ));
+}
+
+#[test]
 fn pol_22_pending_deltas_are_bounded() {
     let mut w = World::new();
     for i in 0..8u32 {
@@ -1130,6 +1178,7 @@ proptest! {
         let pending = PendingDelta {
             block: b.clone(), delta_id: b.id(), target: b.target_key(PolBlockType::Layer),
             revealed_height: loss, commit_end_height: 1, reveal_end_height: 2,
+            model_accepted_at_reveal: loss / 3,
             attestations: vec![Attestation { validator: addr(1), commitment: [1; 32],
                 revealed: Some(RevealedLoss { loss_micronats: loss, head_loss_micronats: 3 }) }],
         };
