@@ -165,7 +165,8 @@ pub struct HeadUpdate {
     /// `blyan-head-` and 16 hex digits of SHA3-256 over the targets' head
     /// block ids in target-key order (`crate::pol_serve::head_name`).
     pub name: String,
-    pub deltas: Vec<Vec<u8>>,
+    /// Accepted delta payloads with their targets, in application order.
+    pub deltas: Vec<(blyan_gpu::pol::Target, Vec<u8>)>,
 }
 
 /// POL-SERVE-1/2: the head an engine should serve and the one it serves.
@@ -713,7 +714,9 @@ mod engine {
             *base = Some(blyan_gpu::pol::Weights::load(Some(dir)).map_err(gpu)?);
         }
         let mut w = base.as_ref().expect("loaded above").shallow();
-        for d in &u.deltas {
+        for (target, d) in &u.deltas {
+            // POL-DELTA-6: an accepted delta touches its own target only.
+            blyan_gpu::pol::check_payload_target(&w, *target, d).map_err(gpu)?;
             w.apply_delta(d).map_err(gpu)?;
         }
         let device = blyan_gpu::parse_device(&config.device).map_err(gpu)?;

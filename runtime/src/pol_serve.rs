@@ -22,6 +22,7 @@ use crate::blobs::BlobStore;
 use crate::inference::{HeadUpdate, InferenceHandle};
 use crate::service::NodeHandle;
 use crate::transport::GrpcTransport;
+use blyan_gpu::pol::Target;
 use blyan_state_machine::crypto::sha3_256_parts;
 use blyan_state_machine::pol::PolState;
 use blyan_state_machine::types::Hash32;
@@ -42,13 +43,18 @@ pub fn head_name(pol: &PolState, model_id: &Hash32) -> String {
     format!("blyan-head-{}", hex::encode(&digest[..8]))
 }
 
-/// POL-SERVE-1: the PoL roots of every accepted delta of `model_id`, each
-/// target's oldest first, targets in key order.
-pub fn accepted_roots(pol: &PolState, model_id: &Hash32) -> Vec<Hash32> {
+/// POL-SERVE-1: the PoL roots of every accepted delta of `model_id` with
+/// its target, each target's oldest first, targets in key order (targets
+/// that are not a layer, expert or router have no deltas to serve).
+pub fn accepted_roots(pol: &PolState, model_id: &Hash32) -> Vec<(Target, Hash32)> {
     pol.heads_of_model(model_id)
         .iter()
-        .filter_map(|(_, h)| crate::pol_eval::accepted_lineage(pol, &h.block_id))
-        .flat_map(|(roots, _)| roots)
+        .filter_map(|(key, h)| {
+            let target = Target::from_key(key)?;
+            let (roots, _) = crate::pol_eval::accepted_lineage(pol, &h.block_id)?;
+            Some(roots.into_iter().map(move |r| (target, r)))
+        })
+        .flatten()
         .collect()
 }
 
@@ -69,8 +75,8 @@ pub async fn sync_head(
         return Ok(name);
     }
     let mut deltas = Vec::new();
-    for root in accepted_roots(pol, model_id) {
-        deltas.push(transport.fetch_payload(&root, blobs).await?);
+    for (target, root) in accepted_roots(pol, model_id) {
+        deltas.push((target, transport.fetch_payload(&root, blobs).await?));
     }
     engine.heads.set(HeadUpdate {
         name: name.clone(),
