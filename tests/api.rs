@@ -237,6 +237,66 @@ async fn chat_and_openai_completions_are_served_by_the_local_model() {
     }
     assert_eq!(joined, text, "the stream carries the same text");
     assert_eq!(finish.as_deref(), c["choices"][0]["finish_reason"].as_str());
+
+    // API-CHAT-7: log-probabilities, in OpenAI's shape, for the same answer.
+    assert_eq!(c["choices"][0]["logprobs"], Value::Null, "not asked");
+    let mut lp_req = req.clone();
+    lp_req["logprobs"] = json!(true);
+    lp_req["top_logprobs"] = json!(3);
+    let (s, l) = post_json(&url, "/v1/chat/completions", &lp_req)
+        .await
+        .unwrap();
+    assert_eq!(s, 200, "{l}");
+    assert_eq!(l["choices"][0]["message"]["content"], json!(text));
+    let content = l["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(
+        content.len() as u64,
+        usage["completion_tokens"].as_u64().unwrap()
+    );
+    let mut joined = String::new();
+    for t in content {
+        let lp = t["logprob"].as_f64().unwrap();
+        let top = t["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 3, "{t}");
+        // Greedy: the chosen token is the most likely one.
+        assert_eq!(top[0]["token"], t["token"], "{t}");
+        assert!((top[0]["logprob"].as_f64().unwrap() - lp).abs() < 1e-9);
+        assert!(
+            lp <= 0.0
+                && top
+                    .windows(2)
+                    .all(|w| w[0]["logprob"].as_f64() >= w[1]["logprob"].as_f64())
+        );
+        let bytes: Vec<u8> = t["bytes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b.as_u64().unwrap() as u8)
+            .collect();
+        assert_eq!(bytes, t["token"].as_str().unwrap().as_bytes());
+        joined.push_str(t["token"].as_str().unwrap());
+    }
+    assert_eq!(joined, text, "the tokens spell the answer");
+    for (body, why) in [
+        (
+            json!({"logprobs": true, "top_logprobs": 21}),
+            "top_logprobs",
+        ),
+        (json!({"top_logprobs": 2}), "needs logprobs"),
+        (json!({"logprobs": true, "stream": true}), "stream"),
+    ] {
+        let mut bad = req.clone();
+        for (k, v) in body.as_object().unwrap() {
+            bad[k] = v.clone();
+        }
+        let (s, e) = post_json(&url, "/v1/chat/completions", &bad).await.unwrap();
+        assert_eq!(s, 400, "{bad} → {e}");
+        assert!(e.to_string().contains(why), "{bad} → {e}");
+    }
+    let (s, e) = post_json(&url, "/chat", &json!({"prompt": "hi", "logprobs": 99}))
+        .await
+        .unwrap();
+    assert_eq!(s, 400, "{e}");
     net.stop().await;
 }
 

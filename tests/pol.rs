@@ -61,7 +61,7 @@ fn train_args(node: &str, out: &Path, scale: f64) -> TrainArgs {
 }
 
 async fn chat(url: &str) -> Value {
-    let body = json!({ "prompt": "Alice was", "max_tokens": 16 });
+    let body = json!({ "prompt": "Alice was", "max_tokens": 16, "logprobs": 5 });
     let (s, v) = blyan_runtime::client::post_json(url, "/chat", &body)
         .await
         .unwrap();
@@ -88,6 +88,39 @@ fn reference(hf: &Path, accepted: &[&Path], delta: &Path) -> Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap()
+}
+
+/// Asserts that the node's logprobs (API-CHAT-7) and the reference's name
+/// the same tokens (and the same top 5) with log-probabilities
+/// within 1e-4; returns the largest difference.
+fn same_logprobs(node: &Value, reference: &Value) -> f64 {
+    let (node, reference) = (node.as_array().unwrap(), reference.as_array().unwrap());
+    assert_eq!(node.len(), reference.len(), "one entry per generated token");
+    assert!(!node.is_empty());
+    let mut worst = 0f64;
+    for (n, r) in node.iter().zip(reference) {
+        assert_eq!(n["id"], r["id"], "{n} / {r}");
+        let mut close = |a: &Value, b: &Value| {
+            let d = (a.as_f64().unwrap() - b.as_f64().unwrap()).abs();
+            assert!(d < 1e-4, "log-probabilities differ by {d}: {n} / {r}");
+            worst = worst.max(d);
+        };
+        close(&n["logprob"], &r["logprob"]);
+        let (nt, rt) = (
+            n["top_logprobs"].as_array().unwrap(),
+            r["top"].as_array().unwrap(),
+        );
+        assert_eq!(nt.len(), 5);
+        for a in nt {
+            // The same id in the reference's top 5, or a near-tie with its
+            // fifth at the boundary.
+            match rt.iter().find(|b| b[0] == a["id"]) {
+                Some(b) => close(&a["logprob"], &b[1]),
+                None => close(&a["logprob"], &rt[4][1]),
+            }
+        }
+    }
+    worst
 }
 
 fn payload_file(delta_file: &Path, out: &Path) {
@@ -184,6 +217,13 @@ async fn pol_loop_end_to_end() {
         "the node serves head + delta"
     );
     assert_ne!(r["head_text"], r["delta_text"]);
+    // API-CHAT-7: the served model's log-probabilities (log-softmax of its
+    // logits) equal the reference's, token by token, with the top 5.
+    let worst_before = same_logprobs(&before["logprobs"], &r["head_logprobs"]);
+    let worst_after = same_logprobs(&after["logprobs"], &r["delta_logprobs"]);
+    eprintln!(
+        "largest log-probability difference to the reference: {worst_before:.2e} before, {worst_after:.2e} after"
+    );
 
     // A validator restarted on this chain serves the head from its first answer.
     let node1 = devnet.nodes.remove(1);

@@ -85,6 +85,9 @@ fn output(
         tokens: a.tokens,
         text,
         finish_reason: reason,
+        // The batched engine keeps logits on the device and records no
+        // log-probabilities; the runtime serves them from `generate_until`.
+        logprobs: Vec::new(),
     };
     (a.index, out)
 }

@@ -1105,6 +1105,7 @@ pub fn check_cli(args: &BTreeMap<String, String>) -> Result<()> {
                 sampling: crate::sample::SamplingParams::default(),
                 stop: vec![],
                 stop_ids: vec![],
+                top_logprobs: None,
             })
             .collect();
         let alone: Vec<Vec<i64>> = reqs

@@ -23,6 +23,46 @@ pub struct GenerateRequest {
     pub stop: Vec<String>,
     /// Generation ends after one of these ids (not included in the output).
     pub stop_ids: Vec<i64>,
+    /// Record each generated token's log-probability and those of the `n`
+    /// most likely tokens at its position (`None`: record nothing).
+    pub top_logprobs: Option<usize>,
+}
+
+/// One generated token's log-probability under the model (log-softmax of
+/// its f32 logits, computed in f64) and the most likely tokens there.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprob {
+    pub id: i64,
+    pub logprob: f32,
+    /// `(id, logprob)`, most likely first; ties by lower id.
+    pub top: Vec<(i64, f32)>,
+}
+
+/// The log-softmax of `row` at `id` and its `n` largest entries.
+pub fn token_logprob(row: &[f32], id: i64, n: usize) -> TokenLogprob {
+    assert!(
+        (0..row.len() as i64).contains(&id),
+        "a token of the vocabulary"
+    );
+    let max = f64::from(row.iter().copied().fold(f32::NEG_INFINITY, f32::max));
+    let sum: f64 = row.iter().map(|&x| (f64::from(x) - max).exp()).sum();
+    let lse = max + sum.ln();
+    let lp = |i: usize| (f64::from(row[i]) - lse) as f32;
+    let by_value = |a: &usize, b: &usize| row[*b].total_cmp(&row[*a]).then(a.cmp(b));
+    let mut order: Vec<usize> = (0..row.len()).collect();
+    let n = n.min(row.len());
+    if n == 0 {
+        order.clear();
+    } else {
+        order.select_nth_unstable_by(n - 1, by_value);
+        order.truncate(n);
+        order.sort_by(by_value);
+    }
+    TokenLogprob {
+        id,
+        logprob: lp(id as usize),
+        top: order.into_iter().map(|i| (i as i64, lp(i))).collect(),
+    }
 }
 
 /// Why generation ended.
@@ -54,6 +94,8 @@ pub struct GenerateOutput {
     pub finish_reason: FinishReason,
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
+    /// One per generated token when the request asked ([`GenerateRequest::top_logprobs`]).
+    pub logprobs: Vec<TokenLogprob>,
 }
 
 /// Longest suffix of `text` that is a proper prefix of some stop string: held
@@ -111,6 +153,7 @@ pub fn generate_until(
     let mut text = String::new();
     let mut streamed = 0usize;
     let mut finish = FinishReason::Length;
+    let mut logprobs = Vec::new();
     while tokens.len() < req.max_tokens {
         let logits = model.forward(&input, &mut cache)?;
         let last = logits.get(0).get(-1);
@@ -121,6 +164,9 @@ pub fn generate_until(
             break;
         }
         tokens.push(next);
+        if let Some(n) = req.top_logprobs {
+            logprobs.push(token_logprob(&row, next, n));
+        }
         let mut piece = None;
         if let Some(tok) = tokenizer {
             text = tok.decode(&tokens)?;
@@ -151,12 +197,29 @@ pub fn generate_until(
         tokens,
         text,
         finish_reason: finish,
+        logprobs,
     })
 }
 
 #[cfg(test)]
 mod tests {
-    use super::held_back;
+    use super::{held_back, token_logprob};
+
+    #[test]
+    fn token_logprobs_are_a_log_softmax_with_the_top_in_order() {
+        let row = [1.0f32, 3.0, 2.0, 3.0];
+        let t = token_logprob(&row, 2, 3);
+        let lse = (1f64.exp() + 2.0 * 3f64.exp() + 2f64.exp()).ln();
+        assert!((f64::from(t.logprob) - (2.0 - lse)).abs() < 1e-6, "{t:?}");
+        let ids: Vec<i64> = t.top.iter().map(|x| x.0).collect();
+        assert_eq!(ids, vec![1, 3, 2], "ties by lower id");
+        let total: f64 = (0..4)
+            .map(|i| f64::from(token_logprob(&row, i, 0).logprob).exp())
+            .sum();
+        assert!((total - 1.0).abs() < 1e-6);
+        assert!(token_logprob(&row, 0, 0).top.is_empty());
+        assert_eq!(token_logprob(&row, 0, 99).top.len(), 4);
+    }
 
     #[test]
     fn holds_back_partial_stop() {

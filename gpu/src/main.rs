@@ -189,6 +189,7 @@ fn cmd_generate(
         sampling,
         stop,
         stop_ids: m.model.cfg.eos_token_ids.clone(),
+        top_logprobs: None,
     };
     let mut stdout = std::io::stdout().lock();
     let mut emit = |piece: &str| {

@@ -135,6 +135,29 @@ pub struct ChatRequest {
     /// API-PAY-1: most tokens the job may use, prompt included (what the
     /// caller's allowance can pay for); `None`: no limit beyond `max_tokens`.
     pub max_total_tokens: Option<u64>,
+    /// API-CHAT-7: log-probabilities of the generated tokens with the `n`
+    /// (0–20) most likely at each position; `None`: none.
+    #[serde(default)]
+    pub top_logprobs: Option<u8>,
+}
+
+/// API-CHAT-7: one generated token's log-probability.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TokenLogprob {
+    /// The token's text (a piece of UTF-8 may decode as U+FFFD alone).
+    pub token: String,
+    pub id: i64,
+    pub logprob: f32,
+    /// The most likely tokens at this position, most likely first.
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+/// API-CHAT-7: an alternative at one position.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TopLogprob {
+    pub token: String,
+    pub id: i64,
+    pub logprob: f32,
 }
 
 /// What a job produced.
@@ -155,6 +178,8 @@ pub struct ChatResult {
     pub experts_used: Vec<String>,
     /// POL-SERVE-2: the head the whole job ran on ([`HeadSlot`]).
     pub head: String,
+    /// API-CHAT-7: when the request asked for them.
+    pub logprobs: Option<Vec<TokenLogprob>>,
 }
 
 /// POL-SERVE-1: the heads the chain decided for the served model: every
@@ -608,6 +633,7 @@ mod engine {
             },
             stop: req.stop.clone(),
             stop_ids: loaded.model.cfg.eos_token_ids.clone(),
+            top_logprobs: req.top_logprobs.map(usize::from),
         };
         let inject_panic = config
             .panic_on_prompt
@@ -651,6 +677,26 @@ mod engine {
                 )),
             });
         }
+        let text_of = |id: i64| tokenizer.decode(&[id]).unwrap_or_default();
+        let logprobs = req.top_logprobs.map(|_| {
+            out.logprobs
+                .iter()
+                .map(|t| super::TokenLogprob {
+                    token: text_of(t.id),
+                    id: t.id,
+                    logprob: t.logprob,
+                    top_logprobs: t
+                        .top
+                        .iter()
+                        .map(|&(id, logprob)| super::TopLogprob {
+                            token: text_of(id),
+                            id,
+                            logprob,
+                        })
+                        .collect(),
+                })
+                .collect()
+        });
         Ok(ChatResult {
             text: out.text,
             prompt_tokens: out.prompt_tokens,
@@ -659,6 +705,7 @@ mod engine {
             capped: capped && out.finish_reason.as_str() == "length",
             experts_used: Vec::new(),
             head: String::new(),
+            logprobs,
         })
     }
 
@@ -898,6 +945,7 @@ mod tests {
             seed: 0,
             stop: Vec::new(),
             max_total_tokens: None,
+            top_logprobs: None,
         }
     }
 

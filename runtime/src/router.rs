@@ -76,6 +76,9 @@ struct StageResult {
     /// POL-SERVE-2: the head the stage ran on.
     #[serde(default)]
     head: String,
+    /// API-CHAT-7: when the request asked for them.
+    #[serde(default)]
+    logprobs: Option<Vec<crate::inference::TokenLogprob>>,
 }
 
 /// RT-STAGE-1: the `e` event.
@@ -188,6 +191,7 @@ impl StageSink for StageServer {
                             capped: r.capped,
                             experts_used: r.experts_used,
                             head: r.head,
+                            logprobs: r.logprobs,
                         })
                         .expect("a StageResult serialises"),
                     ),
@@ -734,6 +738,7 @@ impl Router {
                             capped: r.capped,
                             experts_used: r.experts_used,
                             head: r.head,
+                            logprobs: r.logprobs,
                         });
                     }
                     b'e' => {
@@ -843,6 +848,7 @@ mod tests {
                 seed: 7,
                 stop: vec!["\n".into()],
                 max_total_tokens: Some(10),
+                top_logprobs: Some(3),
             },
         };
         let bytes = serde_json::to_vec(&req).unwrap();

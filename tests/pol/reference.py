@@ -8,7 +8,10 @@ with the node.
 
 usage: reference.py HF_DIR PAYLOAD PROMPT MAX_TOKENS [ACCEPTED_PAYLOAD ...]
 (the accepted payloads, oldest first, make the head; PAYLOAD is the delta)
-prints one JSON object: {"head_text", "delta_text", "min_margin"}.
+prints one JSON object: {"head_text", "delta_text", "min_margin",
+"head_logprobs", "delta_logprobs"}; each logprobs entry is one generated
+token: {"id", "logprob", "top": [[id, logprob] x 5]}, the log-softmax of the
+float32 logits computed in float64.
 """
 import json
 import struct
@@ -80,7 +83,7 @@ def greedy(hf_dir, weights, ids, max_tokens, eos):
     assert not unexpected, unexpected
     assert all("rotary" in m or "lm_head" in m and config.tie_word_embeddings for m in missing), missing
     model.eval()
-    out, margin = [], float("inf")
+    out, margin, logprobs = [], float("inf"), []
     with torch.no_grad():
         for _ in range(max_tokens):
             logits = model(torch.tensor([ids + out])).logits[0, -1]
@@ -90,7 +93,15 @@ def greedy(hf_dir, weights, ids, max_tokens, eos):
             if nxt in eos:
                 break
             out.append(nxt)
-    return out, margin
+            # log-softmax of the f32 logits, computed in float64
+            lp = torch.log_softmax(logits.double(), -1)
+            best = torch.topk(lp, 5)
+            logprobs.append({
+                "id": nxt,
+                "logprob": float(lp[nxt]),
+                "top": [[int(i), float(v)] for v, i in zip(best.values, best.indices)],
+            })
+    return out, margin, logprobs
 
 
 def main():
@@ -104,13 +115,15 @@ def main():
     if isinstance(eos, int):
         eos = {eos}
     ids = tok.encode(prompt, add_special_tokens=False).ids
-    head_ids, head_margin = greedy(hf_dir, dict(weights), ids, int(max_tokens), eos)
+    head_ids, head_margin, head_lp = greedy(hf_dir, dict(weights), ids, int(max_tokens), eos)
     apply(weights, open(payload_path, "rb").read())
-    delta_ids, delta_margin = greedy(hf_dir, weights, ids, int(max_tokens), eos)
+    delta_ids, delta_margin, delta_lp = greedy(hf_dir, weights, ids, int(max_tokens), eos)
     print(json.dumps({
         "head_text": tok.decode(head_ids, skip_special_tokens=True),
         "delta_text": tok.decode(delta_ids, skip_special_tokens=True),
         "min_margin": min(head_margin, delta_margin),
+        "head_logprobs": head_lp,
+        "delta_logprobs": delta_lp,
     }))
 
 

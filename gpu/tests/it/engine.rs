@@ -138,6 +138,7 @@ fn continuous_batching_matches_one_at_a_time() {
             },
             stop: vec![],
             stop_ids: vec![],
+            top_logprobs: None,
         })
         .collect();
     let alone: Vec<Vec<i64>> = requests

@@ -23,6 +23,7 @@ fn run(
         sampling,
         stop: stop.iter().map(|s| s.to_string()).collect(),
         stop_ids: vec![],
+        top_logprobs: None,
     };
     let mut streamed = String::new();
     let out =
@@ -107,6 +108,7 @@ fn eos_id_stops() {
         sampling: SamplingParams::default(),
         stop: vec![],
         stop_ids: vec![full.tokens[5]],
+        top_logprobs: None,
     };
     let out = generate(&m.model, Some(tok), &req, |_| {}).expect("generate");
     assert_eq!(out.finish_reason, FinishReason::Stop);
@@ -174,6 +176,7 @@ fn generate_until_stops_at_the_first_break() {
         sampling: SamplingParams::default(),
         stop: vec![],
         stop_ids: vec![],
+        top_logprobs: None,
     };
     let mut steps = 0;
     let out = blyan_gpu::generate::generate_until(&m.model, Some(tok), &req, |_| {

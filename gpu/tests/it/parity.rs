@@ -55,6 +55,7 @@ fn check_greedy(name: &str) {
         sampling: SamplingParams::default(),
         stop: vec![],
         stop_ids: vec![],
+        top_logprobs: None,
     };
     let out = generate(&m.model, None, &req, |_| {}).expect("generate");
     assert_eq!(

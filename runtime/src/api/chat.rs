@@ -71,7 +71,14 @@ pub struct ChatBody {
     pub seed: Option<u64>,
     #[serde(default)]
     pub stop: Vec<String>,
+    /// API-CHAT-7: return each generated token's log-probability with the
+    /// `n` (0–20) most likely tokens at its position.
+    #[serde(default)]
+    pub logprobs: Option<u8>,
 }
+
+/// API-CHAT-7: most alternatives per position a request may ask for.
+pub const MAX_TOP_LOGPROBS: u8 = 20;
 
 /// The seed's `/chat` answer.
 #[derive(serde::Serialize, utoipa::ToSchema)]
@@ -94,6 +101,11 @@ pub struct ChatAnswer {
     /// POL-SERVE-2: the head of the model the answer came from (every
     /// stage ran on it); changes when the chain accepts a delta.
     pub head: String,
+    /// API-CHAT-7: per generated token `{token, id, logprob, top_logprobs:
+    /// [{token, id, logprob}]}`, when the request asked (`logprobs`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub logprobs: Option<Vec<crate::inference::TokenLogprob>>,
     /// API-CHAT-2: cost, whether it was charged, request id, route.
     #[schema(value_type = Object)]
     pub blyan: serde_json::Value,
@@ -156,7 +168,18 @@ fn check(
         seed: seed.unwrap_or(0),
         stop,
         max_total_tokens: None,
+        top_logprobs: None,
     })
+}
+
+/// API-CHAT-7: `n` alternatives per position, at most [`MAX_TOP_LOGPROBS`].
+fn check_logprobs(n: Option<u8>) -> Result<Option<u8>, ApiError> {
+    match n {
+        Some(n) if n > MAX_TOP_LOGPROBS => Err(ApiError::bad_request(format!(
+            "top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, not {n}"
+        ))),
+        n => Ok(n),
+    }
 }
 
 fn engine_error(e: Error) -> ApiError {
@@ -205,6 +228,7 @@ fn answer(engine: &InferenceHandle, r: ChatResult, bill: &Bill) -> ChatAnswer {
         finish_reason: r.finish_reason.to_string(),
         model: engine.model.name.clone(),
         head: r.head,
+        logprobs: r.logprobs,
         blyan: bill.json(),
         route: bill.stages.clone(),
     }
@@ -476,6 +500,7 @@ pub async fn chat(
         b.stop,
     )?;
     let mut req = req;
+    req.top_logprobs = check_logprobs(b.logprobs)?;
     let payment = admit(&state, payer.map(|e| e.0), req.prompt.len(), req.max_tokens)?;
     if let Payment::Paid(_, r) = &payment {
         req.max_total_tokens = Some(r.max_total_tokens);
@@ -525,6 +550,12 @@ pub struct CompletionsBody {
     /// with empty `choices` and the request's `usage`.
     #[serde(default)]
     pub stream_options: Option<StreamOptions>,
+    /// API-CHAT-7: OpenAI's `logprobs` (not with `stream` yet).
+    #[serde(default)]
+    pub logprobs: bool,
+    /// API-CHAT-7: OpenAI's `top_logprobs` (0–20; needs `logprobs`).
+    #[serde(default)]
+    pub top_logprobs: Option<u8>,
 }
 
 /// OpenAI's `stream_options`.
@@ -532,6 +563,26 @@ pub struct CompletionsBody {
 pub struct StreamOptions {
     #[serde(default)]
     pub include_usage: bool,
+}
+
+/// API-CHAT-7 in OpenAI's shape: `{"content": [{token, logprob, bytes,
+/// top_logprobs: [{token, logprob, bytes}]}]}`.
+fn openai_logprobs(tokens: &[crate::inference::TokenLogprob]) -> serde_json::Value {
+    let entry = |token: &str, logprob: f32| json!({ "token": token, "logprob": logprob, "bytes": token.as_bytes() });
+    json!({
+        "content": tokens
+            .iter()
+            .map(|t| {
+                let mut e = entry(&t.token, t.logprob);
+                e["top_logprobs"] = t
+                    .top_logprobs
+                    .iter()
+                    .map(|a| entry(&a.token, a.logprob))
+                    .collect();
+                e
+            })
+            .collect::<Vec<_>>(),
+    })
 }
 
 /// Qwen's ChatML template: each message as `<|im_start|>role\ncontent<|im_end|>\n`,
@@ -597,7 +648,7 @@ pub async fn completions(
         Some(Stop::One(s)) => vec![s],
         Some(Stop::Many(v)) => v,
     };
-    let req = check(
+    let mut req = check(
         &engine,
         chat_template(&b.messages),
         b.max_tokens,
@@ -606,6 +657,17 @@ pub async fn completions(
         b.seed,
         stop,
     )?;
+    if b.top_logprobs.is_some() && !b.logprobs {
+        return Err(ApiError::bad_request("top_logprobs needs logprobs: true"));
+    }
+    if b.logprobs && b.stream {
+        return Err(ApiError::bad_request(
+            "logprobs are not available with stream: true on this node yet",
+        ));
+    }
+    if b.logprobs {
+        req.top_logprobs = Some(check_logprobs(b.top_logprobs)?.unwrap_or(0));
+    }
     let id = format!(
         "chatcmpl-{}-{}",
         hex0x(&state.node.address.0).get(2..10).unwrap_or_default(),
@@ -613,7 +675,6 @@ pub async fn completions(
     );
     let created = unix_secs();
     let model = engine.model.name.clone();
-    let mut req = req;
     let payment = admit(&state, payer.map(|e| e.0), req.prompt.len(), req.max_tokens)?;
     if let Payment::Paid(_, r) = &payment {
         req.max_total_tokens = Some(r.max_total_tokens);
@@ -638,6 +699,7 @@ pub async fn completions(
                 "choices": [{
                     "index": 0,
                     "message": { "role": "assistant", "content": r.text },
+                    "logprobs": r.logprobs.as_deref().map(openai_logprobs),
                     "finish_reason": r.finish_reason,
                 }],
                 "usage": {
