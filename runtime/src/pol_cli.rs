@@ -299,17 +299,26 @@ pub async fn train(args: TrainArgs, key: &SigningKey) -> Result<Value, Error> {
         tokio::task::spawn_blocking(move || {
             let t0 = Instant::now();
             let mut tokens = 0u64;
+            // POL-TRAIN-2: a bar redrawn in place on a terminal; a line
+            // every 10 steps otherwise (logs, pipes).
+            let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
             blyan_gpu::pol::train_target(&weights, target, &train_tokens, &opts, |r| {
                 tokens += r.tokens;
-                if r.step == 1 || r.step % 10 == 0 || r.step == steps {
-                    let secs = t0.elapsed().as_secs_f64().max(1e-9);
-                    eprintln!(
-                        "step {:>4}/{steps}  loss {:.4}  {:.0} tokens/s  {:.1} steps/s",
-                        r.step,
-                        r.loss,
-                        tokens as f64 / secs,
-                        f64::from(r.step) / secs
-                    );
+                let secs = t0.elapsed().as_secs_f64().max(1e-9);
+                let line = format!(
+                    "step {:>4}/{steps}  loss {:.4}  {:.0} tokens/s  {:.1} steps/s",
+                    r.step,
+                    r.loss,
+                    tokens as f64 / secs,
+                    f64::from(r.step) / secs
+                );
+                if tty {
+                    eprint!("\r{} {line}", progress_bar(r.step, steps));
+                    if r.step == steps {
+                        eprintln!();
+                    }
+                } else if r.step == 1 || r.step % 10 == 0 || r.step == steps {
+                    eprintln!("{line}");
                 }
             })
         })
@@ -377,6 +386,17 @@ pub async fn train(args: TrainArgs, key: &SigningKey) -> Result<Value, Error> {
         "compressed_improvement_ppm": improvement(compressed_loss),
         "elapsed_s": started.elapsed().as_secs_f64(),
     }))
+}
+
+/// `[#####     ]`: `done` of `total` in 24 cells.
+fn progress_bar(done: u32, total: u32) -> String {
+    const CELLS: u32 = 24;
+    let filled = (u64::from(done.min(total)) * u64::from(CELLS) / u64::from(total.max(1))) as usize;
+    format!(
+        "[{}{}]",
+        "#".repeat(filled),
+        " ".repeat(CELLS as usize - filled)
+    )
 }
 
 /// A delta file: the block and its payload, checked against each other.
@@ -564,5 +584,21 @@ pub async fn status(node: &str, delta: &str) -> Result<Value, Error> {
         Ok(v)
     } else {
         Err(Error::Http(format!("HTTP {s}: {v}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn progress_bar_fills_in_proportion() {
+        assert_eq!(super::progress_bar(0, 200), format!("[{}]", " ".repeat(24)));
+        assert_eq!(
+            super::progress_bar(100, 200),
+            format!("[{}{}]", "#".repeat(12), " ".repeat(12))
+        );
+        assert_eq!(
+            super::progress_bar(200, 200),
+            format!("[{}]", "#".repeat(24))
+        );
     }
 }
