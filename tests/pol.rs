@@ -207,7 +207,10 @@ async fn pol_loop_end_to_end() {
     let a_payload = dir.path().join("a.bin");
     payload_file(&a_file, &a_payload);
     let r = reference(&hf, &[], &a_payload);
-    eprintln!("reference: {r}");
+    eprintln!(
+        "reference: head {} / delta {} (smallest top-2 margin {})",
+        r["head_text"], r["delta_text"], r["min_margin"]
+    );
     assert_eq!(
         before["text"], r["head_text"],
         "the reference reproduces the genesis head"

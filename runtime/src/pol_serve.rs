@@ -32,6 +32,18 @@ use tracing::warn;
 
 /// How often the follower looks at the chain's heads.
 pub const FOLLOW_POLL_MS: u64 = 500;
+/// The longest the follower waits before retrying a payload it could not
+/// fetch (POL-SERVE-3): short enough that a node that gets the payload back
+/// still serves the new head within the 10 s POL-SERVE-1 aims for.
+pub const FOLLOW_RETRY_MAX_MS: u64 = 5_000;
+
+/// POL-SERVE-3: the wait after `failures` consecutive failed syncs: the
+/// poll interval, doubled per failure, at most [`FOLLOW_RETRY_MAX_MS`].
+pub fn retry_delay_ms(failures: u32) -> u64 {
+    FOLLOW_POLL_MS
+        .saturating_mul(1u64 << failures.min(16))
+        .min(FOLLOW_RETRY_MAX_MS)
+}
 
 /// POL-SERVE-2: the name of the model's current heads: `blyan-head-` and
 /// the first 8 bytes, in hex, of SHA3-256 over the head block ids of the
@@ -96,16 +108,54 @@ pub async fn run_follower(
     mut requested: String,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut tick = tokio::time::interval(std::time::Duration::from_millis(FOLLOW_POLL_MS));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failures: u32 = 0;
     loop {
+        let wait_ms = if failures == 0 {
+            FOLLOW_POLL_MS
+        } else {
+            retry_delay_ms(failures)
+        };
         tokio::select! {
-            _ = tick.tick() => {}
+            _ = tokio::time::sleep(std::time::Duration::from_millis(wait_ms)) => {}
             _ = shutdown.changed() => return,
         }
         match sync_head(&node, &transport, &blobs, &engine, &model_id, &requested).await {
-            Ok(name) => requested = name,
-            Err(e) => warn!(error = %e, "an accepted delta could not be fetched; retrying"),
+            Ok(name) => {
+                if failures > 0 {
+                    tracing::info!(head = %name, failures, "the accepted deltas were fetched");
+                }
+                failures = 0;
+                requested = name;
+            }
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                // One warning when it starts failing, then one each time the
+                // wait doubles (not every poll).
+                if failures.is_power_of_two() {
+                    warn!(
+                        error = %e,
+                        failures,
+                        retry_in_ms = retry_delay_ms(failures),
+                        "an accepted delta could not be fetched; retrying"
+                    );
+                }
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pol_serve_3_retries_back_off_to_a_cap() {
+        assert_eq!(retry_delay_ms(1), 1_000);
+        assert_eq!(retry_delay_ms(2), 2_000);
+        assert_eq!(retry_delay_ms(3), 4_000);
+        assert_eq!(retry_delay_ms(4), FOLLOW_RETRY_MAX_MS);
+        assert_eq!(retry_delay_ms(u32::MAX), FOLLOW_RETRY_MAX_MS);
+        let waits: Vec<u64> = (1..10).map(retry_delay_ms).collect();
+        assert!(waits.windows(2).all(|w| w[0] <= w[1]));
     }
 }
