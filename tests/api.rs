@@ -283,7 +283,6 @@ async fn chat_and_openai_completions_are_served_by_the_local_model() {
             "top_logprobs",
         ),
         (json!({"top_logprobs": 2}), "needs logprobs"),
-        (json!({"logprobs": true, "stream": true}), "stream"),
     ] {
         let mut bad = req.clone();
         for (k, v) in body.as_object().unwrap() {
@@ -293,6 +292,32 @@ async fn chat_and_openai_completions_are_served_by_the_local_model() {
         assert_eq!(s, 400, "{bad} → {e}");
         assert!(e.to_string().contains(why), "{bad} → {e}");
     }
+    // A stream carries the same log-probabilities in its final chunk.
+    let mut streamed_lp = lp_req.clone();
+    streamed_lp["stream"] = json!(true);
+    let r = send(
+        &url,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        Some(streamed_lp.to_string().as_bytes()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200);
+    let body = String::from_utf8(r.body).unwrap();
+    let mut streamed_content = Vec::new();
+    for e in body.lines().filter_map(|l| l.strip_prefix("data: ")) {
+        if e == "[DONE]" {
+            break;
+        }
+        let chunk: Value = serde_json::from_str(e).unwrap();
+        if let Some(c) = chunk["choices"][0]["logprobs"]["content"].as_array() {
+            assert!(chunk["choices"][0]["finish_reason"].is_string(), "{chunk}");
+            streamed_content.extend(c.iter().cloned());
+        }
+    }
+    assert_eq!(&streamed_content, content, "the same log-probabilities");
     let (s, e) = post_json(&url, "/chat", &json!({"prompt": "hi", "logprobs": 99}))
         .await
         .unwrap();

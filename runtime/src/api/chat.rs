@@ -550,7 +550,7 @@ pub struct CompletionsBody {
     /// with empty `choices` and the request's `usage`.
     #[serde(default)]
     pub stream_options: Option<StreamOptions>,
-    /// API-CHAT-7: OpenAI's `logprobs` (not with `stream` yet).
+    /// API-CHAT-7: OpenAI's `logprobs` (with `stream`, all in the final chunk).
     #[serde(default)]
     pub logprobs: bool,
     /// API-CHAT-7: OpenAI's `top_logprobs` (0–20; needs `logprobs`).
@@ -659,11 +659,6 @@ pub async fn completions(
     )?;
     if b.top_logprobs.is_some() && !b.logprobs {
         return Err(ApiError::bad_request("top_logprobs needs logprobs: true"));
-    }
-    if b.logprobs && b.stream {
-        return Err(ApiError::bad_request(
-            "logprobs are not available with stream: true on this node yet",
-        ));
     }
     if b.logprobs {
         req.top_logprobs = Some(check_logprobs(b.top_logprobs)?.unwrap_or(0));
@@ -802,6 +797,11 @@ pub async fn completions(
                     "total_tokens": r.prompt_tokens + r.completion_tokens,
                 });
                 let mut last = chunk(json!({}), Some(r.finish_reason));
+                // API-CHAT-7: a stream's log-probabilities, all in the final
+                // chunk (clients concatenate `logprobs.content` across chunks).
+                if let Some(lp) = r.logprobs.as_deref() {
+                    last["choices"][0]["logprobs"] = openai_logprobs(lp);
+                }
                 last["system_fingerprint"] = json!(r.head);
                 last["blyan"] = bill.json();
                 let _ = events_tx
