@@ -352,32 +352,25 @@ async fn pol_loop_end_to_end() {
     };
     let key = devnet.faucet_key_file.display().to_string();
     let d_file = dir.path().join("d.json").display().to_string();
-    blyan(&[
-        "pol",
-        "train",
-        "--node",
-        &url,
-        "--key",
-        &key,
-        "--password",
-        DEVNET_PASSWORD,
-        "--out",
-        &d_file,
-    ]);
-    let out = blyan(&[
-        "pol",
-        "submit",
-        "--node",
-        &url,
-        "--key",
-        &key,
-        "--password",
-        DEVNET_PASSWORD,
-        "--delta",
-        &d_file,
-        "--wait",
-    ]);
-    let last: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    // The fixed command lines (`--out` / `--delta` last), extra choices after.
+    let pol = |command: &str, file_flag: &str, file: &str, extra: &[&str]| -> Value {
+        let mut args = vec![
+            "pol",
+            command,
+            "--node",
+            &url,
+            "--key",
+            &key,
+            "--password",
+            DEVNET_PASSWORD,
+            file_flag,
+            file,
+        ];
+        args.extend_from_slice(extra);
+        serde_json::from_str(blyan(&args).lines().last().unwrap()).unwrap()
+    };
+    pol("train", "--out", &d_file, &[]);
+    let last = pol("submit", "--delta", &d_file, &["--wait"]);
     eprintln!("cli: {last}");
     for field in ["delta", "status", "reason", "improvement_ppm"] {
         assert!(last.get(field).is_some(), "{field} missing: {last}");
@@ -401,18 +394,11 @@ async fn pol_loop_end_to_end() {
 
     // 6. POL-TRAIN-3: LoRA of rank 8 on another target, through the CLI.
     let e_file = dir.path().join("e.json").display().to_string();
-    let trained: Value = serde_json::from_str(
-        blyan(&[
-            "pol",
-            "train",
-            "--node",
-            &url,
-            "--key",
-            &key,
-            "--password",
-            DEVNET_PASSWORD,
-            "--out",
-            &e_file,
+    let trained = pol(
+        "train",
+        "--out",
+        &e_file,
+        &[
             "--target",
             "layer.1",
             "--lora-rank",
@@ -421,12 +407,8 @@ async fn pol_loop_end_to_end() {
             "0.01",
             "--steps",
             "60",
-        ])
-        .lines()
-        .last()
-        .unwrap(),
-    )
-    .unwrap();
+        ],
+    );
     assert_eq!(trained["target"], "layer.1", "{trained}");
     assert_eq!(trained["lora_rank"], 8, "{trained}");
     // Seven projections of 128 × 128, 64 × 128 or 128 × 384: r (in + out) each.
@@ -434,20 +416,7 @@ async fn pol_loop_end_to_end() {
         trained["trained_parameters"],
         8 * (256 + 192 * 2 + 256 + 512 * 3)
     );
-    let out = blyan(&[
-        "pol",
-        "submit",
-        "--node",
-        &url,
-        "--key",
-        &key,
-        "--password",
-        DEVNET_PASSWORD,
-        "--delta",
-        &e_file,
-        "--wait",
-    ]);
-    let lora: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let lora = pol("submit", "--delta", &e_file, &["--wait"]);
     eprintln!("cli, LoRA: {lora}");
     assert_eq!(lora["status"], "accepted", "{lora}");
     assert!(

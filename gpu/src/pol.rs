@@ -97,6 +97,27 @@ impl Weights {
         Ok(())
     }
 
+    /// POL-DELTA-6 for a delta of `target`: a payload that names a tensor
+    /// outside the target's block is inapplicable (a delta for one layer
+    /// may not rewrite another, or the embedding). Decoded once, with the
+    /// core's bounded decoder; on error nothing changes.
+    pub fn apply_target_delta(&mut self, target: Target, payload: &[u8]) -> Result<()> {
+        let decoded = blyan_state_machine::pol::delta::DeltaPayload::decode(payload)?;
+        let names = self.target_names(target)?;
+        if let Some(t) = decoded
+            .tensors
+            .iter()
+            .find(|t| names.binary_search(&t.name).is_err())
+        {
+            return Err(GpuError::DeltaNotApplicable {
+                name: t.name.clone(),
+                reason: format!("not a tensor of the delta's target {target}"),
+            });
+        }
+        self.tensors = crate::delta::apply(&self.tensors, &decoded)?;
+        Ok(())
+    }
+
     /// A copy sharing every tensor's storage (deltas replace tensors, never
     /// write into them).
     pub fn shallow(&self) -> Weights {
@@ -190,23 +211,6 @@ impl std::fmt::Display for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.block_name())
     }
-}
-
-/// POL-DELTA-6: a payload that names a tensor outside its target's block is
-/// inapplicable (a delta for one layer may not rewrite another, or the
-/// embedding). Decodes with the core's bounded decoder.
-pub fn check_payload_target(weights: &Weights, target: Target, payload: &[u8]) -> Result<()> {
-    let names = weights.target_names(target)?;
-    let decoded = blyan_state_machine::pol::delta::DeltaPayload::decode(payload)?;
-    for t in &decoded.tensors {
-        if names.binary_search(&t.name).is_err() {
-            return Err(GpuError::DeltaNotApplicable {
-                name: t.name.clone(),
-                reason: format!("not a tensor of the delta's target {target}"),
-            });
-        }
-    }
-    Ok(())
 }
 
 /// POL-EVAL-2: mean next-token cross-entropy of `model` over `windows`
@@ -349,16 +353,13 @@ pub fn evaluate_delta(
 ) -> Result<Evaluation> {
     let mut head = base.shallow();
     for (t, payload) in accepted {
-        check_payload_target(base, *t, payload)?;
-        head.apply_delta(payload)?;
+        head.apply_target_delta(*t, payload)?;
     }
     // POL-EVAL-8: the layers below the target's run once.
     let inputs = LayerInputs::compute(&head, target.layer(), windows)?;
     let head_loss_micronats = inputs.mean_loss_micronats(&head)?;
     let mut candidate = head;
-    let applied =
-        check_payload_target(base, target, delta).and_then(|()| candidate.apply_delta(delta));
-    let loss_micronats = match applied {
+    let loss_micronats = match candidate.apply_target_delta(target, delta) {
         // A candidate whose loss is not finite is worth nothing too.
         Ok(()) => inputs.mean_loss_micronats(&candidate).unwrap_or(u64::MAX),
         Err(_) => u64::MAX,

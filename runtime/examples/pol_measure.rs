@@ -113,6 +113,22 @@ fn holdout(steps: u32) {
     }
 }
 
+/// `trained` compressed at `density_ppm`: the payload's bytes and the
+/// improvement of `base` plus it on windows `w` (`base_loss` there).
+fn compressed(
+    base: &Weights,
+    trained: &blyan_gpu::pol::Trained,
+    density_ppm: u32,
+    w: &[Vec<i64>],
+    base_loss: u64,
+) -> (usize, u64) {
+    let payload = trained.compress(density_ppm).unwrap();
+    let mut c = base.shallow();
+    c.apply_delta(&payload).unwrap();
+    let loss = mean_loss_micronats(&c.model().unwrap(), w).unwrap();
+    (payload.len(), improvement_ppm(base_loss, loss))
+}
+
 /// How much of the honest delta's improvement survives compression, by density.
 fn densities(steps: u32) {
     let base = Weights::load(None).unwrap();
@@ -139,18 +155,11 @@ fn densities(steps: u32) {
     for ppm in [
         10_000u32, 20_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
     ] {
-        let payload = trained.compress(ppm).unwrap();
-        let mut c = base.shallow();
-        c.apply_delta(&payload).unwrap();
-        let imp = improvement_ppm(
-            base_loss,
-            mean_loss_micronats(&c.model().unwrap(), &w).unwrap(),
-        );
+        let (bytes, imp) = compressed(&base, &trained, ppm, &w, base_loss);
         println!(
-            "| {:.0} % | {} | {:.1}× | {imp} | {:.1} % |",
+            "| {:.0} % | {bytes} | {:.1}× | {imp} | {:.1} % |",
             f64::from(ppm) / 1e4,
-            payload.len(),
-            bf16 as f64 / payload.len() as f64,
+            bf16 as f64 / bytes as f64,
             imp as f64 * 100.0 / dense as f64
         );
     }
@@ -184,18 +193,8 @@ fn lora(steps: u32, learning_rate: f64) {
         );
         let bf16 = trained.dense_bf16_bytes();
         let at = |ppm: u32| {
-            let payload = trained.compress(ppm).unwrap();
-            let mut c = base.shallow();
-            c.apply_delta(&payload).unwrap();
-            let imp = improvement_ppm(
-                base_loss,
-                mean_loss_micronats(&c.model().unwrap(), &w).unwrap(),
-            );
-            format!(
-                "{} B, {:.1}×, {imp}",
-                payload.len(),
-                bf16 as f64 / payload.len() as f64
-            )
+            let (bytes, imp) = compressed(&base, &trained, ppm, &w, base_loss);
+            format!("{bytes} B, {:.1}×, {imp}", bf16 as f64 / bytes as f64)
         };
         println!(
             "| {} | {} | {} | {:.1} | {dense} | {} | {} |",

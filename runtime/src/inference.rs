@@ -763,8 +763,7 @@ mod engine {
         let mut w = base.as_ref().expect("loaded above").shallow();
         for (target, d) in &u.deltas {
             // POL-DELTA-6: an accepted delta touches its own target only.
-            blyan_gpu::pol::check_payload_target(&w, *target, d).map_err(gpu)?;
-            w.apply_delta(d).map_err(gpu)?;
+            w.apply_target_delta(*target, d).map_err(gpu)?;
         }
         let device = blyan_gpu::parse_device(&config.device).map_err(gpu)?;
         let kind = blyan_gpu::parse_dtype(&config.dtype).map_err(gpu)?;

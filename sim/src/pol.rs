@@ -15,9 +15,9 @@ use blyan_state_machine::crypto::sha3_256_parts;
 use blyan_state_machine::ledger::Ledger;
 use blyan_state_machine::pol::{
     DeltaDecision, DeltaOutcome, PolBlock, PolBlockType, PolParams, PolTx, RejectReason, SemVer,
-    TargetKey, attestation_commitment, cid_v1_raw_sha256, delta_commitment, payload_merkle_root,
+    TargetKey, attestation_commitment, delta_commitment,
 };
-use blyan_state_machine::testkit::{address, tx};
+use blyan_state_machine::testkit::{address, pol_block, tx};
 use blyan_state_machine::tx::{SignedTx, TxKind};
 use blyan_state_machine::types::{Address, Hash32, Height};
 use k256::ecdsa::SigningKey;
@@ -55,25 +55,23 @@ pub struct SimModel {
 
 impl SimModel {
     pub fn new(submitter: Address) -> SimModel {
-        let block = |kind, model_id, parents: Vec<Hash32>, tag: &[u8]| PolBlock {
-            block_type: kind,
-            model_id,
-            depends_on: parents,
-            version: SemVer::new(1, 0, 0),
-            layer: None,
-            expert: None,
-            payload_size_bytes: tag.len() as u64,
-            payload_merkle_root: payload_merkle_root(tag),
-            payload_cid: cid_v1_raw_sha256(tag),
+        let meta = pol_block(
+            PolBlockType::Meta,
+            [0; 32],
+            Vec::new(),
+            b"sim-meta",
             submitter,
-            base_block: None,
-            base_version: None,
-        };
-        let meta = block(PolBlockType::Meta, [0; 32], Vec::new(), b"sim-meta");
+        );
         let id = meta.id();
-        let mut layer = block(PolBlockType::Layer, id, vec![id], b"sim-layer-0");
+        let mut layer = pol_block(PolBlockType::Layer, id, vec![id], b"sim-layer-0", submitter);
         layer.layer = Some(0);
-        let data = block(PolBlockType::Data, id, vec![id], b"sim-validation-data");
+        let data = pol_block(
+            PolBlockType::Data,
+            id,
+            vec![id],
+            b"sim-validation-data",
+            submitter,
+        );
         SimModel { meta, layer, data }
     }
 
@@ -93,20 +91,18 @@ impl SimModel {
         submitter: Address,
         nonce_bytes: &[u8; 32],
     ) -> PolBlock {
-        PolBlock {
-            block_type: PolBlockType::Delta,
-            model_id: self.meta.id(),
-            depends_on: vec![head_id, self.data.id()],
-            version: head_version.bump_for_delta().expect("small versions"),
-            layer: Some(0),
-            expert: None,
-            payload_size_bytes: 32,
-            payload_merkle_root: payload_merkle_root(nonce_bytes),
-            payload_cid: cid_v1_raw_sha256(nonce_bytes),
+        let mut d = pol_block(
+            PolBlockType::Delta,
+            self.meta.id(),
+            vec![head_id, self.data.id()],
+            nonce_bytes,
             submitter,
-            base_block: Some(head_id),
-            base_version: Some(head_version),
-        }
+        );
+        d.version = head_version.bump_for_delta().expect("small versions");
+        d.layer = Some(0);
+        d.base_block = Some(head_id);
+        d.base_version = Some(head_version);
+        d
     }
 }
 
