@@ -21,6 +21,25 @@ pub struct Commit {
     pub pol_decisions: Vec<DeltaDecision>,
 }
 
+/// SIM-MSG-1: messages sent, by kind (one per destination).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MessageCounts {
+    pub proposals: u64,
+    pub votes: u64,
+    pub txs: u64,
+    /// Block requests and block batches (NODE-SYNC-*).
+    pub sync: u64,
+    /// SIM-BYZ-2: conflicting proposals sent by Byzantine proposers
+    /// (messages, not included in the kinds above twice).
+    pub conflicting_proposals: u64,
+}
+
+impl MessageCounts {
+    pub fn total(&self) -> u64 {
+        self.proposals + self.votes + self.txs + self.sync
+    }
+}
+
 /// Everything the checkers need, shared by the node tasks (single-threaded
 /// simulation: a plain mutex is never contended).
 #[derive(Debug, Default)]
@@ -34,6 +53,9 @@ pub struct Observer {
     pub crashes: u64,
     pub store_errors: u64,
     pub messages_sent: u64,
+    /// SIM-MSG-1: messages handed to the network by kind, per destination,
+    /// before loss and duplication.
+    pub messages_by_kind: MessageCounts,
     /// Each node's (height in progress, round) after its last input.
     pub status: BTreeMap<usize, (Height, Option<u32>)>,
     pub describe: BTreeMap<usize, String>,

@@ -34,6 +34,9 @@ pub struct Faults {
 pub struct Byzantine {
     /// A vote is also sent, to half the peers, with a conflicting value.
     pub equivocate_ppm: u32,
+    /// An own proposal is also sent, to half the peers, naming a conflicting
+    /// valid block (validly signed: an equivocating proposer).
+    pub equivocate_proposal_ppm: u32,
     /// An own vote is not sent at all.
     pub withhold_ppm: u32,
     /// A message's signature is corrupted.
@@ -60,6 +63,7 @@ impl Faults {
             store_error_ppm: 0,
             byzantine: Byzantine {
                 equivocate_ppm: 0,
+                equivocate_proposal_ppm: 0,
                 withhold_ppm: 0,
                 bad_signature_ppm: 0,
                 garbage_ppm: 0,
@@ -85,6 +89,7 @@ impl Faults {
             store_error_ppm: 500,
             byzantine: Byzantine {
                 equivocate_ppm: 200_000,
+                equivocate_proposal_ppm: 500_000,
                 withhold_ppm: 200_000,
                 bad_signature_ppm: 50_000,
                 garbage_ppm: 50_000,
@@ -132,6 +137,10 @@ pub struct SimConfig {
     /// SIM-WL-2: validators (the last ones) that reveal false losses in
     /// their PoL attestations; by default the Byzantine ones.
     pub pol_liars: usize,
+    /// SIM-FID-1/2: memoise signature verification and block application
+    /// across the simulated nodes (blyan_state_machine::memo); `--no-memo`
+    /// turns them off.
+    pub memo: bool,
 }
 
 impl SimConfig {
@@ -147,6 +156,7 @@ impl SimConfig {
             client_rate_per_s: 5,
             mutant: None,
             pol_liars: byzantine,
+            memo: true,
         }
     }
 
@@ -168,6 +178,9 @@ impl SimConfig {
         }
         if self.pol_liars != self.byzantine {
             cmd.push_str(&format!(" --pol-liars {}", self.pol_liars));
+        }
+        if !self.memo {
+            cmd.push_str(" --no-memo");
         }
         cmd
     }

@@ -25,7 +25,7 @@ mod cli {
   blyan-sim run   --seed N [--validators 4] [--byzantine 1] [--faults all|net|none]
                   [--duration 60s] [--liveness 60s] [--block-interval 2000ms] [--rate 5]
                   [--mutant half-quorum|ignore-lock|forget-votes] [--pol-liars N]
-                  [--check-determinism]
+                  [--check-determinism] [--no-memo]
   blyan-sim sweep --seeds A..B [same options]";
 
     struct Args {
@@ -96,8 +96,15 @@ mod cli {
                 }
                 "--pol-liars" => pol_liars = Some(value()?.parse().map_err(|_| "bad --pol-liars")?),
                 "--check-determinism" => check_determinism = true,
+                "--no-memo" => cfg.memo = false,
                 other => return Err(format!("unknown option {other}")),
             }
+        }
+        if cfg.validators > blyan_sim::run::MAX_VALIDATORS {
+            return Err(format!(
+                "at most {} validators",
+                blyan_sim::run::MAX_VALIDATORS
+            ));
         }
         if cfg.validators == 0 || cfg.byzantine >= cfg.validators {
             return Err("need validators > byzantine ≥ 0".into());
@@ -136,6 +143,25 @@ mod cli {
         )
     }
 
+    /// SIM-MSG-1: messages per committed height by kind, against the
+    /// 2n(n−1) that all-to-all prevotes and precommits need at least.
+    fn messages_line(r: &Report, n: usize) -> String {
+        let heights = r.heights.iter().copied().max().unwrap_or(0).max(1);
+        let m = r.messages_by_kind;
+        let per = |x: u64| x / heights;
+        let n = n as u64;
+        format!(
+            "messages per height: {} (proposals {}, votes {}, txs {}, sync {}); all-to-all votes need 2n(n-1) = {}; conflicting proposals sent {}",
+            per(m.total()),
+            per(m.proposals),
+            per(m.votes),
+            per(m.txs),
+            per(m.sync),
+            2 * n * n.saturating_sub(1),
+            m.conflicting_proposals
+        )
+    }
+
     pub fn main(args: Vec<String>) -> i32 {
         // Panics become violations of their seed (run() catches them); print
         // one line, not a backtrace per seed.
@@ -166,6 +192,7 @@ mod cli {
                     r.simulated_ms as f64 / 1e3 / wall.as_secs_f64(),
                     wall.as_secs_f64()
                 );
+                println!("{}", messages_line(&r, a.cfg.validators));
                 let mut failed = !r.ok();
                 for v in &r.violations {
                     println!("VIOLATION: {v}");
@@ -198,11 +225,14 @@ mod cli {
                 let mut failures = Vec::new();
                 let total = a.seeds.end - a.seeds.start;
                 let mut pol = blyan_sim::pol::PolSummary::default();
+                let (mut conflicting, mut simulated_ms) = (0u64, 0u64);
                 for seed in a.seeds.clone() {
                     let mut cfg = a.cfg.clone();
                     cfg.seed = seed;
                     let r = run(cfg.clone());
                     pol.add(&r.pol);
+                    conflicting += r.messages_by_kind.conflicting_proposals;
+                    simulated_ms += r.simulated_ms;
                     if !r.ok() {
                         println!("FAIL {}", summary(&r));
                         for v in &r.violations {
@@ -214,12 +244,14 @@ mod cli {
                 }
                 let wall = started.elapsed().as_secs_f64();
                 println!(
-                    "sweep: {} seeds, {} failed {:?}, {:.1} s wall, {:.1} seeds/min",
+                    "sweep: {} seeds, {} failed {:?}, {:.1} s wall, {:.1} seeds/min, {:.1} simulated s per wall s, {} conflicting proposals sent",
                     total,
                     failures.len(),
                     failures,
                     wall,
-                    total as f64 * 60.0 / wall
+                    total as f64 * 60.0 / wall,
+                    simulated_ms as f64 / 1e3 / wall,
+                    conflicting
                 );
                 println!(
                     "pol: {} deltas, {} revealed, {} accepted, rejected {} insufficient, {} without quorum, {} stale",

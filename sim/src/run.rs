@@ -6,10 +6,14 @@ use crate::config::SimConfig;
 use crate::pol::{PolOracle, PolSummary, SimModel};
 use crate::store::SimStore;
 use crate::workload::{Client, ClientLog};
+use blyan_state_machine::block::Block;
 use blyan_state_machine::block::{BlockOutcome, Event};
-use blyan_state_machine::consensus::{K256Scheme, SignatureScheme, Signed, Vote};
+use blyan_state_machine::consensus::{
+    CommitCertificate, K256Scheme, Proposal, SignatureScheme, Signed, Vote,
+};
 use blyan_state_machine::encoding::Canonical;
 use blyan_state_machine::genesis::Genesis;
+use blyan_state_machine::ledger::Proposal as LedgerProposal;
 use blyan_state_machine::node::host::{Io, perform, stored_blocks};
 use blyan_state_machine::node::{
     CommittedBlock, MempoolError, Node, NodeConfig, NodeInput, PeerId, Store, Timer, WireMessage,
@@ -38,9 +42,25 @@ pub const KIND_CLIENT: u8 = 1;
 /// SIM-BOUND-1: timers a node may have pending (stale ones are pruned first).
 const MAX_TIMERS: usize = 4_096;
 
+/// Validators 0..250 are 10.0.0.1..=250, then 10.0.2.1.. (10.0.1.1 is
+/// the client); at most [`MAX_VALIDATORS`].
 pub fn validator_ip(i: usize) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(10, 0, 0, (i + 1) as u8))
+    assert!(i < MAX_VALIDATORS);
+    let (subnet, host) = if i < 250 { (0, i + 1) } else { (2, i - 249) };
+    IpAddr::V4(Ipv4Addr::new(10, 0, subnet, host as u8))
 }
+
+/// The inverse of [`validator_ip`].
+fn validator_index(ip: IpAddr) -> Option<usize> {
+    let IpAddr::V4(v4) = ip else { return None };
+    match v4.octets() {
+        [10, 0, 0, host @ 1..=250] => Some(usize::from(host) - 1),
+        [10, 0, 2, host @ 1..=250] => Some(usize::from(host) + 249),
+        _ => None,
+    }
+}
+
+pub const MAX_VALIDATORS: usize = 500;
 pub fn client_ip() -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(10, 0, 1, 1))
 }
@@ -85,13 +105,14 @@ impl World {
         i >= self.cfg.validators - self.cfg.byzantine
     }
     fn index_of(&self, ip: IpAddr) -> Option<usize> {
-        (0..self.cfg.validators).find(|i| validator_ip(*i) == ip)
+        validator_index(ip).filter(|i| *i < self.cfg.validators)
     }
 
     /// Sends `bytes` to `dst` through the fault layer: loss, latency from
     /// the configured distribution (and a slow tail), duplication. madsim's
-    /// own network adds 0.1–0.2 ms and applies clogs (partitions).
-    pub fn transmit(self: &Arc<Self>, ep: &Arc<Endpoint>, dst: IpAddr, bytes: Vec<u8>) {
+    /// own network adds 0.1–0.2 ms and applies clogs (partitions). The
+    /// buffer is shared by every destination of a broadcast.
+    pub fn transmit(self: &Arc<Self>, ep: &Arc<Endpoint>, dst: IpAddr, bytes: Arc<Vec<u8>>) {
         let f = &self.cfg.faults;
         let mut rng = thread_rng();
         if rng.gen_range(0..1_000_000) < self.net_faults.loss_ppm.load(Ordering::Relaxed) {
@@ -259,8 +280,19 @@ impl NodeTask {
                 .collect(),
             None => (0..w.cfg.validators).filter(|j| *j != self.i).collect(),
         };
+        {
+            let mut obs = w.observer.lock().expect("single-threaded");
+            let n = targets.len() as u64;
+            let counts = &mut obs.messages_by_kind;
+            match &message {
+                WireMessage::Proposal { .. } => counts.proposals += n,
+                WireMessage::Vote(_) => counts.votes += n,
+                WireMessage::Tx(_) => counts.txs += n,
+                WireMessage::BlockRequest { .. } | WireMessage::Blocks(_) => counts.sync += n,
+            }
+        }
         if !w.is_byzantine(self.i) {
-            let bytes = envelope(KIND_PEER, &message.encode());
+            let bytes = Arc::new(envelope(KIND_PEER, &message.encode()));
             for j in targets {
                 w.transmit(&self.ep, validator_ip(j), bytes.clone());
             }
@@ -282,6 +314,24 @@ impl NodeTask {
         {
             alternative = Some(WireMessage::Vote(self.conflicting(v)));
         }
+        if let WireMessage::Proposal {
+            proposal,
+            block,
+            last_commit,
+        } = &message
+            && proposal.message.proposer == self.node.address()
+            && draw(b.equivocate_proposal_ppm)
+        {
+            alternative = self.conflicting_proposal(proposal, block, last_commit);
+        }
+        if matches!(alternative, Some(WireMessage::Proposal { .. })) {
+            let n = (targets.len() - targets.len() / 2) as u64;
+            w.observer
+                .lock()
+                .expect("single-threaded")
+                .messages_by_kind
+                .conflicting_proposals += n;
+        }
         let half = targets.len() / 2;
         for (k, j) in targets.into_iter().enumerate() {
             let mut m = match (&alternative, k >= half) {
@@ -297,8 +347,45 @@ impl NodeTask {
             } else {
                 envelope(KIND_PEER, &m.encode())
             };
-            w.transmit(&self.ep, validator_ip(j), bytes);
+            w.transmit(&self.ep, validator_ip(j), Arc::new(bytes));
         }
+    }
+
+    /// SIM-BYZ-2: the same proposal naming another valid block: the same
+    /// parent and signers, no transactions, 1 ms later. `None` when the
+    /// proposal is not for the height after this node's last block.
+    fn conflicting_proposal(
+        &self,
+        proposal: &Signed<Proposal, [u8; 64]>,
+        block: &Block,
+        last_commit: &Option<CommitCertificate<[u8; 64]>>,
+    ) -> Option<WireMessage> {
+        let ledger = self.node.ledger();
+        if proposal.message.height != ledger.height() + 1 {
+            return None;
+        }
+        let (other, _, _) = ledger
+            .propose_block(LedgerProposal {
+                proposer: block.header.proposer,
+                time_ms: block.header.time_ms + 1,
+                evidence: Vec::new(),
+                last_commit_signers: block.body.last_commit_signers.clone(),
+                candidates: &[],
+            })
+            .ok()?;
+        let mut message = proposal.message.clone();
+        message.value = other.hash();
+        let scheme = K256Scheme {
+            chain_id: self.world.net.genesis.chain_id.clone(),
+        };
+        Some(WireMessage::Proposal {
+            proposal: Signed {
+                signature: scheme.sign_proposal(&self.key, &message),
+                message,
+            },
+            block: Box::new(other),
+            last_commit: last_commit.clone(),
+        })
     }
 
     /// The same vote for another value (a double sign).
@@ -384,6 +471,10 @@ async fn node_main(world: Arc<World>, i: usize) {
         world.halted[i].store(true, Ordering::Relaxed);
         return;
     }
+    // One madsim timer per deadline, not one per received message (at 100
+    // validators a node receives ~13,000 messages per height).
+    let mut wake = Box::pin(sleep(Duration::ZERO));
+    let mut wake_at_ms = 0u64;
     loop {
         let now = world.node_now_ms(i);
         if let Some(&(at, timer)) = task.timers.first()
@@ -396,13 +487,35 @@ async fn node_main(world: Arc<World>, i: usize) {
             }
             continue;
         }
-        let wait_ms = task.timers.first().map_or(1_000, |(at, _)| at - now);
-        let received =
-            madsim::time::timeout(Duration::from_millis(wait_ms), ep.recv_from_raw(TAG)).await;
-        let Ok(Ok((payload, from))) = received else {
+        let deadline_ms = match task.timers.first() {
+            Some((at, _)) => *at,
+            None if wake_at_ms > now => wake_at_ms,
+            None => now + 1_000,
+        };
+        if deadline_ms != wake_at_ms {
+            wake.as_mut()
+                .reset(madsim::time::Instant::now() + Duration::from_millis(deadline_ms - now));
+            wake_at_ms = deadline_ms;
+        }
+        let mut recv = std::pin::pin!(ep.recv_from_raw(TAG));
+        let received = std::future::poll_fn(|cx| {
+            use std::task::Poll;
+            if let Poll::Ready(r) = std::future::Future::poll(recv.as_mut(), cx) {
+                return Poll::Ready(Some(r));
+            }
+            if std::future::Future::poll(wake.as_mut(), cx).is_ready() {
+                return Poll::Ready(None);
+            }
+            Poll::Pending
+        })
+        .await;
+        let Some(Ok((payload, from))) = received else {
+            if received.is_none() {
+                wake_at_ms = 0; // Fired: the next deadline needs a new one.
+            }
             continue;
         };
-        let Ok(bytes) = payload.downcast::<Vec<u8>>() else {
+        let Ok(bytes) = payload.downcast::<Arc<Vec<u8>>>() else {
             continue;
         };
         let now = world.node_now_ms(i);
@@ -446,6 +559,7 @@ pub struct Report {
     pub crashes: u64,
     pub store_errors: u64,
     pub messages_sent: u64,
+    pub messages_by_kind: crate::check::MessageCounts,
     pub liveness_ms: Option<u64>,
     /// SIM-WL-2: what the PoL workload did and how its deltas were decided.
     pub pol: PolSummary,
@@ -483,7 +597,7 @@ pub fn sim_net(validators: usize) -> (TestNet, SimModel) {
 
 /// Runs one simulation inside the current madsim runtime.
 pub async fn simulate(cfg: SimConfig) -> Report {
-    assert!(cfg.validators >= 1 && cfg.validators <= 100);
+    assert!(cfg.validators >= 1 && cfg.validators <= MAX_VALIDATORS);
     assert!(cfg.byzantine < cfg.validators);
     assert!(cfg.pol_liars <= cfg.validators);
     let (net, model) = sim_net(cfg.validators);
@@ -812,6 +926,7 @@ fn finish(world: &Arc<World>, converged_ms: Option<u64>, target: Height) -> Repo
         crashes: obs.crashes,
         store_errors: obs.store_errors,
         messages_sent: obs.messages_sent,
+        messages_by_kind: obs.messages_by_kind,
         liveness_ms: converged_ms,
         pol,
     }
@@ -821,11 +936,21 @@ fn finish(world: &Arc<World>, converged_ms: Option<u64>, target: Height) -> Repo
 /// panic anywhere (a node's assertion, a checker's) is reported as a
 /// violation of that seed, not a crash of the sweep.
 pub fn run(cfg: SimConfig) -> Report {
+    use blyan_state_machine::memo;
     let seed = cfg.seed;
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let rt = madsim::runtime::Runtime::with_seed_and_config(seed, madsim::Config::default());
-        rt.block_on(simulate(cfg.clone()))
+        // SIM-FID-1/2: madsim runs every node on this thread, so one memo
+        // serves them all: 64 Ki verifications (a height's votes are ~2n²
+        // at n = 100) and 256 applied blocks.
+        if cfg.memo {
+            memo::enable(1 << 16, 256);
+        }
+        let report = rt.block_on(simulate(cfg.clone()));
+        memo::disable();
+        report
     }));
+    memo::disable();
     match result {
         Ok(report) => report,
         Err(payload) => {
@@ -846,6 +971,7 @@ pub fn run(cfg: SimConfig) -> Report {
                 crashes: 0,
                 store_errors: 0,
                 messages_sent: 0,
+                messages_by_kind: Default::default(),
                 liveness_ms: None,
                 pol: PolSummary::default(),
             }

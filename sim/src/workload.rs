@@ -249,7 +249,11 @@ impl Client {
     fn submit(world: &Arc<World>, ep: &Arc<Endpoint>, t: &SignedTx) {
         let honest = world.cfg.validators - world.cfg.byzantine;
         let j = thread_rng().gen_range(0..honest);
-        world.transmit(ep, validator_ip(j), envelope(KIND_CLIENT, &t.encode()));
+        world.transmit(
+            ep,
+            validator_ip(j),
+            Arc::new(envelope(KIND_CLIENT, &t.encode())),
+        );
     }
 
     /// Unresolved groups older than 2 s go out again (bounded per tick).

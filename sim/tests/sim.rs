@@ -148,3 +148,27 @@ fn sim_mut_1_sweep_finds_a_mutant_and_its_seed_replays() {
     let honest = run(short(failing.seed));
     assert!(honest.ok(), "{:?}", honest.violations);
 }
+
+/// SIM-FID-1/2: the memos of signature verification and block application
+/// change no outcome. Under every fault (Byzantine bad signatures, crashes
+/// that replay stores, sync), with 7 validators and 2 Byzantine, a run with
+/// memos and one without give the same digest, heights and PoL decisions.
+#[test]
+fn sim_fid_1_memos_change_no_outcome() {
+    let cfg = SimConfig {
+        duration_ms: 15_000,
+        liveness_bound_ms: 40_000,
+        ..SimConfig::new(11, 7, 2, Faults::all())
+    };
+    let with = run(cfg.clone());
+    let without = run(SimConfig {
+        memo: false,
+        ..cfg.clone()
+    });
+    assert!(with.ok(), "{:?}", with.violations);
+    assert_eq!(with.digest, without.digest);
+    assert_eq!(with.heights, without.heights);
+    assert_eq!(with.pol, without.pol);
+    assert_eq!(with.messages_by_kind, without.messages_by_kind);
+    assert!(with.heights.iter().all(|h| *h >= 3), "{:?}", with.heights);
+}

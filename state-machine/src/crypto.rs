@@ -34,14 +34,28 @@ pub fn verify_signature(public_key_sec1: &[u8], message: &[u8], signature: &[u8;
     if public_key_sec1.len() != 33 && public_key_sec1.len() != 65 {
         return false;
     }
-    let Ok(key) = VerifyingKey::from_sec1_bytes(public_key_sec1) else {
-        return false;
-    };
-    verify_prehash(&key, &sha3_256(message), signature)
+    crate::memo::verification(signature, public_key_sec1, message, false, || {
+        let Some(key) = crate::memo::public_key(public_key_sec1, || {
+            VerifyingKey::from_sec1_bytes(public_key_sec1).ok()
+        }) else {
+            return false;
+        };
+        verify_prehash_uncached(&key, &sha3_256(message), signature)
+    })
 }
 
 /// Verifies `signature` over an already computed SHA3-256 digest (SIG-2).
 pub fn verify_prehash(key: &VerifyingKey, digest: &[u8; 32], signature: &[u8; 64]) -> bool {
+    if !crate::memo::enabled() {
+        return verify_prehash_uncached(key, digest, signature);
+    }
+    let sec1 = key.to_encoded_point(true);
+    crate::memo::verification(signature, sec1.as_bytes(), digest, true, || {
+        verify_prehash_uncached(key, digest, signature)
+    })
+}
+
+fn verify_prehash_uncached(key: &VerifyingKey, digest: &[u8; 32], signature: &[u8; 64]) -> bool {
     let Ok(sig) = Signature::from_slice(signature) else {
         return false;
     };

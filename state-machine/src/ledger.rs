@@ -844,6 +844,29 @@ impl Ledger {
         block: &Block,
         sigs: Signatures<'_>,
     ) -> Result<(Ledger, BlockOutcome), Error> {
+        // SIM-FID-2: the simulator's memo (off everywhere else). Never for
+        // trusted replay, whose result may differ on a bad signature.
+        let memo_key = match sigs {
+            Signatures::Trusted => None,
+            _ => crate::memo::block_key(self, &block.hash()),
+        };
+        if let Some(key) = &memo_key
+            && let Some(hit) = crate::memo::block_get(key)
+        {
+            return Ok(hit);
+        }
+        let applied = self.apply_block_uncached(block, sigs)?;
+        if let Some(key) = memo_key {
+            crate::memo::block_put(key, &applied);
+        }
+        Ok(applied)
+    }
+
+    fn apply_block_uncached(
+        &self,
+        block: &Block,
+        sigs: Signatures<'_>,
+    ) -> Result<(Ledger, BlockOutcome), Error> {
         let mut next = self.clone();
         next.touched.clear();
         let header = &block.header;

@@ -19,6 +19,7 @@ pub mod encoding;
 pub mod error;
 pub mod genesis;
 pub mod ledger;
+pub mod memo;
 pub mod node;
 pub mod params;
 pub mod pol;

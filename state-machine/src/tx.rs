@@ -237,7 +237,9 @@ impl SignedTx {
     /// (NODE-MP-2: a replayed nonce is refused before it costs a
     /// verification); never to move funds. `None` if the key is malformed.
     pub fn claimed_sender(&self) -> Option<(k256::ecdsa::VerifyingKey, Address)> {
-        let key = k256::ecdsa::VerifyingKey::from_sec1_bytes(&self.public_key).ok()?;
+        let key = crate::memo::public_key(&self.public_key, || {
+            k256::ecdsa::VerifyingKey::from_sec1_bytes(&self.public_key).ok()
+        })?;
         let sender = Address::from_public_key(&key);
         Some((key, sender))
     }

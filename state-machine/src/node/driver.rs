@@ -197,6 +197,11 @@ pub struct Node {
     sync_requested_ms: Option<u64>,
     /// NODE-SYNC-4: when each lagging peer was last sent blocks.
     helped_ms: BTreeMap<PeerId, u64>,
+    /// NODE-PEER-1: the highest consensus height each peer has sent a
+    /// message for (at most `max_tracked_peers`).
+    peer_heights: BTreeMap<PeerId, Height>,
+    /// When this node last committed a block live (NODE-SYNC-4's grace).
+    committed_ms: u64,
 }
 
 impl Node {
@@ -232,6 +237,8 @@ impl Node {
             buffered: VecDeque::new(),
             sync_requested_ms: None,
             helped_ms: BTreeMap::new(),
+            peer_heights: BTreeMap::new(),
+            committed_ms: 0,
         })
     }
 
@@ -500,6 +507,7 @@ impl Node {
         out: &mut Vec<NodeOutput>,
     ) {
         if let Some(h) = message.consensus_height() {
+            self.note_peer_height(from, h);
             let current = self.height();
             if h < current {
                 // Decided already. NODE-SYNC-4: the sender is behind (its
@@ -533,10 +541,11 @@ impl Node {
                 }
             }
             WireMessage::Tx(tx) => {
-                // NODE-MP-5: validators gossip their own admissions to every
-                // peer directly, so a transaction from a validator is not
-                // relayed again; one from a follower is, once.
-                let relay = self.set.get(&from).is_none();
+                // NODE-MP-5: validators (bonded, active or standby) gossip
+                // their own admissions to every peer directly, so a
+                // transaction from one is not relayed again; one from a
+                // follower is, once.
+                let relay = self.set.get(&from).is_none() && self.ledger.validator(&from).is_none();
                 if self.mempool.insert((*tx).clone(), &self.ledger).is_ok() && relay {
                     out.push(NodeOutput::Broadcast(WireMessage::Tx(tx)));
                 }
@@ -814,6 +823,7 @@ impl Node {
         // the proposers' cuts are `block_interval_ms` apart; a proposer's
         // clock running ahead cannot delay anyone (the minimum).
         let phase_ms = self.height_started_ms.min(c.block.header.time_ms);
+        self.committed_ms = now_ms;
         let committed = CommittedBlock {
             block: c.block,
             certificate,
@@ -941,6 +951,17 @@ impl Node {
         if height == 0 || height > last {
             return;
         }
+        // NODE-SYNC-4: a vote for the height just decided that crossed the
+        // decision is no sign of lagging (its sender receives the same
+        // quorum). Only a peer that has shown nothing newer, and is still
+        // at the last height `sync_retry_ms` after the decision (its
+        // rebroadcasts keep coming), is sent blocks.
+        if self.peer_heights.get(&peer).is_some_and(|h| *h > last)
+            || (height == last
+                && now_ms < self.committed_ms.saturating_add(self.config.sync_retry_ms))
+        {
+            return;
+        }
         if self
             .helped_ms
             .get(&peer)
@@ -967,6 +988,26 @@ impl Node {
             to_height: last.min(height + self.config.sync_batch_blocks - 1),
             max_bytes: self.config.sync_batch_bytes,
         });
+    }
+
+    /// NODE-PEER-1: remember the highest height `peer` has sent a
+    /// consensus message for. Bounded: when full, the entry with the lowest
+    /// height (ties: lowest peer) is forgotten.
+    fn note_peer_height(&mut self, peer: PeerId, height: Height) {
+        if let Some(h) = self.peer_heights.get_mut(&peer) {
+            *h = (*h).max(height);
+            return;
+        }
+        if self.peer_heights.len() >= self.config.max_tracked_peers {
+            let lowest = self
+                .peer_heights
+                .iter()
+                .min_by_key(|(p, h)| (**h, **p))
+                .map(|(p, _)| *p)
+                .expect("non-empty");
+            self.peer_heights.remove(&lowest);
+        }
+        self.peer_heights.insert(peer, height);
     }
 
     /// NODE-SYNC-2: ask `peer` for the blocks after ours, at most one request

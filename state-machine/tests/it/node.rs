@@ -1036,3 +1036,78 @@ fn node_mp_2_a_stale_nonce_is_refused_before_the_signature_is_checked() {
     );
     assert!(c.nodes[0].as_ref().unwrap().mempool().is_empty());
 }
+
+/// NODE-SYNC-4, NODE-PEER-1: a vote for the height just decided that
+/// crossed the decision is not answered with blocks; one still arriving
+/// `sync_retry_ms` after the decision is, and one for an older height is at
+/// once; a peer that has sent a message for a later height is never helped.
+#[test]
+fn node_sync_4_only_a_peer_still_behind_after_the_grace_is_sent_blocks() {
+    use blyan_state_machine::consensus::{K256Scheme, SignatureScheme, Signed, Vote, VoteType};
+    let mut c = Cluster::new(4);
+    let start = c.now_ms;
+    c.run_until(start + 6_000);
+    // Step until node 0 commits a new height: the decision is then < 5 ms old.
+    let before = c.height(0);
+    while c.height(0) == before {
+        let t = c.now_ms + 5;
+        c.run_until(t);
+    }
+    let last = c.height(0);
+    assert!(last >= 2);
+    let decided_ms = c.now_ms;
+    let scheme = K256Scheme {
+        chain_id: c.net.genesis.chain_id.clone(),
+    };
+    let vote_from = |peer: usize, height: Height| {
+        let key = &c.net.validators[peer];
+        let vote = Vote {
+            vote_type: VoteType::Precommit,
+            height,
+            round: 0,
+            value: None,
+            validator: c.addresses[peer],
+        };
+        let signature = scheme.sign_vote(key, &vote);
+        NodeInput::Message {
+            from: c.addresses[peer],
+            message: WireMessage::Vote(Signed {
+                message: vote,
+                signature,
+            }),
+        }
+    };
+    let served = |out: &[NodeOutput], peer: PeerId| {
+        out.iter()
+            .any(|o| matches!(o, NodeOutput::ServeBlocks { to, .. } if *to == peer))
+    };
+    let retry = NodeConfig::default().sync_retry_ms;
+    let (a1, a2, a3) = (c.addresses[1], c.addresses[2], c.addresses[3]);
+    let (v1, v1_old, v2, v3_next, v3) = (
+        vote_from(1, last),
+        vote_from(1, last - 1),
+        vote_from(2, last - 1),
+        vote_from(3, last + 1),
+        vote_from(3, last),
+    );
+    let node = c.nodes[0].as_mut().unwrap();
+    // Within the grace: a crossing precommit is not a laggard's.
+    let out = node.handle(decided_ms, v1.clone());
+    assert!(!served(&out, a1), "helped within the grace: {out:?}");
+    // An older height's vote is a laggard's at once.
+    let out = node.handle(decided_ms, v2);
+    assert!(served(&out, a2), "an older height was not helped: {out:?}");
+    // Still at the last height after the grace: helped.
+    let out = node.handle(decided_ms + retry, v1);
+    assert!(served(&out, a1), "not helped after the grace: {out:?}");
+    // Rate-limited per peer (sync_retry_ms), even for an older height.
+    let out = node.handle(decided_ms + retry + 1, v1_old);
+    assert!(
+        !served(&out, a1),
+        "helped twice within sync_retry_ms: {out:?}"
+    );
+    // A peer that has shown a later height is not behind.
+    let _ = node.handle(decided_ms + retry, v3_next);
+    let out = node.handle(decided_ms + retry, v3);
+    assert!(!served(&out, a3), "helped a peer that is ahead: {out:?}");
+}
