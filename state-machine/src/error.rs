@@ -151,4 +151,7 @@ pub enum Error {
     /// STATE-4: committed state entries that do not form a ledger.
     #[error("invalid state entries: {0}")]
     BadState(String),
+    /// SYNC-4..6: a state-sync snapshot (manifest or chunk) that is refused.
+    #[error("snapshot refused: {0}")]
+    BadSnapshot(String),
 }

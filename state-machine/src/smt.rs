@@ -1196,3 +1196,71 @@ mod tests {
         }
     }
 }
+
+/// SYNC-2: what a parent needs to know of a subtree to hash it under SMT-3's
+/// collapse rule: empty, a single leaf (which collapses upwards), or an
+/// internal node. A state-sync manifest lists one per chunk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Archive, RkyvSerialize, RkyvDeserialize)]
+#[rkyv(derive(Debug))]
+pub enum Subtree {
+    Empty,
+    Leaf([u8; 32]),
+    Internal([u8; 32]),
+}
+
+impl Subtree {
+    pub fn hash(&self) -> [u8; 32] {
+        match self {
+            Subtree::Empty => EMPTY_HASH,
+            Subtree::Leaf(h) | Subtree::Internal(h) => *h,
+        }
+    }
+
+    /// The parent of `left` and `right` (SMT-3: empty pairs stay empty, a
+    /// lone leaf moves up, anything else is an internal node).
+    pub fn join(left: Subtree, right: Subtree) -> Subtree {
+        match (left, right) {
+            (Subtree::Empty, Subtree::Empty) => Subtree::Empty,
+            (Subtree::Empty, leaf @ Subtree::Leaf(_))
+            | (leaf @ Subtree::Leaf(_), Subtree::Empty) => leaf,
+            (l, r) => Subtree::Internal(internal_hash(&l.hash(), &r.hash())),
+        }
+    }
+}
+
+/// SYNC-2: the subtree at `depth` holding `entries` (path, value hash), which
+/// must be sorted by path, distinct, and share their first `depth` bits.
+pub fn subtree_of(entries: &[([u8; 32], [u8; 32])], depth: usize) -> Subtree {
+    assert!(depth <= PATH_BITS);
+    debug_assert!(entries.windows(2).all(|w| w[0].0 < w[1].0));
+    match build_sorted(entries, depth) {
+        Node::Empty => Subtree::Empty,
+        Node::Leaf(l) => Subtree::Leaf(l.hash),
+        Node::Internal(i) => Subtree::Internal(i.hash),
+    }
+}
+
+/// SYNC-2: the root of a tree given its `2^bits` subtrees at depth `bits`, in
+/// path order (prefix 0 first).
+pub fn root_of_subtrees(subtrees: &[Subtree], bits: u32) -> [u8; 32] {
+    assert!(bits <= 16, "at most 2^16 subtrees");
+    assert_eq!(subtrees.len(), 1usize << bits, "one subtree per prefix");
+    let mut level = subtrees.to_vec();
+    while level.len() > 1 {
+        level = level
+            .chunks_exact(2)
+            .map(|pair| Subtree::join(pair[0], pair[1]))
+            .collect();
+    }
+    level[0].hash()
+}
+
+/// The first `bits` (≤ 16) bits of `path` as a number (SMT-1 bit order).
+pub fn path_prefix(path: &[u8; 32], bits: u32) -> usize {
+    assert!(bits <= 16);
+    if bits == 0 {
+        return 0;
+    }
+    let top = u32::from(u16::from_be_bytes([path[0], path[1]]));
+    (top >> (16 - bits)) as usize
+}

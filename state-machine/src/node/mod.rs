@@ -13,6 +13,7 @@
 pub mod driver;
 pub mod host;
 pub mod mempool;
+pub mod snapshot;
 pub mod store;
 
 pub use driver::{ConsensusSets, Node, NodeConfig};

@@ -8,4 +8,5 @@ mod ledger;
 mod node;
 mod pol_flow;
 mod props;
+mod sync;
 mod vrf;
