@@ -349,3 +349,115 @@ async fn the_load_benchmark_sees_every_accepted_transfer_commit() {
     let e = run(&opts).await.unwrap_err().to_string();
     assert!(e.contains("fresh directory"), "{e}");
 }
+
+/// `blyan devnet --processes` (issue 12 item 7, issue 15 item 2): every node
+/// its own OS process, one line per node in the shared output contract
+/// (`node <i>: validator|inference … address 0x… api http://… … pid <n>`,
+/// validators first, node 0's API the first `http://` address). Killing one
+/// node's process is reported and the rest keep committing; killing the
+/// devnet takes every node with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blyan_devnet_processes_runs_each_node_in_its_own_process() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(support::blyan_bin())
+        .args(["devnet", "--processes", "--inference-nodes", "1", "--dir"])
+        .arg(dir.path().join("devnet"))
+        .args(["--base-port", "0", "--block-interval-ms", "300"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let devnet_pid = child.id();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(240);
+    while !lines.iter().any(|l: &String| l.starts_with("api key: ")) {
+        let line = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no `api key:` line in time: {lines:?}"))
+            .unwrap_or_else(|| panic!("the devnet exited: {lines:?}"));
+        lines.push(line);
+    }
+    let nodes: Vec<&String> = lines.iter().filter(|l| l.starts_with("node ")).collect();
+    assert_eq!(nodes.len(), 5, "{lines:?}");
+    let field = |line: &str, name: &str| -> String {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let at = words.iter().position(|w| *w == name).unwrap();
+        words[at + 1].to_string()
+    };
+    let mut pids = std::collections::BTreeSet::new();
+    for (i, l) in nodes.iter().enumerate() {
+        assert!(l.starts_with(&format!("node {i}: ")), "{l}");
+        assert_eq!(l.contains("validator"), i < 4, "{l}");
+        assert!(field(l, "address").starts_with("0x"), "{l}");
+        let pid: u32 = field(l, "pid").parse().unwrap();
+        assert_ne!(pid, devnet_pid, "{l}");
+        assert!(
+            std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "{l}"
+        );
+        pids.insert(pid);
+    }
+    assert_eq!(pids.len(), 5, "one process per node: {lines:?}");
+    let first_url = lines
+        .iter()
+        .find_map(|l| l.split_whitespace().find(|w| w.starts_with("http://")))
+        .unwrap()
+        .to_string();
+    assert_eq!(first_url, field(nodes[0], "api"));
+    let url = first_url;
+    // The inference node is registered on chain (TX-9).
+    let inference = field(nodes[4], "address");
+    eventually("node 0 to list the inference node", || async {
+        let (_, v) = get_json(&url, "/nodes?limit=100").await.ok()?;
+        v.to_string().contains(&inference).then_some(())
+    })
+    .await;
+    // SIGKILL validator 3: reported, not restarted, and the rest commit on.
+    let victim: u32 = field(nodes[3], "pid").parse().unwrap();
+    let status = std::process::Command::new("kill")
+        .args(["-KILL", &victim.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    eventually("the devnet to report node 3's exit", || {
+        while let Ok(l) = rx.try_recv() {
+            lines.push(l);
+        }
+        let seen = lines.iter().any(|l| l.starts_with("node 3 exited"));
+        async move { seen.then_some(()) }
+    })
+    .await;
+    let at = height(&url).await;
+    eventually("the other validators to keep committing", || async {
+        (height(&url).await >= at + 3).then_some(())
+    })
+    .await;
+    // The devnet goes (SIGKILL: no chance to clean up): its nodes follow.
+    let _ = child.kill();
+    let _ = child.wait();
+    eventually("every node process to exit with the devnet", || {
+        let left: Vec<u32> = pids
+            .iter()
+            .copied()
+            .filter(|p| *p != victim && std::path::Path::new(&format!("/proc/{p}")).exists())
+            .filter(|p| {
+                // A zombie is gone for every purpose but the table entry.
+                std::fs::read_to_string(format!("/proc/{p}/stat"))
+                    .map(|s| !s.contains(") Z "))
+                    .unwrap_or(false)
+            })
+            .collect();
+        async move { left.is_empty().then_some(()) }
+    })
+    .await;
+}

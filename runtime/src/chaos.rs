@@ -165,6 +165,9 @@ pub struct Nodes {
     configs: Vec<PathBuf>,
     logs: PathBuf,
     children: Vec<Option<Child>>,
+    /// `blyan node --parent-pid`: each node exits when this process goes.
+    parent_pid: Option<u32>,
+    log_level: &'static str,
 }
 
 impl Nodes {
@@ -174,7 +177,56 @@ impl Nodes {
             children: configs.iter().map(|_| None).collect(),
             configs,
             logs: logs.to_path_buf(),
+            parent_pid: None,
+            log_level: "warn",
         }
+    }
+
+    /// Every node started from now on exits when process `pid` (the one
+    /// that started it) is gone, and logs at `info`.
+    pub fn set_parent_pid(&mut self, pid: u32) {
+        self.parent_pid = Some(pid);
+        self.log_level = "info";
+    }
+
+    /// The OS process id of node `i`, if it was started and not reaped.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.children[i].as_ref().map(Child::id)
+    }
+
+    /// `Some(error)` naming node `i` (with its log's tail) once its process
+    /// has exited; `None` while it runs or if it was never started.
+    pub fn exited(&mut self, i: usize) -> Result<Option<Error>, Error> {
+        let Some(c) = self.children[i].as_mut() else {
+            return Ok(None);
+        };
+        let Some(status) = c.try_wait().map_err(|e| Error::io("wait", e))? else {
+            return Ok(None);
+        };
+        Ok(Some(Error::Node(format!(
+            "node {i} exited ({status}); its log: {}",
+            self.logs.join(format!("node-{i}.err")).display()
+        ))))
+    }
+
+    /// SIGTERM (through kill(1), the crate forbids `unsafe`) to every node
+    /// still running: a clean stop (OPS-LIFE-1).
+    pub fn terminate_all(&mut self) {
+        for c in self.children.iter_mut().flatten() {
+            if matches!(c.try_wait(), Ok(None)) {
+                let _ = Command::new("kill")
+                    .args(["-TERM", &c.id().to_string()])
+                    .status();
+            }
+        }
+    }
+
+    /// Whether any started node's process is still running.
+    pub fn any_running(&mut self) -> bool {
+        self.children
+            .iter_mut()
+            .flatten()
+            .any(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     pub fn start(&mut self, i: usize) -> Result<(), Error> {
@@ -187,11 +239,14 @@ impl Nodes {
                 .open(&path)
                 .map_err(|e| Error::io(path.display(), e))
         };
-        let child = Command::new(&self.binary)
-            .args(["node", "--config"])
-            .arg(&self.configs[i])
+        let mut command = Command::new(&self.binary);
+        command.args(["node", "--config"]).arg(&self.configs[i]);
+        if let Some(pid) = self.parent_pid {
+            command.args(["--parent-pid", &pid.to_string()]);
+        }
+        let child = command
             .env(crate::config::DEFAULT_PASSWORD_ENV, DEVNET_PASSWORD)
-            .env("BLYAN_LOG", "warn")
+            .env("BLYAN_LOG", self.log_level)
             .stdin(Stdio::null())
             .stdout(log("out")?)
             .stderr(log("err")?)

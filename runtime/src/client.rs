@@ -4,7 +4,13 @@
 //! connection for the load generator (`blyan bench`).
 
 use crate::Error;
-use serde_json::Value;
+use blyan_state_machine::encoding::Canonical;
+use blyan_state_machine::ledger::intrinsic_gas;
+use blyan_state_machine::tx::{TxBody, TxKind};
+use blyan_state_machine::types::Address;
+use k256::ecdsa::SigningKey;
+use serde_json::{Value, json};
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
@@ -284,6 +290,87 @@ pub async fn post_json(base: &str, path: &str, body: &Value) -> Result<(u16, Val
     let v = serde_json::from_slice(&body)
         .map_err(|e| Error::Http(format!("POST {path}: response is not JSON: {e}")))?;
     Ok((status, v))
+}
+
+/// Signs `kind` with the account's next nonce.
+pub async fn sign_tx(
+    node: &str,
+    key: &SigningKey,
+    kind: TxKind,
+) -> Result<blyan_state_machine::tx::SignedTx, Error> {
+    let from = Address::from_public_key(key.verifying_key());
+    let account = get_ok(node, &format!("/account/{from}")).await?;
+    let status = get_ok(node, "/status").await?;
+    let nonce = account["nonce"]
+        .as_u64()
+        .ok_or_else(|| Error::Http("no nonce".into()))?;
+    let chain_id = status["chain_id"].as_str().unwrap_or_default().to_string();
+    let base_fee: u128 = status["next_base_fee_per_gas"]
+        .as_str()
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| Error::Http("no next_base_fee_per_gas".into()))?;
+    let tip = 1_000_000_000;
+    Ok(TxBody {
+        nonce,
+        gas_limit: intrinsic_gas(&kind),
+        max_fee_per_gas: base_fee.saturating_mul(2).saturating_add(tip),
+        max_priority_fee_per_gas: tip,
+        kind,
+    }
+    .sign(&chain_id, key))
+}
+
+/// Waits until transaction `id` is committed; its height. A failed
+/// receipt is an error.
+pub async fn wait_committed(node: &str, id: &str, what: &str) -> Result<u64, Error> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (s, r) = get_json(node, &format!("/tx/{id}")).await?;
+        if s == 200 && r["height"].is_u64() {
+            if let Some(why) = r["failure"].as_str() {
+                return Err(Error::Http(format!("{what} {id} failed: {why}")));
+            }
+            return Ok(r["height"].as_u64().unwrap_or(0));
+        }
+        if s == 410 {
+            return Err(Error::Http(format!("{what} {id} was dropped: {r}")));
+        }
+        if Instant::now() > deadline {
+            return Err(Error::Http(format!(
+                "{what} {id} not committed within 120 s"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Signs `kind` with `key` (nonce and fee from `node`), submits it through
+/// `POST /tx` and waits until it commits successfully; its id.
+pub async fn submit_and_wait(
+    node: &str,
+    key: &SigningKey,
+    kind: TxKind,
+    what: &str,
+) -> Result<blyan_state_machine::types::Hash32, Error> {
+    let tx = sign_tx(node, key, kind).await?;
+    let id = tx.id();
+    let body = json!({ "tx": format!("0x{}", hex::encode(tx.encode())) });
+    let (s, reply) = post_json(node, "/tx", &body).await?;
+    if !(200..300).contains(&s) {
+        return Err(Error::Http(format!("{what}: HTTP {s}: {reply}")));
+    }
+    wait_committed(node, &format!("0x{}", hex::encode(id)), what).await?;
+    Ok(id)
+}
+
+/// `GET path` whose status must be 2xx; its JSON body.
+pub async fn get_ok(node: &str, path: &str) -> Result<Value, Error> {
+    let (s, v) = get_json(node, path).await?;
+    if (200..300).contains(&s) {
+        Ok(v)
+    } else {
+        Err(Error::Http(format!("GET {path}: HTTP {s}: {v}")))
+    }
 }
 
 #[cfg(test)]

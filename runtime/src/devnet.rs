@@ -284,7 +284,7 @@ fn model_pol_blocks(
 /// GEN-MODEL-1/3: every payload of the model's block directory (registered
 /// blocks and those only the manifest commits to) and of the corpus, for
 /// the blob stores.
-fn model_payloads(dir: &Path) -> Result<Vec<Vec<u8>>, Error> {
+pub(crate) fn model_payloads(dir: &Path) -> Result<Vec<Vec<u8>>, Error> {
     let target = model_dir(dir);
     if !target.join("manifest.json").is_file() {
         return Ok(Vec::new());

@@ -35,6 +35,7 @@ pub mod client;
 pub mod config;
 pub mod corpus;
 pub mod devnet;
+pub mod devnet_procs;
 pub mod error;
 pub mod heartbeats;
 pub mod http_server;

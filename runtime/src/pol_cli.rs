@@ -21,12 +21,11 @@ use crate::Error;
 use crate::client;
 use blyan_gpu::pol::{Target, TrainOptions, Weights};
 use blyan_state_machine::encoding::Canonical;
-use blyan_state_machine::ledger::intrinsic_gas;
 use blyan_state_machine::pol::validation::{DataPayload, DataRole};
 use blyan_state_machine::pol::{
     PolBlock, PolBlockType, PolTx, SemVer, cid_v1_raw_sha256, delta_commitment, payload_merkle_root,
 };
-use blyan_state_machine::tx::{TxBody, TxKind};
+use blyan_state_machine::tx::TxKind;
 use blyan_state_machine::types::{Address, Hash32};
 use k256::ecdsa::SigningKey;
 use serde_json::{Value, json};
@@ -65,14 +64,7 @@ fn gpu(e: blyan_gpu::GpuError) -> Error {
     Error::Inference(e.to_string())
 }
 
-async fn get_ok(node: &str, path: &str) -> Result<Value, Error> {
-    let (s, v) = client::get_json(node, path).await?;
-    if (200..300).contains(&s) {
-        Ok(v)
-    } else {
-        Err(Error::Http(format!("GET {path}: HTTP {s}: {v}")))
-    }
-}
+use client::get_ok;
 
 fn hash_of(v: &Value, what: &str) -> Result<Hash32, Error> {
     let s = v
@@ -431,58 +423,6 @@ pub fn read_delta_file(path: &Path) -> Result<(PolBlock, Vec<u8>), Error> {
     Ok((block, payload))
 }
 
-/// Signs `kind` with the account's next nonce.
-async fn sign(
-    node: &str,
-    key: &SigningKey,
-    kind: TxKind,
-) -> Result<blyan_state_machine::tx::SignedTx, Error> {
-    let from = Address::from_public_key(key.verifying_key());
-    let account = get_ok(node, &format!("/account/{from}")).await?;
-    let status = get_ok(node, "/status").await?;
-    let nonce = account["nonce"]
-        .as_u64()
-        .ok_or_else(|| Error::Http("no nonce".into()))?;
-    let chain_id = status["chain_id"].as_str().unwrap_or_default().to_string();
-    let base_fee: u128 = status["next_base_fee_per_gas"]
-        .as_str()
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| Error::Http("no next_base_fee_per_gas".into()))?;
-    let tip = 1_000_000_000;
-    Ok(TxBody {
-        nonce,
-        gas_limit: intrinsic_gas(&kind),
-        max_fee_per_gas: base_fee.saturating_mul(2).saturating_add(tip),
-        max_priority_fee_per_gas: tip,
-        kind,
-    }
-    .sign(&chain_id, key))
-}
-
-/// Waits until transaction `id` is committed; its height. A failed
-/// receipt is an error.
-async fn wait_committed(node: &str, id: &str, what: &str) -> Result<u64, Error> {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let (s, r) = client::get_json(node, &format!("/tx/{id}")).await?;
-        if s == 200 && r["height"].is_u64() {
-            if let Some(why) = r["failure"].as_str() {
-                return Err(Error::Http(format!("{what} {id} failed: {why}")));
-            }
-            return Ok(r["height"].as_u64().unwrap_or(0));
-        }
-        if s == 410 {
-            return Err(Error::Http(format!("{what} {id} was dropped: {r}")));
-        }
-        if Instant::now() > deadline {
-            return Err(Error::Http(format!(
-                "{what} {id} not committed within 120 s"
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
 /// POL-SUBMIT-1: `blyan pol submit`. Returns the final JSON line.
 pub async fn submit(
     node: &str,
@@ -502,7 +442,7 @@ pub async fn submit(
     let delta_id = block.id();
     let delta_hex = format!("0x{}", hex::encode(delta_id));
     // POL-20: commit.
-    let commit = sign(
+    let commit = client::sign_tx(
         node,
         key,
         TxKind::Pol(Box::new(PolTx::CommitDelta {
@@ -517,10 +457,10 @@ pub async fn submit(
     }
     let commit_id = reply["id"].as_str().unwrap_or_default().to_string();
     eprintln!("commit {commit_id} submitted for delta {delta_hex}");
-    let committed_at = wait_committed(node, &commit_id, "commit").await?;
+    let committed_at = client::wait_committed(node, &commit_id, "commit").await?;
     eprintln!("commit included at height {committed_at}; revealing");
     // POL-21: reveal, with the payload, through /mine.
-    let reveal = sign(
+    let reveal = client::sign_tx(
         node,
         key,
         TxKind::Pol(Box::new(PolTx::RevealDelta(block.clone()))),
@@ -535,7 +475,7 @@ pub async fn submit(
         return Err(Error::Http(format!("reveal: HTTP {s}: {reply}")));
     }
     let reveal_id = reply["tx_id"].as_str().unwrap_or_default().to_string();
-    let revealed_at = wait_committed(node, &reveal_id, "reveal").await?;
+    let revealed_at = client::wait_committed(node, &reveal_id, "reveal").await?;
     eprintln!("revealed at height {revealed_at}; validators evaluate it now");
     if !wait {
         return Ok(

@@ -74,6 +74,12 @@ enum Command {
         /// RT-STAGE-*). 0: the validators serve from their own engines.
         #[arg(long, default_value_t = 0)]
         inference_nodes: usize,
+        /// Run every node (validator or inference) as its own OS process
+        /// (`blyan node --config DIR/<node>/config.toml`, logs in DIR/logs),
+        /// in this process group: Ctrl-C stops them all, and a node whose
+        /// process is killed is reported, not restarted.
+        #[arg(long)]
+        processes: bool,
         #[command(flatten)]
         log: LogArgs,
     },
@@ -104,6 +110,10 @@ enum Command {
         /// node could start from it, 1 with the reason otherwise.
         #[arg(long)]
         check_config: bool,
+        /// Exit (cleanly) when the process with this id is no longer this
+        /// node's parent: `blyan devnet --processes` starts its nodes so.
+        #[arg(long, hide = true)]
+        parent_pid: Option<u32>,
         #[command(flatten)]
         log: LogArgs,
     },
@@ -568,6 +578,62 @@ impl LogArgs {
 
 /// OPS-LIFE-1: resolves at SIGTERM (systemd, Kubernetes, container
 /// runtimes) or Ctrl-C.
+/// Resolves once `pid` is no longer this process's parent (never for `None`).
+async fn parent_gone(pid: Option<u32>) {
+    let Some(pid) = pid else {
+        return std::future::pending().await;
+    };
+    while std::os::unix::process::parent_id() == pid {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// `blyan devnet --processes`: every node its own process
+/// (blyan_runtime::devnet_procs). Prints the same lines as the in-process
+/// devnet, with each node's own pid, then reports any node whose process
+/// exits, until Ctrl-C or SIGTERM.
+async fn run_process_devnet(opts: DevnetOptions) -> Result<(), Error> {
+    let binary = std::env::current_exe().map_err(|e| Error::io("current_exe", e))?;
+    let mut devnet = blyan_runtime::devnet_procs::ProcessDevnet::start(opts, binary).await?;
+    println!(
+        "data directory: {} (logs in {}/logs)",
+        devnet.dir.display(),
+        devnet.dir.display()
+    );
+    for (i, n) in devnet.nodes.iter().enumerate() {
+        println!(
+            "node {i}: {}  address {}  api {}  p2p {}  pid {}",
+            n.role, n.address, n.api_url, n.p2p_addr, n.pid
+        );
+    }
+    println!(
+        "faucet: {} (key file {}, password \"{}\")",
+        devnet.faucet,
+        devnet.faucet_key_file.display(),
+        blyan_runtime::devnet::DEVNET_PASSWORD
+    );
+    println!("api key: {}", devnet.api_key().await?);
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    let why = loop {
+        tokio::select! {
+            why = &mut stop => break why?,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                for (i, e) in devnet.newly_exited() {
+                    // Reported, not restarted: the rest keep running.
+                    let _ = writeln!(std::io::stdout(), "node {i} exited: {e}");
+                }
+            }
+        }
+    };
+    let _ = writeln!(std::io::stdout(), "stopping ({why})");
+    devnet
+        .stop(Duration::from_millis(STOP_WAIT_MS + 1_000))
+        .await;
+    let _ = writeln!(std::io::stdout(), "stopped");
+    Ok(())
+}
+
 async fn shutdown_signal() -> Result<&'static str, Error> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| Error::io("SIGTERM handler", e))?;
@@ -721,6 +787,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             base_port,
             block_interval_ms,
             inference_nodes,
+            processes,
             log,
         } => {
             let _telemetry = log.init("blyan-devnet")?;
@@ -729,6 +796,9 @@ async fn run(cli: Cli) -> Result<(), Error> {
             // 0: ephemeral ports (tests; the lines below say which).
             opts.base_port = (base_port != 0).then_some(base_port);
             opts.block_interval_ms = block_interval_ms;
+            if processes {
+                return run_process_devnet(opts).await;
+            }
             let devnet = Devnet::start(opts).await?;
             println!("data directory: {}", devnet.dir.display());
             let pid = std::process::id();
@@ -786,7 +856,12 @@ async fn run(cli: Cli) -> Result<(), Error> {
             // Output, not a log: the verdict is the command's answer.
             println!("{}", check_config(&config)?);
         }
-        Command::Node { config, log, .. } => {
+        Command::Node {
+            config,
+            log,
+            parent_pid,
+            ..
+        } => {
             let _telemetry = log.init("blyan-node")?;
             let c = FileConfig::load(&config)?;
             let setup = NodeSetup::from_config(&c)?;
@@ -810,6 +885,9 @@ async fn run(cli: Cli) -> Result<(), Error> {
                     _ = async { while node.is_running() { tokio::time::sleep(Duration::from_millis(500)).await } } => {
                         node.stop(1_000).await;
                         return Err(Error::Node("node halted; see the log".into()));
+                    }
+                    _ = parent_gone(parent_pid) => {
+                        tracing::info!(parent = parent_pid, "the devnet that started this node is gone; stopping");
                     }
                 }
                 // OPS-LIFE-1: the node task stops at its next input (a store
