@@ -358,42 +358,13 @@ async fn the_load_benchmark_sees_every_accepted_transfer_commit() {
 /// devnet takes every node with it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blyan_devnet_processes_runs_each_node_in_its_own_process() {
-    use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().unwrap();
-    let mut child = std::process::Command::new(support::blyan_bin())
-        .args(["devnet", "--processes", "--inference-nodes", "1", "--dir"])
-        .arg(dir.path().join("devnet"))
-        .args(["--base-port", "0", "--block-interval-ms", "300"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let (mut child, mut rx) =
+        spawn_process_devnet(&dir.path().join("devnet"), &["--inference-nodes", "1"]);
     let devnet_pid = child.id();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut lines = Vec::new();
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(240);
-    while !lines.iter().any(|l: &String| l.starts_with("api key: ")) {
-        let line = tokio::time::timeout_at(deadline, rx.recv())
-            .await
-            .unwrap_or_else(|_| panic!("no `api key:` line in time: {lines:?}"))
-            .unwrap_or_else(|| panic!("the devnet exited: {lines:?}"));
-        lines.push(line);
-    }
+    let mut lines = lines_until_api_key(&mut rx).await;
     let nodes: Vec<&String> = lines.iter().filter(|l| l.starts_with("node ")).collect();
     assert_eq!(nodes.len(), 5, "{lines:?}");
-    let field = |line: &str, name: &str| -> String {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        let at = words.iter().position(|w| *w == name).unwrap();
-        words[at + 1].to_string()
-    };
     let mut pids = std::collections::BTreeSet::new();
     for (i, l) in nodes.iter().enumerate() {
         assert!(l.starts_with(&format!("node {i}: ")), "{l}");
@@ -460,4 +431,205 @@ async fn blyan_devnet_processes_runs_each_node_in_its_own_process() {
         async move { left.is_empty().then_some(()) }
     })
     .await;
+}
+
+/// Starts `blyan devnet --processes` with `args` and reads its output until
+/// the `api key:` line: (child, the lines so far, the rest of its output).
+fn spawn_process_devnet(
+    dir: &std::path::Path,
+    args: &[&str],
+) -> (
+    std::process::Child,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(support::blyan_bin())
+        .args(["devnet", "--processes", "--dir"])
+        .arg(dir)
+        .args(["--base-port", "0", "--block-interval-ms", "300"])
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (child, rx)
+}
+
+/// The devnet's lines up to and including `api key:`.
+async fn lines_until_api_key(rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>) -> Vec<String> {
+    let mut lines = Vec::new();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(240);
+    while !lines.iter().any(|l: &String| l.starts_with("api key: ")) {
+        let line = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no `api key:` line in time: {lines:?}"))
+            .unwrap_or_else(|| panic!("the devnet exited: {lines:?}"));
+        lines.push(line);
+    }
+    lines
+}
+
+/// The word after `name` in a devnet node line.
+fn field(line: &str, name: &str) -> String {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let at = words.iter().position(|w| *w == name).unwrap();
+    words[at + 1].to_string()
+}
+
+/// Issue 15 item 2 on a multi-process devnet: a fresh key's node process
+/// registers its P2P endpoint (TX-9), bonds, catches up, becomes active at
+/// the epoch boundary and signs certificates; after it unbonds and
+/// deregisters, the validators drop it and keep committing. Nobody edits a
+/// configuration or restarts: only transactions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_validator_joins_and_leaves_a_multi_process_devnet_by_transactions_alone() {
+    use blyan_runtime::client::submit_and_wait;
+    use blyan_runtime::config::FileConfig;
+    use blyan_state_machine::tx::{NodeInfo, TxKind};
+    let dir = tempfile::tempdir().unwrap();
+    let devnet_dir = dir.path().join("devnet");
+    let (mut devnet, mut rx) = spawn_process_devnet(
+        &devnet_dir,
+        &["--epoch-length-blocks", "10", "--no-rate-limits"],
+    );
+    let lines = lines_until_api_key(&mut rx).await;
+    let nodes: Vec<&String> = lines.iter().filter(|l| l.starts_with("node ")).collect();
+    assert_eq!(nodes.len(), 4, "{lines:?}");
+    let url = field(nodes[0], "api");
+    let faucet = read_key_file(&devnet_dir.join("faucet.json"), DEVNET_PASSWORD).unwrap();
+    // The joiner: a fresh key and a configuration made from node 0's (the
+    // validators as seeds), on free ports, no engine.
+    let joiner_key = key(54_321);
+    let joiner = address(&joiner_key);
+    let jdir = devnet_dir.join("joiner");
+    std::fs::create_dir_all(&jdir).unwrap();
+    blyan_runtime::keystore::write_key_file(
+        &jdir.join("key.json"),
+        &joiner_key,
+        DEVNET_PASSWORD,
+        blyan_runtime::keystore::MIN_ITERATIONS,
+    )
+    .unwrap();
+    let (p2p, http) = blyan_runtime::chaos::free_addrs(1).unwrap().remove(0);
+    let mut config = FileConfig::load(&devnet_dir.join("node-0").join("config.toml")).unwrap();
+    config.p2p_addr = p2p.clone();
+    config.http_addr = http.clone();
+    // `load` resolved node 0's relative paths: the joiner's own instead.
+    config.data_dir = jdir.join("data");
+    config.key_file = jdir.join("key.json");
+    config.inference.enabled = false;
+    config.rate_limits = blyan_runtime::ratelimit::RateLimitConfig::unlimited();
+    std::fs::write(jdir.join("config.toml"), config.to_toml()).unwrap();
+    // Funded, registered at its endpoint, bonded: transactions only.
+    submit_and_wait(
+        &url,
+        &faucet,
+        TxKind::Transfer {
+            to: joiner,
+            amount: 1_000 * BLY,
+        },
+        "funding the joiner",
+    )
+    .await
+    .unwrap();
+    let register = TxKind::RegisterNode {
+        info: Box::new(NodeInfo {
+            endpoint: p2p.clone(),
+            blocks: Vec::new(),
+        }),
+        bond: 100 * BLY,
+    };
+    submit_and_wait(&url, &joiner_key, register, "registering the joiner")
+        .await
+        .unwrap();
+    let mut node = std::process::Command::new(support::blyan_bin())
+        .args(["node", "--config"])
+        .arg(jdir.join("config.toml"))
+        .args(["--parent-pid", &std::process::id().to_string()])
+        .env("BLYAN_KEY_PASSWORD", DEVNET_PASSWORD)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(jdir.join("node.err")).unwrap())
+        .spawn()
+        .unwrap();
+    submit_and_wait(
+        &url,
+        &joiner_key,
+        TxKind::Bond { amount: 500 * BLY },
+        "the joiner's bond",
+    )
+    .await
+    .unwrap();
+    let bonded_at = height(&url).await;
+    let jurl = format!("http://{http}");
+    eventually("the joiner to be active and sign a certificate", || async {
+        let h = height(&url).await;
+        for at in (bonded_at + 1)..=h {
+            let (_, b) = get_json(&url, &format!("/block/{at}")).await.ok()?;
+            let signers = b["certificate"]["signers"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            if signers
+                .iter()
+                .any(|s| *s == serde_json::to_value(joiner).unwrap())
+            {
+                return Some(());
+            }
+        }
+        None
+    })
+    .await;
+    let (_, status) = get_json(&jurl, "/status").await.unwrap();
+    assert_eq!(status["validator"], true, "{status}");
+    // Node 0 is connected to the other three and the joiner.
+    eventually("node 0 to be connected to the joiner", || async {
+        let (_, s) = get_json(&url, "/status").await.ok()?;
+        (s["peers_connected"] == 4).then_some(())
+    })
+    .await;
+    // It leaves: unbond everything and deregister.
+    submit_and_wait(
+        &url,
+        &joiner_key,
+        TxKind::Unbond { amount: 500 * BLY },
+        "the joiner's unbond",
+    )
+    .await
+    .unwrap();
+    submit_and_wait(
+        &url,
+        &joiner_key,
+        TxKind::DeregisterNode,
+        "the deregistration",
+    )
+    .await
+    .unwrap();
+    eventually("every validator to drop the leaver", || async {
+        for n in &nodes {
+            let (_, s) = get_json(&field(n, "api"), "/status").await.ok()?;
+            if s["peers_connected"] != 3 {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    let h = height(&url).await;
+    eventually("the four to keep committing without it", || async {
+        (height(&url).await >= h + 12).then_some(())
+    })
+    .await;
+    let _ = node.kill();
+    let _ = node.wait();
+    let _ = devnet.kill();
+    let _ = devnet.wait();
 }

@@ -80,6 +80,13 @@ enum Command {
         /// process is killed is reported, not restarted.
         #[arg(long)]
         processes: bool,
+        /// The staking epoch of a new devnet's genesis (STAKE-5: a bond
+        /// takes effect at its boundary); default the chain's 100 blocks.
+        #[arg(long, hide = true)]
+        epoch_length_blocks: Option<u64>,
+        /// No API rate limits on any node (tests that poll hard).
+        #[arg(long, hide = true)]
+        no_rate_limits: bool,
         #[command(flatten)]
         log: LogArgs,
     },
@@ -788,6 +795,8 @@ async fn run(cli: Cli) -> Result<(), Error> {
             block_interval_ms,
             inference_nodes,
             processes,
+            epoch_length_blocks,
+            no_rate_limits,
             log,
         } => {
             let _telemetry = log.init("blyan-devnet")?;
@@ -796,6 +805,10 @@ async fn run(cli: Cli) -> Result<(), Error> {
             // 0: ephemeral ports (tests; the lines below say which).
             opts.base_port = (base_port != 0).then_some(base_port);
             opts.block_interval_ms = block_interval_ms;
+            opts.epoch_length_blocks = epoch_length_blocks;
+            if no_rate_limits {
+                opts.rate_limits = blyan_runtime::ratelimit::RateLimitConfig::unlimited();
+            }
             if processes {
                 return run_process_devnet(opts).await;
             }
