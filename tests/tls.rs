@@ -249,6 +249,7 @@ fn node_setup(
         http: Default::default(),
         logs: Default::default(),
         payments: Default::default(),
+        state_sync: Default::default(),
     }
 }
 
@@ -1083,5 +1084,83 @@ async fn a_validator_joins_and_leaves_a_running_network_by_transactions_alone() 
     })
     .await;
     joiner.stop(1_000).await;
+    net.stop().await;
+}
+
+/// SYNC-* in the runtime (issue 15 item 3): a registered node that starts
+/// with an empty store and a trusted block (`[state_sync] trust_height`,
+/// `trust_hash`) restores the state from a validator's snapshot of it over
+/// mutual TLS, without the blocks before it, then follows the chain: its
+/// state root at a later height equals the validators'. A wrong trusted hash
+/// is refused with a clear error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fresh_node_starts_from_a_trusted_snapshot_and_follows_the_chain() {
+    use blyan_runtime::node::{RunningNode, bind};
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = DevnetOptions::new(dir.path().join("devnet"), 4);
+    opts.base_port = None;
+    opts.block_interval_ms = 300;
+    opts.rate_limits = blyan_runtime::ratelimit::RateLimitConfig::unlimited();
+    opts.inference.enabled = false;
+    opts.state_sync.snapshot_interval_blocks = 10;
+    let net = Devnet::start(opts).await.unwrap();
+    let url = net.nodes[0].api_url();
+    eventually("a block beyond the first snapshot", || async {
+        (height(&url).await >= 12).then_some(())
+    })
+    .await;
+    let trusted = get(&url, "/block/10").await;
+    let trust_hash = trusted["hash"].as_str().unwrap().to_string();
+    let node_key = key(24_680);
+    let engine = blyan_runtime::inference::InferenceConfig {
+        enabled: false,
+        ..Default::default()
+    };
+    // A wrong trusted hash: refused, naming the block.
+    let p2p = bind("127.0.0.1:0").await.unwrap();
+    let http = bind("127.0.0.1:0").await.unwrap();
+    let endpoint = p2p.local_addr().unwrap().to_string();
+    register(&net, &url, &node_key, &endpoint).await;
+    let mut setup = node_setup(
+        &net,
+        dir.path().join("fresh"),
+        node_key.clone(),
+        engine.clone(),
+    );
+    setup.state_sync.trust_height = Some(10);
+    setup.state_sync.trust_hash = Some(format!("0x{}", "ab".repeat(32)));
+    let err = match RunningNode::start(setup, p2p, http).await {
+        Ok(_) => panic!("a wrong trusted hash was accepted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("is not the trusted block"), "{err}");
+    // The trusted block: the node starts from the snapshot.
+    // The failed start's listener goes with its aborted tasks.
+    let p2p = eventually("the endpoint to be free again", || async {
+        bind(&endpoint).await.ok()
+    })
+    .await;
+    let http = bind("127.0.0.1:0").await.unwrap();
+    let mut setup = node_setup(&net, dir.path().join("fresh"), node_key, engine);
+    setup.state_sync.trust_height = Some(10);
+    setup.state_sync.trust_hash = Some(trust_hash);
+    let fresh = RunningNode::start(setup, p2p, http).await.unwrap();
+    let furl = fresh.api_url();
+    let (s, _) = blyan_runtime::client::get_json(&furl, "/block/3")
+        .await
+        .unwrap();
+    assert_eq!(s, 404, "blocks before the snapshot are not held");
+    let block10 = get(&furl, "/block/10").await;
+    assert_eq!(block10["hash"], trusted["hash"]);
+    let target = height(&url).await + 3;
+    eventually("the fresh node to follow the chain", || async {
+        (height(&furl).await >= target).then_some(())
+    })
+    .await;
+    let ours = get(&furl, &format!("/block/{target}")).await;
+    let theirs = get(&url, &format!("/block/{target}")).await;
+    assert_eq!(ours["state_root"], theirs["state_root"]);
+    assert_eq!(ours["hash"], theirs["hash"]);
+    fresh.stop(1_000).await;
     net.stop().await;
 }

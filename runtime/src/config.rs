@@ -48,6 +48,11 @@
 //! max_connections_per_ip = 512       # default: open connections per client IP
 //! # send_buffer_bytes = 262144       # default: unset, the kernel autotunes SO_SNDBUF
 //!
+//! [state_sync]                       # SYNC-* (state_sync.rs)
+//! snapshot_interval_blocks = 1000    # default: a snapshot at every multiple, served to peers; 0: none
+//! # trust_height = 120000            # an empty store starts from a seed's snapshot of this block,
+//! # trust_hash = "0x…"               # whose hash the operator read from a source it trusts
+//!
 //! [[peers]]                          # the seeds: dialled at start and always admitted; the
 //!                                    # handshake also admits every validator and every node
 //!                                    # registered on chain (TX-9), and dials registered
@@ -124,6 +129,10 @@ pub struct FileConfig {
     /// Paid inference (API-KEY-*, API-PAY-*).
     #[serde(default)]
     pub api: crate::billing::PaymentConfig,
+    /// State sync (SYNC-*): snapshots served, and a trusted block to start
+    /// an empty store from.
+    #[serde(default)]
+    pub state_sync: crate::state_sync::StateSyncConfig,
     #[serde(default)]
     pub peers: Vec<PeerConfig>,
 }

@@ -62,6 +62,9 @@ pub const DEVNET_SETTLE_INTERVAL_BLOCKS: u64 = 5;
 /// stopped one leaves the validators' routes within 3 s.
 pub const DEVNET_HEARTBEAT_INTERVAL_MS: u64 = 1_000;
 
+/// The devnet's nodes take a state snapshot every 100 blocks (SYNC-*).
+pub const DEVNET_SNAPSHOT_INTERVAL_BLOCKS: u64 = 100;
+
 /// How to start a devnet.
 #[derive(Clone, Debug)]
 pub struct DevnetOptions {
@@ -97,6 +100,9 @@ pub struct DevnetOptions {
     /// `.1` ppm above what it measured.
     #[doc(hidden)]
     pub misreport_loss: Option<(usize, u64)>,
+    /// Every node's state sync: snapshots every
+    /// [`DEVNET_SNAPSHOT_INTERVAL_BLOCKS`] by default.
+    pub state_sync: crate::state_sync::StateSyncConfig,
 }
 
 impl DevnetOptions {
@@ -122,6 +128,10 @@ impl DevnetOptions {
             inference_nodes: 0,
             misreport_loss: None,
             epoch_length_blocks: None,
+            state_sync: crate::state_sync::StateSyncConfig {
+                snapshot_interval_blocks: DEVNET_SNAPSHOT_INTERVAL_BLOCKS,
+                ..Default::default()
+            },
         }
     }
 }
@@ -325,6 +335,7 @@ fn file_config(
         http: opts.http.clone(),
         logs: crate::usage::LogsConfig::default(),
         api: opts.payments.clone(),
+        state_sync: opts.state_sync.clone(),
         peers: peers
             .iter()
             .map(|p| PeerConfig {
@@ -461,6 +472,7 @@ impl Devnet {
                 http: opts.http.clone(),
                 logs: crate::usage::LogsConfig::default(),
                 payments: opts.payments.clone(),
+                state_sync: opts.state_sync.clone(),
             };
             let node = RunningNode::start(setup, p2p, http).await?;
             for p in &payloads {
@@ -591,6 +603,7 @@ impl Devnet {
                 http: opts.http.clone(),
                 logs: crate::usage::LogsConfig::default(),
                 payments: opts.payments.clone(),
+                state_sync: opts.state_sync.clone(),
             };
             self.inference
                 .push(RunningNode::start(setup, p2p, http).await?);

@@ -168,6 +168,7 @@ impl ProcessDevnet {
                 http: opts.http.clone(),
                 logs: crate::usage::LogsConfig::default(),
                 api: opts.payments.clone(),
+                state_sync: opts.state_sync.clone(),
                 peers: seeds.clone(),
             };
             let path = nd.join("config.toml");

@@ -56,6 +56,7 @@ pub mod ratelimit;
 pub mod registry;
 pub mod router;
 pub mod service;
+pub mod state_sync;
 pub mod store;
 pub mod telemetry;
 pub mod template;

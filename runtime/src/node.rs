@@ -40,6 +40,8 @@ pub struct NodeSetup {
     pub logs: crate::usage::LogsConfig,
     /// Paid inference (API-KEY-*, API-PAY-*).
     pub payments: crate::billing::PaymentConfig,
+    /// State sync (SYNC-*).
+    pub state_sync: crate::state_sync::StateSyncConfig,
 }
 
 impl NodeSetup {
@@ -85,6 +87,7 @@ impl NodeSetup {
             http: c.http.clone(),
             logs: c.logs.clone(),
             payments: c.api.clone(),
+            state_sync: c.state_sync.clone(),
         })
     }
 }
@@ -235,6 +238,37 @@ impl RunningNode {
             .iter()
             .filter(|p| p.id() != Some(address_of(&setup.key)))
             .count();
+        // SYNC-*: snapshots served to peers; an empty store with a trusted
+        // block starts from a seed's snapshot of it.
+        let snapshots = crate::state_sync::Snapshots::new();
+        transport.set_snapshot_source(snapshots.clone());
+        if let Some(trusted) = setup.state_sync.trust()? {
+            let (dir, genesis) = (data_dir.clone(), setup.genesis.clone());
+            let empty = tokio::task::spawn_blocking(move || {
+                crate::store::ChainStore::open(&dir, &genesis).and_then(|(s, _)| s.height())
+            })
+            .await
+            .map_err(|e| Error::Node(format!("store task failed: {e}")))??
+                == 0;
+            if empty {
+                tracing::info!(
+                    height = trusted.0,
+                    "state sync: fetching the trusted snapshot"
+                );
+                let (ledger, last, sets) =
+                    crate::state_sync::restore(&transport, &setup.peers, &setup.genesis, trusted)
+                        .await?;
+                let (dir, genesis) = (data_dir.clone(), setup.genesis.clone());
+                tokio::task::spawn_blocking(move || {
+                    let (mut store, _) = crate::store::ChainStore::open(&dir, &genesis)?;
+                    store.import_snapshot(&ledger, &last, &sets)
+                })
+                .await
+                .map_err(|e| Error::Node(format!("store task failed: {e}")))??;
+                tracing::info!(height = trusted.0, "state sync: state restored");
+            }
+        }
+        let snapshot_interval_blocks = setup.state_sync.snapshot_interval_blocks;
         let open_span = span.clone();
         let seeds = setup.peers.clone();
         let (mut service, handle, requests) = tokio::task::spawn_blocking(move || {
@@ -245,6 +279,7 @@ impl RunningNode {
         .await
         .map_err(|e| Error::Node(format!("start-up task failed: {e}")))??;
         service.set_seeds(seeds);
+        service.set_snapshots(snapshots, snapshot_interval_blocks);
         handle
             .chain_metrics
             .peers_configured

@@ -291,6 +291,9 @@ pub struct NodeService {
     /// NODE-ADMIT-*: the configured seed peers; `None` until set (then the
     /// transport's peer plan follows every commit).
     seeds: Option<Vec<crate::transport::Peer>>,
+    /// SYNC-*: where snapshots go, every `.1` blocks (0: never); `.2` the
+    /// height of the last one taken.
+    snapshots: Option<(Arc<crate::state_sync::Snapshots>, u64, u64)>,
 }
 
 impl NodeService {
@@ -365,6 +368,7 @@ impl NodeService {
             ),
             store,
             seeds: None,
+            snapshots: None,
         };
         let handle = NodeHandle {
             requests: requests_tx,
@@ -392,6 +396,44 @@ impl NodeService {
     /// NODE-ADMIT-1..4: from now on the transport admits and dials the
     /// peers the committed chain names besides `seeds`, starting with the
     /// stored state.
+    /// SYNC-*: take a snapshot of the committed state every
+    /// `interval_blocks` blocks (0: never) into `snapshots`.
+    pub fn set_snapshots(
+        &mut self,
+        snapshots: Arc<crate::state_sync::Snapshots>,
+        interval_blocks: u64,
+    ) {
+        let taken = snapshots.latest().map_or(0, |h| h.height);
+        self.snapshots = Some((snapshots, interval_blocks, taken));
+    }
+
+    /// SYNC-*: after a commit at a multiple of the interval, a snapshot,
+    /// built on a thread of its own from O(1) clones.
+    fn maybe_snapshot(&mut self) {
+        let Some((snapshots, interval, taken)) = &mut self.snapshots else {
+            return;
+        };
+        let height = self.node.ledger().height();
+        // At multiples of the interval, so every node holds the same heights
+        // and an operator knows which block to trust (a multiple skipped in
+        // a multi-block catch-up step is simply not taken).
+        if *interval == 0 || height == 0 || !height.is_multiple_of(*interval) || height <= *taken {
+            return;
+        }
+        let Some(last) = self.latest.clone() else {
+            return;
+        };
+        if last.block.header.height != height {
+            return;
+        }
+        *taken = height;
+        let ledger = self.node.ledger().clone();
+        let sets = self.store.consensus_sets().clone();
+        let snapshots = snapshots.clone();
+        let span = tracing::Span::current();
+        std::thread::spawn(move || span.in_scope(|| snapshots.take(&ledger, &last, &sets)));
+    }
+
     pub fn set_seeds(&mut self, seeds: Vec<crate::transport::Peer>) {
         self.seeds = Some(seeds);
         self.apply_peer_plan();
@@ -611,6 +653,7 @@ impl NodeService {
         // Forget submissions that never committed (evicted, replaced): once
         // per commit, not on every step (a scan of up to MAX_TRACKED_TXS).
         if any_committed {
+            self.maybe_snapshot();
             self.submitted_ms
                 .retain(|_, (t, _)| now.saturating_sub(*t) < TRACKED_TX_MAX_AGE_MS);
         }

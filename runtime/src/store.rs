@@ -491,6 +491,46 @@ impl ChainStore {
     /// `ledger` and `outcome`), the state keys it changed and the new height,
     /// and drops the consensus records of its height and below: one atomic
     /// batch, synced before returning (NODE-STORE-1/2).
+    /// SYNC-6: makes a fresh store (height 0) hold the state restored from a
+    /// snapshot: `ledger` after `last`, with `sets`, in one synced batch.
+    /// The blocks below `last` are not held (a node that state-synced
+    /// serves blocks from `last` on). Refused on a store that holds blocks.
+    pub fn import_snapshot(
+        &mut self,
+        ledger: &Ledger,
+        last: &CommittedBlock,
+        sets: &ConsensusSets,
+    ) -> Result<(), Error> {
+        let height = last.block.header.height;
+        if self.height()? != 0 {
+            return Err(Error::Storage(format!(
+                "a snapshot goes into an empty store; this one holds {} blocks",
+                self.height()?
+            )));
+        }
+        assert_eq!(ledger.height(), height, "import the state after `last`");
+        assert_eq!(ledger.state_root(), last.block.header.state_root);
+        let mut batch = self.db.batch().durability(Some(PersistMode::SyncAll));
+        for kv in self.state.iter() {
+            batch.remove(&self.state, kv.key().map_err(storage)?);
+        }
+        for (k, v) in ledger.entries() {
+            batch.insert(&self.state, state_key_bytes(&k), v);
+        }
+        batch.insert(&self.blocks, height.to_be_bytes().to_vec(), last.encode());
+        batch.insert(
+            &self.block_hashes,
+            last.block.hash().to_vec(),
+            height.to_be_bytes().to_vec(),
+        );
+        batch.insert(&self.meta, META_SETS, sets.encode());
+        batch.insert(&self.meta, META_HEIGHT, height.to_be_bytes().to_vec());
+        batch.commit().map_err(storage)?;
+        self.ledger = ledger.clone();
+        self.sets = sets.clone();
+        Ok(())
+    }
+
     pub fn commit_block(
         &mut self,
         committed: &CommittedBlock,

@@ -549,6 +549,19 @@ const PATH_BLOB_MANIFEST: &str = "/blyan.p2p.v1.Peer/BlobManifest";
 const PATH_HEARTBEAT: &str = "/blyan.p2p.v1.Peer/Heartbeat";
 const PATH_GENERATE: &str = "/blyan.p2p.v1.Peer/Generate";
 const PATH_BLOB_BY_ROOT: &str = "/blyan.p2p.v1.Peer/BlobByRoot";
+const PATH_SNAPSHOT_MANIFEST: &str = "/blyan.p2p.v1.Peer/SnapshotManifest";
+const PATH_SNAPSHOT_CHUNK: &str = "/blyan.p2p.v1.Peer/SnapshotChunk";
+/// SYNC-*: the largest snapshot manifest or chunk a peer sends or accepts.
+pub const MAX_SNAPSHOT_MESSAGE_BYTES: usize = blyan_state_machine::node::snapshot::MAX_CHUNK_BYTES;
+
+/// SYNC-*: what serves peers' snapshot requests (the node's latest
+/// snapshot, [`crate::state_sync::Snapshots`]).
+pub trait SnapshotSource: Send + Sync + 'static {
+    /// The encoded manifest of the latest snapshot, if any.
+    fn manifest(&self) -> Option<Bytes>;
+    /// Chunk `index` of the snapshot at `height`, if held.
+    fn chunk(&self, height: u64, index: u32) -> Option<Bytes>;
+}
 /// RT-STAGE-1: the largest `Generate` request (a rendered prompt and its
 /// settings) and the largest event of its answer stream.
 pub const MAX_GENERATE_MESSAGE_BYTES: usize = 1024 * 1024;
@@ -740,6 +753,8 @@ struct Shared {
     heartbeats: RwLock<Option<Arc<dyn HeartbeatSink>>>,
     /// RT-STAGE-1: `None` on a node that serves no engine to peers.
     stages: RwLock<Option<Arc<dyn StageSink>>>,
+    /// SYNC-*: `None` until the node serves snapshots.
+    snapshots: RwLock<Option<Arc<dyn SnapshotSource>>>,
 }
 
 impl Shared {
@@ -897,6 +912,54 @@ async fn blob_by_root(
 }
 
 /// RT-HB-10: a heartbeat from the TLS peer, handed to the node's table.
+/// SYNC-*: the latest snapshot's manifest (request body empty).
+async fn snapshot_manifest(
+    shared: Arc<Shared>,
+    r: tonic::Request<Bytes>,
+) -> Result<tonic::Response<Bytes>, Status> {
+    let from = tls_peer(&r)?;
+    if shared.is_blocked(&from) {
+        return Err(Status::permission_denied("blocked"));
+    }
+    let source = shared
+        .snapshots
+        .read()
+        .expect("snapshot source lock")
+        .clone();
+    source
+        .and_then(|s| s.manifest())
+        .map(tonic::Response::new)
+        .ok_or_else(|| Status::not_found("no snapshot held"))
+}
+
+/// SYNC-*: one chunk; the body is the height (u64) and index (u32), big-endian.
+async fn snapshot_chunk(
+    shared: Arc<Shared>,
+    r: tonic::Request<Bytes>,
+) -> Result<tonic::Response<Bytes>, Status> {
+    let from = tls_peer(&r)?;
+    if shared.is_blocked(&from) {
+        return Err(Status::permission_denied("blocked"));
+    }
+    let body = r.into_inner();
+    if body.len() != 12 {
+        return Err(Status::invalid_argument(
+            "expected height (8 bytes) and index (4 bytes)",
+        ));
+    }
+    let height = u64::from_be_bytes(body[..8].try_into().expect("8 bytes"));
+    let index = u32::from_be_bytes(body[8..].try_into().expect("4 bytes"));
+    let source = shared
+        .snapshots
+        .read()
+        .expect("snapshot source lock")
+        .clone();
+    source
+        .and_then(|s| s.chunk(height, index))
+        .map(tonic::Response::new)
+        .ok_or_else(|| Status::not_found(format!("no chunk {index} of a snapshot at {height}")))
+}
+
 async fn heartbeat(
     shared: Arc<Shared>,
     r: tonic::Request<Bytes>,
@@ -1041,6 +1104,22 @@ impl tower::Service<http::Request<tonic::body::Body>> for PeerService {
                 let svc = tower::service_fn(move |r| blob_by_root(shared.clone(), r));
                 Ok(grpc.unary(svc, req).await)
             }),
+            PATH_SNAPSHOT_MANIFEST => Box::pin(async move {
+                let mut grpc = tonic::server::Grpc::new(BytesCodec)
+                    .max_decoding_message_size(16)
+                    .max_encoding_message_size(MAX_SNAPSHOT_MESSAGE_BYTES)
+                    .send_compressed(CompressionEncoding::Gzip);
+                let svc = tower::service_fn(move |r| snapshot_manifest(shared.clone(), r));
+                Ok(grpc.unary(svc, req).await)
+            }),
+            PATH_SNAPSHOT_CHUNK => Box::pin(async move {
+                let mut grpc = tonic::server::Grpc::new(BytesCodec)
+                    .max_decoding_message_size(16)
+                    .max_encoding_message_size(MAX_SNAPSHOT_MESSAGE_BYTES)
+                    .send_compressed(CompressionEncoding::Gzip);
+                let svc = tower::service_fn(move |r| snapshot_chunk(shared.clone(), r));
+                Ok(grpc.unary(svc, req).await)
+            }),
             PATH_HEARTBEAT => Box::pin(async move {
                 let mut grpc = tonic::server::Grpc::new(BytesCodec)
                     .max_decoding_message_size(MAX_HEARTBEAT_MESSAGE_BYTES);
@@ -1178,6 +1257,38 @@ impl PeerClient {
         grpc.unary(tonic::Request::new(body), path, BytesCodec)
             .await
             .map(|_| ())
+    }
+
+    /// SYNC-*: the peer's latest snapshot manifest (bytes, unchecked), or
+    /// `None` if it holds none.
+    pub async fn snapshot_manifest(&self) -> Result<Option<Bytes>, Error> {
+        self.snapshot_call(PATH_SNAPSHOT_MANIFEST, Bytes::new())
+            .await
+    }
+
+    /// SYNC-*: chunk `index` of the peer's snapshot at `height` (unchecked).
+    pub async fn snapshot_chunk(&self, height: u64, index: u32) -> Result<Option<Bytes>, Error> {
+        let mut body = height.to_be_bytes().to_vec();
+        body.extend_from_slice(&index.to_be_bytes());
+        self.snapshot_call(PATH_SNAPSHOT_CHUNK, Bytes::from(body))
+            .await
+    }
+
+    async fn snapshot_call(&self, path: &'static str, body: Bytes) -> Result<Option<Bytes>, Error> {
+        let mut grpc = self
+            .grpc()
+            .accept_compressed(CompressionEncoding::Gzip)
+            .max_decoding_message_size(MAX_SNAPSHOT_MESSAGE_BYTES);
+        Self::ready(&mut grpc).await.map_err(rpc)?;
+        let path = http::uri::PathAndQuery::from_static(path);
+        match grpc
+            .unary(tonic::Request::new(body), path, BytesCodec)
+            .await
+        {
+            Ok(m) => Ok(Some(m.into_inner())),
+            Err(s) if s.code() == Code::NotFound => Ok(None),
+            Err(s) => Err(rpc(s)),
+        }
     }
 
     pub async fn blob_manifest(&self, id: &BlobId) -> Result<BlobManifest, Error> {
@@ -1350,6 +1461,7 @@ impl GrpcTransport {
             quota_messages: config.inbound_messages_per_peer,
             heartbeats: RwLock::new(None),
             stages: RwLock::new(None),
+            snapshots: RwLock::new(None),
         });
         let (stop_tx, stopped) = watch::channel(());
         // Holds the writers' stop signal for as long as the node's tasks run.
@@ -1550,6 +1662,11 @@ impl GrpcTransport {
     }
 
     /// RT-HB-10: where received heartbeats go from now on.
+    /// SYNC-*: what serves peers' snapshot requests from now on.
+    pub fn set_snapshot_source(&self, source: Arc<dyn SnapshotSource>) {
+        *self.shared.snapshots.write().expect("snapshot source lock") = Some(source);
+    }
+
     pub fn set_heartbeat_sink(&self, sink: Arc<dyn HeartbeatSink>) {
         *self.shared.heartbeats.write().expect("heartbeat sink lock") = Some(sink);
     }
