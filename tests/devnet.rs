@@ -439,11 +439,11 @@ fn spawn_process_devnet(
     dir: &std::path::Path,
     args: &[&str],
 ) -> (
-    std::process::Child,
+    support::KillOnDrop,
     tokio::sync::mpsc::UnboundedReceiver<String>,
 ) {
     use std::io::{BufRead, BufReader};
-    let mut child = std::process::Command::new(support::blyan_bin())
+    let child = std::process::Command::new(support::blyan_bin())
         .args(["devnet", "--processes", "--dir"])
         .arg(dir)
         .args(["--base-port", "0", "--block-interval-ms", "300"])
@@ -452,6 +452,7 @@ fn spawn_process_devnet(
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
+    let mut child = support::KillOnDrop(child);
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     std::thread::spawn(move || {
@@ -551,15 +552,17 @@ async fn a_validator_joins_and_leaves_a_multi_process_devnet_by_transactions_alo
     submit_and_wait(&url, &joiner_key, register, "registering the joiner")
         .await
         .unwrap();
-    let mut node = std::process::Command::new(support::blyan_bin())
-        .args(["node", "--config"])
-        .arg(jdir.join("config.toml"))
-        .args(["--parent-pid", &std::process::id().to_string()])
-        .env("BLYAN_KEY_PASSWORD", DEVNET_PASSWORD)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(jdir.join("node.err")).unwrap())
-        .spawn()
-        .unwrap();
+    let mut node = support::KillOnDrop(
+        std::process::Command::new(support::blyan_bin())
+            .args(["node", "--config"])
+            .arg(jdir.join("config.toml"))
+            .args(["--parent-pid", &std::process::id().to_string()])
+            .env("BLYAN_KEY_PASSWORD", DEVNET_PASSWORD)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(jdir.join("node.err")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
     submit_and_wait(
         &url,
         &joiner_key,

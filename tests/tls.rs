@@ -1164,3 +1164,117 @@ async fn a_fresh_node_starts_from_a_trusted_snapshot_and_follows_the_chain() {
     fresh.stop(1_000).await;
     net.stop().await;
 }
+
+/// Issue 12 (failover, must-show): a holder serving a stream from its own OS
+/// process is killed with SIGKILL in the middle of the stream; the router
+/// (validator 0) replays on another holder (here its own engine) and the
+/// client's stream completes without an error, with exactly the text of the
+/// uninterrupted answer (greedy, same seed). The holder is slowed by a
+/// test-only per-token delay so the kill lands mid-stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stream_survives_sigkill_of_its_serving_process() {
+    use blyan_runtime::config::{FileConfig, PeerConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let net = quick_devnet(dir.path(), true).await;
+    let v0 = &net.nodes[0];
+    let url = v0.api_url();
+    let node_key = key(13_579);
+    let node = address(&node_key);
+    let (p2p, http) = blyan_runtime::chaos::free_addrs(1).unwrap().remove(0);
+    register(&net, &url, &node_key, &p2p).await;
+    let hdir = dir.path().join("holder");
+    std::fs::create_dir_all(&hdir).unwrap();
+    blyan_runtime::keystore::write_key_file(
+        &hdir.join("key.json"),
+        &node_key,
+        DEVNET_PASSWORD,
+        blyan_runtime::keystore::MIN_ITERATIONS,
+    )
+    .unwrap();
+    let config = FileConfig {
+        chain_id: net.genesis.chain_id.clone(),
+        genesis_file: net.dir.join("genesis.json"),
+        data_dir: hdir.join("data"),
+        key_file: hdir.join("key.json"),
+        key_password_env: "BLYAN_KEY_PASSWORD".into(),
+        key_password_file: None,
+        p2p_addr: p2p.clone(),
+        http_addr: http.clone(),
+        block_interval_ms: 300,
+        max_body_bytes: blyan_runtime::api::MAX_BODY_BYTES,
+        expert_cache_bytes: blyan_runtime::blobs::DEFAULT_CACHE_BYTES,
+        rate_limits: blyan_runtime::ratelimit::RateLimitConfig::unlimited(),
+        inference: blyan_runtime::inference::InferenceConfig {
+            model_dir: Some(blyan_runtime::devnet::model_dir(&net.dir)),
+            advertise: true,
+            heartbeat_interval_ms: 300,
+            token_delay_ms: 40,
+            ..Default::default()
+        },
+        http: Default::default(),
+        logs: Default::default(),
+        api: Default::default(),
+        state_sync: Default::default(),
+        peers: net
+            .peers
+            .iter()
+            .map(|p| PeerConfig {
+                addr: p.addr.clone(),
+                public_key: hex::encode(p.public_key),
+            })
+            .collect(),
+    };
+    std::fs::write(hdir.join("config.toml"), config.to_toml()).unwrap();
+    let mut holder = support::KillOnDrop(
+        std::process::Command::new(support::blyan_bin())
+            .args(["node", "--config"])
+            .arg(hdir.join("config.toml"))
+            .args(["--parent-pid", &std::process::id().to_string()])
+            .env("BLYAN_KEY_PASSWORD", DEVNET_PASSWORD)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(hdir.join("node.err")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    eventually("validator 0 to list the holder process live", || async {
+        let nodes = get(&url, "/nodes").await;
+        nodes["live"]
+            .as_array()
+            .and_then(|l| l.iter().find(|n| n["node_id"] == json_addr(&node)).cloned())
+    })
+    .await;
+    let ask = serde_json::json!({
+        "messages": [{ "role": "user", "content": "Pipelines survive" }],
+        "max_tokens": 40,
+        "temperature": 0,
+        "seed": 7,
+        "stream": true,
+    });
+    // Uninterrupted, through the holder process.
+    let (reference, blyan) = streamed(&url, &ask).await;
+    assert_eq!(server_of(&blyan), json_addr(&node), "{blyan}");
+    assert!(!reference.is_empty());
+    // Again, killing the holder's process once the stream has started
+    // (40 tokens at 40 ms each take 1.6 s; the kill comes at 0.5 s).
+    let pid = holder.id();
+    let killer = tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        std::process::Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status()
+            .unwrap()
+    });
+    let (failed_over, blyan) = streamed(&url, &ask).await;
+    assert!(killer.await.unwrap().success());
+    let _ = holder.wait();
+    assert_eq!(failed_over, reference, "the stream after the kill differs");
+    let stages = blyan["stages"].as_array().unwrap();
+    assert_eq!(stages.len(), 2, "{blyan}");
+    assert_eq!(
+        (&stages[0]["node"], &stages[0]["failed"]),
+        (&json_addr(&node), &serde_json::json!(true)),
+        "{blyan}"
+    );
+    assert!(metric(&url, "blyan_inference_failovers_total").await >= 1.0);
+    net.stop().await;
+}

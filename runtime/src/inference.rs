@@ -73,6 +73,12 @@ pub struct InferenceConfig {
     #[doc(hidden)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub panic_on_prompt: Option<String>,
+    /// Fault injection for tests: sleep this long after each generated
+    /// token, so a test can kill a serving process mid-stream. Never set it
+    /// on a real node.
+    #[doc(hidden)]
+    #[serde(skip_serializing_if = "is_zero")]
+    pub token_delay_ms: u64,
     /// RT-HB-11: send every dialled peer a signed heartbeat (what this node
     /// holds, its load) every `heartbeat_interval_ms`. Off by default: a
     /// validator advertises nothing unless configured to.
@@ -111,6 +117,7 @@ impl Default for InferenceConfig {
             max_tokens_limit: 512,
             max_prompt_tokens: 2048,
             panic_on_prompt: None,
+            token_delay_ms: 0,
             advertise: false,
             heartbeat_interval_ms: blyan_route::heartbeat::DEFAULT_HEARTBEAT_INTERVAL_MS,
             spot_check_rate_ppm: blyan_route::spot::DEFAULT_SPOT_CHECK_RATE_PPM,
@@ -647,9 +654,13 @@ mod engine {
             layers = %format!("0..{}", loaded.model.cfg.num_hidden_layers),
         );
         let _stage = stage.enter();
+        let token_delay = std::time::Duration::from_millis(config.token_delay_ms);
         let out = generate_until(&loaded.model, Some(tokenizer), &request, |piece| {
             if inject_panic {
                 panic!("fault injection: the prompt contains inference.panic_on_prompt");
+            }
+            if !token_delay.is_zero() {
+                std::thread::sleep(token_delay);
             }
             match step(job, piece) {
                 Ok(()) => ControlFlow::Continue(()),

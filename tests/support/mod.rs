@@ -169,3 +169,34 @@ pub async fn metric(url: &str, name: &str) -> Option<u64> {
     let r = send(url, "GET", "/metrics", &[], None).await.ok()?;
     metric_value(&String::from_utf8(r.body).ok()?, name)
 }
+
+/// A child process killed (SIGKILL) and reaped when dropped, so a failing
+/// test leaves no node or devnet running to load the machine for the tests
+/// after it.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl KillOnDrop {
+    pub fn id(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
