@@ -559,19 +559,21 @@ async fn blyan_devnet_prints_a_working_api_key() {
         .find(|b| (0..8).all(|p| std::net::TcpListener::bind(("127.0.0.1", b + p)).is_ok()))
         .unwrap();
     for round in 0..2 {
-        let mut child = std::process::Command::new(support::blyan_bin())
-            .args(["devnet", "--dir"])
-            .arg(dir.path().join("devnet"))
-            .args([
-                "--base-port",
-                &base.to_string(),
-                "--block-interval-ms",
-                "300",
-            ])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = support::KillOnDrop(
+            std::process::Command::new(support::blyan_bin())
+                .args(["devnet", "--dir"])
+                .arg(dir.path().join("devnet"))
+                .args([
+                    "--base-port",
+                    &base.to_string(),
+                    "--block-interval-ms",
+                    "300",
+                ])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
         let stdout = child.stdout.take().unwrap();
         let lines = tokio::task::spawn_blocking(move || {
             let mut lines = Vec::new();
