@@ -426,6 +426,13 @@ impl NodeService {
         if last.block.header.height != height {
             return;
         }
+        if !snapshots.try_start() {
+            tracing::warn!(
+                height,
+                "the previous state snapshot is still being built; skipping this one"
+            );
+            return;
+        }
         *taken = height;
         let ledger = self.node.ledger().clone();
         let sets = self.store.consensus_sets().clone();

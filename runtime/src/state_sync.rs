@@ -101,6 +101,9 @@ pub struct Held {
 #[derive(Default)]
 pub struct Snapshots {
     latest: Mutex<Option<Arc<Held>>>,
+    /// A snapshot is being built: at most one at a time (the next multiple
+    /// is skipped rather than a second O(state) build started).
+    building: std::sync::atomic::AtomicBool,
 }
 
 impl Snapshots {
@@ -112,10 +115,25 @@ impl Snapshots {
         self.latest.lock().expect("snapshots lock").clone()
     }
 
+    /// Claims the right to build the next snapshot; `false` while one is
+    /// being built. [`Snapshots::take`] releases it.
+    pub fn try_start(&self) -> bool {
+        !self
+            .building
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+    }
+
     /// SYNC-1..3: takes and encodes the snapshot of `ledger` (the state
     /// after `last`, with `sets`) and serves it from now on. O(state): call
-    /// it off the node's thread.
+    /// it off the node's thread, after [`Snapshots::try_start`].
     pub fn take(&self, ledger: &Ledger, last: &CommittedBlock, sets: &ConsensusSets) {
+        struct Release<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for Release<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, std::sync::atomic::Ordering::Release);
+            }
+        }
+        let _release = Release(&self.building);
         let started = Instant::now();
         let (manifest, chunks) = take(ledger, last, sets);
         let held = Held {
@@ -257,5 +275,41 @@ pub async fn restore(
         }
         tracing::info!(reason = %last_error, "waiting for the trusted snapshot");
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use blyan_state_machine::params::Params;
+    use blyan_state_machine::testkit::{long_chain, testnet};
+
+    /// SYNC-7: one snapshot is built at a time; a taken snapshot is served
+    /// by height and index, and nothing else is.
+    #[test]
+    fn snapshots_are_built_one_at_a_time_and_served_by_height() {
+        let net = testnet(4, 8, Params::default());
+        let genesis = Ledger::from_genesis(&net.genesis).unwrap();
+        let mut sets = ConsensusSets::genesis(&genesis).unwrap();
+        let mut last = None;
+        let ledger = long_chain(&net, 3, 1, |c, outcome, after| {
+            sets = sets.advance(after, outcome).unwrap();
+            last = Some(c.clone());
+        })
+        .unwrap();
+        let last = last.unwrap();
+        let snapshots = Snapshots::new();
+        assert!(snapshots.manifest().is_none());
+        assert!(snapshots.try_start());
+        assert!(!snapshots.try_start(), "a second build while one runs");
+        snapshots.take(&ledger, &last, &sets);
+        assert!(snapshots.try_start(), "released after the build");
+        let held = snapshots.latest().unwrap();
+        assert_eq!(held.height, 3);
+        let manifest = Manifest::decode(&snapshots.manifest().unwrap()).unwrap();
+        assert_eq!(manifest.block_hash(), last.block.hash());
+        assert!(snapshots.chunk(3, 0).is_some());
+        assert!(snapshots.chunk(2, 0).is_none());
+        assert!(snapshots.chunk(3, held.chunks.len() as u32).is_none());
     }
 }
