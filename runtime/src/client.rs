@@ -298,6 +298,17 @@ pub async fn sign_tx(
     key: &SigningKey,
     kind: TxKind,
 ) -> Result<blyan_state_machine::tx::SignedTx, Error> {
+    sign_tx_with_tip(node, key, kind, 1_000_000_000).await
+}
+
+/// [`sign_tx`] with the priority fee `tip` (per gas); the fee cap is twice
+/// the next base fee plus the tip.
+pub async fn sign_tx_with_tip(
+    node: &str,
+    key: &SigningKey,
+    kind: TxKind,
+    tip: u128,
+) -> Result<blyan_state_machine::tx::SignedTx, Error> {
     let from = Address::from_public_key(key.verifying_key());
     let account = get_ok(node, &format!("/account/{from}")).await?;
     let status = get_ok(node, "/status").await?;
@@ -309,7 +320,6 @@ pub async fn sign_tx(
         .as_str()
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| Error::Http("no next_base_fee_per_gas".into()))?;
-    let tip = 1_000_000_000;
     Ok(TxBody {
         nonce,
         gas_limit: intrinsic_gas(&kind),

@@ -159,6 +159,22 @@ fn node_dir(dir: &Path, i: usize) -> PathBuf {
     dir.join(format!("node-{i}"))
 }
 
+/// Inference node `j`'s directory (`inference-<j>`) and key (`key.json`,
+/// made once and reused), for both devnet modes.
+pub(crate) fn inference_node_dir(dir: &Path, j: usize) -> Result<(PathBuf, SigningKey), Error> {
+    let nd = dir.join(format!("inference-{j}"));
+    std::fs::create_dir_all(&nd).map_err(|e| Error::io(nd.display(), e))?;
+    let key_path = nd.join("key.json");
+    let key = if key_path.is_file() {
+        read_key_file(&key_path, DEVNET_PASSWORD)?
+    } else {
+        let k = generate_key()?;
+        write_key_file(&key_path, &k, DEVNET_PASSWORD, MIN_ITERATIONS)?;
+        k
+    };
+    Ok((nd, key))
+}
+
 /// Creates the genesis and key files, or reads them back from an existing directory.
 fn prepare(
     dir: &Path,
@@ -503,16 +519,7 @@ impl Devnet {
         use blyan_state_machine::tx::{NodeInfo, TxKind};
         let mut started = Vec::new();
         for j in 0..opts.inference_nodes {
-            let nd = self.dir.join(format!("inference-{j}"));
-            std::fs::create_dir_all(&nd).map_err(|e| Error::io(nd.display(), e))?;
-            let key_path = nd.join("key.json");
-            let key = if key_path.is_file() {
-                read_key_file(&key_path, DEVNET_PASSWORD)?
-            } else {
-                let k = generate_key()?;
-                write_key_file(&key_path, &k, DEVNET_PASSWORD, MIN_ITERATIONS)?;
-                k
-            };
+            let (nd, key) = inference_node_dir(&self.dir, j)?;
             let i = opts.validators + j;
             let (p2p, http) = match opts.base_port {
                 Some(p) => {

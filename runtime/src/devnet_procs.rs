@@ -21,7 +21,7 @@ use crate::devnet::{
     write_layout,
 };
 use crate::error::Error;
-use crate::keystore::{MIN_ITERATIONS, generate_key, read_key_file, write_key_file};
+use crate::keystore::read_key_file;
 use blyan_state_machine::genesis::Genesis;
 use blyan_state_machine::tx::{NodeInfo, TxKind};
 use blyan_state_machine::types::{Address, BLY};
@@ -136,16 +136,7 @@ impl ProcessDevnet {
             })
             .collect();
         for (j, (p2p, http)) in inference_addrs.iter().enumerate() {
-            let nd = dir.join(format!("inference-{j}"));
-            std::fs::create_dir_all(&nd).map_err(|e| Error::io(nd.display(), e))?;
-            let key_path = nd.join("key.json");
-            let key = if key_path.is_file() {
-                read_key_file(&key_path, DEVNET_PASSWORD)?
-            } else {
-                let k = generate_key()?;
-                write_key_file(&key_path, &k, DEVNET_PASSWORD, MIN_ITERATIONS)?;
-                k
-            };
+            let (nd, key) = crate::devnet::inference_node_dir(&dir, j)?;
             let mut inference = opts.inference.clone();
             inference.enabled = true;
             inference.model_dir = Some(model_dir(&dir));

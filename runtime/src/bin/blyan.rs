@@ -36,8 +36,7 @@ use blyan_runtime::keystore::{
 use blyan_runtime::node::{NodeSetup, RunningNode, bind};
 use blyan_runtime::telemetry::{self, LogFormat, Telemetry, TelemetryOptions};
 use blyan_state_machine::encoding::Canonical;
-use blyan_state_machine::ledger::intrinsic_gas;
-use blyan_state_machine::tx::{TxBody, TxKind, public_key_of};
+use blyan_state_machine::tx::{TxKind, public_key_of};
 use blyan_state_machine::types::{Address, Amount, BLY};
 use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
@@ -477,28 +476,9 @@ enum TxCommand {
 /// `--wait`, polls until it is committed, printing progress.
 async fn submit_tx(kind: TxKind, args: TxArgs) -> Result<String, Error> {
     let key = read_key_file(&args.key, &password(&args.password, Prompt::Once)?)?;
-    let from = Address::from_public_key(key.verifying_key());
     let node = &args.node;
-    let (s, account) = client::get_json(node, &format!("/account/{from}")).await?;
-    expect_ok(s, &account)?;
-    let (s, status) = client::get_json(node, "/status").await?;
-    expect_ok(s, &status)?;
-    let nonce = account["nonce"]
-        .as_u64()
-        .ok_or_else(|| Error::Http("no nonce".into()))?;
-    let chain_id = status["chain_id"].as_str().unwrap_or_default().to_string();
-    let base_fee: u128 = status["next_base_fee_per_gas"]
-        .as_str()
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| Error::Http("no next_base_fee_per_gas".into()))?;
-    let tx = TxBody {
-        nonce,
-        gas_limit: intrinsic_gas(&kind),
-        max_fee_per_gas: base_fee.saturating_mul(2).saturating_add(args.tip),
-        max_priority_fee_per_gas: args.tip,
-        kind,
-    }
-    .sign(&chain_id, &key);
+    let start_height = client::height(node).await.unwrap_or(0);
+    let tx = client::sign_tx_with_tip(node, &key, kind, args.tip).await?;
     let body = json!({ "tx": format!("0x{}", hex::encode(tx.encode())) });
     let (s, reply) = client::post_json(node, "/tx", &body).await?;
     expect_ok(s, &reply)?;
@@ -507,7 +487,6 @@ async fn submit_tx(kind: TxKind, args: TxArgs) -> Result<String, Error> {
     if !args.wait {
         return Ok(id);
     }
-    let start_height = status["height"].as_u64().unwrap_or(0);
     for i in 0..600u32 {
         let (s, r) = client::get_json(node, &format!("/tx/{id}")).await?;
         if s == 200 {
