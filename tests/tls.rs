@@ -1278,3 +1278,146 @@ async fn a_stream_survives_sigkill_of_its_serving_process() {
     assert!(metric(&url, "blyan_inference_failovers_total").await >= 1.0);
     net.stop().await;
 }
+
+/// RT-PIPE-1..5: `blyan devnet --inference-nodes 4` splits the 4-layer
+/// model into layers 0–1 and 2–3, two holders each, none holding every
+/// layer. A validator's chat requests go through a route of two stages on
+/// two inference nodes (hidden states cross the transport: the route and
+/// `/metrics` show it), and the greedy answers, plain and streamed, are
+/// byte-identical to the same model in one process. With the first
+/// stage's holder stopped, the request is replayed through the other
+/// holder of its layers and the answer is unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_route_of_two_stages_answers_as_one_process_and_fails_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = DevnetOptions::new(dir.path().join("devnet"), 4);
+    opts.base_port = None;
+    opts.block_interval_ms = 300;
+    opts.rate_limits = blyan_runtime::ratelimit::RateLimitConfig::unlimited();
+    opts.inference_nodes = 4;
+    let mut net = Devnet::start(opts).await.unwrap();
+    let holders: Vec<serde_json::Value> = net
+        .inference
+        .iter()
+        .map(|n| json_addr(&n.address))
+        .collect();
+    let url = net.nodes[0].api_url();
+    // Each inference node advertises half the layers.
+    eventually("validator 0 to list four half-model holders", || async {
+        let nodes = get(&url, "/nodes").await;
+        let live = nodes["live"].as_array().unwrap().clone();
+        let ranges: Vec<(u64, u64)> = live
+            .iter()
+            .filter(|n| holders.contains(&n["node_id"]))
+            .flat_map(|n| n["holdings"].as_array().cloned().unwrap_or_default())
+            .map(|h| {
+                (
+                    h["layers"][0].as_u64().unwrap(),
+                    h["layers"][1].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        (ranges.len() == 4
+            && ranges.iter().filter(|r| **r == (0, 1)).count() == 2
+            && ranges.iter().filter(|r| **r == (2, 3)).count() == 2)
+            .then_some(())
+    })
+    .await;
+
+    // The same model in one process: the reference.
+    let reference = blyan_runtime::inference::InferenceHandle::start(
+        blyan_runtime::inference::InferenceConfig {
+            model_dir: Some(blyan_runtime::devnet::model_dir(&dir.path().join("devnet"))),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let prompt = "Pipelines carry hidden states";
+    let expected = reference
+        .generate(
+            blyan_runtime::inference::ChatRequest {
+                prompt: prompt.into(),
+                max_tokens: 24,
+                temperature: 0.0,
+                top_p: 1.0,
+                seed: 0,
+                stop: Vec::new(),
+                max_total_tokens: None,
+                top_logprobs: None,
+            },
+            None,
+        )
+        .await
+        .unwrap();
+
+    let ask = serde_json::json!({ "prompt": prompt, "max_tokens": 24 });
+    let (s, a) = blyan_runtime::client::post_json(&url, "/chat", &ask)
+        .await
+        .unwrap();
+    assert_eq!(s, 200, "{a}");
+    let route = a["route"].as_array().unwrap().clone();
+    assert_eq!(route.len(), 2, "{a}");
+    assert_eq!(route[0]["layers"], serde_json::json!([0, 1]), "{a}");
+    assert_eq!(route[1]["layers"], serde_json::json!([2, 3]), "{a}");
+    assert!(
+        holders.contains(&route[0]["node"]) && holders.contains(&route[1]["node"]),
+        "{a}"
+    );
+    assert_ne!(route[0]["node"], route[1]["node"], "{a}");
+    assert_eq!(
+        a["text"], expected.text,
+        "the pipeline's answer differs from one process"
+    );
+    assert_eq!(a["completion_tokens"], expected.completion_tokens, "{a}");
+    assert!(metric(&url, "blyan_inference_pipelines_total").await >= 1.0);
+    assert!(metric(&url, "blyan_inference_stage_bytes_total").await > 0.0);
+
+    // Streamed through the OpenAI-compatible API: the planned route in the
+    // header, the same text.
+    let openai = serde_json::json!({
+        "messages": [{ "role": "user", "content": prompt }],
+        "max_tokens": 24,
+        "stream": true,
+    });
+    let (streamed_text, blyan) = streamed(&url, &openai).await;
+    let (s, plain) = blyan_runtime::client::post_json(
+        &url,
+        "/v1/chat/completions",
+        &serde_json::json!({ "messages": openai["messages"], "max_tokens": 24 }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(s, 200, "{plain}");
+    assert_eq!(
+        streamed_text,
+        plain["choices"][0]["message"]["content"].as_str().unwrap(),
+        "streamed and plain pipeline answers differ"
+    );
+    assert_eq!(blyan["stages"].as_array().unwrap().len(), 2, "{blyan}");
+
+    // Stop the first stage's holder: the request is replayed through the
+    // other holder of layers 0–1 and answers the same.
+    let first = route[0]["node"].clone();
+    let gone = net
+        .inference
+        .iter()
+        .position(|n| json_addr(&n.address) == first)
+        .unwrap();
+    net.inference.remove(gone).stop(1_000).await;
+    let (s, b) = blyan_runtime::client::post_json(&url, "/chat", &ask)
+        .await
+        .unwrap();
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["text"], expected.text, "the replayed answer differs: {b}");
+    let used: Vec<&serde_json::Value> = b["route"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|st| st["failed"] != serde_json::json!(true))
+        .collect();
+    assert_eq!(used.len(), 2, "{b}");
+    assert_ne!(used[0]["node"], first, "{b}");
+    assert_eq!(used[0]["layers"], serde_json::json!([0, 1]), "{b}");
+    net.stop().await;
+}

@@ -6,8 +6,6 @@
 
 use std::ops::ControlFlow;
 
-use tch::Tensor;
-
 use crate::error::{GpuError, Result};
 use crate::model::{KvCache, Qwen3};
 use crate::sample::{Sampler, SamplingParams};
@@ -136,28 +134,45 @@ pub fn generate_until(
     model: &Qwen3,
     tokenizer: Option<&Tokenizer>,
     req: &GenerateRequest,
+    on_step: impl FnMut(Option<&str>) -> ControlFlow<()>,
+) -> Result<GenerateOutput> {
+    model.check_ids(&req.prompt_ids)?;
+    let mut cache = KvCache::new();
+    generate_with(
+        |ids| model.last_logits(ids, &mut cache),
+        tokenizer,
+        req,
+        on_step,
+    )
+}
+
+/// The generation loop of [`generate_until`] over any forward pass:
+/// `forward(ids)` extends the sequence by `ids` (the prompt once, then
+/// each generated token alone: the step shapes a replay must repeat) and
+/// returns the f32 logits at its last position. A pipeline of stages on
+/// other nodes (the runtime's router) runs the same loop, so its tokens,
+/// text, stops and log-probabilities are those of one process.
+pub fn generate_with(
+    mut forward: impl FnMut(&[i64]) -> Result<Vec<f32>>,
+    tokenizer: Option<&Tokenizer>,
+    req: &GenerateRequest,
     mut on_step: impl FnMut(Option<&str>) -> ControlFlow<()>,
 ) -> Result<GenerateOutput> {
     if req.prompt_ids.is_empty() {
         return Err(GpuError::Invalid("empty prompt".into()));
     }
-    model.check_ids(&req.prompt_ids)?;
     if !req.stop.is_empty() && tokenizer.is_none() {
         return Err(GpuError::Invalid("stop strings need a tokenizer".into()));
     }
-    let _guard = tch::no_grad_guard();
     let mut sampler = Sampler::new(req.sampling.clone());
-    let mut cache = KvCache::new();
-    let mut input = Tensor::from_slice(&req.prompt_ids).unsqueeze(0);
+    let mut input: Vec<i64> = req.prompt_ids.clone();
     let mut tokens: Vec<i64> = Vec::new();
     let mut text = String::new();
     let mut streamed = 0usize;
     let mut finish = FinishReason::Length;
     let mut logprobs = Vec::new();
     while tokens.len() < req.max_tokens {
-        let logits = model.forward(&input, &mut cache)?;
-        let last = logits.get(0).get(-1);
-        let row = Vec::<f32>::try_from(&last)?;
+        let row = forward(&input)?;
         let next = sampler.sample(&row) as i64;
         if req.stop_ids.contains(&next) {
             finish = FinishReason::Stop;
@@ -186,7 +201,7 @@ pub fn generate_until(
             finish = FinishReason::Cancelled;
             break;
         }
-        input = Tensor::from_slice(&[next]).unsqueeze(0);
+        input = vec![next];
     }
     if finish != FinishReason::Cancelled && text.len() > streamed {
         let _ = on_step(Some(&text[streamed..]));

@@ -84,12 +84,39 @@ pub fn parse_dtype(s: &str) -> Result<Kind> {
 impl LoadedModel {
     /// Loads a Hugging Face directory, or the embedded default model if `dir` is `None`.
     pub fn load(dir: Option<&Path>, device: Device, kind: Kind) -> Result<Self> {
+        Self::load_range(dir, device, kind, None)
+    }
+
+    /// The tokenizer [`LoadedModel::load`] would load with the model, alone.
+    pub fn load_tokenizer(dir: Option<&Path>) -> Result<Option<tokenizer::Tokenizer>> {
+        match dir {
+            Some(dir) if dir.join("tokenizer.json").is_file() => {
+                Ok(Some(tokenizer::Tokenizer::from_dir(dir)?))
+            }
+            Some(_) => Ok(None),
+            None => {
+                let tok = tokenizer::byte_level_tokenizer_json(default_model::EOS_ID);
+                Ok(Some(tokenizer::Tokenizer::from_json(&tok)?))
+            }
+        }
+    }
+
+    /// Like [`LoadedModel::load`], holding only layers `first..=last` when
+    /// `layers` is given (a pipeline stage: the embedding only if `first`
+    /// is 0, the final norm and head only if `last` is the last layer).
+    pub fn load_range(
+        dir: Option<&Path>,
+        device: Device,
+        kind: Kind,
+        layers: Option<(u32, u32)>,
+    ) -> Result<Self> {
+        let range_of = |cfg: &config::ModelConfig| model::LayerRange::select(cfg, layers);
         match dir {
             Some(dir) if dir.join("manifest.json").is_file() => {
                 let mut store = blocks::BlockStore::open(dir)?;
                 store.load_all()?;
                 let cfg = store.model_config()?;
-                let range = model::LayerRange::full(&cfg);
+                let range = range_of(&cfg)?;
                 let model = model::Qwen3::load(&cfg, &store, range, device, kind)?;
                 let tokenizer = if dir.join("tokenizer.json").is_file() {
                     Some(tokenizer::Tokenizer::from_dir(dir)?)
@@ -101,7 +128,7 @@ impl LoadedModel {
             Some(dir) => {
                 let cfg = config::ModelConfig::from_dir(dir)?;
                 let src = weights::SafetensorsDir::open(dir)?;
-                let range = model::LayerRange::full(&cfg);
+                let range = range_of(&cfg)?;
                 let model = model::Qwen3::load(&cfg, &src, range, device, kind)?;
                 let tokenizer = if dir.join("tokenizer.json").is_file() {
                     Some(tokenizer::Tokenizer::from_dir(dir)?)
@@ -113,7 +140,7 @@ impl LoadedModel {
             None => {
                 let cfg = default_model::default_config();
                 let src = default_model::random_weights(&cfg, default_model::DEFAULT_SEED);
-                let range = model::LayerRange::full(&cfg);
+                let range = range_of(&cfg)?;
                 let model = model::Qwen3::load(&cfg, &src, range, device, kind)?;
                 let tok = tokenizer::byte_level_tokenizer_json(default_model::EOS_ID);
                 Ok(LoadedModel {

@@ -134,6 +134,28 @@ impl LayerRange {
             head: true,
         }
     }
+
+    /// Layers `first..=last` as a pipeline stage (the embedding only if
+    /// `first` is 0, the final norm and head only if `last` is the last
+    /// layer); `None`: the whole model.
+    pub fn select(cfg: &ModelConfig, layers: Option<(u32, u32)>) -> crate::Result<Self> {
+        let Some((first, last)) = layers else {
+            return Ok(LayerRange::full(cfg));
+        };
+        let (first, last) = (i64::from(first), i64::from(last));
+        if first > last || last >= cfg.num_hidden_layers {
+            return Err(GpuError::Invalid(format!(
+                "layers {first}..={last} outside the model's 0..{}",
+                cfg.num_hidden_layers
+            )));
+        }
+        Ok(LayerRange {
+            start: first,
+            end: last + 1,
+            embed: first == 0,
+            head: last + 1 == cfg.num_hidden_layers,
+        })
+    }
 }
 
 /// A Qwen3 model (or a contiguous slice of it) on one device, in one dtype.
@@ -717,6 +739,16 @@ impl Qwen3 {
         let x = self.embed(ids)?;
         let x = self.forward_layers(&x, cache)?;
         self.head(&x)
+    }
+
+    /// Extends `cache` by `ids` (one sequence) and returns the f32 logits
+    /// at the last position: one step of [`crate::generate::generate_with`].
+    pub fn last_logits(&self, ids: &[i64], cache: &mut KvCache) -> Result<Vec<f32>> {
+        self.check_ids(ids)?;
+        let _guard = tch::no_grad_guard();
+        let input = Tensor::from_slice(ids).unsqueeze(0);
+        let logits = self.forward(&input, cache)?;
+        Ok(Vec::<f32>::try_from(&logits.get(0).get(-1))?)
     }
 
     /// Logits for exactly `ids` (one sequence, no start token): `[seq, vocab]`.

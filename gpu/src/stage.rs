@@ -72,6 +72,17 @@ pub enum StageOutput {
     Logits(Tensor),
 }
 
+impl StageOutput {
+    /// The f32 logits of the first sequence's last position (what a
+    /// generation samples from), if this is the head's output.
+    pub fn last_logits(&self) -> Result<Option<Vec<f32>>> {
+        match self {
+            StageOutput::Hidden(_) => Ok(None),
+            StageOutput::Logits(t) => Ok(Some(Vec::<f32>::try_from(&t.get(0).get(-1))?)),
+        }
+    }
+}
+
 impl Qwen3 {
     /// Runs this stage on `input`, extending `cache` (one per request).
     pub fn run_stage(&self, input: &StageInput, cache: &mut KvCache) -> Result<StageOutput> {

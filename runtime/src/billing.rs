@@ -294,7 +294,9 @@ impl Meter {
         served: Option<(u64, u64)>,
         route_work: u64,
     ) -> Option<(Hash32, Amount)> {
-        self.complete_by(r, model, served, self.node, route_work)
+        let tokens = served.map_or(0, |(p, c)| p + c);
+        let route = route_of(self.node, self.node, route_work, tokens);
+        self.complete_by(r, model, served, route)
     }
 
     /// [`Meter::complete`] for a request computed by `node` (RT-STAGE-5):
@@ -307,8 +309,7 @@ impl Meter {
         r: Reservation,
         model: Hash32,
         served: Option<(u64, u64)>,
-        node: Address,
-        route_work: u64,
+        route: Vec<RouteShare>,
     ) -> Option<(Hash32, Amount)> {
         let mut accounts = self.accounts.lock().expect("meter lock");
         let a = accounts.entry(r.allowance).or_default();
@@ -333,7 +334,7 @@ impl Meter {
             model,
             prompt_tokens: prompt,
             completion_tokens: completion,
-            route: route_of(self.node, node, route_work, tokens),
+            route,
         });
         a.unsettled_cost += cost;
         self.counters
@@ -589,9 +590,38 @@ pub fn route_of(me: Address, server: Address, route_work: u64, tokens: u64) -> V
     route
 }
 
+/// RT-PIPE-3: a pipeline's route: each stage's node with its layers per
+/// token (a node on several stages once, its work summed) and the router,
+/// which settles (TX-15), with 1 per token unless it is a stage; sorted.
+pub fn route_of_stages(me: Address, stages: &[(Address, u64)], tokens: u64) -> Vec<RouteShare> {
+    let mut work: std::collections::BTreeMap<Address, u64> = std::collections::BTreeMap::new();
+    for &(node, layers) in stages {
+        let w = work.entry(node).or_default();
+        *w = w.saturating_add(layers.max(1).saturating_mul(tokens));
+    }
+    work.entry(me).or_insert(tokens.max(1));
+    work.into_iter()
+        .map(|(node, work)| RouteShare { node, work })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// RT-PIPE-3: each stage earns its layers per token, the router 1 per
+    /// token when it ran no stage; sorted, one share per node.
+    #[test]
+    fn rt_pipe_3_route_of_stages_splits_work_by_layers() {
+        let (a, b, c) = (Address([1; 20]), Address([2; 20]), Address([3; 20]));
+        let r = route_of_stages(c, &[(b, 2), (a, 2)], 10);
+        let got: Vec<_> = r.iter().map(|s| (s.node, s.work)).collect();
+        assert_eq!(got, vec![(a, 20), (b, 20), (c, 10)]);
+        // The router runs a stage itself: no extra share.
+        let r = route_of_stages(a, &[(a, 1), (b, 3)], 5);
+        let got: Vec<_> = r.iter().map(|s| (s.node, s.work)).collect();
+        assert_eq!(got, vec![(a, 5), (b, 15)]);
+    }
 
     /// RT-STAGE-5: the server's share is its layers per token; a router that
     /// is not the server (the settler, TX-15) adds 1 per token; sorted.

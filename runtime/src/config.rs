@@ -31,6 +31,10 @@
 //! advertise = false                  # default: send no heartbeats (RT-HB-11); an inference node: true
 //! heartbeat_interval_ms = 5000       # default; a peer drops this node after 3 missed intervals
 //! spot_check_rate_ppm = 50000       # default: 5 % of routed answers recomputed elsewhere (RT-STAGE-6)
+//! # layers = [0, 1]                 # hold only these layers (inclusive) and serve them to routers
+//!                                    # as a pipeline stage (RT-PIPE-2); default: the whole model
+//! max_stage_sessions = 64            # default: pipeline sessions (KV caches) kept for routers at once
+//! stage_idle_ms = 60000              # default: a session idle this long is dropped
 //!
 //! [api]                              # paid inference (spec/api.md API-KEY-*, API-PAY-*)
 //! free_inference = false             # default: /chat and /v1/* need an API key (the devnet: true)

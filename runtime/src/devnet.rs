@@ -58,6 +58,36 @@ pub const DEVNET_REWARD_EPOCH_BLOCKS: u64 = 30;
 pub const DEVNET_ATTEST_WINDOW_BLOCKS: u64 = 6;
 /// How often devnet nodes settle paid usage (API-PAY-3), in blocks.
 pub const DEVNET_SETTLE_INTERVAL_BLOCKS: u64 = 5;
+/// RT-PIPE-5: the layers devnet inference node `j` of `n` holds, for a
+/// model of `layers` layers: with four or more inference nodes, the layers
+/// are split into two contiguous halves, node `j` holding half `j mod 2`
+/// (each half has at least two holders, no node holds every layer, the
+/// first half has the embedding and the second the head); with fewer,
+/// every inference node holds the whole model (`None`), as a split would
+/// leave some range with a single holder and nothing to fail over to.
+pub fn inference_layers(j: usize, n: usize, layers: u32) -> Option<[u32; 2]> {
+    if n < 4 || layers < 2 {
+        return None;
+    }
+    let half = layers / 2;
+    Some(if j.is_multiple_of(2) {
+        [0, half - 1]
+    } else {
+        [half, layers - 1]
+    })
+}
+
+/// The number of layers the chain registers for the devnet's model (its
+/// layer blocks in genesis).
+pub fn registered_layers(genesis: &blyan_state_machine::genesis::Genesis) -> u32 {
+    genesis
+        .pol_blocks
+        .iter()
+        .filter_map(|b| b.layer)
+        .max()
+        .map_or(0, |l| l + 1)
+}
+
 /// The devnet's inference nodes heartbeat every second (RT-HB-11), so a
 /// stopped one leaves the validators' routes within 3 s.
 pub const DEVNET_HEARTBEAT_INTERVAL_MS: u64 = 1_000;
@@ -605,6 +635,11 @@ impl Devnet {
                     model_dir: Some(model_dir(&self.dir)),
                     advertise: true,
                     heartbeat_interval_ms: DEVNET_HEARTBEAT_INTERVAL_MS,
+                    layers: inference_layers(
+                        self.inference.len(),
+                        opts.inference_nodes,
+                        registered_layers(&self.genesis),
+                    ),
                     ..opts.inference.clone()
                 },
                 http: opts.http.clone(),

@@ -142,6 +142,11 @@ impl ProcessDevnet {
             inference.model_dir = Some(model_dir(&dir));
             inference.advertise = true;
             inference.heartbeat_interval_ms = DEVNET_HEARTBEAT_INTERVAL_MS;
+            inference.layers = crate::devnet::inference_layers(
+                j,
+                opts.inference_nodes,
+                crate::devnet::registered_layers(&genesis),
+            );
             let config = FileConfig {
                 chain_id: genesis.chain_id.clone(),
                 genesis_file: "../genesis.json".into(),

@@ -269,16 +269,18 @@ impl HeartbeatSink for Heartbeats {
     }
 }
 
-/// RT-HB-11: what a node serving the model of meta block `model` holds: one
-/// dense holding over the layer blocks the chain registers for it (the
-/// layer range they cover, their ids in increasing order); none if the
-/// chain registers no layer of it.
-pub fn holdings_of(ledger: &Ledger, model: Hash32) -> Vec<Holding> {
+/// RT-HB-11: what a node serving layers `first..=last` of the model of
+/// meta block `model` holds: one dense holding over the layer blocks the
+/// chain registers for it in that range (the layer range they cover,
+/// their ids in increasing order); none if the chain registers no layer
+/// of it there.
+pub fn holdings_of(ledger: &Ledger, model: Hash32, (first, last): (u32, u32)) -> Vec<Holding> {
     let mut layers: Vec<(u32, Hash32)> = ledger
         .pol()
         .blocks()
         .filter(|(_, b)| b.block_type == PolBlockType::Layer && b.model_id == model)
         .filter_map(|(id, b)| b.layer.map(|l| (l, *id)))
+        .filter(|(l, _)| (first..=last).contains(l))
         .collect();
     if layers.is_empty() {
         return Vec::new();
@@ -321,7 +323,13 @@ pub async fn run_advertiser(
         tick.tick().await;
         let ledger = node.snapshot.borrow().ledger.clone();
         let holdings = crate::api::chat::served_model_id(&ledger, &engine)
-            .map(|m| holdings_of(&ledger, m))
+            .map(|m| {
+                let range = (
+                    u32::try_from(engine.model.first_layer).unwrap_or(u32::MAX),
+                    u32::try_from(engine.model.last_layer).unwrap_or(u32::MAX),
+                );
+                holdings_of(&ledger, m, range)
+            })
             .unwrap_or_default();
         let queued = engine.queued();
         let running = usize::from(engine.stats.ops.is_running());
@@ -401,7 +409,8 @@ mod tests {
         net.genesis.pol_blocks.extend(layers.iter().cloned());
         net.genesis.pol_blocks.push(layer(other_id, 7));
         let ledger = Ledger::from_genesis(&net.genesis).unwrap();
-        let h = holdings_of(&ledger, meta_id);
+        let all = (0, u32::MAX);
+        let h = holdings_of(&ledger, meta_id, all);
         assert_eq!(h.len(), 1);
         assert_eq!((h[0].first_layer, h[0].last_layer), (0, 2));
         assert!(h[0].dense && h[0].experts.is_empty());
@@ -409,8 +418,15 @@ mod tests {
         ids.sort();
         assert_eq!(h[0].blocks, ids);
         h[0].validate().unwrap();
-        assert_eq!(holdings_of(&ledger, other_id)[0].first_layer, 7);
-        assert!(holdings_of(&ledger, [9; 32]).is_empty());
+        assert_eq!(holdings_of(&ledger, other_id, all)[0].first_layer, 7);
+        assert!(holdings_of(&ledger, [9; 32], all).is_empty());
+        // RT-PIPE-2: a stage holding layers 1..=2 advertises only those.
+        let h = holdings_of(&ledger, meta_id, (1, 2));
+        assert_eq!((h[0].first_layer, h[0].last_layer), (1, 2));
+        let mut ids: Vec<Hash32> = layers[1..].iter().map(|b| b.id()).collect();
+        ids.sort();
+        assert_eq!(h[0].blocks, ids);
+        assert!(holdings_of(&ledger, other_id, (0, 6)).is_empty());
     }
 
     #[test]

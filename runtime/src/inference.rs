@@ -99,6 +99,15 @@ pub struct InferenceConfig {
     #[doc(hidden)]
     #[serde(skip_serializing_if = "is_zero")]
     pub misreport_loss_ppm: u64,
+    /// RT-PIPE-2: hold only layers `[first, last]` (inclusive) of the model
+    /// and serve them to routers as a pipeline stage; `None`: the whole
+    /// model. A node holding part of the model answers `/chat` by routing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layers: Option<[u32; 2]>,
+    /// RT-PIPE-2: sessions (KV caches) this node keeps for routers at once.
+    pub max_stage_sessions: usize,
+    /// RT-PIPE-2: a session idle this long is dropped.
+    pub stage_idle_ms: u64,
 }
 
 fn is_zero(v: &u64) -> bool {
@@ -123,6 +132,9 @@ impl Default for InferenceConfig {
             spot_check_rate_ppm: blyan_route::spot::DEFAULT_SPOT_CHECK_RATE_PPM,
             perturb_outputs: false,
             misreport_loss_ppm: 0,
+            layers: None,
+            max_stage_sessions: crate::pipeline::DEFAULT_MAX_STAGE_SESSIONS,
+            stage_idle_ms: crate::pipeline::DEFAULT_STAGE_IDLE_MS,
         }
     }
 }
@@ -242,6 +254,16 @@ pub struct ModelInfo {
     pub vocab_size: usize,
     pub is_moe: bool,
     pub device: String,
+    /// RT-PIPE-2: the layers this engine holds (`[0, layers − 1]`: all).
+    pub first_layer: usize,
+    pub last_layer: usize,
+}
+
+impl ModelInfo {
+    /// Whether the engine holds every layer (and can serve `/chat` alone).
+    pub fn whole(&self) -> bool {
+        self.first_layer == 0 && self.last_layer + 1 == self.layers
+    }
 }
 
 struct Job {
@@ -254,17 +276,41 @@ struct Job {
     span: tracing::Span,
 }
 
+/// RT-PIPE-2: one step of a pipeline session on this engine.
+struct StageJob {
+    session: u64,
+    step: crate::pipeline::Step,
+    deadline: Instant,
+    reply: oneshot::Sender<Result<crate::pipeline::Step, Error>>,
+}
+
+/// What the engine thread serves, in arrival order.
+enum Work {
+    Chat(Job),
+    Stage(StageJob),
+    /// A session's call ended: drop its cache.
+    CloseStage(u64),
+}
+
 /// The API's side of the engine; cheap to clone.
 #[derive(Clone)]
 pub struct InferenceHandle {
-    jobs: mpsc::Sender<Job>,
+    jobs: mpsc::Sender<Work>,
     pub model: ModelInfo,
     pub config: InferenceConfig,
     /// The engine's state and counters (API-CHAT-4/5), shared with its thread.
     pub stats: Arc<EngineStats>,
     /// POL-SERVE-1: the head it serves.
     pub heads: Arc<HeadSlot>,
+    /// RT-PIPE-3: the model's tokenizer and end-of-sequence ids, for
+    /// routing a request through stages on other nodes.
+    #[cfg(feature = "inference")]
+    pub tokenizer: RouterTokenizer,
 }
+
+/// RT-PIPE-3: a model's tokenizer and its end-of-sequence ids.
+#[cfg(feature = "inference")]
+pub type RouterTokenizer = Arc<(blyan_gpu::tokenizer::Tokenizer, Vec<i64>)>;
 
 /// Pieces of streamed text in flight per job; a reader that leaves more
 /// unread has its job cancelled (API-CHAT-4): the engine never waits on it.
@@ -401,7 +447,7 @@ impl InferenceHandle {
                 })
             })
             .map_err(|e| Error::Inference(format!("cannot start the inference thread: {e}")))?;
-        let model = ready_rx
+        let (model, tokenizer) = ready_rx
             .await
             .map_err(|_| Error::Inference("the inference thread died while loading".into()))??;
         Ok(InferenceHandle {
@@ -410,6 +456,7 @@ impl InferenceHandle {
             config,
             stats,
             heads,
+            tokenizer,
         })
     }
 
@@ -472,7 +519,10 @@ impl InferenceHandle {
             capacity = self.config.queue_len,
         );
         let entered = route.enter();
-        let sent = self.jobs.try_send(job);
+        let sent = self.jobs.try_send(Work::Chat(job)).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => mpsc::error::TrySendError::Full(()),
+            mpsc::error::TrySendError::Closed(_) => mpsc::error::TrySendError::Closed(()),
+        });
         drop(entered);
         sent.map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => {
@@ -490,6 +540,46 @@ impl InferenceHandle {
                 self.config.timeout_ms
             ))),
         }
+    }
+
+    /// RT-PIPE-2: runs `step` of session `session` (a number the caller
+    /// keeps unique per call) on the engine's queue, extending that
+    /// session's KV cache; the stage's output tensor.
+    pub async fn stage(
+        &self,
+        session: u64,
+        step: crate::pipeline::Step,
+    ) -> Result<crate::pipeline::Step, Error> {
+        let timeout = Duration::from_millis(self.config.timeout_ms);
+        let (reply, answer) = oneshot::channel();
+        let job = StageJob {
+            session,
+            step,
+            deadline: Instant::now() + timeout,
+            reply,
+        };
+        self.jobs.try_send(Work::Stage(job)).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => {
+                Error::Busy("the inference queue is full; retry later".into())
+            }
+            mpsc::error::TrySendError::Closed(_) => {
+                Error::Inference("the inference engine has stopped".into())
+            }
+        })?;
+        match tokio::time::timeout(timeout, answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(Error::Inference("the inference engine stopped".into())),
+            Err(_) => Err(Error::Timeout(format!(
+                "the stage step did not finish within {} ms",
+                self.config.timeout_ms
+            ))),
+        }
+    }
+
+    /// RT-PIPE-2: drops session `session`'s cache (its call ended). A full
+    /// queue leaves it to the idle expiry.
+    pub fn close_stage(&self, session: u64) {
+        let _ = self.jobs.try_send(Work::CloseStage(session));
     }
 
     /// Jobs waiting in the queue (the running one excluded).
@@ -519,14 +609,18 @@ fn outcome_of(r: &Result<ChatResult, Error>) -> crate::metrics::InferenceOutcome
 }
 
 #[cfg(feature = "inference")]
+pub(crate) use engine::run_chat;
+
+#[cfg(feature = "inference")]
 mod engine {
     use super::{
         Cancel, ChatResult, EngineState, EngineStats, HeadSlot, HeadUpdate, InferenceConfig, Job,
-        ModelInfo, REBUILD_RETRY_MS, STREAM_PIECES,
+        ModelInfo, REBUILD_RETRY_MS, STREAM_PIECES, StageJob, Work,
     };
     use crate::Error;
+    use crate::pipeline::{Kind as StepKind, Step};
     use blyan_gpu::LoadedModel;
-    use blyan_gpu::generate::{GenerateRequest, generate_until};
+    use blyan_gpu::generate::{GenerateRequest, generate_with};
     use blyan_gpu::sample::SamplingParams;
     use std::ops::ControlFlow;
     use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -543,7 +637,9 @@ mod engine {
     fn load(config: &InferenceConfig) -> Result<(LoadedModel, ModelInfo), Error> {
         let device = blyan_gpu::parse_device(&config.device).map_err(gpu)?;
         let kind = blyan_gpu::parse_dtype(&config.dtype).map_err(gpu)?;
-        let loaded = LoadedModel::load(config.model_dir.as_deref(), device, kind).map_err(gpu)?;
+        let layers = config.layers.map(|[a, b]| (a, b));
+        let loaded = LoadedModel::load_range(config.model_dir.as_deref(), device, kind, layers)
+            .map_err(gpu)?;
         let cfg = &loaded.model.cfg;
         let name = match &config.model_dir {
             None => "blyan-default".to_string(),
@@ -558,6 +654,8 @@ mod engine {
             vocab_size: cfg.vocab_size as usize,
             is_moe: cfg.moe.is_some(),
             device: config.device.clone(),
+            first_layer: loaded.model.range.start as usize,
+            last_layer: (loaded.model.range.end - 1) as usize,
         };
         if loaded.tokenizer.is_none() {
             return Err(Error::Inference(
@@ -598,8 +696,63 @@ mod engine {
         job: &Job,
         stats: &EngineStats,
     ) -> Result<ChatResult, Error> {
+        let range = loaded.model.range;
+        if !(range.embed && range.head) {
+            return Err(Error::Inference(format!(
+                "this engine holds layers {}..={} only; it serves routers as a pipeline stage (RT-PIPE-2)",
+                range.start,
+                range.end - 1
+            )));
+        }
         let tokenizer = loaded.tokenizer.as_ref().expect("checked at load");
         let req = &job.request;
+        let inject_panic = config
+            .panic_on_prompt
+            .as_deref()
+            .is_some_and(|m| req.prompt.contains(m));
+        // OPS-TRACE-3: the pipeline stage this engine runs: all the layers.
+        let stage = tracing::info_span!(
+            "stage",
+            stage = 0,
+            layers = %format!("0..{}", loaded.model.cfg.num_hidden_layers),
+        );
+        let _stage = stage.enter();
+        let token_delay = std::time::Duration::from_millis(config.token_delay_ms);
+        let model = &loaded.model;
+        let mut cache = blyan_gpu::model::KvCache::new();
+        run_chat(
+            tokenizer,
+            &model.cfg.eos_token_ids,
+            config,
+            req,
+            |ids| model.last_logits(ids, &mut cache),
+            |piece| {
+                if inject_panic {
+                    panic!("fault injection: the prompt contains inference.panic_on_prompt");
+                }
+                if !token_delay.is_zero() {
+                    std::thread::sleep(token_delay);
+                }
+                step(job, piece)
+            },
+            stats,
+        )
+    }
+
+    /// A `/chat` job's generation over any forward pass (`forward(ids)`:
+    /// the logits after extending the sequence by `ids`): this engine's
+    /// model, or a route of stages on other nodes (RT-PIPE-3), so both
+    /// treat prompts, limits, stops, cancellation and log-probabilities
+    /// alike. `on_step` is asked after every token whether to go on.
+    pub(crate) fn run_chat(
+        tokenizer: &blyan_gpu::tokenizer::Tokenizer,
+        eos_ids: &[i64],
+        config: &InferenceConfig,
+        req: &super::ChatRequest,
+        forward: impl FnMut(&[i64]) -> blyan_gpu::Result<Vec<f32>>,
+        mut on_step: impl FnMut(Option<&str>) -> Result<(), Cancel>,
+        stats: &EngineStats,
+    ) -> Result<ChatResult, Error> {
         let prompt_ids = tokenizer.encode(&req.prompt).map_err(gpu)?;
         if prompt_ids.is_empty() {
             return Err(Error::BadRequest("the prompt encodes to no tokens".into()));
@@ -639,30 +792,12 @@ mod engine {
                 seed: req.seed,
             },
             stop: req.stop.clone(),
-            stop_ids: loaded.model.cfg.eos_token_ids.clone(),
+            stop_ids: eos_ids.to_vec(),
             top_logprobs: req.top_logprobs.map(usize::from),
         };
-        let inject_panic = config
-            .panic_on_prompt
-            .as_deref()
-            .is_some_and(|m| req.prompt.contains(m));
         let mut cancelled = None;
-        // OPS-TRACE-3: the pipeline stage this engine runs: all the layers.
-        let stage = tracing::info_span!(
-            "stage",
-            stage = 0,
-            layers = %format!("0..{}", loaded.model.cfg.num_hidden_layers),
-        );
-        let _stage = stage.enter();
-        let token_delay = std::time::Duration::from_millis(config.token_delay_ms);
-        let out = generate_until(&loaded.model, Some(tokenizer), &request, |piece| {
-            if inject_panic {
-                panic!("fault injection: the prompt contains inference.panic_on_prompt");
-            }
-            if !token_delay.is_zero() {
-                std::thread::sleep(token_delay);
-            }
-            match step(job, piece) {
+        let out = generate_with(forward, Some(tokenizer), &request, |piece| {
+            match on_step(piece) {
                 Ok(()) => ControlFlow::Continue(()),
                 Err(why) => {
                     cancelled = Some(why);
@@ -778,14 +913,10 @@ mod engine {
         }
         let device = blyan_gpu::parse_device(&config.device).map_err(gpu)?;
         let kind = blyan_gpu::parse_dtype(&config.dtype).map_err(gpu)?;
-        blyan_gpu::model::Qwen3::load(
-            &w.cfg,
-            &w.tensors,
-            blyan_gpu::model::LayerRange::full(&w.cfg),
-            device,
-            kind,
-        )
-        .map_err(gpu)
+        let range =
+            blyan_gpu::model::LayerRange::select(&w.cfg, config.layers.map(|[a, b]| (a, b)))
+                .map_err(gpu)?;
+        blyan_gpu::model::Qwen3::load(&w.cfg, &w.tensors, range, device, kind).map_err(gpu)
     }
 
     /// POL-SERVE-1/2: takes a pending head (between jobs), or re-applies the
@@ -830,17 +961,124 @@ mod engine {
         }
     }
 
+    /// RT-PIPE-2: one session's cache.
+    struct Session {
+        cache: blyan_gpu::model::KvCache,
+        last_used: Instant,
+    }
+
+    /// RT-PIPE-2: runs one stage step on `model`, extending its session's
+    /// cache (made on the session's first step, position 0).
+    fn stage_step(
+        model: &blyan_gpu::model::Qwen3,
+        config: &InferenceConfig,
+        sessions: &mut std::collections::BTreeMap<u64, Session>,
+        job: &StageJob,
+    ) -> Result<Step, Error> {
+        use blyan_gpu::stage::{HiddenStates, StageInput, StageOutput};
+        let now = Instant::now();
+        let idle = Duration::from_millis(config.stage_idle_ms);
+        sessions.retain(|_, s| now.duration_since(s.last_used) < idle);
+        let step = &job.step;
+        if !sessions.contains_key(&job.session) {
+            if step.position != 0 {
+                return Err(Error::BadRequest(format!(
+                    "no session here starts at position {} (expired or never opened)",
+                    step.position
+                )));
+            }
+            if sessions.len() >= config.max_stage_sessions {
+                return Err(Error::Busy(format!(
+                    "this stage holds {} sessions, its limit",
+                    sessions.len()
+                )));
+            }
+            sessions.insert(
+                job.session,
+                Session {
+                    cache: blyan_gpu::model::KvCache::new(),
+                    last_used: now,
+                },
+            );
+        }
+        let session = sessions.get_mut(&job.session).expect("inserted above");
+        session.last_used = now;
+        if i64::from(step.position) != session.cache.len {
+            return Err(Error::BadRequest(format!(
+                "a step at position {} for a cache of {}",
+                step.position, session.cache.len
+            )));
+        }
+        let input = match step.kind {
+            StepKind::Ids => StageInput::Ids(vec![step.to_ids()?]),
+            StepKind::Hidden => StageInput::Hidden(HiddenStates {
+                shape: step.shape.iter().map(|&d| i64::from(d)).collect(),
+                dtype: step.dtype.name().to_owned(),
+                bytes: step.bytes.clone(),
+            }),
+            StepKind::Logits => {
+                return Err(Error::BadRequest("logits are no stage's input".into()));
+            }
+        };
+        let position = step.position + step.seq();
+        let out = model
+            .run_stage(&input, &mut session.cache)
+            .map_err(|e| Error::BadRequest(format!("stage input: {e}")))?;
+        let dims = |v: &[i64]| -> Result<[u32; 3], Error> {
+            let d: Vec<u32> = v
+                .iter()
+                .map(|&x| u32::try_from(x).unwrap_or(u32::MAX))
+                .collect();
+            d.try_into()
+                .map_err(|_| Error::Inference(format!("an output of shape {v:?}")))
+        };
+        match out {
+            StageOutput::Hidden(h) => Ok(Step {
+                position,
+                kind: StepKind::Hidden,
+                dtype: crate::pipeline::Dtype::from_name(&h.dtype)?,
+                shape: dims(&h.shape)?,
+                bytes: h.bytes,
+            }),
+            out @ StageOutput::Logits(_) => {
+                // The last position's row, as the single-process loop takes it.
+                let row = out.last_logits().map_err(gpu)?.expect("the head's output");
+                Ok(Step {
+                    position,
+                    kind: StepKind::Logits,
+                    dtype: crate::pipeline::Dtype::F32,
+                    shape: [1, 1, u32::try_from(row.len()).unwrap_or(u32::MAX)],
+                    bytes: row.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                })
+            }
+        }
+    }
+
     pub(super) fn serve(
         config: InferenceConfig,
-        mut jobs: mpsc::Receiver<Job>,
-        ready: oneshot::Sender<Result<ModelInfo, Error>>,
+        mut jobs: mpsc::Receiver<Work>,
+        ready: oneshot::Sender<Result<(ModelInfo, super::RouterTokenizer), Error>>,
         stats: Arc<EngineStats>,
         heads: Arc<HeadSlot>,
     ) {
         let mut loaded = match load(&config) {
             Ok((loaded, info)) => {
                 tracing::info!(model = %info.name, layers = info.layers, device = %info.device, "inference engine ready");
-                let _ = ready.send(Ok(info));
+                let tokenizer = match LoadedModel::load_tokenizer(config.model_dir.as_deref()) {
+                    Ok(Some(t)) => t,
+                    Ok(None) => {
+                        let _ = ready.send(Err(Error::Inference(
+                            "the model has no tokenizer.json".into(),
+                        )));
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = ready.send(Err(gpu(e)));
+                        return;
+                    }
+                };
+                let eos = loaded.model.cfg.eos_token_ids.clone();
+                let _ = ready.send(Ok((info, Arc::new((tokenizer, eos)))));
                 Some(loaded)
             }
             Err(e) => {
@@ -853,7 +1091,75 @@ mod engine {
         let mut base = None;
         let mut applied: Option<HeadUpdate> = None;
         let mut reapply = false;
-        while let Some(job) = jobs.blocking_recv() {
+        let mut sessions = std::collections::BTreeMap::new();
+        while let Some(work) = jobs.blocking_recv() {
+            let job = match work {
+                Work::Chat(job) => job,
+                Work::CloseStage(id) => {
+                    sessions.remove(&id);
+                    continue;
+                }
+                Work::Stage(job) => {
+                    if Instant::now() >= job.deadline {
+                        stats.expired_in_queue.fetch_add(1, Ordering::Relaxed);
+                        let _ = job.reply.send(Err(Error::Timeout(
+                            "the stage step waited past the inference timeout".into(),
+                        )));
+                        continue;
+                    }
+                    if job.reply.is_closed() {
+                        stats.cancelled(Cancel::Disconnected);
+                        continue;
+                    }
+                    if loaded.is_none() && last_rebuild.elapsed() >= retry {
+                        loaded = rebuild(&config, &stats);
+                        last_rebuild = Instant::now();
+                        reapply = true;
+                    }
+                    // POL-SERVE-2 for stages: a new head is taken only while
+                    // no session is open, so no cache mixes two heads.
+                    if let Some(l) = loaded.as_mut().filter(|_| sessions.is_empty()) {
+                        take_head(&config, &heads, l, &mut base, &mut applied, reapply);
+                        reapply = false;
+                    }
+                    let Some(l) = &loaded else {
+                        let _ = job
+                            .reply
+                            .send(Err(Error::Inference("the inference engine is down".into())));
+                        continue;
+                    };
+                    let started = Instant::now();
+                    stats.ops.set_running(true);
+                    let outcome = catch_unwind(AssertUnwindSafe(|| {
+                        stage_step(&l.model, &config, &mut sessions, &job)
+                    }));
+                    stats.ops.set_running(false);
+                    stats.ops.engine_ms.observe(started.elapsed());
+                    match outcome {
+                        Ok(r) => {
+                            let _ = job.reply.send(r);
+                        }
+                        Err(payload) => {
+                            // API-CHAT-5 for stages: the caches go with the
+                            // engine; routers replay (RT-PIPE-4).
+                            let why = panic_message(&*payload);
+                            stats.panics.fetch_add(1, Ordering::Relaxed);
+                            tracing::error!(panic = %why, "stage step panicked; rebuilding the engine");
+                            let _ = job.reply.send(Err(Error::Inference(format!(
+                                "the inference engine panicked ({why}); it is being rebuilt"
+                            ))));
+                            sessions.clear();
+                            if let Some(old) = loaded.take() {
+                                let _ = catch_unwind(AssertUnwindSafe(move || drop(old)));
+                            }
+                            loaded = rebuild(&config, &stats);
+                            last_rebuild = Instant::now();
+                            reapply = true;
+                        }
+                    }
+                    continue;
+                }
+            };
             if Instant::now() >= job.deadline {
                 stats.expired_in_queue.fetch_add(1, Ordering::Relaxed);
                 let _ = job.reply.send(Err(Error::Timeout(

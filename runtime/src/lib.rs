@@ -46,6 +46,7 @@ pub mod metrics;
 pub mod model;
 pub mod node;
 pub mod own_tx;
+pub mod pipeline;
 #[cfg(feature = "inference")]
 pub mod pol_cli;
 #[cfg(feature = "inference")]

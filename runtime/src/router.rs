@@ -131,6 +131,20 @@ fn perturbed(text: String) -> String {
 }
 
 impl StageSink for StageServer {
+    fn stage(
+        &self,
+        from: PeerId,
+        requests: tonic::Streaming<Bytes>,
+    ) -> mpsc::Receiver<Result<Bytes, Status>> {
+        crate::pipeline::serve_stage(
+            self.engine.clone(),
+            self.model,
+            self.perturb,
+            from,
+            requests,
+        )
+    }
+
     fn generate(&self, from: PeerId, request: Bytes) -> mpsc::Receiver<Result<Bytes, Status>> {
         let (tx, rx) = mpsc::channel(GENERATE_STREAM_BUFFER);
         let engine = self.engine.clone();
@@ -208,18 +222,34 @@ impl StageSink for StageServer {
 /// How a routed request ended.
 pub struct Routed {
     pub result: Result<ChatResult, Error>,
-    /// The node whose engine produced the result (this node if local).
+    /// The node whose engine produced the result (this node if local; the
+    /// last stage of a pipeline).
     pub served_by: Address,
-    /// Nodes that failed before it, in order (RT-STAGE-4).
+    /// Nodes that failed before it, in order (RT-STAGE-4, RT-PIPE-4).
     pub failed: Vec<Address>,
     /// Time of the attempt that produced the result, ms (RT-STAGE-7).
     pub stage_ms: u64,
+    /// RT-PIPE-3: the stages of the pipeline that produced the result, in
+    /// order; empty when one engine produced it (`served_by`).
+    pub stages: Vec<RoutedStage>,
+}
+
+/// RT-PIPE-3: one stage of a pipeline that served a request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoutedStage {
+    pub node: Address,
+    pub first_layer: u32,
+    pub last_layer: u32,
+    /// Time spent in this stage's steps (its compute and round trips), ms.
+    pub ms: u64,
 }
 
 /// Why one attempt did not produce the answer.
 enum Failure {
     /// The node failed: try another (RT-STAGE-4).
     Node(String),
+    /// A pipeline stage on this node failed: replay without it (RT-PIPE-4).
+    Stage(Address, String),
     /// The request itself cannot be served (bad request, the client went
     /// away, the replay diverged): no other node will do better.
     Request(Error),
@@ -229,6 +259,8 @@ enum Failure {
 enum Choice {
     Local,
     Remote(Address),
+    /// RT-PIPE-3: several stages, each a layer range.
+    Pipeline(blyan_route::route::Plan),
 }
 
 /// RT-STAGE-2..5: the node's router.
@@ -252,6 +284,10 @@ pub struct Router {
     seq: AtomicU64,
     /// RT-STAGE-7: time of remote stages that produced an answer.
     pub remote_stage_ms: crate::metrics::MsHistogram,
+    /// RT-PIPE-3: pipelines that produced an answer.
+    pipelines: AtomicU64,
+    /// RT-PIPE-3: tensor bytes sent to and received from remote stages.
+    pipeline_bytes: Arc<AtomicU64>,
 }
 
 /// RT-STAGE-6 outcomes, in `/metrics` order.
@@ -329,6 +365,8 @@ impl Router {
             routed_local: AtomicU64::new(0),
             routed_remote: AtomicU64::new(0),
             failovers: AtomicU64::new(0),
+            pipelines: AtomicU64::new(0),
+            pipeline_bytes: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -346,16 +384,39 @@ impl Router {
         )
     }
 
-    /// RT-STAGE-7: the node the next request for `model` would be sent to
-    /// now (for a stream's `x-blyan-route` header, sent before the answer).
-    pub fn planned(&self, engine: &InferenceHandle, model: Option<Hash32>) -> Address {
+    /// RT-STAGE-7: the stages (node, first and last layer) the next
+    /// request for `model` would use now (for a stream's `x-blyan-route`
+    /// header, sent before the answer).
+    pub fn planned(
+        &self,
+        engine: &InferenceHandle,
+        model: Option<Hash32>,
+    ) -> Vec<(Address, u32, u32)> {
+        let last = u32::try_from(engine.model.layers.saturating_sub(1)).unwrap_or(u32::MAX);
         match model.map(|m| self.choose(engine, m, &BTreeSet::new())) {
-            Some(Choice::Remote(node)) => node,
-            _ => self.me,
+            Some(Choice::Remote(node)) => vec![(node, 0, last)],
+            Some(Choice::Pipeline(plan)) => plan
+                .stages
+                .iter()
+                .map(|s| (s.node, s.first_layer, s.last_layer))
+                .collect(),
+            _ => vec![(self.me, 0, last)],
         }
     }
 
-    /// RT-STAGE-2/3: where the next attempt runs.
+    /// RT-PIPE-3: pipelines served, and the bytes of tensors their remote
+    /// stages sent and received (`/metrics`).
+    pub fn pipeline_counts(&self) -> (u64, u64) {
+        (
+            self.pipelines.load(Ordering::Relaxed),
+            self.pipeline_bytes.load(Ordering::Relaxed),
+        )
+    }
+
+    /// RT-STAGE-2/3, RT-PIPE-3: where the next attempt runs. The local
+    /// engine is a candidate (over the layers it holds) on a node that
+    /// advertises; on any other node it serves only when no route over the
+    /// live holders exists.
     fn choose(
         &self,
         engine: &InferenceHandle,
@@ -364,22 +425,21 @@ impl Router {
     ) -> Choice {
         let now = now_ms();
         let layers = u32::try_from(engine.model.layers.max(1)).unwrap_or(u32::MAX);
-        let remote = self
-            .heartbeats
-            .whole_model_holders(&model, layers, excluded, now);
-        let local_ok = !excluded.contains(&self.me) && (self.advertise || remote == 0);
-        if remote == 0 {
-            return Choice::Local;
-        }
+        let (first, last) = (
+            u32::try_from(engine.model.first_layer).unwrap_or(u32::MAX),
+            u32::try_from(engine.model.last_layer).unwrap_or(u32::MAX),
+        );
         let ops = &engine.stats.ops;
-        let local = local_ok.then(|| Candidate {
+        let local = (self.advertise && !excluded.contains(&self.me)).then(|| Candidate {
             node: self.me,
-            first_layer: 0,
-            last_layer: layers - 1,
+            first_layer: first,
+            last_layer: last,
             dense: true,
             experts: Vec::new(),
             rtt_us: 0,
-            compute_per_layer_us: ops.compute_per_token_us().div_ceil(u64::from(layers)),
+            compute_per_layer_us: ops
+                .compute_per_token_us()
+                .div_ceil(u64::from(last.saturating_sub(first) + 1)),
             queue_depth: u32::try_from(engine.queued() + usize::from(ops.is_running()))
                 .unwrap_or(u32::MAX),
         });
@@ -404,6 +464,7 @@ impl Router {
             Ok(plan) if plan.stages.len() == 1 && plan.stages[0].node != self.me => {
                 Choice::Remote(plan.stages[0].node)
             }
+            Ok(plan) if plan.stages.len() > 1 => Choice::Pipeline(plan),
             Ok(_) => Choice::Local,
             Err(e) => {
                 debug!(error = %e, "no route; serving locally");
@@ -432,20 +493,35 @@ impl Router {
                 served_by: self.me,
                 failed,
                 stage_ms: t.elapsed().as_millis() as u64,
+                stages: Vec::new(),
             };
         };
         let mut excluded = BTreeSet::new();
         let mut sent = Sent::default();
         for attempt in 0..MAX_ATTEMPTS {
-            let last = attempt + 1 == MAX_ATTEMPTS;
+            // The last attempt is the local engine when it holds the whole
+            // model; a stage-only node keeps routing.
+            let last = attempt + 1 == MAX_ATTEMPTS && engine.model.whole();
             let choice = if last {
                 Choice::Local
             } else {
                 self.choose(engine, model, &excluded)
             };
             let attempt_started = std::time::Instant::now();
+            let mut stages = Vec::new();
             let (node, outcome) = match choice {
                 Choice::Local => (self.me, self.local(engine, &req, &pieces, &mut sent).await),
+                Choice::Pipeline(plan) => {
+                    let last_node = plan.stages.last().expect("a plan has stages").node;
+                    self.load.lock().expect("load book lock").assign(&plan);
+                    let r = self.pipeline(engine, &plan, &req, &pieces, &mut sent).await;
+                    self.load.lock().expect("load book lock").release(&plan);
+                    let r = r.map(|(result, used)| {
+                        stages = used;
+                        result
+                    });
+                    (last_node, r)
+                }
                 Choice::Remote(node) => {
                     let plan_node = node;
                     {
@@ -471,7 +547,9 @@ impl Router {
                     };
                     counter.fetch_add(1, Ordering::Relaxed);
                     let elapsed = attempt_started.elapsed();
-                    if node != self.me {
+                    if !stages.is_empty() {
+                        self.pipelines.fetch_add(1, Ordering::Relaxed);
+                    } else if node != self.me {
                         self.remote_stage_ms.observe(elapsed);
                         self.maybe_spot_check(engine, model, &req, node, &result);
                     }
@@ -480,6 +558,7 @@ impl Router {
                         served_by: node,
                         failed,
                         stage_ms: elapsed.as_millis() as u64,
+                        stages,
                     };
                 }
                 Err(Failure::Request(e)) => {
@@ -488,6 +567,7 @@ impl Router {
                         served_by: node,
                         failed,
                         stage_ms: attempt_started.elapsed().as_millis() as u64,
+                        stages,
                     };
                 }
                 Err(Failure::Node(why)) => {
@@ -496,9 +576,28 @@ impl Router {
                     excluded.insert(node);
                     failed.push(node);
                 }
+                Err(Failure::Stage(bad, why)) => {
+                    self.failovers.fetch_add(1, Ordering::Relaxed);
+                    warn!(node = %bad, error = %why, attempt, "pipeline stage failed; replaying without it (RT-PIPE-4)");
+                    excluded.insert(bad);
+                    failed.push(bad);
+                }
             }
         }
-        unreachable!("the last attempt is local and always returns")
+        Routed {
+            result: Err(Error::Inference(format!(
+                "no route served the request in {MAX_ATTEMPTS} attempts (failed: {})",
+                failed
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+            served_by: self.me,
+            failed,
+            stage_ms: 0,
+            stages: Vec::new(),
+        }
     }
 
     /// RT-STAGE-6: draws whether `stage`'s answer to `req` is checked and,
@@ -763,6 +862,166 @@ impl Router {
             }
             Err(_) => Err(Failure::Node("the routed stage missed its deadline".into())),
         }
+    }
+}
+
+impl Router {
+    /// RT-PIPE-3/4: one attempt through the stages of `plan`: the router
+    /// runs the single-process generation loop on a blocking thread, each
+    /// forward pass sent through the stages in order; a stage's failure
+    /// names it ([`Failure::Stage`]). Dropping this future (the client went
+    /// away) stops the loop at its next token and ends every stage's call.
+    #[cfg(feature = "inference")]
+    async fn pipeline(
+        &self,
+        engine: &InferenceHandle,
+        plan: &blyan_route::route::Plan,
+        req: &ChatRequest,
+        pieces: &Option<mpsc::Sender<String>>,
+        sent: &mut Sent,
+    ) -> Result<(ChatResult, Vec<RoutedStage>), Failure> {
+        use crate::inference::Cancel;
+        use crate::pipeline::RouteSession;
+        let deadline = std::time::Instant::now() + Duration::from_millis(engine.config.timeout_ms);
+        let session = RouteSession::open(
+            &self.transport,
+            self.me,
+            engine,
+            plan,
+            self.pipeline_bytes.clone(),
+        )
+        .await
+        .map_err(|(n, why)| Failure::Stage(n, why))?;
+        /// Stops the blocking loop when the attempt's future is dropped.
+        struct Stop(Arc<std::sync::atomic::AtomicBool>);
+        impl Drop for Stop {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+        let stop = Stop(Arc::new(std::sync::atomic::AtomicBool::new(false)));
+        let stopped = stop.0.clone();
+        let handle = tokio::runtime::Handle::current();
+        let (engine, req, client) = (engine.clone(), req.clone(), pieces.clone());
+        let mut seen = std::mem::take(&mut sent.text);
+        let before = seen.len();
+        let span = tracing::info_span!(
+            "inference.route",
+            route = "pipeline",
+            stages = plan.stages.len()
+        );
+        let job = tokio::task::spawn_blocking(move || {
+            let _in = span.enter();
+            let mut session = session;
+            let mut position = 0u32;
+            let mut stage_failure = None;
+            let mut request_failure = None;
+            let mut got = String::new();
+            let (tokenizer, eos) = &*engine.tokenizer;
+            let result = crate::inference::run_chat(
+                tokenizer,
+                eos,
+                &engine.config,
+                &req,
+                |ids| match handle.block_on(session.forward(position, ids, deadline)) {
+                    Ok(row) => {
+                        position += u32::try_from(ids.len()).unwrap_or(u32::MAX);
+                        Ok(row)
+                    }
+                    Err((node, why)) => {
+                        stage_failure = Some((node, why.clone()));
+                        Err(blyan_gpu::GpuError::Invalid(why))
+                    }
+                },
+                |piece| {
+                    if std::time::Instant::now() >= deadline {
+                        return Err(Cancel::Deadline);
+                    }
+                    if stopped.load(Ordering::Relaxed) {
+                        return Err(Cancel::Disconnected);
+                    }
+                    let Some(client) = &client else {
+                        return Ok(());
+                    };
+                    let Some(p) = piece else {
+                        return if client.is_closed() {
+                            Err(Cancel::Disconnected)
+                        } else {
+                            Ok(())
+                        };
+                    };
+                    got.push_str(p);
+                    let mut s = Sent {
+                        text: std::mem::take(&mut seen),
+                    };
+                    let fresh = match s.fresh(&got, before) {
+                        Ok(f) => f.to_string(),
+                        Err(e) => {
+                            seen = s.text;
+                            request_failure = Some(e);
+                            return Err(Cancel::Disconnected);
+                        }
+                    };
+                    let r = if fresh.is_empty() {
+                        Ok(())
+                    } else {
+                        match client.try_send(fresh.clone()) {
+                            Ok(()) => {
+                                s.text.push_str(&fresh);
+                                Ok(())
+                            }
+                            Err(mpsc::error::TrySendError::Full(_)) => Err(Cancel::Stalled),
+                            Err(mpsc::error::TrySendError::Closed(_)) => Err(Cancel::Disconnected),
+                        }
+                    };
+                    seen = s.text;
+                    r
+                },
+                &engine.stats,
+            );
+            let timings = session.timings();
+            (result, stage_failure, request_failure, seen, timings)
+        });
+        let (result, stage_failure, request_failure, seen, timings) = job.await.map_err(|e| {
+            Failure::Request(Error::Inference(format!("the route's loop failed: {e}")))
+        })?;
+        sent.text = seen;
+        drop(stop);
+        if let Some(e) = request_failure {
+            return Err(Failure::Request(e));
+        }
+        if let Some((node, why)) = stage_failure {
+            return Err(Failure::Stage(node, why));
+        }
+        let result = result.map_err(Failure::Request)?;
+        let stages = plan
+            .stages
+            .iter()
+            .zip(timings)
+            .map(|(s, ms)| RoutedStage {
+                node: s.node,
+                first_layer: s.first_layer,
+                last_layer: s.last_layer,
+                ms,
+            })
+            .collect();
+        info!(stages = plan.stages.len(), "request served by a pipeline");
+        Ok((result, stages))
+    }
+
+    /// Without the `inference` feature no node routes through stages.
+    #[cfg(not(feature = "inference"))]
+    async fn pipeline(
+        &self,
+        _engine: &InferenceHandle,
+        _plan: &blyan_route::route::Plan,
+        _req: &ChatRequest,
+        _pieces: &Option<mpsc::Sender<String>>,
+        _sent: &mut Sent,
+    ) -> Result<(ChatResult, Vec<RoutedStage>), Failure> {
+        Err(Failure::Request(Error::Inference(
+            "this binary was built without the `inference` feature".into(),
+        )))
     }
 }
 

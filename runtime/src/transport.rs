@@ -548,6 +548,7 @@ const PATH_DELIVER: &str = "/blyan.p2p.v1.Peer/Deliver";
 const PATH_BLOB_MANIFEST: &str = "/blyan.p2p.v1.Peer/BlobManifest";
 const PATH_HEARTBEAT: &str = "/blyan.p2p.v1.Peer/Heartbeat";
 const PATH_GENERATE: &str = "/blyan.p2p.v1.Peer/Generate";
+const PATH_STAGE: &str = "/blyan.p2p.v1.Peer/Stage";
 const PATH_BLOB_BY_ROOT: &str = "/blyan.p2p.v1.Peer/BlobByRoot";
 const PATH_SNAPSHOT_MANIFEST: &str = "/blyan.p2p.v1.Peer/SnapshotManifest";
 const PATH_SNAPSHOT_CHUNK: &str = "/blyan.p2p.v1.Peer/SnapshotChunk";
@@ -574,6 +575,13 @@ pub const GENERATE_STREAM_BUFFER: usize = 64;
 /// bytes, a bounded channel of answer events.
 pub trait StageSink: Send + Sync + 'static {
     fn generate(&self, from: PeerId, request: Bytes) -> mpsc::Receiver<Result<Bytes, Status>>;
+    /// RT-PIPE-1/2: one pipeline session: the router's messages in, the
+    /// stage's answers out (bounded).
+    fn stage(
+        &self,
+        from: PeerId,
+        requests: tonic::Streaming<Bytes>,
+    ) -> mpsc::Receiver<Result<Bytes, Status>>;
 }
 /// RT-HB-1: the largest heartbeat body (`blyan_route::heartbeat::MAX_HEARTBEAT_BYTES`).
 pub const MAX_HEARTBEAT_MESSAGE_BYTES: usize = blyan_route::heartbeat::MAX_HEARTBEAT_BYTES;
@@ -1009,6 +1017,27 @@ async fn generate_stream(
     ))
 }
 
+/// RT-PIPE-1: a pipeline session for the TLS peer.
+async fn stage_stream(
+    shared: Arc<Shared>,
+    r: tonic::Request<tonic::Streaming<Bytes>>,
+) -> Result<tonic::Response<ChunkStream>, Status> {
+    let from = tls_peer(&r)?;
+    if shared.is_blocked(&from) {
+        return Err(Status::unavailable("partitioned"));
+    }
+    let sink = shared
+        .stages
+        .read()
+        .expect("stage sink lock")
+        .clone()
+        .ok_or_else(|| Status::unimplemented("this node serves no engine to peers"))?;
+    let rx = sink.stage(from, r.into_inner());
+    Ok(tonic::Response::new(
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+    ))
+}
+
 async fn fetch_blob_stream(
     shared: Arc<Shared>,
     r: tonic::Request<Bytes>,
@@ -1132,6 +1161,13 @@ impl tower::Service<http::Request<tonic::body::Body>> for PeerService {
                 let svc = tower::service_fn(move |r| generate_stream(shared.clone(), r));
                 Ok(grpc.server_streaming(svc, req).await)
             }),
+            PATH_STAGE => Box::pin(async move {
+                let mut grpc = tonic::server::Grpc::new(BytesCodec)
+                    .max_decoding_message_size(crate::pipeline::MAX_STAGE_MESSAGE_BYTES)
+                    .max_encoding_message_size(crate::pipeline::MAX_STAGE_MESSAGE_BYTES);
+                let svc = tower::service_fn(move |r| stage_stream(shared.clone(), r));
+                Ok(grpc.streaming(svc, req).await)
+            }),
             PATH_FETCH_BLOB => Box::pin(async move {
                 let mut grpc = tonic::server::Grpc::new(BytesCodec)
                     .max_decoding_message_size(64)
@@ -1243,6 +1279,24 @@ impl PeerClient {
         Self::ready(&mut grpc).await?;
         let path = http::uri::PathAndQuery::from_static(PATH_GENERATE);
         grpc.server_streaming(tonic::Request::new(request), path, BytesCodec)
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    /// RT-PIPE-1: opens a pipeline session; `requests` feeds the router's
+    /// messages, the stream returned carries the stage's answers.
+    pub async fn stage(
+        &self,
+        requests: mpsc::Receiver<Bytes>,
+    ) -> Result<tonic::Streaming<Bytes>, Status> {
+        let mut grpc = self
+            .grpc()
+            .max_encoding_message_size(crate::pipeline::MAX_STAGE_MESSAGE_BYTES)
+            .max_decoding_message_size(crate::pipeline::MAX_STAGE_MESSAGE_BYTES);
+        Self::ready(&mut grpc).await?;
+        let path = http::uri::PathAndQuery::from_static(PATH_STAGE);
+        let stream = tokio_stream::wrappers::ReceiverStream::new(requests);
+        grpc.streaming(tonic::Request::new(stream), path, BytesCodec)
             .await
             .map(|r| r.into_inner())
     }

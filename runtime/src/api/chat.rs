@@ -328,17 +328,19 @@ fn finish(
     engine: &InferenceHandle,
     payment: Payment,
     r: Result<&ChatResult, &Error>,
-    served_by: blyan_state_machine::types::Address,
+    served_by: Served,
     started: std::time::Instant,
 ) -> Bill {
     let layers = engine.model.layers.max(1) as u64;
     let served = r.ok();
     let tokens = served.map_or(0, |r| (r.prompt_tokens + r.completion_tokens) as u64);
+    let shares = if served_by.stages.is_empty() {
+        crate::billing::route_of(state.node.address, served_by.by, layers, tokens)
+    } else {
+        crate::billing::route_of_stages(state.node.address, &served_by.stages, tokens)
+    };
     let route: Vec<_> = if served.is_some() {
-        crate::billing::route_of(state.node.address, served_by, layers, tokens)
-            .into_iter()
-            .map(|s| (s.node, s.work))
-            .collect()
+        shares.iter().map(|s| (s.node, s.work)).collect()
     } else {
         Vec::new()
     };
@@ -360,10 +362,7 @@ fn finish(
             let counts = served.map(|r| (r.prompt_tokens as u64, r.completion_tokens as u64));
             let model = state.served_model.unwrap_or([0; 32]);
             let (cost, charged, request_id) =
-                match state
-                    .meter
-                    .complete_by(reservation, model, counts, served_by, layers)
-                {
+                match state.meter.complete_by(reservation, model, counts, shares) {
                     Some((id, cost)) => (cost, true, Some(id)),
                     None => (0, false, None),
                 };
@@ -418,11 +417,7 @@ async fn serve(
     engine: &InferenceHandle,
     req: crate::inference::ChatRequest,
     pieces: Option<mpsc::Sender<String>>,
-) -> (
-    Result<ChatResult, Error>,
-    blyan_state_machine::types::Address,
-    serde_json::Value,
-) {
+) -> (Result<ChatResult, Error>, Served, serde_json::Value) {
     let routed = match &state.router {
         Some(router) => {
             router
@@ -436,11 +431,36 @@ async fn serve(
                 served_by: state.node.address,
                 failed: Vec::new(),
                 stage_ms: t.elapsed().as_millis() as u64,
+                stages: Vec::new(),
             }
         }
     };
     let stages = stages_json(engine, &routed);
-    (routed.result, routed.served_by, stages)
+    let served = Served {
+        by: routed.served_by,
+        stages: routed
+            .stages
+            .iter()
+            .map(|s| (s.node, u64::from(s.last_layer - s.first_layer + 1)))
+            .collect(),
+    };
+    (routed.result, served, stages)
+}
+
+/// Who computed an answer (RT-STAGE-5, RT-PIPE-3): one engine, or the
+/// stages of a pipeline with the layers each ran.
+pub(crate) struct Served {
+    by: blyan_state_machine::types::Address,
+    stages: Vec<(blyan_state_machine::types::Address, u64)>,
+}
+
+impl Served {
+    fn local(node: blyan_state_machine::types::Address) -> Served {
+        Served {
+            by: node,
+            stages: Vec::new(),
+        }
+    }
 }
 
 /// RT-STAGE-7: a route's stages as answers show them (one stage holding
@@ -452,7 +472,16 @@ fn stages_json(engine: &InferenceHandle, r: &crate::router::Routed) -> serde_jso
         .iter()
         .map(|n| json!({ "node": n.to_string(), "layers": [0, last], "failed": true }))
         .collect();
-    stages.push(json!({ "node": r.served_by.to_string(), "layers": [0, last], "ms": r.stage_ms }));
+    if r.stages.is_empty() {
+        stages.push(
+            json!({ "node": r.served_by.to_string(), "layers": [0, last], "ms": r.stage_ms }),
+        );
+    } else {
+        // RT-PIPE-3: every stage with its layer range.
+        stages.extend(r.stages.iter().map(|s| {
+            json!({ "node": s.node.to_string(), "layers": [s.first_layer, s.last_layer], "ms": s.ms })
+        }));
+    }
     serde_json::Value::Array(stages)
 }
 
@@ -733,14 +762,17 @@ pub async fn completions(
     // engine), the piece channel fills and the engine cancels the job.
     // RT-STAGE-7: a stream's header names the planned stage; its final
     // chunk's `blyan.stages` the one actually used, failovers included.
+    let last = u32::try_from(engine.model.layers.saturating_sub(1)).unwrap_or(u32::MAX);
     let planned = match &state.router {
         Some(r) => r.planned(&engine, state.served_model),
-        None => state.node.address,
+        None => vec![(state.node.address, 0, last)],
     };
-    let last = engine.model.layers.saturating_sub(1);
-    let header = route_header(
-        &json!([{ "node": planned.to_string(), "layers": [0, last], "planned": true }]),
-    );
+    let header = route_header(&serde_json::Value::Array(
+        planned
+            .iter()
+            .map(|(n, a, b)| json!({ "node": n.to_string(), "layers": [a, b], "planned": true }))
+            .collect(),
+    ));
     let started = std::time::Instant::now();
     tokio::spawn(async move {
         let first = chunk(json!({ "role": "assistant", "content": "" }), None);
@@ -751,7 +783,7 @@ pub async fn completions(
         {
             // Not started: release the reservation, charge nothing.
             let gone = Error::Inference("the client went away before the first chunk".into());
-            finish(&state, &engine, payment, Err(&gone), state.node.address, started);
+            finish(&state, &engine, payment, Err(&gone), Served::local(state.node.address), started);
             return;
         }
         let generation = serve(&state, &engine, req, Some(pieces_tx));

@@ -1118,16 +1118,22 @@ fn routing_metrics_text(state: &ApiState, text: &mut String) {
             text,
             "# HELP blyan_inference_spot_checks_total Routed answers recomputed by another holder, by outcome (RT-STAGE-6).\n# TYPE blyan_inference_spot_checks_total counter"
         );
-        r.remote_stage_ms.render(
-            text,
-            "blyan_inference_remote_stage_ms",
-            "Time of routed stages on other nodes that produced an answer, ms (RT-STAGE-7).",
-        );
         for (label, n) in crate::router::SPOT_OUTCOMES.iter().zip(r.spot_counts()) {
             let _ = writeln!(
                 text,
                 "blyan_inference_spot_checks_total{{outcome=\"{label}\"}} {n}"
             );
         }
+        r.remote_stage_ms.render(
+            text,
+            "blyan_inference_remote_stage_ms",
+            "Time of routed stages on other nodes that produced an answer, ms (RT-STAGE-7).",
+        );
+        let (pipelines, bytes) = r.pipeline_counts();
+        let _ = write!(
+            text,
+            "# HELP blyan_inference_pipelines_total Chat requests served by a pipeline of several stages (RT-PIPE-3).\n# TYPE blyan_inference_pipelines_total counter\nblyan_inference_pipelines_total {pipelines}\n\
+             # HELP blyan_inference_stage_bytes_total Tensor bytes this router sent to and received from remote pipeline stages (RT-PIPE-1).\n# TYPE blyan_inference_stage_bytes_total counter\nblyan_inference_stage_bytes_total {bytes}\n"
+        );
     }
 }
