@@ -8,13 +8,14 @@
 //!   bounded stream of events: `p` ‖ text piece, then `r` ‖ JSON result or
 //!   `e` ‖ JSON error. Dropping the stream cancels the job at its next token.
 //! - RT-STAGE-2: the router ([`Router::generate`]) plans with the pure
-//!   planner (RT-ROUTE-1/2) over the live heartbeats; only a plan of one
-//!   stage is executed (a holder of every layer); anything else is served
-//!   by the local engine.
-//! - RT-STAGE-3: the local engine is a candidate on an inference node
-//!   (`[inference] advertise`), and on any other node only when no live
-//!   node other than the failed ones holds the whole model: a validator
-//!   serves from its own engine only as a fallback.
+//!   planner (RT-ROUTE-1/2) over the live heartbeats; a plan of one stage
+//!   runs on that holder, a plan of several as a pipeline (RT-PIPE-3,
+//!   `pipeline.rs`); no plan is served by the local engine.
+//! - RT-STAGE-3: the local engine is a candidate (over the layers it
+//!   holds) on an inference node (`[inference] advertise`), and on any
+//!   other node serves only when no route over the live holders other than
+//!   the failed ones exists: a validator serves from its own engine only
+//!   as a fallback.
 //! - RT-STAGE-4 (replay failover): when the chosen node fails (connection,
 //!   engine error, busy, an answer stream that ends without a result), the
 //!   router excludes it and runs the same request (same seed, same
