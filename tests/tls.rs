@@ -1173,69 +1173,20 @@ async fn a_fresh_node_starts_from_a_trusted_snapshot_and_follows_the_chain() {
 /// test-only per-token delay so the kill lands mid-stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stream_survives_sigkill_of_its_serving_process() {
-    use blyan_runtime::config::{FileConfig, PeerConfig};
     let dir = tempfile::tempdir().unwrap();
     let net = quick_devnet(dir.path(), true).await;
     let v0 = &net.nodes[0];
     let url = v0.api_url();
-    let node_key = key(13_579);
-    let node = address(&node_key);
-    let (p2p, http) = blyan_runtime::chaos::free_addrs(1).unwrap().remove(0);
-    register(&net, &url, &node_key, &p2p).await;
-    let hdir = dir.path().join("holder");
-    std::fs::create_dir_all(&hdir).unwrap();
-    blyan_runtime::keystore::write_key_file(
-        &hdir.join("key.json"),
-        &node_key,
-        DEVNET_PASSWORD,
-        blyan_runtime::keystore::MIN_ITERATIONS,
-    )
-    .unwrap();
-    let config = FileConfig {
-        chain_id: net.genesis.chain_id.clone(),
-        genesis_file: net.dir.join("genesis.json"),
-        data_dir: hdir.join("data"),
-        key_file: hdir.join("key.json"),
-        key_password_env: "BLYAN_KEY_PASSWORD".into(),
-        key_password_file: None,
-        p2p_addr: p2p.clone(),
-        http_addr: http.clone(),
-        block_interval_ms: 300,
-        max_body_bytes: blyan_runtime::api::MAX_BODY_BYTES,
-        expert_cache_bytes: blyan_runtime::blobs::DEFAULT_CACHE_BYTES,
-        rate_limits: blyan_runtime::ratelimit::RateLimitConfig::unlimited(),
-        inference: blyan_runtime::inference::InferenceConfig {
-            model_dir: Some(blyan_runtime::devnet::model_dir(&net.dir)),
-            advertise: true,
-            heartbeat_interval_ms: 300,
+    let (mut holder, node) = holder_process(
+        &net,
+        &dir.path().join("holder"),
+        13_579,
+        blyan_runtime::inference::InferenceConfig {
             token_delay_ms: 40,
             ..Default::default()
         },
-        http: Default::default(),
-        logs: Default::default(),
-        api: Default::default(),
-        state_sync: Default::default(),
-        peers: net
-            .peers
-            .iter()
-            .map(|p| PeerConfig {
-                addr: p.addr.clone(),
-                public_key: hex::encode(p.public_key),
-            })
-            .collect(),
-    };
-    std::fs::write(hdir.join("config.toml"), config.to_toml()).unwrap();
-    let mut holder = support::KillOnDrop(
-        std::process::Command::new(support::blyan_bin())
-            .args(["node", "--config"])
-            .arg(hdir.join("config.toml"))
-            .args(["--parent-pid", &std::process::id().to_string()])
-            .env("BLYAN_KEY_PASSWORD", DEVNET_PASSWORD)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(hdir.join("node.err")).unwrap())
-            .spawn()
-            .unwrap(),
-    );
+    )
+    .await;
     eventually("validator 0 to list the holder process live", || async {
         let nodes = get(&url, "/nodes").await;
         nodes["live"]
@@ -1420,4 +1371,274 @@ async fn a_route_of_two_stages_answers_as_one_process_and_fails_over() {
     assert_ne!(used[0]["node"], first, "{b}");
     assert_eq!(used[0]["layers"], serde_json::json!([0, 1]), "{b}");
     net.stop().await;
+}
+
+/// A registered inference node of key `seed` running as its own `blyan
+/// node` process (killed when the returned guard drops), serving the
+/// devnet's model with `inference` (advertising, 300 ms heartbeats).
+async fn holder_process(
+    net: &Devnet,
+    hdir: &std::path::Path,
+    seed: u64,
+    inference: blyan_runtime::inference::InferenceConfig,
+) -> (support::KillOnDrop, PeerId) {
+    use blyan_runtime::config::{FileConfig, PeerConfig};
+    let url = net.nodes[0].api_url();
+    let node_key = key(seed);
+    let node = address(&node_key);
+    let (p2p, http) = blyan_runtime::chaos::free_addrs(1).unwrap().remove(0);
+    register(net, &url, &node_key, &p2p).await;
+    std::fs::create_dir_all(hdir).unwrap();
+    blyan_runtime::keystore::write_key_file(
+        &hdir.join("key.json"),
+        &node_key,
+        DEVNET_PASSWORD,
+        blyan_runtime::keystore::MIN_ITERATIONS,
+    )
+    .unwrap();
+    let config = FileConfig {
+        chain_id: net.genesis.chain_id.clone(),
+        genesis_file: net.dir.join("genesis.json"),
+        data_dir: hdir.join("data"),
+        key_file: hdir.join("key.json"),
+        key_password_env: "BLYAN_KEY_PASSWORD".into(),
+        key_password_file: None,
+        p2p_addr: p2p.clone(),
+        http_addr: http.clone(),
+        block_interval_ms: 300,
+        max_body_bytes: blyan_runtime::api::MAX_BODY_BYTES,
+        expert_cache_bytes: blyan_runtime::blobs::DEFAULT_CACHE_BYTES,
+        rate_limits: blyan_runtime::ratelimit::RateLimitConfig::unlimited(),
+        inference: blyan_runtime::inference::InferenceConfig {
+            model_dir: Some(blyan_runtime::devnet::model_dir(&net.dir)),
+            advertise: true,
+            heartbeat_interval_ms: 300,
+            ..inference
+        },
+        http: Default::default(),
+        logs: Default::default(),
+        api: Default::default(),
+        state_sync: Default::default(),
+        peers: net
+            .peers
+            .iter()
+            .map(|p| PeerConfig {
+                addr: p.addr.clone(),
+                public_key: hex::encode(p.public_key),
+            })
+            .collect(),
+    };
+    std::fs::write(hdir.join("config.toml"), config.to_toml()).unwrap();
+    let holder = support::KillOnDrop(
+        std::process::Command::new(support::blyan_bin())
+            .args(["node", "--config"])
+            .arg(hdir.join("config.toml"))
+            .args(["--parent-pid", &std::process::id().to_string()])
+            .env("BLYAN_KEY_PASSWORD", DEVNET_PASSWORD)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(hdir.join("node.err")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    (holder, node)
+}
+
+/// RT-PIPE-3/4 across processes: three inference nodes, each its own `blyan
+/// node` process, hold layers 0–1 (two of them) and 2–3 (one). A
+/// validator's greedy answer through the two-stage route equals the model
+/// run in one process; then the process serving the first stage is killed
+/// with SIGKILL in the middle of a stream, and the stream completes with
+/// exactly the uninterrupted text, replayed through the other holder of
+/// layers 0–1 (the stages are slowed by a test-only delay per step so the
+/// kill lands mid-stream).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pipeline_across_processes_survives_sigkill_of_a_stage() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = quick_devnet(dir.path(), true).await;
+    let url = net.nodes[0].api_url();
+    let stage = |layers: [u32; 2]| blyan_runtime::inference::InferenceConfig {
+        layers: Some(layers),
+        token_delay_ms: 30,
+        ..Default::default()
+    };
+    let mut procs = Vec::new();
+    for (i, layers) in [[0, 1], [0, 1], [2, 3]].into_iter().enumerate() {
+        let hdir = dir.path().join(format!("stage-{i}"));
+        procs.push(holder_process(&net, &hdir, 24_680 + i as u64, stage(layers)).await);
+    }
+    let nodes: Vec<serde_json::Value> = procs.iter().map(|(_, n)| json_addr(n)).collect();
+    eventually(
+        "validator 0 to list the three stage processes live",
+        || async {
+            let live = get(&url, "/nodes").await["live"]
+                .as_array()
+                .unwrap()
+                .clone();
+            nodes
+                .iter()
+                .all(|n| live.iter().any(|l| &l["node_id"] == n))
+                .then_some(())
+        },
+    )
+    .await;
+
+    // One process, the whole model: the reference.
+    let reference = blyan_runtime::inference::InferenceHandle::start(
+        blyan_runtime::inference::InferenceConfig {
+            model_dir: Some(blyan_runtime::devnet::model_dir(&net.dir)),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let prompt = "Stages in processes";
+    let expected = reference
+        .generate(
+            blyan_runtime::inference::ChatRequest {
+                prompt: prompt.into(),
+                max_tokens: 16,
+                temperature: 0.0,
+                top_p: 1.0,
+                seed: 0,
+                stop: Vec::new(),
+                max_total_tokens: None,
+                top_logprobs: None,
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    let (s, a) = blyan_runtime::client::post_json(
+        &url,
+        "/chat",
+        &serde_json::json!({ "prompt": prompt, "max_tokens": 16 }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(s, 200, "{a}");
+    assert_eq!(
+        a["text"], expected.text,
+        "the pipeline differs from one process: {a}"
+    );
+    let route = a["route"].as_array().unwrap();
+    assert_eq!(route.len(), 2, "{a}");
+    assert_eq!(route[1]["node"], nodes[2], "{a}");
+    assert!(metric(&url, "blyan_inference_stage_bytes_total").await > 0.0);
+
+    let ask = serde_json::json!({
+        "messages": [{ "role": "user", "content": "Pipelines survive kills" }],
+        "max_tokens": 40,
+        "temperature": 0,
+        "seed": 7,
+        "stream": true,
+    });
+    let (uninterrupted, _) = streamed(&url, &ask).await;
+    assert!(!uninterrupted.is_empty());
+    // Again, killing the process the stream's planned route (its
+    // `x-blyan-route` header) names for layers 0–1, once the stream has
+    // started: 40 tokens × 2 stages × 30 ms take over 2.4 s; the kill comes
+    // at 0.6 s.
+    let pids: Vec<(serde_json::Value, u32)> =
+        procs.iter().map(|(c, n)| (json_addr(n), c.id())).collect();
+    let mut first = serde_json::Value::Null;
+    let (failed_over, blyan) = streamed_killing(&url, &ask, |planned| {
+        first = planned[0]["node"].clone();
+        let pid = pids
+            .iter()
+            .find(|(n, _)| *n == first)
+            .expect("a stage process")
+            .1;
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(600));
+            std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status()
+                .unwrap()
+        })
+    })
+    .await;
+    let victim = nodes.iter().position(|n| *n == first).unwrap();
+    assert!(victim < 2, "the first stage holds layers 0–1: {blyan}");
+    let _ = procs[victim].0.wait();
+    assert_eq!(
+        failed_over, uninterrupted,
+        "the stream after the kill differs: {blyan}"
+    );
+    let stages = blyan["stages"].as_array().unwrap();
+    assert_eq!(
+        (&stages[0]["node"], &stages[0]["failed"]),
+        (&first, &serde_json::json!(true)),
+        "{blyan}"
+    );
+    let used: Vec<&serde_json::Value> = stages.iter().filter(|s| s["failed"].is_null()).collect();
+    assert_eq!(used.len(), 2, "{blyan}");
+    assert_eq!(used[0]["node"], nodes[1 - victim], "{blyan}");
+    assert_eq!(used[0]["layers"], serde_json::json!([0, 1]), "{blyan}");
+    net.stop().await;
+}
+
+/// Like [`streamed`], over a raw connection: `on_head` sees the planned
+/// route (the `x-blyan-route` header) before the body is read, and what it
+/// starts (a thread) is joined, and must succeed, before the text returns.
+async fn streamed_killing(
+    url: &str,
+    body: &serde_json::Value,
+    on_head: impl FnOnce(&serde_json::Value) -> std::thread::JoinHandle<std::process::ExitStatus>,
+) -> (String, serde_json::Value) {
+    use tokio::io::AsyncBufReadExt;
+    let host = url.trim_start_matches("http://");
+    let mut conn = tokio::net::TcpStream::connect(host).await.unwrap();
+    let body = body.to_string();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let mut reader = tokio::io::BufReader::new(conn);
+    let mut planned = None;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        reader.read_line(&mut line).await.unwrap();
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        if let Some(v) = l.strip_prefix("x-blyan-route: ") {
+            planned = Some(serde_json::from_str::<serde_json::Value>(v).unwrap());
+        }
+    }
+    let killer = on_head(&planned.expect("an x-blyan-route header"));
+    // The chunked body, de-chunked.
+    let mut text = Vec::new();
+    loop {
+        line.clear();
+        reader.read_line(&mut line).await.unwrap();
+        let size = usize::from_str_radix(line.trim_end(), 16).unwrap();
+        if size == 0 {
+            break;
+        }
+        let mut chunk = vec![0u8; size + 2];
+        reader.read_exact(&mut chunk).await.unwrap();
+        text.extend_from_slice(&chunk[..size]);
+    }
+    assert!(killer.join().unwrap().success());
+    let text = String::from_utf8(text).unwrap();
+    let events: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(events.last(), Some(&"[DONE]"), "{text}");
+    let mut joined = String::new();
+    let mut blyan = serde_json::Value::Null;
+    for e in &events[..events.len() - 1] {
+        let chunk: serde_json::Value = serde_json::from_str(e).unwrap();
+        if let Some(piece) = chunk["choices"][0]["delta"]["content"].as_str() {
+            joined.push_str(piece);
+        }
+        if !chunk["blyan"].is_null() {
+            blyan = chunk["blyan"].clone();
+        }
+    }
+    (joined, blyan)
 }

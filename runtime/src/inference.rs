@@ -74,8 +74,8 @@ pub struct InferenceConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub panic_on_prompt: Option<String>,
     /// Fault injection for tests: sleep this long after each generated
-    /// token, so a test can kill a serving process mid-stream. Never set it
-    /// on a real node.
+    /// token (and before each pipeline stage step), so a test can kill a
+    /// serving process mid-stream. Never set it on a real node.
     #[doc(hidden)]
     #[serde(skip_serializing_if = "is_zero")]
     pub token_delay_ms: u64,
@@ -1130,6 +1130,10 @@ mod engine {
                     };
                     let started = Instant::now();
                     stats.ops.set_running(true);
+                    if config.token_delay_ms > 0 {
+                        // Test-only: a slow stage, so a kill lands mid-stream.
+                        std::thread::sleep(Duration::from_millis(config.token_delay_ms));
+                    }
                     let outcome = catch_unwind(AssertUnwindSafe(|| {
                         stage_step(&l.model, &config, &mut sessions, &job)
                     }));
