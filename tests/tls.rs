@@ -1642,3 +1642,149 @@ async fn streamed_killing(
     }
     (joined, blyan)
 }
+
+/// RT-PIPE-2/3, API-CHAT-4 through a pipeline: a client that leaves a
+/// streamed request through a two-stage route stops the work at every
+/// stage: the router's loop ends at its next token, its calls end, and
+/// each stage drops the session's cache; the stages then run no more steps,
+/// far fewer than the request asked for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_leaves_a_pipeline_stops_every_stage() {
+    use tokio::io::AsyncBufReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = DevnetOptions::new(dir.path().join("devnet"), 4);
+    opts.base_port = None;
+    opts.block_interval_ms = 300;
+    opts.rate_limits = blyan_runtime::ratelimit::RateLimitConfig::unlimited();
+    opts.inference_nodes = 4;
+    // Slow stages (test-only), so the request outlives the client.
+    opts.inference.token_delay_ms = 20;
+    opts.inference.max_tokens_limit = 4_000;
+    let net = Devnet::start(opts).await.unwrap();
+    let url = net.nodes[0].api_url();
+    let stage_urls: Vec<String> = net.inference.iter().map(|n| n.api_url()).collect();
+    let holders: Vec<serde_json::Value> = net
+        .inference
+        .iter()
+        .map(|n| json_addr(&n.address))
+        .collect();
+    eventually("validator 0 to list the four stage holders", || async {
+        let live = get(&url, "/nodes").await["live"]
+            .as_array()
+            .unwrap()
+            .clone();
+        holders
+            .iter()
+            .all(|h| live.iter().any(|n| &n["node_id"] == h))
+            .then_some(())
+    })
+    .await;
+    let total = |name: &'static str| {
+        let urls = stage_urls.clone();
+        async move {
+            let mut sum = 0;
+            for u in &urls {
+                sum += support::metric(u, name).await.unwrap_or(0);
+            }
+            sum
+        }
+    };
+    let before = total("blyan_inference_stage_steps_total").await;
+    // 2,000 tokens through two stages at 20 ms a step would take 80 s.
+    let body = serde_json::json!({
+        "messages": [{ "role": "user", "content": "A long answer, please" }],
+        "max_tokens": 2_000,
+        "stream": true,
+    })
+    .to_string();
+    let host = url.trim_start_matches("http://").to_string();
+    let mut conn = tokio::net::TcpStream::connect(&host).await.unwrap();
+    conn.write_all(
+        format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut reader = tokio::io::BufReader::new(conn);
+    // Read until content has streamed: the pipeline is running.
+    let mut line = String::new();
+    let mut content_lines = 0;
+    while content_lines < 3 {
+        line.clear();
+        assert!(
+            reader.read_line(&mut line).await.unwrap() > 0,
+            "the stream ended early"
+        );
+        if line.contains("\"content\":\"") && !line.contains("\"content\":\"\"") {
+            content_lines += 1;
+        }
+    }
+    assert!(total("blyan_inference_stage_sessions").await >= 1);
+    drop(reader);
+    eventually("every stage to drop its session", || async {
+        (total("blyan_inference_stage_sessions").await == 0).then_some(())
+    })
+    .await;
+    let ran = total("blyan_inference_stage_steps_total").await - before;
+    tokio::time::sleep(std::time::Duration::from_millis(1_000)).await;
+    let later = total("blyan_inference_stage_steps_total").await - before;
+    assert_eq!(ran, later, "stages kept running after the client left");
+    assert!(ran < 2_000, "{ran} steps: the request was not cut short");
+    net.stop().await;
+}
+
+/// RT-PIPE-2: stages whose session tables are full (here: no sessions at
+/// all, `max_stage_sessions = 0`) answer `busy`; a router that holds only
+/// part of the model has nowhere else to go and answers 503 at once,
+/// while a validator falls back to its own engine (RT-STAGE-3) and lists
+/// the stages that refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn full_stage_tables_answer_503_or_fall_back_to_a_whole_engine() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = DevnetOptions::new(dir.path().join("devnet"), 4);
+    opts.base_port = None;
+    opts.block_interval_ms = 300;
+    opts.rate_limits = blyan_runtime::ratelimit::RateLimitConfig::unlimited();
+    opts.inference_nodes = 4;
+    opts.inference.max_stage_sessions = 0;
+    let net = Devnet::start(opts).await.unwrap();
+    let url = net.nodes[0].api_url();
+    let holders: Vec<serde_json::Value> = net
+        .inference
+        .iter()
+        .map(|n| json_addr(&n.address))
+        .collect();
+    for u in [url.clone(), net.inference[0].api_url()] {
+        eventually("the stage holders to be listed live", || async {
+            let live = get(&u, "/nodes").await["live"].as_array().unwrap().clone();
+            holders
+                .iter()
+                .filter(|h| live.iter().any(|n| &n["node_id"] == *h))
+                .count()
+                .ge(&3)
+                .then_some(())
+        })
+        .await;
+    }
+    let ask = serde_json::json!({ "prompt": "Anyone free?", "max_tokens": 4 });
+    let (s, a) = blyan_runtime::client::post_json(&net.inference[0].api_url(), "/chat", &ask)
+        .await
+        .unwrap();
+    assert_eq!(s, 503, "{a}");
+    assert!(a.to_string().contains("full"), "{a}");
+    let (s, a) = blyan_runtime::client::post_json(&url, "/chat", &ask)
+        .await
+        .unwrap();
+    assert_eq!(s, 200, "{a}");
+    let route = a["route"].as_array().unwrap();
+    assert_eq!(
+        route.last().unwrap()["node"],
+        json_addr(&net.nodes[0].address),
+        "{a}"
+    );
+    assert!(route[0]["failed"] == serde_json::json!(true), "{a}");
+    net.stop().await;
+}

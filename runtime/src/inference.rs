@@ -363,6 +363,9 @@ pub struct EngineStats {
     cancelled_disconnected: AtomicU64,
     cancelled_deadline: AtomicU64,
     expired_in_queue: AtomicU64,
+    /// RT-PIPE-2: pipeline sessions open on this engine, and steps run.
+    pub stage_sessions: AtomicU64,
+    pub stage_steps: AtomicU64,
     /// Requests, tokens, queue and latency (OPS-MET-2).
     pub ops: crate::metrics::InferenceMetrics,
 }
@@ -589,9 +592,17 @@ impl InferenceHandle {
 
     /// OPS-MET-2: requests, tokens, queue depth and engine latency.
     pub fn render_metrics(&self, s: &mut String) {
+        use std::fmt::Write as _;
         self.stats
             .ops
             .render(s, self.queued(), self.jobs.max_capacity());
+        let sessions = self.stats.stage_sessions.load(Ordering::Relaxed);
+        let steps = self.stats.stage_steps.load(Ordering::Relaxed);
+        let _ = write!(
+            s,
+            "# HELP blyan_inference_stage_sessions Pipeline sessions (KV caches) this engine holds for routers (RT-PIPE-2).\n# TYPE blyan_inference_stage_sessions gauge\nblyan_inference_stage_sessions {sessions}\n\
+             # HELP blyan_inference_stage_steps_total Pipeline steps this engine ran for routers (RT-PIPE-2).\n# TYPE blyan_inference_stage_steps_total counter\nblyan_inference_stage_steps_total {steps}\n"
+        );
     }
 }
 
@@ -1097,6 +1108,9 @@ mod engine {
                 Work::Chat(job) => job,
                 Work::CloseStage(id) => {
                     sessions.remove(&id);
+                    stats
+                        .stage_sessions
+                        .store(sessions.len() as u64, Ordering::Relaxed);
                     continue;
                 }
                 Work::Stage(job) => {
@@ -1139,6 +1153,10 @@ mod engine {
                     }));
                     stats.ops.set_running(false);
                     stats.ops.engine_ms.observe(started.elapsed());
+                    stats.stage_steps.fetch_add(1, Ordering::Relaxed);
+                    stats
+                        .stage_sessions
+                        .store(sessions.len() as u64, Ordering::Relaxed);
                     match outcome {
                         Ok(r) => {
                             let _ = job.reply.send(r);
@@ -1153,6 +1171,7 @@ mod engine {
                                 "the inference engine panicked ({why}); it is being rebuilt"
                             ))));
                             sessions.clear();
+                            stats.stage_sessions.store(0, Ordering::Relaxed);
                             if let Some(old) = loaded.take() {
                                 let _ = catch_unwind(AssertUnwindSafe(move || drop(old)));
                             }

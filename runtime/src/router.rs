@@ -499,6 +499,7 @@ impl Router {
         };
         let mut excluded = BTreeSet::new();
         let mut sent = Sent::default();
+        let mut busy = 0usize;
         for attempt in 0..MAX_ATTEMPTS {
             // The last attempt is the local engine when it holds the whole
             // model; a stage-only node keeps routing.
@@ -508,6 +509,10 @@ impl Router {
             } else {
                 self.choose(engine, model, &excluded)
             };
+            if matches!(choice, Choice::Local) && !engine.model.whole() {
+                // A stage-only node cannot answer alone: no route is left.
+                break;
+            }
             let attempt_started = std::time::Instant::now();
             let mut stages = Vec::new();
             let (node, outcome) = match choice {
@@ -579,21 +584,34 @@ impl Router {
                 }
                 Err(Failure::Stage(bad, why)) => {
                     self.failovers.fetch_add(1, Ordering::Relaxed);
+                    busy += usize::from(why.starts_with("busy"));
                     warn!(node = %bad, error = %why, attempt, "pipeline stage failed; replaying without it (RT-PIPE-4)");
                     excluded.insert(bad);
                     failed.push(bad);
                 }
             }
         }
+        let failed_list = failed
+            .iter()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
         Routed {
-            result: Err(Error::Inference(format!(
-                "no route served the request in {MAX_ATTEMPTS} attempts (failed: {})",
-                failed
-                    .iter()
-                    .map(|a| a.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ))),
+            // RT-PIPE-2: full session tables and queues everywhere: 503.
+            result: Err(if failed.is_empty() {
+                Error::Inference(
+                    "no route over the live holders covers the model, and this node holds only part of it"
+                        .into(),
+                )
+            } else if busy == failed.len() {
+                Error::Busy(format!(
+                    "every stage tried is full ({failed_list}); retry later"
+                ))
+            } else {
+                Error::Inference(format!(
+                    "no route served the request in {MAX_ATTEMPTS} attempts (failed: {failed_list})"
+                ))
+            }),
             served_by: self.me,
             failed,
             stage_ms: 0,
