@@ -34,6 +34,9 @@ pub struct ChatBenchOptions {
     pub block_interval_ms: u64,
     /// Inference nodes besides the validators (0: validators serve locally).
     pub inference_nodes: usize,
+    /// RT-PIPE-5: ranges the layers are split into over the inference
+    /// nodes (0: two with four or more nodes, 1: the whole model on each).
+    pub stages: usize,
 }
 
 /// One mode's numbers.
@@ -47,17 +50,17 @@ pub struct ModeResult {
     pub elapsed_s: f64,
     /// Answers by the node that computed them (the route's largest share).
     pub served_by: std::collections::BTreeMap<String, u64>,
+    /// Completion tokens of the answers, and each answer's latency per
+    /// completion token (ms).
+    pub completion_tokens: u64,
+    pub ms_per_token: Vec<f64>,
+    /// Answers by the number of stages their route had.
+    pub by_stages: std::collections::BTreeMap<usize, u64>,
 }
 
 impl ModeResult {
     fn percentile(&self, p: f64) -> f64 {
-        if self.latencies_ms.is_empty() {
-            return f64::NAN;
-        }
-        let mut v = self.latencies_ms.clone();
-        v.sort_by(f64::total_cmp);
-        let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-        v[i]
+        percentile(&self.latencies_ms, p)
     }
 
     pub fn line(&self, mode: &str) -> String {
@@ -66,17 +69,35 @@ impl ModeResult {
             .iter()
             .map(|(n, c)| format!("{}…={c}", n.get(..10).unwrap_or(n)))
             .collect();
+        let stages: Vec<String> = self
+            .by_stages
+            .iter()
+            .map(|(k, c)| format!("{k}-stage={c}"))
+            .collect();
         format!(
-            "{mode:<8} {:>8.1} req/s  p50 {:>8.1} ms  p99 {:>8.1} ms  ok {:>6}  busy(503) {:>6}  failed {:>4}  served by {}",
+            "{mode:<8} {:>8.1} req/s  {:>8.1} tokens/s  p50 {:>8.1} ms  p99 {:>8.1} ms  per token p50 {:>6.2} ms  ok {:>6}  busy(503) {:>6}  failed {:>4}  routes {}  served by {}",
             self.ok as f64 / self.elapsed_s,
+            self.completion_tokens as f64 / self.elapsed_s,
             self.percentile(0.5),
             self.percentile(0.99),
+            percentile(&self.ms_per_token, 0.5),
             self.ok,
             self.busy,
             self.failed,
+            stages.join(" "),
             servers.join(" ")
         )
     }
+}
+
+fn percentile(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i]
 }
 
 async fn one_mode(urls: &[String], key: Option<&str>, o: &ChatBenchOptions) -> ModeResult {
@@ -111,9 +132,19 @@ async fn one_mode(urls: &[String], key: Option<&str>, o: &ChatBenchOptions) -> M
                 {
                     Ok(resp) if resp.status == 200 => {
                         r.ok += 1;
-                        r.latencies_ms.push(t.elapsed().as_secs_f64() * 1e3);
+                        let ms = t.elapsed().as_secs_f64() * 1e3;
+                        r.latencies_ms.push(ms);
                         let v: serde_json::Value =
                             serde_json::from_slice(&resp.body).unwrap_or_default();
+                        let tokens = v["usage"]["completion_tokens"].as_u64().unwrap_or(0);
+                        r.completion_tokens += tokens;
+                        if tokens > 0 {
+                            r.ms_per_token.push(ms / tokens as f64);
+                        }
+                        let used = v["blyan"]["stages"]
+                            .as_array()
+                            .map_or(0, |s| s.iter().filter(|s| s["failed"].is_null()).count());
+                        *r.by_stages.entry(used).or_default() += 1;
                         let server = v["blyan"]["route"]
                             .as_array()
                             .and_then(|r| r.iter().max_by_key(|s| s["work"].as_u64()))
@@ -147,6 +178,11 @@ async fn one_mode(urls: &[String], key: Option<&str>, o: &ChatBenchOptions) -> M
         total.failed += r.failed;
         total.charged_base_units += r.charged_base_units;
         total.latencies_ms.extend(r.latencies_ms);
+        total.completion_tokens += r.completion_tokens;
+        total.ms_per_token.extend(r.ms_per_token);
+        for (k, c) in r.by_stages {
+            *total.by_stages.entry(k).or_default() += c;
+        }
         for (n, c) in r.served_by {
             *total.served_by.entry(n).or_default() += c;
         }
@@ -170,6 +206,7 @@ pub async fn run(o: ChatBenchOptions) -> Result<String, Error> {
     opts.block_interval_ms = o.block_interval_ms;
     opts.rate_limits = crate::ratelimit::RateLimitConfig::unlimited();
     opts.inference_nodes = o.inference_nodes;
+    opts.stages = o.stages;
     let devnet = Devnet::start(opts).await?;
     if o.inference_nodes > 0 {
         // The validators route only to nodes whose heartbeats they hold.
@@ -197,8 +234,8 @@ pub async fn run(o: ChatBenchOptions) -> Result<String, Error> {
     let path = format!("/allowance/0x{}", hex::encode(allowance));
     let (_, before) = get_json(&urls[0], &path).await?;
     let mut report = format!(
-        "bench-chat: {} clients over 4 validators, {} inference nodes, {} s per mode, max_tokens {}, embedded model on CPU\n",
-        o.clients, o.inference_nodes, o.duration_s, o.max_tokens
+        "bench-chat: {} clients over 4 validators, {} inference nodes (stages {}), {} s per mode, max_tokens {}, embedded model on CPU\n",
+        o.clients, o.inference_nodes, o.stages, o.duration_s, o.max_tokens
     );
     let free = one_mode(&urls, None, &o).await;
     report.push_str(&free.line("no key"));

@@ -59,22 +59,29 @@ pub const DEVNET_ATTEST_WINDOW_BLOCKS: u64 = 6;
 /// How often devnet nodes settle paid usage (API-PAY-3), in blocks.
 pub const DEVNET_SETTLE_INTERVAL_BLOCKS: u64 = 5;
 /// RT-PIPE-5: the layers devnet inference node `j` of `n` holds, for a
-/// model of `layers` layers: with four or more inference nodes, the layers
-/// are split into two contiguous halves, node `j` holding half `j mod 2`
-/// (each half has at least two holders, no node holds every layer, the
-/// first half has the embedding and the second the head); with fewer,
-/// every inference node holds the whole model (`None`), as a split would
-/// leave some range with a single holder and nothing to fail over to.
-pub fn inference_layers(j: usize, n: usize, layers: u32) -> Option<[u32; 2]> {
-    if n < 4 || layers < 2 {
+/// model of `layers` layers split into `stages` contiguous ranges (0: two
+/// when `n` ≥ 4, else one). One range means the whole model (`None`).
+/// Otherwise node `j` holds range `j mod stages` (ranges as even as
+/// possible, the first ones one layer longer), so with `n` ≥ 2 × `stages`
+/// every range has at least two holders and no node holds every layer.
+/// With fewer than four inference nodes the default keeps the whole model
+/// on each: a split would leave some range with a single holder and
+/// nothing to fail over to.
+pub fn inference_layers(j: usize, n: usize, layers: u32, stages: usize) -> Option<[u32; 2]> {
+    let stages = match stages {
+        0 if n >= 4 => 2,
+        0 => 1,
+        k => k,
+    };
+    let stages = u32::try_from(stages).unwrap_or(u32::MAX).min(layers);
+    if stages <= 1 {
         return None;
     }
-    let half = layers / 2;
-    Some(if j.is_multiple_of(2) {
-        [0, half - 1]
-    } else {
-        [half, layers - 1]
-    })
+    let r = u32::try_from(j % stages as usize).expect("below stages");
+    let (base, extra) = (layers / stages, layers % stages);
+    let first = r * base + r.min(extra);
+    let len = base + u32::from(r < extra);
+    Some([first, first + len - 1])
 }
 
 /// The number of layers the chain registers for the devnet's model (its
@@ -126,6 +133,9 @@ pub struct DevnetOptions {
     /// registered on chain (TX-9) by the devnet, advertising the whole
     /// model, so the validators route chat requests to them.
     pub inference_nodes: usize,
+    /// RT-PIPE-5: ranges the layers are split into over the inference
+    /// nodes ([`inference_layers`]); 0: two with four or more nodes.
+    pub stages: usize,
     /// Fault injection for tests (POL-36): validator `.0` reveals losses
     /// `.1` ppm above what it measured.
     #[doc(hidden)]
@@ -156,6 +166,7 @@ impl DevnetOptions {
                 ..crate::billing::PaymentConfig::default()
             },
             inference_nodes: 0,
+            stages: 0,
             misreport_loss: None,
             epoch_length_blocks: None,
             state_sync: crate::state_sync::StateSyncConfig {
@@ -639,6 +650,7 @@ impl Devnet {
                         self.inference.len(),
                         opts.inference_nodes,
                         registered_layers(&self.genesis),
+                        opts.stages,
                     ),
                     ..opts.inference.clone()
                 },
@@ -773,6 +785,52 @@ impl Devnet {
         }
         for n in self.nodes {
             n.stop(5_000).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::inference_layers;
+
+    /// RT-PIPE-5: the default split, explicit splits, and whole models.
+    #[test]
+    fn rt_pipe_5_devnet_layer_split() {
+        let all = |n: usize, layers: u32, k: usize| -> Vec<Option<[u32; 2]>> {
+            (0..n).map(|j| inference_layers(j, n, layers, k)).collect()
+        };
+        // Fewer than four nodes: the whole model each.
+        assert_eq!(all(3, 4, 0), vec![None; 3]);
+        // Four nodes, four layers: 0–1 and 2–3, twice each.
+        let h = [Some([0, 1]), Some([2, 3])];
+        assert_eq!(all(4, 4, 0), vec![h[0], h[1], h[0], h[1]]);
+        // Four ranges of one layer over eight nodes.
+        let four = all(8, 4, 4);
+        assert_eq!(
+            four[..4],
+            [Some([0, 0]), Some([1, 1]), Some([2, 2]), Some([3, 3])]
+        );
+        assert_eq!(four[4..], four[..4]);
+        // Uneven: 5 layers in 2 ranges, the first one longer.
+        assert_eq!(all(2, 5, 2), vec![Some([0, 2]), Some([3, 4])]);
+        // One range, or more ranges than layers.
+        assert_eq!(all(4, 4, 1), vec![None; 4]);
+        assert_eq!(all(2, 2, 5), vec![Some([0, 0]), Some([1, 1])]);
+        // Every node's range is within the model and the ranges tile it.
+        for layers in 1..9u32 {
+            for k in 1..6usize {
+                let ranges: Vec<_> = (0..k.min(layers as usize))
+                    .filter_map(|j| inference_layers(j, 2 * k, layers, k))
+                    .collect();
+                if ranges.is_empty() {
+                    continue;
+                }
+                assert_eq!(ranges[0][0], 0);
+                assert_eq!(ranges.last().unwrap()[1], layers - 1);
+                for w in ranges.windows(2) {
+                    assert_eq!(w[0][1] + 1, w[1][0], "{layers} layers, {k} stages");
+                }
+            }
         }
     }
 }

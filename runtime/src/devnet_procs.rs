@@ -146,6 +146,7 @@ impl ProcessDevnet {
                 j,
                 opts.inference_nodes,
                 crate::devnet::registered_layers(&genesis),
+                opts.stages,
             );
             let config = FileConfig {
                 chain_id: genesis.chain_id.clone(),

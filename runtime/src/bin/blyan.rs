@@ -67,12 +67,18 @@ enum Command {
         base_port: u16,
         #[arg(long, default_value_t = blyan_runtime::config::DEFAULT_BLOCK_INTERVAL_MS)]
         block_interval_ms: u64,
-        /// Inference nodes to start besides the validators: registered on
-        /// chain by the devnet, each serving the whole model; the
-        /// validators route chat requests to them (spec/inference.md
-        /// RT-STAGE-*). 0: the validators serve from their own engines.
+        /// Inference nodes to start besides the validators, registered on
+        /// chain by the devnet; the validators route chat requests to them
+        /// (spec/inference.md RT-STAGE-*, RT-PIPE-*). With 4 or more the
+        /// layers are split into two halves, two holders each, and requests
+        /// run as pipelines; with fewer each holds the whole model. 0: the
+        /// validators serve from their own engines.
         #[arg(long, default_value_t = 0)]
         inference_nodes: usize,
+        /// Split the layers into this many ranges over the inference nodes
+        /// (RT-PIPE-5; 0: two with 4 or more inference nodes).
+        #[arg(long, default_value_t = 0, hide = true)]
+        stages: usize,
         /// Run every node (validator or inference) as its own OS process
         /// (`blyan node --config DIR/<node>/config.toml`, logs in DIR/logs),
         /// in this process group: Ctrl-C stops them all, and a node whose
@@ -240,6 +246,10 @@ enum Command {
         /// Inference nodes the validators route to (RT-STAGE-*); 0: local engines.
         #[arg(long, default_value_t = 0)]
         inference_nodes: usize,
+        /// Ranges the layers are split into over the inference nodes
+        /// (RT-PIPE-5; 0: two with 4 or more inference nodes, 1: whole model).
+        #[arg(long, default_value_t = 0)]
+        stages: usize,
     },
     /// Load benchmark: pre-signed transfers over `POST /tx` to a fresh
     /// in-process 4-validator devnet per offered rate (see runtime/BENCH.md).
@@ -773,6 +783,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             base_port,
             block_interval_ms,
             inference_nodes,
+            stages,
             processes,
             epoch_length_blocks,
             no_rate_limits,
@@ -781,6 +792,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             let _telemetry = log.init("blyan-devnet")?;
             let mut opts = DevnetOptions::new(dir, validators);
             opts.inference_nodes = inference_nodes;
+            opts.stages = stages;
             // 0: ephemeral ports (tests; the lines below say which).
             opts.base_port = (base_port != 0).then_some(base_port);
             opts.block_interval_ms = block_interval_ms;
@@ -1181,6 +1193,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             block_interval_ms,
             dir,
             inference_nodes,
+            stages,
         } => {
             let report =
                 blyan_runtime::bench_chat::run(blyan_runtime::bench_chat::ChatBenchOptions {
@@ -1190,6 +1203,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
                     max_tokens,
                     block_interval_ms,
                     inference_nodes,
+                    stages,
                 })
                 .await?;
             print!("{report}");
