@@ -191,6 +191,55 @@ async fn one_mode(urls: &[String], key: Option<&str>, o: &ChatBenchOptions) -> M
     total
 }
 
+/// Consensus finality under the mode's load: one transfer of 1 base unit
+/// at a time from the faucet, submitted through `url` and polled every
+/// 20 ms until committed; the submit-to-commit times, ms (each is at most
+/// one poll late).
+async fn finality_probe(
+    url: String,
+    key: k256::ecdsa::SigningKey,
+    until: Instant,
+) -> Result<Vec<f64>, Error> {
+    use blyan_state_machine::tx::TxKind;
+    let mut out = Vec::new();
+    let to = blyan_state_machine::types::Address([0xb1; 20]);
+    while Instant::now() < until {
+        let tx = crate::client::sign_tx(&url, &key, TxKind::Transfer { to, amount: 1 }).await?;
+        let id = format!("0x{}", hex::encode(tx.id()));
+        let body = serde_json::json!({
+            "tx": format!("0x{}", hex::encode(blyan_state_machine::encoding::Canonical::encode(&tx)))
+        });
+        let t = Instant::now();
+        let (s, reply) = crate::client::post_json(&url, "/tx", &body).await?;
+        if !(200..300).contains(&s) {
+            return Err(Error::Http(format!("finality probe: HTTP {s}: {reply}")));
+        }
+        loop {
+            let (s, r) = get_json(&url, &format!("/tx/{id}")).await?;
+            if s == 200 && r["height"].is_u64() {
+                break;
+            }
+            if t.elapsed() > Duration::from_secs(120) {
+                return Err(Error::Http(format!(
+                    "finality probe: {id} not committed in 120 s"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        out.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(out)
+}
+
+fn finality_line(mode: &str, v: &[f64]) -> String {
+    format!(
+        "{mode:<8} finality (probe transfers, submit to commit): n {:>4}  p50 {:>7.1} ms  p99 {:>7.1} ms",
+        v.len(),
+        percentile(v, 0.5),
+        percentile(v, 0.99)
+    )
+}
+
 /// Runs both modes and returns the report.
 pub async fn run(o: ChatBenchOptions) -> Result<String, Error> {
     let tmp;
@@ -237,11 +286,34 @@ pub async fn run(o: ChatBenchOptions) -> Result<String, Error> {
         "bench-chat: {} clients over 4 validators, {} inference nodes (stages {}), {} s per mode, max_tokens {}, embedded model on CPU\n",
         o.clients, o.inference_nodes, o.stages, o.duration_s, o.max_tokens
     );
+    // Finality without inference load, then under each mode's load.
+    let faucet =
+        crate::keystore::read_key_file(&devnet.faucet_key_file, crate::devnet::DEVNET_PASSWORD)?;
+    let probe = |secs: u64| {
+        tokio::spawn(finality_probe(
+            urls[0].clone(),
+            faucet.clone(),
+            Instant::now() + Duration::from_secs(secs),
+        ))
+    };
+    let idle = probe(o.duration_s)
+        .await
+        .map_err(|e| Error::Http(e.to_string()))??;
+    report.push_str(&finality_line("idle", &idle));
+    report.push('\n');
+    let p = probe(o.duration_s);
     let free = one_mode(&urls, None, &o).await;
+    let free_finality = p.await.map_err(|e| Error::Http(e.to_string()))??;
     report.push_str(&free.line("no key"));
     report.push('\n');
+    report.push_str(&finality_line("no key", &free_finality));
+    report.push('\n');
+    let p = probe(o.duration_s);
     let keyed = one_mode(&urls, Some(&key), &o).await;
+    let keyed_finality = p.await.map_err(|e| Error::Http(e.to_string()))??;
     report.push_str(&keyed.line("api key"));
+    report.push('\n');
+    report.push_str(&finality_line("api key", &keyed_finality));
     report.push('\n');
     // Settlement check: what the answers said they charged is what the chain burned.
     let want = spent(&before) + keyed.charged_base_units;
