@@ -1321,6 +1321,14 @@ async fn a_route_of_two_stages_answers_as_one_process_and_fails_over() {
         "the pipeline's answer differs from one process"
     );
     assert_eq!(a["completion_tokens"], expected.completion_tokens, "{a}");
+    // RT-PIPE-6: each stage signed commitments to its outputs, one per 32
+    // positions, for this request and its layers; together they cover
+    // every position it computed (stage 0: the prompt and each fed-back
+    // token; stage 1: the logits from the prompt's last position on).
+    let prompt_tokens = a["prompt_tokens"].as_u64().unwrap();
+    let fed = prompt_tokens + expected.completion_tokens as u64 - 1;
+    let first_commits = check_commitments(&route[0], "blyan-devnet", 0, fed);
+    check_commitments(&route[1], "blyan-devnet", prompt_tokens - 1, fed);
     assert!(metric(&url, "blyan_inference_pipelines_total").await >= 1.0);
     assert!(metric(&url, "blyan_inference_stage_bytes_total").await > 0.0);
 
@@ -1370,7 +1378,56 @@ async fn a_route_of_two_stages_answers_as_one_process_and_fails_over() {
     assert_eq!(used.len(), 2, "{b}");
     assert_ne!(used[0]["node"], first, "{b}");
     assert_eq!(used[0]["layers"], serde_json::json!([0, 1]), "{b}");
+    // The other holder of layers 0–1 committed to the same hidden states:
+    // a check after the fact compares them chunk by chunk (RT-COMMIT-3).
+    let second_commits = check_commitments(used[0], "blyan-devnet", 0, fed);
+    assert_eq!(first_commits.len(), second_commits.len());
+    for (x, y) in first_commits.iter().zip(&second_commits) {
+        let c = blyan_route::commit::compare(x, y, blyan_route::commit::Tolerance::default());
+        assert!(c.matches, "two honest holders' commitments differ: {c:?}");
+    }
     net.stop().await;
+}
+
+/// RT-PIPE-6: a stage's commitments in an answer's route: each decodes and
+/// verifies (its node's key, this chain), names the stage's node and
+/// layers, and the chunks run contiguously from position `from` to
+/// `to_excl`; the chunks, in order.
+fn check_commitments(
+    stage: &serde_json::Value,
+    chain_id: &str,
+    from: u64,
+    to_excl: u64,
+) -> Vec<blyan_route::commit::ChunkCommitment> {
+    let list = stage["commitments"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no commitments in {stage}"));
+    assert!(!list.is_empty(), "{stage}");
+    let mut next = from;
+    let mut chunks = Vec::new();
+    for c in list {
+        let bytes = hex::decode(c.as_str().unwrap().trim_start_matches("0x")).unwrap();
+        let signed = blyan_route::commit::SignedCommitment::decode(&bytes).unwrap();
+        signed.verify(chain_id).unwrap();
+        let cm = signed.commitment;
+        assert_eq!(
+            serde_json::to_value(cm.node).unwrap(),
+            stage["node"],
+            "{stage}"
+        );
+        assert_eq!(
+            serde_json::json!([cm.first_layer, cm.last_layer]),
+            stage["layers"]
+        );
+        assert_eq!(cm.chunk.first_token, next, "chunks are contiguous");
+        next += u64::from(cm.chunk.tokens);
+        chunks.push(cm.chunk);
+    }
+    assert_eq!(
+        next, to_excl,
+        "the commitments cover every position computed"
+    );
+    chunks
 }
 
 /// A registered inference node of key `seed` running as its own `blyan
@@ -1467,20 +1524,33 @@ async fn a_pipeline_across_processes_survives_sigkill_of_a_stage() {
         procs.push(holder_process(&net, &hdir, 24_680 + i as u64, stage(layers)).await);
     }
     let nodes: Vec<serde_json::Value> = procs.iter().map(|(_, n)| json_addr(n)).collect();
-    eventually(
-        "validator 0 to list the three stage processes live",
-        || async {
-            let live = get(&url, "/nodes").await["live"]
-                .as_array()
-                .unwrap()
-                .clone();
-            nodes
-                .iter()
-                .all(|n| live.iter().any(|l| &l["node_id"] == n))
-                .then_some(())
-        },
-    )
-    .await;
+    // Validator 0 lists the three stage processes live (a process that
+    // exits instead fails the test with its log).
+    let waiting = std::time::Instant::now();
+    loop {
+        for (i, (child, _)) in procs.iter_mut().enumerate() {
+            if let Some(status) = child.try_wait().unwrap() {
+                let log = std::fs::read_to_string(dir.path().join(format!("stage-{i}/node.err")))
+                    .unwrap_or_default();
+                panic!("stage process {i} exited ({status}): {log}");
+            }
+        }
+        let live = get(&url, "/nodes").await["live"]
+            .as_array()
+            .unwrap()
+            .clone();
+        if nodes
+            .iter()
+            .all(|n| live.iter().any(|l| &l["node_id"] == n))
+        {
+            break;
+        }
+        assert!(
+            waiting.elapsed() < support::DEADLINE,
+            "the stage processes were not listed live: {live:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 
     // One process, the whole model: the reference.
     let reference = blyan_runtime::inference::InferenceHandle::start(

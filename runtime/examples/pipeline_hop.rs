@@ -143,6 +143,7 @@ async fn main() {
         engine: remote,
         model: Some(MODEL),
         perturb: false,
+        identity: None,
     }));
     let allowed: BTreeSet<_> = [address(&key(1)), address(&key(2))].into();
     let verifier = Arc::new(PeerCertVerifier::new(CHAIN.into(), allowed.clone()));
@@ -162,6 +163,7 @@ async fn main() {
         model: format!("0x{}", hex::encode(MODEL)),
         first_layer: 1,
         last_layer: 1,
+        request_id: String::new(),
     }))
     .await
     .expect("open");
@@ -215,6 +217,7 @@ async fn main() {
             model: format!("0x{}", hex::encode(MODEL)),
             first_layer: 1,
             last_layer: 1,
+            request_id: String::new(),
         }))
         .await
         .expect("open");

@@ -333,9 +333,14 @@ impl RunningNode {
                 engine: engine.clone(),
                 model: crate::api::chat::served_model_id(&ledger, engine),
                 perturb: engine.config.perturb_outputs,
+                identity: Some(crate::pipeline::StageIdentity {
+                    key: advertise_key.clone(),
+                    chain_id: handle.chain_id.clone(),
+                }),
             }));
             api_config.router = Some(Arc::new(crate::router::Router::new(
                 handle.address,
+                handle.chain_id.clone(),
                 transport.clone(),
                 heartbeats,
                 advertise,

@@ -40,6 +40,9 @@ pub const MAX_STAGE_MESSAGE_BYTES: usize = 1024 * 1024;
 pub const MAX_STAGE_TENSOR_BYTES: usize = 64 * 1024 * 1024;
 /// RT-PIPE-1: messages buffered per direction of one call.
 pub const STAGE_STREAM_BUFFER: usize = 16;
+/// RT-PIPE-6: most commitments a router keeps per hop of one request
+/// (one per 32 positions of a 64 Ki-token sequence).
+pub const MAX_COMMITMENTS_PER_HOP: usize = 2048;
 /// RT-PIPE-2: default bound on the sessions (KV caches) one stage keeps.
 pub const DEFAULT_MAX_STAGE_SESSIONS: usize = 64;
 /// RT-PIPE-2: default idle time after which a session's cache is dropped.
@@ -49,6 +52,8 @@ const TAG_OPEN: u8 = b'o';
 const TAG_STEP: u8 = b's';
 const TAG_CONTINUE: u8 = b'c';
 const TAG_ERROR: u8 = b'e';
+const TAG_COMMIT: u8 = b'm';
+const TAG_FINISH: u8 = b'f';
 /// tag, position u32, kind u8, dtype u8, three dims u32, total bytes u64.
 const STEP_HEADER_BYTES: usize = 1 + 4 + 1 + 1 + 12 + 8;
 
@@ -60,6 +65,10 @@ pub struct Open {
     pub model: String,
     pub first_layer: u32,
     pub last_layer: u32,
+    /// RT-PIPE-6: the request's id (`0x…`, 32 bytes), which the stage's
+    /// commitments name; empty: all zero.
+    #[serde(default)]
+    pub request_id: String,
 }
 
 /// Element type of a tensor on the wire (little-endian, row-major).
@@ -274,6 +283,20 @@ pub fn encode_error(kind: &str, message: &str) -> Bytes {
     Bytes::from(v)
 }
 
+/// RT-PIPE-6: a signed commitment message (an encoded
+/// `blyan_route::commit::SignedCommitment`).
+pub fn encode_commitment(signed: &blyan_route::commit::SignedCommitment) -> Bytes {
+    let mut v = vec![TAG_COMMIT];
+    v.extend_from_slice(&signed.encode());
+    Bytes::from(v)
+}
+
+/// RT-PIPE-6: the router's last message (flush your commitments), and the
+/// stage's answer once it has sent them.
+pub fn encode_finish() -> Bytes {
+    Bytes::from_static(&[TAG_FINISH])
+}
+
 /// A decoded message.
 #[derive(Debug, PartialEq)]
 pub enum Message {
@@ -281,6 +304,9 @@ pub enum Message {
     Step(Step),
     /// `(kind, message)`: `busy`, `bad_request` or `inference`.
     Error(String, String),
+    /// RT-PIPE-6: a signed commitment, still encoded.
+    Commitment(Vec<u8>),
+    Finish,
 }
 
 /// RT-PIPE-1: reassembles messages into [`Message`]s, refusing malformed
@@ -360,6 +386,9 @@ impl Assembler {
                 self.partial = Some((step, expected));
                 Ok(None)
             }
+            TAG_COMMIT => Ok(Some(Message::Commitment(rest.to_vec()))),
+            TAG_FINISH if rest.is_empty() => Ok(Some(Message::Finish)),
+            TAG_FINISH => Err(bad("a finish with a body".into())),
             TAG_CONTINUE => {
                 let Some((mut step, expected)) = self.partial.take() else {
                     return Err(bad("a continuation without a step".into()));
@@ -405,10 +434,101 @@ fn perturb(step: &mut Step) {
 /// (`None`: unregistered, nothing is served). Ends, dropping the session's
 /// cache, when the router ends the call, goes away, or sends anything
 /// malformed; an error is answered first.
+/// RT-PIPE-6: who signs a stage's commitments.
+#[derive(Clone)]
+pub struct StageIdentity {
+    pub key: k256::ecdsa::SigningKey,
+    pub chain_id: String,
+}
+
+/// The f32 values of an output tensor (f32, or bf16 widened exactly).
+fn values_of(step: &Step) -> Vec<f32> {
+    match step.dtype {
+        Dtype::F32 => step
+            .bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+            .collect(),
+        Dtype::Bf16 => step
+            .bytes
+            .chunks_exact(2)
+            .map(|c| f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16))
+            .collect(),
+        Dtype::I64 => Vec::new(),
+    }
+}
+
+/// RT-PIPE-6: a session's commitments to its outputs, one per 32
+/// positions (RT-COMMIT-2), signed as the chunks complete.
+struct SessionCommits {
+    identity: StageIdentity,
+    template: blyan_route::commit::StageCommitment,
+    committer: Option<blyan_route::commit::Committer>,
+}
+
+impl SessionCommits {
+    /// Commits to `out`, the answer to a step at `position`: every row of
+    /// hidden states, or the one row of logits (the last position's).
+    fn push(&mut self, position: u32, out: &Step) -> Result<Vec<Bytes>, Error> {
+        let row = out.shape[2];
+        let first = match out.kind {
+            Kind::Logits => u64::from(out.position) - 1,
+            _ => u64::from(position),
+        };
+        if self.committer.is_none() {
+            self.committer = Some(
+                blyan_route::commit::Committer::new(row, blyan_route::commit::DEFAULT_TOP_K, first)
+                    .map_err(|e| Error::Inference(format!("commitment: {e}")))?,
+            );
+        }
+        let c = self.committer.as_mut().expect("made above");
+        let chunks = c
+            .push(&values_of(out))
+            .map_err(|e| Error::Inference(format!("commitment: {e}")))?;
+        Ok(chunks.into_iter().map(|ch| self.sign(ch)).collect())
+    }
+
+    /// The last, partial chunk.
+    fn finish(&mut self) -> Result<Option<Bytes>, Error> {
+        let Some(c) = self.committer.take() else {
+            return Ok(None);
+        };
+        let last = c
+            .finish()
+            .map_err(|e| Error::Inference(format!("commitment: {e}")))?;
+        Ok(last.map(|ch| self.sign(ch)))
+    }
+
+    fn sign(&self, chunk: blyan_route::commit::ChunkCommitment) -> Bytes {
+        let commitment = blyan_route::commit::StageCommitment {
+            chunk,
+            ..self.template.clone()
+        };
+        let signature = blyan_state_machine::crypto::sign(
+            &self.identity.key,
+            &commitment.signing_bytes(&self.identity.chain_id),
+        );
+        encode_commitment(&blyan_route::commit::SignedCommitment {
+            commitment,
+            public_key: blyan_state_machine::tx::public_key_of(&self.identity.key),
+            signature,
+        })
+    }
+}
+
+fn parse_hash(s: &str) -> Option<blyan_state_machine::types::Hash32> {
+    if s.is_empty() {
+        return Some([0; 32]);
+    }
+    let v = hex::decode(s.strip_prefix("0x")?).ok()?;
+    v.try_into().ok()
+}
+
 pub fn serve_stage(
     engine: crate::inference::InferenceHandle,
     model: Option<blyan_state_machine::types::Hash32>,
     perturb_outputs: bool,
+    identity: Option<StageIdentity>,
     from: blyan_state_machine::node::PeerId,
     mut requests: tonic::Streaming<Bytes>,
 ) -> tokio::sync::mpsc::Receiver<Result<Bytes, tonic::Status>> {
@@ -421,6 +541,7 @@ pub fn serve_stage(
             let fail = |e: &Error| encode_error(error_kind(e), &e.to_string());
             let mut asm = Assembler::default();
             let mut opened = false;
+            let mut commits: Option<SessionCommits> = None;
             loop {
                 let m = match requests.message().await {
                     Ok(Some(m)) => m,
@@ -455,8 +576,49 @@ pub fn serve_stage(
                             let _ = tx.send(Ok(fail(&e))).await;
                             break;
                         }
+                        let Some(request_id) = parse_hash(&o.request_id) else {
+                            let e = Error::BadRequest("request_id is not 0x and 32 bytes".into());
+                            let _ = tx.send(Ok(fail(&e))).await;
+                            break;
+                        };
+                        commits = identity.clone().map(|identity| SessionCommits {
+                            template: blyan_route::commit::StageCommitment {
+                                request_id,
+                                model: model.expect("checked above"),
+                                head_version: head_version(&engine),
+                                node: blyan_state_machine::types::Address::from_public_key(
+                                    identity.key.verifying_key(),
+                                ),
+                                first_layer: o.first_layer,
+                                last_layer: o.last_layer,
+                                chunk: blyan_route::commit::ChunkCommitment {
+                                    first_token: 0,
+                                    tokens: 1,
+                                    hidden: 1,
+                                    values: Vec::new(),
+                                },
+                            },
+                            identity,
+                            committer: None,
+                        });
                         opened = true;
                         continue;
+                    }
+                    Message::Finish if opened => {
+                        let last = commits.as_mut().map(SessionCommits::finish).transpose();
+                        match last {
+                            Ok(last) => {
+                                for m in last.flatten().into_iter().chain([encode_finish()]) {
+                                    if tx.send(Ok(m)).await.is_err() {
+                                        break;
+                                    }
+                                }
+                            }
+                            Err(e) => {
+                                let _ = tx.send(Ok(fail(&e))).await;
+                            }
+                        }
+                        break;
                     }
                     Message::Step(step) if opened => step,
                     _ => {
@@ -465,13 +627,22 @@ pub fn serve_stage(
                         break;
                     }
                 };
+                let position = step.position;
                 match engine.stage(session, step).await {
                     Ok(mut out) => {
                         if perturb_outputs {
                             perturb(&mut out);
                         }
+                        let signed = match commits.as_mut().map(|c| c.push(position, &out)) {
+                            Some(Ok(m)) => m,
+                            None => Vec::new(),
+                            Some(Err(e)) => {
+                                let _ = tx.send(Ok(fail(&e))).await;
+                                break;
+                            }
+                        };
                         let mut gone = false;
-                        for part in out.encode() {
+                        for part in out.encode().into_iter().chain(signed) {
                             if tx.send(Ok(part)).await.is_err() {
                                 gone = true;
                                 break;
@@ -506,6 +677,8 @@ enum Hop {
         tx: tokio::sync::mpsc::Sender<Bytes>,
         rx: tonic::Streaming<Bytes>,
         asm: Assembler,
+        /// RT-PIPE-6: the stage's signed commitments so far, encoded.
+        commitments: Vec<Vec<u8>>,
     },
 }
 
@@ -514,6 +687,10 @@ enum Hop {
 /// remote call and drops the local session).
 pub struct RouteSession {
     hops: Vec<(blyan_state_machine::types::Address, u32, Hop)>,
+    model: blyan_state_machine::types::Hash32,
+    request_id: blyan_state_machine::types::Hash32,
+    /// Each hop's first layer, in route order.
+    first_layers: Vec<u32>,
     /// Time spent per hop, µs.
     spent_us: Vec<u64>,
     /// Tensor bytes sent to and received from remote hops (the router's
@@ -539,6 +716,7 @@ impl RouteSession {
         me: blyan_state_machine::types::Address,
         engine: &crate::inference::InferenceHandle,
         plan: &blyan_route::route::Plan,
+        request_id: blyan_state_machine::types::Hash32,
         bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
     ) -> Result<RouteSession, (blyan_state_machine::types::Address, String)> {
         let mut hops = Vec::with_capacity(plan.stages.len());
@@ -564,6 +742,7 @@ impl RouteSession {
                     model: crate::api::hex0x(&plan.model),
                     first_layer: stage.first_layer,
                     last_layer: stage.last_layer,
+                    request_id: format!("0x{}", hex::encode(request_id)),
                 };
                 tx.send(encode_open(&open))
                     .await
@@ -578,15 +757,91 @@ impl RouteSession {
                     tx,
                     rx,
                     asm: Assembler::default(),
+                    commitments: Vec::new(),
                 }
             };
             hops.push((stage.node, stage.last_layer, hop));
         }
         Ok(RouteSession {
             spent_us: vec![0; hops.len()],
+            first_layers: plan.stages.iter().map(|s| s.first_layer).collect(),
             hops,
+            model: plan.model,
+            request_id,
             bytes,
         })
+    }
+
+    /// RT-PIPE-6: ends every remote stage's session: asks for its last
+    /// commitment and checks all it sent (decoded, signed by that stage's
+    /// node for this request, model and layers). Each hop's commitments,
+    /// encoded, in route order (none for a stage on this node). A stage
+    /// whose commitments do not check is named.
+    pub async fn finish(
+        &mut self,
+        chain_id: &str,
+        deadline: std::time::Instant,
+    ) -> Result<Vec<Vec<Vec<u8>>>, (blyan_state_machine::types::Address, String)> {
+        let mut out = Vec::with_capacity(self.hops.len());
+        for (i, (node, last_layer, hop)) in self.hops.iter_mut().enumerate() {
+            let node = *node;
+            let Hop::Remote {
+                tx,
+                rx,
+                asm,
+                commitments,
+            } = hop
+            else {
+                out.push(Vec::new());
+                continue;
+            };
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let read = async {
+                tx.send(encode_finish())
+                    .await
+                    .map_err(|_| "the stage ended the call".to_string())?;
+                loop {
+                    let m = match rx.message().await {
+                        Ok(Some(m)) => m,
+                        Ok(None) => return Err("the call ended before its finish".to_string()),
+                        Err(s) => return Err(format!("{:?}: {}", s.code(), s.message())),
+                    };
+                    match asm.push(&m).map_err(|e| e.to_string())? {
+                        Some(Message::Commitment(c)) => {
+                            if commitments.len() >= MAX_COMMITMENTS_PER_HOP {
+                                return Err("more commitments than a generation has chunks".into());
+                            }
+                            commitments.push(c);
+                        }
+                        Some(Message::Finish) => return Ok(()),
+                        None => {}
+                        Some(other) => return Err(format!("a stage answered {other:?} to finish")),
+                    }
+                }
+            };
+            match tokio::time::timeout(left, read).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err((node, e)),
+                Err(_) => return Err((node, "the stage missed the request's deadline".into())),
+            }
+            for c in commitments.iter() {
+                let signed = blyan_route::commit::SignedCommitment::decode(c)
+                    .map_err(|e| (node, format!("commitment: {e}")))?;
+                signed
+                    .verify(chain_id)
+                    .map_err(|e| (node, format!("commitment: {e}")))?;
+                let cm = &signed.commitment;
+                if cm.node != node
+                    || cm.request_id != self.request_id
+                    || cm.model != self.model
+                    || (cm.first_layer, cm.last_layer) != (self.first_layers[i], *last_layer)
+                {
+                    return Err((node, "a commitment for another request or stage".into()));
+                }
+            }
+            out.push(std::mem::take(commitments));
+        }
+        Ok(out)
     }
 
     /// Time spent per stage so far, ms, in route order.
@@ -648,6 +903,16 @@ fn out_seq(ids: &[i64]) -> u32 {
     u32::try_from(ids.len()).unwrap_or(u32::MAX)
 }
 
+/// RT-PIPE-6: the head a stage's commitments name: SHA3-256 of the name
+/// of the head its engine serves (all zero before the first).
+fn head_version(engine: &crate::inference::InferenceHandle) -> blyan_state_machine::types::Hash32 {
+    let name = engine.heads.serving();
+    if name.is_empty() {
+        return [0; 32];
+    }
+    blyan_state_machine::crypto::sha3_256_parts(&[name.as_bytes()])
+}
+
 /// One step on one hop.
 async fn run_hop(
     hop: &mut Hop,
@@ -660,7 +925,12 @@ async fn run_hop(
             .stage(*session, step)
             .await
             .map_err(|e| e.to_string()),
-        Hop::Remote { tx, rx, asm } => {
+        Hop::Remote {
+            tx,
+            rx,
+            asm,
+            commitments,
+        } => {
             let sent = step.bytes.len() as u64;
             for part in step.encode() {
                 tx.send(part)
@@ -682,7 +952,16 @@ async fn run_hop(
                     Some(Message::Error(kind, message)) => {
                         return Err(format!("{kind}: {message}"));
                     }
-                    Some(Message::Open(_)) => return Err("a stage answered an open".into()),
+                    Some(Message::Commitment(c)) => {
+                        // RT-PIPE-6: checked at the session's end.
+                        if commitments.len() >= MAX_COMMITMENTS_PER_HOP {
+                            return Err("more commitments than a generation has chunks".into());
+                        }
+                        commitments.push(c);
+                    }
+                    Some(Message::Open(_) | Message::Finish) => {
+                        return Err("a stage answered out of turn".into());
+                    }
                 }
             }
         }
@@ -767,6 +1046,7 @@ mod tests {
             model: "0x00".into(),
             first_layer: 3,
             last_layer: 1,
+            request_id: String::new(),
         });
         assert!(Assembler::default().push(&open).is_err());
         assert!(Assembler::default().push(b"o{").is_err());
@@ -778,14 +1058,100 @@ mod tests {
             model: "0xab".into(),
             first_layer: 2,
             last_layer: 3,
+            request_id: format!("0x{}", "ab".repeat(32)),
         };
         assert_eq!(
-            decode_all(&[encode_open(&open), encode_error("busy", "full")]).unwrap(),
+            decode_all(&[
+                encode_open(&open),
+                encode_error("busy", "full"),
+                encode_finish()
+            ])
+            .unwrap(),
             vec![
                 Message::Open(open),
-                Message::Error("busy".into(), "full".into())
+                Message::Error("busy".into(), "full".into()),
+                Message::Finish
             ]
         );
+        assert!(Assembler::default().push(b"fx").is_err());
+        assert_eq!(parse_hash(""), Some([0; 32]));
+        assert_eq!(parse_hash(&format!("0x{}", "01".repeat(32))), Some([1; 32]));
+        assert_eq!(parse_hash("0x0102"), None);
+        assert_eq!(parse_hash(&"01".repeat(32)), None);
+    }
+
+    /// RT-PIPE-6: a session's commitments: one signed chunk per 32
+    /// positions of hidden states (a prefill of 40 and 30 decode steps:
+    /// chunks [0, 32) and [32, 64), then [64, 70) at the finish), verifying
+    /// under the stage's key and naming the request, model and layers;
+    /// bf16 outputs are committed as their exact f32 values.
+    #[test]
+    fn rt_pipe_6_a_session_commits_every_32_positions() {
+        use blyan_route::commit::SignedCommitment;
+        let key = blyan_state_machine::testkit::key(5);
+        let node = blyan_state_machine::types::Address::from_public_key(key.verifying_key());
+        let template = blyan_route::commit::StageCommitment {
+            request_id: [3; 32],
+            model: [4; 32],
+            head_version: [0; 32],
+            node,
+            first_layer: 0,
+            last_layer: 1,
+            chunk: blyan_route::commit::ChunkCommitment {
+                first_token: 0,
+                tokens: 1,
+                hidden: 1,
+                values: Vec::new(),
+            },
+        };
+        let mut c = SessionCommits {
+            identity: StageIdentity {
+                key,
+                chain_id: "test".into(),
+            },
+            template,
+            committer: None,
+        };
+        let hidden = |position: u32, seq: u32| Step {
+            position: position + seq,
+            kind: Kind::Hidden,
+            dtype: Dtype::Bf16,
+            shape: [1, seq, 8],
+            bytes: (0..seq * 8)
+                .flat_map(|i| (0x3f80u16 + (i % 50) as u16).to_le_bytes())
+                .collect(),
+        };
+        let mut msgs = c.push(0, &hidden(0, 40)).unwrap();
+        assert_eq!(msgs.len(), 1);
+        for p in 40..70 {
+            msgs.extend(c.push(p, &hidden(p, 1)).unwrap());
+        }
+        assert_eq!(msgs.len(), 2);
+        msgs.extend(c.finish().unwrap());
+        assert_eq!(c.finish().unwrap(), None);
+        let spans: Vec<(u64, u16)> = msgs
+            .iter()
+            .map(|m| {
+                let Some(Message::Commitment(b)) = Assembler::default().push(m).unwrap() else {
+                    panic!("a commitment message");
+                };
+                let s = SignedCommitment::decode(&b).unwrap();
+                s.verify("test").unwrap();
+                assert!(s.verify("other chain").is_err());
+                assert_eq!(
+                    (
+                        s.commitment.request_id,
+                        s.commitment.model,
+                        s.commitment.node
+                    ),
+                    ([3; 32], [4; 32], node)
+                );
+                (s.commitment.chunk.first_token, s.commitment.chunk.tokens)
+            })
+            .collect();
+        assert_eq!(spans, vec![(0, 32), (32, 32), (64, 6)]);
+        // bf16 0x3f80 is exactly 1.0.
+        assert_eq!(values_of(&hidden(0, 1))[0], 1.0);
     }
 
     proptest! {

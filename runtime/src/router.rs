@@ -122,6 +122,9 @@ pub struct StageServer {
     pub model: Option<Hash32>,
     /// Test-only fault injection ([`crate::inference::InferenceConfig::perturb_outputs`]).
     pub perturb: bool,
+    /// RT-PIPE-6: who signs this node's stage commitments (`None`: none
+    /// are sent).
+    pub identity: Option<crate::pipeline::StageIdentity>,
 }
 
 /// RT-STAGE-6's test fault: what a lying stage sends instead of `text`
@@ -141,6 +144,7 @@ impl StageSink for StageServer {
             self.engine.clone(),
             self.model,
             self.perturb,
+            self.identity.clone(),
             from,
             requests,
         )
@@ -243,6 +247,9 @@ pub struct RoutedStage {
     pub last_layer: u32,
     /// Time spent in this stage's steps (its compute and round trips), ms.
     pub ms: u64,
+    /// RT-PIPE-6: the stage's signed commitments, encoded (checked by the
+    /// router; none for a stage on the router's own node).
+    pub commitments: Vec<Vec<u8>>,
 }
 
 /// Why one attempt did not produce the answer.
@@ -267,6 +274,8 @@ enum Choice {
 /// RT-STAGE-2..5: the node's router.
 pub struct Router {
     me: Address,
+    /// RT-PIPE-6: the chain whose domain stage commitments are signed in.
+    chain_id: String,
     transport: Arc<GrpcTransport>,
     heartbeats: Arc<Heartbeats>,
     /// RT-STAGE-3: the local engine is always a candidate.
@@ -346,6 +355,7 @@ impl Sent {
 impl Router {
     pub fn new(
         me: Address,
+        chain_id: String,
         transport: Arc<GrpcTransport>,
         heartbeats: Arc<Heartbeats>,
         advertise: bool,
@@ -353,6 +363,7 @@ impl Router {
     ) -> Result<Router, Error> {
         let spot_key = crate::keystore::generate_key()?.to_bytes().into();
         Ok(Router {
+            chain_id,
             spot_key,
             spot_rate_ppm,
             spot_checks: Default::default(),
@@ -902,11 +913,18 @@ impl Router {
         use crate::inference::Cancel;
         use crate::pipeline::RouteSession;
         let deadline = std::time::Instant::now() + Duration::from_millis(engine.config.timeout_ms);
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        let request_id = blyan_state_machine::crypto::sha3_256_parts(&[
+            b"blyan/route-req/1",
+            &self.me.0,
+            &n.to_be_bytes(),
+        ]);
         let session = RouteSession::open(
             &self.transport,
             self.me,
             engine,
             plan,
+            request_id,
             self.pipeline_bytes.clone(),
         )
         .await
@@ -922,6 +940,7 @@ impl Router {
         let stopped = stop.0.clone();
         let handle = tokio::runtime::Handle::current();
         let (engine, req, client) = (engine.clone(), req.clone(), pieces.clone());
+        let chain_id = self.chain_id.clone();
         let mut seen = std::mem::take(&mut sent.text);
         let before = seen.len();
         let span = tracing::info_span!(
@@ -998,12 +1017,28 @@ impl Router {
                 },
                 &engine.stats,
             );
+            // RT-PIPE-6: the stages' last commitments, all checked.
+            let mut commitments = Vec::new();
+            if result.is_ok() && stage_failure.is_none() && request_failure.is_none() {
+                match handle.block_on(session.finish(&chain_id, deadline)) {
+                    Ok(c) => commitments = c,
+                    Err((node, why)) => stage_failure = Some((node, why)),
+                }
+            }
             let timings = session.timings();
-            (result, stage_failure, request_failure, seen, timings)
+            (
+                result,
+                stage_failure,
+                request_failure,
+                seen,
+                timings,
+                commitments,
+            )
         });
-        let (result, stage_failure, request_failure, seen, timings) = job.await.map_err(|e| {
-            Failure::Request(Error::Inference(format!("the route's loop failed: {e}")))
-        })?;
+        let (result, stage_failure, request_failure, seen, timings, mut commitments) =
+            job.await.map_err(|e| {
+                Failure::Request(Error::Inference(format!("the route's loop failed: {e}")))
+            })?;
         sent.text = seen;
         drop(stop);
         if let Some(e) = request_failure {
@@ -1017,11 +1052,16 @@ impl Router {
             .stages
             .iter()
             .zip(timings)
-            .map(|(s, ms)| RoutedStage {
+            .enumerate()
+            .map(|(i, (s, ms))| RoutedStage {
                 node: s.node,
                 first_layer: s.first_layer,
                 last_layer: s.last_layer,
                 ms,
+                commitments: commitments
+                    .get_mut(i)
+                    .map(std::mem::take)
+                    .unwrap_or_default(),
             })
             .collect();
         info!(stages = plan.stages.len(), "request served by a pipeline");

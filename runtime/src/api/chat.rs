@@ -479,7 +479,13 @@ fn stages_json(engine: &InferenceHandle, r: &crate::router::Routed) -> serde_jso
     } else {
         // RT-PIPE-3: every stage with its layer range.
         stages.extend(r.stages.iter().map(|s| {
-            json!({ "node": s.node.to_string(), "layers": [s.first_layer, s.last_layer], "ms": s.ms })
+            json!({
+                "node": s.node.to_string(),
+                "layers": [s.first_layer, s.last_layer],
+                "ms": s.ms,
+                // RT-PIPE-6: its signed commitments, one per 32 positions.
+                "commitments": s.commitments.iter().map(|c| hex0x(c)).collect::<Vec<_>>(),
+            })
         }));
     }
     serde_json::Value::Array(stages)
