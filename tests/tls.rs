@@ -1858,3 +1858,143 @@ async fn full_stage_tables_answer_503_or_fall_back_to_a_whole_engine() {
     assert!(route[0]["failed"] == serde_json::json!(true), "{a}");
     net.stop().await;
 }
+
+/// RT-PIPE-7: a stage that perturbs its outputs (test-only
+/// `perturb_outputs`) inside a pipeline is caught by spot checks (rate 1
+/// here): the request is recomputed on a route avoiding the checked one,
+/// the hops' commitments are compared, and a referee route settles the
+/// mismatching hop before the router quarantines the liar; every answer
+/// after that is correct and avoids it. Reports how many answers were
+/// wrong before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_perturbing_pipeline_stage_is_quarantined_by_its_commitments() {
+    use blyan_runtime::node::{RunningNode, bind};
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = DevnetOptions::new(dir.path().join("devnet"), 4);
+    opts.base_port = None;
+    opts.block_interval_ms = 300;
+    opts.rate_limits = blyan_runtime::ratelimit::RateLimitConfig::unlimited();
+    opts.inference.spot_check_rate_ppm = 1_000_000;
+    let net = Devnet::start(opts).await.unwrap();
+    let url = net.nodes[0].api_url();
+    eventually("the network to commit a block", || async {
+        (height(&url).await >= 1).then_some(())
+    })
+    .await;
+    let ask = serde_json::json!({ "prompt": "Check my stages", "max_tokens": 12 });
+    // The reference: validator 0's own engine, before any stage exists.
+    let (s, reference) = blyan_runtime::client::post_json(&url, "/chat", &ask)
+        .await
+        .unwrap();
+    assert_eq!(s, 200, "{reference}");
+    // Layers 0–1: the liar and two honest holders; layers 2–3: two.
+    let mut stages = Vec::new();
+    for (i, (layers, perturb)) in [
+        ([0, 1], true),
+        ([0, 1], false),
+        ([0, 1], false),
+        ([2, 3], false),
+        ([2, 3], false),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let node_key = key(12_000 + i as u64);
+        let p2p = bind("127.0.0.1:0").await.unwrap();
+        let http = bind("127.0.0.1:0").await.unwrap();
+        register(
+            &net,
+            &url,
+            &node_key,
+            &p2p.local_addr().unwrap().to_string(),
+        )
+        .await;
+        let engine = blyan_runtime::inference::InferenceConfig {
+            model_dir: Some(blyan_runtime::devnet::model_dir(&net.dir)),
+            advertise: true,
+            heartbeat_interval_ms: 300,
+            perturb_outputs: perturb,
+            layers: Some(layers),
+            ..Default::default()
+        };
+        let data = dir.path().join(format!("stage-{i}"));
+        stages.push(
+            RunningNode::start(node_setup(&net, data, node_key, engine), p2p, http)
+                .await
+                .unwrap(),
+        );
+    }
+    let liar = json_addr(&stages[0].address);
+    let all: Vec<serde_json::Value> = stages.iter().map(|n| json_addr(&n.address)).collect();
+    eventually("validator 0 to list the five stages live", || async {
+        let live = get(&url, "/nodes").await["live"]
+            .as_array()
+            .unwrap()
+            .clone();
+        all.iter()
+            .all(|h| live.iter().any(|n| &n["node_id"] == h))
+            .then_some(())
+    })
+    .await;
+    let quarantined = || async {
+        get(&url, "/nodes").await["live"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["node_id"] == liar && n["quarantined"] == true)
+    };
+    let (mut wrong, mut asked) = (0, 0);
+    while !quarantined().await {
+        assert!(
+            asked < 40,
+            "not quarantined after {asked} requests ({wrong} wrong)"
+        );
+        let (s, a) = blyan_runtime::client::post_json(&url, "/chat", &ask)
+            .await
+            .unwrap();
+        assert_eq!(s, 200, "{a}");
+        asked += 1;
+        if a["text"] != reference["text"] {
+            wrong += 1;
+            assert!(
+                a["route"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|s| s["node"] == liar),
+                "a wrong answer without the liar on its route: {a}"
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    println!("RT-PIPE-7: quarantined after {asked} requests, {wrong} of them answered wrongly");
+    eventually("the conviction to be counted", || async {
+        let fault = |o: &str| format!("blyan_inference_spot_checks_total{{outcome=\"{o}\"}}");
+        let stage = metric(&url, &fault("stage_fault")).await;
+        let checker = metric(&url, &fault("checker_fault")).await;
+        (stage + checker >= 1.0).then_some(())
+    })
+    .await;
+    for _ in 0..5 {
+        let (s, a) = blyan_runtime::client::post_json(&url, "/chat", &ask)
+            .await
+            .unwrap();
+        assert_eq!(s, 200, "{a}");
+        assert_eq!(
+            a["text"], reference["text"],
+            "a wrong answer after the quarantine: {a}"
+        );
+        assert!(
+            a["route"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|s| s["node"] != liar),
+            "routed through a quarantined node: {a}"
+        );
+    }
+    for n in stages {
+        n.stop(1_000).await;
+    }
+    net.stop().await;
+}

@@ -566,6 +566,7 @@ impl Router {
                     let elapsed = attempt_started.elapsed();
                     if !stages.is_empty() {
                         self.pipelines.fetch_add(1, Ordering::Relaxed);
+                        self.maybe_spot_check_pipeline(engine, model, &req, &stages);
                     } else if node != self.me {
                         self.remote_stage_ms.observe(elapsed);
                         self.maybe_spot_check(engine, model, &req, node, &result);
@@ -660,6 +661,127 @@ impl Router {
             }
             .in_current_span(),
         );
+    }
+
+    /// RT-PIPE-7: draws whether a pipeline's answer is checked (RT-SPOT-1)
+    /// and, if so, checks it in the background.
+    fn maybe_spot_check_pipeline(
+        self: &Arc<Self>,
+        engine: &InferenceHandle,
+        model: Hash32,
+        req: &ChatRequest,
+        used: &[RoutedStage],
+    ) {
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        let request_id = blyan_state_machine::crypto::sha3_256_parts(&[
+            b"blyan/route-req/1",
+            &self.me.0,
+            &n.to_be_bytes(),
+        ]);
+        if !blyan_route::spot::should_check(&self.spot_key, &request_id, 0, 0, self.spot_rate_ppm) {
+            return;
+        }
+        let (router, engine, req, used) =
+            (self.clone(), engine.clone(), req.clone(), used.to_vec());
+        tokio::spawn(
+            async move {
+                let outcome = router
+                    .spot_check_pipeline(&engine, model, &req, &used)
+                    .await;
+                router.spot_checks[outcome].fetch_add(1, Ordering::Relaxed);
+            }
+            .in_current_span(),
+        );
+    }
+
+    /// RT-PIPE-7: the pipeline check. The same request runs on a route
+    /// that avoids every node of the checked one; each hop's commitments
+    /// are compared with those of the checker's hop over the same layers
+    /// (RT-COMMIT-3). At the first hop that disagrees, a referee route
+    /// that avoids both of its nodes computes a third time and decides
+    /// (RT-SPOT-4): the node it contradicts is quarantined (never this
+    /// node). Returns the outcome's index in [`SPOT_OUTCOMES`]; no route
+    /// for the checker or referee is `undecided`.
+    async fn spot_check_pipeline(
+        &self,
+        engine: &InferenceHandle,
+        model: Hash32,
+        req: &ChatRequest,
+        used: &[RoutedStage],
+    ) -> usize {
+        let original: BTreeSet<Address> = used.iter().map(|s| s.node).collect();
+        let Some(checker) = self.check_route(engine, model, req, &original).await else {
+            return 3;
+        };
+        let hop_of = |stages: &[RoutedStage], s: &RoutedStage| {
+            stages
+                .iter()
+                .find(|c| (c.first_layer, c.last_layer) == (s.first_layer, s.last_layer))
+                .cloned()
+        };
+        for s in used {
+            let Some(c) = hop_of(&checker, s) else {
+                continue;
+            };
+            if commitments_agree(&s.commitments, &c.commitments) {
+                continue;
+            }
+            let both: BTreeSet<Address> = [s.node, c.node].into();
+            let Some(referee) = self.check_route(engine, model, req, &both).await else {
+                warn!(stage = %s.node, checker = %c.node, "pipeline spot check mismatch and no referee: undecided (RT-PIPE-7)");
+                return 3;
+            };
+            let Some(r) = hop_of(&referee, s) else {
+                return 3;
+            };
+            let now = now_ms();
+            return match (
+                commitments_agree(&r.commitments, &s.commitments),
+                commitments_agree(&r.commitments, &c.commitments),
+            ) {
+                (false, true) => {
+                    if s.node != self.me {
+                        let until = self.heartbeats.quarantine(s.node, now);
+                        warn!(stage = %s.node, checker = %c.node, referee = %r.node, until_ms = until, layers = ?(s.first_layer, s.last_layer), "pipeline stage computed wrongly; quarantined (RT-PIPE-7)");
+                    }
+                    1
+                }
+                (true, false) => {
+                    if c.node != self.me {
+                        let until = self.heartbeats.quarantine(c.node, now);
+                        warn!(stage = %s.node, checker = %c.node, referee = %r.node, until_ms = until, "pipeline checker computed wrongly; quarantined (RT-PIPE-7)");
+                    }
+                    2
+                }
+                _ => 3,
+            };
+        }
+        0
+    }
+
+    /// RT-PIPE-7: `req` on a pipeline avoiding `avoid` (no client, no
+    /// failover); its stages, or `None` if no such route exists or it
+    /// failed.
+    async fn check_route(
+        &self,
+        engine: &InferenceHandle,
+        model: Hash32,
+        req: &ChatRequest,
+        avoid: &BTreeSet<Address>,
+    ) -> Option<Vec<RoutedStage>> {
+        let Choice::Pipeline(plan) = self.choose(engine, model, avoid) else {
+            return None;
+        };
+        match self
+            .pipeline(engine, &plan, req, &None, &mut Sent::default())
+            .await
+        {
+            Ok((_, stages)) => Some(stages),
+            Err(_) => {
+                debug!("a pipeline spot-check computation failed");
+                None
+            }
+        }
     }
 
     /// RT-STAGE-6, RT-SPOT-2..5: the check itself; returns the index of its
@@ -1103,6 +1225,33 @@ async fn forward(
     })?;
     sent.text.push_str(fresh);
     Ok(())
+}
+
+/// RT-PIPE-7: whether two hops' commitments (encoded, already verified by
+/// the router) cover the same chunks and each pair matches within
+/// RT-COMMIT-3's tolerance. Hops without commitments (this node's own
+/// stage) are not compared.
+fn commitments_agree(a: &[Vec<u8>], b: &[Vec<u8>]) -> bool {
+    use blyan_route::commit::{SignedCommitment, Tolerance, compare};
+    if a.is_empty() || b.is_empty() {
+        return true;
+    }
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).all(
+        |(x, y)| match (SignedCommitment::decode(x), SignedCommitment::decode(y)) {
+            (Ok(x), Ok(y)) => {
+                compare(
+                    &x.commitment.chunk,
+                    &y.commitment.chunk,
+                    Tolerance::default(),
+                )
+                .matches
+            }
+            _ => false,
+        },
+    )
 }
 
 /// RT-ROUTE-5: `load` with one more (or one fewer) request in flight at `node`.
