@@ -1968,6 +1968,35 @@ async fn a_perturbing_pipeline_stage_is_quarantined_by_its_commitments() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     println!("RT-PIPE-7: quarantined after {asked} requests, {wrong} of them answered wrongly");
+    // The conviction left a fault record signed by validator 0 that any
+    // third party can verify, naming the liar (RT-FAULT-1/2).
+    let faults = get(&url, "/faults").await;
+    let records = faults["faults"].as_array().unwrap();
+    let convicting = records
+        .iter()
+        .find(|f| f["loser"] == liar)
+        .unwrap_or_else(|| panic!("no fault record names the liar: {faults}"));
+    let bytes = hex::decode(
+        convicting["record"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("0x"),
+    )
+    .unwrap();
+    let record = blyan_route::fault::SignedFaultRecord::decode(&bytes).unwrap();
+    let reporter = record
+        .verify("blyan-devnet", blyan_route::commit::Tolerance::default())
+        .unwrap();
+    assert_eq!(json_addr(&reporter), json_addr(&net.nodes[0].address));
+    assert_eq!(serde_json::to_value(record.record.loser()).unwrap(), liar);
+    let blyan_route::fault::FaultInput::TokenPrefix { tokens } = &record.record.input else {
+        panic!("a token prefix");
+    };
+    assert_eq!(
+        tokens.len() as u64,
+        record.record.position + u64::from(record.record.stage.commitment.chunk.tokens),
+        "the prefix reaches the disputed chunk's end"
+    );
     eventually("the conviction to be counted", || async {
         let fault = |o: &str| format!("blyan_inference_spot_checks_total{{outcome=\"{o}\"}}");
         let stage = metric(&url, &fault("stage_fault")).await;

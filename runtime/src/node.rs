@@ -341,6 +341,7 @@ impl RunningNode {
             api_config.router = Some(Arc::new(crate::router::Router::new(
                 handle.address,
                 handle.chain_id.clone(),
+                advertise_key.clone(),
                 transport.clone(),
                 heartbeats,
                 advertise,

@@ -53,6 +53,9 @@ use tokio::sync::mpsc;
 use tonic::Status;
 use tracing::{Instrument, debug, info, warn};
 
+/// RT-FAULT-1: fault records a router keeps (the newest).
+pub const MAX_FAULT_RECORDS: usize = 256;
+
 /// RT-STAGE-4: nodes tried for one request, the local engine included.
 pub const MAX_ATTEMPTS: usize = 3;
 
@@ -239,6 +242,18 @@ pub struct Routed {
     pub stages: Vec<RoutedStage>,
 }
 
+/// RT-PIPE-3: what one pipeline attempt produced.
+struct PipelineRun {
+    result: ChatResult,
+    stages: Vec<RoutedStage>,
+    /// The id its stages' commitments name (RT-PIPE-6).
+    request_id: Hash32,
+    /// Every token id fed through the route, in order (the prompt, then
+    /// each generated token but the last): the token prefix of any
+    /// position it computed (RT-FAULT-1).
+    fed: Vec<i64>,
+}
+
 /// RT-PIPE-3: one stage of a pipeline that served a request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RoutedStage {
@@ -276,6 +291,10 @@ pub struct Router {
     me: Address,
     /// RT-PIPE-6: the chain whose domain stage commitments are signed in.
     chain_id: String,
+    /// RT-FAULT-1: the node's key, which signs fault records.
+    key: k256::ecdsa::SigningKey,
+    /// RT-FAULT-1: the newest fault records this router signed, encoded.
+    faults: Mutex<std::collections::VecDeque<Vec<u8>>>,
     transport: Arc<GrpcTransport>,
     heartbeats: Arc<Heartbeats>,
     /// RT-STAGE-3: the local engine is always a candidate.
@@ -356,6 +375,7 @@ impl Router {
     pub fn new(
         me: Address,
         chain_id: String,
+        key: k256::ecdsa::SigningKey,
         transport: Arc<GrpcTransport>,
         heartbeats: Arc<Heartbeats>,
         advertise: bool,
@@ -364,6 +384,8 @@ impl Router {
         let spot_key = crate::keystore::generate_key()?.to_bytes().into();
         Ok(Router {
             chain_id,
+            key,
+            faults: Mutex::new(std::collections::VecDeque::new()),
             spot_key,
             spot_rate_ppm,
             spot_checks: Default::default(),
@@ -526,16 +548,20 @@ impl Router {
             }
             let attempt_started = std::time::Instant::now();
             let mut stages = Vec::new();
+            let mut checked = None;
             let (node, outcome) = match choice {
                 Choice::Local => (self.me, self.local(engine, &req, &pieces, &mut sent).await),
                 Choice::Pipeline(plan) => {
                     let last_node = plan.stages.last().expect("a plan has stages").node;
                     self.load.lock().expect("load book lock").assign(&plan);
-                    let r = self.pipeline(engine, &plan, &req, &pieces, &mut sent).await;
+                    let r = self
+                        .pipeline(engine, &plan, &req, &pieces, &mut sent, None)
+                        .await;
                     self.load.lock().expect("load book lock").release(&plan);
-                    let r = r.map(|(result, used)| {
-                        stages = used;
-                        result
+                    let r = r.map(|run| {
+                        stages = run.stages;
+                        checked = Some((run.request_id, run.fed));
+                        run.result
                     });
                     (last_node, r)
                 }
@@ -566,7 +592,11 @@ impl Router {
                     let elapsed = attempt_started.elapsed();
                     if !stages.is_empty() {
                         self.pipelines.fetch_add(1, Ordering::Relaxed);
-                        self.maybe_spot_check_pipeline(engine, model, &req, &stages);
+                        if let Some((request_id, fed)) = checked {
+                            self.maybe_spot_check_pipeline(
+                                engine, model, &req, &stages, request_id, fed,
+                            );
+                        }
                     } else if node != self.me {
                         self.remote_stage_ms.observe(elapsed);
                         self.maybe_spot_check(engine, model, &req, node, &result);
@@ -671,13 +701,9 @@ impl Router {
         model: Hash32,
         req: &ChatRequest,
         used: &[RoutedStage],
+        request_id: Hash32,
+        fed: Vec<i64>,
     ) {
-        let n = self.seq.fetch_add(1, Ordering::Relaxed);
-        let request_id = blyan_state_machine::crypto::sha3_256_parts(&[
-            b"blyan/route-req/1",
-            &self.me.0,
-            &n.to_be_bytes(),
-        ]);
         if !blyan_route::spot::should_check(&self.spot_key, &request_id, 0, 0, self.spot_rate_ppm) {
             return;
         }
@@ -686,7 +712,7 @@ impl Router {
         tokio::spawn(
             async move {
                 let outcome = router
-                    .spot_check_pipeline(&engine, model, &req, &used)
+                    .spot_check_pipeline(&engine, model, &req, &used, request_id, &fed)
                     .await;
                 router.spot_checks[outcome].fetch_add(1, Ordering::Relaxed);
             }
@@ -694,23 +720,32 @@ impl Router {
         );
     }
 
-    /// RT-PIPE-7: the pipeline check. The same request runs on a route
-    /// that avoids every node of the checked one; each hop's commitments
-    /// are compared with those of the checker's hop over the same layers
-    /// (RT-COMMIT-3). At the first hop that disagrees, a referee route
-    /// that avoids both of its nodes computes a third time and decides
-    /// (RT-SPOT-4): the node it contradicts is quarantined (never this
-    /// node). Returns the outcome's index in [`SPOT_OUTCOMES`]; no route
-    /// for the checker or referee is `undecided`.
+    /// RT-PIPE-7: the pipeline check. The same request (same id, so that
+    /// every commitment names one step) runs on a route that avoids every
+    /// node of the checked one; each hop's commitments are compared with
+    /// those of the checker's hop over the same layers (RT-COMMIT-3). At
+    /// the first chunk that disagrees, a referee route that avoids both of
+    /// its nodes computes a third time and RT-SPOT-4 settles it on that
+    /// chunk: the loser is quarantined (never this node) and a signed
+    /// fault record (RT-FAULT-1) kept. Returns the outcome's index in
+    /// [`SPOT_OUTCOMES`]; no route for the checker or referee is
+    /// `undecided`.
     async fn spot_check_pipeline(
         &self,
         engine: &InferenceHandle,
         model: Hash32,
         req: &ChatRequest,
         used: &[RoutedStage],
+        request_id: Hash32,
+        fed: &[i64],
     ) -> usize {
+        use blyan_route::commit::{SignedCommitment, Tolerance, compare};
+        use blyan_route::spot::{Settlement, settle};
         let original: BTreeSet<Address> = used.iter().map(|s| s.node).collect();
-        let Some(checker) = self.check_route(engine, model, req, &original).await else {
+        let Some(checker) = self
+            .check_route(engine, model, req, &original, request_id)
+            .await
+        else {
             return 3;
         };
         let hop_of = |stages: &[RoutedStage], s: &RoutedStage| {
@@ -719,64 +754,165 @@ impl Router {
                 .find(|c| (c.first_layer, c.last_layer) == (s.first_layer, s.last_layer))
                 .cloned()
         };
+        let decode = |list: &[Vec<u8>]| -> Option<Vec<SignedCommitment>> {
+            list.iter()
+                .map(|c| SignedCommitment::decode(c).ok())
+                .collect()
+        };
+        let tol = Tolerance::default();
         for s in used {
             let Some(c) = hop_of(&checker, s) else {
                 continue;
             };
-            if commitments_agree(&s.commitments, &c.commitments) {
+            let (Some(sc), Some(cc)) = (decode(&s.commitments), decode(&c.commitments)) else {
+                return 3;
+            };
+            if sc.is_empty() || cc.is_empty() {
                 continue;
             }
+            // The first chunk that disagrees (or is missing on one side).
+            let Some(j) = (0..sc.len().max(cc.len())).find(|&j| match (sc.get(j), cc.get(j)) {
+                (Some(x), Some(y)) => {
+                    !compare(&x.commitment.chunk, &y.commitment.chunk, tol).matches
+                }
+                _ => true,
+            }) else {
+                continue;
+            };
+            let (Some(stage_c), Some(checker_c)) = (sc.get(j), cc.get(j)) else {
+                warn!(stage = %s.node, checker = %c.node, "pipeline spot check: commitment counts differ: undecided (RT-PIPE-7)");
+                return 3;
+            };
             let both: BTreeSet<Address> = [s.node, c.node].into();
-            let Some(referee) = self.check_route(engine, model, req, &both).await else {
-                warn!(stage = %s.node, checker = %c.node, "pipeline spot check mismatch and no referee: undecided (RT-PIPE-7)");
-                return 3;
+            let referee = match self
+                .check_route(engine, model, req, &both, request_id)
+                .await
+                .and_then(|r| hop_of(&r, s))
+                .and_then(|r| decode(&r.commitments).map(|list| (r.node, list)))
+            {
+                Some((node, list)) if list.len() > j => (node, list[j].clone()),
+                _ => {
+                    warn!(stage = %s.node, checker = %c.node, "pipeline spot check mismatch and no referee: undecided (RT-PIPE-7)");
+                    return 3;
+                }
             };
-            let Some(r) = hop_of(&referee, s) else {
-                return 3;
-            };
+            let verdict = settle(
+                &stage_c.commitment.chunk,
+                &checker_c.commitment.chunk,
+                &referee.1.commitment.chunk,
+                tol,
+            );
             let now = now_ms();
-            return match (
-                commitments_agree(&r.commitments, &s.commitments),
-                commitments_agree(&r.commitments, &c.commitments),
-            ) {
-                (false, true) => {
-                    if s.node != self.me {
-                        let until = self.heartbeats.quarantine(s.node, now);
-                        warn!(stage = %s.node, checker = %c.node, referee = %r.node, until_ms = until, layers = ?(s.first_layer, s.last_layer), "pipeline stage computed wrongly; quarantined (RT-PIPE-7)");
+            let loser = match verdict {
+                Settlement::StageFault => Some((s.node, 1)),
+                Settlement::CheckerFault => Some((c.node, 2)),
+                Settlement::Agree | Settlement::Undecided => None,
+            };
+            let position = stage_c.commitment.chunk.first_token;
+            let end = position + u64::from(stage_c.commitment.chunk.tokens);
+            let record = blyan_route::fault::FaultRecord {
+                verdict,
+                request_id,
+                position,
+                model,
+                head_version: stage_c.commitment.head_version,
+                first_layer: s.first_layer,
+                last_layer: s.last_layer,
+                input: blyan_route::fault::FaultInput::TokenPrefix {
+                    tokens: fed
+                        .iter()
+                        .take(usize::try_from(end).unwrap_or(usize::MAX))
+                        .map(|&t| u32::try_from(t).unwrap_or(u32::MAX))
+                        .collect(),
+                },
+                stage: stage_c.clone(),
+                checker: checker_c.clone(),
+                referee: Some(referee.1.clone()),
+                reported_ms: now,
+            };
+            self.keep_fault(record);
+            return match loser {
+                Some((node, outcome)) => {
+                    if node != self.me {
+                        let until = self.heartbeats.quarantine(node, now);
+                        warn!(%node, stage = %s.node, checker = %c.node, referee = %referee.0, until_ms = until, position, layers = ?(s.first_layer, s.last_layer), "pipeline hop convicted by a referee; quarantined (RT-PIPE-7)");
                     }
-                    1
+                    outcome
                 }
-                (true, false) => {
-                    if c.node != self.me {
-                        let until = self.heartbeats.quarantine(c.node, now);
-                        warn!(stage = %s.node, checker = %c.node, referee = %r.node, until_ms = until, "pipeline checker computed wrongly; quarantined (RT-PIPE-7)");
-                    }
-                    2
-                }
-                _ => 3,
+                None => 3,
             };
         }
         0
     }
 
-    /// RT-PIPE-7: `req` on a pipeline avoiding `avoid` (no client, no
-    /// failover); its stages, or `None` if no such route exists or it
-    /// failed.
+    /// RT-FAULT-1: signs `record` as this node and keeps it (the newest
+    /// [`MAX_FAULT_RECORDS`]); a record that does not verify is a bug and
+    /// is only logged.
+    fn keep_fault(&self, record: blyan_route::fault::FaultRecord) {
+        let signature =
+            blyan_state_machine::crypto::sign(&self.key, &record.signing_bytes(&self.chain_id));
+        let signed = blyan_route::fault::SignedFaultRecord {
+            record,
+            reporter_key: blyan_state_machine::tx::public_key_of(&self.key),
+            signature,
+        };
+        if let Err(e) = signed.verify(&self.chain_id, blyan_route::commit::Tolerance::default()) {
+            warn!(error = %e, "a fault record that does not verify was not kept");
+            return;
+        }
+        let mut faults = self.faults.lock().expect("faults lock");
+        if faults.len() == MAX_FAULT_RECORDS {
+            faults.pop_front();
+        }
+        faults.push_back(signed.encode());
+    }
+
+    /// RT-FAULT-1: the fault records this router signed, oldest first.
+    pub fn fault_records(&self) -> Vec<Vec<u8>> {
+        self.faults
+            .lock()
+            .expect("faults lock")
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// A fresh request id (RT-SPOT-1, RT-PIPE-6).
+    fn next_request_id(&self) -> Hash32 {
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        blyan_state_machine::crypto::sha3_256_parts(&[
+            b"blyan/route-req/1",
+            &self.me.0,
+            &n.to_be_bytes(),
+        ])
+    }
+
+    /// RT-PIPE-7: `req` as request `request_id` on a pipeline avoiding
+    /// `avoid` (no client, no failover); its stages, or `None` if no such
+    /// route exists or it failed.
     async fn check_route(
         &self,
         engine: &InferenceHandle,
         model: Hash32,
         req: &ChatRequest,
         avoid: &BTreeSet<Address>,
+        request_id: Hash32,
     ) -> Option<Vec<RoutedStage>> {
         let Choice::Pipeline(plan) = self.choose(engine, model, avoid) else {
             return None;
         };
         match self
-            .pipeline(engine, &plan, req, &None, &mut Sent::default())
+            .pipeline(
+                engine,
+                &plan,
+                req,
+                &None,
+                &mut Sent::default(),
+                Some(request_id),
+            )
             .await
         {
-            Ok((_, stages)) => Some(stages),
+            Ok(run) => Some(run.stages),
             Err(_) => {
                 debug!("a pipeline spot-check computation failed");
                 None
@@ -1031,16 +1167,12 @@ impl Router {
         req: &ChatRequest,
         pieces: &Option<mpsc::Sender<String>>,
         sent: &mut Sent,
-    ) -> Result<(ChatResult, Vec<RoutedStage>), Failure> {
+        request_id: Option<Hash32>,
+    ) -> Result<PipelineRun, Failure> {
         use crate::inference::Cancel;
         use crate::pipeline::RouteSession;
         let deadline = std::time::Instant::now() + Duration::from_millis(engine.config.timeout_ms);
-        let n = self.seq.fetch_add(1, Ordering::Relaxed);
-        let request_id = blyan_state_machine::crypto::sha3_256_parts(&[
-            b"blyan/route-req/1",
-            &self.me.0,
-            &n.to_be_bytes(),
-        ]);
+        let request_id = request_id.unwrap_or_else(|| self.next_request_id());
         let session = RouteSession::open(
             &self.transport,
             self.me,
@@ -1078,6 +1210,7 @@ impl Router {
             let mut request_failure = None;
             let mut got = String::new();
             let (tokenizer, eos) = &*engine.tokenizer;
+            let mut fed: Vec<i64> = Vec::new();
             let result = crate::inference::run_chat(
                 tokenizer,
                 eos,
@@ -1086,6 +1219,7 @@ impl Router {
                 |ids| match handle.block_on(session.forward(position, ids, deadline)) {
                     Ok(row) => {
                         position += u32::try_from(ids.len()).unwrap_or(u32::MAX);
+                        fed.extend_from_slice(ids);
                         Ok(row)
                     }
                     Err((node, why)) => {
@@ -1154,10 +1288,10 @@ impl Router {
                 request_failure,
                 seen,
                 timings,
-                commitments,
+                (commitments, fed),
             )
         });
-        let (result, stage_failure, request_failure, seen, timings, mut commitments) =
+        let (result, stage_failure, request_failure, seen, timings, (mut commitments, fed)) =
             job.await.map_err(|e| {
                 Failure::Request(Error::Inference(format!("the route's loop failed: {e}")))
             })?;
@@ -1187,7 +1321,12 @@ impl Router {
             })
             .collect();
         info!(stages = plan.stages.len(), "request served by a pipeline");
-        Ok((result, stages))
+        Ok(PipelineRun {
+            result,
+            stages,
+            request_id,
+            fed,
+        })
     }
 
     /// Without the `inference` feature no node routes through stages.
@@ -1199,7 +1338,8 @@ impl Router {
         _req: &ChatRequest,
         _pieces: &Option<mpsc::Sender<String>>,
         _sent: &mut Sent,
-    ) -> Result<(ChatResult, Vec<RoutedStage>), Failure> {
+        _request_id: Option<Hash32>,
+    ) -> Result<PipelineRun, Failure> {
         Err(Failure::Request(Error::Inference(
             "this binary was built without the `inference` feature".into(),
         )))
@@ -1225,33 +1365,6 @@ async fn forward(
     })?;
     sent.text.push_str(fresh);
     Ok(())
-}
-
-/// RT-PIPE-7: whether two hops' commitments (encoded, already verified by
-/// the router) cover the same chunks and each pair matches within
-/// RT-COMMIT-3's tolerance. Hops without commitments (this node's own
-/// stage) are not compared.
-fn commitments_agree(a: &[Vec<u8>], b: &[Vec<u8>]) -> bool {
-    use blyan_route::commit::{SignedCommitment, Tolerance, compare};
-    if a.is_empty() || b.is_empty() {
-        return true;
-    }
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).all(
-        |(x, y)| match (SignedCommitment::decode(x), SignedCommitment::decode(y)) {
-            (Ok(x), Ok(y)) => {
-                compare(
-                    &x.commitment.chunk,
-                    &y.commitment.chunk,
-                    Tolerance::default(),
-                )
-                .matches
-            }
-            _ => false,
-        },
-    )
 }
 
 /// RT-ROUTE-5: `load` with one more (or one fewer) request in flight at `node`.

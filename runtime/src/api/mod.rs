@@ -375,6 +375,7 @@ pub fn router_with_meter(
         .route("/pol/experts", get(pol::experts))
         .route("/p2p/register", post(p2p::register))
         .route("/nodes", get(p2p::nodes))
+        .route("/faults", get(p2p::faults))
         .route("/openapi.json", get(openapi::document))
         .fallback(|| async {
             ApiError::new(

@@ -43,6 +43,7 @@ pub struct ErrorBody {
         pol::experts,
         p2p::register,
         p2p::nodes,
+        p2p::faults,
         chat::models,
         chat::get_allowance,
         chat::usage,

@@ -200,6 +200,45 @@ pub async fn nodes(State(state): State<ApiState>, Query(page): Query<NodesPage>)
     .into_response())
 }
 
+/// RT-FAULT-1, RT-PIPE-7: the fault records this node's router signed when
+/// a referee settled a spot check (the newest 256, oldest first): each
+/// encoded (`record`, hex: what a third party needs to recompute the step
+/// and check the verdict) and summarised.
+#[utoipa::path(get, path = "/faults", responses((status = 200, body = Object)))]
+pub async fn faults(State(state): State<ApiState>) -> ApiResult {
+    let records = state
+        .router
+        .as_ref()
+        .map(|r| r.fault_records())
+        .unwrap_or_default();
+    let list: Vec<_> = records
+        .iter()
+        .filter_map(|bytes| {
+            let f = blyan_route::fault::SignedFaultRecord::decode(bytes).ok()?;
+            let r = &f.record;
+            let verdict = match r.verdict {
+                blyan_route::spot::Settlement::Agree => "agree",
+                blyan_route::spot::Settlement::StageFault => "stage_fault",
+                blyan_route::spot::Settlement::CheckerFault => "checker_fault",
+                blyan_route::spot::Settlement::Undecided => "undecided",
+            };
+            Some(json!({
+                "verdict": verdict,
+                "loser": r.loser(),
+                "stage": r.stage.commitment.node,
+                "checker": r.checker.commitment.node,
+                "referee": r.referee.as_ref().map(|c| c.commitment.node),
+                "request_id": hex0x(&r.request_id),
+                "position": r.position,
+                "layers": [r.first_layer, r.last_layer],
+                "reported_ms": r.reported_ms,
+                "record": hex0x(bytes),
+            }))
+        })
+        .collect();
+    Ok(axum::Json(json!({ "faults": list })).into_response())
+}
+
 /// RT-HB-12: one live inference node as `GET /nodes` shows it.
 fn live_json(n: &crate::heartbeats::LiveNode) -> serde_json::Value {
     let hb = &n.entry.heartbeat;
