@@ -464,6 +464,10 @@ struct SessionCommits {
     identity: StageIdentity,
     template: blyan_route::commit::StageCommitment,
     committer: Option<blyan_route::commit::Committer>,
+    /// The engine whose head the commitments name: read after the
+    /// session's first step, when the engine has taken any pending head
+    /// (it takes none while a session is open, RT-PIPE-2).
+    engine: Option<crate::inference::InferenceHandle>,
 }
 
 impl SessionCommits {
@@ -475,6 +479,9 @@ impl SessionCommits {
             Kind::Logits => u64::from(out.position) - 1,
             _ => u64::from(position),
         };
+        if let Some(engine) = self.engine.take() {
+            self.template.head_version = head_version(&engine);
+        }
         if self.committer.is_none() {
             self.committer = Some(
                 blyan_route::commit::Committer::new(row, blyan_route::commit::DEFAULT_TOP_K, first)
@@ -585,7 +592,7 @@ pub fn serve_stage(
                             template: blyan_route::commit::StageCommitment {
                                 request_id,
                                 model: model.expect("checked above"),
-                                head_version: head_version(&engine),
+                                head_version: [0; 32],
                                 node: blyan_state_machine::types::Address::from_public_key(
                                     identity.key.verifying_key(),
                                 ),
@@ -600,6 +607,7 @@ pub fn serve_stage(
                             },
                             identity,
                             committer: None,
+                            engine: Some(engine.clone()),
                         });
                         opened = true;
                         continue;
@@ -1111,6 +1119,7 @@ mod tests {
             },
             template,
             committer: None,
+            engine: None,
         };
         let hidden = |position: u32, seq: u32| Step {
             position: position + seq,

@@ -783,6 +783,11 @@ impl Router {
                 warn!(stage = %s.node, checker = %c.node, "pipeline spot check: commitment counts differ: undecided (RT-PIPE-7)");
                 return 3;
             };
+            if stage_c.commitment.head_version != checker_c.commitment.head_version {
+                // Different heads legitimately compute different states.
+                debug!(stage = %s.node, checker = %c.node, "pipeline spot check across two heads: undecided (RT-PIPE-7)");
+                return 3;
+            }
             let both: BTreeSet<Address> = [s.node, c.node].into();
             let referee = match self
                 .check_route(engine, model, req, &both, request_id)
@@ -796,6 +801,9 @@ impl Router {
                     return 3;
                 }
             };
+            if referee.1.commitment.head_version != stage_c.commitment.head_version {
+                return 3;
+            }
             let verdict = settle(
                 &stage_c.commitment.chunk,
                 &checker_c.commitment.chunk,
