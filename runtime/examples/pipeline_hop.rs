@@ -8,8 +8,11 @@
 //! steps alternate between the two, so both see the same machine load.
 //!
 //! ```sh
-//! cargo run --release -p blyan-runtime --example pipeline_hop -- [STEPS] [INTERMEDIATE]
+//! cargo run --release -p blyan-runtime --example pipeline_hop -- [STEPS] [INTERMEDIATE] [commit]
 //! ```
+//!
+//! With `commit` the stage also commits to its outputs and signs a
+//! commitment every 32 positions (RT-PIPE-6), as nodes do.
 //!
 //! Prints the median and p90 of each and the hop's overhead (remote minus
 //! local median): serialisation, the two transport messages, the stage's
@@ -68,11 +71,13 @@ fn hidden_step(position: u32, seq: u32) -> Step {
     }
 }
 
-/// Sends `step` on the call and reads the answer.
+/// Sends `step` on the call and reads the answer (counting the signed
+/// commitments that arrive before it).
 async fn remote_step(
     tx: &mpsc::Sender<Bytes>,
     rx: &mut tonic::Streaming<Bytes>,
     step: &Step,
+    commitments: &mut usize,
 ) -> Message {
     for part in step.encode() {
         tx.send(part).await.expect("send");
@@ -80,8 +85,10 @@ async fn remote_step(
     let mut asm = Assembler::default();
     loop {
         let m = rx.message().await.expect("answer").expect("a message");
-        if let Some(msg) = asm.push(&m).expect("well-formed") {
-            return msg;
+        match asm.push(&m).expect("well-formed") {
+            Some(Message::Commitment(_)) => *commitments += 1,
+            Some(msg) => return msg,
+            None => {}
         }
     }
 }
@@ -91,6 +98,7 @@ async fn main() {
     let args: Vec<String> = std::env::args().collect();
     let steps: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(100);
     let intermediate: i64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(12_288);
+    let commit = args.get(3).is_some_and(|s| s == "commit");
     let dir = tempfile::tempdir().expect("temp dir");
     let t = Instant::now();
     model_dir(dir.path(), intermediate);
@@ -143,7 +151,10 @@ async fn main() {
         engine: remote,
         model: Some(MODEL),
         perturb: false,
-        identity: None,
+        identity: commit.then(|| blyan_runtime::pipeline::StageIdentity {
+            key: key(2),
+            chain_id: CHAIN.into(),
+        }),
     }));
     let allowed: BTreeSet<_> = [address(&key(1)), address(&key(2))].into();
     let verifier = Arc::new(PeerCertVerifier::new(CHAIN.into(), allowed.clone()));
@@ -169,6 +180,7 @@ async fn main() {
     .expect("open");
     let mut rx = client.stage(requests).await.expect("stage call");
 
+    let mut commitments = 0usize;
     let (mut local_ms, mut remote_ms) = (Vec::new(), Vec::new());
     let (mut local_over, mut remote_over) = (Vec::new(), Vec::new());
     for i in 0..steps as u32 {
@@ -181,7 +193,7 @@ async fn main() {
         assert_eq!(out.shape, [1, 1, HIDDEN]);
         let e0 = engine_us(&remote_stats);
         let t = Instant::now();
-        let Message::Step(out) = remote_step(&tx, &mut rx, &step).await else {
+        let Message::Step(out) = remote_step(&tx, &mut rx, &step, &mut commitments).await else {
             panic!("the stage refused a step");
         };
         let r = t.elapsed().as_secs_f64() * 1e3;
@@ -200,6 +212,10 @@ async fn main() {
     println!(
         "decode step, 1 token, hidden {HIDDEN} bf16, {} steps each: local engine p50 {l50:.2} ms p90 {l90:.2} ms; through the Stage call p50 {r50:.2} ms p90 {r90:.2} ms",
         local_ms.len(),
+    );
+    println!(
+        "stage commitments {}: {commitments} signed commitments received over {steps} positions",
+        if commit { "on" } else { "off" }
     );
     println!(
         "per step outside the engine's compute (wall time minus the engine thread's own time for that step): local call p50 {:.3} ms p90 {:.3} ms; remote hop p50 {:.3} ms p90 {:.3} ms",
@@ -224,7 +240,7 @@ async fn main() {
         let mut rx2 = client.stage(requests2).await.expect("stage call");
         let big = hidden_step(5, 2048);
         let t = Instant::now();
-        let answer = remote_step(&tx2, &mut rx2, &big).await;
+        let answer = remote_step(&tx2, &mut rx2, &big, &mut 0).await;
         xfer.push(t.elapsed().as_secs_f64() * 1e3);
         assert!(matches!(answer, Message::Error(..)), "{answer:?}");
     }
