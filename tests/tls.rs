@@ -567,7 +567,11 @@ async fn streamed(url: &str, body: &serde_json::Value) -> (String, serde_json::V
     .await
     .unwrap();
     assert_eq!(r.status, 200);
-    let text = String::from_utf8(r.body).unwrap();
+    sse_text(&String::from_utf8(r.body).unwrap())
+}
+
+/// The joined text and final `blyan` object of a chat completion's SSE body.
+fn sse_text(text: &str) -> (String, serde_json::Value) {
     let events: Vec<&str> = text
         .lines()
         .filter_map(|l| l.strip_prefix("data: "))
@@ -1693,24 +1697,7 @@ async fn streamed_killing(
         text.extend_from_slice(&chunk[..size]);
     }
     assert!(killer.join().unwrap().success());
-    let text = String::from_utf8(text).unwrap();
-    let events: Vec<&str> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .collect();
-    assert_eq!(events.last(), Some(&"[DONE]"), "{text}");
-    let mut joined = String::new();
-    let mut blyan = serde_json::Value::Null;
-    for e in &events[..events.len() - 1] {
-        let chunk: serde_json::Value = serde_json::from_str(e).unwrap();
-        if let Some(piece) = chunk["choices"][0]["delta"]["content"].as_str() {
-            joined.push_str(piece);
-        }
-        if !chunk["blyan"].is_null() {
-            blyan = chunk["blyan"].clone();
-        }
-    }
-    (joined, blyan)
+    sse_text(&String::from_utf8(text).unwrap())
 }
 
 /// RT-PIPE-2/3, API-CHAT-4 through a pipeline: a client that leaves a

@@ -169,16 +169,20 @@ async fn main() {
     )
     .await
     .expect("connect");
-    let (tx, requests) = mpsc::channel(16);
-    tx.send(encode_open(&Open {
-        model: format!("0x{}", hex::encode(MODEL)),
-        first_layer: 1,
-        last_layer: 1,
-        request_id: String::new(),
-    }))
-    .await
-    .expect("open");
-    let mut rx = client.stage(requests).await.expect("stage call");
+    let open = || async {
+        let (tx, requests) = mpsc::channel(16);
+        tx.send(encode_open(&Open {
+            model: format!("0x{}", hex::encode(MODEL)),
+            first_layer: 1,
+            last_layer: 1,
+            request_id: String::new(),
+        }))
+        .await
+        .expect("open");
+        let rx = client.stage(requests).await.expect("stage call");
+        (tx, rx)
+    };
+    let (tx, mut rx) = open().await;
 
     let mut commitments = 0usize;
     let (mut local_ms, mut remote_ms) = (Vec::new(), Vec::new());
@@ -228,16 +232,7 @@ async fn main() {
     // position check after the transfer: the cost of moving 16 MiB.
     let mut xfer = Vec::new();
     for _ in 0..5 {
-        let (tx2, requests2) = mpsc::channel(16);
-        tx2.send(encode_open(&Open {
-            model: format!("0x{}", hex::encode(MODEL)),
-            first_layer: 1,
-            last_layer: 1,
-            request_id: String::new(),
-        }))
-        .await
-        .expect("open");
-        let mut rx2 = client.stage(requests2).await.expect("stage call");
+        let (tx2, mut rx2) = open().await;
         let big = hidden_step(5, 2048);
         let t = Instant::now();
         let answer = remote_step(&tx2, &mut rx2, &big, &mut 0).await;

@@ -626,7 +626,7 @@ pub(crate) use engine::run_chat;
 mod engine {
     use super::{
         Cancel, ChatResult, EngineState, EngineStats, HeadSlot, HeadUpdate, InferenceConfig, Job,
-        ModelInfo, REBUILD_RETRY_MS, STREAM_PIECES, StageJob, Work,
+        ModelInfo, REBUILD_RETRY_MS, STREAM_PIECES, Work,
     };
     use crate::Error;
     use crate::pipeline::{Kind as StepKind, Step};
@@ -984,14 +984,14 @@ mod engine {
         model: &blyan_gpu::model::Qwen3,
         config: &InferenceConfig,
         sessions: &mut std::collections::BTreeMap<u64, Session>,
-        job: &StageJob,
+        session_id: u64,
+        step: Step,
     ) -> Result<Step, Error> {
         use blyan_gpu::stage::{HiddenStates, StageInput, StageOutput};
         let now = Instant::now();
         let idle = Duration::from_millis(config.stage_idle_ms);
         sessions.retain(|_, s| now.duration_since(s.last_used) < idle);
-        let step = &job.step;
-        if !sessions.contains_key(&job.session) {
+        if !sessions.contains_key(&session_id) {
             if step.position != 0 {
                 return Err(Error::BadRequest(format!(
                     "no session here starts at position {} (expired or never opened)",
@@ -1005,14 +1005,14 @@ mod engine {
                 )));
             }
             sessions.insert(
-                job.session,
+                session_id,
                 Session {
                     cache: blyan_gpu::model::KvCache::new(),
                     last_used: now,
                 },
             );
         }
-        let session = sessions.get_mut(&job.session).expect("inserted above");
+        let session = sessions.get_mut(&session_id).expect("inserted above");
         session.last_used = now;
         if i64::from(step.position) != session.cache.len {
             return Err(Error::BadRequest(format!(
@@ -1020,18 +1020,18 @@ mod engine {
                 step.position, session.cache.len
             )));
         }
+        let position = step.position + step.seq();
         let input = match step.kind {
             StepKind::Ids => StageInput::Ids(vec![step.to_ids()?]),
             StepKind::Hidden => StageInput::Hidden(HiddenStates {
                 shape: step.shape.iter().map(|&d| i64::from(d)).collect(),
                 dtype: step.dtype.name().to_owned(),
-                bytes: step.bytes.clone(),
+                bytes: step.bytes,
             }),
             StepKind::Logits => {
                 return Err(Error::BadRequest("logits are no stage's input".into()));
             }
         };
-        let position = step.position + step.seq();
         let out = model
             .run_stage(&input, &mut session.cache)
             .map_err(|e| Error::BadRequest(format!("stage input: {e}")))?;
@@ -1063,6 +1063,27 @@ mod engine {
                 })
             }
         }
+    }
+
+    /// API-CHAT-5, RT-PIPE-2: after a panic in a job or a stage step, the
+    /// engine is dropped with every pipeline session (their caches went
+    /// with it; routers replay them) and the model reloaded.
+    fn restart(
+        loaded: &mut Option<LoadedModel>,
+        sessions: &mut std::collections::BTreeMap<u64, Session>,
+        config: &InferenceConfig,
+        stats: &EngineStats,
+    ) {
+        stats.panics.fetch_add(1, Ordering::Relaxed);
+        stats.set_state(EngineState::Rebuilding);
+        sessions.clear();
+        stats.stage_sessions.store(0, Ordering::Relaxed);
+        if let Some(old) = loaded.take() {
+            // Its tensors may be in any state; freeing them must not take
+            // the thread down either.
+            let _ = catch_unwind(AssertUnwindSafe(move || drop(old)));
+        }
+        *loaded = rebuild(config, stats);
     }
 
     pub(super) fn serve(
@@ -1149,7 +1170,7 @@ mod engine {
                         std::thread::sleep(Duration::from_millis(config.token_delay_ms));
                     }
                     let outcome = catch_unwind(AssertUnwindSafe(|| {
-                        stage_step(&l.model, &config, &mut sessions, &job)
+                        stage_step(&l.model, &config, &mut sessions, job.session, job.step)
                     }));
                     stats.ops.set_running(false);
                     stats.ops.engine_ms.observe(started.elapsed());
@@ -1162,20 +1183,13 @@ mod engine {
                             let _ = job.reply.send(r);
                         }
                         Err(payload) => {
-                            // API-CHAT-5 for stages: the caches go with the
-                            // engine; routers replay (RT-PIPE-4).
+                            // Routers replay the lost sessions (RT-PIPE-4).
                             let why = panic_message(&*payload);
-                            stats.panics.fetch_add(1, Ordering::Relaxed);
                             tracing::error!(panic = %why, "stage step panicked; rebuilding the engine");
                             let _ = job.reply.send(Err(Error::Inference(format!(
                                 "the inference engine panicked ({why}); it is being rebuilt"
                             ))));
-                            sessions.clear();
-                            stats.stage_sessions.store(0, Ordering::Relaxed);
-                            if let Some(old) = loaded.take() {
-                                let _ = catch_unwind(AssertUnwindSafe(move || drop(old)));
-                            }
-                            loaded = rebuild(&config, &stats);
+                            restart(&mut loaded, &mut sessions, &config, &stats);
                             last_rebuild = Instant::now();
                             reapply = true;
                         }
@@ -1236,18 +1250,11 @@ mod engine {
                 }
                 Err(payload) => {
                     let why = panic_message(&*payload);
-                    stats.panics.fetch_add(1, Ordering::Relaxed);
-                    stats.set_state(EngineState::Rebuilding);
                     tracing::error!(panic = %why, "inference job panicked; rebuilding the engine");
                     let _ = job.reply.send(Err(Error::Inference(format!(
                         "the inference engine panicked ({why}); it is being rebuilt, retry"
                     ))));
-                    if let Some(old) = loaded.take() {
-                        // Its tensors may be in any state; freeing them must
-                        // not take the thread down either.
-                        let _ = catch_unwind(AssertUnwindSafe(move || drop(old)));
-                    }
-                    loaded = rebuild(&config, &stats);
+                    restart(&mut loaded, &mut sessions, &config, &stats);
                     last_rebuild = Instant::now();
                     reapply = true;
                 }

@@ -671,12 +671,7 @@ impl Router {
         stage: Address,
         answer: &ChatResult,
     ) {
-        let n = self.seq.fetch_add(1, Ordering::Relaxed);
-        let request_id = blyan_state_machine::crypto::sha3_256_parts(&[
-            b"blyan/route-req/1",
-            &self.me.0,
-            &n.to_be_bytes(),
-        ]);
+        let request_id = self.next_request_id();
         if !blyan_route::spot::should_check(&self.spot_key, &request_id, 0, 0, self.spot_rate_ppm) {
             return;
         }

@@ -996,12 +996,13 @@ async fn heartbeat(
 
 type ChunkStream = tokio_stream::wrappers::ReceiverStream<Result<Bytes, Status>>;
 
-/// RT-STAGE-1: a generation for the TLS peer, streamed back as events.
-async fn generate_stream(
-    shared: Arc<Shared>,
-    r: tonic::Request<Bytes>,
-) -> Result<tonic::Response<ChunkStream>, Status> {
-    let from = tls_peer(&r)?;
+/// RT-STAGE-1, RT-PIPE-1: the TLS peer of an inference call and this
+/// node's engine, if it serves one to that peer.
+fn stage_sink<T>(
+    shared: &Shared,
+    r: &tonic::Request<T>,
+) -> Result<(PeerId, Arc<dyn StageSink>), Status> {
+    let from = tls_peer(r)?;
     if shared.is_blocked(&from) {
         return Err(Status::unavailable("partitioned"));
     }
@@ -1011,6 +1012,15 @@ async fn generate_stream(
         .expect("stage sink lock")
         .clone()
         .ok_or_else(|| Status::unimplemented("this node serves no engine to peers"))?;
+    Ok((from, sink))
+}
+
+/// RT-STAGE-1: a generation for the TLS peer, streamed back as events.
+async fn generate_stream(
+    shared: Arc<Shared>,
+    r: tonic::Request<Bytes>,
+) -> Result<tonic::Response<ChunkStream>, Status> {
+    let (from, sink) = stage_sink(&shared, &r)?;
     let rx = sink.generate(from, r.into_inner());
     Ok(tonic::Response::new(
         tokio_stream::wrappers::ReceiverStream::new(rx),
@@ -1022,16 +1032,7 @@ async fn stage_stream(
     shared: Arc<Shared>,
     r: tonic::Request<tonic::Streaming<Bytes>>,
 ) -> Result<tonic::Response<ChunkStream>, Status> {
-    let from = tls_peer(&r)?;
-    if shared.is_blocked(&from) {
-        return Err(Status::unavailable("partitioned"));
-    }
-    let sink = shared
-        .stages
-        .read()
-        .expect("stage sink lock")
-        .clone()
-        .ok_or_else(|| Status::unimplemented("this node serves no engine to peers"))?;
+    let (from, sink) = stage_sink(&shared, &r)?;
     let rx = sink.stage(from, r.into_inner());
     Ok(tonic::Response::new(
         tokio_stream::wrappers::ReceiverStream::new(rx),
