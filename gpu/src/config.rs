@@ -375,11 +375,16 @@ impl ModelConfig {
         }
     }
 
-    /// Serialises the config in transformers 4.x form (used for the embedded model).
+    /// Serialises the config in transformers 4.x form (used for the embedded
+    /// models; Qwen3 or Qwen3-MoE).
     pub fn to_json(&self) -> Value {
-        serde_json::json!({
-            "architectures": ["Qwen3ForCausalLM"],
-            "model_type": "qwen3",
+        let (arch, model_type) = match self.moe {
+            Some(_) => ("Qwen3MoeForCausalLM", "qwen3_moe"),
+            None => ("Qwen3ForCausalLM", "qwen3"),
+        };
+        let mut v = serde_json::json!({
+            "architectures": [arch],
+            "model_type": model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -395,7 +400,22 @@ impl ModelConfig {
             "attention_bias": self.attention_bias,
             "eos_token_id": self.eos_token_ids,
             "torch_dtype": "float32",
-        })
+        });
+        if let Some(m) = &self.moe {
+            let extra = serde_json::json!({
+                "num_experts": m.num_experts,
+                "num_experts_per_tok": m.num_experts_per_tok,
+                "moe_intermediate_size": m.moe_intermediate_size,
+                "norm_topk_prob": m.norm_topk_prob,
+                "decoder_sparse_step": m.decoder_sparse_step,
+                "mlp_only_layers": m.mlp_only_layers,
+            });
+            let obj = v.as_object_mut().expect("an object");
+            for (k, x) in extra.as_object().expect("an object") {
+                obj.insert(k.clone(), x.clone());
+            }
+        }
+        v
     }
 
     /// Qwen3-8B's shape (from its Hugging Face config), used by the GPU bench.

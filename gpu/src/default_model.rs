@@ -43,6 +43,27 @@ pub fn default_config() -> ModelConfig {
     }
 }
 
+/// Seed of the embedded Qwen3-MoE model.
+pub const MOE_SEED: u64 = 0x00B1_7A12;
+
+/// The embedded Qwen3-MoE model (RT-PIPE-8: experts spread over nodes):
+/// the default model's shape with every MLP a mixture of 8 experts, top 2,
+/// renormalised (Qwen3-MoE's routing).
+pub fn moe_config() -> ModelConfig {
+    ModelConfig {
+        arch: Arch::Qwen3Moe,
+        moe: Some(crate::config::MoeConfig {
+            num_experts: 8,
+            num_experts_per_tok: 2,
+            moe_intermediate_size: 96,
+            norm_topk_prob: true,
+            decoder_sparse_step: 1,
+            mlp_only_layers: Vec::new(),
+        }),
+        ..default_config()
+    }
+}
+
 /// Random weights for `cfg` in transformers' names: normal(0, 0.02) matrices
 /// (0.1 for the embedding), norms around 1. `f32`, on the CPU.
 pub fn random_weights(cfg: &ModelConfig, seed: u64) -> BTreeMap<String, Tensor> {
@@ -105,24 +126,40 @@ pub fn random_weights(cfg: &ModelConfig, seed: u64) -> BTreeMap<String, Tensor> 
             1.0,
             0.1,
         );
-        put(
-            format!("{p}mlp.gate_proj.weight"),
-            &[inter, h],
-            0.0,
-            0.02 * 4.0,
-        );
-        put(
-            format!("{p}mlp.up_proj.weight"),
-            &[inter, h],
-            0.0,
-            0.02 * 4.0,
-        );
-        put(
-            format!("{p}mlp.down_proj.weight"),
-            &[h, inter],
-            0.0,
-            0.02 * 4.0,
-        );
+        match &cfg.moe {
+            Some(m) if cfg.is_moe_layer(i) => {
+                // The router a little sharper than the experts, so tokens
+                // spread over several experts.
+                put(format!("{p}mlp.gate.weight"), &[m.num_experts, h], 0.0, 0.5);
+                let mi = m.moe_intermediate_size;
+                for e in 0..m.num_experts {
+                    let q = format!("{p}mlp.experts.{e}.");
+                    put(format!("{q}gate_proj.weight"), &[mi, h], 0.0, 0.02 * 4.0);
+                    put(format!("{q}up_proj.weight"), &[mi, h], 0.0, 0.02 * 4.0);
+                    put(format!("{q}down_proj.weight"), &[h, mi], 0.0, 0.02 * 4.0);
+                }
+            }
+            _ => {
+                put(
+                    format!("{p}mlp.gate_proj.weight"),
+                    &[inter, h],
+                    0.0,
+                    0.02 * 4.0,
+                );
+                put(
+                    format!("{p}mlp.up_proj.weight"),
+                    &[inter, h],
+                    0.0,
+                    0.02 * 4.0,
+                );
+                put(
+                    format!("{p}mlp.down_proj.weight"),
+                    &[h, inter],
+                    0.0,
+                    0.02 * 4.0,
+                );
+            }
+        }
     }
     put("model.norm.weight".into(), &[h], 1.0, 0.1);
     if !cfg.tie_word_embeddings {
@@ -136,6 +173,16 @@ pub fn random_weights(cfg: &ModelConfig, seed: u64) -> BTreeMap<String, Tensor> 
 pub fn write_default_model(dir: &Path) -> Result<()> {
     let cfg = default_config();
     write_hf_dir(dir, &cfg, &random_weights(&cfg, DEFAULT_SEED))?;
+    let tok = serde_json::to_string(&byte_level_tokenizer_json(EOS_ID)).expect("json");
+    let path = dir.join("tokenizer.json");
+    std::fs::write(&path, tok).map_err(|e| GpuError::io(&path, e))
+}
+
+/// Writes the embedded Qwen3-MoE model ([`moe_config`]) as a Hugging Face
+/// directory, with the default model's tokenizer.
+pub fn write_moe_model(dir: &Path) -> Result<()> {
+    let cfg = moe_config();
+    write_hf_dir(dir, &cfg, &random_weights(&cfg, MOE_SEED))?;
     let tok = serde_json::to_string(&byte_level_tokenizer_json(EOS_ID)).expect("json");
     let path = dir.join("tokenizer.json");
     std::fs::write(&path, tok).map_err(|e| GpuError::io(&path, e))

@@ -110,6 +110,18 @@ impl LoadedModel {
         kind: Kind,
         layers: Option<(u32, u32)>,
     ) -> Result<Self> {
+        Self::load_held(dir, device, kind, layers, None)
+    }
+
+    /// Like [`LoadedModel::load_range`], holding only the listed experts of
+    /// each MoE layer when `experts` is given (RT-PIPE-8).
+    pub fn load_held(
+        dir: Option<&Path>,
+        device: Device,
+        kind: Kind,
+        layers: Option<(u32, u32)>,
+        experts: Option<&[i64]>,
+    ) -> Result<Self> {
         let range_of = |cfg: &config::ModelConfig| model::LayerRange::select(cfg, layers);
         match dir {
             Some(dir) if dir.join("manifest.json").is_file() => {
@@ -117,7 +129,7 @@ impl LoadedModel {
                 store.load_all()?;
                 let cfg = store.model_config()?;
                 let range = range_of(&cfg)?;
-                let model = model::Qwen3::load(&cfg, &store, range, device, kind)?;
+                let model = model::Qwen3::load_experts(&cfg, &store, range, experts, device, kind)?;
                 let tokenizer = if dir.join("tokenizer.json").is_file() {
                     Some(tokenizer::Tokenizer::from_dir(dir)?)
                 } else {
@@ -129,7 +141,7 @@ impl LoadedModel {
                 let cfg = config::ModelConfig::from_dir(dir)?;
                 let src = weights::SafetensorsDir::open(dir)?;
                 let range = range_of(&cfg)?;
-                let model = model::Qwen3::load(&cfg, &src, range, device, kind)?;
+                let model = model::Qwen3::load_experts(&cfg, &src, range, experts, device, kind)?;
                 let tokenizer = if dir.join("tokenizer.json").is_file() {
                     Some(tokenizer::Tokenizer::from_dir(dir)?)
                 } else {
@@ -141,7 +153,7 @@ impl LoadedModel {
                 let cfg = default_model::default_config();
                 let src = default_model::random_weights(&cfg, default_model::DEFAULT_SEED);
                 let range = range_of(&cfg)?;
-                let model = model::Qwen3::load(&cfg, &src, range, device, kind)?;
+                let model = model::Qwen3::load_experts(&cfg, &src, range, experts, device, kind)?;
                 let tok = tokenizer::byte_level_tokenizer_json(default_model::EOS_ID);
                 Ok(LoadedModel {
                     model,

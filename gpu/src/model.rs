@@ -86,6 +86,101 @@ impl AnyExpert {
             AnyExpert::Clamped(e) => e.forward(x),
         }
     }
+
+    /// The same expert sharing this one's weights.
+    fn shallow(&self) -> AnyExpert {
+        match self {
+            AnyExpert::Swiglu(e) => AnyExpert::Swiglu(Expert {
+                gate: e.gate.shallow_clone(),
+                up: e.up.shallow_clone(),
+                down: e.down.shallow_clone(),
+            }),
+            AnyExpert::Clamped(e) => AnyExpert::Clamped(ClampedExpert {
+                gate_up: e.gate_up.shallow_clone(),
+                gate_up_bias: e.gate_up_bias.shallow_clone(),
+                down: e.down.shallow_clone(),
+                down_bias: e.down_bias.shallow_clone(),
+                limit: e.limit,
+                alpha: e.alpha,
+            }),
+        }
+    }
+}
+
+/// RT-PIPE-8: computes experts a stage does not hold (on the nodes that
+/// do): for MoE layer `layer` (the model's numbering), each `(expert,
+/// rows)` of `work` (rows `[tokens, hidden]` already normalised) gives that
+/// expert's unweighted output for the rows, in the order of `work`.
+pub trait RemoteExperts {
+    fn compute(&mut self, layer: i64, work: Vec<(i64, Tensor)>) -> Result<Vec<Tensor>>;
+}
+
+/// What a forward pass does about MoE layers: experts not held here go to
+/// `remote` (none: an `ExpertNotHeld` error), and every `(layer, expert)`
+/// that some token was routed to is added to `used`.
+#[derive(Default)]
+pub struct MoeContext<'a> {
+    pub remote: Option<&'a mut dyn RemoteExperts>,
+    pub used: std::collections::BTreeSet<(i64, i64)>,
+}
+
+/// RT-PIPE-8: the experts a model instance holds, sharing its weights, for
+/// serving other stages' expert calls off the engine's thread.
+pub struct ExpertBank {
+    start: i64,
+    device: Device,
+    kind: Kind,
+    hidden: i64,
+    /// Per layer of the range: the experts (empty for a dense layer).
+    layers: Vec<Vec<Option<AnyExpert>>>,
+}
+
+// Moved to whichever thread serves expert calls (tch tensors are `Send`,
+// not `Sync`: one thread uses a bank at a time).
+const _: () = {
+    const fn send<T: Send>() {}
+    send::<ExpertBank>();
+};
+
+impl ExpertBank {
+    /// Whether expert `expert` of layer `layer` (the model's numbering) is held.
+    pub fn holds(&self, layer: i64, expert: i64) -> bool {
+        self.expert(layer, expert).is_some()
+    }
+
+    fn expert(&self, layer: i64, expert: i64) -> Option<&AnyExpert> {
+        let l = usize::try_from(layer - self.start).ok()?;
+        let e = usize::try_from(expert).ok()?;
+        self.layers.get(l)?.get(e)?.as_ref()
+    }
+
+    /// The model's hidden size and dtype (what expert rows must have).
+    pub fn hidden(&self) -> i64 {
+        self.hidden
+    }
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Expert `expert` of layer `layer` on `rows` (`[tokens, hidden]`):
+    /// the unweighted output, as a stage holding it computes it.
+    pub fn forward(&self, layer: i64, expert: i64, rows: &Tensor) -> Result<Tensor> {
+        let e = self
+            .expert(layer, expert)
+            .ok_or(GpuError::ExpertNotHeld { layer, expert })?;
+        let size = rows.size();
+        if size.len() != 2 || size[1] != self.hidden {
+            return Err(GpuError::Invalid(format!(
+                "expert rows of shape {size:?}, not [tokens, {}]",
+                self.hidden
+            )));
+        }
+        let _guard = tch::no_grad_guard();
+        Ok(e.forward(&rows.to_device(self.device).to_kind(self.kind)))
+    }
 }
 
 /// How router logits become expert weights.
@@ -488,9 +583,40 @@ impl Qwen3 {
         ))
     }
 
+    /// RT-PIPE-8: the experts this instance holds, sharing its weights.
+    pub fn expert_bank(&self) -> ExpertBank {
+        ExpertBank {
+            start: self.range.start,
+            device: self.device,
+            kind: self.kind,
+            hidden: self.cfg.hidden_size,
+            layers: self
+                .layers
+                .iter()
+                .map(|l| match &l.mlp {
+                    Mlp::Moe { experts, .. } => experts
+                        .iter()
+                        .map(|e| e.as_ref().map(AnyExpert::shallow))
+                        .collect(),
+                    Mlp::Dense(_) => Vec::new(),
+                })
+                .collect(),
+        }
+    }
+
     /// Runs this model's layers on hidden states `[batch, seq, hidden]`,
     /// appending to `cache`. Positions are `cache.len..cache.len+seq`.
     pub fn forward_layers(&self, x: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        self.forward_layers_moe(x, cache, &mut MoeContext::default())
+    }
+
+    /// As `forward_layers`, with MoE layers run as `moe` says.
+    pub fn forward_layers_moe(
+        &self,
+        x: &Tensor,
+        cache: &mut KvCache,
+        moe: &mut MoeContext,
+    ) -> Result<Tensor> {
         let (_, s, _) = x.size3().expect("hidden states are [batch, seq, hidden]");
         let past = cache.len;
         let (cos, sin) = self.rope_tables(past, s);
@@ -509,6 +635,7 @@ impl Qwen3 {
                 past,
                 &mut cache.k[i],
                 &mut cache.v[i],
+                moe,
             )?;
         }
         cache.len += s;
@@ -553,6 +680,21 @@ impl Qwen3 {
         h: &Tensor,
         only: Option<&[i64]>,
     ) -> Result<Tensor> {
+        self.moe_mix(local_layer, h, only, &mut MoeContext::default())
+    }
+
+    /// The MoE output of the experts in `only` (all if `None`), those not
+    /// held here computed through `moe.remote`. Every expert's output is
+    /// weighted and added in increasing expert order wherever it was
+    /// computed, so a layer whose experts are spread over nodes gives the
+    /// bits of one process (RT-PIPE-8).
+    fn moe_mix(
+        &self,
+        local_layer: usize,
+        h: &Tensor,
+        only: Option<&[i64]>,
+        moe: &mut MoeContext,
+    ) -> Result<Tensor> {
         let layer = self
             .layers
             .get(local_layer)
@@ -583,19 +725,59 @@ impl Qwen3 {
             entry.0.push((n / k) as i64);
             entry.1.push((n % k) as i64);
         }
+        let layer_id = self.range.start + local_layer as i64;
+        let held = |e: i64| {
+            usize::try_from(e)
+                .ok()
+                .and_then(|i| experts.get(i)?.as_ref())
+        };
+        let index = |v: &[i64]| Tensor::from_slice(v).to_device(self.device);
+        // Experts held elsewhere: one call for the layer, before any sum.
+        let away: Vec<(i64, Tensor)> = per_expert
+            .iter()
+            .filter(|(e, _)| held(**e).is_none())
+            .map(|(e, (tokens, _))| (*e, h.index_select(0, &index(tokens))))
+            .collect();
+        let mut computed: std::collections::BTreeMap<i64, Tensor> = Default::default();
+        if let Some((expert, _)) = away.first() {
+            let Some(remote) = moe.remote.as_deref_mut() else {
+                return Err(GpuError::ExpertNotHeld {
+                    layer: layer_id,
+                    expert: *expert,
+                });
+            };
+            let ids: Vec<i64> = away.iter().map(|(e, _)| *e).collect();
+            let outs = remote.compute(layer_id, away)?;
+            if outs.len() != ids.len() {
+                return Err(GpuError::Invalid(format!(
+                    "{} expert outputs for {} experts",
+                    outs.len(),
+                    ids.len()
+                )));
+            }
+            computed = ids.into_iter().zip(outs).collect();
+        }
         for (e, (tokens, slots)) in per_expert {
-            let expert = experts.get(e as usize).and_then(Option::as_ref).ok_or(
-                GpuError::ExpertNotHeld {
-                    layer: self.range.start + local_layer as i64,
-                    expert: e,
-                },
-            )?;
-            let tok = Tensor::from_slice(&tokens).to_device(self.device);
-            let slot = Tensor::from_slice(&slots).to_device(self.device);
+            moe.used.insert((layer_id, e));
+            let tok = index(&tokens);
+            let slot = index(&slots);
             let w = weights
                 .index_select(0, &tok)
                 .gather(1, &slot.unsqueeze(1), false);
-            let y = expert.forward(&h.index_select(0, &tok)) * w;
+            let y = match held(e) {
+                Some(expert) => expert.forward(&h.index_select(0, &tok)),
+                None => {
+                    let y = computed.remove(&e).expect("computed above");
+                    if y.size() != [tokens.len() as i64, h.size()[1]] {
+                        return Err(GpuError::Invalid(format!(
+                            "expert {e} of layer {layer_id} answered {:?} for {} rows",
+                            y.size(),
+                            tokens.len()
+                        )));
+                    }
+                    y.to_device(self.device).to_kind(h.kind())
+                }
+            } * w;
             let _ = out.index_add_(0, &tok, &y);
         }
         Ok(out)
@@ -612,6 +794,7 @@ impl Qwen3 {
         past: i64,
         k_cache: &mut Option<Tensor>,
         v_cache: &mut Option<Tensor>,
+        moe: &mut MoeContext,
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let (b, s, _) = x.size3().expect("hidden states are [batch, seq, hidden]");
@@ -673,7 +856,7 @@ impl Qwen3 {
             Mlp::Dense(e) => e.forward(&h),
             Mlp::Moe { .. } => {
                 let flat = h.view([b * s, cfg.hidden_size]);
-                self.moe_partial(local, &flat, None)?
+                self.moe_mix(local, &flat, None, moe)?
                     .view([b, s, cfg.hidden_size])
             }
         };

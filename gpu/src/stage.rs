@@ -5,7 +5,7 @@
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{GpuError, Result};
-use crate::model::{KvCache, Qwen3};
+use crate::model::{KvCache, MoeContext, Qwen3};
 
 /// Hidden states on the wire: little-endian elements, row-major.
 #[derive(Clone, Debug, PartialEq)]
@@ -86,6 +86,16 @@ impl StageOutput {
 impl Qwen3 {
     /// Runs this stage on `input`, extending `cache` (one per request).
     pub fn run_stage(&self, input: &StageInput, cache: &mut KvCache) -> Result<StageOutput> {
+        self.run_stage_moe(input, cache, &mut MoeContext::default())
+    }
+
+    /// As `run_stage`, with MoE layers run as `moe` says (RT-PIPE-8).
+    pub fn run_stage_moe(
+        &self,
+        input: &StageInput,
+        cache: &mut KvCache,
+        moe: &mut MoeContext,
+    ) -> Result<StageOutput> {
         let _guard = tch::no_grad_guard();
         let x = match input {
             StageInput::Ids(rows) => {
@@ -114,7 +124,7 @@ impl Qwen3 {
                 t.to_kind(self.kind)
             }
         };
-        let x = self.forward_layers(&x, cache)?;
+        let x = self.forward_layers_moe(&x, cache, moe)?;
         if self.range.head {
             Ok(StageOutput::Logits(self.head(&x)?))
         } else {
