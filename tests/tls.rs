@@ -1393,6 +1393,164 @@ async fn a_route_of_two_stages_answers_as_one_process_and_fails_over() {
     net.stop().await;
 }
 
+/// RT-PIPE-8: `blyan devnet --inference-nodes 4 --moe` registers the
+/// embedded Qwen3-MoE model (4 layers of 8 experts, top 2); each inference
+/// node holds one half of the layers and one half of their experts. A
+/// validator's chat request runs through two stages, each computing half
+/// its experts and calling the other half on a node holding the same
+/// layers, and the greedy answer is byte-identical to the whole model in
+/// one process. With an expert holder stopped, the answer is unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn moe_experts_spread_over_nodes_answer_as_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = DevnetOptions::new(dir.path().join("devnet"), 4);
+    opts.base_port = None;
+    opts.block_interval_ms = 300;
+    opts.rate_limits = blyan_runtime::ratelimit::RateLimitConfig::unlimited();
+    opts.inference_nodes = 4;
+    opts.moe = true;
+    let mut net = Devnet::start(opts).await.unwrap();
+    let url = net.nodes[0].api_url();
+    let holders: Vec<serde_json::Value> = net
+        .inference
+        .iter()
+        .map(|n| json_addr(&n.address))
+        .collect();
+    let (low, high) = (
+        serde_json::json!([0, 1, 2, 3]),
+        serde_json::json!([4, 5, 6, 7]),
+    );
+    eventually(
+        "validator 0 to list four holders of half the experts",
+        || async {
+            let nodes = get(&url, "/nodes").await;
+            let held: Vec<(serde_json::Value, serde_json::Value)> = nodes["live"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|n| holders.contains(&n["node_id"]))
+                .flat_map(|n| n["holdings"].as_array().cloned().unwrap_or_default())
+                .map(|h| (h["layers"].clone(), h["experts"].clone()))
+                .collect();
+            let count = |l: serde_json::Value, e: &serde_json::Value| {
+                held.iter().filter(|h| h.0 == l && h.1 == *e).count()
+            };
+            (held.len() == 4
+                && count(serde_json::json!([0, 1]), &low) == 1
+                && count(serde_json::json!([0, 1]), &high) == 1
+                && count(serde_json::json!([2, 3]), &low) == 1
+                && count(serde_json::json!([2, 3]), &high) == 1)
+                .then_some(())
+        },
+    )
+    .await;
+
+    let model = blyan_runtime::devnet::model_dir(&dir.path().join("devnet"));
+    assert!(model.ends_with(blyan_runtime::devnet::MOE_MODEL_DIR));
+    let reference = blyan_runtime::inference::InferenceHandle::start(
+        blyan_runtime::inference::InferenceConfig {
+            model_dir: Some(model),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert!(reference.model.is_moe && reference.model.num_experts == 8);
+    let prompt = "Experts live on other nodes";
+    let expected = reference
+        .generate(
+            blyan_runtime::inference::ChatRequest {
+                prompt: prompt.into(),
+                max_tokens: 24,
+                temperature: 0.0,
+                top_p: 1.0,
+                seed: 0,
+                stop: Vec::new(),
+                max_total_tokens: None,
+                top_logprobs: None,
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    let ask = serde_json::json!({ "prompt": prompt, "max_tokens": 24 });
+    let (s, a) = blyan_runtime::client::post_json(&url, "/chat", &ask)
+        .await
+        .unwrap();
+    assert_eq!(s, 200, "{a}");
+    let route = a["route"].as_array().unwrap().clone();
+    assert_eq!(route.len(), 2, "{a}");
+    for (stage, layers) in route.iter().zip([[0, 1], [2, 3]]) {
+        assert_eq!(stage["layers"], serde_json::json!(layers), "{a}");
+        assert!(holders.contains(&stage["node"]), "{a}");
+        // Every expert of both layers is placed; half on another holder.
+        let placed = stage["experts"].as_array().unwrap();
+        assert_eq!(placed.len(), 16, "{a}");
+        let away = placed.iter().filter(|e| e["node"] != stage["node"]).count();
+        assert_eq!(away, 8, "{a}");
+        assert!(placed.iter().all(|e| holders.contains(&e["node"])), "{a}");
+    }
+    assert_eq!(
+        a["text"], expected.text,
+        "the answer through spread experts differs from one process"
+    );
+    assert_eq!(a["completion_tokens"], expected.completion_tokens, "{a}");
+    assert!(expected.completion_tokens >= 8, "too short to compare: {a}");
+    eprintln!("moe route answer: {a}");
+    // The experts some token was routed to, from both halves.
+    let used: Vec<(u32, u32)> = a["experts_used"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no experts_used in {a}"))
+        .iter()
+        .map(|x| {
+            let (l, e) = x.as_str().unwrap().split_once('.').unwrap();
+            (l.parse().unwrap(), e.parse().unwrap())
+        })
+        .collect();
+    assert!(used.iter().all(|&(l, e)| l < 4 && e < 8), "{a}");
+    assert!(
+        used.iter().any(|&(_, e)| e < 4) && used.iter().any(|&(_, e)| e >= 4),
+        "{a}"
+    );
+    // Rows crossed the transport to experts and back.
+    let mut served = 0.0;
+    let mut made = 0.0;
+    for n in &net.inference {
+        served += metric(&n.api_url(), "blyan_inference_expert_calls_served_total").await;
+        made += metric(&n.api_url(), "blyan_inference_expert_calls_made_total").await;
+        assert!(metric(&n.api_url(), "blyan_inference_expert_bytes_total").await >= 0.0);
+    }
+    assert!(
+        served > 0.0 && made >= served,
+        "served {served}, made {made}"
+    );
+
+    // Stop the holder of layers 0–1's upper experts: nobody else holds
+    // them, so no route exists and the validator answers from its own
+    // engine; the answer is the same.
+    let gone = net
+        .inference
+        .iter()
+        .position(|n| {
+            route[0]["experts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["node"] == json_addr(&n.address) && e["node"] != route[0]["node"])
+        })
+        .unwrap();
+    net.inference.remove(gone).stop(1_000).await;
+    let (s, b) = blyan_runtime::client::post_json(&url, "/chat", &ask)
+        .await
+        .unwrap();
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(
+        b["text"], expected.text,
+        "after an expert holder stopped: {b}"
+    );
+    net.stop().await;
+}
+
 /// RT-PIPE-6: a stage's commitments in an answer's route: each decodes and
 /// verifies (its node's key, this chain), names the stage's node and
 /// layers, and the chunks run contiguously from position `from` to

@@ -31,14 +31,10 @@ impl HiddenStates {
     /// Copies a tensor out to bytes.
     pub fn from_tensor(t: &Tensor) -> Result<Self> {
         let dtype = dtype_name(t.kind())?.to_owned();
-        let t = t.to_device(Device::Cpu).contiguous();
-        let numel = t.numel();
-        let mut bytes = vec![0u8; numel * t.kind().elt_size_in_bytes()];
-        t.f_copy_data_u8(&mut bytes, numel)?;
         Ok(HiddenStates {
             shape: t.size(),
             dtype,
-            bytes,
+            bytes: tensor_bytes(t)?,
         })
     }
 
@@ -130,5 +126,91 @@ impl Qwen3 {
         } else {
             Ok(StageOutput::Hidden(HiddenStates::from_tensor(&x)?))
         }
+    }
+}
+
+/// A tensor's elements as little-endian bytes (on the CPU, row-major).
+fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
+    let t = t.to_device(Device::Cpu).contiguous();
+    let numel = t.numel();
+    let mut bytes = vec![0u8; numel * t.kind().elt_size_in_bytes()];
+    t.f_copy_data_u8(&mut bytes, numel)?;
+    Ok(bytes)
+}
+
+/// RT-PIPE-8: experts held elsewhere, as the bytes that cross the wire.
+pub trait RemoteExpertBytes {
+    /// For MoE layer `layer` (the model's numbering), each `(expert, rows,
+    /// bytes)` of `work` holds `[rows, hidden]` values of `dtype` (`"f32"`
+    /// or `"bf16"`), little-endian: each expert's unweighted output, in the
+    /// same shape and dtype, in the order of `work`.
+    fn compute(
+        &mut self,
+        layer: i64,
+        dtype: &'static str,
+        hidden: i64,
+        work: Vec<(i64, i64, Vec<u8>)>,
+    ) -> Result<Vec<Vec<u8>>>;
+}
+
+/// RT-PIPE-8: a [`RemoteExpertBytes`] as the forward pass asks for experts.
+pub struct OverBytes<'a>(pub &'a mut dyn RemoteExpertBytes);
+
+impl crate::model::RemoteExperts for OverBytes<'_> {
+    fn compute(&mut self, layer: i64, work: Vec<(i64, Tensor)>) -> Result<Vec<Tensor>> {
+        let Some((_, first)) = work.first() else {
+            return Ok(Vec::new());
+        };
+        let (kind, device, hidden) = (first.kind(), first.device(), first.size()[1]);
+        let dtype = dtype_name(kind)?;
+        let rows: Vec<(i64, i64, Vec<u8>)> = work
+            .iter()
+            .map(|(e, t)| Ok((*e, t.size()[0], tensor_bytes(t)?)))
+            .collect::<Result<_>>()?;
+        let shapes: Vec<i64> = rows.iter().map(|r| r.1).collect();
+        let out = self.0.compute(layer, dtype, hidden, rows)?;
+        if out.len() != shapes.len() {
+            return Err(GpuError::Invalid(format!(
+                "{} expert outputs for {} experts",
+                out.len(),
+                shapes.len()
+            )));
+        }
+        out.iter()
+            .zip(shapes)
+            .map(|(b, n)| {
+                if b.len() != (n * hidden) as usize * kind.elt_size_in_bytes() {
+                    return Err(GpuError::Invalid(format!(
+                        "{} bytes of expert output for {n} rows of {hidden}",
+                        b.len()
+                    )));
+                }
+                Ok(Tensor::f_from_data_size(b, &[n, hidden], kind)?.to_device(device))
+            })
+            .collect()
+    }
+}
+
+impl crate::model::ExpertBank {
+    /// As `forward`, on bytes: `rows` rows of `[hidden]` values of `dtype`,
+    /// answered in the same dtype.
+    pub fn forward_bytes(
+        &self,
+        layer: i64,
+        expert: i64,
+        dtype: &str,
+        rows: i64,
+        bytes: &[u8],
+    ) -> Result<Vec<u8>> {
+        let kind = crate::parse_dtype(dtype)?;
+        if bytes.len() != (rows * self.hidden()) as usize * kind.elt_size_in_bytes() {
+            return Err(GpuError::Invalid(format!(
+                "{} bytes do not hold {rows} rows of {} {dtype}",
+                bytes.len(),
+                self.hidden()
+            )));
+        }
+        let x = Tensor::f_from_data_size(bytes, &[rows, self.hidden()], kind)?;
+        tensor_bytes(&self.forward(layer, expert, &x)?.to_kind(kind))
     }
 }

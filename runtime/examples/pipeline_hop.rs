@@ -176,6 +176,7 @@ async fn main() {
             first_layer: 1,
             last_layer: 1,
             request_id: String::new(),
+            experts: Vec::new(),
         }))
         .await
         .expect("open");
@@ -191,7 +192,10 @@ async fn main() {
         let step = hidden_step(i, 1);
         let e0 = engine_us(&local_stats);
         let t = Instant::now();
-        let out = local.stage(1, step.clone()).await.expect("local step");
+        let (out, _) = local
+            .stage(1, step.clone(), Default::default())
+            .await
+            .expect("local step");
         let l = t.elapsed().as_secs_f64() * 1e3;
         let le = (engine_us(&local_stats) - e0) as f64 / 1e3;
         assert_eq!(out.shape, [1, 1, HIDDEN]);

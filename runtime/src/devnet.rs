@@ -136,6 +136,11 @@ pub struct DevnetOptions {
     /// RT-PIPE-5: ranges the layers are split into over the inference
     /// nodes ([`inference_layers`]); 0: two with four or more nodes.
     pub stages: usize,
+    /// RT-PIPE-8: a new devnet's genesis registers the embedded Qwen3-MoE
+    /// model (8 experts per layer, top 2) instead of the default dense
+    /// one; inference nodes then hold half the experts of their layers
+    /// ([`inference_experts`]). Ignored for an existing devnet.
+    pub moe: bool,
     /// Fault injection for tests (POL-36): validator `.0` reveals losses
     /// `.1` ppm above what it measured.
     #[doc(hidden)]
@@ -167,6 +172,7 @@ impl DevnetOptions {
             },
             inference_nodes: 0,
             stages: 0,
+            moe: false,
             misreport_loss: None,
             epoch_length_blocks: None,
             state_sync: crate::state_sync::StateSyncConfig {
@@ -222,6 +228,7 @@ fn prepare(
     validators: usize,
     extra_balances: &[GenesisBalance],
     epoch_length_blocks: Option<u64>,
+    moe: bool,
 ) -> Result<(Genesis, Vec<SigningKey>), Error> {
     let genesis_path = dir.join("genesis.json");
     if genesis_path.exists() {
@@ -304,7 +311,7 @@ fn prepare(
             }
             p
         },
-        pol_blocks: model_pol_blocks(dir, address(&faucet))?,
+        pol_blocks: model_pol_blocks(dir, address(&faucet), moe)?,
     };
     genesis
         .validate()
@@ -313,9 +320,56 @@ fn prepare(
     Ok((genesis, keys))
 }
 
-/// Where a devnet keeps the embedded model as blocks (GEN-MODEL-1).
+/// Where a devnet keeps the embedded model as blocks (GEN-MODEL-1): the
+/// Qwen3-MoE model's directory if the devnet was made with it
+/// ([`DevnetOptions::moe`]), else the default model's.
 pub fn model_dir(dir: &Path) -> PathBuf {
+    let moe = dir.join("model").join(MOE_MODEL_DIR);
+    if moe.join("manifest.json").is_file() {
+        return moe;
+    }
     dir.join("model").join("blyan-default")
+}
+
+/// The directory name of the embedded Qwen3-MoE model's blocks.
+pub const MOE_MODEL_DIR: &str = "blyan-moe";
+
+/// RT-PIPE-8: the experts per MoE layer of the devnet's model (0: dense),
+/// from its manifest's config.
+pub fn model_experts(dir: &Path) -> usize {
+    std::fs::read(model_dir(dir).join("manifest.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v["config"]["num_experts"].as_u64())
+        .map_or(0, |n| n as usize)
+}
+
+/// RT-PIPE-8: the experts devnet inference node `j` of `n` holds of an
+/// MoE model with `experts` per layer, its layers split into `stages`
+/// ranges as [`inference_layers`] does: `None` (all) for a dense model or
+/// a single node. Otherwise the holders of each range alternate between
+/// the lower and the upper half of the experts, so every stage computes
+/// half its experts and asks a node holding the same layers for the rest.
+pub fn inference_experts(j: usize, n: usize, stages: usize, experts: usize) -> Option<Vec<u16>> {
+    if experts < 2 || n < 2 {
+        return None;
+    }
+    let stages = match stages {
+        0 if n >= 4 => 2,
+        0 => 1,
+        k => k,
+    };
+    let half = experts / 2;
+    let range = if (j / stages).is_multiple_of(2) {
+        0..half
+    } else {
+        half..experts
+    };
+    Some(
+        range
+            .map(|e| u16::try_from(e).unwrap_or(u16::MAX))
+            .collect(),
+    )
 }
 
 /// GEN-MODEL-1: writes the embedded model's blocks under `dir/model` and
@@ -324,9 +378,12 @@ pub fn model_dir(dir: &Path) -> PathBuf {
 fn model_pol_blocks(
     dir: &Path,
     submitter: Address,
+    moe: bool,
 ) -> Result<Vec<blyan_state_machine::pol::PolBlock>, Error> {
-    let blocks = crate::model::write_default_blocks(&dir.join("model"))?;
-    let target = model_dir(dir);
+    let blocks = crate::model::write_embedded_blocks(&dir.join("model"), moe)?;
+    let target = dir
+        .join("model")
+        .join(if moe { MOE_MODEL_DIR } else { "blyan-default" });
     if blocks != target {
         std::fs::rename(&blocks, &target).map_err(|e| Error::io(target.display(), e))?;
     }
@@ -344,6 +401,7 @@ fn model_pol_blocks(
 fn model_pol_blocks(
     _dir: &Path,
     _submitter: Address,
+    _moe: bool,
 ) -> Result<Vec<blyan_state_machine::pol::PolBlock>, Error> {
     Ok(Vec::new())
 }
@@ -425,6 +483,7 @@ pub fn write_layout(
         opts.validators,
         &opts.extra_balances,
         opts.epoch_length_blocks,
+        opts.moe,
     )?;
     let peers: Vec<Peer> = keys
         .iter()
@@ -466,6 +525,7 @@ impl Devnet {
             opts.validators,
             &opts.extra_balances,
             opts.epoch_length_blocks,
+            opts.moe,
         )?;
         let faucet_key_file = dir.join("faucet.json");
         let faucet = crate::keystore::KeyFile::from_json(
@@ -651,6 +711,12 @@ impl Devnet {
                         opts.inference_nodes,
                         registered_layers(&self.genesis),
                         opts.stages,
+                    ),
+                    experts: inference_experts(
+                        self.inference.len(),
+                        opts.inference_nodes,
+                        opts.stages,
+                        model_experts(&self.dir),
                     ),
                     ..opts.inference.clone()
                 },

@@ -148,6 +148,12 @@ impl ProcessDevnet {
                 crate::devnet::registered_layers(&genesis),
                 opts.stages,
             );
+            inference.experts = crate::devnet::inference_experts(
+                j,
+                opts.inference_nodes,
+                opts.stages,
+                crate::devnet::model_experts(&dir),
+            );
             let config = FileConfig {
                 chain_id: genesis.chain_id.clone(),
                 genesis_file: "../genesis.json".into(),

@@ -273,8 +273,15 @@ impl HeartbeatSink for Heartbeats {
 /// meta block `model` holds: one dense holding over the layer blocks the
 /// chain registers for it in that range (the layer range they cover,
 /// their ids in increasing order); none if the chain registers no layer
-/// of it there.
-pub fn holdings_of(ledger: &Ledger, model: Hash32, (first, last): (u32, u32)) -> Vec<Holding> {
+/// of it there. RT-PIPE-8: for an MoE model the holding also lists
+/// `experts` (those held in every layer of the range) and its blocks
+/// include the range's router blocks and the expert blocks of those experts.
+pub fn holdings_of(
+    ledger: &Ledger,
+    model: Hash32,
+    (first, last): (u32, u32),
+    experts: &[u16],
+) -> Vec<Holding> {
     let mut layers: Vec<(u32, Hash32)> = ledger
         .pol()
         .blocks()
@@ -287,6 +294,24 @@ pub fn holdings_of(ledger: &Ledger, model: Hash32, (first, last): (u32, u32)) ->
     }
     layers.sort();
     let mut blocks: Vec<Hash32> = layers.iter().map(|(_, id)| *id).collect();
+    let mut moe = false;
+    for (id, b) in ledger.pol().blocks() {
+        let in_range = b.model_id == model && b.layer.is_some_and(|l| (first..=last).contains(&l));
+        match b.block_type {
+            PolBlockType::Router if in_range => blocks.push(*id),
+            PolBlockType::Expert if in_range => {
+                moe = true;
+                let held = b
+                    .expert
+                    .and_then(|e| u16::try_from(e).ok())
+                    .is_some_and(|e| experts.contains(&e));
+                if held {
+                    blocks.push(*id);
+                }
+            }
+            _ => {}
+        }
+    }
     blocks.sort();
     blocks.dedup();
     blocks.truncate(blyan_route::heartbeat::MAX_BLOCKS_PER_HOLDING);
@@ -295,7 +320,7 @@ pub fn holdings_of(ledger: &Ledger, model: Hash32, (first, last): (u32, u32)) ->
         first_layer: layers.first().expect("non-empty").0,
         last_layer: layers.last().expect("non-empty").0,
         dense: true,
-        experts: Vec::new(),
+        experts: if moe { experts.to_vec() } else { Vec::new() },
         blocks,
     }]
 }
@@ -328,7 +353,7 @@ pub async fn run_advertiser(
                     u32::try_from(engine.model.first_layer).unwrap_or(u32::MAX),
                     u32::try_from(engine.model.last_layer).unwrap_or(u32::MAX),
                 );
-                holdings_of(&ledger, m, range)
+                holdings_of(&ledger, m, range, &engine.model.experts)
             })
             .unwrap_or_default();
         let queued = engine.queued();
@@ -410,7 +435,7 @@ mod tests {
         net.genesis.pol_blocks.push(layer(other_id, 7));
         let ledger = Ledger::from_genesis(&net.genesis).unwrap();
         let all = (0, u32::MAX);
-        let h = holdings_of(&ledger, meta_id, all);
+        let h = holdings_of(&ledger, meta_id, all, &[]);
         assert_eq!(h.len(), 1);
         assert_eq!((h[0].first_layer, h[0].last_layer), (0, 2));
         assert!(h[0].dense && h[0].experts.is_empty());
@@ -418,15 +443,55 @@ mod tests {
         ids.sort();
         assert_eq!(h[0].blocks, ids);
         h[0].validate().unwrap();
-        assert_eq!(holdings_of(&ledger, other_id, all)[0].first_layer, 7);
-        assert!(holdings_of(&ledger, [9; 32], all).is_empty());
+        assert_eq!(holdings_of(&ledger, other_id, all, &[])[0].first_layer, 7);
+        assert!(holdings_of(&ledger, [9; 32], all, &[]).is_empty());
         // RT-PIPE-2: a stage holding layers 1..=2 advertises only those.
-        let h = holdings_of(&ledger, meta_id, (1, 2));
+        let h = holdings_of(&ledger, meta_id, (1, 2), &[]);
         assert_eq!((h[0].first_layer, h[0].last_layer), (1, 2));
         let mut ids: Vec<Hash32> = layers[1..].iter().map(|b| b.id()).collect();
         ids.sort();
         assert_eq!(h[0].blocks, ids);
-        assert!(holdings_of(&ledger, other_id, (0, 6)).is_empty());
+        assert!(holdings_of(&ledger, other_id, (0, 6), &[]).is_empty());
+    }
+
+    /// RT-PIPE-8: an MoE stage's holding lists the experts it holds, and
+    /// its blocks are the range's layer and router blocks plus the expert
+    /// blocks of those experts only.
+    #[test]
+    fn rt_pipe_8_moe_holdings_list_held_experts_and_their_blocks() {
+        let mut net = testnet(4, 0, Params::default());
+        let who = address(&net.validators[0]);
+        let meta = pol_block(PolBlockType::Meta, [0; 32], Vec::new(), b"moe", who);
+        let id = meta.id();
+        let block = |kind, layer: u32, expert: Option<u32>| {
+            let tag = format!("{kind:?} {layer} {expert:?}");
+            let mut b = pol_block(kind, id, vec![id], tag.as_bytes(), who);
+            b.layer = Some(layer);
+            b.expert = expert;
+            b
+        };
+        let mut blocks = vec![meta];
+        for l in 0..2 {
+            blocks.push(block(PolBlockType::Layer, l, None));
+            blocks.push(block(PolBlockType::Router, l, None));
+            for e in 0..4 {
+                blocks.push(block(PolBlockType::Expert, l, Some(e)));
+            }
+        }
+        net.genesis.pol_blocks = blocks.clone();
+        let ledger = Ledger::from_genesis(&net.genesis).unwrap();
+        let h = holdings_of(&ledger, id, (1, 1), &[0, 2]);
+        assert_eq!(h.len(), 1);
+        assert_eq!(h[0].experts, vec![0, 2]);
+        let mut want: Vec<Hash32> = blocks
+            .iter()
+            .filter(|b| b.layer == Some(1))
+            .filter(|b| b.block_type != PolBlockType::Expert || matches!(b.expert, Some(0 | 2)))
+            .map(|b| b.id())
+            .collect();
+        want.sort();
+        assert_eq!(h[0].blocks, want);
+        h[0].validate().unwrap();
     }
 
     #[test]

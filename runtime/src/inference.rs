@@ -104,6 +104,12 @@ pub struct InferenceConfig {
     /// model. A node holding part of the model answers `/chat` by routing.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub layers: Option<[u32; 2]>,
+    /// RT-PIPE-8: for a Qwen3-MoE model, hold only these experts of each
+    /// MoE layer in `layers` (strictly increasing) and serve them to other
+    /// stages; `None`: every expert. A stage computes the experts it does
+    /// not hold on the nodes that the router's plan names.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub experts: Option<Vec<u16>>,
     /// RT-PIPE-2: sessions (KV caches) this node keeps for routers at once.
     pub max_stage_sessions: usize,
     /// RT-PIPE-2: a session idle this long is dropped.
@@ -133,6 +139,7 @@ impl Default for InferenceConfig {
             perturb_outputs: false,
             misreport_loss_ppm: 0,
             layers: None,
+            experts: None,
             max_stage_sessions: crate::pipeline::DEFAULT_MAX_STAGE_SESSIONS,
             stage_idle_ms: crate::pipeline::DEFAULT_STAGE_IDLE_MS,
         }
@@ -253,6 +260,11 @@ pub struct ModelInfo {
     pub hidden_size: usize,
     pub vocab_size: usize,
     pub is_moe: bool,
+    /// RT-PIPE-8: experts per MoE layer (0 for a dense model).
+    pub num_experts: usize,
+    /// RT-PIPE-8: the experts this engine holds in each MoE layer of its
+    /// range, increasing (empty for a dense model).
+    pub experts: Vec<u16>,
     pub device: String,
     /// RT-PIPE-2: the layers this engine holds (`[0, layers − 1]`: all).
     pub first_layer: usize,
@@ -280,8 +292,67 @@ struct Job {
 struct StageJob {
     session: u64,
     step: crate::pipeline::Step,
+    /// RT-PIPE-8: where the experts this engine does not hold are computed.
+    plan: Arc<crate::experts::StagePlan>,
     deadline: Instant,
-    reply: oneshot::Sender<Result<crate::pipeline::Step, Error>>,
+    reply: oneshot::Sender<StageReply>,
+}
+
+/// A stage step's output and the `(layer, expert)` pairs it used.
+type StageReply = Result<(crate::pipeline::Step, Vec<(u32, u16)>), Error>;
+
+/// RT-PIPE-8: makes expert calls to other nodes (the node sets one once
+/// its transport is up; [`crate::experts::TransportExperts`]).
+pub trait ExpertClient: Send + Sync + 'static {
+    /// Runs `calls` (one per node) at once and blocks until all end (the
+    /// engine's thread calls it); each call's answer, in order.
+    fn call_all(
+        &self,
+        calls: Vec<(
+            blyan_state_machine::types::Address,
+            crate::experts::ExpertCall,
+        )>,
+    ) -> Vec<Result<crate::experts::ExpertRows, Error>>;
+}
+
+/// RT-PIPE-8: this engine's side of expert calls: the experts it holds
+/// (shared with the engine's model, replaced when the engine is), the
+/// client for experts held elsewhere, and counters.
+pub struct ExpertSlot {
+    #[cfg(feature = "inference")]
+    bank: std::sync::Mutex<Option<blyan_gpu::model::ExpertBank>>,
+    client: std::sync::OnceLock<Arc<dyn ExpertClient>>,
+    permits: Arc<tokio::sync::Semaphore>,
+    /// Calls this node served.
+    pub served: AtomicU64,
+    /// Calls this node's stages made, and the bytes they sent and received.
+    pub made: AtomicU64,
+    pub bytes: AtomicU64,
+}
+
+impl Default for ExpertSlot {
+    fn default() -> Self {
+        ExpertSlot {
+            #[cfg(feature = "inference")]
+            bank: std::sync::Mutex::new(None),
+            client: std::sync::OnceLock::new(),
+            permits: Arc::new(tokio::sync::Semaphore::new(
+                crate::experts::MAX_EXPERT_CALLS_IN_FLIGHT,
+            )),
+            served: AtomicU64::new(0),
+            made: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+        }
+    }
+}
+
+impl ExpertSlot {
+    #[cfg(feature = "inference")]
+    fn publish(&self, model: &blyan_gpu::model::Qwen3) {
+        if model.cfg.moe.is_some() {
+            *self.bank.lock().expect("expert bank lock") = Some(model.expert_bank());
+        }
+    }
 }
 
 /// What the engine thread serves, in arrival order.
@@ -302,6 +373,8 @@ pub struct InferenceHandle {
     pub stats: Arc<EngineStats>,
     /// POL-SERVE-1: the head it serves.
     pub heads: Arc<HeadSlot>,
+    /// RT-PIPE-8: experts served to and asked of other nodes.
+    pub experts: Arc<ExpertSlot>,
     /// RT-PIPE-3: the model's tokenizer and end-of-sequence ids, for
     /// routing a request through stages on other nodes.
     #[cfg(feature = "inference")]
@@ -440,13 +513,22 @@ impl InferenceHandle {
         let engine_stats = stats.clone();
         let heads = Arc::new(HeadSlot::default());
         let engine_heads = heads.clone();
+        let experts = Arc::new(ExpertSlot::default());
+        let engine_experts = experts.clone();
         // OPS-LOG-2: the engine thread logs in its node's span.
         let span = tracing::Span::current();
         std::thread::Builder::new()
             .name("inference".into())
             .spawn(move || {
                 span.in_scope(|| {
-                    engine::serve(engine_config, rx, ready_tx, engine_stats, engine_heads)
+                    engine::serve(
+                        engine_config,
+                        rx,
+                        ready_tx,
+                        engine_stats,
+                        engine_heads,
+                        engine_experts,
+                    )
                 })
             })
             .map_err(|e| Error::Inference(format!("cannot start the inference thread: {e}")))?;
@@ -459,6 +541,7 @@ impl InferenceHandle {
             config,
             stats,
             heads,
+            experts,
             tokenizer,
         })
     }
@@ -552,12 +635,14 @@ impl InferenceHandle {
         &self,
         session: u64,
         step: crate::pipeline::Step,
-    ) -> Result<crate::pipeline::Step, Error> {
+        plan: Arc<crate::experts::StagePlan>,
+    ) -> StageReply {
         let timeout = Duration::from_millis(self.config.timeout_ms);
         let (reply, answer) = oneshot::channel();
         let job = StageJob {
             session,
             step,
+            plan,
             deadline: Instant::now() + timeout,
             reply,
         };
@@ -574,6 +659,63 @@ impl InferenceHandle {
             Ok(Err(_)) => Err(Error::Inference("the inference engine stopped".into())),
             Err(_) => Err(Error::Timeout(format!(
                 "the stage step did not finish within {} ms",
+                self.config.timeout_ms
+            ))),
+        }
+    }
+
+    /// RT-PIPE-8: the client this engine's stages use for experts held
+    /// elsewhere (set once; later calls are ignored).
+    pub fn set_expert_client(&self, client: Arc<dyn ExpertClient>) {
+        let _ = self.experts.client.set(client);
+    }
+
+    /// RT-PIPE-8: computes a peer's `Expert` call from the experts this
+    /// engine holds, off the engine's thread (at most
+    /// [`crate::experts::MAX_EXPERT_CALLS_IN_FLIGHT`] at once: more are
+    /// `busy`).
+    #[cfg(feature = "inference")]
+    pub async fn serve_experts(
+        &self,
+        model: Option<blyan_state_machine::types::Hash32>,
+        call: crate::experts::ExpertCall,
+    ) -> Result<crate::experts::ExpertRows, Error> {
+        if model != Some(call.model) {
+            return Err(Error::BadRequest(
+                "this node serves experts of another model".into(),
+            ));
+        }
+        if call.rows.hidden as usize != self.model.hidden_size {
+            return Err(Error::BadRequest(format!(
+                "rows of hidden size {}; the model's is {}",
+                call.rows.hidden, self.model.hidden_size
+            )));
+        }
+        let permit = self
+            .experts
+            .permits
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| {
+                Error::Busy("this node is computing as many expert calls as it takes".into())
+            })?;
+        let slot = self.experts.clone();
+        let timeout = Duration::from_millis(self.config.timeout_ms);
+        let work = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let bank = slot.bank.lock().expect("expert bank lock");
+            let bank = bank
+                .as_ref()
+                .ok_or_else(|| Error::BadRequest("this node holds no experts".into()))?;
+            let out = engine::run_experts(bank, &call)?;
+            slot.served.fetch_add(1, Ordering::Relaxed);
+            Ok(out)
+        });
+        match tokio::time::timeout(timeout, work).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => Err(Error::Inference(format!("expert call: {e}"))),
+            Err(_) => Err(Error::Timeout(format!(
+                "the expert call did not finish within {} ms",
                 self.config.timeout_ms
             ))),
         }
@@ -603,6 +745,18 @@ impl InferenceHandle {
             "# HELP blyan_inference_stage_sessions Pipeline sessions (KV caches) this engine holds for routers (RT-PIPE-2).\n# TYPE blyan_inference_stage_sessions gauge\nblyan_inference_stage_sessions {sessions}\n\
              # HELP blyan_inference_stage_steps_total Pipeline steps this engine ran for routers (RT-PIPE-2).\n# TYPE blyan_inference_stage_steps_total counter\nblyan_inference_stage_steps_total {steps}\n"
         );
+        let ex = &self.experts;
+        let (served, made, bytes) = (
+            ex.served.load(Ordering::Relaxed),
+            ex.made.load(Ordering::Relaxed),
+            ex.bytes.load(Ordering::Relaxed),
+        );
+        let _ = write!(
+            s,
+            "# HELP blyan_inference_expert_calls_served_total MoE expert calls this node computed for other stages (RT-PIPE-8).\n# TYPE blyan_inference_expert_calls_served_total counter\nblyan_inference_expert_calls_served_total {served}\n\
+             # HELP blyan_inference_expert_calls_made_total MoE expert calls this node's stages made to other nodes (RT-PIPE-8).\n# TYPE blyan_inference_expert_calls_made_total counter\nblyan_inference_expert_calls_made_total {made}\n\
+             # HELP blyan_inference_expert_bytes_total Row bytes this node's stages sent to and received from other nodes' experts (RT-PIPE-8).\n# TYPE blyan_inference_expert_bytes_total counter\nblyan_inference_expert_bytes_total {bytes}\n"
+        );
     }
 }
 
@@ -625,8 +779,8 @@ pub(crate) use engine::run_chat;
 #[cfg(feature = "inference")]
 mod engine {
     use super::{
-        Cancel, ChatResult, EngineState, EngineStats, HeadSlot, HeadUpdate, InferenceConfig, Job,
-        ModelInfo, REBUILD_RETRY_MS, STREAM_PIECES, Work,
+        Cancel, ChatResult, EngineState, EngineStats, ExpertClient, ExpertSlot, HeadSlot,
+        HeadUpdate, InferenceConfig, Job, ModelInfo, REBUILD_RETRY_MS, STREAM_PIECES, Work,
     };
     use crate::Error;
     use crate::pipeline::{Kind as StepKind, Step};
@@ -649,8 +803,25 @@ mod engine {
         let device = blyan_gpu::parse_device(&config.device).map_err(gpu)?;
         let kind = blyan_gpu::parse_dtype(&config.dtype).map_err(gpu)?;
         let layers = config.layers.map(|[a, b]| (a, b));
-        let loaded = LoadedModel::load_range(config.model_dir.as_deref(), device, kind, layers)
-            .map_err(gpu)?;
+        if let Some(e) = &config.experts
+            && (e.is_empty() || e.windows(2).any(|w| w[0] >= w[1]))
+        {
+            return Err(Error::Config(
+                "inference.experts must be a non-empty, strictly increasing list".into(),
+            ));
+        }
+        let held: Option<Vec<i64>> = config
+            .experts
+            .as_ref()
+            .map(|e| e.iter().map(|&x| i64::from(x)).collect());
+        let loaded = LoadedModel::load_held(
+            config.model_dir.as_deref(),
+            device,
+            kind,
+            layers,
+            held.as_deref(),
+        )
+        .map_err(gpu)?;
         let cfg = &loaded.model.cfg;
         let name = match &config.model_dir {
             None => "blyan-default".to_string(),
@@ -664,6 +835,22 @@ mod engine {
             hidden_size: cfg.hidden_size as usize,
             vocab_size: cfg.vocab_size as usize,
             is_moe: cfg.moe.is_some(),
+            num_experts: cfg.moe.as_ref().map_or(0, |m| m.num_experts as usize),
+            experts: match (&cfg.moe, &config.experts) {
+                (None, _) => Vec::new(),
+                (Some(m), None) => (0..m.num_experts)
+                    .map(|e| u16::try_from(e).unwrap_or(u16::MAX))
+                    .collect(),
+                (Some(m), Some(e)) => {
+                    if let Some(bad) = e.iter().find(|&&x| i64::from(x) >= m.num_experts) {
+                        return Err(Error::Config(format!(
+                            "inference.experts lists expert {bad}; the model has {}",
+                            m.num_experts
+                        )));
+                    }
+                    e.clone()
+                }
+            },
             device: config.device.clone(),
             first_layer: loaded.model.range.start as usize,
             last_layer: (loaded.model.range.end - 1) as usize,
@@ -939,19 +1126,19 @@ mod engine {
         base: &mut Option<blyan_gpu::pol::Weights>,
         applied: &mut Option<HeadUpdate>,
         reapply: bool,
-    ) {
+    ) -> bool {
         let next = match heads.take() {
             Some(u) => u,
             None if reapply => match applied.clone() {
                 Some(u) => u,
-                None => return,
+                None => return false,
             },
-            None => return,
+            None => return false,
         };
         if next.deltas.is_empty() && applied.as_ref().is_none_or(|a| a.deltas.is_empty()) {
             heads.served(&next.name);
             *applied = Some(next);
-            return;
+            return false;
         }
         match catch_unwind(AssertUnwindSafe(|| with_head(config, base, &next))) {
             Ok(Ok(model)) => {
@@ -960,15 +1147,137 @@ mod engine {
                 heads.served(&next.name);
                 tracing::info!(head = %next.name, deltas = next.deltas.len(), "serving a new head");
                 *applied = Some(next);
+                true
             }
             Ok(Err(e)) => {
                 heads.swap_failures.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(head = %next.name, error = %e, "the new head could not be built; serving the old one");
+                false
             }
             Err(p) => {
                 heads.swap_failures.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(head = %next.name, panic = %panic_message(&*p), "building the new head panicked; serving the old one");
+                false
             }
+        }
+    }
+
+    /// RT-PIPE-8: computes a peer's expert call from `bank`: each expert's
+    /// unweighted output for its rows, in the call's dtype.
+    pub(super) fn run_experts(
+        bank: &blyan_gpu::model::ExpertBank,
+        call: &crate::experts::ExpertCall,
+    ) -> Result<crate::experts::ExpertRows, Error> {
+        let rows = &call.rows;
+        let mut bytes = Vec::with_capacity(rows.bytes.len());
+        for (i, &(expert, n)) in rows.experts.iter().enumerate() {
+            let y = bank
+                .forward_bytes(
+                    i64::from(call.layer),
+                    i64::from(expert),
+                    rows.dtype.name(),
+                    i64::from(n),
+                    rows.slice(i),
+                )
+                .map_err(|e| Error::BadRequest(format!("expert call: {e}")))?;
+            bytes.extend_from_slice(&y);
+        }
+        Ok(crate::experts::ExpertRows {
+            dtype: rows.dtype,
+            hidden: rows.hidden,
+            experts: rows.experts.clone(),
+            bytes,
+        })
+    }
+
+    /// RT-PIPE-8: a stage step's calls for the experts it does not hold,
+    /// one per node the plan names, all at once.
+    struct Dispatch<'a> {
+        client: Option<&'a dyn ExpertClient>,
+        placement: &'a crate::experts::Placement,
+        model: blyan_state_machine::types::Hash32,
+        slot: &'a ExpertSlot,
+        /// The failed call's error (it names the expert's node).
+        failure: Option<Error>,
+    }
+
+    impl blyan_gpu::stage::RemoteExpertBytes for Dispatch<'_> {
+        fn compute(
+            &mut self,
+            layer: i64,
+            dtype: &'static str,
+            hidden: i64,
+            work: Vec<(i64, i64, Vec<u8>)>,
+        ) -> blyan_gpu::Result<Vec<Vec<u8>>> {
+            use blyan_gpu::GpuError;
+            let client = self.client.ok_or_else(|| {
+                GpuError::Invalid("this node cannot call other nodes' experts".into())
+            })?;
+            let layer_u = u32::try_from(layer).expect("layers are small");
+            let mut by_node: std::collections::BTreeMap<_, Vec<usize>> = Default::default();
+            for (i, (e, _, _)) in work.iter().enumerate() {
+                let e16 = u16::try_from(*e).expect("experts fit u16 (RT-ROUTE-4)");
+                let node = self
+                    .placement
+                    .get(&(layer_u, e16))
+                    .ok_or(GpuError::ExpertNotHeld { layer, expert: *e })?;
+                by_node.entry(*node).or_default().push(i);
+            }
+            let dtype = crate::pipeline::Dtype::from_name(dtype)
+                .map_err(|e| GpuError::Invalid(e.to_string()))?;
+            let hidden = u32::try_from(hidden).expect("hidden fits u32");
+            let mut calls = Vec::with_capacity(by_node.len());
+            let mut order = Vec::with_capacity(by_node.len());
+            let mut moved = 0u64;
+            for (node, idxs) in by_node {
+                let mut bytes = Vec::new();
+                let mut experts = Vec::with_capacity(idxs.len());
+                for &i in &idxs {
+                    let (e, n, b) = &work[i];
+                    bytes.extend_from_slice(b);
+                    experts.push((
+                        u16::try_from(*e).expect("checked above"),
+                        u32::try_from(*n).expect("rows fit u32"),
+                    ));
+                }
+                moved += bytes.len() as u64;
+                let rows = crate::experts::ExpertRows {
+                    dtype,
+                    hidden,
+                    experts,
+                    bytes,
+                };
+                calls.push((
+                    node,
+                    crate::experts::ExpertCall {
+                        model: self.model,
+                        layer: layer_u,
+                        rows,
+                    },
+                ));
+                order.push(idxs);
+            }
+            let answers = client.call_all(calls);
+            self.slot
+                .made
+                .fetch_add(answers.len() as u64, Ordering::Relaxed);
+            let mut out: Vec<Vec<u8>> = vec![Vec::new(); work.len()];
+            for (answer, idxs) in answers.into_iter().zip(order) {
+                let rows = match answer {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let msg = e.to_string();
+                        self.failure = Some(e);
+                        return Err(GpuError::Invalid(msg));
+                    }
+                };
+                moved += rows.bytes.len() as u64;
+                for (k, i) in idxs.into_iter().enumerate() {
+                    out[i] = rows.slice(k).to_vec();
+                }
+            }
+            self.slot.bytes.fetch_add(moved, Ordering::Relaxed);
+            Ok(out)
         }
     }
 
@@ -980,13 +1289,16 @@ mod engine {
 
     /// RT-PIPE-2: runs one stage step on `model`, extending its session's
     /// cache (made on the session's first step, position 0).
+    #[allow(clippy::too_many_arguments)]
     fn stage_step(
         model: &blyan_gpu::model::Qwen3,
         config: &InferenceConfig,
         sessions: &mut std::collections::BTreeMap<u64, Session>,
         session_id: u64,
         step: Step,
-    ) -> Result<Step, Error> {
+        plan: &crate::experts::StagePlan,
+        experts: &ExpertSlot,
+    ) -> Result<(Step, Vec<(u32, u16)>), Error> {
         use blyan_gpu::stage::{HiddenStates, StageInput, StageOutput};
         let now = Instant::now();
         let idle = Duration::from_millis(config.stage_idle_ms);
@@ -1032,9 +1344,36 @@ mod engine {
                 return Err(Error::BadRequest("logits are no stage's input".into()));
             }
         };
-        let out = model
-            .run_stage(&input, &mut session.cache)
-            .map_err(|e| Error::BadRequest(format!("stage input: {e}")))?;
+        let mut dispatch = Dispatch {
+            client: experts.client.get().map(|c| &**c),
+            placement: &plan.placement,
+            model: plan.model,
+            slot: experts,
+            failure: None,
+        };
+        let mut remote = blyan_gpu::stage::OverBytes(&mut dispatch);
+        let mut moe = blyan_gpu::model::MoeContext {
+            remote: Some(&mut remote),
+            used: Default::default(),
+        };
+        let out = model.run_stage_moe(&input, &mut session.cache, &mut moe);
+        let used: Vec<(u32, u16)> = moe
+            .used
+            .iter()
+            .map(|&(l, e)| {
+                (
+                    u32::try_from(l).unwrap_or(u32::MAX),
+                    u16::try_from(e).unwrap_or(u16::MAX),
+                )
+            })
+            .collect();
+        drop(moe);
+        let out = match (out, dispatch.failure) {
+            (Ok(out), _) => out,
+            // RT-PIPE-8: an expert call failed; its error names the node.
+            (Err(_), Some(e)) => return Err(e),
+            (Err(e), None) => return Err(Error::BadRequest(format!("stage input: {e}"))),
+        };
         let dims = |v: &[i64]| -> Result<[u32; 3], Error> {
             let d: Vec<u32> = v
                 .iter()
@@ -1043,26 +1382,27 @@ mod engine {
             d.try_into()
                 .map_err(|_| Error::Inference(format!("an output of shape {v:?}")))
         };
-        match out {
-            StageOutput::Hidden(h) => Ok(Step {
+        let step = match out {
+            StageOutput::Hidden(h) => Step {
                 position,
                 kind: StepKind::Hidden,
                 dtype: crate::pipeline::Dtype::from_name(&h.dtype)?,
                 shape: dims(&h.shape)?,
                 bytes: h.bytes,
-            }),
+            },
             out @ StageOutput::Logits(_) => {
                 // The last position's row, as the single-process loop takes it.
                 let row = out.last_logits().map_err(gpu)?.expect("the head's output");
-                Ok(Step {
+                Step {
                     position,
                     kind: StepKind::Logits,
                     dtype: crate::pipeline::Dtype::F32,
                     shape: [1, 1, u32::try_from(row.len()).unwrap_or(u32::MAX)],
                     bytes: row.iter().flat_map(|x| x.to_le_bytes()).collect(),
-                })
+                }
             }
-        }
+        };
+        Ok((step, used))
     }
 
     /// API-CHAT-5, RT-PIPE-2: after a panic in a job or a stage step, the
@@ -1092,6 +1432,7 @@ mod engine {
         ready: oneshot::Sender<Result<(ModelInfo, super::RouterTokenizer), Error>>,
         stats: Arc<EngineStats>,
         heads: Arc<HeadSlot>,
+        experts: Arc<ExpertSlot>,
     ) {
         let mut loaded = match load(&config) {
             Ok((loaded, info)) => {
@@ -1110,6 +1451,7 @@ mod engine {
                     }
                 };
                 let eos = loaded.model.cfg.eos_token_ids.clone();
+                experts.publish(&loaded.model);
                 let _ = ready.send(Ok((info, Arc::new((tokenizer, eos)))));
                 Some(loaded)
             }
@@ -1150,11 +1492,16 @@ mod engine {
                         loaded = rebuild(&config, &stats);
                         last_rebuild = Instant::now();
                         reapply = true;
+                        if let Some(l) = &loaded {
+                            experts.publish(&l.model);
+                        }
                     }
                     // POL-SERVE-2 for stages: a new head is taken only while
                     // no session is open, so no cache mixes two heads.
                     if let Some(l) = loaded.as_mut().filter(|_| sessions.is_empty()) {
-                        take_head(&config, &heads, l, &mut base, &mut applied, reapply);
+                        if take_head(&config, &heads, l, &mut base, &mut applied, reapply) {
+                            experts.publish(&l.model);
+                        }
                         reapply = false;
                     }
                     let Some(l) = &loaded else {
@@ -1170,7 +1517,15 @@ mod engine {
                         std::thread::sleep(Duration::from_millis(config.token_delay_ms));
                     }
                     let outcome = catch_unwind(AssertUnwindSafe(|| {
-                        stage_step(&l.model, &config, &mut sessions, job.session, job.step)
+                        stage_step(
+                            &l.model,
+                            &config,
+                            &mut sessions,
+                            job.session,
+                            job.step,
+                            &job.plan,
+                            &experts,
+                        )
                     }));
                     stats.ops.set_running(false);
                     stats.ops.engine_ms.observe(started.elapsed());
@@ -1190,6 +1545,9 @@ mod engine {
                                 "the inference engine panicked ({why}); it is being rebuilt"
                             ))));
                             restart(&mut loaded, &mut sessions, &config, &stats);
+                            if let Some(l) = &loaded {
+                                experts.publish(&l.model);
+                            }
                             last_rebuild = Instant::now();
                             reapply = true;
                         }
@@ -1213,9 +1571,14 @@ mod engine {
                 loaded = rebuild(&config, &stats);
                 last_rebuild = Instant::now();
                 reapply = true;
+                if let Some(l) = &loaded {
+                    experts.publish(&l.model);
+                }
             }
             if let Some(l) = loaded.as_mut() {
-                take_head(&config, &heads, l, &mut base, &mut applied, reapply);
+                if take_head(&config, &heads, l, &mut base, &mut applied, reapply) {
+                    experts.publish(&l.model);
+                }
                 reapply = false;
             }
             let head = heads.serving();
@@ -1255,6 +1618,9 @@ mod engine {
                         "the inference engine panicked ({why}); it is being rebuilt, retry"
                     ))));
                     restart(&mut loaded, &mut sessions, &config, &stats);
+                    if let Some(l) = &loaded {
+                        experts.publish(&l.model);
+                    }
                     last_rebuild = Instant::now();
                     reapply = true;
                 }

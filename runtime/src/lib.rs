@@ -37,6 +37,7 @@ pub mod corpus;
 pub mod devnet;
 pub mod devnet_procs;
 pub mod error;
+pub mod experts;
 pub mod heartbeats;
 pub mod http_server;
 pub mod inbound;

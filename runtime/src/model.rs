@@ -9,7 +9,9 @@
 //!   `manifest.json` (so it commits to every weight block, including `embed`
 //!   and `head`), then one **layer** block per `layer.N` (POL-12: `model_id`
 //!   = the meta, `depends_on = [meta]`, version 1.0.0), whose payload is that
-//!   block's file. Payload Merkle roots and CIDs are POL-3/POL-4 of the bytes.
+//!   block's file; for a Qwen3-MoE model also a **router** block per
+//!   `layer.N.router` and an **expert** block per `layer.N.expert.E`, in the
+//!   manifest's (name) order. Payload Merkle roots and CIDs are POL-3/POL-4 of the bytes.
 //!   `embed` and `head` are committed through the manifest only: they are
 //!   not delta targets (POL-12 has no kind for them yet).
 //! - **GEN-MODEL-2** Before serving, a node with a block directory checks
@@ -50,7 +52,7 @@ fn read(path: &Path) -> Result<Vec<u8>, Error> {
 fn pol_block(
     block_type: PolBlockType,
     model_id: [u8; 32],
-    layer: Option<u32>,
+    (layer, expert): (Option<u32>, Option<u32>),
     payload: &[u8],
     submitter: Address,
 ) -> PolBlock {
@@ -68,7 +70,7 @@ fn pol_block(
             patch: 0,
         },
         layer,
-        expert: None,
+        expert,
         payload_size_bytes: payload.len() as u64,
         payload_merkle_root: payload_merkle_root(payload),
         payload_cid: cid_v1_raw_sha256(payload),
@@ -96,8 +98,23 @@ fn manifest_blocks(manifest: &[u8]) -> Result<Vec<(String, String)>, Error> {
         .collect()
 }
 
-fn layer_index(name: &str) -> Option<u32> {
-    name.strip_prefix("layer.")?.parse().ok()
+/// GEN-MODEL-1: the registered kind of a manifest block: `layer.N` is a
+/// layer block, `layer.N.router` a router block and `layer.N.expert.E` an
+/// expert block (RT-PIPE-8: what expert holders advertise); `None` for the
+/// blocks only the manifest commits to (`embed`, `head`, GPT-OSS's stacked
+/// `layer.N.experts`).
+fn registered_kind(name: &str) -> Option<(PolBlockType, u32, Option<u32>)> {
+    let rest = name.strip_prefix("layer.")?;
+    let mut parts = rest.split('.');
+    let layer = parts.next()?.parse().ok()?;
+    match (parts.next(), parts.next(), parts.next()) {
+        (None, _, _) => Some((PolBlockType::Layer, layer, None)),
+        (Some("router"), None, _) => Some((PolBlockType::Router, layer, None)),
+        (Some("expert"), Some(e), None) => {
+            Some((PolBlockType::Expert, layer, Some(e.parse().ok()?)))
+        }
+        _ => None,
+    }
 }
 
 /// GEN-MODEL-1: the meta and layer blocks of the block directory `dir`, in
@@ -106,7 +123,13 @@ fn layer_index(name: &str) -> Option<u32> {
 pub fn blocks_of_dir(dir: &Path, submitter: Address) -> Result<ModelBlocks, Error> {
     let manifest = read(&dir.join("manifest.json"))?;
     let entries = manifest_blocks(&manifest)?;
-    let meta = pol_block(PolBlockType::Meta, [0; 32], None, &manifest, submitter);
+    let meta = pol_block(
+        PolBlockType::Meta,
+        [0; 32],
+        (None, None),
+        &manifest,
+        submitter,
+    );
     let model_id = meta.id();
     let mut registered = vec![ModelBlock {
         block: meta,
@@ -115,9 +138,9 @@ pub fn blocks_of_dir(dir: &Path, submitter: Address) -> Result<ModelBlocks, Erro
     let mut others = Vec::new();
     for (name, file) in entries {
         let payload = read(&dir.join(&file))?;
-        match layer_index(&name) {
-            Some(l) => registered.push(ModelBlock {
-                block: pol_block(PolBlockType::Layer, model_id, Some(l), &payload, submitter),
+        match registered_kind(&name) {
+            Some((kind, l, e)) => registered.push(ModelBlock {
+                block: pol_block(kind, model_id, (Some(l), e), &payload, submitter),
                 payload,
             }),
             None => others.push((name, payload)),
@@ -131,10 +154,21 @@ pub fn blocks_of_dir(dir: &Path, submitter: Address) -> Result<ModelBlocks, Erro
 /// and returns the block directory.
 #[cfg(feature = "inference")]
 pub fn write_default_blocks(dir: &Path) -> Result<std::path::PathBuf, Error> {
+    write_embedded_blocks(dir, false)
+}
+
+/// As [`write_default_blocks`], for the embedded Qwen3-MoE model when `moe`
+/// (RT-PIPE-8).
+#[cfg(feature = "inference")]
+pub fn write_embedded_blocks(dir: &Path, moe: bool) -> Result<std::path::PathBuf, Error> {
     let gpu = |e: blyan_gpu::GpuError| Error::Inference(e.to_string());
     let hf = dir.join("hf");
     let blocks = dir.join("blocks");
-    blyan_gpu::default_model::write_default_model(&hf).map_err(gpu)?;
+    if moe {
+        blyan_gpu::default_model::write_moe_model(&hf).map_err(gpu)?;
+    } else {
+        blyan_gpu::default_model::write_default_model(&hf).map_err(gpu)?;
+    }
     blyan_gpu::blocks::split(&hf, &blocks).map_err(gpu)?;
     let (from, to) = (hf.join("tokenizer.json"), blocks.join("tokenizer.json"));
     std::fs::copy(&from, &to).map_err(|e| Error::io(from.display(), e))?;
@@ -151,7 +185,13 @@ pub fn corpus_blocks(model_id: [u8; 32], submitter: Address) -> Vec<ModelBlock> 
         .map(|role| {
             let payload = crate::corpus::payload(role);
             ModelBlock {
-                block: pol_block(PolBlockType::Data, model_id, None, &payload, submitter),
+                block: pol_block(
+                    PolBlockType::Data,
+                    model_id,
+                    (None, None),
+                    &payload,
+                    submitter,
+                ),
                 payload,
             }
         })
@@ -167,6 +207,7 @@ pub fn check_registered(genesis: &Genesis, dir: &Path) -> Result<(), Error> {
                 && g.payload_cid == b.payload_cid
                 && g.payload_merkle_root == b.payload_merkle_root
                 && g.layer == b.layer
+                && g.expert == b.expert
         })
     };
     for m in &blocks {

@@ -329,6 +329,12 @@ impl RunningNode {
         // this node's chat requests are routed to the model's holders.
         if let Some(engine) = &inference {
             let ledger = handle.snapshot.borrow().ledger.clone();
+            // RT-PIPE-8: this node's stages call other nodes' experts.
+            engine.set_expert_client(Arc::new(crate::experts::TransportExperts {
+                transport: transport.clone(),
+                runtime: tokio::runtime::Handle::current(),
+                timeout_ms: engine.config.timeout_ms,
+            }));
             transport.set_stage_sink(Arc::new(crate::router::StageServer {
                 engine: engine.clone(),
                 model: crate::api::chat::served_model_id(&ledger, engine),

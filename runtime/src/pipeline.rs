@@ -54,6 +54,8 @@ const TAG_CONTINUE: u8 = b'c';
 const TAG_ERROR: u8 = b'e';
 const TAG_COMMIT: u8 = b'm';
 const TAG_FINISH: u8 = b'f';
+/// RT-PIPE-8: the experts a session used, sent before the stage's finish.
+pub(crate) const TAG_USED: u8 = b'u';
 /// tag, position u32, kind u8, dtype u8, three dims u32, total bytes u64.
 const STEP_HEADER_BYTES: usize = 1 + 4 + 1 + 1 + 12 + 8;
 
@@ -69,6 +71,10 @@ pub struct Open {
     /// commitments name; empty: all zero.
     #[serde(default)]
     pub request_id: String,
+    /// RT-PIPE-8: where each `(layer, expert)` of an MoE stage is computed
+    /// (the router's plan); empty for a dense model.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub experts: Vec<crate::experts::OpenExpert>,
 }
 
 /// Element type of a tensor on the wire (little-endian, row-major).
@@ -80,7 +86,7 @@ pub enum Dtype {
 }
 
 impl Dtype {
-    fn code(self) -> u8 {
+    pub(crate) fn code(self) -> u8 {
         match self {
             Dtype::F32 => 0,
             Dtype::Bf16 => 1,
@@ -88,7 +94,7 @@ impl Dtype {
         }
     }
 
-    fn from_code(c: u8) -> Result<Dtype, Error> {
+    pub(crate) fn from_code(c: u8) -> Result<Dtype, Error> {
         Ok(match c {
             0 => Dtype::F32,
             1 => Dtype::Bf16,
@@ -306,6 +312,8 @@ pub enum Message {
     Error(String, String),
     /// RT-PIPE-6: a signed commitment, still encoded.
     Commitment(Vec<u8>),
+    /// RT-PIPE-8: the `(layer, expert)` pairs the session used.
+    Used(Vec<(u32, u16)>),
     Finish,
 }
 
@@ -387,6 +395,7 @@ impl Assembler {
                 Ok(None)
             }
             TAG_COMMIT => Ok(Some(Message::Commitment(rest.to_vec()))),
+            TAG_USED => Ok(Some(Message::Used(crate::experts::decode_used(rest)?))),
             TAG_FINISH if rest.is_empty() => Ok(Some(Message::Finish)),
             TAG_FINISH => Err(bad("a finish with a body".into())),
             TAG_CONTINUE => {
@@ -549,6 +558,9 @@ pub fn serve_stage(
             let mut asm = Assembler::default();
             let mut opened = false;
             let mut commits: Option<SessionCommits> = None;
+            // RT-PIPE-8: the plan's experts, and those the session used.
+            let mut placement = std::sync::Arc::new(crate::experts::StagePlan::default());
+            let mut used = std::collections::BTreeSet::new();
             loop {
                 let m = match requests.message().await {
                     Ok(Some(m)) => m,
@@ -588,6 +600,22 @@ pub fn serve_stage(
                             let _ = tx.send(Ok(fail(&e))).await;
                             break;
                         };
+                        match crate::experts::placement_of(
+                            &o.experts,
+                            (o.first_layer, o.last_layer),
+                            info.num_experts,
+                        ) {
+                            Ok(p) => {
+                                placement = std::sync::Arc::new(crate::experts::StagePlan {
+                                    model: model.expect("checked above"),
+                                    placement: p,
+                                })
+                            }
+                            Err(e) => {
+                                let _ = tx.send(Ok(fail(&e))).await;
+                                break;
+                            }
+                        }
                         commits = identity.clone().map(|identity| SessionCommits {
                             template: blyan_route::commit::StageCommitment {
                                 request_id,
@@ -616,7 +644,13 @@ pub fn serve_stage(
                         let last = commits.as_mut().map(SessionCommits::finish).transpose();
                         match last {
                             Ok(last) => {
-                                for m in last.flatten().into_iter().chain([encode_finish()]) {
+                                let report =
+                                    (!used.is_empty()).then(|| crate::experts::encode_used(&used));
+                                for m in report
+                                    .into_iter()
+                                    .chain(last.flatten())
+                                    .chain([encode_finish()])
+                                {
                                     if tx.send(Ok(m)).await.is_err() {
                                         break;
                                     }
@@ -636,8 +670,9 @@ pub fn serve_stage(
                     }
                 };
                 let position = step.position;
-                match engine.stage(session, step).await {
-                    Ok(mut out) => {
+                match engine.stage(session, step, placement.clone()).await {
+                    Ok((mut out, pairs)) => {
+                        used.extend(pairs);
                         if perturb_outputs {
                             perturb(&mut out);
                         }
@@ -679,6 +714,8 @@ enum Hop {
     Local {
         engine: crate::inference::InferenceHandle,
         session: u64,
+        /// RT-PIPE-8: the plan's experts for this stage.
+        placement: std::sync::Arc<crate::experts::StagePlan>,
     },
     /// A stage on another node: the call's two directions.
     Remote {
@@ -690,11 +727,19 @@ enum Hop {
     },
 }
 
+/// A hop's `(node, last_layer, hop, experts used)`.
+type HopEntry = (
+    blyan_state_machine::types::Address,
+    u32,
+    Hop,
+    std::collections::BTreeSet<(u32, u16)>,
+);
+
 /// RT-PIPE-3: the stages of one attempt, open for its whole generation
 /// (each keeps its KV cache until the session ends: dropping it ends every
 /// remote call and drops the local session).
 pub struct RouteSession {
-    hops: Vec<(blyan_state_machine::types::Address, u32, Hop)>,
+    hops: Vec<HopEntry>,
     model: blyan_state_machine::types::Hash32,
     request_id: blyan_state_machine::types::Hash32,
     /// Each hop's first layer, in route order.
@@ -708,8 +753,11 @@ pub struct RouteSession {
 
 impl Drop for RouteSession {
     fn drop(&mut self) {
-        for (_, _, hop) in &self.hops {
-            if let Hop::Local { engine, session } = hop {
+        for (_, _, hop, _) in &self.hops {
+            if let Hop::Local {
+                engine, session, ..
+            } = hop
+            {
                 engine.close_stage(*session);
             }
         }
@@ -735,9 +783,20 @@ impl RouteSession {
                 {
                     return Err((me, "the local engine holds other layers".into()));
                 }
+                let experts = crate::experts::open_experts(stage);
+                let placement = crate::experts::placement_of(
+                    &experts,
+                    (stage.first_layer, stage.last_layer),
+                    engine.model.num_experts,
+                )
+                .map_err(|e| (me, e.to_string()))?;
                 Hop::Local {
                     engine: engine.clone(),
                     session: NEXT_SESSION.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                    placement: std::sync::Arc::new(crate::experts::StagePlan {
+                        model: plan.model,
+                        placement,
+                    }),
                 }
             } else {
                 let fail = |e: String| (stage.node, e);
@@ -751,6 +810,7 @@ impl RouteSession {
                     first_layer: stage.first_layer,
                     last_layer: stage.last_layer,
                     request_id: format!("0x{}", hex::encode(request_id)),
+                    experts: crate::experts::open_experts(stage),
                 };
                 tx.send(encode_open(&open))
                     .await
@@ -768,7 +828,7 @@ impl RouteSession {
                     commitments: Vec::new(),
                 }
             };
-            hops.push((stage.node, stage.last_layer, hop));
+            hops.push((stage.node, stage.last_layer, hop, Default::default()));
         }
         Ok(RouteSession {
             spent_us: vec![0; hops.len()],
@@ -791,7 +851,7 @@ impl RouteSession {
         deadline: std::time::Instant,
     ) -> Result<Vec<Vec<Vec<u8>>>, (blyan_state_machine::types::Address, String)> {
         let mut out = Vec::with_capacity(self.hops.len());
-        for (i, (node, last_layer, hop)) in self.hops.iter_mut().enumerate() {
+        for (i, (node, last_layer, hop, used)) in self.hops.iter_mut().enumerate() {
             let node = *node;
             let Hop::Remote {
                 tx,
@@ -822,6 +882,7 @@ impl RouteSession {
                             commitments.push(c);
                         }
                         Some(Message::Finish) => return Ok(()),
+                        Some(Message::Used(pairs)) => used.extend(pairs),
                         None => {}
                         Some(other) => return Err(format!("a stage answered {other:?} to finish")),
                     }
@@ -852,6 +913,12 @@ impl RouteSession {
         Ok(out)
     }
 
+    /// RT-PIPE-8: the `(layer, expert)` pairs each stage reported using
+    /// (complete after [`RouteSession::finish`]), in route order.
+    pub fn experts_used(&self) -> Vec<std::collections::BTreeSet<(u32, u16)>> {
+        self.hops.iter().map(|h| h.3.clone()).collect()
+    }
+
     /// Time spent per stage so far, ms, in route order.
     pub fn timings(&self) -> Vec<u64> {
         self.spent_us.iter().map(|us| us.div_ceil(1000)).collect()
@@ -869,13 +936,15 @@ impl RouteSession {
     ) -> Result<Vec<f32>, (blyan_state_machine::types::Address, String)> {
         let n = self.hops.len();
         let mut step = Step::ids(position, ids);
-        for (i, (node, _, hop)) in self.hops.iter_mut().enumerate() {
+        for (i, (node, _, hop, used)) in self.hops.iter_mut().enumerate() {
             let node = *node;
             let started = std::time::Instant::now();
             let left = deadline.saturating_duration_since(started);
-            let out = match tokio::time::timeout(left, run_hop(hop, step, &self.bytes)).await {
+            let out = match tokio::time::timeout(left, run_hop(hop, step, &self.bytes, used)).await
+            {
                 Ok(Ok(out)) => out,
-                Ok(Err(e)) => return Err((node, e)),
+                // RT-PIPE-8: a failed expert call names the expert's node.
+                Ok(Err(e)) => return Err((crate::experts::blamed_expert(&e).unwrap_or(node), e)),
                 Err(_) => return Err((node, "the stage missed the request's deadline".into())),
             };
             self.spent_us[i] += u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
@@ -926,13 +995,22 @@ async fn run_hop(
     hop: &mut Hop,
     step: Step,
     bytes: &std::sync::atomic::AtomicU64,
+    used: &mut std::collections::BTreeSet<(u32, u16)>,
 ) -> Result<Step, String> {
     use std::sync::atomic::Ordering;
     match hop {
-        Hop::Local { engine, session } => engine
-            .stage(*session, step)
-            .await
-            .map_err(|e| e.to_string()),
+        Hop::Local {
+            engine,
+            session,
+            placement,
+        } => {
+            let (out, pairs) = engine
+                .stage(*session, step, placement.clone())
+                .await
+                .map_err(|e| e.to_string())?;
+            used.extend(pairs);
+            Ok(out)
+        }
         Hop::Remote {
             tx,
             rx,
@@ -967,7 +1045,7 @@ async fn run_hop(
                         }
                         commitments.push(c);
                     }
-                    Some(Message::Open(_) | Message::Finish) => {
+                    Some(Message::Open(_) | Message::Finish | Message::Used(_)) => {
                         return Err("a stage answered out of turn".into());
                     }
                 }
@@ -1055,6 +1133,7 @@ mod tests {
             first_layer: 3,
             last_layer: 1,
             request_id: String::new(),
+            experts: Vec::new(),
         });
         assert!(Assembler::default().push(&open).is_err());
         assert!(Assembler::default().push(b"o{").is_err());
@@ -1067,17 +1146,25 @@ mod tests {
             first_layer: 2,
             last_layer: 3,
             request_id: format!("0x{}", "ab".repeat(32)),
+            experts: vec![crate::experts::OpenExpert {
+                layer: 2,
+                expert: 5,
+                node: format!("0x{}", "cd".repeat(20)),
+            }],
         };
+        let used = std::collections::BTreeSet::from([(2, 5), (3, 0)]);
         assert_eq!(
             decode_all(&[
                 encode_open(&open),
                 encode_error("busy", "full"),
+                crate::experts::encode_used(&used),
                 encode_finish()
             ])
             .unwrap(),
             vec![
                 Message::Open(open),
                 Message::Error("busy".into(), "full".into()),
+                Message::Used(vec![(2, 5), (3, 0)]),
                 Message::Finish
             ]
         );

@@ -153,6 +153,41 @@ impl StageSink for StageServer {
         )
     }
 
+    fn expert(
+        &self,
+        from: PeerId,
+        request: Bytes,
+    ) -> tokio::sync::oneshot::Receiver<Result<Bytes, Status>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let engine = self.engine.clone();
+        let model = self.model;
+        tokio::spawn(async move {
+            let answer = async {
+                let call = crate::experts::ExpertCall::decode(&request)?;
+                #[cfg(feature = "inference")]
+                let rows = engine.serve_experts(model, call).await?;
+                #[cfg(not(feature = "inference"))]
+                let rows: crate::experts::ExpertRows = {
+                    let _ = (engine, model, call);
+                    return Err(Error::Inference("built without inference".into()));
+                };
+                Ok::<_, Error>(rows.encode())
+            }
+            .await
+            .map_err(|e| {
+                debug!(router = %from, error = %e, "expert call refused");
+                match e {
+                    Error::Busy(m) => Status::resource_exhausted(m),
+                    Error::BadRequest(m) => Status::invalid_argument(m),
+                    Error::Timeout(m) => Status::deadline_exceeded(m),
+                    other => Status::internal(other.to_string()),
+                }
+            });
+            let _ = tx.send(answer);
+        });
+        rx
+    }
+
     fn generate(&self, from: PeerId, request: Bytes) -> mpsc::Receiver<Result<Bytes, Status>> {
         let (tx, rx) = mpsc::channel(GENERATE_STREAM_BUFFER);
         let engine = self.engine.clone();
@@ -265,6 +300,11 @@ pub struct RoutedStage {
     /// RT-PIPE-6: the stage's signed commitments, encoded (checked by the
     /// router; none for a stage on the router's own node).
     pub commitments: Vec<Vec<u8>>,
+    /// RT-PIPE-8: where the plan placed each `(layer, expert)` of an MoE
+    /// stage (empty for a dense model).
+    pub experts: Vec<blyan_route::route::ExpertAssignment>,
+    /// RT-PIPE-8: the `(layer, expert)` pairs the stage reported using.
+    pub experts_used: Vec<(u32, u16)>,
 }
 
 /// Why one attempt did not produce the answer.
@@ -469,7 +509,8 @@ impl Router {
             first_layer: first,
             last_layer: last,
             dense: true,
-            experts: Vec::new(),
+            // RT-PIPE-8: the experts this engine holds (MoE only).
+            experts: engine.model.experts.clone(),
             rtt_us: 0,
             compute_per_layer_us: ops
                 .compute_per_token_us()
@@ -488,17 +529,34 @@ impl Router {
         let shape = ModelShape {
             model,
             layers,
-            experts_per_layer: 0,
+            experts_per_layer: u16::try_from(engine.model.num_experts).unwrap_or(u16::MAX),
         };
         let load = self.load.lock().expect("load book lock").clone();
         match self
             .heartbeats
             .plan(shape, local, excluded, &load, &rtt, now)
         {
-            Ok(plan) if plan.stages.len() == 1 && plan.stages[0].node != self.me => {
+            // RT-PIPE-8: one stage whose experts are all its own is one
+            // engine; experts elsewhere make it a pipeline of one stage.
+            Ok(plan)
+                if plan.stages.len() == 1
+                    && plan.stages[0].node != self.me
+                    && plan.stages[0]
+                        .experts
+                        .iter()
+                        .all(|e| e.node == plan.stages[0].node) =>
+            {
                 Choice::Remote(plan.stages[0].node)
             }
-            Ok(plan) if plan.stages.len() > 1 => Choice::Pipeline(plan),
+            Ok(plan)
+                if plan.stages.len() > 1
+                    || plan.stages[0]
+                        .experts
+                        .iter()
+                        .any(|e| e.node != plan.stages[0].node) =>
+            {
+                Choice::Pipeline(plan)
+            }
             Ok(_) => Choice::Local,
             Err(e) => {
                 debug!(error = %e, "no route; serving locally");
@@ -1285,16 +1343,17 @@ impl Router {
                 }
             }
             let timings = session.timings();
+            let used = session.experts_used();
             (
                 result,
                 stage_failure,
                 request_failure,
                 seen,
                 timings,
-                (commitments, fed),
+                (commitments, fed, used),
             )
         });
-        let (result, stage_failure, request_failure, seen, timings, (mut commitments, fed)) =
+        let (result, stage_failure, request_failure, seen, timings, (mut commitments, fed, used)) =
             job.await.map_err(|e| {
                 Failure::Request(Error::Inference(format!("the route's loop failed: {e}")))
             })?;
@@ -1306,7 +1365,10 @@ impl Router {
         if let Some((node, why)) = stage_failure {
             return Err(Failure::Stage(node, why));
         }
-        let result = result.map_err(Failure::Request)?;
+        let mut result = result.map_err(Failure::Request)?;
+        // RT-PIPE-8: the experts every stage used, as `layer.expert`.
+        let all: BTreeSet<(u32, u16)> = used.iter().flatten().copied().collect();
+        result.experts_used = all.iter().map(|(l, e)| format!("{l}.{e}")).collect();
         let stages = plan
             .stages
             .iter()
@@ -1320,6 +1382,11 @@ impl Router {
                 commitments: commitments
                     .get_mut(i)
                     .map(std::mem::take)
+                    .unwrap_or_default(),
+                experts: s.experts.clone(),
+                experts_used: used
+                    .get(i)
+                    .map(|u| u.iter().copied().collect())
                     .unwrap_or_default(),
             })
             .collect();

@@ -111,7 +111,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tonic::codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::transport::server::Connected;
@@ -549,6 +549,7 @@ const PATH_BLOB_MANIFEST: &str = "/blyan.p2p.v1.Peer/BlobManifest";
 const PATH_HEARTBEAT: &str = "/blyan.p2p.v1.Peer/Heartbeat";
 const PATH_GENERATE: &str = "/blyan.p2p.v1.Peer/Generate";
 const PATH_STAGE: &str = "/blyan.p2p.v1.Peer/Stage";
+const PATH_EXPERT: &str = "/blyan.p2p.v1.Peer/Expert";
 const PATH_BLOB_BY_ROOT: &str = "/blyan.p2p.v1.Peer/BlobByRoot";
 const PATH_SNAPSHOT_MANIFEST: &str = "/blyan.p2p.v1.Peer/SnapshotManifest";
 const PATH_SNAPSHOT_CHUNK: &str = "/blyan.p2p.v1.Peer/SnapshotChunk";
@@ -582,6 +583,9 @@ pub trait StageSink: Send + Sync + 'static {
         from: PeerId,
         requests: tonic::Streaming<Bytes>,
     ) -> mpsc::Receiver<Result<Bytes, Status>>;
+    /// RT-PIPE-8: one `Expert` call (the encoded call in, the encoded rows
+    /// out).
+    fn expert(&self, from: PeerId, request: Bytes) -> oneshot::Receiver<Result<Bytes, Status>>;
 }
 /// RT-HB-1: the largest heartbeat body (`blyan_route::heartbeat::MAX_HEARTBEAT_BYTES`).
 pub const MAX_HEARTBEAT_MESSAGE_BYTES: usize = blyan_route::heartbeat::MAX_HEARTBEAT_BYTES;
@@ -1027,6 +1031,19 @@ async fn generate_stream(
     ))
 }
 
+/// RT-PIPE-8: an expert call for the TLS peer.
+async fn expert_call(
+    shared: Arc<Shared>,
+    r: tonic::Request<Bytes>,
+) -> Result<tonic::Response<Bytes>, Status> {
+    let (from, sink) = stage_sink(&shared, &r)?;
+    let answer = sink.expert(from, r.into_inner());
+    answer
+        .await
+        .map_err(|_| Status::unavailable("the expert call was dropped"))?
+        .map(tonic::Response::new)
+}
+
 /// RT-PIPE-1: a pipeline session for the TLS peer.
 async fn stage_stream(
     shared: Arc<Shared>,
@@ -1169,6 +1186,13 @@ impl tower::Service<http::Request<tonic::body::Body>> for PeerService {
                 let svc = tower::service_fn(move |r| stage_stream(shared.clone(), r));
                 Ok(grpc.streaming(svc, req).await)
             }),
+            PATH_EXPERT => Box::pin(async move {
+                let mut grpc = tonic::server::Grpc::new(BytesCodec)
+                    .max_decoding_message_size(crate::experts::MAX_EXPERT_MESSAGE_BYTES)
+                    .max_encoding_message_size(crate::experts::MAX_EXPERT_MESSAGE_BYTES);
+                let svc = tower::service_fn(move |r| expert_call(shared.clone(), r));
+                Ok(grpc.unary(svc, req).await)
+            }),
             PATH_FETCH_BLOB => Box::pin(async move {
                 let mut grpc = tonic::server::Grpc::new(BytesCodec)
                     .max_decoding_message_size(64)
@@ -1300,6 +1324,20 @@ impl PeerClient {
         grpc.streaming(tonic::Request::new(stream), path, BytesCodec)
             .await
             .map(|r| r.into_inner())
+    }
+
+    /// RT-PIPE-8: one expert call (an encoded `ExpertCall`); the encoded
+    /// rows it answers.
+    pub async fn expert(&self, call: Bytes) -> Result<Bytes, Status> {
+        let mut grpc = self
+            .grpc()
+            .max_encoding_message_size(crate::experts::MAX_EXPERT_MESSAGE_BYTES)
+            .max_decoding_message_size(crate::experts::MAX_EXPERT_MESSAGE_BYTES);
+        Self::ready(&mut grpc).await?;
+        let path = http::uri::PathAndQuery::from_static(PATH_EXPERT);
+        grpc.unary(tonic::Request::new(call), path, BytesCodec)
+            .await
+            .map(tonic::Response::into_inner)
     }
 
     /// RT-HB-10: sends one signed heartbeat (its encoded bytes).

@@ -479,13 +479,22 @@ fn stages_json(engine: &InferenceHandle, r: &crate::router::Routed) -> serde_jso
     } else {
         // RT-PIPE-3: every stage with its layer range.
         stages.extend(r.stages.iter().map(|s| {
-            json!({
+            let mut stage = json!({
                 "node": s.node.to_string(),
                 "layers": [s.first_layer, s.last_layer],
                 "ms": s.ms,
                 // RT-PIPE-6: its signed commitments, one per 32 positions.
                 "commitments": s.commitments.iter().map(|c| hex0x(c)).collect::<Vec<_>>(),
-            })
+            });
+            // RT-PIPE-8: an MoE stage's experts, where the plan placed them.
+            if !s.experts.is_empty() {
+                stage["experts"] = s
+                    .experts
+                    .iter()
+                    .map(|a| json!({ "layer": a.layer, "expert": a.expert, "node": a.node.to_string() }))
+                    .collect();
+            }
+            stage
         }));
     }
     serde_json::Value::Array(stages)

@@ -79,6 +79,12 @@ enum Command {
         /// (RT-PIPE-5; 0: two with 4 or more inference nodes).
         #[arg(long, default_value_t = 0, hide = true)]
         stages: usize,
+        /// Register the embedded Qwen3-MoE model (8 experts per layer, top
+        /// 2) instead of the dense default; inference nodes then hold half
+        /// the experts of their layers and stages call the rest on other
+        /// nodes (RT-PIPE-8). Only for a new devnet directory.
+        #[arg(long)]
+        moe: bool,
         /// Run every node (validator or inference) as its own OS process
         /// (`blyan node --config DIR/<node>/config.toml`, logs in DIR/logs),
         /// in this process group: Ctrl-C stops them all, and a node whose
@@ -784,6 +790,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             block_interval_ms,
             inference_nodes,
             stages,
+            moe,
             processes,
             epoch_length_blocks,
             no_rate_limits,
@@ -793,6 +800,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             let mut opts = DevnetOptions::new(dir, validators);
             opts.inference_nodes = inference_nodes;
             opts.stages = stages;
+            opts.moe = moe;
             // 0: ephemeral ports (tests; the lines below say which).
             opts.base_port = (base_port != 0).then_some(base_port);
             opts.block_interval_ms = block_interval_ms;
