@@ -33,6 +33,8 @@
 //! spot_check_rate_ppm = 50000       # default: 5 % of routed answers recomputed elsewhere (RT-STAGE-6)
 //! # layers = [0, 1]                 # hold only these layers (inclusive) and serve them to routers
 //!                                    # as a pipeline stage (RT-PIPE-2); default: the whole model
+//! # experts = [0, 1, 2, 3]         # MoE only: hold these experts of each layer; stages call
+//!                                    # the others' holders (RT-PIPE-8); default: every expert
 //! max_stage_sessions = 64            # default: pipeline sessions (KV caches) kept for routers at once
 //! stage_idle_ms = 60000              # default: a session idle this long is dropped
 //!
