@@ -284,6 +284,33 @@ pub async fn get_json(base: &str, path: &str) -> Result<(u16, Value), Error> {
     Ok((status, v))
 }
 
+/// How long the CLI's own requests wait out a rate limit (API-RATE-*).
+const RATE_LIMIT_PATIENCE: Duration = Duration::from_secs(60);
+
+/// Runs `call` again while it answers 429 (after the 1 s the limiter's
+/// refill takes), for at most [`RATE_LIMIT_PATIENCE`]: the devnet and the
+/// CLI poll a node's public API, whose per-IP limit (100 a minute by
+/// default) a few transactions' polling can reach.
+async fn patiently<F, Fut>(mut call: F) -> Result<(u16, Value), Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(u16, Value), Error>>,
+{
+    let deadline = Instant::now() + RATE_LIMIT_PATIENCE;
+    loop {
+        let (s, v) = call().await?;
+        if s != 429 || Instant::now() >= deadline {
+            return Ok((s, v));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// `GET path` as [`get_json`], waiting out rate limits.
+pub async fn get_json_patient(base: &str, path: &str) -> Result<(u16, Value), Error> {
+    patiently(|| get_json(base, path)).await
+}
+
 /// `POST` a JSON body, returning JSON.
 pub async fn post_json(base: &str, path: &str, body: &Value) -> Result<(u16, Value), Error> {
     let (status, body) = request(base, "POST", path, Some(body.to_string().as_bytes())).await?;
@@ -335,7 +362,7 @@ pub async fn sign_tx_with_tip(
 pub async fn wait_committed(node: &str, id: &str, what: &str) -> Result<u64, Error> {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let (s, r) = get_json(node, &format!("/tx/{id}")).await?;
+        let (s, r) = get_json_patient(node, &format!("/tx/{id}")).await?;
         if s == 200 && r["height"].is_u64() {
             if let Some(why) = r["failure"].as_str() {
                 return Err(Error::Http(format!("{what} {id} failed: {why}")));
@@ -350,7 +377,7 @@ pub async fn wait_committed(node: &str, id: &str, what: &str) -> Result<u64, Err
                 "{what} {id} not committed within 120 s"
             )));
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
@@ -365,7 +392,7 @@ pub async fn submit_and_wait(
     let tx = sign_tx(node, key, kind).await?;
     let id = tx.id();
     let body = json!({ "tx": format!("0x{}", hex::encode(tx.encode())) });
-    let (s, reply) = post_json(node, "/tx", &body).await?;
+    let (s, reply) = patiently(|| post_json(node, "/tx", &body)).await?;
     if !(200..300).contains(&s) {
         return Err(Error::Http(format!("{what}: HTTP {s}: {reply}")));
     }
@@ -375,7 +402,7 @@ pub async fn submit_and_wait(
 
 /// `GET path` whose status must be 2xx; its JSON body.
 pub async fn get_ok(node: &str, path: &str) -> Result<Value, Error> {
-    let (s, v) = get_json(node, path).await?;
+    let (s, v) = get_json_patient(node, path).await?;
     if (200..300).contains(&s) {
         Ok(v)
     } else {

@@ -206,7 +206,7 @@ impl ProcessDevnet {
         // Fund and register the inference nodes not registered at their endpoint.
         for (key, endpoint) in &inference_keys {
             let me = Address::from_public_key(key.verifying_key());
-            let (_, account) = client::get_json(&node0, &format!("/account/{me}")).await?;
+            let (_, account) = client::get_json_patient(&node0, &format!("/account/{me}")).await?;
             let funded = account["balance"]
                 .as_str()
                 .and_then(|b| b.parse::<u128>().ok())
@@ -219,7 +219,7 @@ impl ProcessDevnet {
                 client::submit_and_wait(&node0, &faucet_key, kind, "funding an inference node")
                     .await?;
             }
-            let (s, registered) = client::get_json(&node0, "/nodes?limit=1000").await?;
+            let (s, registered) = client::get_json_patient(&node0, "/nodes?limit=1000").await?;
             let already = s == 200
                 && registered.to_string().contains(&format!("\"{endpoint}\""))
                 && registered.to_string().contains(&me.to_string());
