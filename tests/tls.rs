@@ -1551,6 +1551,198 @@ async fn moe_experts_spread_over_nodes_answer_as_one_process() {
     net.stop().await;
 }
 
+/// RT-PIPE-1/8 against a live stage over mutual TLS: a step before the
+/// session opens, a header announcing 1 GiB, a message over the 1 MiB
+/// bound, a step whose bytes disagree with its shape, and malformed or
+/// misdirected expert calls are each refused with an error (the call
+/// ends), no panic; the same stage then serves a well-formed session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_live_stage_refuses_malformed_messages_and_keeps_serving() {
+    use blyan_runtime::pipeline::{Assembler, Dtype, Kind, Message, Open, Step, encode_open};
+    use blyan_runtime::tls::{NodeCertificate, PeerCertVerifier};
+    use blyan_runtime::transport::{GrpcTransport, Peer, PeerClient, TransportConfig};
+    use blyan_state_machine::testkit::{address, key};
+    const CHAIN: &str = "blyan-malformed";
+    const MODEL: [u8; 32] = [7; 32];
+    let engine = blyan_runtime::inference::InferenceHandle::start(
+        blyan_runtime::inference::InferenceConfig {
+            layers: Some([1, 2]),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let la = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let lb = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let b_addr = lb.local_addr().unwrap().to_string();
+    let peers = vec![
+        Peer {
+            addr: la.local_addr().unwrap().to_string(),
+            public_key: blyan_state_machine::tx::public_key_of(&key(1)),
+        },
+        Peer {
+            addr: b_addr.clone(),
+            public_key: blyan_state_machine::tx::public_key_of(&key(2)),
+        },
+    ];
+    let config = TransportConfig::new(CHAIN.into(), peers);
+    let mut tasks = tokio::task::JoinSet::new();
+    let (txa, _rxa) = tokio::sync::mpsc::channel(64);
+    let (txb, mut rxb) = tokio::sync::mpsc::channel(64);
+    let _a = GrpcTransport::start(la, key(1), config.clone(), txa, None, &mut tasks).unwrap();
+    let b = GrpcTransport::start(lb, key(2), config, txb, None, &mut tasks).unwrap();
+    tokio::spawn(async move { while rxb.recv().await.is_some() {} });
+    b.set_stage_sink(std::sync::Arc::new(blyan_runtime::router::StageServer {
+        engine: engine.clone(),
+        model: Some(MODEL),
+        perturb: false,
+        identity: None,
+    }));
+    let allowed: BTreeSet<_> = [address(&key(1)), address(&key(2))].into();
+    let verifier = std::sync::Arc::new(PeerCertVerifier::new(CHAIN.into(), allowed.clone()));
+    let cert = NodeCertificate::generate(&key(1), CHAIN).unwrap();
+    let client = PeerClient::connect(
+        &b_addr,
+        Some(&cert),
+        verifier,
+        CHAIN,
+        &allowed,
+        address(&key(2)),
+    )
+    .await
+    .unwrap();
+    let open = Open {
+        model: format!("0x{}", hex::encode(MODEL)),
+        first_layer: 1,
+        last_layer: 2,
+        request_id: String::new(),
+        experts: Vec::new(),
+    };
+    let hidden = |position: u32| Step {
+        position,
+        kind: Kind::Hidden,
+        dtype: Dtype::F32,
+        shape: [1, 1, 128],
+        bytes: vec![0; 128 * 4],
+    };
+    // Sends `messages` on a fresh call; the stage's first answer (`None`:
+    // the call ended without one) and whether the call then ended.
+    let session = |messages: Vec<bytes::Bytes>| {
+        let client = &client;
+        async move {
+            let (tx, requests) = tokio::sync::mpsc::channel(16);
+            let mut rx = client.stage(requests).await.unwrap();
+            for m in messages {
+                if tx.send(m).await.is_err() {
+                    break;
+                }
+            }
+            let mut asm = Assembler::default();
+            let first = loop {
+                match rx.message().await {
+                    Ok(Some(m)) => match asm.push(&m).unwrap() {
+                        Some(msg) => break Some(msg),
+                        None => continue,
+                    },
+                    Ok(None) | Err(_) => break None,
+                }
+            };
+            drop(tx);
+            let ended = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+                loop {
+                    match rx.message().await {
+                        Ok(Some(_)) => continue,
+                        _ => return,
+                    }
+                }
+            })
+            .await
+            .is_ok();
+            (first, ended)
+        }
+    };
+    let refused = |what: &str, got: (Option<Message>, bool)| {
+        assert!(
+            matches!(got.0, Some(Message::Error(..)) | None),
+            "{what}: answered {:?}",
+            got.0
+        );
+        assert!(got.1, "{what}: the call did not end");
+    };
+    // A step before the session opens.
+    refused("step before open", session(hidden(0).encode()).await);
+    // A header announcing 1 GiB of hidden states: refused from the header.
+    let mut huge = hidden(0).encode()[0].to_vec();
+    huge[7..19].copy_from_slice(
+        &[1u32, 262_144, 1024]
+            .iter()
+            .flat_map(|d| d.to_le_bytes())
+            .collect::<Vec<u8>>(),
+    );
+    huge[19..27].copy_from_slice(&(1u64 << 30).to_le_bytes());
+    let got = session(vec![encode_open(&open), huge.into()]).await;
+    match &got.0 {
+        Some(Message::Error(_, m)) => assert!(m.contains("over"), "{m}"),
+        other => panic!("a 1 GiB header answered {other:?}"),
+    }
+    refused("1 GiB header", got);
+    // One message over the 1 MiB bound (the transport refuses it).
+    let big = bytes::Bytes::from(vec![b'c'; 2 * 1024 * 1024]);
+    refused(
+        "2 MiB message",
+        session(vec![encode_open(&open), big]).await,
+    );
+    // A step at a position the session never reached.
+    refused(
+        "step at position 5",
+        session(vec![encode_open(&open), hidden(5).encode().remove(0)]).await,
+    );
+    // Experts of another model, and bytes that are no call at all.
+    let call = blyan_runtime::experts::ExpertCall {
+        model: [9; 32],
+        layer: 1,
+        rows: blyan_runtime::experts::ExpertRows {
+            dtype: Dtype::F32,
+            hidden: 128,
+            experts: vec![(0, 1)],
+            bytes: vec![0; 512],
+        },
+    };
+    let e = client.expert(call.encode()).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    let e = client
+        .expert(bytes::Bytes::from_static(b"nonsense"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    // This dense model's stage holds no experts.
+    let own = blyan_runtime::experts::ExpertCall {
+        model: MODEL,
+        ..call
+    };
+    let e = client.expert(own.encode()).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+
+    // The stage is still up and serves a well-formed session.
+    let mut messages = vec![encode_open(&open)];
+    messages.extend(hidden(0).encode());
+    let (first, _) = session(messages).await;
+    match first {
+        Some(Message::Step(out)) => {
+            assert_eq!(
+                (out.kind, out.shape, out.position),
+                (Kind::Hidden, [1, 1, 128], 1)
+            )
+        }
+        other => panic!("a well-formed step answered {other:?}"),
+    }
+    assert_eq!(
+        engine.stats.counters().panics,
+        0,
+        "no malformed message reached a panic"
+    );
+}
+
 /// RT-PIPE-6: a stage's commitments in an answer's route: each decodes and
 /// verifies (its node's key, this chain), names the stage's node and
 /// layers, and the chunks run contiguously from position `from` to
