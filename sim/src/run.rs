@@ -947,6 +947,9 @@ pub fn run(cfg: SimConfig) -> Report {
             memo::enable(1 << 16, 256);
         }
         let report = rt.block_on(simulate(cfg.clone()));
+        if std::env::var_os("BLYAN_SIM_MEMO_STATS").is_some() {
+            eprintln!("memo: {:?}", memo::stats());
+        }
         memo::disable();
         report
     }));

@@ -48,9 +48,12 @@ impl Address {
 
     /// Address of a SEC1-encoded public key, or `None` if it is not a valid point.
     pub fn from_sec1(public_key_sec1: &[u8]) -> Option<Address> {
-        VerifyingKey::from_sec1_bytes(public_key_sec1)
-            .ok()
-            .map(|k| Address::from_public_key(&k))
+        // SIM-FID-1: parsing a key is a point decompression; memoised in
+        // simulations (a hundred nodes parse the same genesis keys).
+        crate::memo::public_key(public_key_sec1, || {
+            VerifyingKey::from_sec1_bytes(public_key_sec1).ok()
+        })
+        .map(|k| Address::from_public_key(&k))
     }
 
     pub const ZERO: Address = Address([0u8; 20]);
