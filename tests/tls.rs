@@ -1496,7 +1496,6 @@ async fn moe_experts_spread_over_nodes_answer_as_one_process() {
     );
     assert_eq!(a["completion_tokens"], expected.completion_tokens, "{a}");
     assert!(expected.completion_tokens >= 8, "too short to compare: {a}");
-    eprintln!("moe route answer: {a}");
     // The experts some token was routed to, from both halves.
     let used: Vec<(u32, u32)> = a["experts_used"]
         .as_array()
@@ -1512,6 +1511,21 @@ async fn moe_experts_spread_over_nodes_answer_as_one_process() {
         used.iter().any(|&(_, e)| e < 4) && used.iter().any(|&(_, e)| e >= 4),
         "{a}"
     );
+    // Paid usage names every node that computed: the router, both stages
+    // and both holders of the other halves (RT-PIPE-8 stage_work).
+    let paid: BTreeSet<String> = a["blyan"]["route"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no usage route in {a}"))
+        .iter()
+        .filter(|s| s["work"].as_u64().unwrap() > 0)
+        .map(|s| s["node"].as_str().unwrap().to_string())
+        .collect();
+    for stage in &route {
+        for e in stage["experts"].as_array().unwrap() {
+            assert!(paid.contains(e["node"].as_str().unwrap()), "{a}");
+        }
+    }
+    assert_eq!(paid.len(), 5, "{a}");
     // Rows crossed the transport to experts and back.
     let mut served = 0.0;
     let mut made = 0.0;

@@ -605,9 +605,70 @@ pub fn route_of_stages(me: Address, stages: &[(Address, u64)], tokens: u64) -> V
         .collect()
 }
 
+/// RT-PIPE-8: the work per token of one stage of a route, per node, for
+/// [`route_of_stages`]: a dense stage's node does one unit per layer; in an
+/// MoE stage (`placement` non-empty) each layer gives one unit to the
+/// stage's node (attention and routing) and one to every node that computed
+/// a used expert of that layer (the stage's node included when it computed
+/// one itself), so expert holders are paid for the layers they served.
+pub fn stage_work(
+    node: Address,
+    (first, last): (u32, u32),
+    placement: &[blyan_route::route::ExpertAssignment],
+    used: &[(u32, u16)],
+) -> Vec<(Address, u64)> {
+    if placement.is_empty() {
+        return vec![(node, u64::from(last - first + 1))];
+    }
+    let mut work: std::collections::BTreeMap<Address, u64> = Default::default();
+    for layer in first..=last {
+        *work.entry(node).or_default() += 1;
+        let computed: std::collections::BTreeSet<Address> = used
+            .iter()
+            .filter(|(l, _)| *l == layer)
+            .filter_map(|(l, e)| {
+                placement
+                    .iter()
+                    .find(|a| a.layer == *l && a.expert == *e)
+                    .map(|a| a.node)
+            })
+            .collect();
+        for n in computed {
+            *work.entry(n).or_default() += 1;
+        }
+    }
+    work.into_iter().collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// RT-PIPE-8: expert holders earn a unit per layer whose used experts
+    /// they computed; the stage a unit per layer plus its own experts'.
+    #[test]
+    fn rt_pipe_8_stage_work_pays_expert_holders() {
+        use blyan_route::route::ExpertAssignment;
+        let (s, x) = (Address([1; 20]), Address([2; 20]));
+        assert_eq!(stage_work(s, (0, 1), &[], &[]), vec![(s, 2)]);
+        let placed = |layer, expert, node| ExpertAssignment {
+            layer,
+            expert,
+            node,
+        };
+        let placement = [
+            placed(0, 0, s),
+            placed(0, 1, x),
+            placed(1, 0, s),
+            placed(1, 1, x),
+        ];
+        // Layer 0 used both experts, layer 1 only the stage's own.
+        let w = stage_work(s, (0, 1), &placement, &[(0, 0), (0, 1), (1, 0)]);
+        assert_eq!(w, vec![(s, 4), (x, 1)]);
+        // Nothing used on x: x earns nothing.
+        let w = stage_work(s, (0, 1), &placement, &[(0, 0), (1, 0)]);
+        assert_eq!(w, vec![(s, 4)]);
+    }
 
     /// RT-PIPE-3: each stage earns its layers per token, the router 1 per
     /// token when it ran no stage; sorted, one share per node.

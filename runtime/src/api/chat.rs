@@ -438,10 +438,18 @@ async fn serve(
     let stages = stages_json(engine, &routed);
     let served = Served {
         by: routed.served_by,
+        // RT-PIPE-8: expert holders are paid for the layers they served.
         stages: routed
             .stages
             .iter()
-            .map(|s| (s.node, u64::from(s.last_layer - s.first_layer + 1)))
+            .flat_map(|s| {
+                crate::billing::stage_work(
+                    s.node,
+                    (s.first_layer, s.last_layer),
+                    &s.experts,
+                    &s.experts_used,
+                )
+            })
             .collect(),
     };
     (routed.result, served, stages)
