@@ -600,6 +600,23 @@ pub fn route_of_stages(me: Address, stages: &[(Address, u64)], tokens: u64) -> V
         *w = w.saturating_add(layers.max(1).saturating_mul(tokens));
     }
     work.entry(me).or_insert(tokens.max(1));
+    // TX-15 settles at most MAX_ROUTE_NODES shares: beyond that the
+    // smallest shares (ties: the highest address) are folded into the
+    // router's, so the request is still settled.
+    let max = blyan_state_machine::allowance::MAX_ROUTE_NODES;
+    if work.len() > max {
+        let mut by_size: Vec<(u64, Address)> = work
+            .iter()
+            .filter(|(n, _)| **n != me)
+            .map(|(n, w)| (*w, *n))
+            .collect();
+        by_size.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        for (w, n) in by_size.into_iter().skip(max - 1) {
+            work.remove(&n);
+            let r = work.entry(me).or_default();
+            *r = r.saturating_add(w);
+        }
+    }
     work.into_iter()
         .map(|(node, work)| RouteShare { node, work })
         .collect()
@@ -643,6 +660,26 @@ pub fn stage_work(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// TX-15: a route of more paying nodes than a settlement takes keeps
+    /// the largest shares and folds the rest into the router's.
+    #[test]
+    fn rt_pipe_8_long_routes_fold_into_the_router() {
+        let max = blyan_state_machine::allowance::MAX_ROUTE_NODES;
+        let me = Address([0; 20]);
+        let stages: Vec<(Address, u64)> = (1..=(max as u8 + 4))
+            .map(|i| (Address([i; 20]), u64::from(i)))
+            .collect();
+        let r = route_of_stages(me, &stages, 10);
+        assert_eq!(r.len(), max);
+        let total: u64 = r.iter().map(|s| s.work).sum();
+        let want: u64 = stages.iter().map(|s| s.1 * 10).sum::<u64>() + 10;
+        assert_eq!(total, want, "no work is lost");
+        // The smallest stages (1..=5) were folded into the router's share.
+        let mine = r.iter().find(|s| s.node == me).unwrap().work;
+        assert_eq!(mine, 10 + (1..=5).map(|i| i * 10).sum::<u64>());
+        assert!(r.iter().all(|s| s.node == me || s.node.0[0] > 5));
+    }
 
     /// RT-PIPE-8: expert holders earn a unit per layer whose used experts
     /// they computed; the stage a unit per layer plus its own experts'.
