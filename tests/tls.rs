@@ -1250,6 +1250,9 @@ async fn a_route_of_two_stages_answers_as_one_process_and_fails_over() {
     opts.block_interval_ms = 300;
     opts.rate_limits = blyan_runtime::ratelimit::RateLimitConfig::unlimited();
     opts.inference_nodes = 4;
+    // RT-PIPE-9: steps alone, so answers are bit-identical to one process
+    // even if a background spot check runs beside them.
+    opts.inference.max_stage_batch = 1;
     let mut net = Devnet::start(opts).await.unwrap();
     let holders: Vec<serde_json::Value> = net
         .inference
@@ -1884,6 +1887,9 @@ async fn a_pipeline_across_processes_survives_sigkill_of_a_stage() {
     let stage = |layers: [u32; 2]| blyan_runtime::inference::InferenceConfig {
         layers: Some(layers),
         token_delay_ms: 30,
+        // RT-PIPE-9: steps alone, so answers are bit-identical to one
+        // process even if a background spot check runs beside them.
+        max_stage_batch: 1,
         ..Default::default()
     };
     let mut procs = Vec::new();

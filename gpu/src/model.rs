@@ -783,6 +783,140 @@ impl Qwen3 {
         Ok(out)
     }
 
+    /// Continuous batching of decode steps: one new position for each of
+    /// several sequences, `x` `[batch, 1, hidden]`, row `j` extending
+    /// `caches[j]` (each at its own length). The projections and MLPs run
+    /// once for the whole batch; attention runs per sequence over its own
+    /// cache. A batch of one is exactly [`Qwen3::forward_layers_moe`]; a
+    /// larger batch agrees with it within rounding (its matrix products
+    /// have more rows, which may change the summation order). Layers with
+    /// sliding windows or sinks run the sequences one at a time.
+    pub fn forward_decode_batch(
+        &self,
+        x: &Tensor,
+        caches: &mut [&mut KvCache],
+        moe: &mut MoeContext,
+    ) -> Result<Tensor> {
+        let (b, s, hidden) = x.size3().map_err(|e| GpuError::Invalid(e.to_string()))?;
+        if s != 1 || b != caches.len() as i64 || b == 0 {
+            return Err(GpuError::Invalid(format!(
+                "a decode batch of [{b}, {s}, {hidden}] for {} caches",
+                caches.len()
+            )));
+        }
+        if b == 1 {
+            return self.forward_layers_moe(x, caches[0], moe);
+        }
+        if self.layers.iter().any(|l| l.sinks.is_some() || l.sliding) {
+            let rows = caches
+                .iter_mut()
+                .enumerate()
+                .map(|(j, c)| self.forward_layers_moe(&x.narrow(0, j as i64, 1), c, moe))
+                .collect::<Result<Vec<_>>>()?;
+            return Ok(Tensor::cat(&rows, 0));
+        }
+        let positions: Vec<f32> = caches.iter().map(|c| c.len as f32).collect();
+        let pos = Tensor::from_slice(&positions).to_device(self.device);
+        let freqs = pos.unsqueeze(1) * self.inv_freq.unsqueeze(0);
+        let emb = Tensor::cat(&[&freqs, &freqs], -1);
+        let (cos, sin) = (emb.cos(), emb.sin());
+        let (cos, sin) = if self.rope_scale == 1.0 {
+            (cos, sin)
+        } else {
+            (cos * self.rope_scale, sin * self.rope_scale)
+        };
+        let hd = self.cfg.head_dim;
+        let cos = cos.to_kind(self.kind).view([b, 1, 1, hd]);
+        let sin = sin.to_kind(self.kind).view([b, 1, 1, hd]);
+        for c in caches.iter_mut() {
+            if c.k.len() < self.layers.len() {
+                c.k.resize_with(self.layers.len(), || None);
+                c.v.resize_with(self.layers.len(), || None);
+            }
+        }
+        let mut x = x.shallow_clone();
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = self.layer_decode_batch(layer, i, &x, &cos, &sin, caches, moe)?;
+        }
+        for c in caches.iter_mut() {
+            c.len += 1;
+        }
+        Ok(x)
+    }
+
+    /// One layer of [`Qwen3::forward_decode_batch`].
+    #[allow(clippy::too_many_arguments)]
+    fn layer_decode_batch(
+        &self,
+        l: &Layer,
+        local: usize,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        caches: &mut [&mut KvCache],
+        moe: &mut MoeContext,
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let b = caches.len() as i64;
+        let (nh, nkv, hd) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let eps = cfg.rms_norm_eps;
+        let h = self.norm(x, &l.ln1);
+        let q = h.linear(&l.wq, l.bq.as_ref()).view([b, 1, nh, hd]);
+        let k = h.linear(&l.wk, l.bk.as_ref()).view([b, 1, nkv, hd]);
+        let v = h
+            .linear(&l.wv, l.bv.as_ref())
+            .view([b, 1, nkv, hd])
+            .transpose(1, 2);
+        let head_norm = |t: Tensor, w: &Option<Tensor>| match w {
+            Some(w) => rms_norm(&t, w, eps),
+            None => t,
+        };
+        let q = apply_rope(&head_norm(q, &l.q_norm).transpose(1, 2), cos, sin);
+        let k = apply_rope(&head_norm(k, &l.k_norm).transpose(1, 2), cos, sin);
+        let groups = nh / nkv;
+        let mut outs = Vec::with_capacity(caches.len());
+        for (j, cache) in caches.iter_mut().enumerate() {
+            let j = j as i64;
+            let (kj, vj) = (k.narrow(0, j, 1), v.narrow(0, j, 1));
+            let (kc, vc) = match (cache.k[local].as_ref(), cache.v[local].as_ref()) {
+                (Some(kc), Some(vc)) => (Tensor::cat(&[kc, &kj], 2), Tensor::cat(&[vc, &vj], 2)),
+                _ => (kj.copy(), vj.copy()),
+            };
+            cache.k[local] = Some(kc.shallow_clone());
+            cache.v[local] = Some(vc.shallow_clone());
+            let kr = kc.repeat_interleave_self_int(groups, 1, None::<i64>);
+            let vr = vc.repeat_interleave_self_int(groups, 1, None::<i64>);
+            outs.push(Tensor::scaled_dot_product_attention(
+                &q.narrow(0, j, 1),
+                &kr,
+                &vr,
+                None::<Tensor>,
+                0.0,
+                false,
+                None,
+                false,
+            ));
+        }
+        let attn = Tensor::cat(&outs, 0)
+            .transpose(1, 2)
+            .reshape([b, 1, nh * hd]);
+        let x = x + attn.linear(&l.wo, l.bo.as_ref());
+        let h = self.norm(&x, &l.ln2);
+        let mlp = match &l.mlp {
+            Mlp::Dense(e) => e.forward(&h),
+            Mlp::Moe { .. } => {
+                let flat = h.view([b, cfg.hidden_size]);
+                self.moe_mix(local, &flat, None, moe)?
+                    .view([b, 1, cfg.hidden_size])
+            }
+        };
+        Ok(x + mlp)
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn layer_forward(
         &self,

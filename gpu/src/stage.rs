@@ -129,7 +129,80 @@ impl Qwen3 {
     }
 }
 
-/// A tensor's elements as little-endian bytes (on the CPU, row-major).
+impl Qwen3 {
+    /// Continuous batching (RT-PIPE-9): one decode step (one position) of
+    /// each of several sessions, `inputs[j]` extending `caches[j]`, run as
+    /// one batch ([`Qwen3::forward_decode_batch`]); one output per session.
+    pub fn run_stage_batch(
+        &self,
+        inputs: &[StageInput],
+        caches: &mut [&mut KvCache],
+        moe: &mut MoeContext,
+    ) -> Result<Vec<StageOutput>> {
+        let _guard = tch::no_grad_guard();
+        if inputs.is_empty() || inputs.len() != caches.len() {
+            return Err(GpuError::Invalid(format!(
+                "{} inputs for {} caches",
+                inputs.len(),
+                caches.len()
+            )));
+        }
+        let b = inputs.len() as i64;
+        let x = if self.range.embed {
+            let ids = inputs
+                .iter()
+                .map(|i| match i {
+                    StageInput::Ids(rows) if rows.len() == 1 && rows[0].len() == 1 => {
+                        self.check_ids(&rows[0])?;
+                        Ok(rows[0][0])
+                    }
+                    _ => Err(GpuError::Invalid(
+                        "a batched step of the first stage is one token id".into(),
+                    )),
+                })
+                .collect::<Result<Vec<i64>>>()?;
+            self.embed(&Tensor::from_slice(&ids).view([b, 1]))?
+        } else {
+            let rows = inputs
+                .iter()
+                .map(|i| match i {
+                    StageInput::Hidden(h) if h.shape.len() == 3 && h.shape[..2] == [1, 1] => {
+                        let t = h.to_tensor(self.device)?;
+                        if t.size()[2] != self.cfg.hidden_size {
+                            return Err(GpuError::Invalid(format!(
+                                "hidden size {} != {}",
+                                t.size()[2],
+                                self.cfg.hidden_size
+                            )));
+                        }
+                        Ok(t.to_kind(self.kind))
+                    }
+                    _ => Err(GpuError::Invalid(
+                        "a batched step is the hidden state of one position".into(),
+                    )),
+                })
+                .collect::<Result<Vec<Tensor>>>()?;
+            Tensor::cat(&rows, 0)
+        };
+        let x = self.forward_decode_batch(&x, caches, moe)?;
+        if self.range.head {
+            let logits = self.head(&x)?;
+            Ok((0..b)
+                .map(|j| StageOutput::Logits(logits.narrow(0, j, 1)))
+                .collect())
+        } else {
+            (0..b)
+                .map(|j| {
+                    Ok(StageOutput::Hidden(HiddenStates::from_tensor(
+                        &x.narrow(0, j, 1),
+                    )?))
+                })
+                .collect()
+        }
+    }
+}
+
+/// A tensor's elements as little-endian bytes (on the CPU, row-major)./// A tensor's elements as little-endian bytes (on the CPU, row-major).
 fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
     let t = t.to_device(Device::Cpu).contiguous();
     let numel = t.numel();

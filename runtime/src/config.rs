@@ -37,6 +37,8 @@
 //!                                    # the others' holders (RT-PIPE-8); default: every expert
 //! max_stage_sessions = 64            # default: pipeline sessions (KV caches) kept for routers at once
 //! stage_idle_ms = 60000              # default: a session idle this long is dropped
+//! max_stage_batch = 16               # default: decode steps of concurrent sessions run as one
+//!                                    # batch (RT-PIPE-9); 1: each alone (bit-identical answers)
 //!
 //! [api]                              # paid inference (spec/api.md API-KEY-*, API-PAY-*)
 //! free_inference = false             # default: /chat and /v1/* need an API key (the devnet: true)

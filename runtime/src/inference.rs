@@ -114,6 +114,11 @@ pub struct InferenceConfig {
     pub max_stage_sessions: usize,
     /// RT-PIPE-2: a session idle this long is dropped.
     pub stage_idle_ms: u64,
+    /// RT-PIPE-9: most decode steps of different sessions run as one batch
+    /// (continuous batching); 1: every step alone, so that answers are
+    /// bit-identical to one process whatever the load (a batch's matrix
+    /// products may round differently).
+    pub max_stage_batch: usize,
 }
 
 fn is_zero(v: &u64) -> bool {
@@ -142,6 +147,7 @@ impl Default for InferenceConfig {
             experts: None,
             max_stage_sessions: crate::pipeline::DEFAULT_MAX_STAGE_SESSIONS,
             stage_idle_ms: crate::pipeline::DEFAULT_STAGE_IDLE_MS,
+            max_stage_batch: crate::pipeline::DEFAULT_MAX_STAGE_BATCH,
         }
     }
 }
@@ -439,6 +445,9 @@ pub struct EngineStats {
     /// RT-PIPE-2: pipeline sessions open on this engine, and steps run.
     pub stage_sessions: AtomicU64,
     pub stage_steps: AtomicU64,
+    /// RT-PIPE-9: batches of more than one decode step, and the steps in them.
+    pub stage_batches: AtomicU64,
+    pub stage_batched_steps: AtomicU64,
     /// Requests, tokens, queue and latency (OPS-MET-2).
     pub ops: crate::metrics::InferenceMetrics,
 }
@@ -740,6 +749,13 @@ impl InferenceHandle {
             .render(s, self.queued(), self.jobs.max_capacity());
         let sessions = self.stats.stage_sessions.load(Ordering::Relaxed);
         let steps = self.stats.stage_steps.load(Ordering::Relaxed);
+        let batches = self.stats.stage_batches.load(Ordering::Relaxed);
+        let batched = self.stats.stage_batched_steps.load(Ordering::Relaxed);
+        let _ = write!(
+            s,
+            "# HELP blyan_inference_stage_batches_total Batches of several sessions' decode steps this engine ran (RT-PIPE-9).\n# TYPE blyan_inference_stage_batches_total counter\nblyan_inference_stage_batches_total {batches}\n\
+             # HELP blyan_inference_stage_batched_steps_total Decode steps run in those batches (RT-PIPE-9).\n# TYPE blyan_inference_stage_batched_steps_total counter\nblyan_inference_stage_batched_steps_total {batched}\n"
+        );
         let _ = write!(
             s,
             "# HELP blyan_inference_stage_sessions Pipeline sessions (KV caches) this engine holds for routers (RT-PIPE-2).\n# TYPE blyan_inference_stage_sessions gauge\nblyan_inference_stage_sessions {sessions}\n\
@@ -1299,7 +1315,7 @@ mod engine {
         plan: &crate::experts::StagePlan,
         experts: &ExpertSlot,
     ) -> Result<(Step, Vec<(u32, u16)>), Error> {
-        use blyan_gpu::stage::{HiddenStates, StageInput, StageOutput};
+        use blyan_gpu::stage::{HiddenStates, StageInput};
         let now = Instant::now();
         let idle = Duration::from_millis(config.stage_idle_ms);
         sessions.retain(|_, s| now.duration_since(s.last_used) < idle);
@@ -1374,6 +1390,43 @@ mod engine {
             (Err(_), Some(e)) => return Err(e),
             (Err(e), None) => return Err(Error::BadRequest(format!("stage input: {e}"))),
         };
+        let step = step_of(out, position)?;
+        Ok((step, used))
+    }
+
+    /// RT-PIPE-9: whether `job` can join a batch: a decode step (one
+    /// position) of an open session at its cache's length, of the kind
+    /// this stage takes, on a dense model (an MoE stage's steps run alone:
+    /// each reports the experts it used, and routers place experts per
+    /// request).
+    fn batchable(
+        model: &blyan_gpu::model::Qwen3,
+        sessions: &std::collections::BTreeMap<u64, Session>,
+        job: &super::StageJob,
+    ) -> bool {
+        let step = &job.step;
+        // Inputs are checked here, so that a batch never fails for one
+        // router's malformed step: anything else runs alone.
+        let kind_ok = if model.range.embed {
+            step.kind == StepKind::Ids
+                && step.to_ids().is_ok_and(|ids| model.check_ids(&ids).is_ok())
+        } else {
+            step.kind == StepKind::Hidden
+                && step.shape[0] == 1
+                && i64::from(step.shape[2]) == model.cfg.hidden_size
+        };
+        model.cfg.moe.is_none()
+            && kind_ok
+            && step.seq() == 1
+            && sessions
+                .get(&job.session)
+                .is_some_and(|s| s.cache.len == i64::from(step.position))
+    }
+
+    /// The step a stage answers with for `out`, computed from a step that
+    /// ended at `position`.
+    fn step_of(out: blyan_gpu::stage::StageOutput, position: u32) -> Result<Step, Error> {
+        use blyan_gpu::stage::StageOutput;
         let dims = |v: &[i64]| -> Result<[u32; 3], Error> {
             let d: Vec<u32> = v
                 .iter()
@@ -1382,7 +1435,7 @@ mod engine {
             d.try_into()
                 .map_err(|_| Error::Inference(format!("an output of shape {v:?}")))
         };
-        let step = match out {
+        Ok(match out {
             StageOutput::Hidden(h) => Step {
                 position,
                 kind: StepKind::Hidden,
@@ -1401,8 +1454,68 @@ mod engine {
                     bytes: row.iter().flat_map(|x| x.to_le_bytes()).collect(),
                 }
             }
-        };
-        Ok((step, used))
+        })
+    }
+
+    /// RT-PIPE-9: runs `batch` (decode steps of distinct open sessions,
+    /// each [`batchable`], so with well-formed inputs) as one forward pass;
+    /// each step's answer, in order.
+    fn stage_batch(
+        model: &blyan_gpu::model::Qwen3,
+        sessions: &mut std::collections::BTreeMap<u64, Session>,
+        batch: &mut [super::StageJob],
+    ) -> Vec<super::StageReply> {
+        use blyan_gpu::stage::{HiddenStates, StageInput};
+        let now = Instant::now();
+        let inputs: Result<Vec<StageInput>, Error> = batch
+            .iter_mut()
+            .map(|job| {
+                let step = &mut job.step;
+                Ok(match step.kind {
+                    StepKind::Ids => StageInput::Ids(vec![step.to_ids()?]),
+                    _ => StageInput::Hidden(HiddenStates {
+                        shape: step.shape.iter().map(|&d| i64::from(d)).collect(),
+                        dtype: step.dtype.name().to_owned(),
+                        bytes: std::mem::take(&mut step.bytes),
+                    }),
+                })
+            })
+            .collect();
+        let result = inputs.and_then(|inputs| {
+            let order: Vec<u64> = batch.iter().map(|j| j.session).collect();
+            let mut by_id: std::collections::BTreeMap<u64, &mut Session> = sessions
+                .iter_mut()
+                .filter(|(id, _)| order.contains(id))
+                .map(|(id, s)| (*id, s))
+                .collect();
+            let mut caches: Vec<&mut blyan_gpu::model::KvCache> = Vec::with_capacity(order.len());
+            for id in &order {
+                let s = by_id.remove(id).expect("batchable: the session is open");
+                s.last_used = now;
+                caches.push(&mut s.cache);
+            }
+            model
+                .run_stage_batch(
+                    &inputs,
+                    &mut caches,
+                    &mut blyan_gpu::model::MoeContext::default(),
+                )
+                .map_err(|e| Error::BadRequest(format!("stage input: {e}")))
+        });
+        match result {
+            Ok(outs) => batch
+                .iter()
+                .zip(outs)
+                .map(|(job, out)| Ok((step_of(out, job.step.position + 1)?, Vec::new())))
+                .collect(),
+            Err(e) => {
+                // Inputs were checked by `batchable`: an engine fault.
+                batch
+                    .iter()
+                    .map(|_| Err(Error::BadRequest(format!("a batched step failed: {e}"))))
+                    .collect()
+            }
+        }
     }
 
     /// API-CHAT-5, RT-PIPE-2: after a panic in a job or a stage step, the
@@ -1466,7 +1579,10 @@ mod engine {
         let mut applied: Option<HeadUpdate> = None;
         let mut reapply = false;
         let mut sessions = std::collections::BTreeMap::new();
-        while let Some(work) = jobs.blocking_recv() {
+        // RT-PIPE-9: work taken from the queue while gathering a batch, run
+        // next in its order.
+        let mut pending: std::collections::VecDeque<Work> = Default::default();
+        while let Some(work) = pending.pop_front().or_else(|| jobs.blocking_recv()) {
             let job = match work {
                 Work::Chat(job) => job,
                 Work::CloseStage(id) => {
@@ -1510,12 +1626,72 @@ mod engine {
                             .send(Err(Error::Inference("the inference engine is down".into())));
                         continue;
                     };
+                    // RT-PIPE-9: decode steps of other sessions already
+                    // queued join this one in a batch.
+                    let mut batch = vec![job];
+                    if config.max_stage_batch > 1 && batchable(&l.model, &sessions, &batch[0]) {
+                        while batch.len() < config.max_stage_batch {
+                            match jobs.try_recv() {
+                                Ok(Work::Stage(next))
+                                    if batchable(&l.model, &sessions, &next)
+                                        && Instant::now() < next.deadline
+                                        && !next.reply.is_closed()
+                                        && batch.iter().all(|b| b.session != next.session) =>
+                                {
+                                    batch.push(next)
+                                }
+                                Ok(other) => {
+                                    pending.push_back(other);
+                                    break;
+                                }
+                                Err(_) => break,
+                            }
+                        }
+                    }
                     let started = Instant::now();
                     stats.ops.set_running(true);
                     if config.token_delay_ms > 0 {
                         // Test-only: a slow stage, so a kill lands mid-stream.
                         std::thread::sleep(Duration::from_millis(config.token_delay_ms));
                     }
+                    if batch.len() > 1 {
+                        let n = batch.len() as u64;
+                        let outcome = catch_unwind(AssertUnwindSafe(|| {
+                            stage_batch(&l.model, &mut sessions, &mut batch)
+                        }));
+                        stats.ops.set_running(false);
+                        stats.ops.engine_ms.observe(started.elapsed());
+                        stats.stage_steps.fetch_add(n, Ordering::Relaxed);
+                        stats.stage_batches.fetch_add(1, Ordering::Relaxed);
+                        stats.stage_batched_steps.fetch_add(n, Ordering::Relaxed);
+                        match outcome {
+                            Ok(replies) => {
+                                for (job, r) in batch.into_iter().zip(replies) {
+                                    let _ = job.reply.send(r);
+                                }
+                            }
+                            Err(payload) => {
+                                let why = panic_message(&*payload);
+                                tracing::error!(panic = %why, "a batch of stage steps panicked; rebuilding the engine");
+                                for job in batch {
+                                    let _ = job.reply.send(Err(Error::Inference(format!(
+                                        "the inference engine panicked ({why}); it is being rebuilt"
+                                    ))));
+                                }
+                                restart(&mut loaded, &mut sessions, &config, &stats);
+                                if let Some(l) = &loaded {
+                                    experts.publish(&l.model);
+                                }
+                                last_rebuild = Instant::now();
+                                reapply = true;
+                            }
+                        }
+                        stats
+                            .stage_sessions
+                            .store(sessions.len() as u64, Ordering::Relaxed);
+                        continue;
+                    }
+                    let job = batch.pop().expect("one job");
                     let outcome = catch_unwind(AssertUnwindSafe(|| {
                         stage_step(
                             &l.model,
@@ -1870,5 +2046,81 @@ mod tests {
         );
         let c = engine.stats.counters();
         assert_eq!((c.panics, c.rebuilds, c.rebuild_failures), (1, 0, 1));
+    }
+
+    /// RT-PIPE-9: concurrent sessions' decode steps queued on one stage run
+    /// in batches (the metric counts them), and every session's outputs
+    /// agree, within rounding, with the same steps on an engine that runs
+    /// each step alone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn rt_pipe_9_queued_decode_steps_run_as_batches() {
+        use crate::pipeline::{Dtype, Kind, Step};
+        let stage = |batch: usize| InferenceConfig {
+            layers: Some([1, 2]),
+            max_stage_batch: batch,
+            // Each step waits, so that the others queue behind it.
+            token_delay_ms: 5,
+            ..config()
+        };
+        let batched = InferenceHandle::start(stage(16)).await.unwrap();
+        let alone = InferenceHandle::start(stage(1)).await.unwrap();
+        let hidden = |position: u32, seq: u32, salt: u32| Step {
+            position,
+            kind: Kind::Hidden,
+            dtype: Dtype::F32,
+            shape: [1, seq, 128],
+            bytes: (0..seq * 128)
+                .flat_map(|i| (((i * 7 + salt * 13) % 97) as f32 / 97.0 - 0.5).to_le_bytes())
+                .collect(),
+        };
+        let run = |engine: InferenceHandle, session: u64, salt: u32| async move {
+            let plan = Arc::new(crate::experts::StagePlan::default());
+            let mut outs = Vec::new();
+            let (first, _) = engine
+                .stage(session, hidden(0, 3, salt), plan.clone())
+                .await
+                .unwrap();
+            outs.push(first);
+            for p in 3..9 {
+                let (out, _) = engine
+                    .stage(session, hidden(p, 1, salt + p), plan.clone())
+                    .await
+                    .unwrap();
+                outs.push(out);
+            }
+            outs
+        };
+        let sessions: Vec<u64> = (1..=6).collect();
+        let together = within(
+            "six concurrent sessions",
+            futures_util::future::join_all(
+                sessions.iter().map(|&i| run(batched.clone(), i, i as u32)),
+            ),
+        )
+        .await;
+        let mut one_by_one = Vec::new();
+        for &i in &sessions {
+            one_by_one.push(within("one session", run(alone.clone(), 100 + i, i as u32)).await);
+        }
+        let batches = batched.stats.stage_batches.load(Ordering::Relaxed);
+        assert!(batches > 0, "no decode steps were batched");
+        assert_eq!(alone.stats.stage_batches.load(Ordering::Relaxed), 0);
+        let f32s = |s: &Step| -> Vec<f32> {
+            s.bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect()
+        };
+        for (a, b) in together.iter().zip(&one_by_one) {
+            for (x, y) in a.iter().zip(b) {
+                assert_eq!((x.kind, x.shape, x.position), (y.kind, y.shape, y.position));
+                let d = f32s(x)
+                    .iter()
+                    .zip(f32s(y))
+                    .map(|(p, q)| (p - q).abs())
+                    .fold(0f32, f32::max);
+                assert!(d <= 1e-4, "a batched step differs by {d}");
+            }
+        }
     }
 }

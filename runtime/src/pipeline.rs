@@ -45,6 +45,8 @@ pub const STAGE_STREAM_BUFFER: usize = 16;
 pub const MAX_COMMITMENTS_PER_HOP: usize = 2048;
 /// RT-PIPE-2: default bound on the sessions (KV caches) one stage keeps.
 pub const DEFAULT_MAX_STAGE_SESSIONS: usize = 64;
+/// RT-PIPE-9: default bound on the decode steps one engine batches.
+pub const DEFAULT_MAX_STAGE_BATCH: usize = 16;
 /// RT-PIPE-2: default idle time after which a session's cache is dropped.
 pub const DEFAULT_STAGE_IDLE_MS: u64 = 60_000;
 
