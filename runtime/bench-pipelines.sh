@@ -8,7 +8,7 @@ for c in 1 16; do
   for cfg in "0 0" "2 0" "4 0" "8 4"; do
     set -- $cfg
     echo "=== clients $c inference_nodes $1 stages $2"
-    $B bench-chat --clients $c --duration 15 --max-tokens 32 --inference-nodes $1 --stages $2 2>&1 | grep -v "^\s*$" | grep -v INFO | tail -8
+    $B bench-chat --clients $c --duration 15 --max-tokens 32 --inference-nodes $1 --stages $2 --max-stage-batch ${3:-16} 2>&1 | grep -v "^\s*$" | grep -v INFO | tail -8
   done
 done
 echo "=== pipeline_hop"

@@ -37,6 +37,8 @@ pub struct ChatBenchOptions {
     /// RT-PIPE-5: ranges the layers are split into over the inference
     /// nodes (0: two with four or more nodes, 1: the whole model on each).
     pub stages: usize,
+    /// RT-PIPE-9: every node's `max_stage_batch` (1: no batching).
+    pub max_stage_batch: usize,
 }
 
 /// One mode's numbers.
@@ -256,6 +258,7 @@ pub async fn run(o: ChatBenchOptions) -> Result<String, Error> {
     opts.rate_limits = crate::ratelimit::RateLimitConfig::unlimited();
     opts.inference_nodes = o.inference_nodes;
     opts.stages = o.stages;
+    opts.inference.max_stage_batch = o.max_stage_batch.max(1);
     let devnet = Devnet::start(opts).await?;
     if o.inference_nodes > 0 {
         // The validators route only to nodes whose heartbeats they hold.

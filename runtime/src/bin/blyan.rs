@@ -256,6 +256,9 @@ enum Command {
         /// (RT-PIPE-5; 0: two with 4 or more inference nodes, 1: whole model).
         #[arg(long, default_value_t = 0)]
         stages: usize,
+        /// Decode steps a stage batches (RT-PIPE-9; 1: none).
+        #[arg(long, default_value_t = blyan_runtime::pipeline::DEFAULT_MAX_STAGE_BATCH)]
+        max_stage_batch: usize,
     },
     /// Load benchmark: pre-signed transfers over `POST /tx` to a fresh
     /// in-process 4-validator devnet per offered rate (see runtime/BENCH.md).
@@ -1202,6 +1205,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             dir,
             inference_nodes,
             stages,
+            max_stage_batch,
         } => {
             let report =
                 blyan_runtime::bench_chat::run(blyan_runtime::bench_chat::ChatBenchOptions {
@@ -1212,6 +1216,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
                     block_interval_ms,
                     inference_nodes,
                     stages,
+                    max_stage_batch,
                 })
                 .await?;
             print!("{report}");
