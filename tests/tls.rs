@@ -2217,12 +2217,14 @@ async fn full_stage_tables_answer_503_or_fall_back_to_a_whole_engine() {
 }
 
 /// RT-PIPE-7: a stage that perturbs its outputs (test-only
-/// `perturb_outputs`) inside a pipeline is caught by spot checks (rate 1
-/// here): the request is recomputed on a route avoiding the checked one,
-/// the hops' commitments are compared, and a referee route settles the
-/// mismatching hop before the router quarantines the liar; every answer
-/// after that is correct and avoids it. Reports how many answers were
-/// wrong before.
+/// `perturb_outputs`: every value scaled by 17/16) inside a pipeline is
+/// caught by spot checks (rate 1 here): each hop is recomputed from its
+/// recorded inputs by another holder of its layers, the commitments are
+/// compared, and a third holder settles the mismatching hop before the
+/// router quarantines the liar (the honest stage after it, which computed
+/// correctly on the liar's outputs, is not blamed); every answer after
+/// that is correct and avoids it. Reports how many answers were wrong
+/// before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_perturbing_pipeline_stage_is_quarantined_by_its_commitments() {
     use blyan_runtime::node::{RunningNode, bind};

@@ -248,6 +248,29 @@ impl Heartbeats {
             .collect()
     }
 
+    /// RT-PIPE-7: the live, unquarantined nodes holding exactly layers
+    /// `first..=last` of `model` as one dense holding, in address order
+    /// (who can recompute a hop of that range).
+    pub fn range_holder_list(
+        &self,
+        model: &Hash32,
+        (first, last): (u32, u32),
+        now_ms: u64,
+    ) -> Vec<Address> {
+        let table = self.table.lock().expect("heartbeat table lock");
+        let quarantine = self.quarantine.lock().expect("quarantine lock");
+        table
+            .iter_live(now_ms)
+            .filter(|(a, _)| !quarantine.is_quarantined(a, now_ms))
+            .filter(|(_, e)| {
+                e.heartbeat.holdings.iter().any(|h| {
+                    &h.model == model && h.dense && (h.first_layer, h.last_layer) == (first, last)
+                })
+            })
+            .map(|(a, _)| *a)
+            .collect()
+    }
+
     /// Heartbeats accepted and refused since start (`/metrics`).
     pub fn counts(&self) -> (u64, u64) {
         (

@@ -432,12 +432,16 @@ fn error_kind(e: &Error) -> &'static str {
     }
 }
 
-/// RT-STAGE-6's test fault for stages: the first element of every f32
-/// output gains 1.
+/// RT-STAGE-6's test fault for stages: every element of an f32 output is
+/// scaled by 17/16, as a wrong layer or weight would shift its outputs
+/// (RT-COMMIT-3b: commitments detect changes to the top values, not to a
+/// single element outside them).
 fn perturb(step: &mut Step) {
-    if step.dtype == Dtype::F32 && step.bytes.len() >= 4 {
-        let x = f32::from_le_bytes(step.bytes[..4].try_into().expect("4 bytes")) + 1.0;
-        step.bytes[..4].copy_from_slice(&x.to_le_bytes());
+    if step.dtype == Dtype::F32 {
+        for c in step.bytes.chunks_exact_mut(4) {
+            let x = f32::from_le_bytes(c.try_into().expect("4 bytes")) * (17.0 / 16.0);
+            c.copy_from_slice(&x.to_le_bytes());
+        }
     }
 }
 
@@ -751,7 +755,16 @@ pub struct RouteSession {
     /// Tensor bytes sent to and received from remote hops (the router's
     /// `/metrics` counter).
     bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// RT-PIPE-7: each hop's input steps, kept for a request drawn for a
+    /// spot check (`None`: not kept, or over the bound).
+    record: Option<Vec<Vec<Step>>>,
+    record_bytes: usize,
+    record_max_bytes: usize,
 }
+
+/// RT-PIPE-7: most bytes of hop inputs a router keeps for one checked
+/// request (a 2,048-token prefill at hidden 4,096 in bf16 is 16 MiB per hop).
+pub const MAX_RECORDED_INPUT_BYTES: usize = 64 * 1024 * 1024;
 
 impl Drop for RouteSession {
     fn drop(&mut self) {
@@ -833,6 +846,9 @@ impl RouteSession {
             hops.push((stage.node, stage.last_layer, hop, Default::default()));
         }
         Ok(RouteSession {
+            record: None,
+            record_bytes: 0,
+            record_max_bytes: 0,
             spent_us: vec![0; hops.len()],
             first_layers: plan.stages.iter().map(|s| s.first_layer).collect(),
             hops,
@@ -915,6 +931,44 @@ impl RouteSession {
         Ok(out)
     }
 
+    /// RT-PIPE-7: keeps every hop's input steps from now on, up to
+    /// `max_bytes` in all (beyond it nothing is kept).
+    pub fn record_inputs(&mut self, max_bytes: usize) {
+        self.record = Some(vec![Vec::new(); self.hops.len()]);
+        self.record_max_bytes = max_bytes;
+    }
+
+    /// RT-PIPE-7: the kept input steps per hop, if every one was kept.
+    pub fn take_recording(&mut self) -> Option<Vec<Vec<Step>>> {
+        self.record.take()
+    }
+
+    /// RT-PIPE-7: runs `step` (recorded input of a checked hop) on this
+    /// session's only hop: its answer, which must cover the step's
+    /// positions. Errors name the hop's node.
+    pub async fn replay_step(
+        &mut self,
+        step: Step,
+        deadline: std::time::Instant,
+    ) -> Result<Step, (blyan_state_machine::types::Address, String)> {
+        let (node, _, hop, used) = self.hops.first_mut().expect("a session has a hop");
+        let node = *node;
+        let end = step.position + step.seq();
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let out = match tokio::time::timeout(left, run_hop(hop, step, &self.bytes, used)).await {
+            Ok(Ok(out)) => out,
+            Ok(Err(e)) => return Err((node, e)),
+            Err(_) => return Err((node, "the stage missed the deadline".into())),
+        };
+        if out.position != end {
+            return Err((
+                node,
+                format!("an answer at {} for a step ending at {end}", out.position),
+            ));
+        }
+        Ok(out)
+    }
+
     /// RT-PIPE-8: the `(layer, expert)` pairs each stage reported using
     /// (complete after [`RouteSession::finish`]), in route order.
     pub fn experts_used(&self) -> Vec<std::collections::BTreeSet<(u32, u16)>> {
@@ -942,6 +996,14 @@ impl RouteSession {
             let node = *node;
             let started = std::time::Instant::now();
             let left = deadline.saturating_duration_since(started);
+            if let Some(record) = &mut self.record {
+                if self.record_bytes + step.bytes.len() <= self.record_max_bytes {
+                    self.record_bytes += step.bytes.len();
+                    record[i].push(step.clone());
+                } else {
+                    self.record = None;
+                }
+            }
             let out = match tokio::time::timeout(left, run_hop(hop, step, &self.bytes, used)).await
             {
                 Ok(Ok(out)) => out,

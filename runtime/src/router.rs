@@ -287,6 +287,9 @@ struct PipelineRun {
     /// each generated token but the last): the token prefix of any
     /// position it computed (RT-FAULT-1).
     fed: Vec<i64>,
+    /// RT-PIPE-7: each hop's input steps, kept when the request is drawn
+    /// for a spot check.
+    inputs: Option<Vec<Vec<crate::pipeline::Step>>>,
 }
 
 /// RT-PIPE-3: one stage of a pipeline that served a request.
@@ -618,7 +621,7 @@ impl Router {
                     self.load.lock().expect("load book lock").release(&plan);
                     let r = r.map(|run| {
                         stages = run.stages;
-                        checked = Some((run.request_id, run.fed));
+                        checked = Some((run.request_id, run.fed, run.inputs));
                         run.result
                     });
                     (last_node, r)
@@ -650,9 +653,13 @@ impl Router {
                     let elapsed = attempt_started.elapsed();
                     if !stages.is_empty() {
                         self.pipelines.fetch_add(1, Ordering::Relaxed);
-                        if let Some((request_id, fed)) = checked {
+                        if let Some((request_id, fed, Some(inputs))) = checked {
                             self.maybe_spot_check_pipeline(
-                                engine, model, &req, &stages, request_id, fed,
+                                engine,
+                                model,
+                                &stages,
+                                request_id,
+                                (fed, inputs),
                             );
                         }
                     } else if node != self.me {
@@ -752,20 +759,18 @@ impl Router {
         self: &Arc<Self>,
         engine: &InferenceHandle,
         model: Hash32,
-        req: &ChatRequest,
         used: &[RoutedStage],
         request_id: Hash32,
-        fed: Vec<i64>,
+        (fed, inputs): (Vec<i64>, Vec<Vec<crate::pipeline::Step>>),
     ) {
         if !blyan_route::spot::should_check(&self.spot_key, &request_id, 0, 0, self.spot_rate_ppm) {
             return;
         }
-        let (router, engine, req, used) =
-            (self.clone(), engine.clone(), req.clone(), used.to_vec());
+        let (router, engine, used) = (self.clone(), engine.clone(), used.to_vec());
         tokio::spawn(
             async move {
                 let outcome = router
-                    .spot_check_pipeline(&engine, model, &req, &used, request_id, &fed)
+                    .spot_check_pipeline(&engine, model, &used, request_id, &fed, &inputs)
                     .await;
                 router.spot_checks[outcome].fetch_add(1, Ordering::Relaxed);
             }
@@ -773,56 +778,70 @@ impl Router {
         );
     }
 
-    /// RT-PIPE-7: the pipeline check. The same request (same id, so that
-    /// every commitment names one step) runs on a route that avoids every
-    /// node of the checked one; each hop's commitments are compared with
-    /// those of the checker's hop over the same layers (RT-COMMIT-3). At
-    /// the first chunk that disagrees, a referee route that avoids both of
-    /// its nodes computes a third time and RT-SPOT-4 settles it on that
-    /// chunk: the loser is quarantined (never this node) and a signed
-    /// fault record (RT-FAULT-1) kept. Returns the outcome's index in
-    /// [`SPOT_OUTCOMES`]; no route for the checker or referee is
-    /// `undecided`.
+    /// RT-PIPE-7: the pipeline check, hop by hop. Each remote hop of the
+    /// checked route is recomputed from its own recorded inputs (the same
+    /// steps, the same request id) by another live holder of exactly its
+    /// layers, drawn with this router's secret so that no stage knows its
+    /// checker; its commitments are compared with the hop's (RT-COMMIT-3).
+    /// At the first chunk that disagrees, a third holder (avoiding both)
+    /// recomputes as referee and RT-SPOT-4 settles it on that chunk: the
+    /// loser is quarantined (never this node) and a signed fault record
+    /// (RT-FAULT-1) kept. A hop nobody else holds, a hop on this node (it
+    /// has no commitments) and an MoE hop (its experts are placed per
+    /// request) are not checked. Returns the outcome's index in
+    /// [`SPOT_OUTCOMES`]: a conviction, else `agree` if some hop was
+    /// compared, else `undecided`.
     async fn spot_check_pipeline(
         &self,
         engine: &InferenceHandle,
         model: Hash32,
-        req: &ChatRequest,
         used: &[RoutedStage],
         request_id: Hash32,
         fed: &[i64],
+        inputs: &[Vec<crate::pipeline::Step>],
     ) -> usize {
-        use blyan_route::commit::{SignedCommitment, Tolerance, compare};
+        use blyan_route::commit::{Tolerance, compare};
         use blyan_route::spot::{Settlement, settle};
-        let original: BTreeSet<Address> = used.iter().map(|s| s.node).collect();
-        let Some(checker) = self
-            .check_route(engine, model, req, &original, request_id)
-            .await
-        else {
-            return 3;
-        };
-        let hop_of = |stages: &[RoutedStage], s: &RoutedStage| {
-            stages
-                .iter()
-                .find(|c| (c.first_layer, c.last_layer) == (s.first_layer, s.last_layer))
-                .cloned()
-        };
-        let decode = |list: &[Vec<u8>]| -> Option<Vec<SignedCommitment>> {
+        let decode = |list: &[Vec<u8>]| -> Option<Vec<blyan_route::commit::SignedCommitment>> {
             list.iter()
-                .map(|c| SignedCommitment::decode(c).ok())
+                .map(|c| blyan_route::commit::SignedCommitment::decode(c).ok())
                 .collect()
         };
         let tol = Tolerance::default();
-        for s in used {
-            let Some(c) = hop_of(&checker, s) else {
-                continue;
-            };
-            let (Some(sc), Some(cc)) = (decode(&s.commitments), decode(&c.commitments)) else {
-                return 3;
-            };
-            if sc.is_empty() || cc.is_empty() {
+        let mut compared = false;
+        for (s, steps) in used.iter().zip(inputs) {
+            if s.node == self.me || !s.experts.is_empty() || steps.is_empty() {
                 continue;
             }
+            let Some(sc) = decode(&s.commitments).filter(|l| !l.is_empty()) else {
+                continue;
+            };
+            let range = (s.first_layer, s.last_layer);
+            let holders = self.heartbeats.range_holder_list(&model, range, now_ms());
+            let pick = |avoid: &BTreeSet<Address>| {
+                holders
+                    .iter()
+                    .filter(|h| !avoid.contains(h) && **h != self.me)
+                    .min_by_key(|h| {
+                        blyan_state_machine::crypto::sha3_256_parts(&[
+                            b"blyan/spot-checker/1",
+                            &self.spot_key,
+                            &request_id,
+                            &h.0,
+                        ])
+                    })
+                    .copied()
+            };
+            let Some(checker) = pick(&[s.node].into()) else {
+                continue;
+            };
+            let Some(cc) = self
+                .replay_hop(engine, model, s, checker, request_id, steps)
+                .await
+            else {
+                continue;
+            };
+            compared = true;
             // The first chunk that disagrees (or is missing on one side).
             let Some(j) = (0..sc.len().max(cc.len())).find(|&j| match (sc.get(j), cc.get(j)) {
                 (Some(x), Some(y)) => {
@@ -833,26 +852,25 @@ impl Router {
                 continue;
             };
             let (Some(stage_c), Some(checker_c)) = (sc.get(j), cc.get(j)) else {
-                warn!(stage = %s.node, checker = %c.node, "pipeline spot check: commitment counts differ: undecided (RT-PIPE-7)");
+                warn!(stage = %s.node, %checker, "pipeline spot check: commitment counts differ: undecided (RT-PIPE-7)");
                 return 3;
             };
             if stage_c.commitment.head_version != checker_c.commitment.head_version {
                 // Different heads legitimately compute different states.
-                debug!(stage = %s.node, checker = %c.node, "pipeline spot check across two heads: undecided (RT-PIPE-7)");
+                debug!(stage = %s.node, %checker, "pipeline spot check across two heads: undecided (RT-PIPE-7)");
                 return 3;
             }
-            let both: BTreeSet<Address> = [s.node, c.node].into();
-            let referee = match self
-                .check_route(engine, model, req, &both, request_id)
-                .await
-                .and_then(|r| hop_of(&r, s))
-                .and_then(|r| decode(&r.commitments).map(|list| (r.node, list)))
-            {
-                Some((node, list)) if list.len() > j => (node, list[j].clone()),
-                _ => {
-                    warn!(stage = %s.node, checker = %c.node, "pipeline spot check mismatch and no referee: undecided (RT-PIPE-7)");
-                    return 3;
-                }
+            let referee = match pick(&[s.node, checker].into()) {
+                Some(r) => self
+                    .replay_hop(engine, model, s, r, request_id, steps)
+                    .await
+                    .and_then(|list| list.get(j).cloned())
+                    .map(|c| (r, c)),
+                None => None,
+            };
+            let Some(referee) = referee else {
+                warn!(stage = %s.node, %checker, "pipeline spot check mismatch and no referee: undecided (RT-PIPE-7)");
+                return 3;
             };
             if referee.1.commitment.head_version != stage_c.commitment.head_version {
                 return 3;
@@ -866,7 +884,7 @@ impl Router {
             let now = now_ms();
             let loser = match verdict {
                 Settlement::StageFault => Some((s.node, 1)),
-                Settlement::CheckerFault => Some((c.node, 2)),
+                Settlement::CheckerFault => Some((checker, 2)),
                 Settlement::Agree | Settlement::Undecided => None,
             };
             let position = stage_c.commitment.chunk.first_token;
@@ -896,14 +914,14 @@ impl Router {
                 Some((node, outcome)) => {
                     if node != self.me {
                         let until = self.heartbeats.quarantine(node, now);
-                        warn!(%node, stage = %s.node, checker = %c.node, referee = %referee.0, until_ms = until, position, layers = ?(s.first_layer, s.last_layer), "pipeline hop convicted by a referee; quarantined (RT-PIPE-7)");
+                        warn!(%node, stage = %s.node, %checker, referee = %referee.0, until_ms = until, position, layers = ?range, "pipeline hop convicted by a referee; quarantined (RT-PIPE-7)");
                     }
                     outcome
                 }
                 None => 3,
             };
         }
-        0
+        if compared { 0 } else { 3 }
     }
 
     /// RT-FAULT-1: signs `record` as this node and keeps it (the newest
@@ -948,34 +966,63 @@ impl Router {
         ])
     }
 
-    /// RT-PIPE-7: `req` as request `request_id` on a pipeline avoiding
-    /// `avoid` (no client, no failover); its stages, or `None` if no such
-    /// route exists or it failed.
-    async fn check_route(
+    /// RT-PIPE-7: hop `s` recomputed on `node` from its recorded input
+    /// `steps`, as request `request_id` (so the commitments name the same
+    /// request); `node`'s checked commitments, or `None` if it failed.
+    async fn replay_hop(
         &self,
         engine: &InferenceHandle,
         model: Hash32,
-        req: &ChatRequest,
-        avoid: &BTreeSet<Address>,
+        s: &RoutedStage,
+        node: Address,
         request_id: Hash32,
-    ) -> Option<Vec<RoutedStage>> {
-        let Choice::Pipeline(plan) = self.choose(engine, model, avoid) else {
-            return None;
+        steps: &[crate::pipeline::Step],
+    ) -> Option<Vec<blyan_route::commit::SignedCommitment>> {
+        let plan = blyan_route::route::Plan {
+            model,
+            stages: vec![blyan_route::route::Stage {
+                node,
+                first_layer: s.first_layer,
+                last_layer: s.last_layer,
+                experts: Vec::new(),
+                estimated_us: 0,
+            }],
+            estimated_us: 0,
         };
-        match self
-            .pipeline(
+        let deadline = std::time::Instant::now() + Duration::from_millis(engine.config.timeout_ms);
+        let replay = async {
+            let mut session = crate::pipeline::RouteSession::open(
+                &self.transport,
+                self.me,
                 engine,
                 &plan,
-                req,
-                &None,
-                &mut Sent::default(),
-                Some(request_id),
+                request_id,
+                self.pipeline_bytes.clone(),
             )
             .await
-        {
-            Ok(run) => Some(run.stages),
-            Err(_) => {
-                debug!("a pipeline spot-check computation failed");
+            .map_err(|(_, e)| e)?;
+            for step in steps {
+                session
+                    .replay_step(step.clone(), deadline)
+                    .await
+                    .map_err(|(_, e)| e)?;
+            }
+            let mut all = session
+                .finish(&self.chain_id, deadline)
+                .await
+                .map_err(|(_, e)| e)?;
+            all.pop()
+                .unwrap_or_default()
+                .iter()
+                .map(|c| {
+                    blyan_route::commit::SignedCommitment::decode(c).map_err(|e| e.to_string())
+                })
+                .collect::<Result<Vec<_>, String>>()
+        };
+        match replay.await {
+            Ok(list) => Some(list),
+            Err(e) => {
+                debug!(%node, error = %e, "a spot-check replay failed (RT-PIPE-7)");
                 None
             }
         }
@@ -1234,7 +1281,7 @@ impl Router {
         use crate::pipeline::RouteSession;
         let deadline = std::time::Instant::now() + Duration::from_millis(engine.config.timeout_ms);
         let request_id = request_id.unwrap_or_else(|| self.next_request_id());
-        let session = RouteSession::open(
+        let mut session = RouteSession::open(
             &self.transport,
             self.me,
             engine,
@@ -1244,6 +1291,11 @@ impl Router {
         )
         .await
         .map_err(|(n, why)| Failure::Stage(n, why))?;
+        // RT-PIPE-7: a request drawn for a spot check keeps its hops'
+        // inputs, so that each hop can be recomputed from them.
+        if blyan_route::spot::should_check(&self.spot_key, &request_id, 0, 0, self.spot_rate_ppm) {
+            session.record_inputs(crate::pipeline::MAX_RECORDED_INPUT_BYTES);
+        }
         /// Stops the blocking loop when the attempt's future is dropped.
         struct Stop(Arc<std::sync::atomic::AtomicBool>);
         impl Drop for Stop {
@@ -1344,19 +1396,26 @@ impl Router {
             }
             let timings = session.timings();
             let used = session.experts_used();
+            let inputs = session.take_recording();
             (
                 result,
                 stage_failure,
                 request_failure,
                 seen,
                 timings,
-                (commitments, fed, used),
+                (commitments, fed, used, inputs),
             )
         });
-        let (result, stage_failure, request_failure, seen, timings, (mut commitments, fed, used)) =
-            job.await.map_err(|e| {
-                Failure::Request(Error::Inference(format!("the route's loop failed: {e}")))
-            })?;
+        let (
+            result,
+            stage_failure,
+            request_failure,
+            seen,
+            timings,
+            (mut commitments, fed, used, inputs),
+        ) = job.await.map_err(|e| {
+            Failure::Request(Error::Inference(format!("the route's loop failed: {e}")))
+        })?;
         sent.text = seen;
         drop(stop);
         if let Some(e) = request_failure {
@@ -1396,6 +1455,7 @@ impl Router {
             stages,
             request_id,
             fed,
+            inputs,
         })
     }
 
