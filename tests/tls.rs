@@ -2216,6 +2216,125 @@ async fn full_stage_tables_answer_503_or_fall_back_to_a_whole_engine() {
     net.stop().await;
 }
 
+/// RT-PIPE-7, RT-BEACON-*: five registered stage nodes of `net`'s model,
+/// started in this process: layers 0–1 held by a liar (test-only
+/// `perturb_outputs`) and two honest nodes, layers 2–3 by two; returns
+/// them (the liar first) once validator 0 lists all five live.
+async fn start_liar_and_stages(
+    net: &Devnet,
+    dir: &std::path::Path,
+    seed: u64,
+) -> Vec<blyan_runtime::node::RunningNode> {
+    use blyan_runtime::node::{RunningNode, bind};
+    let url = net.nodes[0].api_url();
+    let mut stages = Vec::new();
+    for (i, (layers, perturb)) in [
+        ([0, 1], true),
+        ([0, 1], false),
+        ([0, 1], false),
+        ([2, 3], false),
+        ([2, 3], false),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let node_key = key(seed + i as u64);
+        let p2p = bind("127.0.0.1:0").await.unwrap();
+        let http = bind("127.0.0.1:0").await.unwrap();
+        register(net, &url, &node_key, &p2p.local_addr().unwrap().to_string()).await;
+        let engine = blyan_runtime::inference::InferenceConfig {
+            model_dir: Some(blyan_runtime::devnet::model_dir(&net.dir)),
+            advertise: true,
+            heartbeat_interval_ms: 300,
+            perturb_outputs: perturb,
+            layers: Some(layers),
+            beacon_interval_ms: 0,
+            ..Default::default()
+        };
+        let data = dir.join(format!("stage-{i}"));
+        stages.push(
+            RunningNode::start(node_setup(net, data, node_key, engine), p2p, http)
+                .await
+                .unwrap(),
+        );
+    }
+    let all: Vec<serde_json::Value> = stages.iter().map(|n| json_addr(&n.address)).collect();
+    eventually("validator 0 to list the five stages live", || async {
+        let live = get(&url, "/nodes").await["live"]
+            .as_array()
+            .unwrap()
+            .clone();
+        all.iter()
+            .all(|h| live.iter().any(|n| &n["node_id"] == h))
+            .then_some(())
+    })
+    .await;
+    stages
+}
+
+/// RT-BEACON-*: with no client request and spot checks of client requests
+/// off, a liar among the stages is still caught: the validators' routers
+/// make up requests (beacons, a passage of held-out text each), route them
+/// like any other, check every hop and quarantine the liar; validator 0's
+/// `/metrics` counts its beacons by outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn beacons_catch_a_lying_stage_without_client_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = DevnetOptions::new(dir.path().join("devnet"), 4);
+    opts.base_port = None;
+    opts.block_interval_ms = 300;
+    opts.rate_limits = blyan_runtime::ratelimit::RateLimitConfig::unlimited();
+    opts.inference.spot_check_rate_ppm = 0;
+    opts.inference.beacon_interval_ms = 1_000;
+    let net = Devnet::start(opts).await.unwrap();
+    let url = net.nodes[0].api_url();
+    let stages = start_liar_and_stages(&net, dir.path(), 13_000).await;
+    let liar = json_addr(&stages[0].address);
+    let beacons = |o: &'static str| {
+        let url = url.clone();
+        async move {
+            metric(
+                &url,
+                &format!("blyan_inference_beacons_total{{outcome=\"{o}\"}}"),
+            )
+            .await
+        }
+    };
+    eventually("validator 0's beacons to quarantine the liar", || async {
+        let quarantined = get(&url, "/nodes").await["live"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["node_id"] == liar && n["quarantined"] == true);
+        // The liar loses as the checked stage or as a checker.
+        let convicted = beacons("stage_fault").await + beacons("checker_fault").await;
+        (quarantined && convicted >= 1.0).then_some(())
+    })
+    .await;
+    let checked =
+        beacons("agree").await + beacons("stage_fault").await + beacons("checker_fault").await;
+    println!("RT-BEACON: liar quarantined; validator 0's beacons: {checked} checked");
+    // Only beacons checked anything: client spot checks are off, and no
+    // client asked.
+    assert_eq!(
+        metric(&url, "blyan_inference_routed_total{served=\"remote\"}").await,
+        0.0
+    );
+    let faults = get(&url, "/faults").await;
+    assert!(
+        faults["faults"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["loser"] == liar),
+        "{faults}"
+    );
+    for n in stages {
+        n.stop(1_000).await;
+    }
+    net.stop().await;
+}
+
 /// RT-PIPE-7: a stage that perturbs its outputs (test-only
 /// `perturb_outputs`: every value scaled by 17/16) inside a pipeline is
 /// caught by spot checks (rate 1 here): each hop is recomputed from its
@@ -2227,7 +2346,6 @@ async fn full_stage_tables_answer_503_or_fall_back_to_a_whole_engine() {
 /// before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_perturbing_pipeline_stage_is_quarantined_by_its_commitments() {
-    use blyan_runtime::node::{RunningNode, bind};
     let dir = tempfile::tempdir().unwrap();
     let mut opts = DevnetOptions::new(dir.path().join("devnet"), 4);
     opts.base_port = None;
@@ -2247,54 +2365,8 @@ async fn a_perturbing_pipeline_stage_is_quarantined_by_its_commitments() {
         .unwrap();
     assert_eq!(s, 200, "{reference}");
     // Layers 0–1: the liar and two honest holders; layers 2–3: two.
-    let mut stages = Vec::new();
-    for (i, (layers, perturb)) in [
-        ([0, 1], true),
-        ([0, 1], false),
-        ([0, 1], false),
-        ([2, 3], false),
-        ([2, 3], false),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let node_key = key(12_000 + i as u64);
-        let p2p = bind("127.0.0.1:0").await.unwrap();
-        let http = bind("127.0.0.1:0").await.unwrap();
-        register(
-            &net,
-            &url,
-            &node_key,
-            &p2p.local_addr().unwrap().to_string(),
-        )
-        .await;
-        let engine = blyan_runtime::inference::InferenceConfig {
-            model_dir: Some(blyan_runtime::devnet::model_dir(&net.dir)),
-            advertise: true,
-            heartbeat_interval_ms: 300,
-            perturb_outputs: perturb,
-            layers: Some(layers),
-            ..Default::default()
-        };
-        let data = dir.path().join(format!("stage-{i}"));
-        stages.push(
-            RunningNode::start(node_setup(&net, data, node_key, engine), p2p, http)
-                .await
-                .unwrap(),
-        );
-    }
+    let stages = start_liar_and_stages(&net, dir.path(), 12_000).await;
     let liar = json_addr(&stages[0].address);
-    let all: Vec<serde_json::Value> = stages.iter().map(|n| json_addr(&n.address)).collect();
-    eventually("validator 0 to list the five stages live", || async {
-        let live = get(&url, "/nodes").await["live"]
-            .as_array()
-            .unwrap()
-            .clone();
-        all.iter()
-            .all(|h| live.iter().any(|n| &n["node_id"] == h))
-            .then_some(())
-    })
-    .await;
     let quarantined = || async {
         get(&url, "/nodes").await["live"]
             .as_array()

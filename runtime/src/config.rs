@@ -31,6 +31,8 @@
 //! advertise = false                  # default: send no heartbeats (RT-HB-11); an inference node: true
 //! heartbeat_interval_ms = 5000       # default; a peer drops this node after 3 missed intervals
 //! spot_check_rate_ppm = 50000       # default: 5 % of routed answers recomputed elsewhere (RT-STAGE-6)
+//! beacon_interval_ms = 60000         # default: about once a minute the router makes up a request and
+//!                                    # checks whoever serves it (RT-BEACON-*); 0: never
 //! # layers = [0, 1]                 # hold only these layers (inclusive) and serve them to routers
 //!                                    # as a pipeline stage (RT-PIPE-2); default: the whole model
 //! # experts = [0, 1, 2, 3]         # MoE only: hold these experts of each layer; stages call

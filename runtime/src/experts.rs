@@ -293,8 +293,11 @@ pub fn decode_used(body: &[u8]) -> Result<Vec<(u32, u16)>, Error> {
 
 /// RT-PIPE-8: makes expert calls through the transport, for the engine's
 /// thread (which blocks on them: expert work never runs on that thread).
+/// The transport is held weakly: it holds the engine (its stage sink), and
+/// a strong reference back would keep both, and the node's stores, alive
+/// after the node stops.
 pub struct TransportExperts {
-    pub transport: std::sync::Arc<crate::transport::GrpcTransport>,
+    pub transport: std::sync::Weak<crate::transport::GrpcTransport>,
     pub runtime: tokio::runtime::Handle,
     /// Deadline of one call.
     pub timeout_ms: u64,
@@ -302,7 +305,12 @@ pub struct TransportExperts {
 
 impl crate::inference::ExpertClient for TransportExperts {
     fn call_all(&self, calls: Vec<(Address, ExpertCall)>) -> Vec<Result<ExpertRows, Error>> {
-        let transport = self.transport.clone();
+        let Some(transport) = self.transport.upgrade() else {
+            return calls
+                .iter()
+                .map(|(node, _)| Err(expert_failure(*node, "this node is stopping")))
+                .collect();
+        };
         let timeout = std::time::Duration::from_millis(self.timeout_ms);
         self.runtime.block_on(async move {
             let mut set = tokio::task::JoinSet::new();

@@ -271,6 +271,27 @@ impl Heartbeats {
             .collect()
     }
 
+    /// RT-BEACON-4: the live, unquarantined nodes with a dense holding of
+    /// `model`, each with the layer ranges it holds, in address order.
+    pub fn live_holdings(&self, model: &Hash32, now_ms: u64) -> Vec<(Address, Vec<(u32, u32)>)> {
+        let table = self.table.lock().expect("heartbeat table lock");
+        let quarantine = self.quarantine.lock().expect("quarantine lock");
+        table
+            .iter_live(now_ms)
+            .filter(|(a, _)| !quarantine.is_quarantined(a, now_ms))
+            .filter_map(|(a, e)| {
+                let ranges: Vec<(u32, u32)> = e
+                    .heartbeat
+                    .holdings
+                    .iter()
+                    .filter(|h| &h.model == model && h.dense)
+                    .map(|h| (h.first_layer, h.last_layer))
+                    .collect();
+                (!ranges.is_empty()).then_some((*a, ranges))
+            })
+            .collect()
+    }
+
     /// Heartbeats accepted and refused since start (`/metrics`).
     pub fn counts(&self) -> (u64, u64) {
         (

@@ -88,6 +88,9 @@ pub struct InferenceConfig {
     /// RT-STAGE-6: share of routed requests this node's router recomputes
     /// on another holder, in ppm (default 50,000: the 0.05).
     pub spot_check_rate_ppm: u32,
+    /// RT-BEACON-3: about how often this node's router makes up a request
+    /// to check the nodes it routes to (RT-BEACON-*); 0: never.
+    pub beacon_interval_ms: u64,
     /// Fault injection for tests (RT-STAGE-6): answers peers' `Generate`
     /// calls with altered text (`!` prepended). Never set it on a real node.
     #[doc(hidden)]
@@ -141,6 +144,7 @@ impl Default for InferenceConfig {
             advertise: false,
             heartbeat_interval_ms: blyan_route::heartbeat::DEFAULT_HEARTBEAT_INTERVAL_MS,
             spot_check_rate_ppm: blyan_route::spot::DEFAULT_SPOT_CHECK_RATE_PPM,
+            beacon_interval_ms: DEFAULT_BEACON_INTERVAL_MS,
             perturb_outputs: false,
             misreport_loss_ppm: 0,
             layers: None,
@@ -390,6 +394,9 @@ pub struct InferenceHandle {
 /// RT-PIPE-3: a model's tokenizer and its end-of-sequence ids.
 #[cfg(feature = "inference")]
 pub type RouterTokenizer = Arc<(blyan_gpu::tokenizer::Tokenizer, Vec<i64>)>;
+
+/// RT-BEACON-3: default mean time between a router's beacons.
+pub const DEFAULT_BEACON_INTERVAL_MS: u64 = 60_000;
 
 /// Pieces of streamed text in flight per job; a reader that leaves more
 /// unread has its job cancelled (API-CHAT-4): the engine never waits on it.

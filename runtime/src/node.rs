@@ -331,7 +331,7 @@ impl RunningNode {
             let ledger = handle.snapshot.borrow().ledger.clone();
             // RT-PIPE-8: this node's stages call other nodes' experts.
             engine.set_expert_client(Arc::new(crate::experts::TransportExperts {
-                transport: transport.clone(),
+                transport: Arc::downgrade(&transport),
                 runtime: tokio::runtime::Handle::current(),
                 timeout_ms: engine.config.timeout_ms,
             }));
@@ -344,7 +344,7 @@ impl RunningNode {
                     chain_id: handle.chain_id.clone(),
                 }),
             }));
-            api_config.router = Some(Arc::new(crate::router::Router::new(
+            let router = Arc::new(crate::router::Router::new(
                 handle.address,
                 handle.chain_id.clone(),
                 advertise_key.clone(),
@@ -352,7 +352,24 @@ impl RunningNode {
                 heartbeats,
                 advertise,
                 engine.config.spot_check_rate_ppm,
-            )?));
+            )?);
+            // RT-BEACON-*: between client requests, the router checks the
+            // nodes it routes to with requests it makes up.
+            if let Some(model) = crate::api::chat::served_model_id(&ledger, engine) {
+                tasks.spawn(
+                    router
+                        .clone()
+                        .run_beacons(
+                            engine.clone(),
+                            model,
+                            crate::corpus::HOLDOUT_TEXT,
+                            engine.config.beacon_interval_ms,
+                            shutdown_rx.clone(),
+                        )
+                        .in_current_span(),
+                );
+            }
+            api_config.router = Some(router);
         }
         // POL-SERVE-*: the engine serves the chain's heads of its model.
         #[cfg(feature = "inference")]

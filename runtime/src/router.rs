@@ -352,6 +352,9 @@ pub struct Router {
     spot_rate_ppm: u32,
     /// Spot checks by outcome: agree, stage fault, checker fault, undecided.
     spot_checks: [AtomicU64; 4],
+    /// RT-BEACON-4: beacons by outcome: SPOT_OUTCOMES, then `unchecked`
+    /// (served by this node's engine, or no route).
+    beacons: [AtomicU64; 5],
     /// Numbers the requests whose ids key the spot-check draw.
     seq: AtomicU64,
     /// RT-STAGE-7: time of remote stages that produced an answer.
@@ -364,6 +367,15 @@ pub struct Router {
 
 /// RT-STAGE-6 outcomes, in `/metrics` order.
 pub const SPOT_OUTCOMES: [&str; 4] = ["agree", "stage_fault", "checker_fault", "undecided"];
+
+/// RT-BEACON-4 outcomes, in `/metrics` order: a check's, or `unchecked`.
+pub const BEACON_OUTCOMES: [&str; 5] = [
+    "agree",
+    "stage_fault",
+    "checker_fault",
+    "undecided",
+    "unchecked",
+];
 
 impl std::fmt::Debug for Router {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -432,6 +444,7 @@ impl Router {
             spot_key,
             spot_rate_ppm,
             spot_checks: Default::default(),
+            beacons: Default::default(),
             seq: AtomicU64::new(0),
             remote_stage_ms: crate::metrics::MsHistogram::new(&crate::metrics::ENGINE_BUCKETS_MS),
             me,
@@ -450,6 +463,126 @@ impl Router {
     /// Spot checks by outcome ([`SPOT_OUTCOMES`] order).
     pub fn spot_counts(&self) -> [u64; 4] {
         std::array::from_fn(|i| self.spot_checks[i].load(Ordering::Relaxed))
+    }
+
+    /// RT-BEACON-4: beacons by outcome ([`BEACON_OUTCOMES`]).
+    pub fn beacon_counts(&self) -> [u64; 5] {
+        std::array::from_fn(|i| self.beacons[i].load(Ordering::Relaxed))
+    }
+
+    /// RT-BEACON-*: makes up a request every `interval_ms` or so (RT-BEACON-3)
+    /// from `text` (RT-BEACON-2), routes it as a client's would be and
+    /// checks whoever served it (RT-BEACON-4), until `shutdown`.
+    pub async fn run_beacons(
+        self: Arc<Self>,
+        engine: InferenceHandle,
+        model: Hash32,
+        text: &'static str,
+        interval_ms: u64,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
+        if interval_ms == 0 {
+            return;
+        }
+        for n in 0u64.. {
+            let wait = Duration::from_millis(blyan_route::beacon::delay_ms(
+                &self.spot_key,
+                n,
+                interval_ms,
+            ));
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => return,
+            }
+            if *shutdown.borrow() {
+                return;
+            }
+            let Some(b) = blyan_route::beacon::beacon(&self.spot_key, n, text) else {
+                return;
+            };
+            let req = ChatRequest {
+                prompt: b.prompt,
+                max_tokens: b.max_tokens.min(engine.config.max_tokens_limit),
+                temperature: f64::from(b.temperature),
+                top_p: 1.0,
+                seed: b.seed,
+                stop: Vec::new(),
+                max_total_tokens: None,
+                top_logprobs: None,
+            };
+            let outcome = self.beacon(&engine, model, &req, b.target).await;
+            self.beacons[outcome].fetch_add(1, Ordering::Relaxed);
+            if outcome < 4 {
+                self.spot_checks[outcome].fetch_add(1, Ordering::Relaxed);
+            }
+            debug!(
+                n,
+                outcome = BEACON_OUTCOMES[outcome],
+                "beacon checked (RT-BEACON-4)"
+            );
+        }
+    }
+
+    /// RT-BEACON-4: one beacon, routed and checked; its outcome's index in
+    /// [`BEACON_OUTCOMES`].
+    async fn beacon(
+        self: &Arc<Self>,
+        engine: &InferenceHandle,
+        model: Hash32,
+        req: &ChatRequest,
+        target: u64,
+    ) -> usize {
+        // The target's range(s) are left to it alone.
+        let live = self.heartbeats.live_holdings(&model, now_ms());
+        let mut others = BTreeSet::new();
+        if !live.is_empty() {
+            let (node, ranges) = &live[(target % live.len() as u64) as usize];
+            others = live
+                .iter()
+                .filter(|(a, r)| a != node && r.iter().any(|x| ranges.contains(x)))
+                .map(|(a, _)| *a)
+                .collect();
+        }
+        let choice = match self.choose(engine, model, &others) {
+            Choice::Local if !others.is_empty() => self.choose(engine, model, &BTreeSet::new()),
+            c => c,
+        };
+        match choice {
+            Choice::Pipeline(plan) => {
+                self.load.lock().expect("load book lock").assign(&plan);
+                let r = self
+                    .pipeline(engine, &plan, req, &None, &mut Sent::default(), true)
+                    .await;
+                self.load.lock().expect("load book lock").release(&plan);
+                match r {
+                    Ok(PipelineRun {
+                        stages,
+                        request_id,
+                        fed,
+                        inputs: Some(inputs),
+                        ..
+                    }) => {
+                        self.spot_check_pipeline(engine, model, &stages, request_id, &fed, &inputs)
+                            .await
+                    }
+                    _ => 4,
+                }
+            }
+            Choice::Remote(node) => {
+                let r = self
+                    .remote(engine, node, model, req, &None, &mut Sent::default())
+                    .await;
+                match r {
+                    Ok(answer) => {
+                        let request_id = self.next_request_id();
+                        self.spot_check(engine, model, req, node, &answer, request_id)
+                            .await
+                    }
+                    Err(_) => 4,
+                }
+            }
+            Choice::Local => 4,
+        }
     }
 
     /// Requests served here and by other nodes, and failovers (`/metrics`).
@@ -616,7 +749,7 @@ impl Router {
                     let last_node = plan.stages.last().expect("a plan has stages").node;
                     self.load.lock().expect("load book lock").assign(&plan);
                     let r = self
-                        .pipeline(engine, &plan, &req, &pieces, &mut sent, None)
+                        .pipeline(engine, &plan, &req, &pieces, &mut sent, false)
                         .await;
                     self.load.lock().expect("load book lock").release(&plan);
                     let r = r.map(|run| {
@@ -781,8 +914,8 @@ impl Router {
     /// RT-PIPE-7: the pipeline check, hop by hop. Each remote hop of the
     /// checked route is recomputed from its own recorded inputs (the same
     /// steps, the same request id) by another live holder of exactly its
-    /// layers, drawn with this router's secret so that no stage knows its
-    /// checker; its commitments are compared with the hop's (RT-COMMIT-3).
+    /// layers, drawn with this router's secret (RT-SPOT-2) so that no
+    /// stage knows its checker; its commitments are compared with the hop's (RT-COMMIT-3).
     /// At the first chunk that disagrees, a third holder (avoiding both)
     /// recomputes as referee and RT-SPOT-4 settles it on that chunk: the
     /// loser is quarantined (never this node) and a signed fault record
@@ -818,21 +951,18 @@ impl Router {
             };
             let range = (s.first_layer, s.last_layer);
             let holders = self.heartbeats.range_holder_list(&model, range, now_ms());
-            let pick = |avoid: &BTreeSet<Address>| {
-                holders
-                    .iter()
-                    .filter(|h| !avoid.contains(h) && **h != self.me)
-                    .min_by_key(|h| {
-                        blyan_state_machine::crypto::sha3_256_parts(&[
-                            b"blyan/spot-checker/1",
-                            &self.spot_key,
-                            &request_id,
-                            &h.0,
-                        ])
-                    })
-                    .copied()
+            // RT-SPOT-2 (position 0: the hop as a whole).
+            let pick = |role, exclude: &[Address]| {
+                blyan_route::spot::choose_peer(
+                    &self.spot_key,
+                    &request_id,
+                    0,
+                    role,
+                    &holders,
+                    &[exclude, &[self.me]].concat(),
+                )
             };
-            let Some(checker) = pick(&[s.node].into()) else {
+            let Some(checker) = pick(blyan_route::spot::Role::Checker, &[s.node]) else {
                 continue;
             };
             let Some(cc) = self
@@ -860,7 +990,7 @@ impl Router {
                 debug!(stage = %s.node, %checker, "pipeline spot check across two heads: undecided (RT-PIPE-7)");
                 return 3;
             }
-            let referee = match pick(&[s.node, checker].into()) {
+            let referee = match pick(blyan_route::spot::Role::Referee, &[s.node, checker]) {
                 Some(r) => self
                     .replay_hop(engine, model, s, r, request_id, steps)
                     .await
@@ -1275,12 +1405,12 @@ impl Router {
         req: &ChatRequest,
         pieces: &Option<mpsc::Sender<String>>,
         sent: &mut Sent,
-        request_id: Option<Hash32>,
+        always_check: bool,
     ) -> Result<PipelineRun, Failure> {
         use crate::inference::Cancel;
         use crate::pipeline::RouteSession;
         let deadline = std::time::Instant::now() + Duration::from_millis(engine.config.timeout_ms);
-        let request_id = request_id.unwrap_or_else(|| self.next_request_id());
+        let request_id = self.next_request_id();
         let mut session = RouteSession::open(
             &self.transport,
             self.me,
@@ -1293,7 +1423,15 @@ impl Router {
         .map_err(|(n, why)| Failure::Stage(n, why))?;
         // RT-PIPE-7: a request drawn for a spot check keeps its hops'
         // inputs, so that each hop can be recomputed from them.
-        if blyan_route::spot::should_check(&self.spot_key, &request_id, 0, 0, self.spot_rate_ppm) {
+        if always_check
+            || blyan_route::spot::should_check(
+                &self.spot_key,
+                &request_id,
+                0,
+                0,
+                self.spot_rate_ppm,
+            )
+        {
             session.record_inputs(crate::pipeline::MAX_RECORDED_INPUT_BYTES);
         }
         /// Stops the blocking loop when the attempt's future is dropped.
@@ -1468,7 +1606,7 @@ impl Router {
         _req: &ChatRequest,
         _pieces: &Option<mpsc::Sender<String>>,
         _sent: &mut Sent,
-        _request_id: Option<Hash32>,
+        _always_check: bool,
     ) -> Result<PipelineRun, Failure> {
         Err(Failure::Request(Error::Inference(
             "this binary was built without the `inference` feature".into(),

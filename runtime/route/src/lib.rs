@@ -17,6 +17,8 @@
 //!   (RT-FAULT-*).
 //! - [`detection`]: the detection-against-cost simulation behind
 //!   `cargo run --release -p blyan-route --example detection` (RT-SIM-*).
+//! - [`beacon`]: requests a router makes up to check nodes between client
+//!   requests (RT-BEACON-*).
 //! - [`rng`]: SplitMix64, the seeded generator of simulations and tests.
 //!
 //! Time enters only as `now_ms` arguments; rules use integers (µs, ppm,
@@ -24,6 +26,7 @@
 //! integer commitments.
 #![forbid(unsafe_code)]
 
+pub mod beacon;
 mod codec;
 pub mod commit;
 pub mod detection;

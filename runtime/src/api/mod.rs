@@ -1125,6 +1125,16 @@ fn routing_metrics_text(state: &ApiState, text: &mut String) {
                 "blyan_inference_spot_checks_total{{outcome=\"{label}\"}} {n}"
             );
         }
+        let _ = writeln!(
+            text,
+            "# HELP blyan_inference_beacons_total Requests this router made up and checked, by outcome (RT-BEACON-4).\n# TYPE blyan_inference_beacons_total counter"
+        );
+        for (label, n) in crate::router::BEACON_OUTCOMES.iter().zip(r.beacon_counts()) {
+            let _ = writeln!(
+                text,
+                "blyan_inference_beacons_total{{outcome=\"{label}\"}} {n}"
+            );
+        }
         r.remote_stage_ms.render(
             text,
             "blyan_inference_remote_stage_ms",
