@@ -1338,6 +1338,11 @@ async fn a_route_of_two_stages_answers_as_one_process_and_fails_over() {
     check_commitments(&route[1], "blyan-devnet", prompt_tokens - 1, fed);
     assert!(metric(&url, "blyan_inference_pipelines_total").await >= 1.0);
     assert!(metric(&url, "blyan_inference_stage_bytes_total").await > 0.0);
+    // Per-hop latency: one series per hop index.
+    for hop in ["0", "1"] {
+        let series = format!("blyan_inference_pipeline_stage_ms_count{{stage=\"{hop}\"}}");
+        assert!(metric(&url, &series).await >= 1.0, "{series}");
+    }
 
     // Streamed through the OpenAI-compatible API: the planned route in the
     // header, the same text.

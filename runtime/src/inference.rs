@@ -73,6 +73,11 @@ pub struct InferenceConfig {
     #[doc(hidden)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub panic_on_prompt: Option<String>,
+    /// Fault injection for tests (RT-PIPE-2): a pipeline stage step at this
+    /// cache position panics inside the engine. Never set it on a real node.
+    #[doc(hidden)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub panic_on_stage_position: Option<u32>,
     /// Fault injection for tests: sleep this long after each generated
     /// token (and before each pipeline stage step), so a test can kill a
     /// serving process mid-stream. Never set it on a real node.
@@ -140,6 +145,7 @@ impl Default for InferenceConfig {
             max_tokens_limit: 512,
             max_prompt_tokens: 2048,
             panic_on_prompt: None,
+            panic_on_stage_position: None,
             token_delay_ms: 0,
             advertise: false,
             heartbeat_interval_ms: blyan_route::heartbeat::DEFAULT_HEARTBEAT_INTERVAL_MS,
@@ -1323,6 +1329,9 @@ mod engine {
         experts: &ExpertSlot,
     ) -> Result<(Step, Vec<(u32, u16)>), Error> {
         use blyan_gpu::stage::{HiddenStates, StageInput};
+        if config.panic_on_stage_position == Some(step.position) {
+            panic!("fault injection: the step's position is inference.panic_on_stage_position");
+        }
         let now = Instant::now();
         let idle = Duration::from_millis(config.stage_idle_ms);
         sessions.retain(|_, s| now.duration_since(s.last_used) < idle);
@@ -1408,6 +1417,7 @@ mod engine {
     /// request).
     fn batchable(
         model: &blyan_gpu::model::Qwen3,
+        config: &InferenceConfig,
         sessions: &std::collections::BTreeMap<u64, Session>,
         job: &super::StageJob,
     ) -> bool {
@@ -1424,6 +1434,7 @@ mod engine {
         };
         model.cfg.moe.is_none()
             && kind_ok
+            && config.panic_on_stage_position != Some(step.position)
             && step.seq() == 1
             && sessions
                 .get(&job.session)
@@ -1636,11 +1647,13 @@ mod engine {
                     // RT-PIPE-9: decode steps of other sessions already
                     // queued join this one in a batch.
                     let mut batch = vec![job];
-                    if config.max_stage_batch > 1 && batchable(&l.model, &sessions, &batch[0]) {
+                    if config.max_stage_batch > 1
+                        && batchable(&l.model, &config, &sessions, &batch[0])
+                    {
                         while batch.len() < config.max_stage_batch {
                             match jobs.try_recv() {
                                 Ok(Work::Stage(next))
-                                    if batchable(&l.model, &sessions, &next)
+                                    if batchable(&l.model, &config, &sessions, &next)
                                         && Instant::now() < next.deadline
                                         && !next.reply.is_closed()
                                         && batch.iter().all(|b| b.session != next.session) =>
@@ -2129,5 +2142,61 @@ mod tests {
                 assert!(d <= 1e-4, "a batched step differs by {d}");
             }
         }
+    }
+
+    /// RT-PIPE-2, API-CHAT-5: a panic in a stage step is answered with an
+    /// error, drops every session (their caches went with the engine:
+    /// routers replay them), and the engine is rebuilt and serves new
+    /// sessions.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn rt_pipe_2_a_panicking_stage_step_rebuilds_the_stage() {
+        use crate::pipeline::{Dtype, Kind, Step};
+        let engine = InferenceHandle::start(InferenceConfig {
+            layers: Some([1, 2]),
+            panic_on_stage_position: Some(3),
+            ..config()
+        })
+        .await
+        .unwrap();
+        let hidden = |position: u32, seq: u32| Step {
+            position,
+            kind: Kind::Hidden,
+            dtype: Dtype::F32,
+            shape: [1, seq, 128],
+            bytes: vec![0; (seq * 128 * 4) as usize],
+        };
+        let plan = Arc::new(crate::experts::StagePlan::default());
+        let stage = |session, step| engine.stage(session, step, plan.clone());
+        // Two sessions open; then one's step at position 3 panics.
+        within("prefills", async {
+            stage(1, hidden(0, 3)).await.unwrap();
+            stage(2, hidden(0, 2)).await.unwrap();
+        })
+        .await;
+        let err = within("the panicking step", stage(1, hidden(3, 1)))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("panicked"), "{err}");
+        // The error is answered first, then the engine rebuilt.
+        until("the engine to be rebuilt", || {
+            engine.stats.counters().rebuilds == 1
+        })
+        .await;
+        assert_eq!(engine.stats.counters().panics, 1);
+        // Every session went with the engine.
+        let gone = within("a lost session", stage(2, hidden(2, 1)))
+            .await
+            .unwrap_err();
+        assert!(gone.to_string().contains("no session"), "{gone}");
+        assert_eq!(engine.stats.stage_sessions.load(Ordering::Relaxed), 0);
+        // The rebuilt engine serves a new session.
+        let (out, _) = within("a new session", stage(3, hidden(0, 2)))
+            .await
+            .unwrap();
+        assert_eq!(
+            (out.kind, out.shape, out.position),
+            (Kind::Hidden, [1, 2, 128], 2)
+        );
+        assert_eq!(engine.stats.state(), EngineState::Ok);
     }
 }

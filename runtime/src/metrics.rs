@@ -65,17 +65,33 @@ impl MsHistogram {
     /// `# HELP`, `# TYPE` and every bucket, `_sum` (ms) and `_count`.
     pub fn render(&self, s: &mut String, name: &str, help: &str) {
         let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} histogram");
+        self.render_series(s, name, "");
+    }
+
+    /// Every bucket, `_sum` (ms) and `_count` with the extra `labels`
+    /// (`key="value"`, comma-separated; empty: none), for one series of a
+    /// labelled histogram whose `# HELP` and `# TYPE` the caller writes.
+    pub fn render_series(&self, s: &mut String, name: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
         for (le, b) in self.bounds_ms.iter().zip(&self.buckets) {
             let _ = writeln!(
                 s,
-                "{name}_bucket{{le=\"{le}\"}} {}",
+                "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {}",
                 b.load(Ordering::Relaxed)
             );
         }
         let count = self.count();
         let sum_ms = self.sum_us.load(Ordering::Relaxed) as f64 / 1000.0;
-        let _ = writeln!(s, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let _ = writeln!(s, "{name}_sum {sum_ms}\n{name}_count {count}");
+        let braces = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
+        let _ = writeln!(s, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
+        let _ = writeln!(
+            s,
+            "{name}_sum{braces} {sum_ms}\n{name}_count{braces} {count}"
+        );
     }
 }
 

@@ -359,6 +359,9 @@ pub struct Router {
     seq: AtomicU64,
     /// RT-STAGE-7: time of remote stages that produced an answer.
     pub remote_stage_ms: crate::metrics::MsHistogram,
+    /// RT-PIPE-3: time of each hop of the pipelines that produced an
+    /// answer, by hop index (the last one also counts later hops).
+    pub pipeline_stage_ms: [crate::metrics::MsHistogram; PIPELINE_STAGE_SERIES],
     /// RT-PIPE-3: pipelines that produced an answer.
     pipelines: AtomicU64,
     /// RT-PIPE-3: tensor bytes sent to and received from remote stages.
@@ -367,6 +370,9 @@ pub struct Router {
 
 /// RT-STAGE-6 outcomes, in `/metrics` order.
 pub const SPOT_OUTCOMES: [&str; 4] = ["agree", "stage_fault", "checker_fault", "undecided"];
+
+/// RT-PIPE-3: hop indices with their own latency series in `/metrics`.
+pub const PIPELINE_STAGE_SERIES: usize = 8;
 
 /// RT-BEACON-4 outcomes, in `/metrics` order: a check's, or `unchecked`.
 pub const BEACON_OUTCOMES: [&str; 5] = [
@@ -447,6 +453,9 @@ impl Router {
             beacons: Default::default(),
             seq: AtomicU64::new(0),
             remote_stage_ms: crate::metrics::MsHistogram::new(&crate::metrics::ENGINE_BUCKETS_MS),
+            pipeline_stage_ms: std::array::from_fn(|_| {
+                crate::metrics::MsHistogram::new(&crate::metrics::ENGINE_BUCKETS_MS)
+            }),
             me,
             transport,
             heartbeats,
@@ -786,6 +795,10 @@ impl Router {
                     let elapsed = attempt_started.elapsed();
                     if !stages.is_empty() {
                         self.pipelines.fetch_add(1, Ordering::Relaxed);
+                        for (i, s) in stages.iter().enumerate() {
+                            self.pipeline_stage_ms[i.min(PIPELINE_STAGE_SERIES - 1)]
+                                .observe(Duration::from_millis(s.ms));
+                        }
                         if let Some((request_id, fed, Some(inputs))) = checked {
                             self.maybe_spot_check_pipeline(
                                 engine,

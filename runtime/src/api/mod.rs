@@ -1135,6 +1135,17 @@ fn routing_metrics_text(state: &ApiState, text: &mut String) {
                 "blyan_inference_beacons_total{{outcome=\"{label}\"}} {n}"
             );
         }
+        let _ = writeln!(
+            text,
+            "# HELP blyan_inference_pipeline_stage_ms Time of each hop of the pipelines that produced an answer, by hop index, ms (RT-PIPE-3).\n# TYPE blyan_inference_pipeline_stage_ms histogram"
+        );
+        for (i, h) in r.pipeline_stage_ms.iter().enumerate() {
+            h.render_series(
+                text,
+                "blyan_inference_pipeline_stage_ms",
+                &format!("stage=\"{i}\""),
+            );
+        }
         r.remote_stage_ms.render(
             text,
             "blyan_inference_remote_stage_ms",
