@@ -592,11 +592,12 @@ fn sse_text(text: &str) -> (String, serde_json::Value) {
 }
 
 /// RT-STAGE-1..5: a validator's chat requests are served by a registered
-/// inference node that advertises the model (the answer's route names it,
-/// its engine counts the request, the text equals the validator's own
-/// engine's); when that node's engine fails after its first token, the
-/// validator's stream continues on the next holder (here its own engine)
-/// and the client receives exactly the uninterrupted answer (RT-STAGE-4).
+/// inference node that advertises the model, as a pipeline of one stage
+/// (the answer's route names it, its engine counts the steps, the text
+/// equals the validator's own engine's); when that node's engine fails
+/// after the first token, the validator's stream continues on the next
+/// holder (here its own engine) and the client receives exactly the
+/// uninterrupted answer (RT-STAGE-4, RT-PIPE-4).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn chat_is_routed_to_a_holder_and_fails_over_by_replay() {
     use blyan_runtime::node::{RunningNode, bind};
@@ -615,12 +616,14 @@ async fn chat_is_routed_to_a_holder_and_fails_over_by_replay() {
         &p2p.local_addr().unwrap().to_string(),
     )
     .await;
-    let marker = "ENGINE-FAULT";
+    // The holder's engine panics at any step from position 300 on: only
+    // the long prompt below reaches it, after its first token.
+    let marker = "ENGINE-FAULT ".repeat(24);
     let engine = blyan_runtime::inference::InferenceConfig {
         model_dir: Some(blyan_runtime::devnet::model_dir(&net.dir)),
         advertise: true,
         heartbeat_interval_ms: 300,
-        panic_on_prompt: Some(marker.into()),
+        panic_on_stage_position: Some(300),
         ..Default::default()
     };
     let holder = RunningNode::start(
@@ -646,7 +649,7 @@ async fn chat_is_routed_to_a_holder_and_fails_over_by_replay() {
         .unwrap();
     assert_eq!(s, 200, "{routed}");
     assert_eq!(server_of(&routed["blyan"]), json_addr(&node), "{routed}");
-    assert!(metric(&hurl, "blyan_inference_requests_total{outcome=\"ok\"}").await >= 1.0);
+    assert!(metric(&hurl, "blyan_inference_stage_steps_total").await >= 1.0);
     // RT-STAGE-7: the body's route, the OpenAI header, the stage histogram.
     let stage = &routed["route"][0];
     assert_eq!(stage["node"], json_addr(&node), "{routed}");

@@ -73,8 +73,9 @@ pub struct InferenceConfig {
     #[doc(hidden)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub panic_on_prompt: Option<String>,
-    /// Fault injection for tests (RT-PIPE-2): a pipeline stage step at this
-    /// cache position panics inside the engine. Never set it on a real node.
+    /// Fault injection for tests (RT-PIPE-2): a pipeline stage step that
+    /// starts at this cache position or later panics inside the engine.
+    /// Never set it on a real node.
     #[doc(hidden)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub panic_on_stage_position: Option<u32>,
@@ -1329,7 +1330,10 @@ mod engine {
         experts: &ExpertSlot,
     ) -> Result<(Step, Vec<(u32, u16)>), Error> {
         use blyan_gpu::stage::{HiddenStates, StageInput};
-        if config.panic_on_stage_position == Some(step.position) {
+        if config
+            .panic_on_stage_position
+            .is_some_and(|p| step.position >= p)
+        {
             panic!("fault injection: the step's position is inference.panic_on_stage_position");
         }
         let now = Instant::now();
@@ -1434,7 +1438,9 @@ mod engine {
         };
         model.cfg.moe.is_none()
             && kind_ok
-            && config.panic_on_stage_position != Some(step.position)
+            && config
+                .panic_on_stage_position
+                .is_none_or(|p| step.position < p)
             && step.seq() == 1
             && sessions
                 .get(&job.session)

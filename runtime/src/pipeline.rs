@@ -486,6 +486,36 @@ struct SessionCommits {
 }
 
 impl SessionCommits {
+    fn new(
+        identity: StageIdentity,
+        request_id: blyan_state_machine::types::Hash32,
+        model: blyan_state_machine::types::Hash32,
+        (first_layer, last_layer): (u32, u32),
+        engine: crate::inference::InferenceHandle,
+    ) -> SessionCommits {
+        SessionCommits {
+            template: blyan_route::commit::StageCommitment {
+                request_id,
+                model,
+                head_version: [0; 32],
+                node: blyan_state_machine::types::Address::from_public_key(
+                    identity.key.verifying_key(),
+                ),
+                first_layer,
+                last_layer,
+                chunk: blyan_route::commit::ChunkCommitment {
+                    first_token: 0,
+                    tokens: 1,
+                    hidden: 1,
+                    values: Vec::new(),
+                },
+            },
+            identity,
+            committer: None,
+            engine: Some(engine),
+        }
+    }
+
     /// Commits to `out`, the answer to a step at `position`: every row of
     /// hidden states, or the one row of logits (the last position's).
     fn push(&mut self, position: u32, out: &Step) -> Result<Vec<Bytes>, Error> {
@@ -622,26 +652,14 @@ pub fn serve_stage(
                                 break;
                             }
                         }
-                        commits = identity.clone().map(|identity| SessionCommits {
-                            template: blyan_route::commit::StageCommitment {
+                        commits = identity.clone().map(|identity| {
+                            SessionCommits::new(
+                                identity,
                                 request_id,
-                                model: model.expect("checked above"),
-                                head_version: [0; 32],
-                                node: blyan_state_machine::types::Address::from_public_key(
-                                    identity.key.verifying_key(),
-                                ),
-                                first_layer: o.first_layer,
-                                last_layer: o.last_layer,
-                                chunk: blyan_route::commit::ChunkCommitment {
-                                    first_token: 0,
-                                    tokens: 1,
-                                    hidden: 1,
-                                    values: Vec::new(),
-                                },
-                            },
-                            identity,
-                            committer: None,
-                            engine: Some(engine.clone()),
+                                model.expect("checked above"),
+                                (o.first_layer, o.last_layer),
+                                engine.clone(),
+                            )
                         });
                         opened = true;
                         continue;
@@ -722,6 +740,10 @@ enum Hop {
         session: u64,
         /// RT-PIPE-8: the plan's experts for this stage.
         placement: std::sync::Arc<crate::experts::StagePlan>,
+        /// RT-PIPE-6: this node's own commitments to the hop's outputs
+        /// (signed by the router's key), and those made so far, encoded.
+        commits: Option<Box<SessionCommits>>,
+        commitments: Vec<Vec<u8>>,
     },
     /// A stage on another node: the call's two directions.
     Remote {
@@ -782,6 +804,7 @@ impl Drop for RouteSession {
 impl RouteSession {
     /// Opens every stage of `plan` (a call to each remote one, a session on
     /// `engine` for one on `me`). A stage that cannot be opened is named.
+    #[allow(clippy::too_many_arguments)]
     pub async fn open(
         transport: &crate::transport::GrpcTransport,
         me: blyan_state_machine::types::Address,
@@ -789,6 +812,7 @@ impl RouteSession {
         plan: &blyan_route::route::Plan,
         request_id: blyan_state_machine::types::Hash32,
         bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+        identity: Option<&StageIdentity>,
     ) -> Result<RouteSession, (blyan_state_machine::types::Address, String)> {
         let mut hops = Vec::with_capacity(plan.stages.len());
         for stage in &plan.stages {
@@ -812,6 +836,16 @@ impl RouteSession {
                         model: plan.model,
                         placement,
                     }),
+                    commits: identity.map(|id| {
+                        Box::new(SessionCommits::new(
+                            id.clone(),
+                            request_id,
+                            plan.model,
+                            (stage.first_layer, stage.last_layer),
+                            engine.clone(),
+                        ))
+                    }),
+                    commitments: Vec::new(),
                 }
             } else {
                 let fail = |e: String| (stage.node, e);
@@ -871,15 +905,31 @@ impl RouteSession {
         let mut out = Vec::with_capacity(self.hops.len());
         for (i, (node, last_layer, hop, used)) in self.hops.iter_mut().enumerate() {
             let node = *node;
-            let Hop::Remote {
-                tx,
-                rx,
-                asm,
-                commitments,
-            } = hop
-            else {
-                out.push(Vec::new());
-                continue;
+            let (tx, rx, asm, commitments) = match hop {
+                Hop::Remote {
+                    tx,
+                    rx,
+                    asm,
+                    commitments,
+                } => (tx, rx, asm, commitments),
+                Hop::Local {
+                    commits,
+                    commitments,
+                    ..
+                } => {
+                    // This node's own commitments: its last chunk.
+                    if let Some(last) = commits
+                        .as_mut()
+                        .map(|c| c.finish())
+                        .transpose()
+                        .map_err(|e| (node, e.to_string()))?
+                        .flatten()
+                    {
+                        commitments.push(last[1..].to_vec());
+                    }
+                    out.push(std::mem::take(commitments));
+                    continue;
+                }
             };
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             let read = async {
@@ -1067,12 +1117,24 @@ async fn run_hop(
             engine,
             session,
             placement,
+            commits,
+            commitments,
         } => {
+            let position = step.position;
             let (out, pairs) = engine
                 .stage(*session, step, placement.clone())
                 .await
                 .map_err(|e| e.to_string())?;
             used.extend(pairs);
+            if let Some(c) = commits.as_mut() {
+                for m in c.push(position, &out).map_err(|e| e.to_string())? {
+                    if commitments.len() >= MAX_COMMITMENTS_PER_HOP {
+                        return Err("more commitments than a generation has chunks".into());
+                    }
+                    // The message without its tag: the encoded commitment.
+                    commitments.push(m[1..].to_vec());
+                }
+            }
             Ok(out)
         }
         Hop::Remote {

@@ -301,7 +301,7 @@ pub struct RoutedStage {
     /// Time spent in this stage's steps (its compute and round trips), ms.
     pub ms: u64,
     /// RT-PIPE-6: the stage's signed commitments, encoded (checked by the
-    /// router; none for a stage on the router's own node).
+    /// router; a stage on the router's own node is signed by the router).
     pub commitments: Vec<Vec<u8>>,
     /// RT-PIPE-8: where the plan placed each `(layer, expert)` of an MoE
     /// stage (empty for a dense model).
@@ -312,8 +312,6 @@ pub struct RoutedStage {
 
 /// Why one attempt did not produce the answer.
 enum Failure {
-    /// The node failed: try another (RT-STAGE-4).
-    Node(String),
     /// A pipeline stage on this node failed: replay without it (RT-PIPE-4).
     Stage(Address, String),
     /// The request itself cannot be served (bad request, the client went
@@ -324,8 +322,8 @@ enum Failure {
 /// Where to run one attempt.
 enum Choice {
     Local,
-    Remote(Address),
-    /// RT-PIPE-3: several stages, each a layer range.
+    /// RT-PIPE-3: stages on other nodes (or experts elsewhere), each a
+    /// layer range.
     Pipeline(blyan_route::route::Plan),
 }
 
@@ -577,19 +575,6 @@ impl Router {
                     _ => 4,
                 }
             }
-            Choice::Remote(node) => {
-                let r = self
-                    .remote(engine, node, model, req, &None, &mut Sent::default())
-                    .await;
-                match r {
-                    Ok(answer) => {
-                        let request_id = self.next_request_id();
-                        self.spot_check(engine, model, req, node, &answer, request_id)
-                            .await
-                    }
-                    Err(_) => 4,
-                }
-            }
             Choice::Local => 4,
         }
     }
@@ -613,7 +598,6 @@ impl Router {
     ) -> Vec<(Address, u32, u32)> {
         let last = u32::try_from(engine.model.layers.saturating_sub(1)).unwrap_or(u32::MAX);
         match model.map(|m| self.choose(engine, m, &BTreeSet::new())) {
-            Some(Choice::Remote(node)) => vec![(node, 0, last)],
             Some(Choice::Pipeline(plan)) => plan
                 .stages
                 .iter()
@@ -681,24 +665,15 @@ impl Router {
             .heartbeats
             .plan(shape, local, excluded, &load, &rtt, now)
         {
-            // RT-PIPE-8: one stage whose experts are all its own is one
-            // engine; experts elsewhere make it a pipeline of one stage.
-            Ok(plan)
-                if plan.stages.len() == 1
-                    && plan.stages[0].node != self.me
-                    && plan.stages[0]
-                        .experts
-                        .iter()
-                        .all(|e| e.node == plan.stages[0].node) =>
-            {
-                Choice::Remote(plan.stages[0].node)
-            }
+            // RT-STAGE-2, RT-PIPE-3: anything but this node's own engine
+            // alone runs as a pipeline, a whole-model holder as a pipeline
+            // of one stage (so every remote hop signs commitments and can
+            // be checked hop by hop, RT-PIPE-7); RT-PIPE-8: experts
+            // elsewhere make even this node's stage a pipeline.
             Ok(plan)
                 if plan.stages.len() > 1
-                    || plan.stages[0]
-                        .experts
-                        .iter()
-                        .any(|e| e.node != plan.stages[0].node) =>
+                    || plan.stages[0].node != self.me
+                    || plan.stages[0].experts.iter().any(|e| e.node != self.me) =>
             {
                 Choice::Pipeline(plan)
             }
@@ -768,21 +743,6 @@ impl Router {
                     });
                     (last_node, r)
                 }
-                Choice::Remote(node) => {
-                    let plan_node = node;
-                    {
-                        let mut load = self.load.lock().expect("load book lock");
-                        *load = with_inflight(&load, plan_node, true);
-                    }
-                    let r = self
-                        .remote(engine, node, model, &req, &pieces, &mut sent)
-                        .await;
-                    {
-                        let mut load = self.load.lock().expect("load book lock");
-                        *load = with_inflight(&load, plan_node, false);
-                    }
-                    (node, r)
-                }
             };
             match outcome {
                 Ok(result) => {
@@ -795,6 +755,10 @@ impl Router {
                     let elapsed = attempt_started.elapsed();
                     if !stages.is_empty() {
                         self.pipelines.fetch_add(1, Ordering::Relaxed);
+                        // RT-STAGE-7: a whole-model holder's time.
+                        if stages.len() == 1 && node != self.me {
+                            self.remote_stage_ms.observe(elapsed);
+                        }
                         for (i, s) in stages.iter().enumerate() {
                             self.pipeline_stage_ms[i.min(PIPELINE_STAGE_SERIES - 1)]
                                 .observe(Duration::from_millis(s.ms));
@@ -808,9 +772,6 @@ impl Router {
                                 (fed, inputs),
                             );
                         }
-                    } else if node != self.me {
-                        self.remote_stage_ms.observe(elapsed);
-                        self.maybe_spot_check(engine, model, &req, node, &result);
                     }
                     return Routed {
                         result: Ok(result),
@@ -828,12 +789,6 @@ impl Router {
                         stage_ms: attempt_started.elapsed().as_millis() as u64,
                         stages,
                     };
-                }
-                Err(Failure::Node(why)) => {
-                    self.failovers.fetch_add(1, Ordering::Relaxed);
-                    warn!(node = %node, error = %why, attempt, "routed stage failed; failing over (RT-STAGE-4)");
-                    excluded.insert(node);
-                    failed.push(node);
                 }
                 Err(Failure::Stage(bad, why)) => {
                     self.failovers.fetch_add(1, Ordering::Relaxed);
@@ -872,33 +827,6 @@ impl Router {
         }
     }
 
-    /// RT-STAGE-6: draws whether `stage`'s answer to `req` is checked and,
-    /// if so, checks it in the background.
-    fn maybe_spot_check(
-        self: &Arc<Self>,
-        engine: &InferenceHandle,
-        model: Hash32,
-        req: &ChatRequest,
-        stage: Address,
-        answer: &ChatResult,
-    ) {
-        let request_id = self.next_request_id();
-        if !blyan_route::spot::should_check(&self.spot_key, &request_id, 0, 0, self.spot_rate_ppm) {
-            return;
-        }
-        let (router, engine, req, answer) =
-            (self.clone(), engine.clone(), req.clone(), answer.clone());
-        tokio::spawn(
-            async move {
-                let outcome = router
-                    .spot_check(&engine, model, &req, stage, &answer, request_id)
-                    .await;
-                router.spot_checks[outcome].fetch_add(1, Ordering::Relaxed);
-            }
-            .in_current_span(),
-        );
-    }
-
     /// RT-PIPE-7: draws whether a pipeline's answer is checked (RT-SPOT-1)
     /// and, if so, checks it in the background.
     fn maybe_spot_check_pipeline(
@@ -927,14 +855,15 @@ impl Router {
     /// RT-PIPE-7: the pipeline check, hop by hop. Each remote hop of the
     /// checked route is recomputed from its own recorded inputs (the same
     /// steps, the same request id) by another live holder of exactly its
-    /// layers, drawn with this router's secret (RT-SPOT-2) so that no
-    /// stage knows its checker; its commitments are compared with the hop's (RT-COMMIT-3).
-    /// At the first chunk that disagrees, a third holder (avoiding both)
-    /// recomputes as referee and RT-SPOT-4 settles it on that chunk: the
-    /// loser is quarantined (never this node) and a signed fault record
-    /// (RT-FAULT-1) kept. A hop nobody else holds, a hop on this node (it
-    /// has no commitments) and an MoE hop (its experts are placed per
-    /// request) are not checked. Returns the outcome's index in
+    /// layers (this node included, if its engine holds them; it then signs
+    /// its own commitments), drawn with this router's secret (RT-SPOT-2)
+    /// so that no stage knows its checker; its commitments are compared
+    /// with the hop's (RT-COMMIT-3). At the first chunk that disagrees, a
+    /// third holder (avoiding both) recomputes as referee and RT-SPOT-4
+    /// settles it on that chunk: the loser is quarantined (never this
+    /// node) and a signed fault record (RT-FAULT-1) kept. A hop nobody
+    /// else holds, a hop on this node and an MoE hop (its experts are
+    /// placed per request) are not checked. Returns the outcome's index in
     /// [`SPOT_OUTCOMES`]: a conviction, else `agree` if some hop was
     /// compared, else `undecided`.
     async fn spot_check_pipeline(
@@ -964,7 +893,14 @@ impl Router {
             };
             let range = (s.first_layer, s.last_layer);
             let holders = self.heartbeats.range_holder_list(&model, range, now_ms());
-            // RT-SPOT-2 (position 0: the hop as a whole).
+            // RT-SPOT-2 (position 0: the hop as a whole); this node checks
+            // too if its own engine holds exactly these layers.
+            let mut holders = holders;
+            if (engine.model.first_layer, engine.model.last_layer)
+                == (s.first_layer as usize, s.last_layer as usize)
+            {
+                holders.push(self.me);
+            }
             let pick = |role, exclude: &[Address]| {
                 blyan_route::spot::choose_peer(
                     &self.spot_key,
@@ -972,7 +908,7 @@ impl Router {
                     0,
                     role,
                     &holders,
-                    &[exclude, &[self.me]].concat(),
+                    exclude,
                 )
             };
             let Some(checker) = pick(blyan_route::spot::Role::Checker, &[s.node]) else {
@@ -1099,6 +1035,15 @@ impl Router {
             .collect()
     }
 
+    /// RT-PIPE-6: who signs this node's commitments to the hops it runs
+    /// itself (as a router, or as a checker of another's hop).
+    fn identity(&self) -> crate::pipeline::StageIdentity {
+        crate::pipeline::StageIdentity {
+            key: self.key.clone(),
+            chain_id: self.chain_id.clone(),
+        }
+    }
+
     /// A fresh request id (RT-SPOT-1, RT-PIPE-6).
     fn next_request_id(&self) -> Hash32 {
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
@@ -1141,6 +1086,7 @@ impl Router {
                 &plan,
                 request_id,
                 self.pipeline_bytes.clone(),
+                Some(&self.identity()),
             )
             .await
             .map_err(|(_, e)| e)?;
@@ -1169,90 +1115,6 @@ impl Router {
                 None
             }
         }
-    }
-
-    /// RT-STAGE-6, RT-SPOT-2..5: the check itself; returns the index of its
-    /// outcome in [`SPOT_OUTCOMES`].
-    async fn spot_check(
-        &self,
-        engine: &InferenceHandle,
-        model: Hash32,
-        req: &ChatRequest,
-        stage: Address,
-        answer: &ChatResult,
-        request_id: Hash32,
-    ) -> usize {
-        use blyan_route::spot::{Role, choose_peer};
-        let layers = u32::try_from(engine.model.layers.max(1)).unwrap_or(u32::MAX);
-        let mut holders = self
-            .heartbeats
-            .whole_model_holder_list(&model, layers, now_ms());
-        holders.push(self.me);
-        let same = |a: &ChatResult, b: &ChatResult| {
-            a.text == b.text
-                && a.prompt_tokens == b.prompt_tokens
-                && a.completion_tokens == b.completion_tokens
-        };
-        let pick = |role, exclude: &[Address]| {
-            choose_peer(&self.spot_key, &request_id, 0, role, &holders, exclude)
-        };
-        let Some(checker) = pick(Role::Checker, &[stage]) else {
-            return 3;
-        };
-        let Some(checked) = self.compute(engine, checker, model, req).await else {
-            return 3;
-        };
-        if same(answer, &checked) {
-            return 0;
-        }
-        let Some(referee) = pick(Role::Referee, &[stage, checker]) else {
-            warn!(%stage, %checker, "spot check mismatch and no referee: undecided (RT-SPOT-4)");
-            return 3;
-        };
-        let Some(third) = self.compute(engine, referee, model, req).await else {
-            return 3;
-        };
-        let now = now_ms();
-        match (same(&third, answer), same(&third, &checked)) {
-            (false, true) => {
-                let until = self.heartbeats.quarantine(stage, now);
-                warn!(%stage, %checker, %referee, until_ms = until, "stage answered wrongly; quarantined (RT-SPOT-4/5)");
-                1
-            }
-            (true, false) => {
-                if checker != self.me {
-                    let until = self.heartbeats.quarantine(checker, now);
-                    warn!(%stage, %checker, %referee, until_ms = until, "checker answered wrongly; quarantined (RT-SPOT-4/5)");
-                }
-                2
-            }
-            _ => {
-                warn!(%stage, %checker, %referee, "spot check undecided (RT-SPOT-4)");
-                3
-            }
-        }
-    }
-
-    /// One computation of `req` on `node` (this node: its engine) for a
-    /// check; `None` if it failed.
-    async fn compute(
-        &self,
-        engine: &InferenceHandle,
-        node: Address,
-        model: Hash32,
-        req: &ChatRequest,
-    ) -> Option<ChatResult> {
-        let r = if node == self.me {
-            engine.generate(req.clone(), None).await.ok()
-        } else {
-            self.remote(engine, node, model, req, &None, &mut Sent::default())
-                .await
-                .ok()
-        };
-        if r.is_none() {
-            debug!(%node, "a spot-check computation failed");
-        }
-        r
     }
 
     /// One attempt on the local engine, forwarding only text the client has
@@ -1296,112 +1158,6 @@ impl Router {
         }
         result.map_err(Failure::Request)
     }
-
-    /// One attempt on `node` over the transport (RT-STAGE-1).
-    async fn remote(
-        &self,
-        engine: &InferenceHandle,
-        node: Address,
-        model: Hash32,
-        req: &ChatRequest,
-        pieces: &Option<mpsc::Sender<String>>,
-        sent: &mut Sent,
-    ) -> Result<ChatResult, Failure> {
-        let span = tracing::info_span!("inference.route", route = "remote", node = %node);
-        let body = serde_json::to_vec(&StageRequest {
-            model: crate::api::hex0x(&model),
-            request: req.clone(),
-        })
-        .expect("a StageRequest serialises");
-        let deadline = Duration::from_millis(engine.config.timeout_ms);
-        let run = async {
-            let client = self
-                .transport
-                .client(node)
-                .await
-                .map_err(|e| Failure::Node(e.to_string()))?;
-            let mut stream = client.generate(Bytes::from(body)).await.map_err(|s| {
-                if crate::transport::is_connection_failure(&s) {
-                    self.transport.forget_client(&node);
-                }
-                Failure::Node(format!("{:?}: {}", s.code(), s.message()))
-            })?;
-            let mut got = String::new();
-            let before = sent.text.len();
-            loop {
-                let ev = match stream.message().await {
-                    Ok(Some(ev)) => ev,
-                    Ok(None) => {
-                        return Err(Failure::Node(
-                            "the answer stream ended without a result".into(),
-                        ));
-                    }
-                    Err(s) => {
-                        if crate::transport::is_connection_failure(&s) {
-                            self.transport.forget_client(&node);
-                        }
-                        return Err(Failure::Node(format!("{:?}: {}", s.code(), s.message())));
-                    }
-                };
-                let (tag, rest) = ev
-                    .split_first()
-                    .ok_or_else(|| Failure::Node("an empty event".into()))?;
-                match tag {
-                    b'p' => {
-                        let piece = std::str::from_utf8(rest)
-                            .map_err(|_| Failure::Node("a piece that is not UTF-8".into()))?;
-                        got.push_str(piece);
-                        if let Some(client) = pieces {
-                            forward(sent, &got, before, client).await?;
-                        }
-                    }
-                    b'r' => {
-                        let r: StageResult = serde_json::from_slice(rest)
-                            .map_err(|e| Failure::Node(format!("result: {e}")))?;
-                        if pieces.is_some() && !r.text.starts_with(got.as_str()) {
-                            return Err(Failure::Node(
-                                "the result contradicts the streamed text".into(),
-                            ));
-                        }
-                        let finish_reason = match r.finish_reason.as_str() {
-                            "stop" => "stop",
-                            "length" => "length",
-                            other => return Err(Failure::Node(format!("finish reason {other:?}"))),
-                        };
-                        return Ok(ChatResult {
-                            text: r.text,
-                            prompt_tokens: r.prompt_tokens,
-                            completion_tokens: r.completion_tokens,
-                            finish_reason,
-                            capped: r.capped,
-                            experts_used: r.experts_used,
-                            head: r.head,
-                            logprobs: r.logprobs,
-                        });
-                    }
-                    b'e' => {
-                        let e: StageError = serde_json::from_slice(rest)
-                            .map_err(|e| Failure::Node(format!("error event: {e}")))?;
-                        return Err(match e.kind.as_str() {
-                            "bad_request" => Failure::Request(Error::BadRequest(e.message)),
-                            "payment" => Failure::Request(Error::PaymentRequired(e.message)),
-                            _ => Failure::Node(format!("{}: {}", e.kind, e.message)),
-                        });
-                    }
-                    other => return Err(Failure::Node(format!("unknown event tag {other}"))),
-                }
-            }
-        };
-        match tokio::time::timeout(deadline, run.instrument(span)).await {
-            Ok(r) => {
-                if r.is_ok() {
-                    info!(node = %node, "request served by a peer");
-                }
-                r
-            }
-            Err(_) => Err(Failure::Node("the routed stage missed its deadline".into())),
-        }
-    }
 }
 
 impl Router {
@@ -1431,6 +1187,7 @@ impl Router {
             plan,
             request_id,
             self.pipeline_bytes.clone(),
+            Some(&self.identity()),
         )
         .await
         .map_err(|(n, why)| Failure::Stage(n, why))?;
@@ -1646,28 +1403,6 @@ async fn forward(
     })?;
     sent.text.push_str(fresh);
     Ok(())
-}
-
-/// RT-ROUTE-5: `load` with one more (or one fewer) request in flight at `node`.
-fn with_inflight(load: &LoadBook, node: Address, add: bool) -> LoadBook {
-    let plan = blyan_route::route::Plan {
-        model: [0; 32],
-        stages: vec![blyan_route::route::Stage {
-            node,
-            first_layer: 0,
-            last_layer: 0,
-            experts: Vec::new(),
-            estimated_us: 0,
-        }],
-        estimated_us: 0,
-    };
-    let mut l = load.clone();
-    if add {
-        l.assign(&plan);
-    } else {
-        l.release(&plan);
-    }
-    l
 }
 
 #[cfg(test)]
