@@ -1286,31 +1286,13 @@ async fn a_route_of_two_stages_answers_as_one_process_and_fails_over() {
     .await;
 
     // The same model in one process: the reference.
-    let reference = blyan_runtime::inference::InferenceHandle::start(
-        blyan_runtime::inference::InferenceConfig {
-            model_dir: Some(blyan_runtime::devnet::model_dir(&dir.path().join("devnet"))),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
     let prompt = "Pipelines carry hidden states";
-    let expected = reference
-        .generate(
-            blyan_runtime::inference::ChatRequest {
-                prompt: prompt.into(),
-                max_tokens: 24,
-                temperature: 0.0,
-                top_p: 1.0,
-                seed: 0,
-                stop: Vec::new(),
-                max_total_tokens: None,
-                top_logprobs: None,
-            },
-            None,
-        )
-        .await
-        .unwrap();
+    let (_, expected) = one_process_answer(
+        blyan_runtime::devnet::model_dir(&dir.path().join("devnet")),
+        prompt,
+        24,
+    )
+    .await;
 
     let ask = serde_json::json!({ "prompt": prompt, "max_tokens": 24 });
     let (s, a) = blyan_runtime::client::post_json(&url, "/chat", &ask)
@@ -1458,32 +1440,9 @@ async fn moe_experts_spread_over_nodes_answer_as_one_process() {
 
     let model = blyan_runtime::devnet::model_dir(&dir.path().join("devnet"));
     assert!(model.ends_with(blyan_runtime::devnet::MOE_MODEL_DIR));
-    let reference = blyan_runtime::inference::InferenceHandle::start(
-        blyan_runtime::inference::InferenceConfig {
-            model_dir: Some(model),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-    assert!(reference.model.is_moe && reference.model.num_experts == 8);
     let prompt = "Experts live on other nodes";
-    let expected = reference
-        .generate(
-            blyan_runtime::inference::ChatRequest {
-                prompt: prompt.into(),
-                max_tokens: 24,
-                temperature: 0.0,
-                top_p: 1.0,
-                seed: 0,
-                stop: Vec::new(),
-                max_total_tokens: None,
-                top_logprobs: None,
-            },
-            None,
-        )
-        .await
-        .unwrap();
+    let (reference, expected) = one_process_answer(model, prompt, 24).await;
+    assert!(reference.model.is_moe && reference.model.num_experts == 8);
     let ask = serde_json::json!({ "prompt": prompt, "max_tokens": 24 });
     let (s, a) = blyan_runtime::client::post_json(&url, "/chat", &ask)
         .await
@@ -1768,6 +1727,44 @@ async fn a_live_stage_refuses_malformed_messages_and_keeps_serving() {
     );
 }
 
+/// The model of block directory `dir` in one process (this test's own
+/// engine, f32 on the CPU): the engine and its greedy answer to `prompt`
+/// (the reference a route must equal).
+async fn one_process_answer(
+    dir: std::path::PathBuf,
+    prompt: &str,
+    max_tokens: usize,
+) -> (
+    blyan_runtime::inference::InferenceHandle,
+    blyan_runtime::inference::ChatResult,
+) {
+    let engine = blyan_runtime::inference::InferenceHandle::start(
+        blyan_runtime::inference::InferenceConfig {
+            model_dir: Some(dir),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let answer = engine
+        .generate(
+            blyan_runtime::inference::ChatRequest {
+                prompt: prompt.into(),
+                max_tokens,
+                temperature: 0.0,
+                top_p: 1.0,
+                seed: 0,
+                stop: Vec::new(),
+                max_total_tokens: None,
+                top_logprobs: None,
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    (engine, answer)
+}
+
 /// RT-PIPE-6: a stage's commitments in an answer's route: each decodes and
 /// verifies (its node's key, this chain), names the stage's node and
 /// layers, and the chunks run contiguously from position `from` to
@@ -1935,31 +1932,9 @@ async fn a_pipeline_across_processes_survives_sigkill_of_a_stage() {
     }
 
     // One process, the whole model: the reference.
-    let reference = blyan_runtime::inference::InferenceHandle::start(
-        blyan_runtime::inference::InferenceConfig {
-            model_dir: Some(blyan_runtime::devnet::model_dir(&net.dir)),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
     let prompt = "Stages in processes";
-    let expected = reference
-        .generate(
-            blyan_runtime::inference::ChatRequest {
-                prompt: prompt.into(),
-                max_tokens: 16,
-                temperature: 0.0,
-                top_p: 1.0,
-                seed: 0,
-                stop: Vec::new(),
-                max_total_tokens: None,
-                top_logprobs: None,
-            },
-            None,
-        )
-        .await
-        .unwrap();
+    let (_, expected) =
+        one_process_answer(blyan_runtime::devnet::model_dir(&net.dir), prompt, 16).await;
     let (s, a) = blyan_runtime::client::post_json(
         &url,
         "/chat",

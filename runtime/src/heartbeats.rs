@@ -192,29 +192,6 @@ impl Heartbeats {
         .map_err(|e| e.to_string())
     }
 
-    /// Whether any live node other than `excluded` holds all `layers` of
-    /// `model` as one dense holding (RT-STAGE-2: what can serve a request
-    /// today).
-    pub fn whole_model_holders(
-        &self,
-        model: &Hash32,
-        layers: u32,
-        excluded: &BTreeSet<Address>,
-        now_ms: u64,
-    ) -> usize {
-        let table = self.table.lock().expect("heartbeat table lock");
-        let quarantine = self.quarantine.lock().expect("quarantine lock");
-        table
-            .iter_live(now_ms)
-            .filter(|(a, _)| !excluded.contains(a) && !quarantine.is_quarantined(a, now_ms))
-            .filter(|(_, e)| {
-                e.heartbeat.holdings.iter().any(|h| {
-                    &h.model == model && h.dense && h.first_layer == 0 && h.last_layer + 1 == layers
-                })
-            })
-            .count()
-    }
-
     /// RT-QUAR-1: excludes `node` from this node's routes until the
     /// returned time.
     pub fn quarantine(&self, node: Address, now_ms: u64) -> u64 {
@@ -224,28 +201,6 @@ impl Heartbeats {
             .expect("quarantine lock")
             .quarantine(node, now_ms);
         until
-    }
-
-    /// The live, unquarantined nodes holding every one of `layers` of
-    /// `model` as one dense holding, in address order (RT-STAGE-6's holders).
-    pub fn whole_model_holder_list(
-        &self,
-        model: &Hash32,
-        layers: u32,
-        now_ms: u64,
-    ) -> Vec<Address> {
-        let table = self.table.lock().expect("heartbeat table lock");
-        let quarantine = self.quarantine.lock().expect("quarantine lock");
-        table
-            .iter_live(now_ms)
-            .filter(|(a, _)| !quarantine.is_quarantined(a, now_ms))
-            .filter(|(_, e)| {
-                e.heartbeat.holdings.iter().any(|h| {
-                    &h.model == model && h.dense && h.first_layer == 0 && h.last_layer + 1 == layers
-                })
-            })
-            .map(|(a, _)| *a)
-            .collect()
     }
 
     /// RT-PIPE-7: the live, unquarantined nodes holding exactly layers

@@ -1550,6 +1550,7 @@ mod engine {
         sessions: &mut std::collections::BTreeMap<u64, Session>,
         config: &InferenceConfig,
         stats: &EngineStats,
+        experts: &ExpertSlot,
     ) {
         stats.panics.fetch_add(1, Ordering::Relaxed);
         stats.set_state(EngineState::Rebuilding);
@@ -1561,6 +1562,10 @@ mod engine {
             let _ = catch_unwind(AssertUnwindSafe(move || drop(old)));
         }
         *loaded = rebuild(config, stats);
+        // RT-PIPE-8: expert calls are served from the new weights.
+        if let Some(l) = loaded.as_ref() {
+            experts.publish(&l.model);
+        }
     }
 
     pub(super) fn serve(
@@ -1704,10 +1709,7 @@ mod engine {
                                         "the inference engine panicked ({why}); it is being rebuilt"
                                     ))));
                                 }
-                                restart(&mut loaded, &mut sessions, &config, &stats);
-                                if let Some(l) = &loaded {
-                                    experts.publish(&l.model);
-                                }
+                                restart(&mut loaded, &mut sessions, &config, &stats, &experts);
                                 last_rebuild = Instant::now();
                                 reapply = true;
                             }
@@ -1746,10 +1748,7 @@ mod engine {
                             let _ = job.reply.send(Err(Error::Inference(format!(
                                 "the inference engine panicked ({why}); it is being rebuilt"
                             ))));
-                            restart(&mut loaded, &mut sessions, &config, &stats);
-                            if let Some(l) = &loaded {
-                                experts.publish(&l.model);
-                            }
+                            restart(&mut loaded, &mut sessions, &config, &stats, &experts);
                             last_rebuild = Instant::now();
                             reapply = true;
                         }
@@ -1819,10 +1818,7 @@ mod engine {
                     let _ = job.reply.send(Err(Error::Inference(format!(
                         "the inference engine panicked ({why}); it is being rebuilt, retry"
                     ))));
-                    restart(&mut loaded, &mut sessions, &config, &stats);
-                    if let Some(l) = &loaded {
-                        experts.publish(&l.model);
-                    }
+                    restart(&mut loaded, &mut sessions, &config, &stats, &experts);
                     last_rebuild = Instant::now();
                     reapply = true;
                 }

@@ -92,31 +92,25 @@ fn rt_pipe_9_batched_decode_steps_match_one_at_a_time() {
         let (first, second) = (load(0, 2), load(2, 4));
         let prompts: [&[i64]; 3] = [&[5, 6, 7], &[9, 10, 11, 12, 13], &[42]];
         // Each session: a prefill, then one token at a time.
-        let prefill = |prompt: &[i64], c1: &mut KvCache, c2: &mut KvCache| {
-            let StageOutput::Hidden(h) = first
-                .run_stage(&StageInput::Ids(vec![prompt.to_vec()]), c1)
-                .unwrap()
-            else {
-                panic!("hidden");
-            };
-            second.run_stage(&StageInput::Hidden(h), c2).unwrap();
+        // Every session's caches after its prefill.
+        let prefilled = || -> Vec<(KvCache, KvCache)> {
+            prompts
+                .iter()
+                .map(|p| {
+                    let (mut a, mut b) = (KvCache::new(), KvCache::new());
+                    let StageOutput::Hidden(h) = first
+                        .run_stage(&StageInput::Ids(vec![p.to_vec()]), &mut a)
+                        .unwrap()
+                    else {
+                        panic!("hidden");
+                    };
+                    second.run_stage(&StageInput::Hidden(h), &mut b).unwrap();
+                    (a, b)
+                })
+                .collect()
         };
-        let mut single: Vec<(KvCache, KvCache)> = prompts
-            .iter()
-            .map(|p| {
-                let (mut a, mut b) = (KvCache::new(), KvCache::new());
-                prefill(p, &mut a, &mut b);
-                (a, b)
-            })
-            .collect();
-        let mut batched: Vec<(KvCache, KvCache)> = prompts
-            .iter()
-            .map(|p| {
-                let (mut a, mut b) = (KvCache::new(), KvCache::new());
-                prefill(p, &mut a, &mut b);
-                (a, b)
-            })
-            .collect();
+        let mut single = prefilled();
+        let mut batched = prefilled();
         let mut worst = 0f64;
         let mut exact = true;
         for step in 0..4i64 {
