@@ -571,6 +571,29 @@ async fn a_validator_joins_and_leaves_a_multi_process_devnet_by_transactions_alo
     )
     .await
     .unwrap();
+    // TX-16: its VRF key (derived from its key, CONS-COMM-8), so later
+    // committee draws include it.
+    submit_and_wait(
+        &url,
+        &joiner_key,
+        TxKind::SetVrfKey {
+            public_key: blyan_state_machine::consensus::vrf_public_key(&joiner_key),
+        },
+        "the joiner's VRF key",
+    )
+    .await
+    .unwrap();
+    let (_, account) = get_json(&url, &format!("/explorer/account/{joiner}"))
+        .await
+        .unwrap();
+    assert_eq!(
+        account["validator"]["vrf_public_key"],
+        format!(
+            "0x{}",
+            hex::encode(blyan_state_machine::consensus::vrf_public_key(&joiner_key))
+        ),
+        "{account}"
+    );
     let bonded_at = height(&url).await;
     let jurl = format!("http://{http}");
     eventually("the joiner to be active and sign a certificate", || async {
@@ -593,6 +616,15 @@ async fn a_validator_joins_and_leaves_a_multi_process_devnet_by_transactions_alo
     .await;
     let (_, status) = get_json(&jurl, "/status").await.unwrap();
     assert_eq!(status["validator"], true, "{status}");
+    // CONS-COMM-7: the chain crossed an epoch boundary (a ticket chained the
+    // seed) and every block so far came from its epoch's committee.
+    let (_, validators) = get_json(&url, "/explorer/validators").await.unwrap();
+    let committee = &validators["committee"];
+    assert!(committee["epoch"].as_u64().unwrap() >= 1, "{committee}");
+    assert!(
+        !committee["members"].as_array().unwrap().is_empty(),
+        "{committee}"
+    );
     // Node 0 is connected to the other three and the joiner.
     eventually("node 0 to be connected to the joiner", || async {
         let (_, s) = get_json(&url, "/status").await.ok()?;

@@ -183,6 +183,27 @@ fn staking_and_slashing() -> Scenario {
                 },
                 FEE,
             ),
+            // TX-16: the new validator's VRF key (CONS-COMM-8): its stake
+            // enters the committee draw of epoch 2 (CONS-COMM-7); a second
+            // registration fails (the key is set once).
+            tx(
+                CHAIN,
+                &a[0],
+                1,
+                TxKind::SetVrfKey {
+                    public_key: blyan_state_machine::consensus::vrf_public_key(&a[0]),
+                },
+                FEE,
+            ),
+            tx(
+                CHAIN,
+                &a[0],
+                2,
+                TxKind::SetVrfKey {
+                    public_key: blyan_state_machine::consensus::vrf_public_key(&a[1]),
+                },
+                FEE,
+            ),
             tx(
                 CHAIN,
                 &v[2],
@@ -214,7 +235,7 @@ fn staking_and_slashing() -> Scenario {
     ];
     record(
         "staking_and_slashing",
-        "Bonding, unbonding, double-sign slashing reaching unbonding stake, downtime jailing, release.",
+        "Bonding and a VRF key (the committee across epochs), unbonding, double-sign slashing reaching unbonding stake, downtime jailing, release.",
         net.genesis,
         steps,
     )

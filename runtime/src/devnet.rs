@@ -297,6 +297,7 @@ fn prepare(
             .map(|k| GenesisValidator {
                 public_key: public_key_of(k),
                 stake: 10_000 * BLY,
+                vrf_public_key: Some(blyan_state_machine::consensus::vrf_public_key(k)),
             })
             .collect(),
         params: {

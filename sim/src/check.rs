@@ -7,6 +7,51 @@ use blyan_state_machine::pol::DeltaDecision;
 use blyan_state_machine::types::{Hash32, Height};
 use std::collections::{BTreeMap, BTreeSet};
 
+/// SIM-CHECK-8 (CONS-COMM-2/5/7): across one block, the committee changes
+/// only at an epoch boundary, to one drawn from the stakes fixed an epoch
+/// earlier that holds at least two thirds of them, and without its last
+/// member less (checked here from the stakes, not by calling the draw).
+fn check_committee(before: &Ledger, after: &Ledger) -> Result<(), String> {
+    let (b, a) = (before.committee(), after.committee());
+    let boundary = after
+        .height()
+        .is_multiple_of(after.params().epoch_length_blocks);
+    if !boundary {
+        return if a == b {
+            Ok(())
+        } else {
+            Err(format!("changed inside an epoch: {b:?} -> {a:?}"))
+        };
+    }
+    if a.epoch != b.epoch + 1 || a.seed == b.seed {
+        return Err(format!(
+            "epoch {} -> {} without a new seed",
+            b.epoch, a.epoch
+        ));
+    }
+    let stake = |who: &[blyan_state_machine::types::Address]| -> Result<u128, String> {
+        who.iter()
+            .map(|m| {
+                b.next_stakes
+                    .iter()
+                    .find(|(s, _)| s == m)
+                    .map(|(_, p)| u128::from(*p))
+                    .ok_or_else(|| format!("{m} was not among the draw's stakes"))
+            })
+            .sum()
+    };
+    let total: u128 = b.next_stakes.iter().map(|(_, p)| u128::from(*p)).sum();
+    let taken = stake(&a.eligible)?;
+    let without_last = stake(&a.eligible[..a.eligible.len().saturating_sub(1)])?;
+    if 3 * taken < 2 * total || (!a.eligible.is_empty() && 3 * without_last >= 2 * total) {
+        return Err(format!(
+            "{} members hold {taken} of {total}: not a minimal two thirds",
+            a.eligible.len()
+        ));
+    }
+    Ok(())
+}
+
 /// One committed block as a node saw it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Commit {
@@ -84,6 +129,14 @@ impl Observer {
         if previous.is_some() {
             self.violations
                 .push(format!("node {node} committed height {height} twice"));
+        }
+        if let Some(before) = self.ledgers.get(&node)
+            && before.height() + 1 == height
+            && ledger.height() == height
+            && let Err(why) = check_committee(before, &ledger)
+        {
+            self.violations
+                .push(format!("committee: node {node} at height {height}: {why}"));
         }
         self.ledgers.insert(node, ledger);
     }

@@ -367,6 +367,8 @@ impl NodeTask {
         let (other, _, _) = ledger
             .propose_block(LedgerProposal {
                 proposer: block.header.proposer,
+                // The same proposer's ticket: a VRF output is unique (CONS-COMM-4).
+                ticket: block.header.ticket,
                 time_ms: block.header.time_ms + 1,
                 evidence: Vec::new(),
                 last_commit_signers: block.body.last_commit_signers.clone(),

@@ -143,6 +143,8 @@ impl Client {
             let mut good: Vec<SignedTx> = Vec::new();
             let mut bad: Vec<SignedTx> = Vec::new();
             let mut late_double_spend: Option<SignedTx> = None;
+            // Transactions that are each a group of their own.
+            let mut singles: Vec<SignedTx> = Vec::new();
             match r {
                 0..70 => good.push(transfer(nonce_of(a), BLY, &chain)),
                 70..76 => {
@@ -178,10 +180,32 @@ impl Client {
                 )),
                 86..94 => {
                     let v = &validators[rng.gen_range(0..validators.len())];
-                    let kind = if rng.gen_bool(0.5) {
-                        TxKind::Bond { amount: BLY }
-                    } else {
-                        TxKind::Unbond { amount: BLY }
+                    let kind = match rng.gen_range(0..8) {
+                        0..3 => TxKind::Bond { amount: BLY },
+                        3..6 => TxKind::Unbond { amount: BLY },
+                        // TX-16: validators registered theirs at genesis;
+                        // a second one fails (and pays its fee).
+                        6 => TxKind::SetVrfKey {
+                            public_key: blyan_state_machine::consensus::vrf_public_key(v),
+                        },
+                        _ => {
+                            // CONS-COMM-7: an account (no node runs it)
+                            // bonds the minimum and registers its VRF key,
+                            // entering the committee draws from the next
+                            // epoch but one; it never votes, so downtime
+                            // jails it mid-epoch, moving the proposer set.
+                            let n = nonce_of(a);
+                            singles.push(tx(&chain, a, n, TxKind::Bond { amount: BLY }, MAX_FEE));
+                            let public_key = blyan_state_machine::consensus::vrf_public_key(a);
+                            singles.push(tx(
+                                &chain,
+                                a,
+                                nonce_of(a),
+                                TxKind::SetVrfKey { public_key },
+                                MAX_FEE,
+                            ));
+                            TxKind::Bond { amount: BLY }
+                        }
                     };
                     good.push(tx(&chain, v, nonce_of(v), kind, MAX_FEE));
                 }
@@ -227,6 +251,9 @@ impl Client {
             drop(log);
             for t in good.iter().chain(&bad).chain(&late_double_spend) {
                 Self::submit(&world, &ep, t);
+            }
+            if !singles.is_empty() {
+                Self::record_and_submit(&world, &ep, singles);
             }
         }
     }

@@ -19,6 +19,9 @@ pub struct BlockHeader {
     /// Hash of the parent header; for height 1 the genesis hash.
     pub prev_hash: Hash32,
     pub proposer: Address,
+    /// CONS-COMM-2: on the last block of an epoch, the proposer's VRF proof
+    /// for its ticket (the next epoch's seed); `None` on every other block.
+    pub ticket: Option<crate::consensus::VrfProof>,
     /// FEE-2: this block's base fee, a function of the parent's.
     pub base_fee_per_gas: u128,
     pub gas_limit: u64,

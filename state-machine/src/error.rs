@@ -87,6 +87,10 @@ pub enum TxError {
     Pol(String),
     #[error("rewards: {0}")]
     Reward(String),
+    #[error("VRF key already registered (CONS-COMM-8: a VRF key is set once)")]
+    VrfKeyAlreadySet,
+    #[error("not a valid VRF public key (CONS-VRF-2)")]
+    InvalidVrfKey,
 }
 
 impl TxError {
@@ -118,6 +122,19 @@ pub enum Error {
     TimeNotIncreasing { parent: u64, got: u64 },
     #[error("proposer {0} is not in the active validator set")]
     UnknownProposer(Address),
+    /// CONS-COMM-7: the proposer is outside the epoch's committee.
+    #[error("proposer {0} is not eligible to propose in this epoch (CONS-COMM-7)")]
+    IneligibleProposer(Address),
+    /// CONS-COMM-2: a boundary block without its proposer's ticket proof.
+    #[error("the last block of an epoch must carry its proposer's ticket proof")]
+    MissingTicket,
+    /// CONS-COMM-2: a ticket where none belongs (not a boundary block, or a
+    /// proposer without a VRF key).
+    #[error("a ticket proof on a block that takes none")]
+    UnexpectedTicket,
+    /// CONS-COMM-2: a ticket proof that does not verify.
+    #[error("the ticket proof is invalid: {0}")]
+    InvalidTicket(String),
     #[error("base fee {got} differs from the expected {expected}")]
     WrongBaseFee { expected: u128, got: u128 },
     #[error("gas limit {got} differs from the chain's {expected}")]

@@ -30,6 +30,10 @@ pub struct GenesisValidator {
     pub public_key: PublicKey,
     #[serde(with = "crate::types::amount_str")]
     pub stake: Amount,
+    /// CONS-COMM-8: the validator's VRF public key (hex, 33 bytes). Without
+    /// one it votes but proposes only when no committee member is left.
+    #[serde(default, with = "opt_hex33", skip_serializing_if = "Option::is_none")]
+    pub vrf_public_key: Option<PublicKey>,
 }
 
 /// GEN-1: everything that defines a chain at height 0.
@@ -101,6 +105,14 @@ impl Genesis {
             if !seen.insert(addr) {
                 return Err(Error::Genesis(format!("duplicate validator {addr}")));
             }
+            if let Some(vrf) = &v.vrf_public_key
+                && crate::consensus::vrf::validate_key::<crate::consensus::Secp256k1Sha256Tai>(vrf)
+                    .is_err()
+            {
+                return Err(Error::Genesis(format!(
+                    "validator {addr} VRF public key is not a valid point"
+                )));
+            }
             if v.stake < self.params.min_validator_stake {
                 return Err(Error::Genesis(format!(
                     "validator {addr} stake below min_validator_stake"
@@ -120,6 +132,26 @@ impl Genesis {
             return fail("total supply overflows u128");
         }
         Ok(())
+    }
+}
+
+mod opt_hex33 {
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(v: &Option<[u8; 33]>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(v) => super::hex33::serialize(v, s),
+            None => s.serialize_none(),
+        }
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<[u8; 33]>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|s| {
+                let mut out = [0u8; 33];
+                hex::decode_to_slice(s.trim_start_matches("0x"), &mut out)
+                    .map_err(serde::de::Error::custom)?;
+                Ok(out)
+            })
+            .transpose()
     }
 }
 

@@ -69,6 +69,7 @@ pub fn intrinsic_gas(kind: &TxKind) -> u64 {
         TxKind::OpenAllowance(t) => gas::OPEN_ALLOWANCE
             .saturating_add(gas::OPEN_ALLOWANCE_PER_NODE.saturating_mul(t.node_caps.len() as u64)),
         TxKind::CloseAllowance { .. } => gas::CLOSE_ALLOWANCE,
+        TxKind::SetVrfKey { .. } => gas::SET_VRF_KEY,
         TxKind::SettleUsage(s) => {
             let shares: u64 = s.items.iter().map(|i| i.route.len() as u64).sum();
             gas::SETTLE_USAGE
@@ -98,6 +99,8 @@ pub struct Validator {
     pub jailed_until: Option<Height>,
     /// SLASH-1: removed for good.
     pub tombstoned: bool,
+    /// CONS-COMM-8: the VRF key its committee tickets verify against (TX-16).
+    pub vrf_public_key: Option<crate::consensus::VrfPublicKey>,
 }
 
 /// STAKE-3: stake (or a node bond) on its way back to its owner.
@@ -170,6 +173,25 @@ const KEY_GLOBALS: &[u8] = b"globals";
 const KEY_ACTIVE_SET: &[u8] = b"active_set";
 const KEY_LAST_ACTIVE_SET: &[u8] = b"last_active_set";
 const KEY_SET_HISTORY: &[u8] = b"set_history";
+const KEY_COMMITTEE: &[u8] = b"committee";
+
+/// CONS-COMM-2/5/7: the proposer-eligibility committee (`GLOBAL/"committee"`).
+#[derive(Clone, Debug, PartialEq, Eq, Archive, Serialize, Deserialize)]
+#[rkyv(derive(Debug))]
+pub struct CommitteeState {
+    /// The epoch in progress: heights `epoch·L + 1 ..= (epoch + 1)·L`, `L`
+    /// = `epoch_length_blocks`.
+    pub epoch: u64,
+    /// `seed_epoch` (CONS-COMM-2).
+    pub seed: Hash32,
+    /// The epoch's committee, in drawing order (CONS-COMM-5).
+    pub eligible: Vec<Address>,
+    /// CONS-COMM-7: `(address, voting power)` of the active validators with
+    /// a VRF key as of the last block of the previous epoch, ascending: the
+    /// next epoch's committee is drawn from these, so they are fixed before
+    /// anyone can compute its seed.
+    pub next_stakes: Vec<(Address, u64)>,
+}
 
 /// The replicated state. Cheap to clone.
 #[derive(Clone, Debug)]
@@ -197,6 +219,11 @@ pub struct Ledger {
     /// SLASH-3: the active set in force from each height (the first height it
     /// votes on), kept as far back as evidence can reach.
     set_history: OrdMap<Height, Vec<(Address, u64)>>,
+    /// CONS-COMM-7: the epoch's proposer-eligibility committee.
+    committee: CommitteeState,
+    /// The next epoch's seed, from the ticket `begin_block` verified on a
+    /// boundary block; taken by `end_block`. Not committed state.
+    pending_seed: Option<Hash32>,
     globals: Globals,
     pol: PolState,
     rewards: RewardState,
@@ -229,6 +256,9 @@ impl Signatures<'_> {
 #[derive(Clone, Debug)]
 pub struct Proposal<'a> {
     pub proposer: Address,
+    /// CONS-COMM-2: the proposer's ticket proof, on the last block of an
+    /// epoch ([`Ledger::ticket_for`]).
+    pub ticket: Option<crate::consensus::VrfProof>,
     pub time_ms: u64,
     pub evidence: Vec<Misbehaviour>,
     pub last_commit_signers: Vec<Address>,
@@ -256,6 +286,13 @@ impl Ledger {
             active_set: Vec::new(),
             last_active_set: Vec::new(),
             set_history: OrdMap::new(),
+            committee: CommitteeState {
+                epoch: 0,
+                seed: [0; 32],
+                eligible: Vec::new(),
+                next_stakes: Vec::new(),
+            },
+            pending_seed: None,
             globals: Globals {
                 height: 0,
                 time_ms: genesis.genesis_time_ms,
@@ -301,6 +338,7 @@ impl Ledger {
                     bonded: v.stake,
                     jailed_until: None,
                     tombstoned: false,
+                    vrf_public_key: v.vrf_public_key,
                 },
             );
             supply = supply
@@ -315,6 +353,18 @@ impl Ledger {
             ));
         }
         ledger.last_active_set = ledger.active_set.clone();
+        // CONS-COMM-2/7: epoch 0's committee, from the genesis seed; epoch
+        // 1's is drawn from the same stakes (those of "epoch −1").
+        let seed = crate::consensus::genesis_seed(&ledger.genesis_hash);
+        let stakes = ledger.keyed_stakes();
+        ledger.committee = CommitteeState {
+            epoch: 0,
+            seed,
+            eligible: crate::consensus::select_validators(&seed, &stakes)
+                .expect("the active set satisfies CONS-VAL-1"),
+            next_stakes: stakes,
+        };
+        ledger.touch(StateKey::new(ns::GLOBAL, KEY_COMMITTEE));
         ledger.set_history.insert(1, ledger.active_set.clone());
         ledger.touch(StateKey::new(ns::GLOBAL, KEY_SET_HISTORY));
         for (key, _) in ledger.pol.entries() {
@@ -365,6 +415,65 @@ impl Ledger {
     /// The set whose commit the next block's `last_commit_signers` certify.
     pub fn last_active_set(&self) -> &[(Address, u64)] {
         &self.last_active_set
+    }
+    /// CONS-COMM-7: the epoch's committee and seed.
+    pub fn committee(&self) -> &CommitteeState {
+        &self.committee
+    }
+    /// CONS-COMM-7: who may propose the next block, ascending: the members
+    /// of the epoch's committee still in the active set, or the whole active
+    /// set if none is left.
+    pub fn eligible_proposers(&self) -> Vec<Address> {
+        let members: Vec<Address> = self
+            .active_set
+            .iter()
+            .map(|(a, _)| *a)
+            .filter(|a| self.committee.eligible.contains(a))
+            .collect();
+        if members.is_empty() {
+            self.active_set.iter().map(|(a, _)| *a).collect()
+        } else {
+            members
+        }
+    }
+    /// CONS-COMM-3: the ticket input the next block must carry a proof for,
+    /// if it is the last block of its epoch.
+    pub fn next_ticket_input(&self) -> Option<Vec<u8>> {
+        let height = self.globals.height + 1;
+        height
+            .is_multiple_of(self.params.epoch_length_blocks)
+            .then(|| {
+                crate::consensus::ticket_input(
+                    &self.chain_id,
+                    self.committee.epoch + 1,
+                    &self.committee.seed,
+                )
+            })
+    }
+    /// CONS-COMM-2/8: the ticket the next block needs if `proposer_key`'s
+    /// validator proposes it: `Some` on an epoch's last block when the
+    /// validator has a registered VRF key.
+    pub fn ticket_for(
+        &self,
+        proposer_key: &k256::ecdsa::SigningKey,
+    ) -> Option<crate::consensus::VrfProof> {
+        let alpha = self.next_ticket_input()?;
+        let address = Address::from_public_key(proposer_key.verifying_key());
+        self.validators.get(&address)?.vrf_public_key?;
+        Some(crate::consensus::ticket_proof(proposer_key, &alpha))
+    }
+    /// CONS-COMM-7: active validators with a VRF key, with their voting
+    /// power, ascending: what a committee is drawn from.
+    fn keyed_stakes(&self) -> Vec<(Address, u64)> {
+        self.active_set
+            .iter()
+            .filter(|(a, _)| {
+                self.validators
+                    .get(a)
+                    .is_some_and(|v| v.vrf_public_key.is_some())
+            })
+            .copied()
+            .collect()
     }
     /// The Proof-of-Learning DAG, heads, registry and pending deltas.
     pub fn pol(&self) -> &PolState {
@@ -539,6 +648,7 @@ impl Ledger {
             KEY_ACTIVE_SET,
             KEY_LAST_ACTIVE_SET,
             KEY_SET_HISTORY,
+            KEY_COMMITTEE,
         ] {
             keys.push(StateKey::new(ns::GLOBAL, k));
         }
@@ -600,7 +710,7 @@ impl Ledger {
         ledger.last_block_hash = last_block_hash;
         let mut pol = Vec::new();
         let mut rewards = Vec::new();
-        let mut globals = [false; 4];
+        let mut globals = [false; 5];
         let mut leaves = Vec::with_capacity(entries.len());
         for (k, v) in &entries {
             leaves.push((k.path(), Some(crate::crypto::sha3_256(v))));
@@ -691,6 +801,11 @@ impl Ledger {
                                 .map_err(|_| dec("set history"))?;
                             ledger.set_history = h.into_iter().collect();
                             3
+                        }
+                        KEY_COMMITTEE => {
+                            ledger.committee =
+                                CommitteeState::decode(&v).map_err(|_| dec("committee"))?;
+                            4
                         }
                         _ => return Err(dec("unknown global")),
                     };
@@ -784,6 +899,7 @@ impl Ledger {
                         .collect::<Vec<_>>()
                         .encode(),
                 ),
+                KEY_COMMITTEE => Some(self.committee.encode()),
                 _ => None,
             },
             _ => None,
@@ -952,6 +1068,7 @@ impl Ledger {
             time_ms: p.time_ms,
             prev_hash: self.last_block_hash,
             proposer: p.proposer,
+            ticket: p.ticket,
             base_fee_per_gas: self.next_block_base_fee(),
             gas_limit: self.params.block_gas_limit,
             gas_used: 0,
@@ -1062,6 +1179,10 @@ impl Ledger {
         if !self.active_set.iter().any(|(a, _)| *a == h.proposer) {
             return Err(Error::UnknownProposer(h.proposer));
         }
+        if !self.eligible_proposers().contains(&h.proposer) {
+            return Err(Error::IneligibleProposer(h.proposer));
+        }
+        self.pending_seed = self.check_ticket(h)?;
         let base_fee = self.next_block_base_fee();
         if h.base_fee_per_gas != base_fee {
             return Err(Error::WrongBaseFee {
@@ -1076,6 +1197,45 @@ impl Ledger {
             });
         }
         Ok(())
+    }
+
+    /// CONS-COMM-2: the next epoch's seed if `h` is the last block of its
+    /// epoch, from the ticket proof it carries (verified against its
+    /// proposer's VRF key); a block that takes no ticket must carry none. A
+    /// proposer without a VRF key (only when no committee member is left)
+    /// carries none, and the seed chains an all-zero output instead.
+    fn check_ticket(&self, h: &BlockHeader) -> Result<Option<Hash32>, Error> {
+        let length = self.params.epoch_length_blocks;
+        if !h.height.is_multiple_of(length) {
+            return match h.ticket {
+                None => Ok(None),
+                Some(_) => Err(Error::UnexpectedTicket),
+            };
+        }
+        assert_eq!(
+            self.committee.epoch,
+            (h.height - 1) / length,
+            "the committee follows the epochs"
+        );
+        let key = self
+            .validators
+            .get(&h.proposer)
+            .and_then(|v| v.vrf_public_key);
+        let seed = &self.committee.seed;
+        match (key, &h.ticket) {
+            (Some(key), Some(proof)) => crate::consensus::next_seed(
+                &self.chain_id,
+                self.committee.epoch + 1,
+                seed,
+                &key,
+                proof,
+            )
+            .map(Some)
+            .map_err(|e| Error::InvalidTicket(e.to_string())),
+            (Some(_), None) => Err(Error::MissingTicket),
+            (None, None) => Ok(Some(crate::consensus::epoch_seed(seed, &[0; 32]))),
+            (None, Some(_)) => Err(Error::UnexpectedTicket),
+        }
     }
 
     /// TX-11/TX-12: applies one transaction, whose id (`tx.id()`) the caller
@@ -1212,6 +1372,7 @@ impl Ledger {
             }
             TxKind::CloseAllowance { allowance } => self.close_allowance(sender, allowance, height),
             TxKind::SettleUsage(s) => self.settle_usage(sender, s, height),
+            TxKind::SetVrfKey { public_key } => self.set_vrf_key(sender, public_key),
         }
     }
 
@@ -1232,12 +1393,37 @@ impl Ledger {
             bonded: 0,
             jailed_until: None,
             tombstoned: false,
+            vrf_public_key: None,
         });
         if v.tombstoned {
             return Err(TxError::Tombstoned);
         }
         self.debit(sender, amount)?;
         v.bonded = v.bonded.checked_add(amount).ok_or(TxError::Overflow)?;
+        self.set_validator(sender, v);
+        Ok(())
+    }
+
+    /// TX-16 (CONS-COMM-8): a validator registers its VRF key, once. A key
+    /// that could change would let a boundary proposer, who learns the next
+    /// seed's input an epoch early, grind keys instead of seeds
+    /// (CONS-COMM-4).
+    fn set_vrf_key(
+        &mut self,
+        sender: Address,
+        public_key: &crate::consensus::VrfPublicKey,
+    ) -> Result<(), TxError> {
+        let mut v = self
+            .validators
+            .get(&sender)
+            .cloned()
+            .ok_or(TxError::NotValidator(sender))?;
+        if v.vrf_public_key.is_some() {
+            return Err(TxError::VrfKeyAlreadySet);
+        }
+        crate::consensus::vrf::validate_key::<crate::consensus::Secp256k1Sha256Tai>(public_key)
+            .map_err(|_| TxError::InvalidVrfKey)?;
+        v.vrf_public_key = Some(*public_key);
         self.set_validator(sender, v);
         Ok(())
     }
@@ -1586,6 +1772,24 @@ impl Ledger {
                 update = Some(new_set);
             }
         }
+        if boundary {
+            // CONS-COMM-7: the next epoch's committee, drawn from the stakes
+            // fixed an epoch ago; this block's set is the one after next's.
+            let seed = self
+                .pending_seed
+                .take()
+                .expect("begin_block verified the boundary block's ticket");
+            let eligible = crate::consensus::select_validators(&seed, &self.committee.next_stakes)
+                .expect("stakes of an active set satisfy CONS-VAL-1");
+            self.committee = CommitteeState {
+                epoch: self.committee.epoch + 1,
+                seed,
+                eligible,
+                next_stakes: self.keyed_stakes(),
+            };
+            self.touch(StateKey::new(ns::GLOBAL, KEY_COMMITTEE));
+        }
+        assert!(self.pending_seed.is_none(), "a seed only at a boundary");
         self.prune_set_history(h.height + 1);
         self.globals.height = h.height;
         self.globals.time_ms = h.time_ms;

@@ -34,6 +34,7 @@ pub mod gas {
     pub const SETTLE_USAGE: u64 = 40_000;
     pub const SETTLE_USAGE_PER_ITEM: u64 = 2_000;
     pub const SETTLE_USAGE_PER_SHARE: u64 = 500;
+    pub const SET_VRF_KEY: u64 = 50_000;
 }
 
 /// Every protocol parameter, chosen at genesis (PARAM-1).
@@ -53,7 +54,9 @@ pub struct Params {
     /// canonical encodings (the seed's max block size, 1 MB: 1 MiB here;
     /// ~5,000 transfers of 208 bytes).
     pub max_block_bytes: u32,
-    /// STAKE-5: validator-set changes apply at multiples of this height.
+    /// STAKE-5: validator-set changes apply at multiples of this height,
+    /// which also end the committee's epochs (CONS-COMM-2, at most
+    /// `MAX_EPOCH_LENGTH`).
     pub epoch_length_blocks: u64,
     /// STAKE-3: unbonding stake is released this many blocks after it starts.
     pub unbonding_period_blocks: u64,
@@ -137,8 +140,9 @@ impl Params {
                 "initial_base_fee must be positive",
             ),
             (
-                self.epoch_length_blocks > 0,
-                "epoch_length_blocks must be positive",
+                self.epoch_length_blocks > 0
+                    && self.epoch_length_blocks <= crate::consensus::committee::MAX_EPOCH_LENGTH,
+                "epoch_length_blocks must be 1 to 65,536 (CONS-COMM-2)",
             ),
             (self.max_validators > 0, "max_validators must be positive"),
             (

@@ -58,6 +58,7 @@ pub fn testnet(validators: usize, accounts: usize, params: Params) -> TestNet {
             .map(|k| GenesisValidator {
                 public_key: public_key_of(k),
                 stake: 10_000 * BLY,
+                vrf_public_key: Some(crate::consensus::vrf_public_key(k)),
             })
             .collect(),
         params,
@@ -105,8 +106,29 @@ pub fn transfer(
     )
 }
 
-/// Builds and applies the next block: proposer is the first active validator,
-/// time advances 2 s, every member of the previous active set signed.
+/// The testkit key (`key(0..512)` or `key(1000..1512)`) of `address`.
+pub fn key_of(address: &Address) -> Option<SigningKey> {
+    (0..512)
+        .chain(1000..1512)
+        .map(key)
+        .find(|k| self::address(k) == *address)
+}
+
+/// CONS-COMM-7: the proposer the testkit uses: the first eligible
+/// validator (ascending address), with its ticket when the next block ends an
+/// epoch (its key found by [`key_of`]).
+pub fn proposer(ledger: &Ledger) -> (Address, Option<crate::consensus::VrfProof>) {
+    let proposer = ledger.eligible_proposers()[0];
+    let ticket = ledger.next_ticket_input().and_then(|_| {
+        let key = key_of(&proposer).expect("a boundary proposer with a testkit key");
+        ledger.ticket_for(&key)
+    });
+    (proposer, ticket)
+}
+
+/// Builds and applies the next block: proposer is the first eligible
+/// validator ([`proposer`]), time advances 2 s, every member of the previous
+/// active set signed.
 pub fn next_block(ledger: &Ledger, txs: &[SignedTx]) -> Result<(Block, Ledger), Error> {
     let signers = if ledger.height() == 0 {
         Vec::new()
@@ -122,9 +144,10 @@ pub fn next_block_with(
     last_commit_signers: Vec<Address>,
     evidence: Vec<crate::block::Misbehaviour>,
 ) -> Result<(Block, Ledger), Error> {
-    let proposer = ledger.active_set()[0].0;
+    let (proposer, ticket) = proposer(ledger);
     let (block, next, _) = ledger.propose_block(Proposal {
         proposer,
+        ticket,
         time_ms: ledger.globals().time_ms + 2_000,
         evidence,
         last_commit_signers,
@@ -234,8 +257,18 @@ pub fn long_chain(
         } else {
             ledger.last_active_set().iter().map(|(a, _)| *a).collect()
         };
+        let proposer = ledger.eligible_proposers()[0];
+        let ticket = ledger.next_ticket_input().and_then(|_| {
+            let key = net
+                .validators
+                .iter()
+                .find(|k| address(k) == proposer)
+                .expect("proposers are the testnet's validators");
+            ledger.ticket_for(key)
+        });
         let (block, next, outcome) = ledger.propose_block(Proposal {
-            proposer: ledger.active_set()[0].0,
+            proposer,
+            ticket,
             time_ms: ledger.globals().time_ms + 2_000,
             evidence: Vec::new(),
             last_commit_signers: signers,

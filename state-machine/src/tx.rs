@@ -177,6 +177,11 @@ pub enum TxKind {
     CloseAllowance { allowance: Hash32 },
     /// TX-15: settle a batch of served requests against an allowance.
     SettleUsage(Box<crate::allowance::Settlement>),
+    /// TX-16: register the sender's VRF public key (CONS-COMM-8), once; a
+    /// validator without one never proposes while a committee member is left.
+    SetVrfKey {
+        public_key: crate::consensus::VrfPublicKey,
+    },
 }
 
 /// The signed part of a transaction (TX-1). The chain id is not stored: it is

@@ -664,6 +664,9 @@ pub fn tx_kind_json(kind: &TxKind) -> Value {
             "blocks": info.blocks.len(), "bond": bond.to_string(),
         }),
         TxKind::DeregisterNode => json!({ "kind": "deregister_node" }),
+        TxKind::SetVrfKey { public_key } => {
+            json!({ "kind": "set_vrf_key", "public_key": hex0x(public_key) })
+        }
         TxKind::Pol(p) => {
             let (op, detail) = match &**p {
                 PolTx::RegisterBlock(b) => ("register_block", json!(hex0x(&b.id()))),
@@ -875,6 +878,7 @@ pub async fn account(
             "bonded": v.bonded.to_string(),
             "jailed_until": v.jailed_until,
             "tombstoned": v.tombstoned,
+            "vrf_public_key": v.vrf_public_key.map(|k| hex0x(&k)),
         })
     });
     let node = l.node(&address).map(|n| {
@@ -940,7 +944,7 @@ fn parse_after(after: Option<&str>) -> Result<Option<Address>, ApiError> {
 
 /// Validators by address: bonded stake, voting power, jailed or tombstoned,
 /// missed blocks in the downtime window (SLASH-2), and whether each signed
-/// the last commit. The proposer committee is not on chain yet (`null`).
+/// the last commit, and the epoch's proposer committee (CONS-COMM-7).
 #[utoipa::path(get, path = "/explorer/validators", params(AddressPage),
     responses((status = 200, body = Object), (status = 400, body = super::openapi::ErrorBody)))]
 pub async fn validators(
@@ -980,6 +984,8 @@ pub async fn validators(
             "missed_blocks": live.as_ref().map_or(0, |x| x.missed),
             "window_blocks": live.as_ref().map_or(0, |x| x.filled),
             "signed_last_commit": signers.contains(a),
+            "vrf_public_key": v.vrf_public_key.map(|k| hex0x(&k)),
+            "in_committee": l.committee().eligible.contains(a),
         }));
     }
     let next_after = if more {
@@ -987,6 +993,14 @@ pub async fn validators(
     } else {
         None
     };
+    let c = l.committee();
+    let committee = json!({
+        "epoch": c.epoch,
+        "seed": hex0x(&c.seed),
+        "members": c.eligible,
+        "eligible_proposers": l.eligible_proposers(),
+        "epoch_length_blocks": l.params().epoch_length_blocks,
+    });
     Ok(axum::Json(json!({
         "validators": list,
         "next_after": next_after,
@@ -994,7 +1008,7 @@ pub async fn validators(
         "total_power": active.iter().map(|(_, p)| *p).sum::<u64>(),
         "signed_blocks_window": l.params().signed_blocks_window,
         "last_proposer": snap.latest.as_ref().map(|b| b.block.header.proposer),
-        "committee": Value::Null,
+        "committee": committee,
         "height": height,
     }))
     .into_response())
@@ -1298,6 +1312,7 @@ mod tests {
         CommittedBlock {
             block: Block {
                 header: BlockHeader {
+                    ticket: None,
                     height,
                     time_ms: height * 1000,
                     prev_hash: [0; 32],

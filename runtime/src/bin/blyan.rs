@@ -472,6 +472,13 @@ enum TxCommand {
         #[command(flatten)]
         args: TxArgs,
     },
+    /// Register the key's VRF public key (TX-16, once), derived from it
+    /// (CONS-COMM-8): without one a validator votes but is never drawn
+    /// into the proposer committee.
+    VrfKey {
+        #[command(flatten)]
+        args: TxArgs,
+    },
     /// Start unbonding stake; released after the unbonding period (TX-5).
     Unbond {
         /// Amount in BLY, up to 18 decimals.
@@ -494,7 +501,16 @@ enum TxCommand {
 /// Signs `kind` with the key file, submits it to `args.node` and, with
 /// `--wait`, polls until it is committed, printing progress.
 async fn submit_tx(kind: TxKind, args: TxArgs) -> Result<String, Error> {
+    submit_tx_with(|_| kind, args).await
+}
+
+/// [`submit_tx`] of a kind made from the key.
+async fn submit_tx_with(
+    kind: impl FnOnce(&k256::ecdsa::SigningKey) -> TxKind,
+    args: TxArgs,
+) -> Result<String, Error> {
     let key = read_key_file(&args.key, &password(&args.password, Prompt::Once)?)?;
+    let kind = kind(&key);
     let node = &args.node;
     let start_height = client::height(node).await.unwrap_or(0);
     let tx = client::sign_tx_with_tip(node, &key, kind, args.tip).await?;
@@ -1187,6 +1203,12 @@ async fn run(cli: Cli) -> Result<(), Error> {
             TxCommand::Bond { amount, args } => {
                 let amount = parse_bly(&amount)?;
                 submit_tx(TxKind::Bond { amount }, args).await?;
+            }
+            TxCommand::VrfKey { args } => {
+                let kind = |k: &k256::ecdsa::SigningKey| TxKind::SetVrfKey {
+                    public_key: blyan_state_machine::consensus::vrf_public_key(k),
+                };
+                submit_tx_with(kind, args).await?;
             }
             TxCommand::Unbond { amount, args } => {
                 let amount = parse_bly(&amount)?;

@@ -217,7 +217,8 @@ export async function validators({ main, arg, signal }) {
     <div id="validators">${table(['Address', 'Power', 'Bonded (BLY)', 'Status', 'Missed / window', 'Signed last', ''], rows)}</div>
     ${r.next_after ? `<p class="pager"><a href="#/validators/${esc(r.next_after)}">Next →</a></p>` : ''}
     <h2>Proposer committee</h2>
-    <p class="muted">${r.committee ? esc(JSON.stringify(r.committee)) : 'Not on chain yet.'}</p>`;
+    ${r.committee ? `<p>Epoch <span id="committee-epoch">${esc(r.committee.epoch)}</span> (${esc(r.committee.epoch_length_blocks)} blocks per epoch), seed <code>${esc(r.committee.seed)}</code></p>
+    <p>Members (drawing order): ${r.committee.members.map(a => `<a href="#/account/${esc(a)}">${esc(a)}</a>`).join(', ') || 'none (every active validator proposes)'}</p>` : '<p class="muted">No committee.</p>'}`;
 }
 
 const ROUTES_KEY = 'blyan.routes';

@@ -14,7 +14,7 @@
 
 use super::types::Round;
 use super::validators::{MAX_TOTAL_VOTING_POWER, MAX_VALIDATORS, ValidatorSet, ValidatorSetError};
-use super::vrf::{self, Secp256k1Sha256Tai, VrfError, VrfOutput};
+use super::vrf::{self, Secp256k1Sha256Tai, VrfError, VrfOutput, VrfProof, VrfPublicKey};
 use crate::crypto::sha3_256_parts;
 use crate::tx::{Domain, signing_bytes};
 use crate::types::{Address, Hash32};
@@ -66,6 +66,39 @@ pub fn next_seed(
     let alpha = ticket_input(chain_id, epoch, previous_seed);
     let beta = vrf::verify::<Secp256k1Sha256Tai>(vrf_public_key, &alpha, proof)?;
     Ok(epoch_seed(previous_seed, &beta))
+}
+
+/// CONS-COMM-8: tag of the VRF key derivation.
+const VRF_KEY_TAG: &[u8; 16] = b"blyan/vrf-key/v1";
+
+/// CONS-COMM-8: a validator's VRF secret key, derived from its signing key:
+/// `SHA3-256(tag ‖ signing scalar (32 bytes BE) ‖ ctr)` for the first `ctr` in
+/// 0..=255 whose digest is a scalar in `[1, q−1]` (CONS-VRF-4). A separate
+/// key (CONS-COMM-7 asks for one: nothing signs and proves with one scalar),
+/// yet an operator keeps one secret; learning the VRF key reveals nothing of
+/// the signing key (a one-way function of it).
+pub fn vrf_secret_key(signing_key: &k256::ecdsa::SigningKey) -> [u8; 32] {
+    let secret: [u8; 32] = signing_key.to_bytes().into();
+    for ctr in 0..=u8::MAX {
+        let candidate = sha3_256_parts(&[VRF_KEY_TAG, &secret, &[ctr]]);
+        if vrf::public_key::<Secp256k1Sha256Tai>(&candidate).is_ok() {
+            return candidate;
+        }
+    }
+    unreachable!("256 consecutive digests outside [1, q−1] cannot happen")
+}
+
+/// CONS-COMM-8: the VRF public key of [`vrf_secret_key`].
+pub fn vrf_public_key(signing_key: &k256::ecdsa::SigningKey) -> VrfPublicKey {
+    vrf::public_key::<Secp256k1Sha256Tai>(&vrf_secret_key(signing_key))
+        .expect("vrf_secret_key returns a valid scalar")
+}
+
+/// CONS-COMM-3/8: the ticket proof of `signing_key`'s validator for `alpha`
+/// ([`ticket_input`]).
+pub fn ticket_proof(signing_key: &k256::ecdsa::SigningKey, alpha: &[u8]) -> VrfProof {
+    vrf::prove::<Secp256k1Sha256Tai>(&vrf_secret_key(signing_key), alpha)
+        .expect("vrf_secret_key returns a valid scalar")
 }
 
 /// CONS-COMM-4: draw `k` of a committee selection, uniform in `[0, bound)`:

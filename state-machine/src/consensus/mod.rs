@@ -26,7 +26,7 @@ pub mod vrf;
 
 pub use committee::{
     eligible_proposers, epoch_proposer, epoch_seed, genesis_seed, next_seed, proposer_set,
-    select_validators, ticket_input,
+    select_validators, ticket_input, ticket_proof, vrf_public_key, vrf_secret_key,
 };
 pub use evidence::{CommitCertificate, DuplicateVote, VerifyError};
 pub use round::{Config, Consensus, Input, Output, Record, Rejected};

@@ -184,6 +184,9 @@ pub struct Consensus<S: SignatureScheme> {
     address: Address,
     config: Config,
     validators: ValidatorSet,
+    /// CONS-COMM-6/7: who proposes each round, with its own priorities; a
+    /// subset of `validators`. `None`: the validators themselves.
+    proposers: Option<ValidatorSet>,
     height: Height,
     round: Round,
     step: Step,
@@ -223,6 +226,7 @@ impl<S: SignatureScheme> Consensus<S> {
             address,
             config,
             validators,
+            proposers: None,
             height,
             round: 0,
             step: Step::Propose,
@@ -237,6 +241,36 @@ impl<S: SignatureScheme> Consensus<S> {
         }
     }
 
+    /// CONS-COMM-6/7: rounds are proposed by `proposers` (the epoch's
+    /// committee, with its own priorities) instead of the whole set; votes
+    /// still count over all of `validators` (CONS-COMM-1). Call before
+    /// [`Consensus::start`].
+    pub fn with_proposers(mut self, proposers: Option<ValidatorSet>) -> Self {
+        assert!(
+            self.proposals.is_empty() && self.own_votes.is_empty() && self.fired.is_empty(),
+            "proposers are fixed before the height starts"
+        );
+        if let Some(p) = &proposers {
+            assert!(
+                p.validators().iter().all(|m| self
+                    .validators
+                    .get(&m.address)
+                    .is_some_and(|v| v.public_key == m.public_key)),
+                "proposers are members of the validator set"
+            );
+        }
+        self.proposers = proposers;
+        self
+    }
+
+    /// CONS-PROP-3 / CONS-COMM-6: the proposer of `round` at this height.
+    pub fn proposer(&self, round: Round) -> Address {
+        self.proposers
+            .as_ref()
+            .unwrap_or(&self.validators)
+            .proposer(round)
+    }
+
     /// CONS-CRASH-2: a validator restarted from its persisted `records` at
     /// `height`. It re-enters the highest round it signed anything in, with its
     /// lock, and will only ever repeat (never contradict) what it signed.
@@ -248,7 +282,22 @@ impl<S: SignatureScheme> Consensus<S> {
         validators: ValidatorSet,
         records: &[Record<S::Signature>],
     ) -> (Self, Vec<Output<S::Signature>>) {
-        let mut c = Consensus::new(scheme, signer, config, height, validators);
+        Self::restore_with_proposers(scheme, signer, config, height, validators, None, records)
+    }
+
+    /// [`Consensus::restore`] with the height's proposers
+    /// ([`Consensus::with_proposers`]).
+    pub fn restore_with_proposers(
+        scheme: S,
+        signer: S::Signer,
+        config: Config,
+        height: Height,
+        validators: ValidatorSet,
+        proposers: Option<ValidatorSet>,
+        records: &[Record<S::Signature>],
+    ) -> (Self, Vec<Output<S::Signature>>) {
+        let mut c =
+            Consensus::new(scheme, signer, config, height, validators).with_proposers(proposers);
         let forget = c.config.mutant() == Mutant::ForgetVotes;
         let mut round = 0;
         for record in records.iter().filter(|r| r.height() == height) {
@@ -444,7 +493,7 @@ impl<S: SignatureScheme> Consensus<S> {
         {
             return Err(Rejected::BadSignature);
         }
-        if self.validators.proposer(p.round) != p.proposer {
+        if self.proposer(p.round) != p.proposer {
             return Err(Rejected::WrongProposer { got: p.proposer });
         }
         if p.valid_round.is_some_and(|vr| vr >= p.round) {
@@ -497,7 +546,7 @@ impl<S: SignatureScheme> Consensus<S> {
         assert!(round >= self.round, "rounds never go back");
         self.round = round; // L12
         self.step = Step::Propose; // L13
-        if self.validators.proposer(round) == self.address {
+        if self.proposer(round) == self.address {
             // L14
             if let Some(p) = self.own_proposals.get(&round).cloned() {
                 // CONS-CRASH-2: proposed before a crash; repeat it, and

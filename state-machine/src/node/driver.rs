@@ -96,6 +96,10 @@ impl Default for NodeConfig {
 pub struct ConsensusSets {
     pub set: ValidatorSet,
     pub prev_set: ValidatorSet,
+    /// CONS-COMM-6/7: who proposes at the height in progress, with its own
+    /// priorities: the epoch committee's members in `set`, or `None` when
+    /// none is left (the whole set proposes).
+    pub proposers: Option<ValidatorSet>,
 }
 
 /// The persisted form of [`ConsensusSets`]: `(address, public key, power,
@@ -104,6 +108,14 @@ pub struct ConsensusSets {
 struct StoredSets {
     set: Vec<(Address, crate::tx::PublicKey, u64, i64)>,
     prev_set: Vec<(Address, crate::tx::PublicKey, u64, i64)>,
+    proposers: Option<Vec<(Address, crate::tx::PublicKey, u64, i64)>>,
+}
+
+/// CONS-COMM-6/7: the members of `set` in the ledger's committee, with
+/// fresh priorities; `None` if none is (the whole set proposes). The same
+/// membership as [`Ledger::eligible_proposers`], which `apply_block` checks.
+fn committee_members(set: &ValidatorSet, ledger: &Ledger) -> Option<ValidatorSet> {
+    crate::consensus::proposer_set(set, &ledger.committee().eligible).ok()
 }
 
 impl ConsensusSets {
@@ -113,6 +125,7 @@ impl ConsensusSets {
         let set = validator_set(ledger, None)?;
         Ok(ConsensusSets {
             prev_set: set.clone(),
+            proposers: committee_members(&set, ledger),
             set,
         })
     }
@@ -126,9 +139,26 @@ impl ConsensusSets {
                 fresh.carry_priorities_from(&self.set).next_height()
             }
         };
+        // CONS-COMM-6/7: a new epoch starts its committee with fresh
+        // priorities; within an epoch the proposers advance like the set,
+        // and drop members that left it.
+        let members = committee_members(&set, next);
+        let new_epoch = next
+            .height()
+            .is_multiple_of(next.params().epoch_length_blocks);
+        let proposers = match (members, &self.proposers) {
+            (None, _) => None,
+            (Some(fresh), _) if new_epoch => Some(fresh),
+            (Some(fresh), None) => Some(fresh),
+            (Some(fresh), Some(p)) if outcome.validator_set_update.is_some() => {
+                Some(fresh.carry_priorities_from(p).next_height())
+            }
+            (Some(_), Some(p)) => Some(p.next_height()),
+        };
         Ok(ConsensusSets {
             prev_set: self.set.clone(),
             set,
+            proposers,
         })
     }
 
@@ -143,6 +173,7 @@ impl ConsensusSets {
         StoredSets {
             set: members(&self.set),
             prev_set: members(&self.prev_set),
+            proposers: self.proposers.as_ref().map(members),
         }
         .encode()
     }
@@ -156,6 +187,7 @@ impl ConsensusSets {
         Ok(ConsensusSets {
             set: set(s.set)?,
             prev_set: set(s.prev_set)?,
+            proposers: s.proposers.map(set).transpose()?,
         })
     }
 }
@@ -183,6 +215,8 @@ pub struct Node {
     set: ValidatorSet,
     /// The set of the last committed height (checks the parent's certificate).
     prev_set: ValidatorSet,
+    /// CONS-COMM-6/7: the height's proposers (`ConsensusSets::proposers`).
+    proposers: Option<ValidatorSet>,
     /// `None` when this node is not in `set`, or between a decision and the
     /// start of the next height.
     consensus: Option<Consensus<K256Scheme>>,
@@ -213,7 +247,7 @@ impl Node {
         genesis: &Genesis,
     ) -> Result<Node, Error> {
         let ledger = Ledger::from_genesis(genesis)?;
-        let set = validator_set(&ledger, None)?;
+        let ConsensusSets { set, proposers, .. } = ConsensusSets::genesis(&ledger)?;
         let scheme = K256Scheme {
             chain_id: genesis.chain_id.clone(),
         };
@@ -227,6 +261,7 @@ impl Node {
             ledger,
             prev_set: set.clone(),
             set,
+            proposers,
             consensus: None,
             waiting: false,
             height_started_ms: 0,
@@ -286,9 +321,17 @@ impl Node {
                 "the persisted previous set is not the ledger's last active set".into(),
             ));
         }
+        if sets.proposers.as_ref().map(members)
+            != committee_members(&sets.set, &ledger).as_ref().map(members)
+        {
+            return Err(Error::InvalidValidatorSet(
+                "the persisted proposers are not the committee's members in the set".into(),
+            ));
+        }
         node.ledger = ledger;
         node.set = sets.set;
         node.prev_set = sets.prev_set;
+        node.proposers = sets.proposers;
         node.last_cert = Some(last.certificate);
         Ok(node)
     }
@@ -298,6 +341,7 @@ impl Node {
         ConsensusSets {
             set: self.set.clone(),
             prev_set: self.prev_set.clone(),
+            proposers: self.proposers.clone(),
         }
     }
 
@@ -579,7 +623,12 @@ impl Node {
     ) -> Option<bool> {
         let p = &proposal.message;
         let member = self.set.get(&p.proposer)?;
-        if self.set.proposer(p.round) != p.proposer
+        if self
+            .proposers
+            .as_ref()
+            .unwrap_or(&self.set)
+            .proposer(p.round)
+            != p.proposer
             || !self
                 .scheme
                 .verify_proposal(&member.public_key, p, &proposal.signature)
@@ -718,20 +767,35 @@ impl Node {
                     at_ms: now_ms.saturating_add(duration_ms),
                 }),
                 Output::RequestValue { height, round } => {
-                    let value = self.build_block(now_ms);
-                    inputs.push_back(Input::ProposeValue {
-                        height,
-                        round,
-                        value,
-                    });
+                    // Without a block (see `build_block`) the round's
+                    // propose timeout moves everyone on.
+                    if let Some(value) = self.build_block(now_ms) {
+                        inputs.push_back(Input::ProposeValue {
+                            height,
+                            round,
+                            value,
+                        });
+                    }
                 }
                 Output::Decide {
                     value, certificate, ..
                 } => self.decide(now_ms, value, certificate, out),
                 Output::Evidence(ev) => {
                     let key = (ev.validator(), ev.height());
-                    if self.evidence.len() < self.config.max_pending_evidence {
-                        self.evidence.entry(key).or_insert(ev);
+                    if self.evidence.len() < self.config.max_pending_evidence
+                        && !self.evidence.contains_key(&key)
+                    {
+                        // NODE-EV-1: both votes go to every peer, once per
+                        // offence, so whoever proposes next (only the
+                        // epoch's committee does, CONS-COMM-7) sees the
+                        // equivocation too and can include the evidence.
+                        // (Not against itself: its key signed both.)
+                        if ev.validator() != self.address {
+                            for vote in [&ev.vote_a, &ev.vote_b] {
+                                out.push(NodeOutput::Broadcast(WireMessage::Vote(vote.clone())));
+                            }
+                        }
+                        self.evidence.insert(key, ev);
                     }
                 }
             }
@@ -739,7 +803,10 @@ impl Node {
     }
 
     /// L18 `getValue()`: a block from the mempool and pending evidence.
-    fn build_block(&mut self, now_ms: u64) -> ValueId {
+    /// `None` only when this validator cannot make the epoch's last block:
+    /// its registered VRF key is not the one its signing key derives
+    /// (CONS-COMM-8), so its ticket would not verify.
+    fn build_block(&mut self, now_ms: u64) -> Option<ValueId> {
         let time_ms = now_ms.max(self.ledger.globals().time_ms + 1);
         let mut evidence: Vec<Misbehaviour> = self
             .evidence
@@ -759,6 +826,7 @@ impl Node {
         loop {
             let proposal = BlockProposal {
                 proposer: self.address,
+                ticket: self.ledger.ticket_for(&self.key),
                 time_ms,
                 evidence: evidence.clone(),
                 last_commit_signers: last_commit_signers.clone(),
@@ -781,8 +849,9 @@ impl Node {
                             persisted: false,
                         },
                     );
-                    return value;
+                    return Some(value);
                 }
+                Err(Error::InvalidTicket(_) | Error::MissingTicket) => return None,
                 Err(Error::InvalidEvidence { index, .. }) => {
                     assert!(index < evidence.len());
                     let dropped = evidence.remove(index);
@@ -856,6 +925,7 @@ impl Node {
         self.ledger = next;
         self.set = sets.set;
         self.prev_set = sets.prev_set;
+        self.proposers = sets.proposers;
         self.consensus = None;
         self.blocks.clear();
         let included: std::collections::BTreeSet<_> =
@@ -904,16 +974,18 @@ impl Node {
                     self.height_consensus_config(),
                     height,
                     self.set.clone(),
-                );
+                )
+                .with_proposers(self.proposers.clone());
                 let o = c.start();
                 (c, o)
             } else {
-                Consensus::restore(
+                Consensus::restore_with_proposers(
                     self.scheme.clone(),
                     self.key.clone(),
                     self.height_consensus_config(),
                     height,
                     self.set.clone(),
+                    self.proposers.clone(),
                     records,
                 )
             };

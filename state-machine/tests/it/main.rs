@@ -1,5 +1,6 @@
 //! One integration-test binary for the crate (keeps link time down).
 mod allowance;
+mod committee;
 mod consensus;
 mod crypto;
 mod fees;

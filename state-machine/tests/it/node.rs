@@ -1111,3 +1111,62 @@ fn node_sync_4_only_a_peer_still_behind_after_the_grace_is_sent_blocks() {
     let out = node.handle(decided_ms + retry, v3);
     assert!(!served(&out, a3), "helped a peer that is ahead: {out:?}");
 }
+
+/// CONS-COMM-6/7 through the driver: across several epochs the nodes stay
+/// live, every block's proposer is in its epoch's committee (which changes
+/// from epoch to epoch), and each block decided in round 0 was proposed by
+/// the pure function's choice, `epoch_proposer` over the epoch's proposer
+/// set (the driver advances that set incrementally).
+#[test]
+fn cons_comm_7_the_driver_proposes_from_each_epochs_committee() {
+    use blyan_state_machine::consensus::{epoch_proposer, proposer_set};
+    use blyan_state_machine::ledger::Ledger;
+    use blyan_state_machine::node::ConsensusSets;
+    const EPOCH: u64 = 3;
+    let mut c = Cluster::unbooted_with(
+        4,
+        Params {
+            epoch_length_blocks: EPOCH,
+            ..Params::default()
+        },
+    );
+    for i in 0..4 {
+        c.boot(i);
+    }
+    let until = c.now_ms + 40_000;
+    c.run_until(until);
+    c.assert_agreement();
+    let blocks = stored_blocks(&c.stores[0]).unwrap();
+    assert!(blocks.len() >= 15, "{} blocks", blocks.len());
+    let mut ledger = Ledger::from_genesis(&c.net.genesis).unwrap();
+    let mut committees = BTreeSet::new();
+    let mut epoch_start = None;
+    let mut round_zero = 0;
+    for b in &blocks {
+        let h = b.block.header.height;
+        let offset = (h - 1) % EPOCH;
+        if offset == 0 {
+            let set = ConsensusSets::genesis(&Ledger::from_genesis(&c.net.genesis).unwrap())
+                .unwrap()
+                .set;
+            epoch_start = Some(proposer_set(&set, &ledger.committee().eligible).unwrap());
+            committees.insert(ledger.committee().eligible.clone());
+        }
+        let proposer = b.block.header.proposer;
+        assert!(
+            ledger.committee().eligible.contains(&proposer),
+            "height {h}: {proposer} is outside the committee"
+        );
+        if b.certificate.round == 0 {
+            round_zero += 1;
+            assert_eq!(
+                proposer,
+                epoch_proposer(epoch_start.as_ref().unwrap(), offset, 0),
+                "height {h}"
+            );
+        }
+        ledger = ledger.apply_block_trusted_signatures(&b.block).unwrap().0;
+    }
+    assert!(committees.len() >= 2, "{committees:?}");
+    assert!(round_zero >= 10, "{round_zero} blocks in round 0");
+}

@@ -165,6 +165,7 @@ proptest! {
             // Proposing from the same candidates with the cache builds the same block.
             let proposal = blyan_state_machine::ledger::Proposal {
                 proposer: b.header.proposer,
+                ticket: b.header.ticket,
                 time_ms: b.header.time_ms,
                 evidence: b.body.evidence.clone(),
                 last_commit_signers: b.body.last_commit_signers.clone(),

@@ -303,16 +303,23 @@ pub fn header() -> BoxedStrategy<BlockHeader> {
     (
         (u64_edge(), u64_edge(), hash(), address(), amount()),
         (u64_edge(), u64_edge(), hash(), hash(), hash()),
+        proptest::option::of(proptest::array::uniform32(any::<u8>())),
     )
         .prop_map(
             |(
                 (height, time_ms, prev_hash, proposer, base_fee_per_gas),
                 (gas_limit, gas_used, body_hash, state_root, receipts_hash),
+                ticket_head,
             )| BlockHeader {
                 height,
                 time_ms,
                 prev_hash,
                 proposer,
+                ticket: ticket_head.map(|head| {
+                    let mut proof = [0u8; 81];
+                    proof[..32].copy_from_slice(&head);
+                    proof
+                }),
                 base_fee_per_gas,
                 gas_limit,
                 gas_used,
