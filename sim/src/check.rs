@@ -74,6 +74,8 @@ pub struct MessageCounts {
     pub txs: u64,
     /// Block requests and block batches (NODE-SYNC-*).
     pub sync: u64,
+    /// NODE-GOSSIP-2 statuses.
+    pub status: u64,
     /// SIM-BYZ-2: conflicting proposals sent by Byzantine proposers
     /// (messages, not included in the kinds above twice).
     pub conflicting_proposals: u64,
@@ -81,7 +83,7 @@ pub struct MessageCounts {
 
 impl MessageCounts {
     pub fn total(&self) -> u64 {
-        self.proposals + self.votes + self.txs + self.sync
+        self.proposals + self.votes + self.txs + self.sync + self.status
     }
 }
 

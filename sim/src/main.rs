@@ -151,12 +151,13 @@ mod cli {
         let per = |x: u64| x / heights;
         let n = n as u64;
         format!(
-            "messages per height: {} (proposals {}, votes {}, txs {}, sync {}); all-to-all votes need 2n(n-1) = {}; conflicting proposals sent {}",
+            "messages per height: {} (proposals {}, votes {}, txs {}, sync {}, status {}); all-to-all votes need 2n(n-1) = {}; conflicting proposals sent {}",
             per(m.total()),
             per(m.proposals),
             per(m.votes),
             per(m.txs),
             per(m.sync),
+            per(m.status),
             2 * n * n.saturating_sub(1),
             m.conflicting_proposals
         )

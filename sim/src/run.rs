@@ -289,6 +289,7 @@ impl NodeTask {
                 WireMessage::Vote(_) => counts.votes += n,
                 WireMessage::Tx(_) => counts.txs += n,
                 WireMessage::BlockRequest { .. } | WireMessage::Blocks(_) => counts.sync += n,
+                WireMessage::Status(_) => counts.status += n,
             }
         }
         if !w.is_byzantine(self.i) {

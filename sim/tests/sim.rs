@@ -62,9 +62,11 @@ fn sim_det_3_golden_digests() {
 #[test]
 fn sim_pol_1_deltas_are_decided_by_the_rules_under_faults() {
     let mut total = blyan_sim::pol::PolSummary::default();
+    // 50 s a seed: since the committee (CONS-COMM-7) and status gossip
+    // (NODE-GOSSIP-2), 40 s gave 18 reveals over these seeds.
     for seed in 1..=6 {
         let r = run(SimConfig {
-            duration_ms: 40_000,
+            duration_ms: 50_000,
             ..short(seed)
         });
         assert!(r.ok(), "seed {seed}: {:?}", r.violations);

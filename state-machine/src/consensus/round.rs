@@ -396,6 +396,28 @@ impl<S: SignatureScheme> Consensus<S> {
             .collect()
     }
 
+    /// CONS-GOSSIP-3: the votes of `vote_type` in `round` this validator
+    /// holds (its own and others'), for a peer that lacks them.
+    pub fn votes_of(&self, round: Round, vote_type: VoteType) -> Vec<Signed<Vote, S::Signature>> {
+        self.votes
+            .round(round)
+            .map(|r| r.tally(vote_type).all().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// CONS-GOSSIP-3: whether `validator`'s vote of `vote_type` in `round`
+    /// is held.
+    pub fn has_vote(&self, round: Round, vote_type: VoteType, validator: &Address) -> bool {
+        self.votes
+            .round(round)
+            .is_some_and(|r| r.tally(vote_type).has_vote_of(validator))
+    }
+
+    /// CONS-GOSSIP-3: the round's proposal from its proposer, if held.
+    pub fn proposal(&self, round: Round) -> Option<&Signed<Proposal, S::Signature>> {
+        self.proposals.get(&round).map(|p| &p.proposal)
+    }
+
     /// L10: start round 0 of the current height.
     pub fn start(&mut self) -> Vec<Output<S::Signature>> {
         assert_eq!(self.round, 0);
@@ -660,6 +682,7 @@ impl<S: SignatureScheme> Consensus<S> {
                 || self.rule_prevote_proposal(out)
                 || self.rule_prevote_any(out)
                 || self.rule_polka(out)
+                || self.rule_adopt_valid(out)
                 || self.rule_polka_nil(out)
                 || self.rule_precommit_any(out);
             if !fired {
@@ -820,6 +843,48 @@ impl<S: SignatureScheme> Consensus<S> {
             self.cast(VoteType::Precommit, Some(v), out); // L40
             self.step = Step::Precommit; // L41
         }
+        true
+    }
+
+    /// CONS-LOCK-3: upon ⟨PROPOSAL, h, r', v, ∗⟩ AND 2f+1 ⟨PREVOTE, h, r',
+    /// id(v)⟩ for an earlier round `r' < round_p` with `r' > validRound`
+    /// while valid(v): `validValue = v, validRound = r'` (the lock is
+    /// untouched). The paper updates the valid value only in the polka's own
+    /// round (L36), and its liveness proof then needs every validator,
+    /// locked ones included, to propose in turn; with proposers restricted
+    /// to the epoch's committee (CONS-COMM-6) an honest validator locked
+    /// outside it could never re-propose its value, and the committee's
+    /// honest members, unaware of the polka, could never get it accepted.
+    /// Adopting a polka learned later lets a committee member propose the
+    /// highest valid value with its round, which every locked validator
+    /// accepts (L28). Safety is untouched: it never depends on what a
+    /// proposer proposes, only on locks and quorums (a Byzantine proposer
+    /// may already propose any value with any valid round).
+    fn rule_adopt_valid(&mut self, out: &mut Vec<Output<S::Signature>>) -> bool {
+        let floor = self.valid.map(|(_, r)| r);
+        let found = self
+            .proposals
+            .range(..self.round)
+            .rev()
+            .take_while(|(r, _)| floor.is_none_or(|f| **r > f))
+            .find(|(r, stored)| {
+                let v = stored.proposal.message.value;
+                stored.valid
+                    && self
+                        .votes
+                        .round(**r)
+                        .is_some_and(|rv| self.quorum(rv.prevotes.power_for(&Some(v))))
+            })
+            .map(|(r, stored)| (stored.proposal.message.value, *r));
+        let Some(valid) = found else {
+            return false;
+        };
+        self.valid = Some(valid);
+        out.push(Output::Persist(Record::Lock {
+            height: self.height,
+            locked: self.locked,
+            valid: self.valid,
+        }));
         true
     }
 

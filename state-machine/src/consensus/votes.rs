@@ -53,6 +53,14 @@ impl<Sig: Clone> Tally<Sig> {
         votes.sort_by_key(|v| v.message.validator);
         votes
     }
+    /// Every counted vote (first votes and counted conflicting ones).
+    pub fn all(&self) -> impl Iterator<Item = &Signed<Vote, Sig>> {
+        self.votes.values().chain(self.conflicting.values())
+    }
+    /// Whether `validator`'s first vote is here.
+    pub fn has_vote_of(&self, validator: &Address) -> bool {
+        self.votes.contains_key(validator)
+    }
     /// Values (not nil) that have any vote.
     pub fn values(&self) -> impl Iterator<Item = &ValueId> {
         self.power_by_value.keys().flatten()

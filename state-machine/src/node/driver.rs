@@ -12,12 +12,13 @@
 
 use super::mempool::{Mempool, MempoolConfig};
 use super::{
-    CommittedBlock, NodeInput, NodeOutput, PeerId, ProposedBlock, Sig, Timer, WireMessage,
+    CommittedBlock, NodeInput, NodeOutput, PeerId, PeerStatus, ProposedBlock, Sig, Timer,
+    WireMessage,
 };
 use crate::block::{Block, BlockOutcome, Misbehaviour};
 use crate::consensus::{
     CommitCertificate, Config, Consensus, DuplicateVote, Input, K256Scheme, Message, Output,
-    Record, SignatureScheme, ValidatorSet, ValueId,
+    Record, SignatureScheme, ValidatorSet, ValueId, VoteType,
 };
 use crate::encoding::Canonical;
 use crate::error::Error;
@@ -234,6 +235,9 @@ pub struct Node {
     /// NODE-PEER-1: the highest consensus height each peer has sent a
     /// message for (at most `max_tracked_peers`).
     peer_heights: BTreeMap<PeerId, Height>,
+    /// NODE-GOSSIP-2: each peer's last status at this height (at most
+    /// `max_tracked_peers`; cleared when a height starts).
+    peer_status: BTreeMap<PeerId, PeerStatus>,
     /// When this node last committed a block live (NODE-SYNC-4's grace).
     committed_ms: u64,
 }
@@ -273,6 +277,7 @@ impl Node {
             sync_requested_ms: None,
             helped_ms: BTreeMap::new(),
             peer_heights: BTreeMap::new(),
+            peer_status: BTreeMap::new(),
             committed_ms: 0,
         })
     }
@@ -513,19 +518,10 @@ impl Node {
                 if height != self.height() || self.waiting {
                     return;
                 }
-                if let Some(c) = &self.consensus {
-                    let round = c.round();
-                    let mut messages = c.own_messages(round);
-                    if round > 0 {
-                        messages.extend(c.own_messages(round - 1));
-                    }
-                    if let Some((value, valid_round)) = c.valid() {
-                        messages.extend(c.polka(valid_round, value));
-                    }
-                    let mut inputs = VecDeque::new();
-                    let outputs = messages.into_iter().map(Output::Broadcast).collect();
-                    self.perform_consensus(now_ms, outputs, &mut inputs, out);
-                    assert!(inputs.is_empty(), "broadcasts produce no input");
+                // NODE-GOSSIP-2: not the messages again, but what this node
+                // holds of its round; each peer answers with what it lacks.
+                if let Some(status) = self.status() {
+                    out.push(NodeOutput::Broadcast(WireMessage::Status(status)));
                 }
                 out.push(NodeOutput::SetTimer {
                     timer: Timer::Rebroadcast { height },
@@ -540,6 +536,109 @@ impl Node {
                     self.sync_requested_ms = None;
                 }
             }
+        }
+    }
+
+    /// NODE-GOSSIP-2: this node's round and the round's messages it holds.
+    fn status(&self) -> Option<PeerStatus> {
+        let c = self.consensus.as_ref()?;
+        let round = c.round();
+        let bitmap = |vote_type| {
+            let mut bits = vec![0u8; self.set.len().div_ceil(8)];
+            for (i, v) in self.set.validators().iter().enumerate() {
+                if c.has_vote(round, vote_type, &v.address) {
+                    bits[i / 8] |= 1 << (i % 8);
+                }
+            }
+            bits
+        };
+        Some(PeerStatus {
+            height: self.height(),
+            round,
+            has_proposal: c.proposal(round).is_some(),
+            prevotes: bitmap(VoteType::Prevote),
+            precommits: bitmap(VoteType::Precommit),
+        })
+    }
+
+    /// NODE-GOSSIP-2: a peer at this height told what it holds of its
+    /// round; send it exactly what it lacks of that round (proposal and
+    /// votes, anyone's), and, if this node is in a later round, that
+    /// round's messages (f + 1 of them move it on, L55), and the polka of
+    /// this node's valid value (L28 needs it with a re-proposal). At most
+    /// two proposals and `4 n` votes per status.
+    fn on_status(&mut self, from: PeerId, status: PeerStatus, out: &mut Vec<NodeOutput>) {
+        let Some(c) = &self.consensus else {
+            return;
+        };
+        let bytes = self.set.len().div_ceil(8);
+        if status.prevotes.len() > bytes || status.precommits.len() > bytes {
+            return; // Malformed for this height's set.
+        }
+        if self.peer_status.len() >= self.config.max_tracked_peers
+            && !self.peer_status.contains_key(&from)
+        {
+            return;
+        }
+        let index: BTreeMap<Address, usize> = self
+            .set
+            .validators()
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (v.address, i))
+            .collect();
+        let mut messages: Vec<Message<Sig>> = Vec::new();
+        let ours = c.round();
+        if status.round <= ours {
+            let r = status.round;
+            if !status.has_proposal
+                && let Some(p) = c.proposal(r)
+            {
+                messages.push(Message::Proposal(p.clone()));
+            }
+            for (vote_type, bits) in [
+                (VoteType::Prevote, &status.prevotes),
+                (VoteType::Precommit, &status.precommits),
+            ] {
+                messages.extend(
+                    c.votes_of(r, vote_type)
+                        .into_iter()
+                        .filter(|v| {
+                            index
+                                .get(&v.message.validator)
+                                .is_none_or(|i| !PeerStatus::has(bits, *i))
+                        })
+                        .map(Message::Vote),
+                );
+            }
+        }
+        if ours > status.round {
+            messages.extend(c.proposal(ours).cloned().map(Message::Proposal));
+            for vote_type in [VoteType::Prevote, VoteType::Precommit] {
+                messages.extend(c.votes_of(ours, vote_type).into_iter().map(Message::Vote));
+            }
+        }
+        if let Some((value, valid_round)) = c.valid()
+            && valid_round < status.round
+        {
+            messages.extend(c.polka(valid_round, value));
+        }
+        self.peer_status.insert(from, status);
+        for m in messages {
+            let message = match m {
+                Message::Vote(v) => WireMessage::Vote(v),
+                Message::Proposal(p) => {
+                    let Some(c) = self.blocks.get(&p.message.value) else {
+                        continue;
+                    };
+                    WireMessage::Proposal {
+                        proposal: p,
+                        block: Box::new(c.block.clone()),
+                        last_commit: c.last_commit.clone(),
+                    }
+                }
+            };
+            out.push(NodeOutput::Send { to: from, message });
         }
     }
 
@@ -574,6 +673,7 @@ impl Node {
             }
         }
         match message {
+            WireMessage::Status(status) => self.on_status(from, status, out),
             WireMessage::Vote(vote) => self.feed(now_ms, Input::Vote(vote), out),
             WireMessage::Proposal {
                 proposal,
@@ -964,6 +1064,7 @@ impl Node {
     fn start_height(&mut self, now_ms: u64, records: &[Record<Sig>], out: &mut Vec<NodeOutput>) {
         self.waiting = false;
         self.height_started_ms = now_ms;
+        self.peer_status.clear();
         let height = self.height();
         self.consensus = None;
         if self.is_validator() {

@@ -71,6 +71,32 @@ pub enum WireMessage {
     /// NODE-SYNC-3: committed blocks in ascending height order, at most
     /// [`NodeConfig::sync_batch_blocks`].
     Blocks(Vec<CommittedBlock>),
+    /// NODE-GOSSIP-2: what the sender holds of its round (CometBFT's
+    /// `PeerState` from `NewRoundStep` and `VoteSetBits`): a peer answers
+    /// with exactly what it has and the sender lacks.
+    Status(PeerStatus),
+}
+
+/// NODE-GOSSIP-2: a node's round and which of the round's messages it holds.
+/// Bitmaps are indexed by position in the height's validator set (ascending
+/// address), bit `i % 8` of byte `i / 8`; at most `MAX_VALIDATORS` bits.
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[rkyv(derive(Debug))]
+pub struct PeerStatus {
+    pub height: Height,
+    pub round: crate::consensus::Round,
+    pub has_proposal: bool,
+    pub prevotes: Vec<u8>,
+    pub precommits: Vec<u8>,
+}
+
+impl PeerStatus {
+    /// Whether bit `index` is set (missing bytes are zeros).
+    pub fn has(bitmap: &[u8], index: usize) -> bool {
+        bitmap
+            .get(index / 8)
+            .is_some_and(|b| b & (1 << (index % 8)) != 0)
+    }
 }
 
 impl WireMessage {
@@ -79,6 +105,7 @@ impl WireMessage {
         match self {
             WireMessage::Proposal { proposal, .. } => Some(proposal.message.height),
             WireMessage::Vote(v) => Some(v.message.height),
+            WireMessage::Status(s) => Some(s.height),
             _ => None,
         }
     }

@@ -711,3 +711,41 @@ fn cons_vote_4_an_equivocators_vote_for_a_proposed_value_counts() {
     let polka: Vec<_> = c.polka(0, A);
     assert_eq!(polka.len(), 3);
 }
+
+/// CONS-LOCK-3: a polka of an earlier round, learned late, becomes the
+/// valid value (not a lock), persisted; as the proposer of a later round the
+/// validator re-proposes it with that valid round, which locked validators
+/// accept (L28). Without the rule it would ask for a new value and the
+/// validators locked on A would refuse it.
+#[test]
+fn cons_lock_3_a_late_polka_becomes_the_valid_value_and_is_re_proposed() {
+    let mut c = node(2, &[1, 1, 1, 1]);
+    c.start();
+    // It misses round 0 and moves to round 1 on f + 1 of its messages.
+    feed(&mut c, Input::Vote(vote(0, VoteType::Prevote, 1, None)));
+    feed(&mut c, Input::Vote(vote(1, VoteType::Prevote, 1, None)));
+    assert_eq!(c.round(), 1);
+    // Round 0's proposal and polka arrive late.
+    feed(&mut c, proposal(0, 0, A, None));
+    feed(&mut c, Input::Vote(vote(0, VoteType::Prevote, 0, Some(A))));
+    feed(&mut c, Input::Vote(vote(1, VoteType::Prevote, 0, Some(A))));
+    assert_eq!(c.valid(), None, "two of four is no polka");
+    let out = feed(&mut c, Input::Vote(vote(3, VoteType::Prevote, 0, Some(A))));
+    assert_eq!(c.valid(), Some((A, 0)));
+    assert_eq!(c.locked(), None, "a late polka is not a lock");
+    assert!(out.iter().any(|o| matches!(
+        o,
+        Output::Persist(Record::Lock { locked: None, valid: Some((v, 0)), .. }) if *v == A
+    )));
+    // Round 2 is its own: it proposes A with valid round 0, asking for no value.
+    assert_eq!(c.proposer(2), addr(2));
+    feed(&mut c, Input::Vote(vote(0, VoteType::Prevote, 2, None)));
+    let out = feed(&mut c, Input::Vote(vote(1, VoteType::Prevote, 2, None)));
+    assert_eq!(c.round(), 2);
+    assert!(!out.iter().any(|o| matches!(o, Output::RequestValue { .. })));
+    assert!(out.iter().any(|o| matches!(
+        o,
+        Output::Broadcast(Message::Proposal(p))
+            if p.message.value == A && p.message.valid_round == Some(0)
+    )));
+}

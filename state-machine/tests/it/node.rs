@@ -1170,3 +1170,119 @@ fn cons_comm_7_the_driver_proposes_from_each_epochs_committee() {
     assert!(committees.len() >= 2, "{committees:?}");
     assert!(round_zero >= 10, "{round_zero} blocks in round 0");
 }
+
+/// NODE-GOSSIP-2: a status is answered with exactly the votes of its round
+/// the peer lacks (anyone's, not only the node's own); a peer in an earlier
+/// round is also sent the node's round; a bitmap too long for the set gets
+/// nothing. The rebroadcast timer sends a status, not the messages again.
+#[test]
+fn node_gossip_2_a_status_is_answered_with_what_the_peer_lacks() {
+    use blyan_state_machine::consensus::{K256Scheme, SignatureScheme, Signed, Vote, VoteType};
+    use blyan_state_machine::node::PeerStatus;
+    use blyan_state_machine::types::Address;
+    let net = testnet(4, 0, Params::default());
+    let now = net.genesis.genesis_time_ms + 1_000;
+    let mut node = Node::from_genesis(
+        NodeConfig::default(),
+        net.validators[0].clone(),
+        &net.genesis,
+    )
+    .unwrap();
+    node.start(now, &[], Vec::new());
+    let scheme = K256Scheme {
+        chain_id: net.genesis.chain_id.clone(),
+    };
+    let members: Vec<Address> = node
+        .validator_set()
+        .validators()
+        .iter()
+        .map(|v| v.address)
+        .collect();
+    let index = |a| members.iter().position(|m| *m == a).unwrap();
+    let (a1, a2, a3) = (
+        address(&net.validators[1]),
+        address(&net.validators[2]),
+        address(&net.validators[3]),
+    );
+    let (i1, i2) = (index(a1), index(a2));
+    for k in [1, 2] {
+        let vote = Vote {
+            vote_type: VoteType::Prevote,
+            height: 1,
+            round: 0,
+            value: None,
+            validator: address(&net.validators[k]),
+        };
+        let signed = Signed {
+            signature: scheme.sign_vote(&net.validators[k], &vote),
+            message: vote,
+        };
+        node.handle(
+            now,
+            NodeInput::Message {
+                from: address(&net.validators[k]),
+                message: WireMessage::Vote(signed),
+            },
+        );
+    }
+    let bits = |set: &[usize]| {
+        let mut b = vec![0u8; 1];
+        for i in set {
+            b[i / 8] |= 1 << (i % 8);
+        }
+        b
+    };
+    let sent_votes = |out: &[NodeOutput]| -> Vec<(Address, VoteType, u32)> {
+        out.iter()
+            .filter_map(|o| match o {
+                NodeOutput::Send {
+                    to,
+                    message: WireMessage::Vote(v),
+                } if *to == a3 => Some((v.message.validator, v.message.vote_type, v.message.round)),
+                NodeOutput::Send { to, .. } => panic!("only votes to the asker, not to {to}"),
+                NodeOutput::Broadcast(m) => panic!("a status is answered, not broadcast: {m:?}"),
+                _ => None,
+            })
+            .collect()
+    };
+    let status = |prevotes: Vec<u8>| PeerStatus {
+        height: 1,
+        round: 0,
+        has_proposal: true,
+        prevotes,
+        precommits: Vec::new(),
+    };
+    let ask = |node: &mut Node, s: PeerStatus| {
+        node.handle(
+            now,
+            NodeInput::Message {
+                from: a3,
+                message: WireMessage::Status(s),
+            },
+        )
+    };
+    // It holds 1's and 2's prevotes; the peer has 1's: it gets 2's only.
+    let out = ask(&mut node, status(bits(&[i1])));
+    assert_eq!(sent_votes(&out), vec![(a2, VoteType::Prevote, 0)]);
+    // The peer has both: nothing.
+    assert!(sent_votes(&ask(&mut node, status(bits(&[i1, i2])))).is_empty());
+    // Malformed for a set of four (two bytes): ignored.
+    assert!(ask(&mut node, status(vec![0, 0])).is_empty());
+    // The rebroadcast timer sends this node's status.
+    let out = node.handle(
+        now + 1_000,
+        NodeInput::Timer(Timer::Rebroadcast { height: 1 }),
+    );
+    let statuses: Vec<&PeerStatus> = out
+        .iter()
+        .filter_map(|o| match o {
+            NodeOutput::Broadcast(WireMessage::Status(s)) => Some(s),
+            NodeOutput::Broadcast(m) => panic!("only the status is broadcast: {m:?}"),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(statuses.len(), 1);
+    assert!(PeerStatus::has(&statuses[0].prevotes, i1));
+    assert!(PeerStatus::has(&statuses[0].prevotes, i2));
+    assert!(!PeerStatus::has(&statuses[0].prevotes, index(a3)));
+}

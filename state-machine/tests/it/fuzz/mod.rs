@@ -141,7 +141,9 @@ fn fuzz_wire_message() {
                     WireMessage::Proposal { block, .. } => after_block(block),
                     WireMessage::Tx(tx) => after_tx(tx),
                     WireMessage::Blocks(bs) => bs.iter().for_each(|c| after_block(&c.block)),
-                    WireMessage::Vote(_) | WireMessage::BlockRequest { .. } => {}
+                    WireMessage::Vote(_)
+                    | WireMessage::BlockRequest { .. }
+                    | WireMessage::Status(_) => {}
                 }
             })
         },

@@ -386,6 +386,22 @@ pub fn wire_message() -> BoxedStrategy<WireMessage> {
         3 => signed_tx().prop_map(|t| WireMessage::Tx(Box::new(t))),
         1 => u64_edge().prop_map(|from_height| WireMessage::BlockRequest { from_height }),
         1 => prop::collection::vec(committed_block(), 0..3).prop_map(WireMessage::Blocks),
+        1 => (
+            u64_edge(),
+            any::<u32>(),
+            any::<bool>(),
+            prop::collection::vec(any::<u8>(), 0..20),
+            prop::collection::vec(any::<u8>(), 0..20),
+        )
+            .prop_map(|(height, round, has_proposal, prevotes, precommits)| {
+                WireMessage::Status(blyan_state_machine::node::PeerStatus {
+                    height,
+                    round,
+                    has_proposal,
+                    prevotes,
+                    precommits,
+                })
+            }),
     ]
     .boxed()
 }
