@@ -23,7 +23,8 @@ fn bench(c: &mut Criterion) {
         .collect();
     let (block, _, outcome) = ledger
         .propose_block(Proposal {
-            proposer: ledger.active_set()[0].0,
+            proposer: ledger.eligible_proposers()[0],
+            ticket: None,
             time_ms: net.genesis.genesis_time_ms + 2_000,
             evidence: vec![],
             last_commit_signers: vec![],
@@ -68,7 +69,8 @@ fn bench(c: &mut Criterion) {
                 ledger
                     .propose_block_with_verified(
                         Proposal {
-                            proposer: ledger.active_set()[0].0,
+                            proposer: ledger.eligible_proposers()[0],
+                            ticket: None,
                             time_ms: net.genesis.genesis_time_ms + 2_000,
                             evidence: vec![],
                             last_commit_signers: vec![],
