@@ -218,6 +218,9 @@ impl Io for HostIo<'_> {
     fn broadcast(&mut self, message: WireMessage) {
         self.outbound.broadcast(&message);
     }
+    fn relay(&mut self, from: PeerId, message: WireMessage) {
+        self.outbound.broadcast_except(from, &message);
+    }
     fn set_timer(&mut self, timer: Timer, at_ms: u64) {
         self.timers.set(timer, at_ms, self.height);
     }

@@ -212,6 +212,8 @@ pub fn inbound_queue_len(config: &TransportConfig) -> usize {
 pub trait Outbound: Send + Sync + 'static {
     fn send(&self, to: PeerId, message: &WireMessage);
     fn broadcast(&self, message: &WireMessage);
+    /// To every peer but `except` (NODE-GOSSIP-3: it has the message).
+    fn broadcast_except(&self, except: PeerId, message: &WireMessage);
     /// Peers with an open outgoing connection.
     fn connected_peers(&self) -> usize;
     /// What the transport refused or dropped (NODE-NET-7), if it counts.
@@ -1977,13 +1979,10 @@ pub async fn fetch_blob_with(
     Ok(progress)
 }
 
-impl Outbound for GrpcTransport {
-    fn send(&self, to: PeerId, message: &WireMessage) {
-        if let Some(f) = self.encode(message) {
-            self.enqueue(&to, &f);
-        }
-    }
-    fn broadcast(&self, message: &WireMessage) {
+impl GrpcTransport {
+    /// To every connected peer but `except`; NODE-ADMIT-4: proposals,
+    /// votes and statuses go to validators only.
+    fn broadcast_to(&self, except: Option<PeerId>, message: &WireMessage) {
         let Some(f) = self.encode(message) else {
             return;
         };
@@ -1993,8 +1992,8 @@ impl Outbound for GrpcTransport {
             .expect("writers lock")
             .keys()
             .copied()
+            .filter(|p| Some(*p) != except)
             .collect();
-        // NODE-ADMIT-4: proposals and votes go to validators only.
         let consensus = message.consensus_height().is_some();
         let validators = self.validators.read().expect("validators lock");
         for p in &to {
@@ -2003,6 +2002,20 @@ impl Outbound for GrpcTransport {
             }
             self.enqueue(p, &f);
         }
+    }
+}
+
+impl Outbound for GrpcTransport {
+    fn send(&self, to: PeerId, message: &WireMessage) {
+        if let Some(f) = self.encode(message) {
+            self.enqueue(&to, &f);
+        }
+    }
+    fn broadcast(&self, message: &WireMessage) {
+        self.broadcast_to(None, message);
+    }
+    fn broadcast_except(&self, except: PeerId, message: &WireMessage) {
+        self.broadcast_to(Some(except), message);
     }
     fn apply_plan(&self, plan: &PeerPlan) {
         GrpcTransport::apply_plan(self, plan);

@@ -694,6 +694,7 @@ struct NullOutbound;
 impl Outbound for NullOutbound {
     fn send(&self, _: PeerId, _: &WireMessage) {}
     fn broadcast(&self, _: &WireMessage) {}
+    fn broadcast_except(&self, _: PeerId, _: &WireMessage) {}
     fn connected_peers(&self) -> usize {
         0
     }

@@ -689,9 +689,13 @@ impl Node {
                 // their own admissions to every peer directly, so a
                 // transaction from one is not relayed again; one from a
                 // follower is, once.
+                // NODE-GOSSIP-3: never back to the peer it came from.
                 let relay = self.set.get(&from).is_none() && self.ledger.validator(&from).is_none();
                 if self.mempool.insert((*tx).clone(), &self.ledger).is_ok() && relay {
-                    out.push(NodeOutput::Broadcast(WireMessage::Tx(tx)));
+                    out.push(NodeOutput::Relay {
+                        from,
+                        message: WireMessage::Tx(tx),
+                    });
                 }
                 self.report_dropped(out);
             }

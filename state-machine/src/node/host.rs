@@ -18,6 +18,8 @@ use crate::types::{Hash32, Height};
 pub trait Io {
     fn send(&mut self, to: PeerId, message: WireMessage);
     fn broadcast(&mut self, message: WireMessage);
+    /// To every peer but `from` (NODE-GOSSIP-3).
+    fn relay(&mut self, from: PeerId, message: WireMessage);
     /// Feed `Timer` back to the node at or after `at_ms` (node clock).
     fn set_timer(&mut self, timer: Timer, at_ms: u64);
     /// A block was committed and stored.
@@ -42,6 +44,7 @@ pub fn perform<S: Store, I: Io>(
                 store.persist_candidate(&candidate).map_err(|e| (done, e))?
             }
             NodeOutput::Broadcast(message) => io.broadcast(message),
+            NodeOutput::Relay { from, message } => io.relay(from, message),
             NodeOutput::Send { to, message } => io.send(to, message),
             NodeOutput::SetTimer { timer, at_ms } => io.set_timer(timer, at_ms),
             NodeOutput::Committed { block, outcome } => {
@@ -103,6 +106,8 @@ pub fn stored_blocks<S: Store>(store: &S) -> Result<Vec<CommittedBlock>, S::Erro
 #[derive(Debug, Default)]
 pub struct RecordingIo {
     pub sent: Vec<(Option<PeerId>, WireMessage)>,
+    /// Relays: `(from, message)`, to every peer but `from`.
+    pub relayed: Vec<(PeerId, WireMessage)>,
     pub timers: Vec<(Timer, u64)>,
     pub committed: Vec<(CommittedBlock, BlockOutcome)>,
     pub tx_results: Vec<(Hash32, Result<(), super::MempoolError>)>,
@@ -115,6 +120,9 @@ impl Io for RecordingIo {
     }
     fn broadcast(&mut self, message: WireMessage) {
         self.sent.push((None, message));
+    }
+    fn relay(&mut self, from: PeerId, message: WireMessage) {
+        self.relayed.push((from, message));
     }
     fn set_timer(&mut self, timer: Timer, at_ms: u64) {
         self.timers.push((timer, at_ms));

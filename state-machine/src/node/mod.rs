@@ -148,6 +148,11 @@ pub enum NodeOutput {
     /// NODE-STORE-5: make durable before performing any later output.
     PersistBlock(Box<ProposedBlock>),
     Broadcast(WireMessage),
+    /// NODE-GOSSIP-3: to every peer but `from`, which has it (it sent it).
+    Relay {
+        from: PeerId,
+        message: WireMessage,
+    },
     Send {
         to: PeerId,
         message: WireMessage,

@@ -121,6 +121,8 @@ impl Cluster {
         let mut fx = RecordingIo::default();
         perform(out, &mut self.stores[i], &mut fx).unwrap();
         let from = self.addresses[i];
+        // The cluster's peers are validators: nothing is relayed.
+        assert!(fx.relayed.is_empty(), "validators never relay");
         for (to, message) in fx.sent {
             if self.cut.contains(&i) {
                 continue;
@@ -951,7 +953,8 @@ fn node_time_1_nodes_booted_out_of_phase_converge_on_one_schedule() {
 
 /// NODE-MP-5: validators gossip their own admissions to every peer, so a
 /// transaction gossiped by a validator is admitted but not relayed; one from
-/// a peer outside the validator set (a follower) is relayed once.
+/// a peer outside the validator set (a follower) is relayed once, to every
+/// peer but the follower (NODE-GOSSIP-3).
 #[test]
 fn node_mp_5_gossip_from_a_validator_is_not_relayed_and_from_a_follower_is() {
     let c = Cluster::new(4);
@@ -963,10 +966,20 @@ fn node_mp_5_gossip_from_a_validator_is_not_relayed_and_from_a_follower_is() {
         &c.net.genesis,
     )
     .unwrap();
-    let relayed = |out: &[NodeOutput]| {
+    // NODE-GOSSIP-3: a relay goes to every peer but the one it came from.
+    let relayed_from = |out: &[NodeOutput]| -> Vec<blyan_state_machine::types::Address> {
         out.iter()
-            .any(|o| matches!(o, NodeOutput::Broadcast(WireMessage::Tx(_))))
+            .filter_map(|o| match o {
+                NodeOutput::Relay {
+                    from,
+                    message: WireMessage::Tx(_),
+                } => Some(*from),
+                NodeOutput::Broadcast(WireMessage::Tx(_)) => panic!("a relay is not a broadcast"),
+                _ => None,
+            })
+            .collect()
     };
+    let relayed = |out: &[NodeOutput]| !relayed_from(out).is_empty();
     let from_validator = transfer(&chain, &c.net.accounts[0], 0, to, BLY);
     let out = node.handle(
         c.now_ms,
@@ -990,7 +1003,11 @@ fn node_mp_5_gossip_from_a_validator_is_not_relayed_and_from_a_follower_is() {
         },
     );
     assert_eq!(node.mempool().len(), 2, "admitted");
-    assert!(relayed(&out), "a follower's gossip is relayed: {out:?}");
+    assert_eq!(
+        relayed_from(&out),
+        vec![follower],
+        "a follower's gossip is relayed, not back to it: {out:?}"
+    );
 }
 
 /// NODE-MP-2: a stale nonce is refused before the signature is verified, so
