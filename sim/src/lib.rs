@@ -1,8 +1,9 @@
 //! Deterministic simulation of whole Blyan clusters (issue: sim, spec
 //! `sim/README.md`): the real node driver from `blyan-state-machine`, hosted
 //! by the same output loop as the runtime (`node::host::perform`), on
-//! madsim's simulated network and clock, under a nemesis of network, node,
-//! clock, disk and Byzantine faults, replayable exactly from a seed.
+//! madsim's clock and scheduler and a simulated network (`net`), under a
+//! nemesis of network, node, clock, disk and Byzantine faults, replayable
+//! exactly from a seed.
 //!
 //! Everything here only exists when built with `RUSTFLAGS="--cfg madsim"`
 //! (use `sim/blyan-sim`, which builds in `target/madsim`). Without the cfg
@@ -13,6 +14,8 @@
 pub mod check;
 #[cfg(madsim)]
 pub mod config;
+#[cfg(madsim)]
+pub mod net;
 #[cfg(madsim)]
 pub mod pol;
 #[cfg(madsim)]

@@ -1,8 +1,10 @@
-//! One simulation: a cluster of real node drivers on madsim's network and
-//! clock, a nemesis, a client workload, then the checkers (spec: sim/README.md).
+//! One simulation: a cluster of real node drivers on madsim's clock and
+//! scheduler and the simulator's network (`net.rs`), a nemesis, a client
+//! workload, then the checkers (spec: sim/README.md).
 
 use crate::check::{Commit, Observer, quantile};
 use crate::config::SimConfig;
+use crate::net::{Datagram, Network};
 use crate::pol::{PolOracle, PolSummary, SimModel};
 use crate::store::SimStore;
 use crate::workload::{Client, ClientLog};
@@ -25,17 +27,16 @@ use blyan_state_machine::testkit::{TestNet, address, testnet};
 use blyan_state_machine::tx::SignedTx;
 use blyan_state_machine::types::{Hash32, Height};
 use k256::ecdsa::SigningKey;
-use madsim::net::{Endpoint, NetSim};
 use madsim::rand::{Rng, thread_rng};
 use madsim::runtime::{Handle, NodeHandle};
-use madsim::time::{Duration, Instant, sleep};
+use madsim::time::{Duration, Instant, Sleep, sleep};
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll, Waker};
 
-pub const PORT: u16 = 7_000;
-pub const TAG: u64 = 1;
 /// Envelope kinds (first byte of every datagram).
 pub const KIND_PEER: u8 = 0;
 pub const KIND_CLIENT: u8 = 1;
@@ -48,16 +49,6 @@ pub fn validator_ip(i: usize) -> IpAddr {
     assert!(i < MAX_VALIDATORS);
     let (subnet, host) = if i < 250 { (0, i + 1) } else { (2, i - 249) };
     IpAddr::V4(Ipv4Addr::new(10, 0, subnet, host as u8))
-}
-
-/// The inverse of [`validator_ip`].
-fn validator_index(ip: IpAddr) -> Option<usize> {
-    let IpAddr::V4(v4) = ip else { return None };
-    match v4.octets() {
-        [10, 0, 0, host @ 1..=250] => Some(usize::from(host) - 1),
-        [10, 0, 2, host @ 1..=250] => Some(usize::from(host) + 249),
-        _ => None,
-    }
 }
 
 pub const MAX_VALIDATORS: usize = 500;
@@ -89,6 +80,99 @@ pub struct World {
     /// SIM-WL-2: the simulated model and what is true about its deltas.
     pub model: SimModel,
     pub pol: Mutex<PolOracle>,
+    /// SIM-NET-1/2: endpoints `0..validators` are the validators, then the
+    /// client ([`World::client_endpoint`]).
+    pub network: Mutex<Network<Packet>>,
+    /// SIM-FID-3: committed blocks' transaction ids by block hash.
+    tx_ids: Mutex<BTreeMap<Hash32, Vec<Hash32>>>,
+    wakers: Mutex<Wakers>,
+    /// `BLYAN_SIM_DESCRIBE` is set (read once, not per node step).
+    describe: bool,
+}
+
+/// SIM-FID-3: blocks whose transaction ids are kept (cleared when full).
+const MAX_TX_ID_BLOCKS: usize = 256;
+
+/// What travels between endpoints: an envelope's bytes, and their decoding,
+/// done once for every destination of a broadcast (SIM-FID-3).
+pub struct Packet {
+    bytes: Vec<u8>,
+    decoded: OnceLock<Option<Decoded>>,
+}
+
+enum Decoded {
+    Peer(WireMessage),
+    Client(SignedTx),
+}
+
+impl Packet {
+    pub fn new(bytes: Vec<u8>) -> Arc<Packet> {
+        Arc::new(Packet {
+            bytes,
+            decoded: OnceLock::new(),
+        })
+    }
+
+    /// The envelope's kind and body decoded, or `None` for garbage: a pure
+    /// function of the bytes, so computed by the first destination only.
+    fn decoded(&self) -> Option<&Decoded> {
+        self.decoded.get_or_init(|| decode(&self.bytes)).as_ref()
+    }
+}
+
+fn decode(bytes: &[u8]) -> Option<Decoded> {
+    match bytes.split_first() {
+        Some((&KIND_PEER, body)) => WireMessage::decode(body).ok().map(Decoded::Peer),
+        Some((&KIND_CLIENT, body)) => SignedTx::decode(body).ok().map(Decoded::Client),
+        _ => None,
+    }
+}
+
+/// Who to wake when the network has something for them.
+#[derive(Default)]
+struct Wakers {
+    /// Each node task waiting on an empty inbox.
+    nodes: Vec<Option<Waker>>,
+    /// The delivery task.
+    delivery: Option<Waker>,
+}
+
+fn store_waker(slot: &mut Option<Waker>, cx: &Context<'_>) {
+    if !slot.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+        *slot = Some(cx.waker().clone());
+    }
+}
+
+/// A madsim sleep that registers its timer once per deadline: polling a
+/// pending `Sleep` adds a timer every time (madsim cannot cancel one), and
+/// a node task is polled once per batch of arrivals.
+struct Deadline {
+    sleep: Pin<Box<Sleep>>,
+    armed: Option<Instant>,
+}
+
+impl Deadline {
+    fn new() -> Deadline {
+        Deadline {
+            sleep: Box::pin(sleep(Duration::ZERO)),
+            armed: None,
+        }
+    }
+
+    /// Ready once `at` has passed; wakes the polling task then.
+    fn poll_until(&mut self, at: Instant, cx: &mut Context<'_>) -> Poll<()> {
+        if Instant::now() >= at {
+            return Poll::Ready(());
+        }
+        if self.armed != Some(at) {
+            self.sleep.as_mut().reset(at);
+            self.armed = Some(at);
+            if self.sleep.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(());
+            }
+        }
+        Poll::Pending
+    }
 }
 
 impl World {
@@ -104,61 +188,138 @@ impl World {
     fn is_byzantine(&self, i: usize) -> bool {
         i >= self.cfg.validators - self.cfg.byzantine
     }
-    fn index_of(&self, ip: IpAddr) -> Option<usize> {
-        validator_index(ip).filter(|i| *i < self.cfg.validators)
+
+    /// The client's network endpoint (after the validators').
+    pub fn client_endpoint(&self) -> usize {
+        self.cfg.validators
     }
 
-    /// Sends `bytes` to `dst` through the fault layer: loss, latency from
-    /// the configured distribution (and a slow tail), duplication. madsim's
-    /// own network adds 0.1–0.2 ms and applies clogs (partitions). The
-    /// buffer is shared by every destination of a broadcast.
-    pub fn transmit(self: &Arc<Self>, ep: &Arc<Endpoint>, dst: IpAddr, bytes: Arc<Vec<u8>>) {
+    /// SIM-NET-1: sends `packet` from endpoint `from` to each of `to`
+    /// through the fault layer: loss, latency from the configured
+    /// distribution (and a slow tail), duplication, each drawn per
+    /// destination; then the network queue (SIM-NET-2: clogs, crashes).
+    pub fn transmit(&self, from: usize, to: &[usize], packet: &Arc<Packet>) {
         let f = &self.cfg.faults;
+        let loss_ppm = self.net_faults.loss_ppm.load(Ordering::Relaxed);
+        let duplicate_ppm = self.net_faults.duplicate_ppm.load(Ordering::Relaxed);
+        let tail_ppm = self.net_faults.tail_ppm.load(Ordering::Relaxed);
+        let now_ms = self.elapsed_ms();
         let mut rng = thread_rng();
-        if rng.gen_range(0..1_000_000) < self.net_faults.loss_ppm.load(Ordering::Relaxed) {
-            return;
-        }
-        let copies = if rng.gen_range(0..1_000_000)
-            < self.net_faults.duplicate_ppm.load(Ordering::Relaxed)
-        {
-            2
-        } else {
-            1
-        };
-        for _ in 0..copies {
-            let j = f.latency_jitter_ms;
-            // Triangular on [mean - jitter, mean + jitter].
-            let mut latency =
-                f.latency_mean_ms.saturating_sub(j) + rng.gen_range(0..=j) + rng.gen_range(0..=j);
-            if f.tail_ms > 0
-                && rng.gen_range(0..1_000_000) < self.net_faults.tail_ppm.load(Ordering::Relaxed)
-            {
-                latency += rng.gen_range(0..f.tail_ms);
+        let mut sent = 0;
+        let mut rearm = false;
+        let mut net = self.network.lock().expect("single-threaded");
+        for &dst in to {
+            if rng.gen_range(0..1_000_000) < loss_ppm {
+                continue;
             }
-            let ep = ep.clone();
-            let bytes = bytes.clone();
-            self.observer.lock().expect("single-threaded").messages_sent += 1;
-            madsim::task::spawn(async move {
-                sleep(Duration::from_millis(latency)).await;
-                // A send error (the peer is down) is a lost message.
-                let _ = ep
-                    .send_to_raw(SocketAddr::new(dst, PORT), TAG, Box::new(bytes))
-                    .await;
-            });
+            let copies = if rng.gen_range(0..1_000_000) < duplicate_ppm {
+                2
+            } else {
+                1
+            };
+            for _ in 0..copies {
+                let j = f.latency_jitter_ms;
+                // Triangular on [mean - jitter, mean + jitter].
+                let mut latency_ms = f.latency_mean_ms.saturating_sub(j)
+                    + rng.gen_range(0..=j)
+                    + rng.gen_range(0..=j);
+                if f.tail_ms > 0 && rng.gen_range(0..1_000_000) < tail_ppm {
+                    latency_ms += rng.gen_range(0..f.tail_ms);
+                }
+                let order = rng.r#gen::<u32>();
+                sent += 1;
+                let datagram = Datagram {
+                    from,
+                    payload: packet.clone(),
+                };
+                rearm |= net.send(dst, now_ms + latency_ms, order, datagram);
+            }
         }
+        drop(net);
+        self.observer.lock().expect("single-threaded").messages_sent += sent;
+        if rearm && let Some(w) = self.wakers.lock().expect("single-threaded").delivery.take() {
+            w.wake();
+        }
+    }
+
+    /// SIM-FID-3: the ids of a committed block's transactions, computed
+    /// once per block (the block hash commits to its body, BLOCK-3).
+    fn tx_ids(&self, block: &Block, block_hash: Hash32) -> Vec<Hash32> {
+        if !self.cfg.memo {
+            return block.body.txs.iter().map(SignedTx::id).collect();
+        }
+        let mut memo = self.tx_ids.lock().expect("single-threaded");
+        if let Some(ids) = memo.get(&block_hash) {
+            return ids.clone();
+        }
+        let ids: Vec<Hash32> = block.body.txs.iter().map(SignedTx::id).collect();
+        if memo.len() >= MAX_TX_ID_BLOCKS {
+            memo.clear();
+        }
+        memo.insert(block_hash, ids.clone());
+        ids
+    }
+
+    /// Kills node `i`'s tasks; its in-flight sends and unread inbox are lost.
+    fn kill(&self, handle: &Handle, node: &NodeHandle, i: usize) {
+        handle.kill(node.id());
+        self.network.lock().expect("single-threaded").crash(i);
+    }
+
+    /// The simulated instant at which node `i`'s clock reads `node_ms`.
+    fn instant_at_node_ms(&self, i: usize, node_ms: u64) -> Instant {
+        let base = self.net.genesis.genesis_time_ms + 1_000;
+        let elapsed_ms = node_ms
+            .saturating_add_signed(-self.skews_ms[i])
+            .saturating_sub(base);
+        self.t0 + Duration::from_millis(elapsed_ms)
+    }
+}
+
+/// SIM-NET-1: the one task that moves arrivals into inboxes, at each
+/// arrival millisecond, and wakes the nodes that got mail.
+async fn deliver(world: Arc<World>) {
+    let mut deadline = Deadline::new();
+    let mut woken = Vec::new();
+    loop {
+        let now_ms = world.elapsed_ms();
+        world
+            .network
+            .lock()
+            .expect("single-threaded")
+            .deliver_due(now_ms, &mut woken);
+        if !woken.is_empty() {
+            let mut wakers = world.wakers.lock().expect("single-threaded");
+            for i in woken.drain(..) {
+                if let Some(w) = wakers.nodes[i].take() {
+                    w.wake();
+                }
+            }
+        }
+        std::future::poll_fn(|cx| {
+            store_waker(
+                &mut world.wakers.lock().expect("single-threaded").delivery,
+                cx,
+            );
+            match world.network.lock().expect("single-threaded").armed_at_ms() {
+                Some(at_ms) => deadline.poll_until(world.t0 + Duration::from_millis(at_ms), cx),
+                None => Poll::Pending,
+            }
+        })
+        .await;
     }
 }
 
 /// The [`Io`] of a simulated node: collects effects, performed after the
 /// store writes of the batch (so never before a persist they depend on).
-#[derive(Default)]
-struct SimIo {
+struct SimIo<'w> {
+    world: &'w World,
     sends: Vec<(Option<PeerId>, WireMessage)>,
     timers: Vec<(Timer, u64)>,
     committed: Vec<(Height, Commit)>,
 }
 
-impl Io for SimIo {
+impl Io for SimIo<'_> {
     fn send(&mut self, to: PeerId, message: WireMessage) {
         self.sends.push((Some(to), message));
     }
@@ -176,12 +337,13 @@ impl Io for SimIo {
         self.timers.push((timer, at_ms));
     }
     fn committed(&mut self, block: &CommittedBlock, outcome: &BlockOutcome) {
+        let block_hash = block.block.hash();
         self.committed.push((
             block.block.header.height,
             Commit {
-                block_hash: block.block.hash(),
+                block_hash,
                 state_root: block.block.header.state_root,
-                tx_ids: block.block.body.txs.iter().map(SignedTx::id).collect(),
+                tx_ids: self.world.tx_ids(&block.block, block_hash),
                 at_ms: 0,
                 failed_tx_ids: outcome
                     .receipts
@@ -209,7 +371,6 @@ impl Io for SimIo {
 struct NodeTask {
     world: Arc<World>,
     i: usize,
-    ep: Arc<Endpoint>,
     node: Node,
     timers: BTreeSet<(u64, Timer)>,
     key: SigningKey,
@@ -218,7 +379,13 @@ struct NodeTask {
 impl NodeTask {
     /// Performs `outputs`; returns false if the store failed (halt).
     fn perform(&mut self, outputs: Vec<blyan_state_machine::node::NodeOutput>) -> bool {
-        let mut io = SimIo::default();
+        let world = self.world.clone();
+        let mut io = SimIo {
+            world: &world,
+            sends: Vec::new(),
+            timers: Vec::new(),
+            committed: Vec::new(),
+        };
         let result = {
             let mut store = self.world.stores[self.i].lock().expect("single-threaded");
             store.error_ppm = self
@@ -235,7 +402,7 @@ impl NodeTask {
             .expect("single-threaded")
             .status
             .insert(self.i, (self.node.height(), self.node.round()));
-        if std::env::var_os("BLYAN_SIM_DESCRIBE").is_some() {
+        if self.world.describe {
             let d = self.node.describe();
             self.world
                 .observer
@@ -300,10 +467,8 @@ impl NodeTask {
             }
         }
         if !w.is_byzantine(self.i) {
-            let bytes = Arc::new(envelope(KIND_PEER, &message.encode()));
-            for j in targets {
-                w.transmit(&self.ep, validator_ip(j), bytes.clone());
-            }
+            let packet = Packet::new(envelope(KIND_PEER, &message.encode()));
+            w.transmit(self.i, &targets, &packet);
             return;
         }
         // SIM-BYZ-1: a Byzantine validator's outgoing traffic.
@@ -355,7 +520,7 @@ impl NodeTask {
             } else {
                 envelope(KIND_PEER, &m.encode())
             };
-            w.transmit(&self.ep, validator_ip(j), Arc::new(bytes));
+            w.transmit(self.i, &[j], &Packet::new(bytes));
         }
     }
 
@@ -433,19 +598,7 @@ pub fn envelope(kind: u8, body: &[u8]) -> Vec<u8> {
 /// then loop on messages and timers.
 async fn node_main(world: Arc<World>, i: usize) {
     world.halted[i].store(false, Ordering::Relaxed);
-    // The previous incarnation's in-flight sends may still hold the port for
-    // a moment after a restart.
-    let mut attempts = 0;
-    let ep = loop {
-        match Endpoint::bind(SocketAddr::new(validator_ip(i), PORT)).await {
-            Ok(ep) => break Arc::new(ep),
-            Err(e) => {
-                attempts += 1;
-                assert!(attempts < 100, "bind {}: {e}", validator_ip(i));
-                sleep(Duration::from_millis(100)).await;
-            }
-        }
-    };
+    world.network.lock().expect("single-threaded").open(i);
     let mut config = NodeConfig {
         block_interval_ms: world.cfg.block_interval_ms,
         ..NodeConfig::default()
@@ -472,19 +625,25 @@ async fn node_main(world: Arc<World>, i: usize) {
     let mut task = NodeTask {
         world: world.clone(),
         i,
-        ep: ep.clone(),
         node,
         timers: BTreeSet::new(),
         key,
     };
-    if !task.perform(out) {
-        world.halted[i].store(true, Ordering::Relaxed);
-        return;
+    if task.perform(out) {
+        node_loop(&world, &mut task).await;
     }
-    // One madsim timer per deadline, not one per received message (at 100
-    // validators a node receives ~13,000 messages per height).
-    let mut wake = Box::pin(sleep(Duration::ZERO));
-    let mut wake_at_ms = 0u64;
+    // A store write failed: halt (never send what could not be persisted).
+    world.network.lock().expect("single-threaded").close(i);
+    world.halted[i].store(true, Ordering::Relaxed);
+}
+
+/// Handles due timers, then the inbox, then waits for either; returns when
+/// a store write failed. One madsim timer per deadline, not one per received
+/// message (at 100 validators a node receives ~23,000 messages per height).
+async fn node_loop(world: &Arc<World>, task: &mut NodeTask) {
+    let i = task.i;
+    let mut deadline = Deadline::new();
+    let mut idle_wake_ms = 0u64;
     loop {
         let now = world.node_now_ms(i);
         if let Some(&(at, timer)) = task.timers.first()
@@ -493,66 +652,62 @@ async fn node_main(world: Arc<World>, i: usize) {
             task.timers.pop_first();
             let out = task.node.handle(now, NodeInput::Timer(timer));
             if !task.perform(out) {
-                break;
+                return;
             }
             continue;
         }
-        let deadline_ms = match task.timers.first() {
-            Some((at, _)) => *at,
-            None if wake_at_ms > now => wake_at_ms,
-            None => now + 1_000,
-        };
-        if deadline_ms != wake_at_ms {
-            wake.as_mut()
-                .reset(madsim::time::Instant::now() + Duration::from_millis(deadline_ms - now));
-            wake_at_ms = deadline_ms;
+        let received = world.network.lock().expect("single-threaded").recv(i);
+        if let Some(datagram) = received {
+            let Some(input) = node_input(world, datagram) else {
+                continue; // Garbage or an unknown sender: dropped.
+            };
+            let out = task.node.handle(now, input);
+            if !task.perform(out) {
+                return;
+            }
+            continue;
         }
-        let mut recv = std::pin::pin!(ep.recv_from_raw(TAG));
-        let received = std::future::poll_fn(|cx| {
-            use std::task::Poll;
-            if let Poll::Ready(r) = std::future::Future::poll(recv.as_mut(), cx) {
-                return Poll::Ready(Some(r));
+        let wake_ms = match task.timers.first() {
+            Some((at, _)) => *at,
+            None => {
+                if idle_wake_ms <= now {
+                    idle_wake_ms = now + 1_000;
+                }
+                idle_wake_ms
             }
-            if std::future::Future::poll(wake.as_mut(), cx).is_ready() {
-                return Poll::Ready(None);
+        };
+        let wake_at = world.instant_at_node_ms(i, wake_ms);
+        std::future::poll_fn(|cx| {
+            if world.network.lock().expect("single-threaded").has_mail(i) {
+                return Poll::Ready(());
             }
-            Poll::Pending
+            store_waker(
+                &mut world.wakers.lock().expect("single-threaded").nodes[i],
+                cx,
+            );
+            deadline.poll_until(wake_at, cx)
         })
         .await;
-        let Some(Ok((payload, from))) = received else {
-            if received.is_none() {
-                wake_at_ms = 0; // Fired: the next deadline needs a new one.
-            }
-            continue;
-        };
-        let Ok(bytes) = payload.downcast::<Arc<Vec<u8>>>() else {
-            continue;
-        };
-        let now = world.node_now_ms(i);
-        let input = match bytes.split_first() {
-            Some((&KIND_PEER, body)) => {
-                let (Some(j), Ok(message)) = (world.index_of(from.ip()), WireMessage::decode(body))
-                else {
-                    continue; // Garbage or an unknown sender: dropped.
-                };
-                NodeInput::Message {
-                    from: world.addresses[j],
-                    message,
-                }
-            }
-            Some((&KIND_CLIENT, body)) => match SignedTx::decode(body) {
-                Ok(tx) => NodeInput::ClientTx(tx),
-                Err(_) => continue,
-            },
-            _ => continue,
-        };
-        let out = task.node.handle(now, input);
-        if !task.perform(out) {
-            break;
-        }
     }
-    // A store write failed: halt (never send what could not be persisted).
-    world.halted[i].store(true, Ordering::Relaxed);
+}
+
+/// What a datagram says, or `None` for garbage.
+/// SIM-FID-3: decoded once per packet, unless `--no-memo`.
+fn node_input(world: &World, datagram: Datagram<Packet>) -> Option<NodeInput> {
+    let fresh;
+    let decoded = if world.cfg.memo {
+        datagram.payload.decoded()?
+    } else {
+        fresh = decode(&datagram.payload.bytes)?;
+        &fresh
+    };
+    match decoded {
+        Decoded::Peer(message) => Some(NodeInput::Message {
+            from: *world.addresses.get(datagram.from)?,
+            message: message.clone(),
+        }),
+        Decoded::Client(tx) => Some(NodeInput::ClientTx(tx.clone())),
+    }
 }
 
 /// The outcome of one simulation.
@@ -620,10 +775,6 @@ pub async fn simulate(cfg: SimConfig) -> Report {
     );
     let genesis: Genesis = net.genesis.clone();
     let handle = Handle::current();
-    NetSim::current().update_config(|c| {
-        c.packet_loss_rate = 0.0;
-        c.send_latency = Duration::from_micros(100)..Duration::from_micros(200);
-    });
     let mut rng = thread_rng();
     let skews_ms = (0..cfg.validators)
         .map(|_| {
@@ -656,8 +807,16 @@ pub async fn simulate(cfg: SimConfig) -> Report {
         skews_ms,
         t0: Instant::now(),
         net,
+        network: Mutex::new(Network::new(cfg.validators + 1)),
+        tx_ids: Mutex::new(BTreeMap::new()),
+        wakers: Mutex::new(Wakers {
+            nodes: vec![None; cfg.validators],
+            delivery: None,
+        }),
+        describe: std::env::var_os("BLYAN_SIM_DESCRIBE").is_some(),
         cfg: cfg.clone(),
     });
+    let delivery = madsim::task::spawn(deliver(world.clone()));
     let _ = genesis;
     let nodes: Vec<NodeHandle> = (0..cfg.validators)
         .map(|i| {
@@ -688,11 +847,11 @@ pub async fn simulate(cfg: SimConfig) -> Report {
     world.net_faults.duplicate_ppm.store(0, Ordering::Relaxed);
     world.net_faults.tail_ppm.store(0, Ordering::Relaxed);
     world.net_faults.store_error_ppm.store(0, Ordering::Relaxed);
-    heal_network(&world, &nodes);
+    heal_network(&world);
     world.client_log.lock().expect("single-threaded").stopped = true;
     for (i, n) in nodes.iter().enumerate() {
         if world.halted[i].load(Ordering::Relaxed) || handle.is_exit(n.id()) {
-            handle.kill(n.id());
+            world.kill(&handle, n, i);
             handle.restart(n.id());
         }
     }
@@ -717,10 +876,11 @@ pub async fn simulate(cfg: SimConfig) -> Report {
         }
     }
     let report = finish(&world, converged_ms, target);
-    for n in &nodes {
-        handle.kill(n.id());
+    for (i, n) in nodes.iter().enumerate() {
+        world.kill(&handle, n, i);
     }
     handle.kill(client.id());
+    delivery.abort();
     report
 }
 
@@ -728,7 +888,6 @@ pub async fn simulate(cfg: SimConfig) -> Report {
 async fn nemesis(world: &Arc<World>, handle: &Handle, nodes: &[NodeHandle], duration_ms: u64) {
     let f = world.cfg.faults.clone();
     let n = nodes.len();
-    let net = NetSim::current();
     let mut actions: Vec<&str> = Vec::new();
     if f.partitions {
         actions.push("partition");
@@ -753,8 +912,7 @@ async fn nemesis(world: &Arc<World>, handle: &Handle, nodes: &[NodeHandle], dura
         // Nodes halted by a store error come back.
         for (i, node) in nodes.iter().enumerate() {
             if world.halted[i].load(Ordering::Relaxed) {
-                // kill() also releases the node's sockets; restart() alone does not.
-                handle.kill(node.id());
+                world.kill(handle, node, i);
                 handle.restart(node.id());
             }
         }
@@ -773,16 +931,20 @@ async fn nemesis(world: &Arc<World>, handle: &Handle, nodes: &[NodeHandle], dura
                     .flat_map(|a| (0..n).map(move |b| (a, b)))
                     .filter(|(a, b)| side[*a] && !side[*b])
                     .collect();
-                for (a, b) in &links {
-                    net.clog_link(nodes[*a].id(), nodes[*b].id());
-                    if action == "partition" {
-                        net.clog_link(nodes[*b].id(), nodes[*a].id());
+                {
+                    let mut net = world.network.lock().expect("single-threaded");
+                    for &(a, b) in &links {
+                        net.clog_link(a, b);
+                        if action == "partition" {
+                            net.clog_link(b, a);
+                        }
                     }
                 }
                 sleep(Duration::from_millis(hold_ms)).await;
-                for (a, b) in &links {
-                    net.unclog_link(nodes[*a].id(), nodes[*b].id());
-                    net.unclog_link(nodes[*b].id(), nodes[*a].id());
+                let mut net = world.network.lock().expect("single-threaded");
+                for &(a, b) in &links {
+                    net.unclog_link(a, b);
+                    net.unclog_link(b, a);
                 }
             }
             "swizzle" => {
@@ -790,19 +952,23 @@ async fn nemesis(world: &Arc<World>, handle: &Handle, nodes: &[NodeHandle], dura
                 shuffle(&mut order);
                 let clogged = &order[..n.div_ceil(2)];
                 for i in clogged {
-                    net.clog_node(nodes[*i].id());
+                    world.network.lock().expect("single-threaded").clog_node(*i);
                     sleep(Duration::from_millis(500)).await;
                 }
                 let mut release = clogged.to_vec();
                 shuffle(&mut release);
                 for i in release {
                     sleep(Duration::from_millis(500)).await;
-                    net.unclog_node(nodes[i].id());
+                    world
+                        .network
+                        .lock()
+                        .expect("single-threaded")
+                        .unclog_node(i);
                 }
             }
             "crash" => {
                 let i = thread_rng().gen_range(0..n);
-                handle.kill(nodes[i].id());
+                world.kill(handle, &nodes[i], i);
                 world.observer.lock().expect("single-threaded").crashes += 1;
                 sleep(Duration::from_millis(hold_ms)).await;
                 handle.restart(nodes[i].id());
@@ -812,15 +978,8 @@ async fn nemesis(world: &Arc<World>, handle: &Handle, nodes: &[NodeHandle], dura
     }
 }
 
-fn heal_network(world: &Arc<World>, nodes: &[NodeHandle]) {
-    let net = NetSim::current();
-    let _ = world;
-    for a in nodes {
-        net.unclog_node(a.id());
-        for b in nodes {
-            net.unclog_link(a.id(), b.id());
-        }
-    }
+fn heal_network(world: &Arc<World>) {
+    world.network.lock().expect("single-threaded").heal();
 }
 
 fn shuffle(v: &mut [usize]) {

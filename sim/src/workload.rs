@@ -6,17 +6,15 @@
 
 use crate::check::Commit;
 use crate::pol::PolWorkload;
-use crate::run::{KIND_CLIENT, PORT, World, client_ip, envelope, validator_ip};
+use crate::run::{KIND_CLIENT, Packet, World, envelope};
 use blyan_state_machine::encoding::Canonical;
 use blyan_state_machine::pol::{PolBlockType, PolTx};
 use blyan_state_machine::testkit::{address, pol_block, tx};
 use blyan_state_machine::tx::{SignedTx, TxKind};
 use blyan_state_machine::types::{BLY, Hash32, Height};
-use madsim::net::Endpoint;
 use madsim::rand::{Rng, thread_rng};
 use madsim::time::{Duration, sleep};
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 const MAX_FEE: u128 = 100_000_000_000;
@@ -79,11 +77,6 @@ pub struct Client;
 
 impl Client {
     pub async fn run(world: Arc<World>) {
-        let ep = Arc::new(
-            Endpoint::bind(SocketAddr::new(client_ip(), PORT))
-                .await
-                .expect("bind"),
-        );
         let chain = world.net.genesis.chain_id.clone();
         let accounts = world.net.accounts.clone();
         let validators: Vec<_> =
@@ -97,7 +90,7 @@ impl Client {
             sleep(Duration::from_millis(period_ms)).await;
             tick += 1;
             if tick.is_multiple_of((3_000 / period_ms).max(1)) {
-                Self::resubmit(&world, &ep);
+                Self::resubmit(&world);
             }
             if world.client_log.lock().expect("single-threaded").stopped {
                 continue;
@@ -125,7 +118,7 @@ impl Client {
                             *e - 1
                         },
                     );
-                    Self::record_and_submit(&world, &ep, txs);
+                    Self::record_and_submit(&world, txs);
                 }
             }
             let r = rng.gen_range(0..100);
@@ -250,16 +243,16 @@ impl Client {
             }
             drop(log);
             for t in good.iter().chain(&bad).chain(&late_double_spend) {
-                Self::submit(&world, &ep, t);
+                Self::submit(&world, t);
             }
             if !singles.is_empty() {
-                Self::record_and_submit(&world, &ep, singles);
+                Self::record_and_submit(&world, singles);
             }
         }
     }
 
     /// Each transaction is its own group (resubmitted until it commits).
-    fn record_and_submit(world: &Arc<World>, ep: &Arc<Endpoint>, txs: Vec<SignedTx>) {
+    fn record_and_submit(world: &Arc<World>, txs: Vec<SignedTx>) {
         let now = world.elapsed_ms();
         let mut log = world.client_log.lock().expect("single-threaded");
         for t in &txs {
@@ -269,22 +262,22 @@ impl Client {
         }
         drop(log);
         for t in &txs {
-            Self::submit(world, ep, t);
+            Self::submit(world, t);
         }
     }
 
-    fn submit(world: &Arc<World>, ep: &Arc<Endpoint>, t: &SignedTx) {
+    fn submit(world: &Arc<World>, t: &SignedTx) {
         let honest = world.cfg.validators - world.cfg.byzantine;
         let j = thread_rng().gen_range(0..honest);
         world.transmit(
-            ep,
-            validator_ip(j),
-            Arc::new(envelope(KIND_CLIENT, &t.encode())),
+            world.client_endpoint(),
+            &[j],
+            &Packet::new(envelope(KIND_CLIENT, &t.encode())),
         );
     }
 
     /// Unresolved groups older than 2 s go out again (bounded per tick).
-    fn resubmit(world: &Arc<World>, ep: &Arc<Endpoint>) {
+    fn resubmit(world: &Arc<World>) {
         let canonical = world.observer.lock().expect("single-threaded").canonical();
         let ids = ClientLog::committed_ids(&canonical);
         let now = world.elapsed_ms();
@@ -304,7 +297,7 @@ impl Client {
                 .collect()
         };
         for t in &pending {
-            Self::submit(world, ep, t);
+            Self::submit(world, t);
         }
     }
 }
