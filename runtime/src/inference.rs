@@ -1542,8 +1542,9 @@ mod engine {
         }
     }
 
-    /// API-CHAT-5, RT-PIPE-2: after a panic in a job or a stage step, the
-    /// engine is dropped with every pipeline session (their caches went
+    /// API-CHAT-5, RT-PIPE-2: after a panic in a job or a stage step (counted
+    /// by the caller before it answers, so a client that sees the error sees
+    /// the count), the engine is dropped with every pipeline session (their caches went
     /// with it; routers replay them) and the model reloaded.
     fn restart(
         loaded: &mut Option<LoadedModel>,
@@ -1552,7 +1553,6 @@ mod engine {
         stats: &EngineStats,
         experts: &ExpertSlot,
     ) {
-        stats.panics.fetch_add(1, Ordering::Relaxed);
         stats.set_state(EngineState::Rebuilding);
         sessions.clear();
         stats.stage_sessions.store(0, Ordering::Relaxed);
@@ -1704,6 +1704,7 @@ mod engine {
                             Err(payload) => {
                                 let why = panic_message(&*payload);
                                 tracing::error!(panic = %why, "a batch of stage steps panicked; rebuilding the engine");
+                                stats.panics.fetch_add(1, Ordering::Relaxed);
                                 for job in batch {
                                     let _ = job.reply.send(Err(Error::Inference(format!(
                                         "the inference engine panicked ({why}); it is being rebuilt"
@@ -1745,6 +1746,7 @@ mod engine {
                             // Routers replay the lost sessions (RT-PIPE-4).
                             let why = panic_message(&*payload);
                             tracing::error!(panic = %why, "stage step panicked; rebuilding the engine");
+                            stats.panics.fetch_add(1, Ordering::Relaxed);
                             let _ = job.reply.send(Err(Error::Inference(format!(
                                 "the inference engine panicked ({why}); it is being rebuilt"
                             ))));
@@ -1815,6 +1817,7 @@ mod engine {
                 Err(payload) => {
                     let why = panic_message(&*payload);
                     tracing::error!(panic = %why, "inference job panicked; rebuilding the engine");
+                    stats.panics.fetch_add(1, Ordering::Relaxed);
                     let _ = job.reply.send(Err(Error::Inference(format!(
                         "the inference engine panicked ({why}); it is being rebuilt, retry"
                     ))));
