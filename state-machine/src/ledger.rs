@@ -436,6 +436,13 @@ impl Ledger {
             members
         }
     }
+    /// CONS-COMM-7: whether an active validator may propose the next block
+    /// ([`Ledger::eligible_proposers`] without building the list).
+    fn may_propose(&self, active_member: &Address) -> bool {
+        let eligible = &self.committee.eligible;
+        eligible.contains(active_member)
+            || !self.active_set.iter().any(|(a, _)| eligible.contains(a))
+    }
     /// CONS-COMM-3: the ticket input the next block must carry a proof for,
     /// if it is the last block of its epoch.
     pub fn next_ticket_input(&self) -> Option<Vec<u8>> {
@@ -1179,7 +1186,7 @@ impl Ledger {
         if !self.active_set.iter().any(|(a, _)| *a == h.proposer) {
             return Err(Error::UnknownProposer(h.proposer));
         }
-        if !self.eligible_proposers().contains(&h.proposer) {
+        if !self.may_propose(&h.proposer) {
             return Err(Error::IneligibleProposer(h.proposer));
         }
         self.pending_seed = self.check_ticket(h)?;

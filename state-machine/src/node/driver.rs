@@ -142,19 +142,20 @@ impl ConsensusSets {
         };
         // CONS-COMM-6/7: a new epoch starts its committee with fresh
         // priorities; within an epoch the proposers advance like the set,
-        // and drop members that left it.
-        let members = committee_members(&set, next);
+        // and follow its changes (members leave, or return from jail). With
+        // neither, the members are the same and only priorities move.
         let new_epoch = next
             .height()
             .is_multiple_of(next.params().epoch_length_blocks);
-        let proposers = match (members, &self.proposers) {
-            (None, _) => None,
-            (Some(fresh), _) if new_epoch => Some(fresh),
-            (Some(fresh), None) => Some(fresh),
-            (Some(fresh), Some(p)) if outcome.validator_set_update.is_some() => {
-                Some(fresh.carry_priorities_from(p).next_height())
+        let proposers = if new_epoch || outcome.validator_set_update.is_some() {
+            match (committee_members(&set, next), &self.proposers) {
+                (Some(fresh), Some(p)) if !new_epoch => {
+                    Some(fresh.carry_priorities_from(p).next_height())
+                }
+                (members, _) => members,
             }
-            (Some(_), Some(p)) => Some(p.next_height()),
+        } else {
+            self.proposers.as_ref().map(ValidatorSet::next_height)
         };
         Ok(ConsensusSets {
             prev_set: self.set.clone(),
@@ -580,13 +581,13 @@ impl Node {
         {
             return;
         }
-        let index: BTreeMap<Address, usize> = self
-            .set
-            .validators()
-            .iter()
-            .enumerate()
-            .map(|(i, v)| (v.address, i))
-            .collect();
+        // The set is in ascending address order (CONS-VAL-1).
+        let index = |a: &Address| {
+            self.set
+                .validators()
+                .binary_search_by(|v| v.address.cmp(a))
+                .ok()
+        };
         let mut messages: Vec<Message<Sig>> = Vec::new();
         let ours = c.round();
         if status.round <= ours {
@@ -604,9 +605,7 @@ impl Node {
                     c.votes_of(r, vote_type)
                         .into_iter()
                         .filter(|v| {
-                            index
-                                .get(&v.message.validator)
-                                .is_none_or(|i| !PeerStatus::has(bits, *i))
+                            index(&v.message.validator).is_none_or(|i| !PeerStatus::has(bits, i))
                         })
                         .map(Message::Vote),
                 );

@@ -184,57 +184,22 @@ fn cons_comm_7_committees_follow_stakes_fixed_an_epoch_ahead() {
     let chain = net.genesis.chain_id.clone();
     let fee = 10_000_000_000;
     let mut ledger = Ledger::from_genesis(&net.genesis).unwrap();
+    let whale_tx = |nonce, kind| tx(&chain, whale, nonce, kind, fee);
+    let vrf = |public_key| TxKind::SetVrfKey { public_key };
+    // x ≥ p: not a point (CONS-VRF-2).
+    let mut not_a_point = [0xff; 33];
+    not_a_point[0] = 0x02;
     let txs = [
-        tx(
-            &chain,
-            whale,
-            0,
-            TxKind::SetVrfKey {
-                public_key: vrf_public_key(whale),
-            },
-            fee,
-        ),
-        tx(
-            &chain,
-            whale,
+        whale_tx(0, vrf(vrf_public_key(whale))),
+        whale_tx(
             1,
             TxKind::Bond {
                 amount: 500_000 * BLY,
             },
-            fee,
         ),
-        tx(
-            &chain,
-            whale,
-            2,
-            TxKind::SetVrfKey {
-                // x ≥ p: not a point (CONS-VRF-2).
-                public_key: {
-                    let mut k = [0xff; 33];
-                    k[0] = 0x02;
-                    k
-                },
-            },
-            fee,
-        ),
-        tx(
-            &chain,
-            whale,
-            3,
-            TxKind::SetVrfKey {
-                public_key: vrf_public_key(whale),
-            },
-            fee,
-        ),
-        tx(
-            &chain,
-            whale,
-            4,
-            TxKind::SetVrfKey {
-                public_key: vrf_public_key(&net.validators[0]),
-            },
-            fee,
-        ),
+        whale_tx(2, vrf(not_a_point)),
+        whale_tx(3, vrf(vrf_public_key(whale))),
+        whale_tx(4, vrf(vrf_public_key(&net.validators[0]))),
     ];
     let (block, next) = testkit::next_block(&ledger, &txs).unwrap();
     let (_, outcome) = ledger.apply_block(&block).unwrap();
