@@ -24,7 +24,9 @@ use stateright::actor::{
     model_timeout,
 };
 use std::borrow::Cow;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+use std::sync::Mutex;
 
 /// What to check.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -60,6 +62,10 @@ pub struct ModelConfig {
     /// Whether timeouts fire. Off only in searches for a known counterexample
     /// that needs none (it removes a large part of the branching).
     pub timers: bool,
+    /// Reduction R5 (CONS-MC-1): a delivery that only records a message is
+    /// made only as part of a set delivered at once that ends in an action,
+    /// and only with the messages that action needs.
+    pub defer_inert: bool,
 }
 
 /// What the Byzantine validators place in the network (CONS-MC-1).
@@ -83,8 +89,8 @@ impl ModelConfig {
     /// The configuration CI checks exhaustively with timers (CONS-MC-4), and
     /// the CLI's default: 4 validators, the Byzantine one the proposer of
     /// round 1 (so round 0's proposer is honest), 1 height, 1 round, the
-    /// unordered, duplicating, lossy network, no crash. Two rounds or a crash
-    /// with timers do not finish in CI time (see CONS-MC-4 for the sizes).
+    /// unordered, duplicating, lossy network, no crash. Without reduction R5
+    /// (CI checks it with R5 and uses this to validate R5; see CONS-MC-4).
     pub fn ci() -> Self {
         ModelConfig {
             validators: 4,
@@ -100,6 +106,7 @@ impl ModelConfig {
             byzantine_proposals: 2,
             strategy: Strategy::Split,
             timers: true,
+            defer_inert: false,
         }
     }
 
@@ -114,6 +121,39 @@ impl ModelConfig {
             strategy: Strategy::Swing,
             max_crashes: 1,
             timers: false,
+            ..Self::ci()
+        }
+    }
+
+    /// The deeper configuration CI checks exhaustively (CONS-MC-4): the CI
+    /// configuration over two heights (the decision, the records cleared,
+    /// the next height's set and proposer, validators at different heights)
+    /// with timers *and* a crash-restart, with reduction R5.
+    pub fn ci_two_heights() -> Self {
+        ModelConfig {
+            heights: 2,
+            max_crashes: 1,
+            defer_inert: true,
+            ..Self::ci()
+        }
+    }
+
+    /// `ci_crash` over two heights, with reduction R5.
+    pub fn ci_crash_two_heights() -> Self {
+        ModelConfig {
+            heights: 2,
+            defer_inert: true,
+            ..Self::ci_crash()
+        }
+    }
+
+    /// Two rounds of one height, with reduction R5: where `IgnoreLock` is
+    /// searched (a lock matters only in a later round). Not exhausted in CI
+    /// (see CONS-MC-4).
+    pub fn two_rounds() -> Self {
+        ModelConfig {
+            rounds: 2,
+            defer_inert: true,
             ..Self::ci()
         }
     }
@@ -421,14 +461,120 @@ impl Actor for Node {
     }
 }
 
+/// R5's successors of one validator (see `Model::deliver_sets`): each a list
+/// of indices into `pending`, the inert messages in ascending order and then
+/// the one that acts.
+fn minimal_acting_sets(
+    consensus: &Consensus<ModelScheme>,
+    pending: &[(Id, Msg)],
+) -> Vec<Vec<usize>> {
+    // The validator after each inert subset (bitmask over `pending`).
+    let mut inert: BTreeMap<u64, Consensus<ModelScheme>> = BTreeMap::new();
+    inert.insert(0, consensus.clone());
+    let mut frontier = vec![0u64];
+    // Candidate actions: (T, m).
+    let mut acting: Vec<(u64, usize)> = Vec::new();
+    while !frontier.is_empty() {
+        let mut next = Vec::new();
+        for mask in frontier {
+            let base = inert[&mask].clone();
+            for (j, (_, msg)) in pending.iter().enumerate() {
+                if mask & (1 << j) != 0 {
+                    continue;
+                }
+                match receive(&base, msg) {
+                    Delivery::NoOp => {}
+                    Delivery::Acts => acting.push((mask, j)),
+                    Delivery::Inert(after) => {
+                        // Each subset once: extend only past its highest member.
+                        if mask == 0 || j > 63 - mask.leading_zeros() as usize {
+                            let grown = mask | (1 << j);
+                            inert.insert(grown, after);
+                            next.push(grown);
+                        }
+                    }
+                }
+            }
+        }
+        frontier = next;
+    }
+    acting
+        .into_iter()
+        .filter(|(mask, j)| {
+            (0..pending.len())
+                .filter(|x| mask & (1 << x) != 0)
+                .all(|x| {
+                    inert.get(&(mask & !(1 << x))).is_none_or(|smaller| {
+                        !matches!(receive(smaller, &pending[*j].1), Delivery::Acts)
+                    })
+                })
+        })
+        .map(|(mask, j)| {
+            (0..pending.len())
+                .filter(|x| mask & (1 << x) != 0)
+                .chain([j])
+                .collect()
+        })
+        .collect()
+}
+
+/// What delivering a message to a validator does (reduction R5).
+#[allow(clippy::large_enum_variant)] // short-lived; boxing would only add an allocation
+enum Delivery {
+    /// Refused, or already received: nothing changes.
+    NoOp,
+    /// Only recorded: the validator after it.
+    Inert(Consensus<ModelScheme>),
+    /// The validator acts (sends, persists, schedules, decides or changes
+    /// its control state).
+    Acts,
+}
+
+fn receive(consensus: &Consensus<ModelScheme>, msg: &Msg) -> Delivery {
+    let input = match msg.clone() {
+        Message::Proposal(proposal) => {
+            let valid = is_valid(&proposal.message.value);
+            Input::Proposal { proposal, valid }
+        }
+        Message::Vote(vote) => Input::Vote(vote),
+    };
+    let mut next = consensus.clone();
+    let Ok(mut outputs) = next.handle(input) else {
+        return Delivery::NoOp;
+    };
+    outputs.retain(|output| !matches!(output, Output::Evidence(_)));
+    if outputs.is_empty() && next == *consensus {
+        Delivery::NoOp
+    } else if outputs.is_empty() && next.same_except_received(consensus) {
+        Delivery::Inert(next)
+    } else {
+        Delivery::Acts
+    }
+}
+
 /// Values that appeared in a proposal (the model's history, for validity).
 pub type Proposed = BTreeSet<ValueId>;
 
 /// The actor system as stateright builds it, before the reductions.
 pub type Actors = ActorModel<Node, ModelConfig, Proposed>;
 pub type State = ActorModelState<Node, Proposed>;
-/// `Crash(id)` is a crash immediately followed by the restart (R1).
-pub type Action = ActorModelAction<Msg, TimeoutKind, ()>;
+/// The checked model's actions.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Action {
+    /// stateright's own; `Crash(id)` is a crash immediately followed by the
+    /// restart (R1).
+    Actor(ActorModelAction<Msg, TimeoutKind, ()>),
+    /// R5: `msgs` delivered to `dst` in this order; every delivery but the
+    /// last only records its message, and the last makes `dst` act.
+    DeliverSet { dst: Id, msgs: Vec<(Id, Msg)> },
+}
+
+/// Upper bound on the messages one validator may have pending at once in a
+/// configuration checked with R5 (its inert subsets are enumerated as bitmasks).
+const MAX_PENDING_R5: usize = 64;
+
+/// Entries in R5's memo before it is cleared.
+const MAX_R5_MEMO: usize = 1 << 20;
 
 /// Every message the Byzantine validators will ever send, in the network from
 /// the start, addressed to every honest validator (CONS-MC-1).
@@ -610,7 +756,42 @@ pub fn decided(model: &Model, state: &State) -> bool {
     })
 }
 
-/// Crash-restarts so far, all validators together.
+/// What every property and every later action of a validator reads, with
+/// the received proposals and votes left out: the projection on which
+/// reduction R5 is exact (CONS-MC-1). Byzantine and finished validators are
+/// `None`; the network is left out because what it holds beyond the
+/// Byzantine messages is what the honest validators signed, which is in
+/// their states.
+#[allow(clippy::type_complexity)] // a tuple used only to hash and compare
+pub fn observable(
+    state: &State,
+) -> (
+    Vec<
+        Option<(
+            Consensus<ModelScheme>,
+            BTreeMap<TimeoutKind, (Height, Round)>,
+            Store,
+        )>,
+    >,
+    &Vec<Option<Store>>,
+    &Proposed,
+) {
+    let actors = state
+        .actor_states
+        .iter()
+        .map(|a| match &**a {
+            NodeState::Honest {
+                consensus,
+                timers,
+                store,
+            } => Some((consensus.without_received(), timers.clone(), store.clone())),
+            NodeState::Done | NodeState::Byzantine => None,
+        })
+        .collect();
+    (actors, &state.actor_storages, &state.history)
+}
+
+/// Crash-restarts so far, all validators together./// Crash-restarts so far, all validators together.
 pub fn restarts(state: &State) -> usize {
     state
         .actor_storages
@@ -621,7 +802,7 @@ pub fn restarts(state: &State) -> usize {
 }
 
 /// The checked model: stateright's actor system with the reductions of
-/// CONS-MC-1 (R1 to R4) applied on every transition. Each reduction keeps
+/// CONS-MC-1 (R1 to R5) applied on every transition. Each reduction keeps
 /// the set of reachable *observable* states (actor states and storage,
 /// timers, the proposal history: everything a property or a later
 /// transition reads) and only merges or skips states that differ in what
@@ -634,6 +815,9 @@ pub struct Model {
     /// chose yields no state (as a no-op delivery on an unordered network
     /// does); exhaustive searches leave it off (it doubles the work).
     pub prune_no_ops: bool,
+    /// R5's successors per (validator state, pending messages), by
+    /// fingerprint: many global states share both. Bounded by `MAX_R5_MEMO`.
+    r5_memo: Mutex<HashMap<u64, Vec<Vec<usize>>>>,
 }
 
 impl Model {
@@ -666,6 +850,57 @@ impl Model {
         }
     }
 
+    /// R5: the sets of messages whose delivery to `i` makes it act, each
+    /// minimal (every message in it but the last is needed for the action).
+    ///
+    /// A delivery is *inert* when it only records the message (the
+    /// validator's control state, signed messages, timers and storage stay
+    /// as they were, and nothing is sent). On the duplicating network a
+    /// message stays deliverable, so an inert delivery can wait until it is
+    /// part of an action; deliveries the action does not need can wait for
+    /// an action of their own. The successors are therefore, for every set
+    /// `T` of pending messages whose delivery is inert and every `m` whose
+    /// delivery after `T` acts, `T` then `m`, provided no message of `T` can
+    /// be left out with `m` still acting. Each subset is enumerated once, in
+    /// ascending order (inertness is assumed not to depend on the order;
+    /// the exactness test checks the reduction as a whole).
+    fn deliver_sets(&self, state: &State, i: usize, actions: &mut Vec<Action>) {
+        let NodeState::Honest { consensus, .. } = &*state.actor_states[i] else {
+            return;
+        };
+        let dst = Id::from(i);
+        let mut pending: Vec<(Id, Msg)> = state
+            .network
+            .iter_deliverable()
+            .filter(|e| e.dst == dst)
+            .map(|e| (e.src, e.msg.clone()))
+            .collect();
+        // A canonical order, so that equal inputs share the memo entry.
+        pending.sort_unstable_by(|a, b| (usize::from(a.0), &a.1).cmp(&(usize::from(b.0), &b.1)));
+        assert!(
+            pending.len() <= MAX_PENDING_R5,
+            "too many pending messages for R5"
+        );
+        let key = BuildHasherDefault::<DefaultHasher>::default().hash_one((consensus, &pending));
+        let cached = self.r5_memo.lock().expect("memo lock").get(&key).cloned();
+        let sets = match cached {
+            Some(sets) => sets,
+            None => {
+                let sets = minimal_acting_sets(consensus, &pending);
+                let mut memo = self.r5_memo.lock().expect("memo lock");
+                if memo.len() >= MAX_R5_MEMO {
+                    memo.clear(); // bounded: a miss only recomputes
+                }
+                memo.insert(key, sets.clone());
+                sets
+            }
+        };
+        for set in sets {
+            let msgs = set.iter().map(|x| pending[*x].clone()).collect();
+            actions.push(Action::DeliverSet { dst, msgs });
+        }
+    }
+
     /// R3: the unordered network remembers the last delivered message only
     /// to tell apart deliveries that change nothing; those are already
     /// skipped (stateright drops no-op deliveries on unordered networks), and
@@ -695,18 +930,41 @@ impl stateright::Model for Model {
             state.crashed.iter().all(|c| !c),
             "restarts are immediate (R1)"
         );
-        self.actors.actions(state, actions);
-        actions.retain(|action| match action {
-            ActorModelAction::Crash(id) => self.may_crash(state, usize::from(*id)),
-            ActorModelAction::Drop(_) => self.explicit_drops(),
-            _ => true,
-        });
+        let mut raw = Vec::new();
+        self.actors.actions(state, &mut raw);
+        actions.extend(
+            raw.into_iter()
+                .filter(|action| match action {
+                    ActorModelAction::Crash(id) => self.may_crash(state, usize::from(*id)),
+                    ActorModelAction::Drop(_) => self.explicit_drops(),
+                    ActorModelAction::Deliver { .. } => !self.cfg.defer_inert,
+                    _ => true,
+                })
+                .map(Action::Actor),
+        );
+        if self.cfg.defer_inert {
+            for i in self.cfg.honest() {
+                self.deliver_sets(state, i, actions);
+            }
+        }
         if self.prune_no_ops {
             actions.retain(|action| self.next_state(state, action.clone()).is_some());
         }
     }
 
     fn next_state(&self, state: &State, action: Action) -> Option<State> {
+        let action = match action {
+            Action::Actor(action) => action,
+            Action::DeliverSet { dst, msgs } => {
+                let mut next = state.clone();
+                for (src, msg) in msgs {
+                    next = self
+                        .actors
+                        .next_state(&next, ActorModelAction::Deliver { src, dst, msg })?;
+                }
+                return Some(Self::canonical(next));
+            }
+        };
         let next = match action {
             // R1: a crash is followed at once by the restart. The restart
             // reads only the validator's own storage, which nothing changes
@@ -726,8 +984,15 @@ impl stateright::Model for Model {
 
     fn format_action(&self, action: &Action) -> String {
         match action {
-            ActorModelAction::Crash(id) => format!("Crash and restart {id:?}"),
-            action => self.actors.format_action(action),
+            Action::Actor(ActorModelAction::Crash(id)) => format!("Crash and restart {id:?}"),
+            Action::Actor(action) => self.actors.format_action(action),
+            Action::DeliverSet { dst, msgs } => {
+                let msgs: Vec<String> = msgs
+                    .iter()
+                    .map(|(src, msg)| format!("{src:?}: {msg:?}"))
+                    .collect();
+                format!("Deliver to {dst:?} at once: {}", msgs.join("; "))
+            }
         }
     }
 
@@ -752,6 +1017,10 @@ impl stateright::Model for Model {
 pub fn model(cfg: ModelConfig) -> Model {
     assert!(cfg.validators >= 1 && cfg.validators < 255);
     assert!(cfg.first_byzantine + cfg.byzantine <= cfg.validators);
+    assert!(
+        !cfg.defer_inert || !(cfg.fifo_honest_links || cfg.explicit_loss),
+        "R5 needs the duplicating network: a message must stay deliverable"
+    );
     let envelopes: Vec<Envelope<Msg>> = byzantine_messages(&cfg)
         .into_iter()
         .enumerate()
@@ -789,6 +1058,7 @@ pub fn model(cfg: ModelConfig) -> Model {
         actors: ActorModel::new(cfg.clone(), proposed),
         cfg,
         prune_no_ops: false,
+        r5_memo: Mutex::new(HashMap::new()),
     };
     let lossy = if m.explicit_drops() {
         LossyNetwork::Yes

@@ -1,7 +1,9 @@
 //! `blyan-model-check check [options]` checks the Tendermint model
 //! exhaustively (depth-first; `--bfs` for shortest counterexamples); without
 //! options it checks the CI configuration (`ModelConfig::ci`, spec CONS-MC-4;
-//! `--ci-crash` first for `ModelConfig::ci_crash`, the one with a crash).
+//! `--ci-crash` first for `ModelConfig::ci_crash`, the one with a crash),
+//! with reduction R5 (CONS-MC-1; `--no-defer-inert` explores every single
+//! delivery instead).
 //! `explore [same options] [--addr HOST:PORT]` serves stateright's Explorer.
 //!
 //! Options: `--validators N --byzantine B --first-byzantine I --heights H
@@ -35,7 +37,10 @@ fn parse(
     ),
     String,
 > {
-    let mut cfg = ModelConfig::ci();
+    let mut cfg = ModelConfig {
+        defer_inert: true,
+        ..ModelConfig::ci()
+    };
     let mut threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut dfs = true;
     let mut timeout_s = None;
@@ -50,7 +55,12 @@ fn parse(
         };
         let num = |s: &String| s.parse::<u64>().map_err(|e| format!("{flag}: {e}"));
         match flag.as_str() {
-            "--ci-crash" => cfg = ModelConfig::ci_crash(),
+            "--ci-crash" => {
+                cfg = ModelConfig {
+                    defer_inert: cfg.defer_inert,
+                    ..ModelConfig::ci_crash()
+                }
+            }
             "--validators" => cfg.validators = num(value()?)? as usize,
             "--heights" => cfg.heights = num(value()?)?,
             "--rounds" => cfg.rounds = num(value()?)? as u32,
@@ -77,6 +87,7 @@ fn parse(
             "--swing" => cfg.strategy = blyan_model_check::Strategy::Swing,
             "--simulate" => simulate = Some(num(value()?)?),
             "--no-timers" => cfg.timers = false,
+            "--no-defer-inert" => cfg.defer_inert = false,
             "--first-failure" => first_failure = true,
             "--timeout-s" => timeout_s = Some(num(value()?)?),
             "--dfs" => dfs = true,

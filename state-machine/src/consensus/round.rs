@@ -340,6 +340,57 @@ impl<S: SignatureScheme> Consensus<S> {
         (c, out)
     }
 
+    /// Whether `self` and `other` differ at most in the proposals and votes
+    /// they have received: the same control state (height, round, step,
+    /// lock, valid value, decision, fired rules) and the same signed
+    /// messages. The model checker's reduction R5 (CONS-MC-1) uses it to
+    /// tell a delivery that only records a message from one that acts.
+    pub fn same_except_received(&self, other: &Self) -> bool {
+        // Destructured so that a new field must be sorted into one side.
+        let Consensus {
+            scheme: _,
+            signer: _,
+            address,
+            config,
+            validators,
+            proposers,
+            height,
+            round,
+            step,
+            locked,
+            valid,
+            decision,
+            proposals: _,
+            votes: _,
+            fired,
+            own_votes,
+            own_proposals,
+        } = self;
+        *address == other.address
+            && *config == other.config
+            && *validators == other.validators
+            && *proposers == other.proposers
+            && *height == other.height
+            && *round == other.round
+            && *step == other.step
+            && *locked == other.locked
+            && *valid == other.valid
+            && *decision == other.decision
+            && *fired == other.fired
+            && *own_votes == other.own_votes
+            && *own_proposals == other.own_proposals
+    }
+
+    /// This validator with every received proposal and vote forgotten: what
+    /// [`Consensus::same_except_received`] compares, as a value (the model
+    /// checker's projection for validating reduction R5).
+    pub fn without_received(&self) -> Self {
+        let mut c = self.clone();
+        c.proposals.clear();
+        c.votes = VoteKeeper::new(self.height);
+        c
+    }
+
     pub fn height(&self) -> Height {
         self.height
     }

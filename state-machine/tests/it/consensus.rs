@@ -749,3 +749,23 @@ fn cons_lock_3_a_late_polka_becomes_the_valid_value_and_is_re_proposed() {
             if p.message.value == A && p.message.valid_round == Some(0)
     )));
 }
+
+/// CONS-MC-1 R5's notion of an inert delivery: a vote that only gets
+/// recorded leaves the control state equal; the proposal that makes the
+/// validator prevote does not; forgetting what was received undoes the vote.
+#[test]
+fn cons_mc_1_same_except_received_tells_recording_from_acting() {
+    let powers = [1, 1, 1, 1];
+    let mut c = node(1, &powers);
+    c.start();
+    let before = c.clone();
+    let out = feed(&mut c, Input::Vote(vote(2, VoteType::Prevote, 0, Some(A))));
+    assert!(out.is_empty());
+    assert_ne!(c, before, "the vote is recorded");
+    assert!(c.same_except_received(&before));
+    assert_eq!(c.without_received(), before.without_received());
+    let recorded = c.clone();
+    feed(&mut c, proposal(0, 0, A, None));
+    assert!(!c.same_except_received(&recorded), "it prevoted");
+    assert_ne!(c.without_received(), recorded.without_received());
+}
