@@ -23,8 +23,6 @@ pub type Hash32 = [u8; 32];
     Copy,
     PartialEq,
     Eq,
-    PartialOrd,
-    Ord,
     Hash,
     Default,
     Archive,
@@ -33,6 +31,29 @@ pub type Hash32 = [u8; 32];
 )]
 #[rkyv(derive(Debug, PartialEq, Eq, PartialOrd, Ord))]
 pub struct Address(pub [u8; 20]);
+
+/// Lexicographic byte order, as the derived one, compared as a 16-byte and
+/// a 4-byte big-endian integer instead of through `memcmp` (addresses are
+/// compared in every set lookup and ordered map; `memcmp` on 20 bytes was
+/// 3 % of a 100-validator simulation).
+impl Ord for Address {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        let split = |a: &[u8; 20]| {
+            let (head, tail) = a.split_at(16);
+            (
+                u128::from_be_bytes(head.try_into().expect("16 bytes")),
+                u32::from_be_bytes(tail.try_into().expect("4 bytes")),
+            )
+        };
+        split(&self.0).cmp(&split(&other.0))
+    }
+}
+
+impl PartialOrd for Address {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
 
 impl Address {
     /// TYPES-2: address of a secp256k1 public key.

@@ -251,10 +251,21 @@ impl Node {
         key: SigningKey,
         genesis: &Genesis,
     ) -> Result<Node, Error> {
-        let ledger = Ledger::from_genesis(genesis)?;
+        Self::from_genesis_ledger(config, key, Ledger::from_genesis(genesis)?)
+    }
+
+    /// [`Node::from_genesis`] from the ledger `Ledger::from_genesis` built
+    /// (a cheap clone of a shared one: the simulator builds it once for all
+    /// its nodes instead of once per node and restart).
+    pub fn from_genesis_ledger(
+        config: NodeConfig,
+        key: SigningKey,
+        ledger: Ledger,
+    ) -> Result<Node, Error> {
+        assert_eq!(ledger.height(), 0, "a genesis ledger");
         let ConsensusSets { set, proposers, .. } = ConsensusSets::genesis(&ledger)?;
         let scheme = K256Scheme {
-            chain_id: genesis.chain_id.clone(),
+            chain_id: ledger.chain_id().to_string(),
         };
         let address = scheme.address(&key);
         let mempool = Mempool::new(config.mempool.clone());

@@ -241,3 +241,21 @@ fn enc_4_trailing_and_padding_bytes_are_rejected() {
     assert!(Block::decode(&bytes[..bytes.len() - 1]).is_err());
     assert!(Block::decode(&[]).is_err());
 }
+
+proptest! {
+    /// TYPES-2: `Address`'s hand-written order is the bytes' lexicographic
+    /// order (what every ordered map, and so the state root, relies on).
+    #[test]
+    fn address_order_is_byte_order(
+        a in proptest::array::uniform20(any::<u8>()),
+        b in proptest::array::uniform20(any::<u8>()),
+        shared in 0usize..=20,
+    ) {
+        // Often share a prefix, so that every position decides sometimes.
+        let mut b = b;
+        b[..shared].copy_from_slice(&a[..shared]);
+        let (x, y) = (blyan_state_machine::types::Address(a), blyan_state_machine::types::Address(b));
+        prop_assert_eq!(x.cmp(&y), a.cmp(&b));
+        prop_assert_eq!(x.partial_cmp(&y), Some(a.cmp(&b)));
+    }
+}
