@@ -12,7 +12,8 @@
 //! with `--reliable` (no loss; default lossy) or `--explicit-loss` (explore
 //! every `Drop` instead of reduction R2), Byzantine strategy `--full-byzantine`
 //! or `--swing` (default split) with `--byzantine-proposals K`, `--mutant
-//! ignore-lock|half-quorum|forget-votes`, `--no-timers`, and for the search
+//! ignore-lock|half-quorum|forget-votes`, `--no-timers` or
+//! `--precommit-timeouts-only`, and for the search
 //! `--threads T --depth D --timeout-s S --first-failure --simulate SEED`.
 
 use blyan_model_check::{ModelConfig, model};
@@ -87,6 +88,7 @@ fn parse(
             "--swing" => cfg.strategy = blyan_model_check::Strategy::Swing,
             "--simulate" => simulate = Some(num(value()?)?),
             "--no-timers" => cfg.timers = false,
+            "--precommit-timeouts-only" => cfg.precommit_timeouts_only = true,
             "--no-defer-inert" => cfg.defer_inert = false,
             "--first-failure" => first_failure = true,
             "--timeout-s" => timeout_s = Some(num(value()?)?),
