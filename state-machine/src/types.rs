@@ -18,17 +18,7 @@ pub type Hash32 = [u8; 32];
 
 /// A 20-byte account address: the last 20 bytes of SHA3-256 over the 64-byte
 /// uncompressed public key `x ‖ y` (without the SEC1 `0x04` prefix) (TYPES-2).
-#[derive(
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    Default,
-    Archive,
-    RkyvSerialize,
-    RkyvDeserialize,
-)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default, Archive, RkyvSerialize, RkyvDeserialize)]
 #[rkyv(derive(Debug, PartialEq, Eq, PartialOrd, Ord))]
 pub struct Address(pub [u8; 20]);
 
