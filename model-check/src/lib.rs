@@ -483,28 +483,28 @@ fn minimal_acting_sets(
     // Candidate actions: (T, m).
     let mut acting: Vec<(u64, usize)> = Vec::new();
     while !frontier.is_empty() {
-        let mut next = Vec::new();
+        let mut grown = Vec::new();
         for mask in frontier {
-            let base = inert[&mask].clone();
+            let base = &inert[&mask];
             for (j, (_, msg)) in pending.iter().enumerate() {
                 if mask & (1 << j) != 0 {
                     continue;
                 }
-                match receive(&base, msg) {
+                match receive(base, msg) {
                     Delivery::NoOp => {}
                     Delivery::Acts => acting.push((mask, j)),
-                    Delivery::Inert(after) => {
-                        // Each subset once: extend only past its highest member.
-                        if mask == 0 || j > 63 - mask.leading_zeros() as usize {
-                            let grown = mask | (1 << j);
-                            inert.insert(grown, after);
-                            next.push(grown);
-                        }
+                    // Each subset once: extend only past its highest member.
+                    Delivery::Inert(after)
+                        if mask == 0 || j > 63 - mask.leading_zeros() as usize =>
+                    {
+                        grown.push((mask | (1 << j), after));
                     }
+                    Delivery::Inert(_) => {}
                 }
             }
         }
-        frontier = next;
+        frontier = grown.iter().map(|(mask, _)| *mask).collect();
+        inert.extend(grown);
     }
     acting
         .into_iter()
